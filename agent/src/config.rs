@@ -1,0 +1,120 @@
+//! The configuration file: one typed model composed of the sections each module owns, read and
+//! validated once at start. Errors name the file, the line and the field, never a value (the
+//! file holds secrets).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::dingtalk;
+
+/// `zhuli.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSettings,
+    pub dingtalk: dingtalk::Settings,
+}
+
+/// `[agent]`: where state lives and what the pipeline may hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSettings {
+    /// Directory of the agent's state (media area now; the encrypted store later).
+    pub state_dir: PathBuf,
+    /// Messages accepted but not yet answered, at most.
+    pub inbox_capacity: usize,
+    /// Messages answered concurrently, at most.
+    pub workers: usize,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings { state_dir: PathBuf::from("/var/lib/zhuli"), inbox_capacity: 256, workers: 32 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}{location}: {message}")]
+    Invalid { path: PathBuf, location: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // toml's Display quotes the offending source line, which may hold a secret:
+            // report the line number and the message only.
+            let location = e
+                .span()
+                .map(|s| format!(", line {}", text[..s.start.min(text.len())].matches('\n').count() + 1))
+                .unwrap_or_default();
+            ConfigError::Invalid { path: path.to_owned(), location, message: e.message().to_owned() }
+        })?;
+        if config.agent.inbox_capacity == 0 || config.agent.workers == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                location: String::new(),
+                message: "[agent] inbox_capacity and workers must be at least 1".into(),
+            });
+        }
+        if config.dingtalk.client_secret.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                location: String::new(),
+                message: "[dingtalk] client_secret must not be empty".into(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[dingtalk]
+client_id = "dingabc"
+client_secret = "s3cr3t-value-xyz"
+robot_code = "dingabc"
+api_base = "http://127.0.0.1:8080"
+[dingtalk.stream]
+idle_window_ms = 1000
+"#;
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let c = Config::parse(GOOD, Path::new("z.toml")).expect("valid");
+        assert_eq!(c.dingtalk.stream.idle_window_ms.get().as_millis(), 1000);
+        assert_eq!(c.dingtalk.stream.backoff_max_ms.get().as_secs(), 60);
+        assert_eq!(c.agent.state_dir, PathBuf::from("/var/lib/zhuli"));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_never_the_secret() {
+        let cases = [
+            (GOOD.replace("api_base = \"http://127.0.0.1:8080\"", "api_base = \"http://example.com\""), "loopback"),
+            (GOOD.replace("client_id = \"dingabc\"", "client_id = \"\""), "must not be empty"),
+            (GOOD.replace("idle_window_ms = 1000", "idle_window_ms = 1"), "out of range"),
+            (GOOD.replace("robot_code", "robot_kode"), "unknown field"),
+            (GOOD.replace("client_secret = \"s3cr3t-value-xyz\"", "client_secret = 42 # s3cr3t-value-xyz"), "string"),
+        ];
+        for (text, expect) in cases {
+            let e = Config::parse(&text, Path::new("z.toml")).expect_err("invalid config").to_string();
+            assert!(e.contains(expect), "{e}");
+            assert!(e.contains("line "), "{e}");
+            assert!(!e.contains("s3cr3t"), "secret leaked into: {e}");
+        }
+    }
+}

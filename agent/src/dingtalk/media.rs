@@ -1,0 +1,118 @@
+//! The temporary media area: pictures, voice, video and files that users send are fetched only
+//! when something needs them, through the robot file-download API, into a private directory
+//! bounded per file and in total (oldest files are removed first).
+//!
+//! Files are named by a counter, never by the user's file name, so no name can escape the area.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde_json::{Value, json};
+
+use super::{
+    http::HttpError,
+    openapi::{OpenApi, Outcome},
+};
+
+pub const DOWNLOAD_PATH: &str = "/v1.0/robot/messageFiles/download";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("file download API failed: {0}")]
+    Api(String),
+    #[error("file download answer has no downloadUrl")]
+    BadAnswer,
+    #[error("file is larger than the {0}-byte limit ([dingtalk.limits] media_max_file_bytes)")]
+    TooLarge(u64),
+    #[error("download failed: {0}")]
+    Http(HttpError),
+    #[error("media area {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaFile {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+pub struct MediaArea {
+    dir: PathBuf,
+    api: Arc<OpenApi>,
+    seq: AtomicU64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MediaError + '_ {
+    move |source| MediaError::Io { path: path.to_owned(), source }
+}
+
+impl MediaArea {
+    /// Create (or empty) the area at `dir`, readable by the agent's user only.
+    pub async fn open(dir: PathBuf, api: Arc<OpenApi>) -> Result<Self, MediaError> {
+        if tokio::fs::try_exists(&dir).await.map_err(io_err(&dir))? {
+            tokio::fs::remove_dir_all(&dir).await.map_err(io_err(&dir))?;
+        }
+        tokio::fs::create_dir_all(&dir).await.map_err(io_err(&dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).await.map_err(io_err(&dir))?;
+        }
+        Ok(MediaArea { dir, api, seq: AtomicU64::new(0) })
+    }
+
+    /// Fetch the media behind `download_code` into the area.
+    pub async fn fetch(&self, download_code: &str) -> Result<MediaFile, MediaError> {
+        let limits = &self.api.settings().limits;
+        let body = json!({ "downloadCode": download_code, "robotCode": self.api.settings().robot_code.as_str() });
+        let answer = match self.api.call(DOWNLOAD_PATH, &body).await {
+            Outcome::Done(v) => v,
+            Outcome::Throttled(e) | Outcome::Transient(e) | Outcome::Failed(e) => return Err(MediaError::Api(e)),
+        };
+        let url =
+            answer.get("downloadUrl").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or(MediaError::BadAnswer)?;
+        let max = limits.media_max_file_bytes;
+        let resp = match self.api.http().get(url, usize::try_from(max).unwrap_or(usize::MAX)).await {
+            Ok(r) if r.status.is_success() => r,
+            Ok(r) => return Err(MediaError::Api(format!("download answered HTTP {}", r.status.as_u16()))),
+            Err(HttpError::TooLarge(_)) => return Err(MediaError::TooLarge(max)),
+            Err(e) => return Err(MediaError::Http(e)),
+        };
+        let bytes = resp.body.len() as u64;
+        self.make_room(bytes, limits.media_max_total_bytes).await?;
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("{n:08}.bin"));
+        let part = self.dir.join(format!("{n:08}.part"));
+        tokio::fs::write(&part, &resp.body).await.map_err(io_err(&part))?;
+        tokio::fs::rename(&part, &path).await.map_err(io_err(&path))?;
+        Ok(MediaFile { path, bytes })
+    }
+
+    /// Remove the oldest files until `incoming` more bytes fit under `total`.
+    async fn make_room(&self, incoming: u64, total: u64) -> Result<(), MediaError> {
+        let mut entries = Vec::new();
+        let mut rd = tokio::fs::read_dir(&self.dir).await.map_err(io_err(&self.dir))?;
+        while let Some(e) = rd.next_entry().await.map_err(io_err(&self.dir))? {
+            if let Ok(meta) = e.metadata().await {
+                entries.push((e.file_name(), meta.len()));
+            }
+        }
+        // Names are zero-padded counters: lexical order is age order.
+        entries.sort();
+        let mut used: u64 = entries.iter().map(|(_, len)| len).sum();
+        for (name, len) in entries {
+            if used + incoming <= total {
+                break;
+            }
+            let path = self.dir.join(&name);
+            tokio::fs::remove_file(&path).await.map_err(io_err(&path))?;
+            used -= len;
+        }
+        Ok(())
+    }
+}

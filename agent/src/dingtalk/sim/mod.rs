@@ -1,0 +1,620 @@
+//! A DingTalk gateway on loopback, for tests, benchmarks, `zhuli sim` and `zhuli demo`.
+//!
+//! It serves what the agent (and DingTalk's official SDKs) talk to: the open-connection call,
+//! the Stream WebSocket with single-use 90 s tickets, SYSTEM pings and disconnects, the token API,
+//! session webhooks, the robot send APIs and the file-download API. It records every ACK and
+//! every reply, and injects messages of any msgtype and the failures the field knows: a
+//! `disconnect` that leaves the socket open, zombie sockets that answer WebSocket pings but
+//! deliver nothing, frozen sockets with no close, drops in the middle of a frame, refused opens,
+//! throttling, malformed frames.
+//!
+//! Delivery follows the gateway's rules as documented: a callback goes to one healthy connection
+//! subscribed to its topic; if it is not ACKed and that connection goes away, it is delivered
+//! again on another; unACKed frames are also redelivered after `redeliver_after`.
+//!
+//! Binds 127.0.0.1 only. Error bodies use DingTalk's OpenAPI shape `{"code","message"}`.
+
+mod api;
+pub mod cut;
+mod ws;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, mpsc},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::frame::TOPIC_ROBOT;
+
+/// Fixed settings of one simulator.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub client_id: String,
+    pub client_secret: String,
+    pub robot_code: String,
+    /// Interval of SYSTEM pings to each healthy connection; `None` sends none.
+    pub ping_interval: Option<Duration>,
+    /// After a SYSTEM disconnect, the socket stays open this long (DingTalk: 10 s).
+    pub disconnect_grace: Duration,
+    /// An unACKed callback is pushed again after this long.
+    pub redeliver_after: Duration,
+    pub ticket_ttl: Duration,
+    pub webhook_ttl: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            client_id: "dingsimclient".into(),
+            client_secret: "sim-secret-0123456789".into(),
+            robot_code: "dingsimclient".into(),
+            ping_interval: Some(Duration::from_secs(20)),
+            disconnect_grace: Duration::from_secs(10),
+            redeliver_after: Duration::from_secs(60),
+            ticket_ttl: Duration::from_secs(90),
+            webhook_ttl: Duration::from_secs(90 * 60),
+        }
+    }
+}
+
+/// How a throttled send is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ThrottleKind {
+    /// HTTP 429.
+    Http429,
+    /// HTTP 403 `Forbidden.AccessDenied.QpsLimitForApi` (the new OpenAPI's QPS error).
+    QpsLimit,
+    /// HTTP 200 with errcode 90002 (the old API's QPS error).
+    Errcode90002,
+    /// HTTP 200 with the recipient in `flowControlledStaffIdList` (batchSend only; others get 429).
+    FlowControlled,
+}
+
+/// State of a connection as the gateway sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ConnMode {
+    Healthy,
+    /// Sent `disconnect`: nothing more is delivered; closed after the grace period.
+    Disconnecting,
+    /// Answers WebSocket pings, delivers nothing (frames sent to it vanish, unACKed).
+    Zombie,
+    /// Reads nothing, writes nothing, never closes: a dead peer behind a live TCP connection.
+    Frozen,
+}
+
+/// Where a reply arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ReplyRoute {
+    SessionWebhook,
+    GroupSend,
+    OtoSend,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedReply {
+    pub route: ReplyRoute,
+    /// The message whose session webhook carried the reply (webhook route only).
+    pub in_reply_to: Option<String>,
+    pub conversation_id: Option<String>,
+    pub to_user: Option<String>,
+    pub title: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedAck {
+    pub conn: u64,
+    pub message_id: String,
+    pub code: i64,
+    pub data: String,
+}
+
+/// What to inject: one robot message.
+#[derive(Debug, Clone)]
+pub struct Inject {
+    pub msgtype: String,
+    /// For text: the text. For others: ignored unless a recognition/file name is relevant.
+    pub text: String,
+    pub group: bool,
+    pub mentioned: bool,
+    pub conversation_id: Option<String>,
+    pub sender_staff_id: String,
+    pub sender_nick: String,
+    pub is_admin: bool,
+    /// Give the message a session webhook that is already expired.
+    pub expired_webhook: bool,
+    /// Bytes served for the media's download code.
+    pub media: Vec<u8>,
+    /// Reuse this msgId (a duplicate of an earlier message).
+    pub msg_id: Option<String>,
+}
+
+impl Inject {
+    pub fn text(text: impl Into<String>) -> Self {
+        Inject {
+            msgtype: "text".into(),
+            text: text.into(),
+            group: false,
+            mentioned: true,
+            conversation_id: None,
+            sender_staff_id: "staff-demo".into(),
+            sender_nick: "Demo User".into(),
+            is_admin: false,
+            expired_webhook: false,
+            media: Vec::new(),
+            msg_id: None,
+        }
+    }
+    /// Any msgtype: `text`, `richText`, `picture`, `audio` (text = recognition), `video`, `file` (text = file name).
+    pub fn of(msgtype: &str, text: impl Into<String>) -> Self {
+        Inject { msgtype: msgtype.into(), media: b"\x89PNG-sim-media".to_vec(), ..Inject::text(text) }
+    }
+    pub fn in_group(mut self, mentioned: bool) -> Self {
+        self.group = true;
+        self.mentioned = mentioned;
+        self
+    }
+    pub fn conversation(mut self, id: impl Into<String>) -> Self {
+        self.conversation_id = Some(id.into());
+        self
+    }
+    pub fn from(mut self, staff_id: impl Into<String>) -> Self {
+        self.sender_staff_id = staff_id.into();
+        self
+    }
+    pub fn expired_webhook(mut self) -> Self {
+        self.expired_webhook = true;
+        self
+    }
+    pub fn with_msg_id(mut self, id: impl Into<String>) -> Self {
+        self.msg_id = Some(id.into());
+        self
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Faults {
+    /// Refuse this many open-connection calls with 503.
+    open_fail: u32,
+    /// Refuse every open-connection call until then.
+    open_fail_until: Option<Instant>,
+    /// Throttle this many send calls.
+    throttle: u32,
+    throttle_kind: Option<ThrottleKind>,
+    /// Cut the socket after this many bytes of the next delivered callback.
+    cut_next_at: Option<usize>,
+    /// New connections start in this mode (e.g. zombie) instead of healthy.
+    next_conn_mode: Option<ConnMode>,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    message_id: String,
+    text: String,
+    topic: String,
+}
+
+struct SimConn {
+    tx: mpsc::UnboundedSender<ws::Cmd>,
+    mode: ConnMode,
+    topics: Vec<String>,
+    opened_at: Instant,
+}
+
+struct Session {
+    msg_id: String,
+    conversation_id: String,
+    expires_ms: i64,
+}
+
+/// Counters readable by tests.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct SimCounters {
+    pub opens: u64,
+    pub opens_refused: u64,
+    pub ws_accepted: u64,
+    pub ws_rejected: u64,
+    pub pings_sent: u64,
+    pub pings_echoed: u64,
+    pub ping_echo_mismatch: u64,
+    pub delivered: u64,
+    pub redelivered: u64,
+    pub throttled: u64,
+    pub tokens_issued: u64,
+    pub downloads: u64,
+    pub client_frames_unparsed: u64,
+}
+
+#[derive(Default)]
+struct State {
+    tickets: HashMap<String, (Instant, Vec<String>)>,
+    tokens: HashSet<String>,
+    conns: BTreeMap<u64, SimConn>,
+    next_conn: u64,
+    next_id: u64,
+    queue: VecDeque<Pending>,
+    inflight: HashMap<String, (u64, Pending, Instant)>,
+    acks: Vec<RecordedAck>,
+    replies: Vec<RecordedReply>,
+    sessions: HashMap<String, Session>,
+    files: HashMap<String, Vec<u8>>,
+    faults: Faults,
+    counters: SimCounters,
+    pings_outstanding: HashMap<String, String>,
+}
+
+pub(crate) struct Shared {
+    cfg: SimConfig,
+    state: Mutex<State>,
+    changed: Notify,
+    http_addr: Mutex<Option<SocketAddr>>,
+    ws_addr: Mutex<Option<SocketAddr>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a simulator bug; keep serving with the state as left.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn touch(&self) {
+        self.changed.notify_waiters();
+    }
+
+    fn next_id(st: &mut State, prefix: &str) -> String {
+        st.next_id += 1;
+        format!("{prefix}{:06}{:x}", st.next_id, rand::random::<u32>())
+    }
+
+    fn http_base(&self) -> String {
+        let addr = self.http_addr.lock().map(|a| *a).unwrap_or(None);
+        addr.map(|a| format!("http://{a}")).unwrap_or_default()
+    }
+
+    /// Deliver queued frames to the newest healthy connection subscribed to their topic;
+    /// with no healthy one, a zombie swallows them (unACKed) as the real gateway would.
+    fn pump(&self, st: &mut State) {
+        let mut keep = VecDeque::new();
+        while let Some(p) = st.queue.pop_front() {
+            let healthy =
+                st.conns.iter().rev().find(|(_, c)| c.mode == ConnMode::Healthy && c.topics.contains(&p.topic));
+            let target = healthy
+                .or_else(|| {
+                    st.conns.iter().rev().find(|(_, c)| c.mode == ConnMode::Zombie && c.topics.contains(&p.topic))
+                })
+                .map(|(id, c)| (*id, c.mode, c.tx.clone()));
+            let Some((id, mode, tx)) = target else {
+                keep.push_back(p);
+                continue;
+            };
+            if mode == ConnMode::Healthy {
+                let cut = st.faults.cut_next_at.take();
+                let _ = tx.send(ws::Cmd::Send { text: p.text.clone(), cut_at: cut });
+            }
+            st.counters.delivered += 1;
+            st.inflight.insert(p.message_id.clone(), (id, p, Instant::now()));
+        }
+        st.queue = keep;
+    }
+
+    fn requeue_conn(&self, st: &mut State, conn: u64) {
+        let mut back: Vec<Pending> = Vec::new();
+        st.inflight.retain(|_, (c, p, _)| {
+            if *c == conn {
+                back.push(p.clone());
+                false
+            } else {
+                true
+            }
+        });
+        back.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+        st.counters.redelivered += back.len() as u64;
+        for p in back.into_iter().rev() {
+            st.queue.push_front(p);
+        }
+    }
+
+    /// Queue a robot message as a CALLBACK frame and deliver what can be delivered.
+    fn enqueue(&self, m: &Inject) -> String {
+        let mut st = self.lock();
+        let (msg_id, data) = self.build_robot_data(&mut st, m);
+        let message_id = Self::next_id(&mut st, "frame");
+        let frame = json!({
+            "specVersion": "1.0",
+            "type": "CALLBACK",
+            "headers": {
+                "appId": "simapp", "connectionId": "simconn", "contentType": "application/json",
+                "messageId": message_id, "time": now_ms().to_string(), "topic": TOPIC_ROBOT,
+            },
+            "data": data.to_string(),
+        });
+        st.queue.push_back(Pending { message_id, text: frame.to_string(), topic: TOPIC_ROBOT.into() });
+        self.pump(&mut st);
+        drop(st);
+        self.touch();
+        msg_id
+    }
+
+    fn build_robot_data(&self, st: &mut State, m: &Inject) -> (String, Value) {
+        let msg_id = m.msg_id.clone().unwrap_or_else(|| Self::next_id(st, "msg"));
+        let conversation_id = m.conversation_id.clone().unwrap_or_else(|| {
+            if m.group { "cidGroupSim".to_owned() } else { format!("cid1to1-{}", m.sender_staff_id) }
+        });
+        let session = Self::next_id(st, "sess");
+        let expires_ms =
+            if m.expired_webhook { now_ms() - 1_000 } else { now_ms() + self.cfg.webhook_ttl.as_millis() as i64 };
+        st.sessions.insert(
+            session.clone(),
+            Session { msg_id: msg_id.clone(), conversation_id: conversation_id.clone(), expires_ms },
+        );
+        let code = Self::next_id(st, "dl");
+        if !m.media.is_empty() {
+            st.files.insert(code.clone(), m.media.clone());
+        }
+        let mut data = json!({
+            "msgId": msg_id,
+            "msgtype": m.msgtype,
+            "conversationId": conversation_id,
+            "conversationType": if m.group { "2" } else { "1" },
+            "chatbotCorpId": "dingsimcorp",
+            "chatbotUserId": "$:LWCP_v1:$simbot",
+            "robotCode": self.cfg.robot_code,
+            "createAt": now_ms(),
+            "senderId": format!("$:LWCP_v1:${}", m.sender_staff_id),
+            "senderNick": m.sender_nick,
+            "senderStaffId": m.sender_staff_id,
+            "senderCorpId": "dingsimcorp",
+            "isAdmin": m.is_admin,
+            "isInAtList": m.mentioned,
+            "sessionWebhook": format!("{}/robot/sendBySession?session={session}", self.http_base()),
+            "sessionWebhookExpiredTime": expires_ms,
+        });
+        if m.group {
+            data["conversationTitle"] = json!("Sim group");
+            if m.mentioned {
+                data["atUsers"] = json!([{ "dingtalkId": "$:LWCP_v1:$simbot" }]);
+            }
+        }
+        match m.msgtype.as_str() {
+            "text" => data["text"] = json!({ "content": m.text }),
+            "richText" => {
+                data["content"] = json!({ "richText": [ { "text": m.text }, { "type": "picture", "downloadCode": code, "pictureDownloadCode": code } ] })
+            }
+            "picture" => data["content"] = json!({ "downloadCode": code, "pictureDownloadCode": code }),
+            "audio" => data["content"] = json!({ "downloadCode": code, "duration": 3000, "recognition": m.text }),
+            "video" => data["content"] = json!({ "downloadCode": code, "duration": "5", "videoType": "mp4" }),
+            "file" => {
+                data["content"] = json!({ "downloadCode": code, "fileName": m.text, "spaceId": "1", "fileId": "1" })
+            }
+            _ => {}
+        }
+        (msg_id, data)
+    }
+}
+
+/// A running simulator. Dropping it stops the servers.
+pub struct Simulator {
+    shared: Arc<Shared>,
+    http_addr: SocketAddr,
+    ws_addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("simulator could not bind 127.0.0.1: {0}")]
+pub struct SimError(#[from] std::io::Error);
+
+impl Simulator {
+    /// Start on 127.0.0.1 with OS-chosen ports.
+    pub async fn start(cfg: SimConfig) -> Result<Self, SimError> {
+        Self::start_on(cfg, "127.0.0.1:0".parse().expect("literal socket address")).await
+    }
+
+    /// Start with the HTTP API on `http` (the WebSocket gets the next free port).
+    pub async fn start_on(cfg: SimConfig, http: SocketAddr) -> Result<Self, SimError> {
+        let http_l = TcpListener::bind(http).await?;
+        let ws_l = TcpListener::bind((http.ip(), 0)).await?;
+        let http_addr = http_l.local_addr()?;
+        let ws_addr = ws_l.local_addr()?;
+        let shared = Arc::new(Shared {
+            cfg,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            http_addr: Mutex::new(Some(http_addr)),
+            ws_addr: Mutex::new(Some(ws_addr)),
+        });
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(api::serve(http_l, shared.clone(), cancel.clone(), tasks.clone()));
+        tasks.spawn(ws::serve(ws_l, shared.clone(), cancel.clone(), tasks.clone()));
+        tasks.spawn(redeliver_loop(shared.clone(), cancel.clone()));
+        Ok(Simulator { shared, http_addr, ws_addr, cancel, tasks })
+    }
+
+    /// The `api_base` to configure the agent with.
+    pub fn api_base(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.shared.cfg
+    }
+
+    /// Inject a robot message; returns its msgId.
+    pub fn inject(&self, m: Inject) -> String {
+        self.shared.enqueue(&m)
+    }
+
+    /// Push raw text to every healthy connection (malformed frames, unknown types).
+    pub fn inject_raw(&self, text: impl Into<String>) {
+        let text = text.into();
+        let st = self.shared.lock();
+        for c in st.conns.values().filter(|c| c.mode == ConnMode::Healthy) {
+            let _ = c.tx.send(ws::Cmd::Send { text: text.clone(), cut_at: None });
+        }
+    }
+
+    /// Send SYSTEM `disconnect` on every healthy connection; each closes after the grace period.
+    pub fn disconnect_all(&self) {
+        let mut st = self.shared.lock();
+        let grace = self.shared.cfg.disconnect_grace;
+        for c in st.conns.values_mut().filter(|c| c.mode == ConnMode::Healthy) {
+            c.mode = ConnMode::Disconnecting;
+            let _ = c.tx.send(ws::Cmd::Disconnect { grace });
+        }
+        drop(st);
+        self.shared.touch();
+    }
+
+    /// Set the mode of every connection that is currently healthy (zombie, frozen).
+    pub fn degrade_all(&self, mode: ConnMode) {
+        let mut st = self.shared.lock();
+        for c in st.conns.values_mut().filter(|c| c.mode == ConnMode::Healthy) {
+            c.mode = mode;
+            let _ = c.tx.send(ws::Cmd::Mode(mode));
+        }
+        drop(st);
+        self.shared.touch();
+    }
+
+    /// Close every connection without a WebSocket close frame (TCP FIN/RST only).
+    pub fn drop_all(&self) {
+        let st = self.shared.lock();
+        for c in st.conns.values() {
+            let _ = c.tx.send(ws::Cmd::Drop);
+        }
+    }
+
+    /// New connections start in `mode` (e.g. zombie) until cleared with `None`.
+    pub fn set_next_conn_mode(&self, mode: Option<ConnMode>) {
+        self.shared.lock().faults.next_conn_mode = mode;
+    }
+
+    /// Refuse the next `n` open-connection calls with HTTP 503.
+    pub fn fail_opens(&self, n: u32) {
+        self.shared.lock().faults.open_fail = n;
+    }
+
+    /// Refuse every open-connection call for `d` (a router reboot, an outage).
+    pub fn refuse_opens_for(&self, d: Duration) {
+        self.shared.lock().faults.open_fail_until = Some(Instant::now() + d);
+    }
+
+    /// Throttle the next `n` send calls (webhook and OpenAPI).
+    pub fn throttle_sends(&self, n: u32, kind: ThrottleKind) {
+        let mut st = self.shared.lock();
+        st.faults.throttle = n;
+        st.faults.throttle_kind = Some(kind);
+    }
+
+    /// Cut the socket after `bytes` bytes of the next delivered callback frame.
+    pub fn cut_next_frame_at(&self, bytes: usize) {
+        self.shared.lock().faults.cut_next_at = Some(bytes);
+    }
+
+    /// Forget every access token issued (the next OpenAPI call gets a 401).
+    pub fn revoke_tokens(&self) {
+        self.shared.lock().tokens.clear();
+    }
+
+    pub fn replies(&self) -> Vec<RecordedReply> {
+        self.shared.lock().replies.clone()
+    }
+
+    pub fn acks(&self) -> Vec<RecordedAck> {
+        self.shared.lock().acks.clone()
+    }
+
+    pub fn counters(&self) -> SimCounters {
+        self.shared.lock().counters.clone()
+    }
+
+    /// Connections and their modes, oldest first.
+    pub fn connections(&self) -> Vec<(u64, ConnMode)> {
+        self.shared.lock().conns.iter().map(|(id, c)| (*id, c.mode)).collect()
+    }
+
+    /// Callbacks not ACKed yet (queued or in flight).
+    pub fn unacked(&self) -> usize {
+        let st = self.shared.lock();
+        st.queue.len() + st.inflight.len()
+    }
+
+    /// Wait until `cond` holds for the simulator, or `limit` passes. Returns whether it held.
+    pub async fn wait_until(&self, limit: Duration, mut cond: impl FnMut(&Simulator) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.shared.changed.notified();
+            if cond(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50).min(deadline - Instant::now()), notified).await;
+        }
+    }
+
+    /// Stop the servers and wait for their tasks.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn redeliver_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let step = (shared.cfg.redeliver_after / 4).max(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(step) => {}
+        }
+        let mut st = shared.lock();
+        let now = Instant::now();
+        let after = shared.cfg.redeliver_after;
+        let stale: Vec<String> = st
+            .inflight
+            .iter()
+            .filter(|(_, (_, _, sent))| now.duration_since(*sent) >= after)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if stale.is_empty() {
+            continue;
+        }
+        for k in stale {
+            if let Some((_, p, _)) = st.inflight.remove(&k) {
+                st.counters.redelivered += 1;
+                st.queue.push_back(p);
+            }
+        }
+        shared.pump(&mut st);
+        drop(st);
+        shared.touch();
+    }
+}

@@ -1,0 +1,10 @@
+//! zhuli: an office assistant that answers in DingTalk. See docs/ARCHITECTURE.md.
+
+pub mod app;
+pub mod assistant;
+pub mod config;
+pub mod dedupe;
+pub mod demo;
+pub mod dingtalk;
+pub mod logging;
+pub mod secret;

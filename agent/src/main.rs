@@ -1,0 +1,106 @@
+//! The `zhuli` binary: argument parsing and wiring only.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use zhuli::{
+    app,
+    config::Config,
+    demo,
+    dingtalk::sim::{SimConfig, Simulator},
+    logging,
+};
+
+#[derive(Parser)]
+#[command(name = "zhuli", version, about = "An office assistant box that answers in DingTalk")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent with a configuration file.
+    Run {
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+    },
+    /// Run a local DingTalk gateway simulator on loopback.
+    Sim {
+        /// Address of the simulator's HTTP API (the WebSocket gets its own port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Chat with the agent in the terminal, against the simulator: no credentials, no network.
+    Demo,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn until_signal(cancel: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot watch SIGTERM ({e}); stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            cancel.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    cancel.cancel();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            logging::init(log::LevelFilter::Info);
+            let config = Config::load(&config)?;
+            runtime()?.block_on(async {
+                let cancel = CancellationToken::new();
+                tokio::spawn(until_signal(cancel.clone()));
+                app::run(config, cancel).await
+            })?;
+        }
+        Command::Sim { listen } => {
+            logging::init(log::LevelFilter::Info);
+            if !zhuli::dingtalk::settings::is_loopback_host(&listen.ip().to_string()) {
+                anyhow::bail!("the simulator binds loopback only; use --listen 127.0.0.1:PORT");
+            }
+            runtime()?.block_on(async {
+                let cfg = SimConfig::default();
+                let sim = Simulator::start_on(cfg.clone(), listen).await?;
+                println!(
+                    "DingTalk simulator on {base}\n\n# agent configuration for it:\n[dingtalk]\nclient_id = {id:?}\nclient_secret = {secret:?}\nrobot_code = {robot:?}\napi_base = {base:?}\n\n\
+                     # inject a message:  curl -s {base}/_sim/messages -d '{{\"text\":\"/ping\"}}'\n\
+                     # see the replies:   curl -s {base}/_sim/replies\n# status:            curl -s {base}/_sim/status",
+                    base = sim.api_base(),
+                    id = cfg.client_id,
+                    secret = cfg.client_secret,
+                    robot = cfg.robot_code,
+                );
+                let cancel = CancellationToken::new();
+                until_signal(cancel).await;
+                sim.shutdown().await;
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Demo => {
+            logging::init(log::LevelFilter::Warn);
+            runtime()?.block_on(demo::run())?;
+        }
+    }
+    Ok(())
+}
