@@ -17,10 +17,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[derive(Debug, Clone)]
 pub struct CutSwitch(Arc<AtomicUsize>);
 
-impl CutSwitch {
-    pub fn new() -> Self {
+impl Default for CutSwitch {
+    fn default() -> Self {
         CutSwitch(Arc::new(AtomicUsize::new(usize::MAX)))
     }
+}
+
+impl CutSwitch {
     /// Allow `n` more bytes, then fail every write.
     pub fn cut_after(&self, n: usize) {
         self.0.store(n, Ordering::SeqCst);

@@ -233,6 +233,8 @@ pub struct SimCounters {
     pub tokens_issued: u64,
     pub downloads: u64,
     pub client_frames_unparsed: u64,
+    /// Most connections open at once (2 during a make-before-break handover).
+    pub max_concurrent: u64,
 }
 
 #[derive(Default)]
@@ -476,6 +478,14 @@ impl Simulator {
         let st = self.shared.lock();
         for c in st.conns.values().filter(|c| c.mode == ConnMode::Healthy) {
             let _ = c.tx.send(ws::Cmd::Send { text: text.clone(), cut_at: None });
+        }
+    }
+
+    /// Push a text frame whose payload is not UTF-8 to every healthy connection.
+    pub fn inject_invalid_utf8(&self) {
+        let st = self.shared.lock();
+        for c in st.conns.values().filter(|c| c.mode == ConnMode::Healthy) {
+            let _ = c.tx.send(ws::Cmd::SendInvalidUtf8(vec![b'{', 0xff, 0xfe, b'}']));
         }
     }
 

@@ -13,6 +13,10 @@ use tokio::{
 use tokio_tungstenite::tungstenite::{
     Message,
     handshake::server::{ErrorResponse, Request, Response},
+    protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    },
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -24,8 +28,15 @@ use super::{
 
 #[derive(Debug)]
 pub(super) enum Cmd {
-    Send { text: String, cut_at: Option<usize> },
-    Disconnect { grace: Duration },
+    Send {
+        text: String,
+        cut_at: Option<usize>,
+    },
+    /// A text frame whose payload is not UTF-8.
+    SendInvalidUtf8(Vec<u8>),
+    Disconnect {
+        grace: Duration,
+    },
     Mode(ConnMode),
     Drop,
 }
@@ -55,9 +66,11 @@ fn ticket_of(req: &Request) -> Option<String> {
 
 async fn connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationToken) {
     let _ = tcp.set_nodelay(true);
-    let switch = CutSwitch::new();
+    let switch = CutSwitch::default();
     let stream = CutStream::new(tcp, switch.clone());
     let mut topics = Vec::new();
+    // The callback's signature is tungstenite's; its error type is an HTTP response.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let mut st = shared.lock();
         let ticket = ticket_of(req);
@@ -92,6 +105,7 @@ async fn connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationTok
         let id = st.next_conn;
         let mode = st.faults.next_conn_mode.unwrap_or(ConnMode::Healthy);
         st.conns.insert(id, SimConn { tx, mode, topics, opened_at: Instant::now() });
+        st.counters.max_concurrent = st.counters.max_concurrent.max(st.conns.len() as u64);
         shared.pump(&mut st);
         id
     };
@@ -140,6 +154,12 @@ async fn connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationTok
                         if ws.send(Message::Text(text.into())).await.is_err() {
                             break;
                         }
+                    }
+                }
+                Some(Cmd::SendInvalidUtf8(bytes)) => {
+                    let frame = Frame::message(bytes, OpCode::Data(Data::Text), true);
+                    if ws.send(Message::Frame(frame)).await.is_err() {
+                        break;
                     }
                 }
                 Some(Cmd::Disconnect { grace }) => {

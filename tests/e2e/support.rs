@@ -1,0 +1,151 @@
+//! Shared rig: a simulator in the test process, the agent as a child process configured to
+//! reach it, and the agent's log captured so tests can read it (and prove secrets stay out).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use zhuli::dingtalk::sim::{RecordedReply, SimConfig, Simulator};
+
+pub const SECRET: &str = "e2e-client-secret-Zq8Xv4";
+
+/// Fast timings so each fault plays out in about a second.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        client_id: "dinge2eclient".into(),
+        client_secret: SECRET.into(),
+        robot_code: "dinge2eclient".into(),
+        ping_interval: Some(Duration::from_millis(250)),
+        disconnect_grace: Duration::from_millis(1500),
+        redeliver_after: Duration::from_secs(30),
+        ..SimConfig::default()
+    }
+}
+
+pub struct Agent {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub dir: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Agent {
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Wait for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("zhuli-e2e-{tag}-{}-{:x}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The `[dingtalk]` config for `sim`, with test timings; `extra` is appended verbatim.
+pub fn config_for(sim: &Simulator, secret: &str, extra: &str) -> String {
+    format!(
+        "[dingtalk]\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\nrobot_code = \"{id}\"\napi_base = \"{base}\"\n\
+         [dingtalk.stream]\nidle_window_ms = 1000\nkeepalive_ms = 300\npong_timeout_ms = 600\nconnect_timeout_ms = 2000\n\
+         backoff_initial_ms = 50\nbackoff_max_ms = 400\ndrain_ms = 3000\n\
+         [dingtalk.limits]\nretry_initial_ms = 50\nchat_messages_per_minute = 6000\nopenapi_per_second = 500\n{extra}",
+        id = sim.config().client_id,
+        base = sim.api_base(),
+    )
+}
+
+/// Start `zhuli run` with `dingtalk_toml` (the `[agent]` table is added here).
+pub fn spawn_agent(tag: &str, dingtalk_toml: &str) -> Agent {
+    let dir = temp_dir(tag);
+    let config = format!("[agent]\nstate_dir = {:?}\n{dingtalk_toml}", dir.join("state").display().to_string());
+    let path = dir.join("zhuli.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("ZHULI_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn zhuli");
+    let log = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(mut l) = sink.lock() {
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }
+    });
+    Agent { child, log, dir }
+}
+
+/// Simulator plus a connected agent.
+pub async fn rig(tag: &str) -> (Simulator, Agent) {
+    let sim = Simulator::start(sim_config()).await.expect("simulator starts");
+    let agent = spawn_agent(tag, &config_for(&sim, SECRET, ""));
+    assert!(
+        sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await,
+        "agent did not connect; log:\n{}",
+        agent.log()
+    );
+    (sim, agent)
+}
+
+/// Replies that answer `msg_id` (session-webhook route).
+pub fn replies_to(sim: &Simulator, msg_id: &str) -> Vec<RecordedReply> {
+    sim.replies().into_iter().filter(|r| r.in_reply_to.as_deref() == Some(msg_id)).collect()
+}
+
+/// Wait until every id in `ids` has a reply; then check none has two.
+pub async fn assert_each_answered_once(sim: &Simulator, agent: &Agent, ids: &[String], limit: Duration) {
+    let all = sim.wait_until(limit, |s| ids.iter().all(|id| !replies_to(s, id).is_empty())).await;
+    let missing: Vec<&String> = ids.iter().filter(|id| replies_to(sim, id).is_empty()).collect();
+    assert!(
+        all,
+        "{} of {} messages unanswered: {missing:?}\nsim: {:?}\nagent log:\n{}",
+        missing.len(),
+        ids.len(),
+        sim.counters(),
+        agent.log()
+    );
+    // Give stragglers (a duplicate reply) a moment to show up before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in ids {
+        assert_eq!(replies_to(sim, id).len(), 1, "message {id} answered more than once");
+    }
+}
+
+/// Every test ends by checking the agent never printed the secret.
+pub fn assert_no_secret(agent: &Agent) {
+    assert!(!agent.log().contains(SECRET), "client secret appeared in the agent log");
+}
