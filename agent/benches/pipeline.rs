@@ -1,0 +1,189 @@
+//! Figures for docs/ARCHITECTURE.md's performance goals, printed, never asserted:
+//!
+//! 1. frames parsed and dispatched per second (envelope + robot message + dedupe + answer);
+//! 2. reply latency p50/p99 through the agent and the simulator on loopback, one message at a time;
+//! 3. sustained messages per second through agent + simulator;
+//! 4. with `ZHULI_BIN` set to a built `zhuli`: idle RSS and idle CPU of `zhuli run` connected to
+//!    the simulator.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+use zhuli::{
+    app::{self, AgentHandles},
+    assistant::{Assistant, StatusView},
+    config::Config,
+    dedupe::Dedupe,
+    dingtalk::{
+        frame::StreamFrame,
+        message::RobotMessage,
+        sim::{Inject, SimConfig, Simulator},
+    },
+};
+
+fn parse_and_dispatch() {
+    let data = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/messages/text_single.json"))
+        .expect("fixture");
+    let n = 200_000;
+    let frames: Vec<String> = (0..n)
+        .map(|i| {
+            let d = data.replace("m-text", &format!("m-{i}")).replace("hello there", if i % 2 == 0 { "/ping" } else { "hello" });
+            serde_json::json!({
+                "specVersion": "1.0", "type": "CALLBACK",
+                "headers": {"topic": "/v1.0/im/bot/messages/get", "messageId": format!("f{i}"), "contentType": "application/json", "time": "1700000000000"},
+                "data": d,
+            })
+            .to_string()
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let _guard = rt.enter();
+    let assistant = Assistant::new(StatusView {
+        started: tokio::time::Instant::now(),
+        stream: Arc::default(),
+        sender: Arc::default(),
+    });
+    let mut dedupe = Dedupe::new(Duration::from_secs(3600), 1_000_000);
+    let now = tokio::time::Instant::now();
+    let start = Instant::now();
+    let mut answered = 0usize;
+    for f in &frames {
+        let frame = StreamFrame::parse(f).expect("valid frame");
+        let m = RobotMessage::parse(&frame.data).expect("valid message");
+        if dedupe.first_time(&m.msg_id, now) {
+            answered += assistant.answer(&m).markdown.len().min(1);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("parse+dispatch: {n} frames in {secs:.3} s = {:.0} frames/s ({answered} answered)", n as f64 / secs);
+}
+
+fn config_toml(sim: &Simulator, state: &std::path::Path, fast: bool) -> String {
+    let stream = if fast { "[dingtalk.stream]\nbackoff_initial_ms = 50\n" } else { "" };
+    format!(
+        "[agent]\nstate_dir = {state:?}\ninbox_capacity = 4096\nworkers = 256\n[dingtalk]\nclient_id = {id:?}\nclient_secret = {secret:?}\nrobot_code = {id:?}\napi_base = {base:?}\n{stream}\
+         [dingtalk.limits]\nchat_messages_per_minute = 1000000\nopenapi_per_second = 100000\n",
+        state = state.display().to_string(),
+        id = sim.config().client_id,
+        secret = sim.config().client_secret,
+        base = sim.api_base(),
+    )
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn through_the_agent() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let sim = Simulator::start(SimConfig::default()).await.expect("sim");
+        let state = std::env::temp_dir().join(format!("zhuli-bench-{}", std::process::id()));
+        let config = Config::parse(&config_toml(&sim, &state, true), std::path::Path::new("(bench)")).expect("config");
+        let cancel = CancellationToken::new();
+        let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
+        let agent = tokio::spawn(app::run_with(config, cancel.clone(), handles));
+        assert!(sim.wait_until(Duration::from_secs(10), |s| !s.connections().is_empty()).await, "agent did not connect");
+
+        // Latency, one message at a time.
+        let n = 2_000;
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n {
+            let before = sim.replies().len();
+            let t = Instant::now();
+            sim.inject(Inject::text("/ping").from(format!("u{}", i % 50)));
+            sim.wait_until(Duration::from_secs(5), |s| s.replies().len() > before).await;
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        println!(
+            "reply latency (inject → reply recorded, agent + simulator, loopback): n={n} p50={:?} p99={:?} max={:?}",
+            percentile(&lat, 0.50),
+            percentile(&lat, 0.99),
+            lat[lat.len() - 1]
+        );
+
+        // Sustained throughput.
+        let n = 5_000;
+        let before = sim.replies().len();
+        let t = Instant::now();
+        for i in 0..n {
+            sim.inject(Inject::text("/ping").from(format!("u{}", i % 500)));
+        }
+        let done = sim.wait_until(Duration::from_secs(120), |s| s.replies().len() >= before + n).await;
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "throughput (agent + simulator share 2 cores): {n} messages answered in {secs:.2} s = {:.0} msg/s{}",
+            n as f64 / secs,
+            if done { "" } else { " (INCOMPLETE)" }
+        );
+        cancel.cancel();
+        let _ = agent.await;
+        sim.shutdown().await;
+        let _ = std::fs::remove_dir_all(&state);
+    });
+}
+
+fn proc_field(pid: u32, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with(key)).map(|l| l[key.len()..].trim().to_owned())
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn idle_process(bin: PathBuf) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let sim = Simulator::start(SimConfig::default()).await.expect("sim");
+        let dir = std::env::temp_dir().join(format!("zhuli-bench-idle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("zhuli.toml");
+        std::fs::write(&path, config_toml(&sim, &dir.join("state"), false)).expect("config");
+        let mut child = std::process::Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("ZHULI_LOG", "warn")
+            .spawn()
+            .expect("spawn zhuli");
+        assert!(sim.wait_until(Duration::from_secs(10), |s| !s.connections().is_empty()).await);
+        sim.inject(Inject::text("/ping"));
+        sim.wait_until(Duration::from_secs(5), |s| !s.replies().is_empty()).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let window = Duration::from_secs(30);
+        let t0 = cpu_ticks(child.id()).unwrap_or(0);
+        tokio::time::sleep(window).await;
+        let t1 = cpu_ticks(child.id()).unwrap_or(0);
+        let hz = 100.0; // USER_HZ on Linux
+        let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
+        println!(
+            "idle `zhuli run` connected to the simulator: VmRSS {} (VmHWM {}), CPU {cpu:.3}% of one core over {window:?}, {} threads",
+            proc_field(child.id(), "VmRSS:").unwrap_or_default(),
+            proc_field(child.id(), "VmHWM:").unwrap_or_default(),
+            proc_field(child.id(), "Threads:").unwrap_or_default(),
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        sim.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    parse_and_dispatch();
+    through_the_agent();
+    match std::env::var_os("ZHULI_BIN") {
+        Some(bin) => idle_process(PathBuf::from(bin)),
+        None => println!("idle RSS: skipped (set ZHULI_BIN to a built zhuli binary)"),
+    }
+}
