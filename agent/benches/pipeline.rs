@@ -26,8 +26,9 @@ use zhuli::{
 };
 
 fn parse_and_dispatch() {
-    let data = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/messages/text_single.json"))
-        .expect("fixture");
+    let data =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/messages/text_single.json"))
+            .expect("fixture");
     let n = 200_000;
     let frames: Vec<String> = (0..n)
         .map(|i| {
@@ -88,7 +89,10 @@ fn through_the_agent() {
         let cancel = CancellationToken::new();
         let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
         let agent = tokio::spawn(app::run_with(config, cancel.clone(), handles));
-        assert!(sim.wait_until(Duration::from_secs(10), |s| !s.connections().is_empty()).await, "agent did not connect");
+        assert!(
+            sim.wait_until(Duration::from_secs(10), |s| !s.connections().is_empty()).await,
+            "agent did not connect"
+        );
 
         // Latency, one message at a time.
         let n = 2_000;

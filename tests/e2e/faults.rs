@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use zhuli::dingtalk::sim::{ConnMode, Inject, Simulator, ThrottleKind};
+use zhuli::dingtalk::sim::{ConnMode, Inject, ReplyRoute, Simulator, ThrottleKind};
 
 use crate::support::*;
 
@@ -219,4 +219,57 @@ async fn plain_http_to_a_remote_host_is_refused_at_start() {
     let log = agent.log();
     assert!(log.contains("not loopback") && log.contains("https://"), "{log}");
     assert_eq!(sim.counters().opens, 0);
+}
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// The wall clock of the agent's process jumps (an RTC reset, NTP stepping a laptop-style clock)
+/// while its monotonic clock runs on. Timeouts are monotonic, so the connection is not torn down;
+/// the session webhook's expiry is wall-clock (DingTalk's), so a jump forward makes the agent
+/// take the OpenAPI route instead; no reply is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_jumps_do_not_strand_the_connection() {
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "this test fakes the agent's wall clock with libfaketime: apt-get install libfaketime (or run .ci/run)"
+    );
+    let sim = Simulator::start(sim_config()).await.expect("sim");
+    let clock = temp_dir("clock").join("faketime");
+    std::fs::write(&clock, "+0").expect("clock file");
+    let env = [
+        ("LD_PRELOAD", LIBFAKETIME.to_owned()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ];
+    let agent = spawn_agent_with_env("clockjump", &config_for(&sim, SECRET, ""), &env);
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+
+    // Each message comes from its own user, so a reply is found by webhook or by recipient.
+    let answers = |sim: &Simulator, tag: &str, i: usize, id: &str| {
+        let staff = format!("staff-{tag}-{i}");
+        sim.replies()
+            .iter()
+            .filter(|r| r.in_reply_to.as_deref() == Some(id) || r.to_user.as_deref() == Some(staff.as_str()))
+            .count()
+    };
+    for (jump, tag) in [("+0", "before"), ("+3h", "forward"), ("-2d", "backward"), ("+0", "back-to-now")] {
+        std::fs::write(&clock, jump).expect("clock file");
+        // Longer than the idle window, so a wall-clock timer would have fired by now.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let ids = burst(&sim, 3, tag);
+        let all = sim
+            .wait_until(Duration::from_secs(10), |s| ids.iter().enumerate().all(|(i, id)| answers(s, tag, i, id) >= 1))
+            .await;
+        assert!(all, "clock {jump}: replies missing: {:?}\n{}", sim.replies(), agent.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(answers(&sim, tag, i, id), 1, "clock {jump}: message {id} answered more than once");
+        }
+    }
+    let c = sim.counters();
+    assert_eq!(c.ws_accepted, 1, "a clock jump must not cost the connection: {c:?}\n{}", agent.log());
+    // 3 h ahead, every session webhook looks expired: the OpenAPI route carried those replies.
+    assert!(sim.replies().iter().any(|r| r.route == ReplyRoute::OtoSend), "{:?}", sim.replies());
+    let _ = std::fs::remove_dir_all(clock.parent().expect("temp dir"));
 }

@@ -82,6 +82,11 @@ pub fn config_for(sim: &Simulator, secret: &str, extra: &str) -> String {
 
 /// Start `zhuli run` with `dingtalk_toml` (the `[agent]` table is added here).
 pub fn spawn_agent(tag: &str, dingtalk_toml: &str) -> Agent {
+    spawn_agent_with_env(tag, dingtalk_toml, &[])
+}
+
+/// [`spawn_agent`] with extra environment variables.
+pub fn spawn_agent_with_env(tag: &str, dingtalk_toml: &str, env: &[(&str, String)]) -> Agent {
     let dir = temp_dir(tag);
     let config = format!("[agent]\nstate_dir = {:?}\n{dingtalk_toml}", dir.join("state").display().to_string());
     let path = dir.join("zhuli.toml");
@@ -90,6 +95,7 @@ pub fn spawn_agent(tag: &str, dingtalk_toml: &str) -> Agent {
         .args(["run", "--config"])
         .arg(&path)
         .env("ZHULI_LOG", "debug")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
