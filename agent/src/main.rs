@@ -85,7 +85,8 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "DingTalk simulator on {base}\n\n# agent configuration for it:\n[dingtalk]\nclient_id = {id:?}\nclient_secret = {secret:?}\nrobot_code = {robot:?}\napi_base = {base:?}\n\n\
                      # inject a message:  curl -s {base}/_sim/messages -d '{{\"text\":\"/ping\"}}'\n\
-                     # see the replies:   curl -s {base}/_sim/replies\n# status:            curl -s {base}/_sim/status",
+                     # see the replies:   curl -s {base}/_sim/replies\n# status:            curl -s {base}/_sim/status\n\
+                     # a failure:         curl -s {base}/_sim/faults -d '{{\"fault\":\"disconnect\"}}'  (or zombie, frozen, drop, refuse_opens, outage, throttle, cut, revoke_tokens, bad_tickets, raw)",
                     base = sim.api_base(),
                     id = cfg.client_id,
                     secret = cfg.client_secret,

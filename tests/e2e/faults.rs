@@ -273,3 +273,34 @@ async fn wall_clock_jumps_do_not_strand_the_connection() {
     assert!(sim.replies().iter().any(|r| r.route == ReplyRoute::OtoSend), "{:?}", sim.replies());
     let _ = std::fs::remove_dir_all(clock.parent().expect("temp dir"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_tickets_and_tls_failures_are_logged_and_retried() {
+    let sim = Simulator::start(sim_config()).await.expect("sim");
+    sim.hand_out_bad_tickets(3);
+    let agent = spawn_agent("badticket", &config_for(&sim, SECRET, ""));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+    assert_eq!(sim.counters().ws_rejected, 3);
+    let log = agent.log();
+    assert!(log.contains("WebSocket handshake with") && log.contains("401"), "{log}");
+    assert!(!log.contains("ticket="), "the ticket is not logged");
+    let id = sim.inject(Inject::text("/ping"));
+    assert_each_answered_once(&sim, &agent, std::slice::from_ref(&id), Duration::from_secs(10)).await;
+    drop(agent);
+
+    // https:// to a port that speaks plain HTTP: the TLS handshake fails, clearly, and is retried.
+    let https = config_for(&sim, SECRET, "").replace("http://", "https://");
+    let mut agent = spawn_agent("tlsfail", &https);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && agent.log().matches("stream connect failed").count() < 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = agent.log();
+    assert!(log.matches("stream connect failed").count() >= 3, "{log}");
+    assert!(
+        log.to_lowercase().contains("tls") || log.contains("InvalidContentType") || log.contains("corrupt"),
+        "{log}"
+    );
+    assert!(agent.is_running());
+    assert_no_secret(&agent);
+}

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real `zhuli` binary against the gateway simulator on loopback.
 
+mod cli;
 mod conformance;
 mod faults;
+mod media;
 mod roundtrip;
 mod support;

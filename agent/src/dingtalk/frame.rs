@@ -219,3 +219,40 @@ mod tests {
         assert!(v["data"].as_str().is_some_and(|d| d.contains("LATER")));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the headers and data hold, a well-formed frame parses back to what was sent,
+        /// and its ACK names the same messageId.
+        #[test]
+        fn well_formed_frames_round_trip(
+            kind in prop_oneof!["SYSTEM", "EVENT", "CALLBACK", "[A-Z]{1,12}"],
+            topic in "\\PC{0,40}",
+            message_id in "\\PC{1,40}",
+            data in "\\PC{0,200}",
+            extra in proptest::collection::btree_map("[a-zA-Z]{1,10}", "\\PC{0,20}", 0..5),
+        ) {
+            let mut headers: serde_json::Map<String, Value> = extra.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            headers.insert("topic".into(), Value::String(topic.clone()));
+            headers.insert("messageId".into(), Value::String(message_id.clone()));
+            let text = serde_json::json!({"specVersion": "1.0", "type": kind, "headers": headers, "data": data}).to_string();
+            let f = StreamFrame::parse(&text).expect("well-formed frame parses");
+            prop_assert_eq!(f.kind.as_str(), kind.as_str());
+            prop_assert_eq!(&f.topic, &topic);
+            prop_assert_eq!(&f.message_id, &message_id);
+            prop_assert_eq!(&f.data, &data);
+            let ack: Value = serde_json::from_str(&callback_ack(&f.message_id, AckCode::Ok)).expect("ACK is JSON");
+            prop_assert_eq!(ack["headers"]["messageId"].as_str(), Some(message_id.as_str()));
+        }
+
+        /// Arbitrary text never panics the parser.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let _ = StreamFrame::parse(&text);
+        }
+    }
+}

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Inject, RecordedReply, ReplyRoute, Shared, ThrottleKind, now_ms};
+use super::{ConnMode, Inject, RecordedReply, ReplyRoute, Shared, ThrottleKind, now_ms};
 use crate::dingtalk::openapi::TOKEN_HEADER;
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker) {
@@ -97,6 +97,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             if path.ends_with("download") { download_url(&shared, &body) } else { robot_send(&shared, &path, &body) }
         }
         "/_sim/messages" => control_inject(&shared, &body),
+        "/_sim/faults" => control_fault(&shared, &body),
         _ => err(StatusCode::NOT_FOUND, "NotFound", "no such API in the simulator"),
     }
 }
@@ -133,7 +134,11 @@ fn open(shared: &Shared, body: &Value) -> Response<Full<Bytes>> {
         rand::random::<u16>() & 0xfff,
         rand::random::<u64>() & 0xffff_ffff_ffff
     );
-    st.tickets.insert(ticket.clone(), (Instant::now(), topics));
+    if st.faults.bad_tickets > 0 {
+        st.faults.bad_tickets -= 1;
+    } else {
+        st.tickets.insert(ticket.clone(), (Instant::now(), topics));
+    }
     let ws = shared.ws_addr.lock().map(|a| *a).unwrap_or(None);
     let endpoint = ws.map(|a| format!("ws://{a}/connect")).unwrap_or_default();
     reply(StatusCode::OK, json!({ "endpoint": endpoint, "ticket": ticket }))
@@ -308,6 +313,43 @@ fn control_inject(shared: &Arc<Shared>, body: &Value) -> Response<Full<Bytes>> {
     if let Some(s) = body["sender"].as_str() {
         m = m.from(s);
     }
+    if let Some(id) = body["msgId"].as_str() {
+        m = m.with_msg_id(id);
+    }
+    if body["expiredWebhook"].as_bool() == Some(true) {
+        m = m.expired_webhook();
+    }
     let msg_id = shared.enqueue(&m);
     reply(StatusCode::OK, json!({ "msgId": msg_id }))
+}
+
+/// `POST /_sim/faults {"fault": …}`: reproduce a failure from the command line.
+fn control_fault(shared: &Shared, body: &Value) -> Response<Full<Bytes>> {
+    let count = body["count"].as_u64().unwrap_or(1);
+    match body["fault"].as_str().unwrap_or_default() {
+        "disconnect" => shared.disconnect_all(),
+        "zombie" => shared.degrade_all(ConnMode::Zombie),
+        "frozen" => shared.degrade_all(ConnMode::Frozen),
+        "drop" => shared.drop_all(),
+        "refuse_opens" => shared.fail_opens(u32::try_from(count).unwrap_or(u32::MAX)),
+        "outage" => shared.refuse_opens_for(Duration::from_millis(body["ms"].as_u64().unwrap_or(10_000))),
+        "throttle" => {
+            let kind = serde_json::from_value(body["kind"].clone()).unwrap_or(ThrottleKind::Http429);
+            shared.throttle_sends(u32::try_from(count).unwrap_or(u32::MAX), kind)
+        }
+        "cut" => shared.cut_next_frame_at(usize::try_from(body["bytes"].as_u64().unwrap_or(10)).unwrap_or(10)),
+        "revoke_tokens" => shared.revoke_tokens(),
+        "bad_tickets" => shared.hand_out_bad_tickets(u32::try_from(count).unwrap_or(u32::MAX)),
+        "raw" => shared.inject_raw(body["text"].as_str().unwrap_or_default()),
+        other => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "UnknownFault",
+                &format!(
+                    "unknown fault {other:?}; one of disconnect, zombie, frozen, drop, refuse_opens, outage, throttle, cut, revoke_tokens, bad_tickets, raw"
+                ),
+            );
+        }
+    }
+    reply(StatusCode::OK, json!({"ok": true}))
 }

@@ -68,7 +68,7 @@ impl Default for SimConfig {
 }
 
 /// How a throttled send is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum ThrottleKind {
     /// HTTP 429.
     Http429,
@@ -195,6 +195,8 @@ struct Faults {
     cut_next_at: Option<usize>,
     /// New connections start in this mode (e.g. zombie) instead of healthy.
     next_conn_mode: Option<ConnMode>,
+    /// Answer this many open calls with a ticket the WebSocket will refuse.
+    bad_tickets: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +330,97 @@ impl Shared {
         for p in back.into_iter().rev() {
             st.queue.push_front(p);
         }
+    }
+
+    /// Push raw text to every healthy connection (malformed frames, unknown types).
+    fn inject_raw(&self, text: impl Into<String>) {
+        let text = text.into();
+        let st = self.lock();
+        for c in st.conns.values().filter(|c| c.mode == ConnMode::Healthy) {
+            let _ = c.tx.send(ws::Cmd::Send { text: text.clone(), cut_at: None });
+        }
+    }
+
+    /// Push a text frame whose payload is not UTF-8 to every healthy connection.
+    fn inject_invalid_utf8(&self) {
+        let st = self.lock();
+        for c in st.conns.values().filter(|c| c.mode == ConnMode::Healthy) {
+            let _ = c.tx.send(ws::Cmd::SendInvalidUtf8(vec![b'{', 0xff, 0xfe, b'}']));
+        }
+    }
+
+    /// Send SYSTEM `disconnect` on every healthy connection; each closes after the grace period.
+    fn disconnect_all(&self) {
+        let mut st = self.lock();
+        let grace = self.cfg.disconnect_grace;
+        for c in st.conns.values_mut().filter(|c| c.mode == ConnMode::Healthy) {
+            c.mode = ConnMode::Disconnecting;
+            let _ = c.tx.send(ws::Cmd::Disconnect { grace });
+        }
+        drop(st);
+        self.touch();
+    }
+
+    /// Set the mode of every connection that is currently healthy (zombie, frozen).
+    fn degrade_all(&self, mode: ConnMode) {
+        let mut st = self.lock();
+        for c in st.conns.values_mut().filter(|c| c.mode == ConnMode::Healthy) {
+            c.mode = mode;
+            let _ = c.tx.send(ws::Cmd::Mode(mode));
+        }
+        drop(st);
+        self.touch();
+    }
+
+    /// Close every connection without a WebSocket close frame (TCP FIN/RST only).
+    fn drop_all(&self) {
+        let st = self.lock();
+        for c in st.conns.values() {
+            let _ = c.tx.send(ws::Cmd::Drop);
+        }
+    }
+
+    /// New connections start in `mode` (e.g. zombie) until cleared with `None`.
+    fn set_next_conn_mode(&self, mode: Option<ConnMode>) {
+        self.lock().faults.next_conn_mode = mode;
+    }
+
+    /// Refuse the next `n` open-connection calls with HTTP 503.
+    fn fail_opens(&self, n: u32) {
+        self.lock().faults.open_fail = n;
+    }
+
+    /// Refuse every open-connection call for `d` (a router reboot, an outage).
+    fn refuse_opens_for(&self, d: Duration) {
+        self.lock().faults.open_fail_until = Some(Instant::now() + d);
+    }
+
+    /// Throttle the next `n` send calls (webhook and OpenAPI).
+    fn throttle_sends(&self, n: u32, kind: ThrottleKind) {
+        let mut st = self.lock();
+        st.faults.throttle = n;
+        st.faults.throttle_kind = Some(kind);
+    }
+
+    /// Cut the socket after `bytes` bytes of the next delivered callback frame.
+    fn cut_next_frame_at(&self, bytes: usize) {
+        self.lock().faults.cut_next_at = Some(bytes);
+    }
+
+    /// Forget every access token issued (the next OpenAPI call gets a 401).
+    fn hand_out_bad_tickets(&self, n: u32) {
+        self.lock().faults.bad_tickets = n;
+    }
+
+    fn add_file(&self, bytes: Vec<u8>) -> String {
+        let mut st = self.lock();
+        let code = Self::next_id(&mut st, "dl");
+        st.files.insert(code.clone(), bytes);
+        code
+    }
+
+    fn revoke_tokens(&self) {
+        self.lock().tokens.clear();
     }
 
     /// Queue a robot message as a CALLBACK frame and deliver what can be delivered.
@@ -474,82 +567,67 @@ impl Simulator {
 
     /// Push raw text to every healthy connection (malformed frames, unknown types).
     pub fn inject_raw(&self, text: impl Into<String>) {
-        let text = text.into();
-        let st = self.shared.lock();
-        for c in st.conns.values().filter(|c| c.mode == ConnMode::Healthy) {
-            let _ = c.tx.send(ws::Cmd::Send { text: text.clone(), cut_at: None });
-        }
+        self.shared.inject_raw(text)
     }
 
     /// Push a text frame whose payload is not UTF-8 to every healthy connection.
     pub fn inject_invalid_utf8(&self) {
-        let st = self.shared.lock();
-        for c in st.conns.values().filter(|c| c.mode == ConnMode::Healthy) {
-            let _ = c.tx.send(ws::Cmd::SendInvalidUtf8(vec![b'{', 0xff, 0xfe, b'}']));
-        }
+        self.shared.inject_invalid_utf8()
     }
 
     /// Send SYSTEM `disconnect` on every healthy connection; each closes after the grace period.
     pub fn disconnect_all(&self) {
-        let mut st = self.shared.lock();
-        let grace = self.shared.cfg.disconnect_grace;
-        for c in st.conns.values_mut().filter(|c| c.mode == ConnMode::Healthy) {
-            c.mode = ConnMode::Disconnecting;
-            let _ = c.tx.send(ws::Cmd::Disconnect { grace });
-        }
-        drop(st);
-        self.shared.touch();
+        self.shared.disconnect_all()
     }
 
     /// Set the mode of every connection that is currently healthy (zombie, frozen).
     pub fn degrade_all(&self, mode: ConnMode) {
-        let mut st = self.shared.lock();
-        for c in st.conns.values_mut().filter(|c| c.mode == ConnMode::Healthy) {
-            c.mode = mode;
-            let _ = c.tx.send(ws::Cmd::Mode(mode));
-        }
-        drop(st);
-        self.shared.touch();
+        self.shared.degrade_all(mode)
     }
 
     /// Close every connection without a WebSocket close frame (TCP FIN/RST only).
     pub fn drop_all(&self) {
-        let st = self.shared.lock();
-        for c in st.conns.values() {
-            let _ = c.tx.send(ws::Cmd::Drop);
-        }
+        self.shared.drop_all()
     }
 
     /// New connections start in `mode` (e.g. zombie) until cleared with `None`.
     pub fn set_next_conn_mode(&self, mode: Option<ConnMode>) {
-        self.shared.lock().faults.next_conn_mode = mode;
+        self.shared.set_next_conn_mode(mode)
     }
 
     /// Refuse the next `n` open-connection calls with HTTP 503.
     pub fn fail_opens(&self, n: u32) {
-        self.shared.lock().faults.open_fail = n;
+        self.shared.fail_opens(n)
     }
 
     /// Refuse every open-connection call for `d` (a router reboot, an outage).
     pub fn refuse_opens_for(&self, d: Duration) {
-        self.shared.lock().faults.open_fail_until = Some(Instant::now() + d);
+        self.shared.refuse_opens_for(d)
     }
 
     /// Throttle the next `n` send calls (webhook and OpenAPI).
     pub fn throttle_sends(&self, n: u32, kind: ThrottleKind) {
-        let mut st = self.shared.lock();
-        st.faults.throttle = n;
-        st.faults.throttle_kind = Some(kind);
+        self.shared.throttle_sends(n, kind)
     }
 
     /// Cut the socket after `bytes` bytes of the next delivered callback frame.
     pub fn cut_next_frame_at(&self, bytes: usize) {
-        self.shared.lock().faults.cut_next_at = Some(bytes);
+        self.shared.cut_next_frame_at(bytes)
     }
 
     /// Forget every access token issued (the next OpenAPI call gets a 401).
     pub fn revoke_tokens(&self) {
-        self.shared.lock().tokens.clear();
+        self.shared.revoke_tokens()
+    }
+
+    /// Answer the next `n` open calls with tickets the WebSocket handshake refuses.
+    pub fn hand_out_bad_tickets(&self, n: u32) {
+        self.shared.hand_out_bad_tickets(n)
+    }
+
+    /// Serve `bytes` behind a new download code; returns the code.
+    pub fn add_file(&self, bytes: Vec<u8>) -> String {
+        self.shared.add_file(bytes)
     }
 
     pub fn replies(&self) -> Vec<RecordedReply> {
