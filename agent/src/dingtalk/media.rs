@@ -20,6 +20,8 @@ use super::{
 };
 
 pub const DOWNLOAD_PATH: &str = "/v1.0/robot/messageFiles/download";
+/// Limiter key of the GET of a download URL (storage host, not the OpenAPI).
+const MEDIA_GET: &str = "media download";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
@@ -77,6 +79,7 @@ impl MediaArea {
         let url =
             answer.get("downloadUrl").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or(MediaError::BadAnswer)?;
         let max = limits.media_max_file_bytes;
+        self.api.pace(MEDIA_GET).await;
         let resp = match self.api.http().get(url, usize::try_from(max).unwrap_or(usize::MAX)).await {
             Ok(r) if r.status.is_success() => r,
             Ok(r) => return Err(MediaError::Api(format!("download answered HTTP {}", r.status.as_u16()))),

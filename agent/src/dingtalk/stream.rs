@@ -13,6 +13,7 @@
 
 use std::{
     collections::VecDeque,
+    num::NonZeroU32,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -21,6 +22,7 @@ use std::{
 };
 
 use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::{
     sync::mpsc,
@@ -37,6 +39,9 @@ use super::{
     message::RobotMessage,
     settings::Settings,
 };
+
+/// Open calls allowed back to back before the one-per-second pace applies.
+const OPEN_BURST: NonZeroU32 = NonZeroU32::new(5).expect("5 is not zero");
 
 /// A robot message handed to the pipeline, with the means to ACK it on the connection it came in on.
 #[derive(Debug)]
@@ -107,6 +112,9 @@ struct Draining {
 
 /// Everything a connection task needs, shared.
 struct Shared {
+    /// Paces open-connection calls even when no backoff applies (a gateway that sends
+    /// `disconnect` right after every connect must not make us hammer the open API).
+    opens: DefaultDirectRateLimiter,
     settings: Settings,
     http: HttpClient,
     tls: Arc<rustls::ClientConfig>,
@@ -127,7 +135,11 @@ impl StreamClient {
         inbox: mpsc::Sender<Inbound>,
         status: Arc<StreamStatus>,
     ) -> Self {
-        StreamClient { shared: Arc::new(Shared { settings, http, tls, status, inbox }), rng: StdRng::from_os_rng() }
+        let opens = RateLimiter::direct(Quota::per_second(NonZeroU32::MIN).allow_burst(OPEN_BURST));
+        StreamClient {
+            shared: Arc::new(Shared { opens, settings, http, tls, status, inbox }),
+            rng: StdRng::from_os_rng(),
+        }
     }
 
     /// Use a seeded RNG for the reconnect jitter (tests).
@@ -269,7 +281,10 @@ async fn connect(
 ) {
     let opened = tokio::select! {
         _ = stop.cancelled() => return,
-        r = gateway::open(&shared.settings, &shared.http, &shared.tls) => r,
+        r = async {
+            shared.opens.until_ready().await;
+            gateway::open(&shared.settings, &shared.http, &shared.tls).await
+        } => r,
     };
     match opened {
         Ok(socket) => {
