@@ -1,9 +1,12 @@
 //! Figures for docs/ARCHITECTURE.md's performance goals, printed, never asserted:
 //!
-//! 1. frames parsed and dispatched per second (envelope + robot message + dedupe + answer);
-//! 2. reply latency p50/p99 through the agent and the simulator on loopback, one message at a time;
-//! 3. sustained messages per second through agent + simulator;
-//! 4. with `ZHULI_BIN` set to a built `zhuli`: idle RSS and idle CPU of `zhuli run` connected to
+//! 1. frames parsed and dispatched per second (envelope + robot message + answer);
+//! 2. the store: sealed durable writes per second (one message per commit, and 64 per commit),
+//!    the same on plain redb in the same run, reads per second, open time with a 100 MB store;
+//! 3. reply latency p50/p99 through the agent and the simulator on loopback, one message at a
+//!    time (durable store included);
+//! 4. sustained messages per second through agent + simulator;
+//! 5. with `ZHULI_BIN` set to a built `zhuli`: idle RSS and idle CPU of `zhuli run` connected to
 //!    the simulator.
 
 use std::{
@@ -17,12 +20,12 @@ use zhuli::{
     app::{self, AgentHandles},
     assistant::{Assistant, StatusView},
     config::Config,
-    dedupe::Dedupe,
     dingtalk::{
         frame::StreamFrame,
         message::RobotMessage,
         sim::{Inject, SimConfig, Simulator},
     },
+    store::{Acceptance, Retention, Store, WriteOp, key::StoreKey},
 };
 
 fn parse_and_dispatch() {
@@ -48,16 +51,12 @@ fn parse_and_dispatch() {
         stream: Arc::default(),
         sender: Arc::default(),
     });
-    let mut dedupe = Dedupe::new(Duration::from_secs(3600), 1_000_000);
-    let now = tokio::time::Instant::now();
     let start = Instant::now();
     let mut answered = 0usize;
     for f in &frames {
         let frame = StreamFrame::parse(f).expect("valid frame");
         let m = RobotMessage::parse(&frame.data).expect("valid message");
-        if dedupe.first_time(&m.msg_id, now) {
-            answered += assistant.answer(&m).markdown.len().min(1);
-        }
+        answered += assistant.answer(&m).markdown.len().min(1);
     }
     let secs = start.elapsed().as_secs_f64();
     println!("parse+dispatch: {n} frames in {secs:.3} s = {:.0} frames/s ({answered} answered)", n as f64 / secs);
@@ -65,14 +64,131 @@ fn parse_and_dispatch() {
 
 fn config_toml(sim: &Simulator, state: &std::path::Path, fast: bool) -> String {
     let stream = if fast { "[dingtalk.stream]\nbackoff_initial_ms = 50\n" } else { "" };
+    std::fs::create_dir_all(state).expect("state dir");
+    let key = state.join("bench-store-key");
+    if !key.exists() {
+        StoreKey::generate().write_new(&key).expect("store key");
+    }
     format!(
-        "[agent]\nstate_dir = {state:?}\ninbox_capacity = 4096\nworkers = 256\n[dingtalk]\nclient_id = {id:?}\nclient_secret = {secret:?}\nrobot_code = {id:?}\napi_base = {base:?}\n{stream}\
+        "[agent]\nstate_dir = {state:?}\ninbox_capacity = 4096\nworkers = 256\n[store]\nkey_file = {key:?}\n[dingtalk]\nclient_id = {id:?}\nclient_secret = {secret:?}\nrobot_code = {id:?}\napi_base = {base:?}\n{stream}\
          [dingtalk.limits]\nchat_messages_per_minute = 1000000\nopenapi_per_second = 100000\n",
         state = state.display().to_string(),
+        key = key.display().to_string(),
         id = sim.config().client_id,
         secret = sim.config().client_secret,
         base = sim.api_base(),
     )
+}
+
+fn bench_message(i: usize, text: &str) -> RobotMessage {
+    let data =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/messages/text_single.json"))
+            .expect("fixture");
+    let mut m = RobotMessage::parse(&data).expect("fixture parses");
+    m.msg_id = format!("bench-{i}");
+    m.content = zhuli::dingtalk::Content::Text(text.to_owned());
+    m
+}
+
+/// The same bookkeeping on plain redb (dedupe lookup, processed + expiry + inbox inserts,
+/// postcard values) without sealing or keyed hashes: what sealing costs, measured in the same run.
+fn plain_redb(path: &std::path::Path, msgs: &[RobotMessage], per_commit: usize) -> f64 {
+    use redb::ReadableTable;
+    const INBOX: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("inbox");
+    const PROCESSED: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("processed");
+    const EXPIRY: redb::TableDefinition<(u64, &str), ()> = redb::TableDefinition::new("expiry");
+    let db = redb::Database::create(path).expect("plain db");
+    let start = Instant::now();
+    for (c, chunk) in msgs.chunks(per_commit).enumerate() {
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut inbox = txn.open_table(INBOX).expect("table");
+            let mut processed = txn.open_table(PROCESSED).expect("table");
+            let mut expiry = txn.open_table(EXPIRY).expect("table");
+            for (i, m) in chunk.iter().enumerate() {
+                if processed.get(m.msg_id.as_str()).expect("get").is_some() {
+                    continue;
+                }
+                processed.insert(m.msg_id.as_str(), &86_400_001u64.to_be_bytes()[..]).expect("insert");
+                expiry.insert((86_400_001u64, m.msg_id.as_str()), ()).expect("insert");
+                let bytes = postcard::to_allocvec(m).expect("encode");
+                inbox.insert((c * per_commit + i) as u64, bytes.as_slice()).expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    msgs.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+fn sealed_store(store: &Store, msgs: &[RobotMessage], per_commit: usize) -> f64 {
+    let start = Instant::now();
+    for chunk in msgs.chunks(per_commit) {
+        let batch: Vec<(RobotMessage, bool)> = chunk.iter().map(|m| (m.clone(), true)).collect();
+        let out = store.write(&[WriteOp::Accept { batch: &batch, now_ms: 1 }]).expect("write");
+        assert_eq!(out.len(), 1);
+    }
+    msgs.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+fn store_figures() {
+    let dir = std::env::temp_dir().join(format!("zhuli-bench-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = StoreKey::generate();
+    let text = "Please put the Q3 report from the share into the drive folder and tell me when it is there.";
+    for (label, per_commit, n) in [("one message per commit", 1usize, 400usize), ("64 messages per commit", 64, 12_800)]
+    {
+        let msgs: Vec<RobotMessage> = (0..n).map(|i| bench_message(i, text)).collect();
+        let sealed_path = dir.join(format!("sealed-{per_commit}.redb"));
+        let store = Store::open(&sealed_path, &key, Retention::default()).expect("store");
+        let sealed = sealed_store(&store, &msgs, per_commit);
+        let plain = plain_redb(&dir.join(format!("plain-{per_commit}.redb")), &msgs, per_commit);
+        println!(
+            "store writes, durable, {label}: sealed {sealed:.0} msg/s, plain redb {plain:.0} msg/s, sealed costs {:.2}x",
+            plain / sealed
+        );
+        if per_commit == 64 {
+            let start = Instant::now();
+            let (inbox, _) = store.pending().expect("read");
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "store reads: {} sealed inbox entries opened in {secs:.3} s = {:.0} entries/s",
+                inbox.len(),
+                inbox.len() as f64 / secs
+            );
+        }
+    }
+
+    // A 100 MB store: 25,000 messages of 4 KiB, 1,000 per commit.
+    let big_path = dir.join("big.redb");
+    {
+        let store = Store::open(&big_path, &key, Retention::default()).expect("store");
+        let body = "x".repeat(4096);
+        for i in (0..25_000).step_by(1000) {
+            let batch: Vec<(RobotMessage, bool)> = (i..i + 1000).map(|j| (bench_message(j, &body), true)).collect();
+            let out = store.write(&[WriteOp::Accept { batch: &batch, now_ms: 1 }]).expect("fill");
+            assert!(
+                matches!(out.first(), Some(zhuli::store::WriteOutcome::Accepted(a)) if matches!(a[0], Acceptance::Queued(_)))
+            );
+        }
+    }
+    let size = std::fs::metadata(&big_path).map(|m| m.len()).unwrap_or(0);
+    let mut times: Vec<Duration> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let s = Store::open(&big_path, &key, Retention::default()).expect("open");
+            let took = t.elapsed();
+            drop(s);
+            took
+        })
+        .collect();
+    times.sort();
+    println!(
+        "store open with a {:.0} MB store (key check + schema + tables): median {:?}",
+        size as f64 / 1e6,
+        times[2]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -185,6 +301,7 @@ fn idle_process(bin: PathBuf) {
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     parse_and_dispatch();
+    store_figures();
     through_the_agent();
     match std::env::var_os("ZHULI_BIN") {
         Some(bin) => idle_process(PathBuf::from(bin)),

@@ -1,15 +1,18 @@
-//! `zhuli run`: wires the channel, the pipeline and the assistant together and runs them until
-//! asked to stop.
+//! `zhuli run`: wires the store, the channel, the pipeline and the assistant together and runs
+//! them until asked to stop.
 //!
-//! The pipeline for one message: dedupe by msgId → group filter (@mention) → ACK → answer →
-//! reply. The ACK is sent once the message is accepted into the pipeline (the encrypted store
-//! makes that acceptance durable); a message that was not accepted stays unACKed and comes back.
+//! The pipeline for one message: record it durably (processed msgId + inbox, one commit for a
+//! batch) → ACK the frame → answer → stage the reply in the outbox (atomically leaving the inbox)
+//! → deliver → forget. What a crash interrupts is picked up at the next start: inbox items are
+//! answered, outbox items delivered. A redelivered msgId is recognised and only ACKed.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use tokio::{
-    sync::{Semaphore, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -17,24 +20,31 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     assistant::{Assistant, StatusView},
     config::Config,
-    dedupe::Dedupe,
     dingtalk::{
         http::{HttpClient, tls_config},
         media::{MediaArea, MediaError},
+        message::RobotMessage,
         openapi::OpenApi,
         sender::{Reply, ReplySender, SenderStatus},
         stream::{Inbound, StreamClient, StreamStatus},
     },
+    store::{self, Acceptance, OutboxEntry, Store, StoreError, key::StoreKey, writer::StoreWriter},
 };
 
-/// How long a msgId is remembered for dedupe (gateway retries stop well within this).
-const DEDUPE_TTL: Duration = Duration::from_secs(24 * 3600);
-const DEDUPE_CAPACITY: usize = 200_000;
+/// Messages recorded in one commit, at most.
+const BATCH: usize = 64;
+/// Expired msgIds forgotten per pruning tick, at most.
+const PRUNE_PER_TICK: usize = 500;
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("cannot prepare the media area under the state directory: {0}")]
     Media(#[from] MediaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Handles to a running agent's figures (for tests and the demo).
@@ -44,6 +54,24 @@ pub struct AgentHandles {
     pub sender: Arc<SenderStatus>,
 }
 
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Run blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(store: &Arc<Store>, f: impl FnOnce(&Store) -> T + Send + 'static) -> T {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store)).await.expect("store calls do not panic")
+}
+
+/// Open the store named by the configuration (key from the systemd credential or key file).
+pub fn open_store(config: &Config) -> Result<Store, AgentError> {
+    let dir = &config.agent.state_dir;
+    std::fs::create_dir_all(dir).map_err(|source| AgentError::StateDir { path: dir.clone(), source })?;
+    let key = StoreKey::load(config.store.key_file.as_deref()).map_err(StoreError::from)?;
+    Ok(Store::open(&store::file_in(dir), &key, config.store.retention())?)
+}
+
 /// Run the agent until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentError> {
     let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
@@ -51,82 +79,190 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
 }
 
 pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentHandles) -> Result<(), AgentError> {
+    let store = {
+        let config = config.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || open_store(&config))
+                .await
+                .expect("opening the store does not panic")?,
+        )
+    };
     let tls = tls_config();
     let http = HttpClient::new(tls.clone(), config.dingtalk.stream.connect_timeout_ms.get());
     let api = Arc::new(OpenApi::new(config.dingtalk.clone(), http.clone()));
     // Opened now so a bad state directory fails at start; the LLM's tools fetch into it.
     let _media = MediaArea::open(config.agent.state_dir.join("media"), api.clone()).await?;
-    let sender = Arc::new(ReplySender::new(api.clone(), handles.sender.clone()));
-    let assistant = Arc::new(Assistant::new(StatusView {
-        started: Instant::now(),
-        stream: handles.stream.clone(),
-        sender: handles.sender.clone(),
-    }));
+    let (writer, writer_task) = StoreWriter::start(store.clone());
+    let work = Arc::new(Work {
+        assistant: Assistant::new(StatusView {
+            started: Instant::now(),
+            stream: handles.stream.clone(),
+            sender: handles.sender.clone(),
+        }),
+        sender: ReplySender::new(api.clone(), handles.sender.clone()),
+        store: store.clone(),
+        writer,
+    });
     let (inbox_tx, inbox_rx) = mpsc::channel::<Inbound>(config.agent.inbox_capacity);
     let stream = StreamClient::new(config.dingtalk.clone(), http, tls, inbox_tx, handles.stream.clone());
 
     let tasks = TaskTracker::new();
     tasks.spawn(stream.run(cancel.clone()));
-    tasks.spawn(pipeline(inbox_rx, assistant, sender, config.agent.workers, cancel.clone()));
+    tasks.spawn(pipeline(inbox_rx, work, config.agent.workers, cancel.clone()));
+    tasks.spawn(prune(store, cancel.clone()));
     log::info!("zhuli agent started; connecting to {}", config.dingtalk.api_base.as_str());
     cancel.cancelled().await;
     tasks.close();
     tasks.wait().await;
+    // The writer ends once the last worker has dropped its handle; a worker still retrying a
+    // throttled reply is not waited for (its outbox item is delivered at the next start).
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     log::info!("zhuli agent stopped");
     Ok(())
 }
 
-async fn pipeline(
-    mut inbox: mpsc::Receiver<Inbound>,
-    assistant: Arc<Assistant>,
-    sender: Arc<ReplySender>,
-    workers: usize,
-    cancel: CancellationToken,
-) {
-    let mut dedupe = Dedupe::new(DEDUPE_TTL, DEDUPE_CAPACITY);
+/// What a worker needs to answer and deliver.
+struct Work {
+    assistant: Assistant,
+    sender: ReplySender,
+    store: Arc<Store>,
+    /// All bookkeeping writes go through the group-commit writer: the shorter the time between
+    /// a reply reaching DingTalk and its durable "delivered" mark, the fewer replies a crash can
+    /// make the agent send twice.
+    writer: StoreWriter,
+}
+
+impl Work {
+    /// Answer inbox item `seq` and deliver the reply; a costly answer is staged in the outbox
+    /// first, so a crash does not make the agent produce it again.
+    async fn answer(self: Arc<Self>, seq: u64, message: RobotMessage, _slot: OwnedSemaphorePermit) {
+        let answer = self.assistant.answer(&message);
+        let entry = OutboxEntry {
+            msg_id: message.msg_id.clone(),
+            reply: Reply::to(&message, answer.title, answer.markdown),
+            staged_at_ms: now_ms(),
+        };
+        if answer.costly
+            && let Err(e) = self.writer.stage(seq, entry.clone()).await
+        {
+            // Left in the inbox: answered again at the next start.
+            log::error!("cannot stage the reply to {}: {e}", message.msg_id);
+            return;
+        }
+        self.deliver(seq, entry).await;
+    }
+
+    /// Deliver outbox item `seq`, then forget it.
+    async fn deliver(&self, seq: u64, entry: OutboxEntry) {
+        match self.sender.send(&entry.reply).await {
+            Ok(route) => log::info!("reply to {} delivered via {route:?}", entry.msg_id),
+            Err(e) => log::error!("reply to {} lost: {e}", entry.msg_id),
+        }
+        self.writer.delivered(seq);
+    }
+}
+
+async fn acquire(slots: &Arc<Semaphore>, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        _ = cancel.cancelled() => None,
+        p = slots.clone().acquire_owned() => p.ok(),
+    }
+}
+
+async fn pipeline(mut inbox: mpsc::Receiver<Inbound>, work: Arc<Work>, workers: usize, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(workers));
     let running = TaskTracker::new();
+
+    // Work a previous run left unfinished.
+    match blocking(&work.store, |s| s.pending()).await {
+        Ok((inbox_items, outbox_items)) => {
+            if !inbox_items.is_empty() || !outbox_items.is_empty() {
+                log::info!(
+                    "resuming {} unanswered messages and {} undelivered replies from the store",
+                    inbox_items.len(),
+                    outbox_items.len()
+                );
+            }
+            for (seq, entry) in outbox_items {
+                let Some(slot) = acquire(&slots, &cancel).await else { break };
+                let w = work.clone();
+                running.spawn(async move {
+                    w.deliver(seq, entry).await;
+                    drop(slot);
+                });
+            }
+            for (seq, entry) in inbox_items {
+                let Some(slot) = acquire(&slots, &cancel).await else { break };
+                running.spawn(work.clone().answer(seq, entry.message, slot));
+            }
+        }
+        Err(e) => log::error!("cannot read unfinished work from the store: {e}"),
+    }
+
+    let mut batch: Vec<Inbound> = Vec::with_capacity(BATCH);
     loop {
-        let inbound = tokio::select! {
+        let first = tokio::select! {
             _ = cancel.cancelled() => break,
             m = inbox.recv() => match m { Some(m) => m, None => break },
         };
-        let Inbound { message, ack } = inbound;
-        if !dedupe.first_time(&message.msg_id, Instant::now()) {
-            log::info!("message {} is a duplicate; ACKed, not answered again", message.msg_id);
-            ack.ack();
-            continue;
-        }
-        if !message.mentions_robot {
-            log::debug!("group message {} does not @mention the robot; ignored", message.msg_id);
-            ack.ack();
-            continue;
-        }
-        // Take a worker slot before ACKing: a full agent leaves new frames to the gateway.
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        ack.ack();
-        log::info!(
-            "message {} ({}) accepted from conversation {}",
-            message.msg_id,
-            message.kind_name(),
-            message.conversation_id
-        );
-        let assistant = assistant.clone();
-        let sender = sender.clone();
-        running.spawn(async move {
-            let answer = assistant.answer(&message);
-            let reply = Reply::to(&message, answer.title, answer.markdown);
-            match sender.send(&reply).await {
-                Ok(route) => log::info!("reply to {} delivered via {route:?}", message.msg_id),
-                Err(e) => log::error!("reply to {} lost: {e}", message.msg_id),
+        batch.push(first);
+        while batch.len() < BATCH {
+            match inbox.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
-            drop(permit);
-        });
+        }
+        let items: Vec<(RobotMessage, bool)> =
+            batch.iter().map(|i| (i.message.clone(), i.message.mentions_robot)).collect();
+        let recorded = work.writer.accept(items, now_ms()).await;
+        let results = match recorded {
+            Ok(r) => r,
+            Err(e) => {
+                // Not ACKed: the gateway delivers them again once the store works.
+                log::error!("cannot record {} incoming messages: {e}; left unACKed", batch.len());
+                batch.clear();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for (Inbound { message, ack }, result) in batch.drain(..).zip(results) {
+            ack.ack();
+            match result {
+                Acceptance::Duplicate => {
+                    log::info!("message {} is a duplicate; ACKed, not answered again", message.msg_id)
+                }
+                Acceptance::Recorded => {
+                    log::debug!("group message {} does not @mention the robot; ignored", message.msg_id)
+                }
+                Acceptance::Queued(seq) => {
+                    log::info!(
+                        "message {} ({}) accepted from conversation {}",
+                        message.msg_id,
+                        message.kind_name(),
+                        message.conversation_id
+                    );
+                    let Some(slot) = acquire(&slots, &cancel).await else { break };
+                    running.spawn(work.clone().answer(seq, message, slot));
+                }
+            }
+        }
     }
     running.close();
-    // Replies in flight get a moment to finish; the durable outbox will carry the rest.
+    // Replies in flight get a moment to finish; the store keeps the rest for the next start.
     let _ = tokio::time::timeout(Duration::from_secs(5), running.wait()).await;
+}
+
+/// Forget expired msgIds, a bounded amount per tick.
+async fn prune(store: Arc<Store>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+        match blocking(&store, |s| s.prune(now_ms(), PRUNE_PER_TICK)).await {
+            Ok(0) => {}
+            Ok(n) => log::debug!("forgot {n} expired message ids"),
+            Err(e) => log::warn!("pruning the store failed: {e}"),
+        }
+    }
 }

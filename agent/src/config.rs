@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::dingtalk;
+use crate::{dingtalk, store};
 
 /// `zhuli.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -15,6 +15,8 @@ pub struct Config {
     #[serde(default)]
     pub agent: AgentSettings,
     pub dingtalk: dingtalk::Settings,
+    #[serde(default)]
+    pub store: store::StoreSettings,
 }
 
 /// `[agent]`: where state lives and what the pipeline may hold.

@@ -13,6 +13,7 @@ use crate::{
     app,
     config::Config,
     dingtalk::sim::{ConnMode, Inject, SimConfig, Simulator},
+    store::key::StoreKey,
 };
 
 const INTRO: &str = "\
@@ -44,10 +45,14 @@ pub async fn run() -> anyhow::Result<()> {
     };
     let sim = Simulator::start(sim_cfg.clone()).await.context("starting the DingTalk simulator")?;
     let state_dir: PathBuf = std::env::temp_dir().join(format!("zhuli-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&state_dir).context("creating the demo's state directory")?;
+    let key_file = state_dir.join("store-key");
+    StoreKey::generate().write_new(&key_file).context("writing the demo's store key")?;
     let toml = format!(
-        "[agent]\nstate_dir = {state:?}\n\n[dingtalk]\nclient_id = {id:?}\nclient_secret = {secret:?}\nrobot_code = {id:?}\napi_base = {base:?}\n\n\
+        "[agent]\nstate_dir = {state:?}\n\n[store]\nkey_file = {key:?}\n\n[dingtalk]\nclient_id = {id:?}\nclient_secret = {secret:?}\nrobot_code = {id:?}\napi_base = {base:?}\n\n\
          [dingtalk.stream]\nidle_window_ms = 12000\nkeepalive_ms = 4000\npong_timeout_ms = 3000\nbackoff_initial_ms = 200\nbackoff_max_ms = 5000\n",
         state = state_dir.display().to_string(),
+        key = key_file.display().to_string(),
         id = sim_cfg.client_id,
         secret = sim_cfg.client_secret,
         base = sim.api_base(),

@@ -3,8 +3,8 @@
 pub mod app;
 pub mod assistant;
 pub mod config;
-pub mod dedupe;
 pub mod demo;
 pub mod dingtalk;
 pub mod logging;
 pub mod secret;
+pub mod store;

@@ -35,6 +35,17 @@ enum Command {
     },
     /// Chat with the agent in the terminal, against the simulator: no credentials, no network.
     Demo,
+    /// Manage the encrypted store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Write a new random store key to PATH (for development; the box uses a systemd credential).
+    NewKey { path: PathBuf },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -97,6 +108,10 @@ fn main() -> anyhow::Result<()> {
                 sim.shutdown().await;
                 anyhow::Ok(())
             })?;
+        }
+        Command::Store { command: StoreCommand::NewKey { path } } => {
+            zhuli::store::key::StoreKey::generate().write_new(&path)?;
+            println!("wrote a new store key to {}", path.display());
         }
         Command::Demo => {
             logging::init(log::LevelFilter::Warn);

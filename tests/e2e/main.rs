@@ -5,4 +5,5 @@ mod conformance;
 mod faults;
 mod media;
 mod roundtrip;
+mod store;
 mod support;

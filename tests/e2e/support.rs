@@ -30,6 +30,8 @@ pub struct Agent {
     child: Child,
     log: Arc<Mutex<String>>,
     pub dir: PathBuf,
+    config: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Agent {
@@ -43,6 +45,18 @@ impl Drop for Agent {
 impl Agent {
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// kill -9 the process.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the agent again with the same configuration, state and key.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.child = start(&self.config, &self.env, self.log.clone());
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -88,31 +102,42 @@ pub fn spawn_agent(tag: &str, dingtalk_toml: &str) -> Agent {
 /// [`spawn_agent`] with extra environment variables.
 pub fn spawn_agent_with_env(tag: &str, dingtalk_toml: &str, env: &[(&str, String)]) -> Agent {
     let dir = temp_dir(tag);
-    let config = format!("[agent]\nstate_dir = {:?}\n{dingtalk_toml}", dir.join("state").display().to_string());
+    let key = dir.join("store-key");
+    zhuli::store::key::StoreKey::generate().write_new(&key).expect("store key");
+    let config = format!(
+        "[agent]\nstate_dir = {:?}\n[store]\nkey_file = {:?}\n{dingtalk_toml}",
+        dir.join("state").display().to_string(),
+        key.display().to_string()
+    );
     let path = dir.join("zhuli.toml");
     std::fs::write(&path, config).expect("write config");
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let log = Arc::new(Mutex::new(String::new()));
+    let child = start(&path, &env, log.clone());
+    Agent { child, log, dir, config: path, env }
+}
+
+fn start(config: &std::path::Path, env: &[(String, String)], log: Arc<Mutex<String>>) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_zhuli"))
         .args(["run", "--config"])
-        .arg(&path)
+        .arg(config)
         .env("ZHULI_LOG", "debug")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn zhuli");
-    let log = Arc::new(Mutex::new(String::new()));
     let stderr = child.stderr.take().expect("piped stderr");
-    let sink = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(mut l) = sink.lock() {
+            if let Ok(mut l) = log.lock() {
                 l.push_str(&line);
                 l.push('\n');
             }
         }
     });
-    Agent { child, log, dir }
+    child
 }
 
 /// Simulator plus a connected agent.

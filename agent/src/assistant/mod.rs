@@ -26,6 +26,15 @@ pub struct Assistant {
 pub struct Answer {
     pub title: String,
     pub markdown: String,
+    /// Worth keeping durably before sending: producing it again would cost (an LLM turn) or
+    /// could come out different. Fixed answers are simply produced again after a crash.
+    pub costly: bool,
+}
+
+impl Answer {
+    fn fixed(title: impl Into<String>, markdown: impl Into<String>) -> Self {
+        Answer { title: title.into(), markdown: markdown.into(), costly: false }
+    }
 }
 
 const HELP: &str = "**zhuli** — commands:\n\n\
@@ -58,17 +67,14 @@ impl Assistant {
         let text = strip_mentions(&text);
         let command = text.split_whitespace().next().unwrap_or_default().to_ascii_lowercase();
         match command.as_str() {
-            "/help" | "/?" => Answer { title: "zhuli help".into(), markdown: HELP.into() },
-            "/ping" => Answer { title: "pong".into(), markdown: "pong".into() },
-            "/status" => Answer { title: "zhuli status".into(), markdown: self.status_text() },
-            c if c.starts_with('/') => Answer {
-                title: "unknown command".into(),
-                markdown: format!(
-                    "Unknown command `{}`. Send `/help` for the list.",
-                    c.chars().take(32).collect::<String>()
-                ),
-            },
-            _ => Answer { title: "LLM not configured".into(), markdown: NO_LLM.into() },
+            "/help" | "/?" => Answer::fixed("zhuli help", HELP),
+            "/ping" => Answer::fixed("pong", "pong"),
+            "/status" => Answer::fixed("zhuli status", self.status_text()),
+            c if c.starts_with('/') => Answer::fixed(
+                "unknown command",
+                format!("Unknown command `{}`. Send `/help` for the list.", c.chars().take(32).collect::<String>()),
+            ),
+            _ => Answer::fixed("LLM not configured", NO_LLM),
         }
     }
 
@@ -80,22 +86,22 @@ impl Assistant {
             Content::File { file_name, .. } => format!("file “{}”", file_name.chars().take(120).collect::<String>()),
             Content::RichText(_) => "message".to_owned(),
             Content::Unsupported { msgtype } => {
-                return Answer {
-                    title: "unsupported message".into(),
-                    markdown: format!(
+                return Answer::fixed(
+                    "unsupported message",
+                    format!(
                         "I cannot read messages of type `{}` yet. Send text, or `/help`.",
                         msgtype.chars().take(40).collect::<String>()
                     ),
-                };
+                );
             }
             Content::Text(_) => "message".to_owned(),
         };
-        Answer {
-            title: "received".into(),
-            markdown: format!(
+        Answer::fixed(
+            "received",
+            format!(
                 "I received your {what}. Working with its content needs an LLM, which is not configured on this box yet."
             ),
-        }
+        )
     }
 
     fn status_text(&self) -> String {

@@ -3,10 +3,10 @@
 //!
 //! Never logs message content; `Debug` of [`RobotMessage`] is for tests only.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConversationKind {
     /// A 1:1 chat with the robot ("1").
     Single,
@@ -15,14 +15,14 @@ pub enum ConversationKind {
 }
 
 /// One part of a rich-text message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RichPart {
     Text(String),
     Picture { download_code: String },
 }
 
 /// What the message carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Content {
     Text(String),
     RichText(Vec<RichPart>),
@@ -50,7 +50,7 @@ pub enum Content {
 }
 
 /// Where a reply for this message may be posted without an access token.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionWebhook {
     pub url: String,
     /// Wall-clock expiry, milliseconds since the epoch (DingTalk's clock).
@@ -64,7 +64,7 @@ impl std::fmt::Debug for SessionWebhook {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RobotMessage {
     pub msg_id: String,
     pub conversation_id: String,

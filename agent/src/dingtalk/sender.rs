@@ -33,7 +33,7 @@ const MAX_MSG_PARAM: usize = 15_000;
 const WEBHOOK_MARGIN_MS: i64 = 30_000;
 
 /// One reply, addressed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Reply {
     pub conversation_id: String,
     pub kind: ConversationKind,

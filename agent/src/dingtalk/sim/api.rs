@@ -220,6 +220,7 @@ fn webhook(shared: &Shared, session: Option<&str>, body: &Value) -> Response<Ful
         to_user: None,
         title,
         text,
+        at_ms: shared.elapsed_ms(),
     });
     drop(st);
     shared.touch();
@@ -258,6 +259,7 @@ fn robot_send(shared: &Shared, path: &str, body: &Value) -> Response<Full<Bytes>
         to_user: user,
         title,
         text,
+        at_ms: shared.elapsed_ms(),
     });
     drop(st);
     shared.touch();

@@ -109,6 +109,8 @@ pub struct RecordedReply {
     pub to_user: Option<String>,
     pub title: String,
     pub text: String,
+    /// Milliseconds since the simulator started.
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -259,6 +261,7 @@ struct State {
 
 pub(crate) struct Shared {
     cfg: SimConfig,
+    started: Instant,
     state: Mutex<State>,
     changed: Notify,
     http_addr: Mutex<Option<SocketAddr>>,
@@ -273,6 +276,10 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a simulator bug; keep serving with the state as left.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     fn touch(&self) {
@@ -534,6 +541,7 @@ impl Simulator {
         let ws_addr = ws_l.local_addr()?;
         let shared = Arc::new(Shared {
             cfg,
+            started: Instant::now(),
             state: Mutex::new(State::default()),
             changed: Notify::new(),
             http_addr: Mutex::new(Some(http_addr)),
@@ -628,6 +636,11 @@ impl Simulator {
     /// Serve `bytes` behind a new download code; returns the code.
     pub fn add_file(&self, bytes: Vec<u8>) -> String {
         self.shared.add_file(bytes)
+    }
+
+    /// Milliseconds since the simulator started (the clock of `RecordedReply::at_ms`).
+    pub fn elapsed_ms(&self) -> u64 {
+        self.shared.elapsed_ms()
     }
 
     pub fn replies(&self) -> Vec<RecordedReply> {

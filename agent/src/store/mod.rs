@@ -1,0 +1,584 @@
+//! The local store: one redb file in the state directory, every value sealed (XChaCha20-Poly1305,
+//! see `seal`), encoded with postcard. It holds the processed msgIds (dedupe), the inbox
+//! (accepted, not yet answered), the outbox (reply ready, not yet delivered), conversation
+//! history, settings and the undo journal.
+//!
+//! Identifiers that could say something about people (msgIds, conversation ids) are never redb
+//! keys in the clear: they are replaced by a keyed hash whose secret lives sealed in the store.
+//! A wrong key is detected before anything is written.
+//!
+//! Never logs values; errors name tables and files, not contents.
+
+pub mod key;
+pub mod seal;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::dingtalk::{message::RobotMessage, sender::Reply};
+use key::StoreKey;
+use seal::{SealError, Sealer};
+
+/// The schema this build writes. Older files are migrated at open; newer ones are refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+type Hashed = [u8; 16];
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const PROCESSED: TableDefinition<Hashed, &[u8]> = TableDefinition::new("processed");
+const PROCESSED_EXPIRY: TableDefinition<(u64, Hashed), ()> = TableDefinition::new("processed_expiry");
+const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const HISTORY: TableDefinition<(Hashed, u64), &[u8]> = TableDefinition::new("history");
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+const UNDO: TableDefinition<u64, &[u8]> = TableDefinition::new("undo");
+
+const KEY_CHECK: &[u8] = b"zhuli store key check";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Key(#[from] key::KeyError),
+    #[error(
+        "the store key does not open {0}: it is the wrong key, or the file was tampered with; nothing was changed (restore the right key, or move the file away to start empty)"
+    )]
+    WrongKey(PathBuf),
+    #[error(
+        "{path} has store schema {found}, newer than this zhuli understands ({SCHEMA_VERSION}); run a newer zhuli or restore an older backup"
+    )]
+    Newer { path: PathBuf, found: u32 },
+    #[error("store {path}: {reason}")]
+    Db { path: PathBuf, reason: String },
+    #[error("store {path}: {source}")]
+    Sealed { path: PathBuf, source: SealError },
+    #[error(
+        "{0} exists but is not a zhuli store (empty, truncated or another program's file); restore it from a backup, or move it away to start with an empty store"
+    )]
+    NotAStore(PathBuf),
+    #[error("store {path}: a value in table {table:?} does not decode; the store is corrupt")]
+    Decode { path: PathBuf, table: &'static str },
+}
+
+/// What became of one message offered to [`Store::accept_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acceptance {
+    /// New, durably in the inbox under this sequence number.
+    Queued(u64),
+    /// New, recorded as processed, nothing to answer (a group message without @).
+    Recorded,
+    /// Seen before: not to be answered again.
+    Duplicate,
+}
+
+/// One change of the exactly-once bookkeeping; several go into one commit.
+#[derive(Debug)]
+pub enum WriteOp<'a> {
+    /// Record incoming messages (processed msgId, and inbox entry when `bool` says answer).
+    Accept { batch: &'a [(RobotMessage, bool)], now_ms: i64 },
+    /// Move an inbox item to the outbox with its reply.
+    Stage { seq: u64, entry: &'a OutboxEntry },
+    /// Forget a message whose reply was delivered: its outbox item, or its inbox item when the
+    /// reply was sent without staging.
+    Delivered(u64),
+}
+
+#[derive(Debug)]
+pub enum WriteOutcome {
+    Accepted(Vec<Acceptance>),
+    Done,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboxEntry {
+    pub message: RobotMessage,
+    pub accepted_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub msg_id: String,
+    pub reply: Reply,
+    pub staged_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    pub role: Role,
+    pub text: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoEntry {
+    pub tool: String,
+    pub user: String,
+    pub description: String,
+    /// What the tool needs to undo the action (its own encoding).
+    pub payload: Vec<u8>,
+    pub at_ms: i64,
+}
+
+/// `[store]`: where the key comes from and how much is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// Key file for development and tests; on the box the key is the systemd credential `store-key`.
+    pub key_file: Option<PathBuf>,
+    /// How long a msgId is remembered as processed.
+    pub processed_keep_hours: u64,
+    /// Turns and bytes of history kept per conversation.
+    pub history_turns: usize,
+    pub history_bytes: usize,
+    /// Undo journal entries kept.
+    pub undo_entries: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        let r = Retention::default();
+        StoreSettings {
+            key_file: None,
+            processed_keep_hours: r.processed_ms / 3_600_000,
+            history_turns: r.history_turns,
+            history_bytes: r.history_bytes,
+            undo_entries: r.undo_entries,
+        }
+    }
+}
+
+impl StoreSettings {
+    pub fn retention(&self) -> Retention {
+        Retention {
+            processed_ms: self.processed_keep_hours.max(1).saturating_mul(3_600_000),
+            history_turns: self.history_turns.max(1),
+            history_bytes: self.history_bytes.max(1),
+            undo_entries: self.undo_entries.max(1),
+        }
+    }
+}
+
+/// The store file inside the state directory.
+pub fn file_in(state_dir: &Path) -> PathBuf {
+    state_dir.join("zhuli.redb")
+}
+
+/// Bounds of what the store keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub processed_ms: u64,
+    pub history_turns: usize,
+    pub history_bytes: usize,
+    pub undo_entries: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { processed_ms: 24 * 3600 * 1000, history_turns: 40, history_bytes: 64 * 1024, undo_entries: 1000 }
+    }
+}
+
+pub struct Store {
+    db: Database,
+    sealer: Sealer,
+    index: ring::hmac::Key,
+    path: PathBuf,
+    retention: Retention,
+}
+
+fn u64_key(k: u64) -> [u8; 8] {
+    k.to_be_bytes()
+}
+
+fn pair_key(h: &Hashed, seq: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(h);
+    k[16..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// Open (or create) the store at `path` with `key`. A wrong key fails before any write.
+    pub fn open(path: &Path, key: &StoreKey, retention: Retention) -> Result<Store, StoreError> {
+        let sealer = Sealer::new(key);
+        let existed = path.exists();
+        if existed && std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(false) {
+            return Err(StoreError::NotAStore(path.to_owned()));
+        }
+        if existed {
+            // Check the key on a read-only handle first, so a wrong key changes nothing.
+            if let Ok(ro) = redb::ReadOnlyDatabase::open(path) {
+                let txn = ro.begin_read().map_err(|e| db_err(path, e))?;
+                if let Ok(meta) = txn.open_table(META) {
+                    check_key(path, &sealer, &meta)?;
+                }
+            }
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => StoreError::NotAStore(path.to_owned()),
+            e => db_err(path, e),
+        })?;
+        let txn = db.begin_write().map_err(|e| db_err(path, e))?;
+        let index_secret = {
+            let mut meta = txn.open_table(META).map_err(|e| db_err(path, e))?;
+            let fresh = meta.get("schema_version").map_err(|e| db_err(path, e))?.is_none();
+            if fresh && existed {
+                return Err(StoreError::NotAStore(path.to_owned()));
+            }
+            if fresh {
+                let secret: [u8; 32] = {
+                    let mut s = [0u8; 32];
+                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s)
+                        .expect("the OS random source is available");
+                    s
+                };
+                meta.insert("key_check", sealer.seal("meta", b"key_check", KEY_CHECK).as_slice())
+                    .map_err(|e| db_err(path, e))?;
+                meta.insert(
+                    "schema_version",
+                    sealer.seal("meta", b"schema_version", &SCHEMA_VERSION.to_be_bytes()).as_slice(),
+                )
+                .map_err(|e| db_err(path, e))?;
+                meta.insert("index_secret", sealer.seal("meta", b"index_secret", &secret).as_slice())
+                    .map_err(|e| db_err(path, e))?;
+                meta.insert("next_seq", sealer.seal("meta", b"next_seq", &1u64.to_be_bytes()).as_slice())
+                    .map_err(|e| db_err(path, e))?;
+                secret.to_vec()
+            } else {
+                check_key(path, &sealer, &meta)?;
+                let version = read_meta(path, &sealer, &meta, "schema_version")?;
+                let version = u32::from_be_bytes(version.try_into().map_err(|_| decode(path, "meta"))?);
+                if version > SCHEMA_VERSION {
+                    return Err(StoreError::Newer { path: path.to_owned(), found: version });
+                }
+                // Version 1 is the first schema; migrations from older versions go here.
+                read_meta(path, &sealer, &meta, "index_secret")?
+            }
+        };
+        for t in [INBOX, OUTBOX, UNDO] {
+            txn.open_table(t).map_err(|e| db_err(path, e))?;
+        }
+        txn.open_table(PROCESSED).map_err(|e| db_err(path, e))?;
+        txn.open_table(PROCESSED_EXPIRY).map_err(|e| db_err(path, e))?;
+        txn.open_table(HISTORY).map_err(|e| db_err(path, e))?;
+        txn.open_table(SETTINGS).map_err(|e| db_err(path, e))?;
+        txn.commit().map_err(|e| db_err(path, e))?;
+        let index = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &index_secret);
+        Ok(Store { db, sealer, index, path: path.to_owned(), retention })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn hash(&self, domain: &str, id: &str) -> Hashed {
+        let mut ctx = ring::hmac::Context::with_key(&self.index);
+        ctx.update(domain.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(id.as_bytes());
+        let tag = ctx.sign();
+        let mut h = [0u8; 16];
+        h.copy_from_slice(&tag.as_ref()[..16]);
+        h
+    }
+
+    fn seal_value<T: Serialize>(&self, table: &'static str, key: &[u8], value: &T) -> Vec<u8> {
+        let plain =
+            zeroize::Zeroizing::new(postcard::to_allocvec(value).expect("store entries are plain serialisable data"));
+        self.sealer.seal(table, key, &plain)
+    }
+
+    fn open_value<T: DeserializeOwned>(&self, table: &'static str, key: &[u8], sealed: &[u8]) -> Result<T, StoreError> {
+        let plain = zeroize::Zeroizing::new(
+            self.sealer
+                .open(table, key, sealed)
+                .map_err(|source| StoreError::Sealed { path: self.path.clone(), source })?,
+        );
+        postcard::from_bytes(&plain).map_err(|_| decode(&self.path, table))
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> StoreError {
+        db_err(&self.path, e)
+    }
+
+    /// Allocate `n` sequence numbers inside `txn`.
+    fn allocate(&self, txn: &redb::WriteTransaction, n: u64) -> Result<u64, StoreError> {
+        let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let raw = read_meta(&self.path, &self.sealer, &meta, "next_seq")?;
+        let next = u64::from_be_bytes(raw.try_into().map_err(|_| decode(&self.path, "meta"))?);
+        let after = next + n;
+        meta.insert("next_seq", self.sealer.seal("meta", b"next_seq", &after.to_be_bytes()).as_slice())
+            .map_err(|e| self.err(e))?;
+        Ok(next)
+    }
+
+    /// Record a batch of incoming messages in one durable commit. `answer` says whether the
+    /// message is to be answered (queued in the inbox) or only remembered as processed.
+    /// The Stream frames may be ACKed once this returns.
+    pub fn accept_batch(&self, batch: &[(&RobotMessage, bool)], now_ms: i64) -> Result<Vec<Acceptance>, StoreError> {
+        let owned: Vec<(RobotMessage, bool)> = batch.iter().map(|(m, a)| ((*m).clone(), *a)).collect();
+        let mut out = self.write(&[WriteOp::Accept { batch: &owned, now_ms }])?;
+        Ok(match out.pop() {
+            Some(WriteOutcome::Accepted(a)) => a,
+            _ => Vec::new(),
+        })
+    }
+
+    /// Move inbox item `seq` to the outbox with its reply, atomically.
+    pub fn stage_reply(&self, seq: u64, entry: &OutboxEntry) -> Result<(), StoreError> {
+        self.write(&[WriteOp::Stage { seq, entry }]).map(drop)
+    }
+
+    /// The replies of these outbox items were delivered (or given up on): forget them.
+    pub fn delivered(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let ops: Vec<WriteOp<'_>> = seqs.iter().map(|s| WriteOp::Delivered(*s)).collect();
+        self.write(&ops).map(drop)
+    }
+
+    /// Apply `ops` in order in one transaction and one durable commit (group commit).
+    pub fn write(&self, ops: &[WriteOp<'_>]) -> Result<Vec<WriteOutcome>, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut outcomes = Vec::with_capacity(ops.len());
+        {
+            let accepting: u64 =
+                ops.iter().map(|op| if let WriteOp::Accept { batch, .. } = op { batch.len() as u64 } else { 0 }).sum();
+            let mut next_seq = if accepting > 0 { self.allocate(&txn, accepting)? } else { 0 };
+            let mut processed = txn.open_table(PROCESSED).map_err(|e| self.err(e))?;
+            let mut expiry = txn.open_table(PROCESSED_EXPIRY).map_err(|e| self.err(e))?;
+            let mut inbox = txn.open_table(INBOX).map_err(|e| self.err(e))?;
+            let mut outbox = txn.open_table(OUTBOX).map_err(|e| self.err(e))?;
+            for op in ops {
+                match op {
+                    WriteOp::Accept { batch, now_ms } => {
+                        let expires = ((*now_ms).max(0) as u64).saturating_add(self.retention.processed_ms);
+                        let mut results = Vec::with_capacity(batch.len());
+                        for (message, answer) in batch.iter() {
+                            let seq = next_seq;
+                            next_seq += 1;
+                            let h = self.hash("msgId", &message.msg_id);
+                            if processed.get(h).map_err(|e| self.err(e))?.is_some() {
+                                results.push(Acceptance::Duplicate);
+                                continue;
+                            }
+                            processed
+                                .insert(h, self.seal_value("processed", &h, &expires).as_slice())
+                                .map_err(|e| self.err(e))?;
+                            expiry.insert((expires, h), ()).map_err(|e| self.err(e))?;
+                            if *answer {
+                                let entry = InboxEntry { message: message.clone(), accepted_at_ms: *now_ms };
+                                inbox
+                                    .insert(seq, self.seal_value("inbox", &u64_key(seq), &entry).as_slice())
+                                    .map_err(|e| self.err(e))?;
+                                results.push(Acceptance::Queued(seq));
+                            } else {
+                                results.push(Acceptance::Recorded);
+                            }
+                        }
+                        outcomes.push(WriteOutcome::Accepted(results));
+                    }
+                    WriteOp::Stage { seq, entry } => {
+                        inbox.remove(*seq).map_err(|e| self.err(e))?;
+                        outbox
+                            .insert(*seq, self.seal_value("outbox", &u64_key(*seq), *entry).as_slice())
+                            .map_err(|e| self.err(e))?;
+                        outcomes.push(WriteOutcome::Done);
+                    }
+                    WriteOp::Delivered(seq) => {
+                        outbox.remove(*seq).map_err(|e| self.err(e))?;
+                        inbox.remove(*seq).map_err(|e| self.err(e))?;
+                        outcomes.push(WriteOutcome::Done);
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(outcomes)
+    }
+
+    /// Unfinished work left by a previous run: inbox items to answer, outbox items to deliver.
+    #[allow(clippy::type_complexity)]
+    pub fn pending(&self) -> Result<(Vec<(u64, InboxEntry)>, Vec<(u64, OutboxEntry)>), StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let mut inbox = Vec::new();
+        for row in txn.open_table(INBOX).map_err(|e| self.err(e))?.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            inbox.push((k.value(), self.open_value("inbox", &u64_key(k.value()), v.value())?));
+        }
+        let mut outbox = Vec::new();
+        for row in txn.open_table(OUTBOX).map_err(|e| self.err(e))?.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            outbox.push((k.value(), self.open_value("outbox", &u64_key(k.value()), v.value())?));
+        }
+        Ok((inbox, outbox))
+    }
+
+    /// Forget processed msgIds whose time is up; at most `max` per call, so a tick stays short.
+    pub fn prune(&self, now_ms: i64, max: usize) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut removed = 0;
+        {
+            let mut expiry = txn.open_table(PROCESSED_EXPIRY).map_err(|e| self.err(e))?;
+            let mut processed = txn.open_table(PROCESSED).map_err(|e| self.err(e))?;
+            let now = now_ms.max(0) as u64;
+            let due: Vec<(u64, Hashed)> = expiry
+                .range(..(now, [0xffu8; 16]))
+                .map_err(|e| self.err(e))?
+                .take(max)
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.err(e))?;
+            for (t, h) in due {
+                expiry.remove((t, h)).map_err(|e| self.err(e))?;
+                processed.remove(h).map_err(|e| self.err(e))?;
+                removed += 1;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(removed)
+    }
+
+    /// Append a turn to a conversation, dropping its oldest turns beyond the turn and byte bounds.
+    pub fn append_turn(&self, conversation_id: &str, turn: &Turn) -> Result<(), StoreError> {
+        let h = self.hash("conversation", conversation_id);
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let seq = self.allocate(&txn, 1)?;
+            let mut history = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+            history
+                .insert((h, seq), self.seal_value("history", &pair_key(&h, seq), turn).as_slice())
+                .map_err(|e| self.err(e))?;
+            let mut sizes: Vec<(u64, usize)> = history
+                .range((h, 0)..=(h, u64::MAX))
+                .map_err(|e| self.err(e))?
+                .map(|r| r.map(|(k, v)| (k.value().1, v.value().len())))
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.err(e))?;
+            let mut bytes: usize = sizes.iter().map(|(_, n)| n).sum();
+            let mut drop_seqs = Vec::new();
+            while sizes.len() > 1
+                && (sizes.len() > self.retention.history_turns || bytes > self.retention.history_bytes)
+            {
+                let (s, n) = sizes.remove(0);
+                bytes -= n;
+                drop_seqs.push(s);
+            }
+            for s in drop_seqs {
+                history.remove((h, s)).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The turns kept for a conversation, oldest first.
+    pub fn history(&self, conversation_id: &str) -> Result<Vec<Turn>, StoreError> {
+        let h = self.hash("conversation", conversation_id);
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table.range((h, 0)..=(h, u64::MAX)).map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            out.push(self.open_value("history", &pair_key(&h, k.value().1), v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(SETTINGS)
+            .map_err(|e| self.err(e))?
+            .insert(name, self.seal_value("settings", name.as_bytes(), &value).as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SETTINGS).map_err(|e| self.err(e))?;
+        let got = table.get(name).map_err(|e| self.err(e))?;
+        got.map(|v| self.open_value("settings", name.as_bytes(), v.value())).transpose()
+    }
+
+    /// Journal an undoable action; the oldest entries beyond the bound are dropped.
+    pub fn push_undo(&self, entry: &UndoEntry) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let seq = {
+            let seq = self.allocate(&txn, 1)?;
+            let mut undo = txn.open_table(UNDO).map_err(|e| self.err(e))?;
+            undo.insert(seq, self.seal_value("undo", &u64_key(seq), entry).as_slice()).map_err(|e| self.err(e))?;
+            while undo.len().map_err(|e| self.err(e))? as usize > self.retention.undo_entries {
+                undo.pop_first().map_err(|e| self.err(e))?;
+            }
+            seq
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(seq)
+    }
+
+    /// Take the newest undo entry (removing it), if any.
+    pub fn pop_undo(&self) -> Result<Option<(u64, UndoEntry)>, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let popped = {
+            let mut undo = txn.open_table(UNDO).map_err(|e| self.err(e))?;
+            let last = undo.pop_last().map_err(|e| self.err(e))?;
+            match last {
+                Some((k, v)) => {
+                    let seq = k.value();
+                    Some((seq, self.open_value("undo", &u64_key(seq), v.value())?))
+                }
+                None => None,
+            }
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(popped)
+    }
+}
+
+fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    let reason = match &e {
+        redb::Error::DatabaseAlreadyOpen => "another zhuli process has the store open; stop it first".to_owned(),
+        redb::Error::Io(io) => format!("{io}; check that the state directory is writable and has free space"),
+        other => other.to_string(),
+    };
+    StoreError::Db { path: path.to_owned(), reason }
+}
+
+fn decode(path: &Path, table: &'static str) -> StoreError {
+    StoreError::Decode { path: path.to_owned(), table }
+}
+
+fn check_key(
+    path: &Path,
+    sealer: &Sealer,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<(), StoreError> {
+    let got = meta.get("key_check").map_err(|e| db_err(path, e))?;
+    let Some(v) = got else { return Ok(()) };
+    match sealer.open("meta", b"key_check", v.value()) {
+        Ok(p) if p == KEY_CHECK => Ok(()),
+        _ => Err(StoreError::WrongKey(path.to_owned())),
+    }
+}
+
+fn read_meta(
+    path: &Path,
+    sealer: &Sealer,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &'static str,
+) -> Result<Vec<u8>, StoreError> {
+    let v = meta.get(name).map_err(|e| db_err(path, e))?.ok_or_else(|| decode(path, "meta"))?;
+    sealer
+        .open("meta", name.as_bytes(), v.value())
+        .map_err(|source| StoreError::Sealed { path: path.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,239 @@
+//! Store behaviour against real files: reopen, wrong key, newer schema, tampering, truncation,
+//! bounds, and what the file's bytes must never contain.
+
+use super::*;
+use crate::dingtalk::message::{Content, ConversationKind};
+
+struct TempStore {
+    dir: PathBuf,
+}
+
+impl TempStore {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("zhuli-store-{}-{:x}", std::process::id(), rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempStore { dir }
+    }
+    fn path(&self) -> PathBuf {
+        self.dir.join("zhuli.redb")
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn message(id: &str, text: &str) -> RobotMessage {
+    RobotMessage {
+        msg_id: id.into(),
+        conversation_id: "cid-secret-chat".into(),
+        conversation_kind: ConversationKind::Single,
+        conversation_title: None,
+        sender_id: "u".into(),
+        sender_staff_id: Some("staff-7".into()),
+        sender_nick: "Han Meimei".into(),
+        is_admin: false,
+        mentions_robot: true,
+        robot_code: None,
+        created_at_ms: None,
+        session_webhook: None,
+        content: Content::Text(text.into()),
+    }
+}
+
+fn outbox(m: &RobotMessage, text: &str) -> OutboxEntry {
+    OutboxEntry { msg_id: m.msg_id.clone(), reply: Reply::to(m, "t", text), staged_at_ms: 1 }
+}
+
+#[test]
+fn exactly_once_bookkeeping_survives_reopen() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    let (a, b, c) = (message("m1", "one"), message("m2", "two"), message("m3", "group chatter"));
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        let got = s.accept_batch(&[(&a, true), (&b, true), (&c, false), (&a, true)], 1_000).expect("accept");
+        let (Acceptance::Queued(sa), Acceptance::Queued(sb)) = (got[0], got[1]) else { panic!("{got:?}") };
+        assert_eq!(&got[2..], &[Acceptance::Recorded, Acceptance::Duplicate]);
+        s.stage_reply(sa, &outbox(&a, "reply one")).expect("stage");
+        let (inbox, out) = s.pending().expect("pending");
+        assert_eq!(inbox.iter().map(|(s, e)| (*s, e.message.msg_id.as_str())).collect::<Vec<_>>(), vec![(sb, "m2")]);
+        assert_eq!(out.len(), 1);
+    }
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("reopen");
+    assert_eq!(s.accept_batch(&[(&a, true), (&c, true)], 2_000).expect("again"), vec![Acceptance::Duplicate; 2]);
+    let (inbox, out) = s.pending().expect("pending");
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(out[0].1.reply.markdown, "reply one");
+    s.delivered(&[out[0].0]).expect("delivered");
+    assert!(s.pending().expect("pending").1.is_empty());
+}
+
+#[test]
+fn wrong_key_fails_and_changes_nothing() {
+    let t = TempStore::new();
+    {
+        let s = Store::open(&t.path(), &StoreKey::generate(), Retention::default()).expect("create");
+        s.accept_batch(&[(&message("m1", "x"), true)], 1).expect("accept");
+    }
+    let before = std::fs::read(t.path()).expect("read");
+    let e = Store::open(&t.path(), &StoreKey::generate(), Retention::default()).err().expect("wrong key refused");
+    assert!(matches!(e, StoreError::WrongKey(_)), "{e}");
+    assert!(e.to_string().contains("nothing was changed"));
+    assert_eq!(std::fs::read(t.path()).expect("read"), before, "the file is untouched");
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    drop(Store::open(&t.path(), &key, Retention::default()).expect("create"));
+    {
+        let db = Database::create(t.path()).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        let sealed = Sealer::new(&key).seal("meta", b"schema_version", &(SCHEMA_VERSION + 1).to_be_bytes());
+        txn.open_table(META).expect("meta").insert("schema_version", sealed.as_slice()).expect("insert");
+        txn.commit().expect("commit");
+    }
+    let e = Store::open(&t.path(), &key, Retention::default()).err().expect("newer refused");
+    assert!(matches!(e, StoreError::Newer { found, .. } if found == SCHEMA_VERSION + 1), "{e}");
+}
+
+#[test]
+fn tampered_values_are_detected() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.accept_batch(&[(&message("m1", "first"), true), (&message("m2", "second"), true)], 1).expect("accept");
+    }
+    {
+        // Move the sealed value of one inbox entry onto another's key.
+        let db = Database::create(t.path()).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut inbox = txn.open_table(INBOX).expect("inbox");
+            let keys: Vec<u64> = inbox.iter().expect("iter").map(|r| r.expect("row").0.value()).collect();
+            let v = inbox.get(keys[0]).expect("get").expect("value").value().to_vec();
+            inbox.insert(keys[1], v.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("key still right");
+    let e = s.pending().expect_err("tampering detected");
+    assert!(matches!(e, StoreError::Sealed { source: SealError::Tampered { table: "inbox" }, .. }), "{e}");
+}
+
+#[test]
+fn truncated_or_garbage_files_give_errors_not_panics() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        for i in 0..50 {
+            s.accept_batch(&[(&message(&format!("m{i}"), "x"), true)], 1).expect("accept");
+        }
+    }
+    let full = std::fs::read(t.path()).expect("read");
+    for cut in [0usize, 1, 100, 4096, full.len() / 2] {
+        std::fs::write(t.path(), &full[..cut.min(full.len())]).expect("truncate");
+        let r = Store::open(&t.path(), &key, Retention::default()).and_then(|s| s.pending().map(|_| ()));
+        let e = r.err().unwrap_or_else(|| panic!("a store cut at {cut} bytes opened as if nothing happened"));
+        assert!(e.to_string().contains("zhuli.redb"), "the error names the file: {e}");
+    }
+    std::fs::write(t.path(), vec![0x5au8; 8192]).expect("garbage");
+    assert!(Store::open(&t.path(), &key, Retention::default()).is_err());
+}
+
+#[test]
+fn message_text_and_identifiers_never_reach_the_file_in_the_clear() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    let text = "the merger closes on Friday at 9";
+    let secret_setting = "sk-live-0123456789abcdef";
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        let m = message("msgid-visible-123", text);
+        let got = s.accept_batch(&[(&m, true)], 1).expect("accept");
+        let Acceptance::Queued(seq) = got[0] else { panic!() };
+        s.stage_reply(seq, &outbox(&m, text)).expect("stage");
+        s.append_turn(&m.conversation_id, &Turn { role: Role::User, text: text.into(), at_ms: 1 }).expect("turn");
+        s.set_setting("llm_api_key", secret_setting).expect("setting");
+    }
+    let bytes = std::fs::read(t.path()).expect("read");
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for needle in [
+        text.as_bytes(),
+        secret_setting.as_bytes(),
+        b"msgid-visible-123",
+        b"cid-secret-chat",
+        b"Han Meimei",
+        &key.bytes()[..],
+    ] {
+        assert!(!contains(needle), "{:?} found in the store file", String::from_utf8_lossy(needle));
+    }
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("reopen");
+    assert_eq!(s.setting("llm_api_key").expect("get").as_deref(), Some(secret_setting));
+}
+
+#[test]
+fn history_is_bounded_by_turns_and_bytes() {
+    let t = TempStore::new();
+    let retention = Retention { history_turns: 5, history_bytes: 600, ..Retention::default() };
+    let s = Store::open(&t.path(), &StoreKey::generate(), retention).expect("create");
+    for i in 0..12 {
+        s.append_turn("c1", &Turn { role: Role::User, text: format!("turn {i}"), at_ms: i }).expect("turn");
+    }
+    let h = s.history("c1").expect("history");
+    assert_eq!(
+        h.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(),
+        ["turn 7", "turn 8", "turn 9", "turn 10", "turn 11"]
+    );
+    s.append_turn("c1", &Turn { role: Role::Assistant, text: "x".repeat(500), at_ms: 99 }).expect("big turn");
+    let h = s.history("c1").expect("history");
+    assert!(h.len() < 5 && h.last().is_some_and(|t| t.role == Role::Assistant), "{}", h.len());
+    assert!(s.history("c2").expect("other chat").is_empty());
+}
+
+#[test]
+fn pruning_forgets_expired_ids_in_bounded_steps() {
+    let t = TempStore::new();
+    let retention = Retention { processed_ms: 1_000, ..Retention::default() };
+    let s = Store::open(&t.path(), &StoreKey::generate(), retention).expect("create");
+    let msgs: Vec<RobotMessage> = (0..25).map(|i| message(&format!("m{i}"), "x")).collect();
+    let batch: Vec<(&RobotMessage, bool)> = msgs.iter().map(|m| (m, false)).collect();
+    s.accept_batch(&batch, 0).expect("accept");
+    assert_eq!(s.prune(500, 10).expect("prune"), 0, "nothing is due yet");
+    assert_eq!(s.prune(2_000, 10).expect("prune"), 10);
+    assert_eq!(s.prune(2_000, 10).expect("prune"), 10);
+    assert_eq!(s.prune(2_000, 10).expect("prune"), 5);
+    assert_eq!(
+        s.accept_batch(&[(&msgs[0], true)], 3_000).expect("again")[0],
+        Acceptance::Queued(26),
+        "forgotten ids are new again"
+    );
+}
+
+#[test]
+fn undo_journal_is_bounded_and_pops_newest_first() {
+    let t = TempStore::new();
+    let s = Store::open(&t.path(), &StoreKey::generate(), Retention { undo_entries: 3, ..Retention::default() })
+        .expect("create");
+    for i in 0..5 {
+        let e = UndoEntry {
+            tool: "files".into(),
+            user: "u".into(),
+            description: format!("op {i}"),
+            payload: vec![i],
+            at_ms: 0,
+        };
+        s.push_undo(&e).expect("push");
+    }
+    let mut popped = Vec::new();
+    while let Some((_, e)) = s.pop_undo().expect("pop") {
+        popped.push(e.description);
+    }
+    assert_eq!(popped, ["op 4", "op 3", "op 2"]);
+}

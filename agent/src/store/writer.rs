@@ -1,0 +1,115 @@
+//! Group commit: one task owns every write of the exactly-once bookkeeping and puts all
+//! requests that arrived while the previous commit was on disk into the next one. Throughput
+//! grows with load instead of queueing on redb's single writer, and the time between a reply
+//! reaching DingTalk and its durable "delivered" mark stays about one commit long.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Acceptance, OutboxEntry, Store, StoreError, WriteOp, WriteOutcome};
+use crate::dingtalk::message::RobotMessage;
+
+/// Requests merged into one commit, at most.
+const MAX_GROUP: usize = 256;
+
+enum Request {
+    Accept { batch: Vec<(RobotMessage, bool)>, now_ms: i64, done: oneshot::Sender<Result<Vec<Acceptance>, String>> },
+    Stage { seq: u64, entry: OutboxEntry, done: oneshot::Sender<Result<(), String>> },
+    Delivered(u64),
+}
+
+/// Handle to the writer task. Cloning is cheap; the task ends when every handle is gone.
+#[derive(Clone)]
+pub struct StoreWriter {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{0}")]
+    Store(String),
+    #[error("the store writer has stopped")]
+    Stopped,
+}
+
+impl StoreWriter {
+    /// Start the writer task for `store`; it runs until every handle is dropped.
+    pub fn start(store: Arc<Store>) -> (StoreWriter, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (StoreWriter { tx }, tokio::spawn(run(store, rx)))
+    }
+
+    pub async fn accept(&self, batch: Vec<(RobotMessage, bool)>, now_ms: i64) -> Result<Vec<Acceptance>, WriteError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Request::Accept { batch, now_ms, done }).map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?.map_err(WriteError::Store)
+    }
+
+    pub async fn stage(&self, seq: u64, entry: OutboxEntry) -> Result<(), WriteError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Request::Stage { seq, entry, done }).map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?.map_err(WriteError::Store)
+    }
+
+    /// Mark a delivered reply; durable with the next commit (fire and forget).
+    pub fn delivered(&self, seq: u64) {
+        let _ = self.tx.send(Request::Delivered(seq));
+    }
+}
+
+async fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Request>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let requests = std::mem::take(&mut group);
+        let store = store.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let ops: Vec<WriteOp<'_>> = requests
+                .iter()
+                .map(|r| match r {
+                    Request::Accept { batch, now_ms, .. } => WriteOp::Accept { batch, now_ms: *now_ms },
+                    Request::Stage { seq, entry, .. } => WriteOp::Stage { seq: *seq, entry },
+                    Request::Delivered(seq) => WriteOp::Delivered(*seq),
+                })
+                .collect();
+            let outcome: Result<Vec<WriteOutcome>, StoreError> = store.write(&ops);
+            (requests, outcome)
+        })
+        .await;
+        let Ok((requests, outcome)) = result else {
+            log::error!("the store writer's commit task failed");
+            continue;
+        };
+        match outcome {
+            Ok(outcomes) => {
+                for (r, o) in requests.into_iter().zip(outcomes) {
+                    match (r, o) {
+                        (Request::Accept { done, .. }, WriteOutcome::Accepted(a)) => {
+                            let _ = done.send(Ok(a));
+                        }
+                        (Request::Stage { done, .. }, _) => {
+                            let _ = done.send(Ok(()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                log::error!("store commit failed: {msg}");
+                for r in requests {
+                    match r {
+                        Request::Accept { done, .. } => {
+                            let _ = done.send(Err(msg.clone()));
+                        }
+                        Request::Stage { done, .. } => {
+                            let _ = done.send(Err(msg.clone()));
+                        }
+                        // Stays in the outbox: delivered again at the next start.
+                        Request::Delivered(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
