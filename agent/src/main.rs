@@ -11,6 +11,7 @@ use zhuli::{
     demo,
     dingtalk::sim::{SimConfig, Simulator},
     logging,
+    store::{Retention, Store, backup, key::StoreKey},
 };
 
 #[derive(Parser)]
@@ -40,12 +41,44 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Snapshot the store (still encrypted) into a new directory under DIR, or verify a snapshot.
+    Backup {
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+        /// Directory to create the snapshot in.
+        #[arg(long, value_name = "DIR", conflicts_with = "verify", required_unless_present = "verify")]
+        to: Option<PathBuf>,
+        /// Snapshot directory to check (checksums, key, every sealed value).
+        #[arg(long, value_name = "SNAPSHOT")]
+        verify: Option<PathBuf>,
+    },
+    /// Replace the store with a verified snapshot (the agent must be stopped).
+    Restore {
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+        #[arg(long, value_name = "SNAPSHOT")]
+        from: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum StoreCommand {
     /// Write a new random store key to PATH (for development; the box uses a systemd credential).
     NewKey { path: PathBuf },
+    /// Re-seal every value of the store under the key in NEW_KEY, in one transaction.
+    Rekey {
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+        #[arg(long, value_name = "NEW_KEY")]
+        new_key: PathBuf,
+    },
+}
+
+/// The store file and its key, as the agent would find them.
+fn store_of(config: &std::path::Path) -> anyhow::Result<(PathBuf, StoreKey)> {
+    let config = Config::load(config)?;
+    let key = StoreKey::load(config.store.key_file.as_deref())?;
+    Ok((zhuli::store::file_in(&config.agent.state_dir), key))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -110,8 +143,54 @@ fn main() -> anyhow::Result<()> {
             })?;
         }
         Command::Store { command: StoreCommand::NewKey { path } } => {
-            zhuli::store::key::StoreKey::generate().write_new(&path)?;
+            StoreKey::generate().write_new(&path)?;
             println!("wrote a new store key to {}", path.display());
+        }
+        Command::Store { command: StoreCommand::Rekey { config, new_key } } => {
+            let (file, key) = store_of(&config)?;
+            let new = StoreKey::read(&new_key)?;
+            let store = Store::open(&file, &key, Retention::default())?;
+            let n = store.rekey(&new)?;
+            println!(
+                "re-sealed {n} values of {} under the key in {}.\nInstall that key now (the store-key credential, or [store] key_file); the old key no longer opens the store.",
+                file.display(),
+                new_key.display()
+            );
+        }
+        Command::Backup { config, to, verify } => {
+            let (file, key) = store_of(&config)?;
+            if let Some(snapshot) = verify {
+                let m = backup::verify(&snapshot, &key)?;
+                println!(
+                    "snapshot {} is good: {} bytes, sha256 {}, {} values authenticated, schema {}",
+                    snapshot.display(),
+                    m.bytes,
+                    m.sha256,
+                    m.values,
+                    m.schema_version
+                );
+            } else if let Some(to) = to {
+                let (dir, m) = backup::backup(&file, &key, &to)?;
+                println!(
+                    "snapshot written to {} ({} bytes, {} values, sha256 {})",
+                    dir.display(),
+                    m.bytes,
+                    m.values,
+                    m.sha256
+                );
+            }
+        }
+        Command::Restore { config, from } => {
+            let (file, key) = store_of(&config)?;
+            match backup::restore(&from, &file, &key)? {
+                Some(kept) => println!(
+                    "restored {} from {}; the replaced store is kept at {}",
+                    file.display(),
+                    from.display(),
+                    kept.display()
+                ),
+                None => println!("restored {} from {}", file.display(), from.display()),
+            }
         }
         Command::Demo => {
             logging::init(log::LevelFilter::Warn);

@@ -47,6 +47,11 @@ impl Agent {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The agent's configuration file (for the store subcommands).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
     /// kill -9 the process.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -9,6 +9,7 @@
 //!
 //! Never logs values; errors name tables and files, not contents.
 
+pub mod backup;
 pub mod key;
 pub mod seal;
 pub mod writer;
@@ -25,18 +26,18 @@ use seal::{SealError, Sealer};
 /// The schema this build writes. Older files are migrated at open; newer ones are refused.
 pub const SCHEMA_VERSION: u32 = 1;
 
-type Hashed = [u8; 16];
+pub(crate) type Hashed = [u8; 16];
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const PROCESSED: TableDefinition<Hashed, &[u8]> = TableDefinition::new("processed");
-const PROCESSED_EXPIRY: TableDefinition<(u64, Hashed), ()> = TableDefinition::new("processed_expiry");
-const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-const HISTORY: TableDefinition<(Hashed, u64), &[u8]> = TableDefinition::new("history");
-const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
-const UNDO: TableDefinition<u64, &[u8]> = TableDefinition::new("undo");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const PROCESSED: TableDefinition<Hashed, &[u8]> = TableDefinition::new("processed");
+pub(crate) const PROCESSED_EXPIRY: TableDefinition<(u64, Hashed), ()> = TableDefinition::new("processed_expiry");
+pub(crate) const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+pub(crate) const HISTORY: TableDefinition<(Hashed, u64), &[u8]> = TableDefinition::new("history");
+pub(crate) const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+pub(crate) const UNDO: TableDefinition<u64, &[u8]> = TableDefinition::new("undo");
 
-const KEY_CHECK: &[u8] = b"zhuli store key check";
+pub(crate) const KEY_CHECK: &[u8] = b"zhuli store key check";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -194,11 +195,11 @@ pub struct Store {
     retention: Retention,
 }
 
-fn u64_key(k: u64) -> [u8; 8] {
+pub(crate) fn u64_key(k: u64) -> [u8; 8] {
     k.to_be_bytes()
 }
 
-fn pair_key(h: &Hashed, seq: u64) -> [u8; 24] {
+pub(crate) fn pair_key(h: &Hashed, seq: u64) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..16].copy_from_slice(h);
     k[16..].copy_from_slice(&seq.to_be_bytes());
@@ -215,14 +216,15 @@ impl Store {
         }
         if existed {
             // Check the key on a read-only handle first, so a wrong key changes nothing.
-            if let Ok(ro) = redb::ReadOnlyDatabase::open(path) {
+            if let Ok(ro) = builder().open_read_only(path) {
                 let txn = ro.begin_read().map_err(|e| db_err(path, e))?;
                 if let Ok(meta) = txn.open_table(META) {
                     check_key(path, &sealer, &meta)?;
                 }
             }
         }
-        let db = Database::create(path).map_err(|e| match e {
+        // SingleWriter: `zhuli backup` may read a consistent snapshot while the agent writes.
+        let db = builder().create(path).map_err(|e| match e {
             redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => StoreError::NotAStore(path.to_owned()),
             e => db_err(path, e),
         })?;
@@ -420,6 +422,55 @@ impl Store {
         Ok((inbox, outbox))
     }
 
+    /// Re-seal every value under `new` in one transaction: a crash leaves the store entirely
+    /// under the old key or entirely under the new one. Returns how many values were re-sealed.
+    /// Install the new key (key file or credential) right after; the old one no longer opens it.
+    pub fn rekey(self, new: &StoreKey) -> Result<usize, StoreError> {
+        let fresh = Sealer::new(new);
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut n = 0;
+        {
+            let path = &self.path;
+            let reseal = |table: &'static str, aad: &[u8], v: &[u8]| -> Result<Vec<u8>, StoreError> {
+                let plain = zeroize::Zeroizing::new(
+                    self.sealer
+                        .open(table, aad, v)
+                        .map_err(|source| StoreError::Sealed { path: path.clone(), source })?,
+                );
+                Ok(fresh.seal(table, aad, &plain))
+            };
+            macro_rules! reseal_table {
+                ($def:expr, $name:literal, $aad:expr, |$k:ident| $as_key:expr) => {{
+                    let mut t = txn.open_table($def).map_err(|e| self.err(e))?;
+                    let rows: Vec<_> = t
+                        .iter()
+                        .map_err(|e| self.err(e))?
+                        .map(|r| r.map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| self.err(e))?;
+                    for (k, v) in rows {
+                        #[allow(clippy::redundant_closure_call)]
+                        let aad: Vec<u8> = ($aad)(&k);
+                        let $k = &k;
+                        t.insert($as_key, reseal($name, &aad, &v)?.as_slice()).map_err(|e| self.err(e))?;
+                        n += 1;
+                    }
+                }};
+            }
+            let text = |k: &String| -> Vec<u8> { k.as_bytes().to_vec() };
+            let seq = |k: &u64| -> Vec<u8> { u64_key(*k).to_vec() };
+            reseal_table!(META, "meta", text, |k| k.as_str());
+            reseal_table!(PROCESSED, "processed", |k: &Hashed| k.to_vec(), |k| *k);
+            reseal_table!(INBOX, "inbox", seq, |k| *k);
+            reseal_table!(OUTBOX, "outbox", seq, |k| *k);
+            reseal_table!(HISTORY, "history", |k: &(Hashed, u64)| pair_key(&k.0, k.1).to_vec(), |k| *k);
+            reseal_table!(SETTINGS, "settings", text, |k| k.as_str());
+            reseal_table!(UNDO, "undo", seq, |k| *k);
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
     /// Forget processed msgIds whose time is up; at most `max` per call, so a tick stays short.
     pub fn prune(&self, now_ms: i64, max: usize) -> Result<usize, StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
@@ -541,7 +592,27 @@ impl Store {
     }
 }
 
-fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+/// Every handle on the store file uses redb's single-writer mode: one agent writes while
+/// backups read consistent snapshots from other processes.
+pub(crate) fn builder() -> redb::Builder {
+    let mut b = Database::builder();
+    b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+    b
+}
+
+/// A read-only handle on a store file. A file left dirty by a crash is repaired first (through
+/// a short-lived writer handle), which changes no data.
+pub(crate) fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
+    match builder().open_read_only(path) {
+        Err(redb::DatabaseError::RepairAborted) => {
+            drop(builder().open(path).map_err(|e| db_err(path, e))?);
+            builder().open_read_only(path).map_err(|e| db_err(path, e))
+        }
+        other => other.map_err(|e| db_err(path, e)),
+    }
+}
+
+pub(crate) fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
     let e: redb::Error = e.into();
     let reason = match &e {
         redb::Error::DatabaseAlreadyOpen => "another zhuli process has the store open; stop it first".to_owned(),
@@ -551,7 +622,7 @@ fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db { path: path.to_owned(), reason }
 }
 
-fn decode(path: &Path, table: &'static str) -> StoreError {
+pub(crate) fn decode(path: &Path, table: &'static str) -> StoreError {
     StoreError::Decode { path: path.to_owned(), table }
 }
 
@@ -568,7 +639,7 @@ fn check_key(
     }
 }
 
-fn read_meta(
+pub(crate) fn read_meta(
     path: &Path,
     sealer: &Sealer,
     meta: &impl ReadableTable<&'static str, &'static [u8]>,

@@ -237,3 +237,24 @@ fn undo_journal_is_bounded_and_pops_newest_first() {
     }
     assert_eq!(popped, ["op 4", "op 3", "op 2"]);
 }
+
+#[test]
+fn rekey_reseals_everything_under_the_new_key() {
+    let t = TempStore::new();
+    let (old, new) = (StoreKey::generate(), StoreKey::generate());
+    let m = message("m1", "keep me");
+    {
+        let s = Store::open(&t.path(), &old, Retention::default()).expect("create");
+        s.accept_batch(&[(&m, true)], 1).expect("accept");
+        s.append_turn("c", &Turn { role: Role::User, text: "hi".into(), at_ms: 1 }).expect("turn");
+        s.set_setting("admin", "staff-1").expect("setting");
+        let n = s.rekey(&new).expect("rekey");
+        assert!(n >= 7, "meta, processed, inbox, history and settings values: {n}");
+    }
+    assert!(matches!(Store::open(&t.path(), &old, Retention::default()), Err(StoreError::WrongKey(_))));
+    let s = Store::open(&t.path(), &new, Retention::default()).expect("new key opens");
+    assert_eq!(s.pending().expect("pending").0[0].1.message, m);
+    assert_eq!(s.history("c").expect("history").len(), 1);
+    assert_eq!(s.setting("admin").expect("setting").as_deref(), Some("staff-1"));
+    assert_eq!(s.accept_batch(&[(&m, true)], 2).expect("again")[0], Acceptance::Duplicate, "keyed hashes still match");
+}

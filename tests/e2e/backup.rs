@@ -1,0 +1,115 @@
+//! Backup and restore with the real binary: a snapshot taken while the agent runs, verified,
+//! restored over a destroyed store; corrupt and foreign snapshots refused with the store untouched.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use zhuli::dingtalk::sim::{Inject, Simulator};
+
+use crate::support::*;
+
+fn zhuli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zhuli")).args(args).output().expect("run zhuli");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn snapshot_dir(under: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(under)
+        .expect("backup dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("zhuli-snapshot-")))
+        .expect("a snapshot directory")
+}
+
+fn hash(path: &Path) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, &std::fs::read(path).expect("read")).as_ref().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_while_running_restores_a_destroyed_store() {
+    let sim = Simulator::start(sim_config()).await.expect("sim");
+    let mut agent = spawn_agent("backup", &config_for(&sim, SECRET, ""));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+    let first = sim.inject(Inject::text("/ping"));
+    assert_each_answered_once(&sim, &agent, std::slice::from_ref(&first), Duration::from_secs(10)).await;
+
+    let cfg = agent.config_path().display().to_string();
+    let to = agent.dir.join("backups");
+    let (ok, out) = zhuli(&["backup", "--config", &cfg, "--to", &to.display().to_string()]);
+    assert!(ok, "backup while the agent runs: {out}");
+    let snap = snapshot_dir(&to);
+    let (ok, out) = zhuli(&["backup", "--config", &cfg, "--verify", &snap.display().to_string()]);
+    assert!(ok && out.contains("is good"), "{out}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snap.join("manifest.json")).expect("manifest")).expect("json");
+    assert_eq!(manifest["sha256"].as_str().map(str::len), Some(64));
+
+    // Restore refuses while the agent has the store open.
+    let (ok, out) = zhuli(&["restore", "--config", &cfg, "--from", &snap.display().to_string()]);
+    assert!(!ok && out.contains("stop it first"), "{out}");
+
+    // Lose the store: the agent refuses to start on it.
+    agent.kill9();
+    let store = agent.dir.join("state/zhuli.redb");
+    std::fs::write(&store, b"").expect("destroy");
+    agent.restart();
+    assert_ne!(agent.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(agent.log().contains("is not a zhuli store"), "{}", agent.log());
+
+    let (ok, out) = zhuli(&["restore", "--config", &cfg, "--from", &snap.display().to_string()]);
+    assert!(ok && out.contains("kept at"), "{out}");
+    agent.restart();
+    assert!(sim.wait_until(Duration::from_secs(15), |s| s.connections().len() == 1).await, "{}", agent.log());
+    // The restored store still knows the first message: a redelivery is not answered again.
+    sim.inject(Inject::text("/ping").with_msg_id(first.clone()));
+    let second = sim.inject(Inject::text("/help"));
+    assert_each_answered_once(&sim, &agent, &[first, second], Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_and_foreign_snapshots_are_refused() {
+    let sim = Simulator::start(sim_config()).await.expect("sim");
+    let mut agent = spawn_agent("badsnap", &config_for(&sim, SECRET, ""));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+    let id = sim.inject(Inject::text("/ping"));
+    assert_each_answered_once(&sim, &agent, std::slice::from_ref(&id), Duration::from_secs(10)).await;
+    agent.kill9();
+    let cfg = agent.config_path().display().to_string();
+    let to = agent.dir.join("backups");
+    let (ok, out) = zhuli(&["backup", "--config", &cfg, "--to", &to.display().to_string()]);
+    assert!(ok, "{out}");
+    let snap = snapshot_dir(&to);
+    let store = agent.dir.join("state/zhuli.redb");
+    let live = hash(&store);
+
+    // One flipped byte: the checksum says so.
+    let file = snap.join("zhuli.redb");
+    let mut bytes = std::fs::read(&file).expect("snapshot");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&file, &bytes).expect("corrupt");
+    let (ok, out) = zhuli(&["backup", "--config", &cfg, "--verify", &snap.display().to_string()]);
+    assert!(!ok && out.contains("is corrupt"), "{out}");
+    let (ok, out) = zhuli(&["restore", "--config", &cfg, "--from", &snap.display().to_string()]);
+    assert!(!ok && out.contains("is corrupt"), "{out}");
+    assert_eq!(hash(&store), live, "a refused restore leaves the store as it was");
+
+    // Another box's snapshot: sealed with another key.
+    let other = temp_dir("otherbox");
+    let other_key = zhuli::store::key::StoreKey::generate();
+    {
+        let s =
+            zhuli::store::Store::open(&other.join("zhuli.redb"), &other_key, Default::default()).expect("other store");
+        s.set_setting("x", "y").expect("setting");
+    }
+    let (foreign, _) =
+        zhuli::store::backup::backup(&other.join("zhuli.redb"), &other_key, &other).expect("other backup");
+    let (ok, out) = zhuli(&["restore", "--config", &cfg, "--from", &foreign.display().to_string()]);
+    assert!(!ok && out.contains("is foreign"), "{out}");
+    assert_eq!(hash(&store), live);
+
+    // Not a snapshot at all.
+    let (ok, out) = zhuli(&["backup", "--config", &cfg, "--verify", &agent.dir.display().to_string()]);
+    assert!(!ok && out.contains("not a zhuli snapshot"), "{out}");
+    let _ = std::fs::remove_dir_all(other);
+}
