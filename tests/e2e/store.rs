@@ -117,3 +117,90 @@ async fn wrong_or_missing_key_stops_the_agent_at_start_and_touches_nothing() {
     assert_each_answered_once(&sim, &agent, &[id, fresh], Duration::from_secs(10)).await;
     assert_eq!(sim.counters().opens, opens + 1);
 }
+
+/// A small tmpfs for the state directory, unmounted on drop.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs as the state directory and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk { dir: dir.to_owned() }
+    }
+
+    fn remount(&self, opts: &str) {
+        let ok = std::process::Command::new("mount").args(["-o", &format!("remount,{opts}")]).arg(&self.dir).status();
+        assert!(ok.is_ok_and(|s| s.success()), "remount {opts}");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_and_read_only_state_lose_nothing() {
+    let mut cfg = sim_config();
+    cfg.redeliver_after = Duration::from_secs(1);
+    let sim = Simulator::start(cfg).await.expect("sim");
+    let mut agent = spawn_agent("diskfull", &config_for(&sim, SECRET, ""));
+    agent.kill9();
+    let state = agent.dir.join("state");
+    let disk = SmallDisk::mount(&state, "4m");
+    agent.restart();
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+    let before = burst_of(&sim, 5, "ok");
+    assert_each_answered_once(&sim, &agent, &before, Duration::from_secs(10)).await;
+
+    // Fill the disk to the last byte.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let during: Vec<String> =
+        (0..20).map(|i| sim.inject(Inject::text(format!("/ping full {i}")).from(format!("staff-full-{i}")))).collect();
+    assert!(
+        sim.wait_until(Duration::from_secs(10), |_| agent.log().contains("free space")).await,
+        "a full disk is reported: {}",
+        agent.log()
+    );
+    assert!(agent.is_running(), "a full disk does not stop the agent");
+    std::fs::remove_file(&filler).expect("free the disk");
+    assert_each_answered_once(&sim, &agent, &during, Duration::from_secs(20)).await;
+
+    // A read-only state directory: the agent refuses to start, saying why, and loses nothing.
+    agent.kill9();
+    disk.remount("ro");
+    agent.restart();
+    assert_ne!(agent.wait_exit(Duration::from_secs(10)), Some(0), "{}", agent.log());
+    assert!(agent.log().contains("Read-only file system"), "{}", agent.log());
+    disk.remount("rw");
+    agent.restart();
+    assert!(sim.wait_until(Duration::from_secs(15), |s| s.connections().len() == 1).await, "{}", agent.log());
+    let after = burst_of(&sim, 3, "rw");
+    assert_each_answered_once(&sim, &agent, &after, Duration::from_secs(10)).await;
+    assert!(!agent.log().contains("panicked"));
+    agent.kill9();
+    drop(disk);
+}
+
+fn burst_of(sim: &Simulator, n: usize, tag: &str) -> Vec<String> {
+    (0..n).map(|i| sim.inject(Inject::text(format!("/ping {tag} {i}")).from(format!("staff-{tag}-{i}")))).collect()
+}

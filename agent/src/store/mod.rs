@@ -188,11 +188,24 @@ impl Default for Retention {
 }
 
 pub struct Store {
-    db: Database,
+    /// `None` only while being reopened after an I/O error (redb refuses further work on a
+    /// handle that saw one, e.g. a full disk, until it is closed and opened again).
+    db: std::sync::RwLock<Option<Database>>,
+    needs_reopen: std::sync::atomic::AtomicBool,
     sealer: Sealer,
     index: ring::hmac::Key,
     path: PathBuf,
     retention: Retention,
+}
+
+/// A read lock on the open database.
+struct DbHandle<'a>(std::sync::RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbHandle<'_> {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        self.0.as_ref().expect("DbHandle is only built over an open database")
+    }
 }
 
 pub(crate) fn u64_key(k: u64) -> [u8; 8] {
@@ -274,7 +287,14 @@ impl Store {
         txn.open_table(SETTINGS).map_err(|e| db_err(path, e))?;
         txn.commit().map_err(|e| db_err(path, e))?;
         let index = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &index_secret);
-        Ok(Store { db, sealer, index, path: path.to_owned(), retention })
+        Ok(Store {
+            db: std::sync::RwLock::new(Some(db)),
+            needs_reopen: std::sync::atomic::AtomicBool::new(false),
+            sealer,
+            index,
+            path: path.to_owned(),
+            retention,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -308,7 +328,42 @@ impl Store {
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
+        let e: redb::Error = e.into();
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            self.needs_reopen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         db_err(&self.path, e)
+    }
+
+    /// The database handle, reopened first if an I/O error spoiled the previous one.
+    fn handle(&self) -> Result<DbHandle<'_>, StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.needs_reopen.load(Ordering::SeqCst) {
+            let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+            if self.needs_reopen.swap(false, Ordering::SeqCst) {
+                // Close before opening again: the file lock is per handle.
+                *slot = None;
+                match builder().create(&self.path) {
+                    Ok(db) => {
+                        log::info!("store {} reopened after an I/O error", self.path.display());
+                        *slot = Some(db);
+                    }
+                    Err(e) => {
+                        self.needs_reopen.store(true, Ordering::SeqCst);
+                        return Err(db_err(&self.path, e));
+                    }
+                }
+            }
+        }
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            self.needs_reopen.store(true, Ordering::SeqCst);
+            return Err(StoreError::Db {
+                path: self.path.clone(),
+                reason: "the store is being reopened; try again".into(),
+            });
+        }
+        Ok(DbHandle(guard))
     }
 
     /// Allocate `n` sequence numbers inside `txn`.
@@ -347,7 +402,7 @@ impl Store {
 
     /// Apply `ops` in order in one transaction and one durable commit (group commit).
     pub fn write(&self, ops: &[WriteOp<'_>]) -> Result<Vec<WriteOutcome>, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         let mut outcomes = Vec::with_capacity(ops.len());
         {
             let accepting: u64 =
@@ -408,7 +463,7 @@ impl Store {
     /// Unfinished work left by a previous run: inbox items to answer, outbox items to deliver.
     #[allow(clippy::type_complexity)]
     pub fn pending(&self) -> Result<(Vec<(u64, InboxEntry)>, Vec<(u64, OutboxEntry)>), StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_read().map_err(|e| self.err(e))?;
         let mut inbox = Vec::new();
         for row in txn.open_table(INBOX).map_err(|e| self.err(e))?.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
@@ -427,7 +482,7 @@ impl Store {
     /// Install the new key (key file or credential) right after; the old one no longer opens it.
     pub fn rekey(self, new: &StoreKey) -> Result<usize, StoreError> {
         let fresh = Sealer::new(new);
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         let mut n = 0;
         {
             let path = &self.path;
@@ -473,7 +528,7 @@ impl Store {
 
     /// Forget processed msgIds whose time is up; at most `max` per call, so a tick stays short.
     pub fn prune(&self, now_ms: i64, max: usize) -> Result<usize, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         let mut removed = 0;
         {
             let mut expiry = txn.open_table(PROCESSED_EXPIRY).map_err(|e| self.err(e))?;
@@ -499,7 +554,7 @@ impl Store {
     /// Append a turn to a conversation, dropping its oldest turns beyond the turn and byte bounds.
     pub fn append_turn(&self, conversation_id: &str, turn: &Turn) -> Result<(), StoreError> {
         let h = self.hash("conversation", conversation_id);
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         {
             let seq = self.allocate(&txn, 1)?;
             let mut history = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
@@ -531,7 +586,7 @@ impl Store {
     /// The turns kept for a conversation, oldest first.
     pub fn history(&self, conversation_id: &str) -> Result<Vec<Turn>, StoreError> {
         let h = self.hash("conversation", conversation_id);
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in table.range((h, 0)..=(h, u64::MAX)).map_err(|e| self.err(e))? {
@@ -542,7 +597,7 @@ impl Store {
     }
 
     pub fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         txn.open_table(SETTINGS)
             .map_err(|e| self.err(e))?
             .insert(name, self.seal_value("settings", name.as_bytes(), &value).as_slice())
@@ -551,7 +606,7 @@ impl Store {
     }
 
     pub fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(SETTINGS).map_err(|e| self.err(e))?;
         let got = table.get(name).map_err(|e| self.err(e))?;
         got.map(|v| self.open_value("settings", name.as_bytes(), v.value())).transpose()
@@ -559,7 +614,7 @@ impl Store {
 
     /// Journal an undoable action; the oldest entries beyond the bound are dropped.
     pub fn push_undo(&self, entry: &UndoEntry) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         let seq = {
             let seq = self.allocate(&txn, 1)?;
             let mut undo = txn.open_table(UNDO).map_err(|e| self.err(e))?;
@@ -575,7 +630,7 @@ impl Store {
 
     /// Take the newest undo entry (removing it), if any.
     pub fn pop_undo(&self) -> Result<Option<(u64, UndoEntry)>, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         let popped = {
             let mut undo = txn.open_table(UNDO).map_err(|e| self.err(e))?;
             let last = undo.pop_last().map_err(|e| self.err(e))?;

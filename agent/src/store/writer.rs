@@ -60,8 +60,12 @@ impl StoreWriter {
 
 async fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Request>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
+    // "Delivered" marks whose commit failed (a full disk): retried with the next commit, so a
+    // store that recovers does not send those replies again at the next start.
+    let mut carried: Vec<u64> = Vec::new();
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let requests = std::mem::take(&mut group);
+        let mut requests: Vec<Request> = carried.drain(..).map(Request::Delivered).collect();
+        requests.append(&mut group);
         let store = store.clone();
         let result = tokio::task::spawn_blocking(move || {
             let ops: Vec<WriteOp<'_>> = requests
@@ -105,8 +109,7 @@ async fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Request>) {
                         Request::Stage { done, .. } => {
                             let _ = done.send(Err(msg.clone()));
                         }
-                        // Stays in the outbox: delivered again at the next start.
-                        Request::Delivered(_) => {}
+                        Request::Delivered(seq) => carried.push(seq),
                     }
                 }
             }
