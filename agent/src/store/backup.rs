@@ -35,6 +35,9 @@ pub struct Manifest {
     pub sha256: String,
     /// Values in the snapshot (all sealed).
     pub values: u64,
+    /// The id of the store the snapshot was taken from (schema 2 and later).
+    #[serde(default)]
+    pub store_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,10 +143,10 @@ fn authenticate(txn: &redb::ReadTransaction, sealer: &Sealer, path: &Path) -> Re
 }
 
 /// Open a store file read-only and check it belongs to `key`; the schema version it has.
-fn open_checked(file: &Path, key: &StoreKey) -> Result<(redb::ReadOnlyDatabase, u32), BackupError> {
+fn open_checked(file: &Path, key: &StoreKey) -> Result<(redb::ReadOnlyDatabase, u32, Option<String>), BackupError> {
     let sealer = Sealer::new(key);
     let db = super::open_read_only(file)?;
-    let version = {
+    let (version, store_id) = {
         let txn = db.begin_read().map_err(|e| BackupError::Store(db_err(file, e)))?;
         let meta = txn.open_table(META).map_err(|e| BackupError::Store(db_err(file, e)))?;
         match check_key(file, &sealer, &meta) {
@@ -152,14 +155,16 @@ fn open_checked(file: &Path, key: &StoreKey) -> Result<(redb::ReadOnlyDatabase, 
             Err(e) => return Err(e.into()),
         }
         let raw = read_meta(file, &sealer, &meta, "schema_version")?;
-        u32::from_be_bytes(raw.try_into().map_err(|_| super::decode(file, "meta"))?)
+        let version = u32::from_be_bytes(raw.try_into().map_err(|_| super::decode(file, "meta"))?);
+        let id = read_meta(file, &sealer, &meta, "store_id").ok().and_then(|b| String::from_utf8(b).ok());
+        (version, id)
     };
-    Ok((db, version))
+    Ok((db, version, store_id))
 }
 
 /// Write a snapshot of the store at `store_file` into a new directory under `to`.
 pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, Manifest), BackupError> {
-    let (src, version) = open_checked(store_file, key)?;
+    let (src, version, store_id) = open_checked(store_file, key)?;
     let dir = to.join(format!("zhuli-snapshot-{}", now_ms()));
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let part = dir.join(format!("{SNAPSHOT_FILE}.part"));
@@ -194,6 +199,7 @@ pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, 
         bytes,
         sha256,
         values,
+        store_id,
     };
     let mpath = dir.join(MANIFEST);
     let mut f = std::fs::File::create(&mpath).map_err(io(&mpath))?;
@@ -227,7 +233,7 @@ pub fn verify(snapshot: &Path, key: &StoreKey) -> Result<Manifest, BackupError> 
     if bytes != manifest.bytes || sha256 != manifest.sha256 {
         return Err(BackupError::Checksum(snapshot.to_owned()));
     }
-    let (db, version) = open_checked(&file, key)?;
+    let (db, version, _) = open_checked(&file, key)?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::Newer { path: file, found: version }.into());
     }

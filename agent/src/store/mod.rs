@@ -24,7 +24,11 @@ use key::StoreKey;
 use seal::{SealError, Sealer};
 
 /// The schema this build writes. Older files are migrated at open; newer ones are refused.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// 1. meta (key check, index secret, sequence), processed + expiry, inbox, outbox, history,
+///    settings, undo.
+/// 2. meta gains `store_id`, a random id naming this store in backup manifests.
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub(crate) type Hashed = [u8; 16];
 
@@ -257,15 +261,14 @@ impl Store {
                 };
                 meta.insert("key_check", sealer.seal("meta", b"key_check", KEY_CHECK).as_slice())
                     .map_err(|e| db_err(path, e))?;
-                meta.insert(
-                    "schema_version",
-                    sealer.seal("meta", b"schema_version", &SCHEMA_VERSION.to_be_bytes()).as_slice(),
-                )
-                .map_err(|e| db_err(path, e))?;
+                meta.insert("schema_version", sealer.seal("meta", b"schema_version", &1u32.to_be_bytes()).as_slice())
+                    .map_err(|e| db_err(path, e))?;
                 meta.insert("index_secret", sealer.seal("meta", b"index_secret", &secret).as_slice())
                     .map_err(|e| db_err(path, e))?;
                 meta.insert("next_seq", sealer.seal("meta", b"next_seq", &1u64.to_be_bytes()).as_slice())
                     .map_err(|e| db_err(path, e))?;
+                // A new store is written as schema 1 and migrated like any old one.
+                migrate(path, &sealer, &mut meta, 1)?;
                 secret.to_vec()
             } else {
                 check_key(path, &sealer, &meta)?;
@@ -274,7 +277,10 @@ impl Store {
                 if version > SCHEMA_VERSION {
                     return Err(StoreError::Newer { path: path.to_owned(), found: version });
                 }
-                // Version 1 is the first schema; migrations from older versions go here.
+                if version < SCHEMA_VERSION {
+                    migrate(path, &sealer, &mut meta, version)?;
+                    log::info!("store {} migrated from schema {version} to {SCHEMA_VERSION}", path.display());
+                }
                 read_meta(path, &sealer, &meta, "index_secret")?
             }
         };
@@ -299,6 +305,14 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The random id of this store (schema 2 and later).
+    pub fn store_id(&self) -> Result<String, StoreError> {
+        let txn = self.handle()?.begin_read().map_err(|e| self.err(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let raw = read_meta(&self.path, &self.sealer, &meta, "store_id")?;
+        String::from_utf8(raw).map_err(|_| decode(&self.path, "meta"))
     }
 
     fn hash(&self, domain: &str, id: &str) -> Hashed {
@@ -645,6 +659,33 @@ impl Store {
         txn.commit().map_err(|e| self.err(e))?;
         Ok(popped)
     }
+}
+
+/// Bring `meta` from schema `from` to [`SCHEMA_VERSION`], one step at a time, inside the
+/// opening transaction (so a crash leaves the old version whole).
+fn migrate(
+    path: &Path,
+    sealer: &Sealer,
+    meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    from: u32,
+) -> Result<(), StoreError> {
+    for version in from..SCHEMA_VERSION {
+        match version {
+            1 => {
+                let mut id = [0u8; 16];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                    .expect("the OS random source is available");
+                let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+                meta.insert("store_id", sealer.seal("meta", b"store_id", hex.as_bytes()).as_slice())
+                    .map_err(|e| db_err(path, e))?;
+            }
+            // No store was ever written with a schema before 1.
+            _ => return Err(StoreError::NotAStore(path.to_owned())),
+        }
+    }
+    meta.insert("schema_version", sealer.seal("meta", b"schema_version", &SCHEMA_VERSION.to_be_bytes()).as_slice())
+        .map_err(|e| db_err(path, e))?;
+    Ok(())
 }
 
 /// Every handle on the store file uses redb's single-writer mode: one agent writes while

@@ -258,3 +258,35 @@ fn rekey_reseals_everything_under_the_new_key() {
     assert_eq!(s.setting("admin").expect("setting").as_deref(), Some("staff-1"));
     assert_eq!(s.accept_batch(&[(&m, true)], 2).expect("again")[0], Acceptance::Duplicate, "keyed hashes still match");
 }
+
+#[test]
+fn older_schema_is_migrated_in_place() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    let m = message("m1", "from the old days");
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.accept_batch(&[(&m, true)], 1).expect("accept");
+    }
+    // Turn the file into what schema 1 wrote: no store_id, version 1.
+    {
+        let db = Database::create(t.path()).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.remove("store_id").expect("remove");
+            let v1 = Sealer::new(&key).seal("meta", b"schema_version", &1u32.to_be_bytes());
+            meta.insert("schema_version", v1.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("migrates");
+    assert_eq!(s.store_id().expect("store id").len(), 32);
+    assert_eq!(s.pending().expect("pending").0[0].1.message, m, "data survives the migration");
+    drop(s);
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("reopen");
+    let id = s.store_id().expect("id");
+    drop(s);
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("reopen again");
+    assert_eq!(s.store_id().expect("id"), id, "migrated once, not at every open");
+}
