@@ -31,13 +31,26 @@ async fn snapshot_while_running_restores_a_destroyed_store() {
     let mut agent = spawn_agent("backup", &config_for(&sim, SECRET, ""));
     assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
     let first = sim.inject(Inject::text("/ping"));
-    assert_each_answered_once(&sim, &agent, std::slice::from_ref(&first), Duration::from_secs(10)).await;
+    let secret_text = "the Lotus acquisition closes at 9 on Friday";
+    let private = sim.inject(Inject::text(secret_text).from("staff-ceo"));
+    assert_each_answered_once(&sim, &agent, &[first.clone(), private], Duration::from_secs(10)).await;
 
     let cfg = agent.config_path().display().to_string();
     let to = agent.dir.join("backups");
     let (ok, out) = zhuli(&["backup", "--config", &cfg, "--to", &to.display().to_string()]);
     assert!(ok, "backup while the agent runs: {out}");
     let snap = snapshot_dir(&to);
+    for file in [agent.dir.join("state/zhuli.redb"), snap.join("zhuli.redb")] {
+        let bytes = std::fs::read(&file).expect("read");
+        for needle in [secret_text.as_bytes(), SECRET.as_bytes(), b"staff-ceo"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{} holds {:?} in the clear",
+                file.display(),
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
     let (ok, out) = zhuli(&["backup", "--config", &cfg, "--verify", &snap.display().to_string()]);
     assert!(ok && out.contains("is good"), "{out}");
     let manifest: serde_json::Value =
