@@ -7,10 +7,6 @@ use zhuli::dingtalk::sim::{ConnMode, Inject, ReplyRoute, Simulator, ThrottleKind
 
 use crate::support::*;
 
-fn burst(sim: &Simulator, n: usize, tag: &str) -> Vec<String> {
-    (0..n).map(|i| sim.inject(Inject::text(format!("/ping {tag} {i}")).from(format!("staff-{tag}-{i}")))).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_mid_frame_at_any_byte_loses_and_doubles_nothing() {
     let (sim, agent) = rig("midframe").await;

@@ -38,6 +38,7 @@ async fn kill_9_at_random_points_loses_nothing_and_repeats_only_replies_in_fligh
     for i in 0..total {
         ids.push(sim.inject(Inject::text(format!("/ping {i}")).from(format!("staff-k{i}"))));
         if i == next_kill {
+            agent.kill9();
             kill_times.push(sim.elapsed_ms());
             agent.restart();
             kills += 1;
@@ -53,7 +54,9 @@ async fn kill_9_at_random_points_loses_nothing_and_repeats_only_replies_in_fligh
     let missing = ids.iter().filter(|id| answered(&sim, id) == 0).count();
     assert!(all, "seed {seed}: {missing} of {total} messages unanswered after {kills} kills\n{:?}", sim.counters());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Every copy but the last must have been followed by a kill within IN_FLIGHT_MS.
+    // Every copy but the last must have been followed by a kill within IN_FLIGHT_MS. (A request
+    // the agent sent just before dying can be recorded by the simulator just after: the kill
+    // time is taken once the process is gone, and a few milliseconds after it still count.)
     let replies = sim.replies();
     let mut repeated = 0;
     let mut gaps = Vec::new();
@@ -61,9 +64,9 @@ async fn kill_9_at_random_points_loses_nothing_and_repeats_only_replies_in_fligh
         let times: Vec<u64> = replies.iter().filter(|r| r.in_reply_to.as_ref() == Some(id)).map(|r| r.at_ms).collect();
         for t in &times[..times.len().saturating_sub(1)] {
             repeated += 1;
-            let gap = kill_times.iter().map(|k| *k as i64 - *t as i64).filter(|g| *g >= 0).min().unwrap_or(-1);
+            let gap = kill_times.iter().map(|k| *k as i64 - *t as i64).filter(|g| *g >= -50).min().unwrap_or(i64::MIN);
             assert!(
-                (0..=IN_FLIGHT_MS).contains(&gap),
+                (-50..=IN_FLIGHT_MS).contains(&gap),
                 "seed {seed}: {id} was answered again though its reply at {t} ms was not in flight at a kill {kill_times:?}"
             );
             gaps.push(gap);
@@ -162,7 +165,7 @@ async fn disk_full_and_read_only_state_lose_nothing() {
     let disk = SmallDisk::mount(&state, "4m");
     agent.restart();
     assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
-    let before = burst_of(&sim, 5, "ok");
+    let before = burst(&sim, 5, "ok");
     assert_each_answered_once(&sim, &agent, &before, Duration::from_secs(10)).await;
 
     // Fill the disk to the last byte.
@@ -194,13 +197,9 @@ async fn disk_full_and_read_only_state_lose_nothing() {
     disk.remount("rw");
     agent.restart();
     assert!(sim.wait_until(Duration::from_secs(15), |s| s.connections().len() == 1).await, "{}", agent.log());
-    let after = burst_of(&sim, 3, "rw");
+    let after = burst(&sim, 3, "rw");
     assert_each_answered_once(&sim, &agent, &after, Duration::from_secs(10)).await;
     assert!(!agent.log().contains("panicked"));
     agent.kill9();
     drop(disk);
-}
-
-fn burst_of(sim: &Simulator, n: usize, tag: &str) -> Vec<String> {
-    (0..n).map(|i| sim.inject(Inject::text(format!("/ping {tag} {i}")).from(format!("staff-{tag}-{i}")))).collect()
 }

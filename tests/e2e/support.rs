@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use zhuli::dingtalk::sim::{RecordedReply, SimConfig, Simulator};
+use zhuli::dingtalk::sim::{Inject, RecordedReply, SimConfig, Simulator};
 
 pub const SECRET: &str = "e2e-client-secret-Zq8Xv4";
 
@@ -184,4 +184,9 @@ pub async fn assert_each_answered_once(sim: &Simulator, agent: &Agent, ids: &[St
 /// Every test ends by checking the agent never printed the secret.
 pub fn assert_no_secret(agent: &Agent) {
     assert!(!agent.log().contains(SECRET), "client secret appeared in the agent log");
+}
+
+/// `n` `/ping` messages, each from its own user `staff-{tag}-{i}`; their msgIds.
+pub fn burst(sim: &Simulator, n: usize, tag: &str) -> Vec<String> {
+    (0..n).map(|i| sim.inject(Inject::text(format!("/ping {tag} {i}")).from(format!("staff-{tag}-{i}")))).collect()
 }
