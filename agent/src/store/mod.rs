@@ -25,7 +25,7 @@ use seal::{SealError, Sealer};
 
 /// The schema this build writes. Older files are migrated at open; newer ones are refused.
 ///
-/// 1. meta (key check, index secret, sequence), processed + expiry, inbox, outbox, history,
+/// 1. meta (key check, index secret), processed + expiry, inbox, outbox, history,
 ///    settings, undo.
 /// 2. meta gains `store_id`, a random id naming this store in backup manifests.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -265,8 +265,6 @@ impl Store {
                     .map_err(|e| db_err(path, e))?;
                 meta.insert("index_secret", sealer.seal("meta", b"index_secret", &secret).as_slice())
                     .map_err(|e| db_err(path, e))?;
-                meta.insert("next_seq", sealer.seal("meta", b"next_seq", &1u64.to_be_bytes()).as_slice())
-                    .map_err(|e| db_err(path, e))?;
                 // A new store is written as schema 1 and migrated like any old one.
                 migrate(path, &sealer, &mut meta, 1)?;
                 secret.to_vec()
@@ -380,15 +378,15 @@ impl Store {
         Ok(DbHandle(guard))
     }
 
-    /// Allocate `n` sequence numbers inside `txn`.
-    fn allocate(&self, txn: &redb::WriteTransaction, n: u64) -> Result<u64, StoreError> {
-        let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-        let raw = read_meta(&self.path, &self.sealer, &meta, "next_seq")?;
-        let next = u64::from_be_bytes(raw.try_into().map_err(|_| decode(&self.path, "meta"))?);
-        let after = next + n;
-        meta.insert("next_seq", self.sealer.seal("meta", b"next_seq", &after.to_be_bytes()).as_slice())
-            .map_err(|e| self.err(e))?;
-        Ok(next)
+    /// The first free inbox sequence number: above every live inbox and outbox entry. A number
+    /// is only ever reused once nothing refers to it any more, and no commit writes a counter.
+    fn next_inbox_seq(&self, txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+        let last = |def: TableDefinition<u64, &[u8]>| -> Result<u64, StoreError> {
+            let t = txn.open_table(def).map_err(|e| self.err(e))?;
+            let last = t.last().map_err(|e| self.err(e))?;
+            Ok(last.map(|(k, _)| k.value()).unwrap_or(0))
+        };
+        Ok(last(INBOX)?.max(last(OUTBOX)?) + 1)
     }
 
     /// Record a batch of incoming messages in one durable commit. `answer` says whether the
@@ -421,7 +419,7 @@ impl Store {
         {
             let accepting: u64 =
                 ops.iter().map(|op| if let WriteOp::Accept { batch, .. } = op { batch.len() as u64 } else { 0 }).sum();
-            let mut next_seq = if accepting > 0 { self.allocate(&txn, accepting)? } else { 0 };
+            let mut next_seq = if accepting > 0 { self.next_inbox_seq(&txn)? } else { 0 };
             let mut processed = txn.open_table(PROCESSED).map_err(|e| self.err(e))?;
             let mut expiry = txn.open_table(PROCESSED_EXPIRY).map_err(|e| self.err(e))?;
             let mut inbox = txn.open_table(INBOX).map_err(|e| self.err(e))?;
@@ -570,8 +568,13 @@ impl Store {
         let h = self.hash("conversation", conversation_id);
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         {
-            let seq = self.allocate(&txn, 1)?;
             let mut history = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+            // Turns are numbered within their conversation.
+            let last: Option<u64> = match history.range((h, 0)..=(h, u64::MAX)).map_err(|e| self.err(e))?.next_back() {
+                Some(row) => Some(row.map_err(|e| self.err(e))?.0.value().1),
+                None => None,
+            };
+            let seq = last.map_or(1, |l| l + 1);
             history
                 .insert((h, seq), self.seal_value("history", &pair_key(&h, seq), turn).as_slice())
                 .map_err(|e| self.err(e))?;
@@ -630,8 +633,8 @@ impl Store {
     pub fn push_undo(&self, entry: &UndoEntry) -> Result<u64, StoreError> {
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         let seq = {
-            let seq = self.allocate(&txn, 1)?;
             let mut undo = txn.open_table(UNDO).map_err(|e| self.err(e))?;
+            let seq = undo.last().map_err(|e| self.err(e))?.map(|(k, _)| k.value() + 1).unwrap_or(1);
             undo.insert(seq, self.seal_value("undo", &u64_key(seq), entry).as_slice()).map_err(|e| self.err(e))?;
             while undo.len().map_err(|e| self.err(e))? as usize > self.retention.undo_entries {
                 undo.pop_first().map_err(|e| self.err(e))?;
@@ -693,6 +696,9 @@ fn migrate(
 pub(crate) fn builder() -> redb::Builder {
     let mut b = Database::builder();
     b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+    // The working set is small (recent ids, a few pending messages, recent history); a bounded
+    // cache keeps an idle box's memory small.
+    b.set_cache_size(16 * 1024 * 1024);
     b
 }
 
