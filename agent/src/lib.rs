@@ -5,6 +5,7 @@ pub mod assistant;
 pub mod config;
 pub mod demo;
 pub mod dingtalk;
+pub mod llm;
 pub mod logging;
 pub mod secret;
 pub mod store;

@@ -4,6 +4,7 @@ mod backup;
 mod cli;
 mod conformance;
 mod faults;
+mod llm;
 mod media;
 mod roundtrip;
 mod store;

@@ -96,6 +96,35 @@ impl HttpClient {
         self.send(Method::POST, url, headers, Bytes::from(body), MAX_JSON_BODY).await
     }
 
+    /// POST a JSON body and hand back the response head and the body unread, for streamed
+    /// answers (server-sent events). Only the time to the response head is limited here; the
+    /// caller bounds the reading.
+    pub async fn post_json_streaming(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &impl Serialize,
+    ) -> Result<http::Response<hyper::body::Incoming>, HttpError> {
+        let (uri, _) = check_url(url, "https", "http")?;
+        let shown = redact(url);
+        let body = serde_json::to_vec(body).expect("request bodies are plain serialisable structs");
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header("accept", "text/event-stream, application/json")
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| HttpError::Transport { url: shown.clone(), reason: e.to_string() })?;
+        tokio::time::timeout(self.timeout, self.inner.request(req))
+            .await
+            .map_err(|_| HttpError::Timeout(shown.clone()))?
+            .map_err(|e| HttpError::Transport { url: shown, reason: error_chain(&e) })
+    }
+
     pub async fn get(&self, url: &str, max_bytes: usize) -> Result<HttpResponse, HttpError> {
         self.send(Method::GET, url, &[], Bytes::new(), max_bytes).await
     }

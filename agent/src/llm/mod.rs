@@ -1,0 +1,144 @@
+//! The LLM client: OpenAI-compatible `/v1/chat/completions` with tools, the protocol DeepSeek,
+//! Qwen/DashScope, Moonshot, Ollama, vLLM and llama.cpp's server speak. Streamed (server-sent
+//! events, tool calls assembled from deltas) and whole answers; retries on 429 and 5xx honouring
+//! `Retry-After`; a governor limiter on requests.
+//!
+//! This is the first part of the assistant's turn loop, which will call it; `sim` is a scripted
+//! server speaking the same protocol on loopback, for tests.
+//!
+//! Never logs prompts or answers; the API key is a [`Secret`] and never appears in an error.
+
+mod client;
+pub mod sim;
+pub mod sse;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{dingtalk::settings::Millis, secret::Secret};
+
+pub use client::{Client, LlmError};
+
+/// `[llm]`: where the model is and how it is reached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Base URL up to and including the version, e.g. `https://api.deepseek.com/v1` or
+    /// `http://127.0.0.1:8080/v1` (plain http only to loopback).
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<Secret>,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: Millis,
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_rpm")]
+    pub requests_per_minute: u32,
+}
+
+fn default_timeout() -> Millis {
+    Millis::from_ms(120_000)
+}
+fn default_retries() -> u32 {
+    4
+}
+fn default_rpm() -> u32 {
+    60
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+/// One message of the conversation sent to the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        ChatMessage { role, content: Some(content.into()), tool_calls: Vec::new(), tool_call_id: None }
+    }
+
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: Role::Tool,
+            content: Some(content.into()),
+            tool_calls: Vec::new(),
+            tool_call_id: Some(call_id.into()),
+        }
+    }
+}
+
+/// A function call the model asks for; `arguments` is JSON text as the model wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: String,
+}
+
+/// A tool offered to the model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolSpec {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionSpec {
+    pub name: String,
+    pub description: String,
+    pub parameters: serde_json::Value,
+}
+
+impl ToolSpec {
+    pub fn function(name: impl Into<String>, description: impl Into<String>, parameters: serde_json::Value) -> Self {
+        ToolSpec {
+            kind: "function",
+            function: FunctionSpec { name: name.into(), description: description.into(), parameters },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// The model's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub message: ChatMessage,
+    pub finish_reason: Option<String>,
+    pub usage: Option<Usage>,
+}

@@ -1,0 +1,227 @@
+//! A scripted OpenAI-compatible chat-completions server on loopback, for tests: it answers each
+//! request with the next scripted reply (text, tool calls, an error status, a stream that breaks,
+//! a malformed chunk), streamed as server-sent events when the request asks for `stream`, and
+//! records every request it received.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{body::Frame, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub enum Scripted {
+    Text(String),
+    /// `(name, arguments JSON)` per call.
+    ToolCalls(Vec<(String, String)>),
+    Status {
+        code: u16,
+        retry_after: Option<u32>,
+    },
+    /// Streams this text, then drops the connection (a whole answer gets the status 200 head only).
+    BrokenStream(String),
+    /// A chunk that is not JSON.
+    BadChunk,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub body: Value,
+    pub authorization: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    script: VecDeque<Scripted>,
+    requests: Vec<RecordedRequest>,
+}
+
+pub struct LlmSim {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    cancel: CancellationToken,
+}
+
+impl Drop for LlmSim {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(status: StatusCode, v: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())).map_err(|never| match never {}).boxed())
+        .expect("static response parts are valid")
+}
+
+fn sse(events: Vec<String>, then_break: bool) -> Response<Body> {
+    let mut frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
+        events.into_iter().map(|e| Ok(Frame::data(Bytes::from(format!("data: {e}\n\n"))))).collect();
+    if then_break {
+        frames.push(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "scripted break")));
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        // The break waits a moment so the frames before it reach the client first.
+        .body(
+            StreamBody::new(futures_util::StreamExt::then(futures_util::stream::iter(frames), |f| async move {
+                if f.is_err() {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                f
+            }))
+            .boxed(),
+        )
+        .expect("static response parts are valid")
+}
+
+fn chunk(delta: Value, finish: Option<&str>) -> String {
+    json!({"id": "chatcmpl-sim", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        .to_string()
+}
+
+fn answer(script: Scripted, stream: bool) -> Response<Body> {
+    let usage = json!({"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19});
+    match (script, stream) {
+        (Scripted::Status { code, retry_after }, _) => {
+            let mut r = full(
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                json!({"error": {"message": format!("scripted {code}"), "type": "sim"}}),
+            );
+            if let Some(s) = retry_after {
+                r.headers_mut().insert("retry-after", http::HeaderValue::from(s));
+            }
+            r
+        }
+        (Scripted::Text(t), false) => full(
+            StatusCode::OK,
+            json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}], "usage": usage}),
+        ),
+        (Scripted::ToolCalls(calls), false) => {
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (n, a))| json!({"id": format!("call_{i}"), "type": "function", "function": {"name": n, "arguments": a}}))
+                .collect();
+            full(
+                StatusCode::OK,
+                json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": calls}, "finish_reason": "tool_calls"}], "usage": usage}),
+            )
+        }
+        (Scripted::Text(t), true) => {
+            let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
+            let chars: Vec<char> = t.chars().collect();
+            events.extend(chars.chunks(4).map(|c| chunk(json!({"content": c.iter().collect::<String>()}), None)));
+            events.push(chunk(json!({}), Some("stop")));
+            events.push(json!({"id": "chatcmpl-sim", "choices": [], "usage": usage}).to_string());
+            events.push("[DONE]".into());
+            sse(events, false)
+        }
+        (Scripted::ToolCalls(calls), true) => {
+            let mut events = Vec::new();
+            for (i, (name, args)) in calls.iter().enumerate() {
+                events.push(chunk(
+                    json!({"tool_calls": [{"index": i, "id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                    None,
+                ));
+                let mid = args.char_indices().nth(args.chars().count() / 2).map(|(b, _)| b).unwrap_or(0);
+                for piece in [&args[..mid], &args[mid..]] {
+                    events.push(chunk(json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}), None));
+                }
+            }
+            events.push(chunk(json!({}), Some("tool_calls")));
+            events.push("[DONE]".into());
+            sse(events, false)
+        }
+        (Scripted::BrokenStream(t), true) => {
+            let events =
+                vec![chunk(json!({"role": "assistant", "content": ""}), None), chunk(json!({"content": t}), None)];
+            sse(events, true)
+        }
+        (Scripted::BrokenStream(_), false) => full(StatusCode::OK, json!({"choices": "broken"})),
+        (Scripted::BadChunk, _) => sse(vec!["{not json".into()], false),
+    }
+}
+
+impl LlmSim {
+    pub async fn start() -> std::io::Result<LlmSim> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let cancel = CancellationToken::new();
+        let (st, stop) = (state.clone(), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((tcp, _)) = accepted else { continue };
+                let st = st.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(handle(st, req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = conn => {}
+                    }
+                });
+            }
+        });
+        Ok(LlmSim { addr, state, cancel })
+    }
+
+    /// The `base_url` for `[llm]`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn push(&self, s: Scripted) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).script.push_back(s);
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).requests.clone()
+    }
+}
+
+async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.uri().path() != "/v1/chat/completions" {
+        return full(StatusCode::NOT_FOUND, json!({"error": {"message": "no such path"}}));
+    }
+    let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return full(StatusCode::BAD_REQUEST, json!({"error": {"message": "unreadable body"}})),
+    };
+    let Ok(body): Result<Value, _> = serde_json::from_slice(&body) else {
+        return full(StatusCode::BAD_REQUEST, json!({"error": {"message": "body is not JSON"}}));
+    };
+    let stream = body["stream"].as_bool() == Some(true);
+    let next = {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.requests.push(RecordedRequest { body, authorization });
+        st.script.pop_front().unwrap_or(Scripted::Text("ok".into()))
+    };
+    answer(next, stream)
+}
