@@ -123,8 +123,19 @@ impl Client {
         body
     }
 
-    fn auth(&self) -> Option<String> {
-        self.settings.api_key.as_ref().map(|k| format!("Bearer {}", k.expose()))
+    /// Send one request; the response head, body unread. A transport failure may be retried.
+    async fn post(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        stream: bool,
+    ) -> Result<http::Response<hyper::body::Incoming>, Attempt> {
+        let auth = self.settings.api_key.as_ref().map(|k| format!("Bearer {}", k.expose()));
+        let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("authorization", a)]).unwrap_or_default();
+        self.http
+            .post_json_streaming(&self.url, &headers, &self.body(messages, tools, stream))
+            .await
+            .map_err(|e: HttpError| Attempt::Retry { why: e.to_string(), after: None })
     }
 
     /// One whole answer.
@@ -180,14 +191,7 @@ impl Client {
     }
 
     async fn complete_once(&self, messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<Completion, Attempt> {
-        let auth = self.auth();
-        let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("authorization", a)]).unwrap_or_default();
-        let resp = self
-            .http
-            .post_json_streaming(&self.url, &headers, &self.body(messages, tools, false))
-            .await
-            .map_err(|e| Attempt::Retry { why: e.to_string(), after: None })?;
-        let (parts, body) = resp.into_parts();
+        let (parts, body) = self.post(messages, tools, false).await?.into_parts();
         let limit = self.settings.timeout_ms.get();
         let collected = tokio::time::timeout(limit, http_body_util::Limited::new(body, MAX_JSON_BODY).collect())
             .await
@@ -220,14 +224,7 @@ impl Client {
         on_text: &mut impl FnMut(&str),
         started: &mut bool,
     ) -> Result<Completion, Attempt> {
-        let auth = self.auth();
-        let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("authorization", a)]).unwrap_or_default();
-        let resp = self
-            .http
-            .post_json_streaming(&self.url, &headers, &self.body(messages, tools, true))
-            .await
-            .map_err(|e: HttpError| Attempt::Retry { why: e.to_string(), after: None })?;
-        let (parts, mut body) = resp.into_parts();
+        let (parts, mut body) = self.post(messages, tools, true).await?.into_parts();
         let idle = self.settings.timeout_ms.get();
         if !parts.status.is_success() {
             let bytes = tokio::time::timeout(idle, http_body_util::Limited::new(body, MAX_JSON_BODY).collect())
