@@ -18,7 +18,6 @@ use std::{
 use tokio_util::sync::CancellationToken;
 use zhuli::{
     app::{self, AgentHandles},
-    assistant::{Assistant, StatusView},
     config::Config,
     dingtalk::{
         frame::StreamFrame,
@@ -45,21 +44,39 @@ fn parse_and_dispatch() {
         })
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let _guard = rt.enter();
-    let assistant = Assistant::new(StatusView {
-        started: tokio::time::Instant::now(),
-        stream: Arc::default(),
-        sender: Arc::default(),
-    });
+    let dir = bench_dir("dispatch");
+    let sim_base = "http://127.0.0.1:9";
+    let config = Config::parse(
+        &format!(
+            "[agent]\nstate_dir = {:?}\n[store]\nkey_file = {:?}\n[dingtalk]\nclient_id = \"b\"\nclient_secret = \"b\"\nrobot_code = \"b\"\napi_base = {sim_base:?}\n[audit]\njournal_socket = {:?}\n",
+            dir.join("state").display().to_string(),
+            dir.join("key").display().to_string(),
+            dir.join("no-journal").display().to_string(),
+        ),
+        std::path::Path::new("bench.toml"),
+    )
+    .expect("bench config");
+    StoreKey::generate().write_new(&dir.join("key")).expect("key");
+    let store = Arc::new(app::open_store(&config).expect("store"));
+    let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
+    let assistant = rt.block_on(app::build_assistant(&config, &handles, store)).expect("assistant");
     let start = Instant::now();
     let mut answered = 0usize;
     for f in &frames {
         let frame = StreamFrame::parse(f).expect("valid frame");
         let m = RobotMessage::parse(&frame.data).expect("valid message");
-        answered += assistant.answer(&m).markdown.len().min(1);
+        answered += rt.block_on(assistant.answer(&m)).markdown.len().min(1);
     }
     let secs = start.elapsed().as_secs_f64();
     println!("parse+dispatch: {n} frames in {secs:.3} s = {:.0} frames/s ({answered} answered)", n as f64 / secs);
+}
+
+/// A fresh scratch directory for one figure.
+fn bench_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("zhuli-bench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    dir
 }
 
 fn config_toml(sim: &Simulator, state: &std::path::Path, fast: bool) -> String {

@@ -18,7 +18,9 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    assistant::{Assistant, StatusView},
+    access::{Access, AccessError},
+    assistant::{Assistant, Parts, StatusView},
+    audit::Audit,
     config::Config,
     dingtalk::{
         http::{HttpClient, tls_config},
@@ -28,7 +30,9 @@ use crate::{
         sender::{Reply, ReplySender, SenderStatus},
         stream::{Inbound, StreamClient, StreamStatus},
     },
+    llm::{self, LlmError},
     store::{self, Acceptance, OutboxEntry, Store, StoreError, key::StoreKey, writer::StoreWriter},
+    tools::{self, Registry, files::RootError, system::SystemTool},
 };
 
 /// Messages recorded in one commit, at most.
@@ -43,6 +47,12 @@ pub enum AgentError {
     Media(#[from] MediaError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(transparent)]
+    Roots(#[from] RootError),
+    #[error(transparent)]
+    Llm(#[from] LlmError),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -93,12 +103,9 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     // Opened now so a bad state directory fails at start; the LLM's tools fetch into it.
     let _media = MediaArea::open(config.agent.state_dir.join("media"), api.clone()).await?;
     let (writer, writer_task) = StoreWriter::start(store.clone());
+    let assistant = build_assistant(&config, &handles, store.clone()).await?;
     let work = Arc::new(Work {
-        assistant: Assistant::new(StatusView {
-            started: Instant::now(),
-            stream: handles.stream.clone(),
-            sender: handles.sender.clone(),
-        }),
+        assistant,
         sender: ReplySender::new(api.clone(), handles.sender.clone()),
         store: store.clone(),
         writer,
@@ -121,6 +128,47 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     Ok(())
 }
 
+/// The assistant with its tools, permissions, audit trail and model.
+pub async fn build_assistant(
+    config: &Config,
+    handles: &AgentHandles,
+    store: Arc<Store>,
+) -> Result<Assistant, AgentError> {
+    let started = Instant::now();
+    let mut registry = Registry::default();
+    let roots = tools::files::Roots::open(&config.tools.files, &config.agent.state_dir)?;
+    for tool in tools::files::tools(&roots) {
+        registry.add(tool);
+    }
+    registry.add(Arc::new(SystemTool::new(
+        started,
+        handles.stream.clone(),
+        handles.sender.clone(),
+        config.agent.state_dir.clone(),
+    )));
+    let paired = blocking(&store, |s| s.setting("paired-users")).await?;
+    let paired = paired.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default();
+    let access = Access::new(config.access.clone(), registry.names(), paired)?;
+    let llm_client = config.llm.clone().map(llm::Client::new).transpose()?;
+    if llm_client.is_none() {
+        log::warn!("no [llm] section: answering commands only");
+    }
+    Ok(Assistant::new(Parts {
+        status: StatusView { started, stream: handles.stream.clone(), sender: handles.sender.clone() },
+        llm: llm_client,
+        model: config.llm.as_ref().map(|l| l.model.clone()),
+        settings: config.assistant.clone(),
+        tools: registry,
+        access,
+        audit: Arc::new(Audit::new(&config.audit)),
+        store,
+        budget_limits: config.llm.as_ref().map_or((0, 0), |l| (l.daily_tokens, l.daily_tokens_per_user)),
+        tokens: Default::default(),
+        llm_errors: Default::default(),
+        denials: Default::default(),
+    }))
+}
+
 /// What a worker needs to answer and deliver.
 struct Work {
     assistant: Assistant,
@@ -136,7 +184,7 @@ impl Work {
     /// Answer inbox item `seq` and deliver the reply; a costly answer is staged in the outbox
     /// first, so a crash does not make the agent produce it again.
     async fn answer(self: Arc<Self>, seq: u64, message: RobotMessage, _slot: OwnedSemaphorePermit) {
-        let answer = self.assistant.answer(&message);
+        let answer = self.assistant.answer(&message).await;
         let entry = OutboxEntry {
             msg_id: message.msg_id.clone(),
             reply: Reply::to(&message, answer.title, answer.markdown),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{dingtalk, store};
+use crate::{access, assistant, audit, dingtalk, llm, store, tools};
 
 /// `zhuli.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -17,6 +17,16 @@ pub struct Config {
     pub dingtalk: dingtalk::Settings,
     #[serde(default)]
     pub store: store::StoreSettings,
+    /// The language model; without it the agent answers commands only.
+    pub llm: Option<llm::Settings>,
+    #[serde(default)]
+    pub assistant: assistant::AssistantSettings,
+    #[serde(default)]
+    pub access: access::AccessSettings,
+    #[serde(default)]
+    pub tools: tools::ToolSettings,
+    #[serde(default)]
+    pub audit: audit::AuditSettings,
 }
 
 /// `[agent]`: where state lives and what the pipeline may hold.
@@ -68,6 +78,21 @@ impl Config {
                 path: path.to_owned(),
                 location: String::new(),
                 message: "[agent] inbox_capacity and workers must be at least 1".into(),
+            });
+        }
+        let a = &config.assistant;
+        if a.max_steps == 0 || a.max_tool_output_bytes == 0 || a.max_argument_bytes == 0 || a.max_answer_bytes < 100 {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                location: String::new(),
+                message: "[assistant] max_steps, max_tool_output_bytes and max_argument_bytes must be at least 1, max_answer_bytes at least 100".into(),
+            });
+        }
+        if !(-720..=840).contains(&a.utc_offset_minutes) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                location: String::new(),
+                message: "[assistant] utc_offset_minutes must be between -720 and 840 (480 is Asia/Shanghai)".into(),
             });
         }
         if config.dingtalk.client_secret.is_empty() {

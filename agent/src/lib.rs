@@ -1,7 +1,9 @@
 //! zhuli: an office assistant that answers in DingTalk. See docs/ARCHITECTURE.md.
 
+pub mod access;
 pub mod app;
 pub mod assistant;
+pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod dingtalk;
@@ -9,3 +11,4 @@ pub mod llm;
 pub mod logging;
 pub mod secret;
 pub mod store;
+pub mod tools;

@@ -24,6 +24,8 @@ fn settings(sim: &LlmSim, max_retries: u32) -> Settings {
         timeout_ms: Millis::from_ms(5_000),
         max_retries,
         requests_per_minute: 6_000,
+        daily_tokens: 0,
+        daily_tokens_per_user: 0,
     }
 }
 

@@ -1,14 +1,35 @@
-//! The turn: what the agent answers to one accepted message. Today that is the slash commands
-//! (`/help`, `/ping`, `/status`) and a plain statement that natural-language answers need an LLM;
-//! the LLM loop with tools takes over here once configured.
+//! The turn: what the agent answers to one accepted message.
+//!
+//! First admission (who may talk here, pairing), then the slash commands (`/help`, `/ping`,
+//! `/status`, `/new`, `/undo`, `/confirm`, `/cancel`, and for admins `/approve` and `/audit`),
+//! then the LLM turn loop with tools (`turn`). Every admission decision and tool call is audited.
 //!
 //! Never logs message text.
 
-use std::sync::{Arc, atomic::Ordering};
+pub mod settings;
+pub mod turn;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use tokio::time::Instant;
 
-use crate::dingtalk::{Content, RobotMessage, sender::SenderStatus, stream::StreamStatus};
+use crate::{
+    access::{Access, Admission, actor},
+    audit::{Audit, Event, Kind},
+    dingtalk::{Content, ConversationKind, RobotMessage, sender::SenderStatus, stream::StreamStatus},
+    llm,
+    store::{Store, StoreError},
+    tools::Registry,
+};
+pub use settings::AssistantSettings;
+use turn::{Asker, Budget, Pending};
 
 /// What the agent knows about itself, for `/status`.
 pub struct StatusView {
@@ -17,8 +38,28 @@ pub struct StatusView {
     pub sender: Arc<SenderStatus>,
 }
 
+/// Everything the assistant works with.
+pub struct Parts {
+    pub status: StatusView,
+    pub llm: Option<llm::Client>,
+    /// The model's name, for `/status`.
+    pub model: Option<String>,
+    pub settings: AssistantSettings,
+    pub tools: Registry,
+    pub access: Access,
+    pub audit: Arc<Audit>,
+    pub store: Arc<Store>,
+    /// Daily tokens per box and per user (0 = unlimited).
+    pub budget_limits: (u64, u64),
+    pub tokens: AtomicU64,
+    pub llm_errors: AtomicU64,
+    pub denials: AtomicU64,
+}
+
 pub struct Assistant {
-    status: StatusView,
+    parts: Parts,
+    pending: Mutex<HashMap<String, Pending>>,
+    budget: Mutex<Budget>,
 }
 
 /// An answer: title (shown in notifications) and Markdown text.
@@ -37,14 +78,21 @@ impl Answer {
     }
 }
 
-const HELP: &str = "**zhuli** — commands:\n\n\
-- `/help` — this list\n\
+const HELP: &str = "**zhuli** — ask in plain language, or use a command:\n\n\
+- `/new` — start a new conversation (forget the earlier messages)\n\
+- `/undo` — reverse your last change\n\
+- `/confirm CODE` / `/cancel` — answer a confirmation question\n\
+- `/status` — connection and delivery figures\n\
 - `/ping` — check that I am listening\n\
-- `/status` — connection and delivery figures\n\n\
-Questions in plain language need an LLM, which is not configured on this box yet.";
+- `/help` — this list\n\n\
+Admins also have `/approve CODE` (let a newcomer talk to me) and `/audit` (recent audit events).";
 
-const NO_LLM: &str = "I received your message, but natural-language answers need an LLM, and none is configured on this box yet. \
+pub(crate) const NO_LLM: &str = "I received your message, but natural-language answers need an LLM, and none is configured on this box yet. \
 Ask your administrator to add one; until then I answer `/help`, `/ping` and `/status`.";
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
 
 /// Drop leading `@name` mentions from group text.
 fn strip_mentions(text: &str) -> &str {
@@ -56,26 +104,166 @@ fn strip_mentions(text: &str) -> &str {
 }
 
 impl Assistant {
-    pub fn new(status: StatusView) -> Self {
-        Assistant { status }
+    pub fn new(parts: Parts) -> Self {
+        let budget = Self::load_budget(&parts.store);
+        Assistant { parts, pending: Mutex::default(), budget: Mutex::new(budget) }
     }
 
-    pub fn answer(&self, message: &RobotMessage) -> Answer {
+    pub fn audit(&self) -> &Arc<Audit> {
+        &self.parts.audit
+    }
+
+    /// Run blocking store work off the async workers.
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.parts.store.clone();
+        tokio::task::spawn_blocking(move || f(&store)).await.unwrap_or_else(|_| {
+            Err(StoreError::Db { path: std::path::PathBuf::new(), reason: "the store task ended unexpectedly".into() })
+        })
+    }
+
+    pub async fn answer(&self, message: &RobotMessage) -> Answer {
+        let who = actor(message);
+        let chat = message.conversation_id.clone();
+        let audit = &self.parts.audit;
+        match self.parts.access.admit(message) {
+            Admission::Allowed => {}
+            Admission::Refused(reason) => {
+                audit.record(Event::new(Kind::MessageRefused, &who, &chat).reason(reason.clone()));
+                return Answer::fixed("not available here", reason);
+            }
+            Admission::Pairing(code) => {
+                audit.record(
+                    Event::new(Kind::MessageRefused, &who, &chat)
+                        .target(code.clone())
+                        .reason("awaiting pairing approval"),
+                );
+                return Answer::fixed(
+                    "pairing needed",
+                    format!(
+                        "Hello! Before I can help you, an admin of this box needs to approve you. \
+                         Ask one to send me `/approve {code}`."
+                    ),
+                );
+            }
+        }
+        audit.record(Event::new(Kind::MessageAccepted, &who, &chat).outcome(message.kind_name().to_owned()));
+        let asker = Asker {
+            actor: who.clone(),
+            nick: message.sender_nick.chars().take(40).collect(),
+            chat: chat.clone(),
+            conversation: format!("{chat}\u{1f}{who}"),
+            group: message.conversation_kind == ConversationKind::Group,
+        };
         let Some(text) = message.text() else {
             return self.media_answer(message);
         };
         let text = strip_mentions(&text);
-        let command = text.split_whitespace().next().unwrap_or_default().to_ascii_lowercase();
+        let mut words = text.split_whitespace();
+        let command = words.next().unwrap_or_default().to_ascii_lowercase();
+        let arg = words.next().unwrap_or_default();
         match command.as_str() {
             "/help" | "/?" => Answer::fixed("zhuli help", HELP),
             "/ping" => Answer::fixed("pong", "pong"),
             "/status" => Answer::fixed("zhuli status", self.status_text()),
+            "/new" => {
+                let conv = asker.conversation.clone();
+                match self.store_call(move |s| s.clear_history(&conv)).await {
+                    Ok(_) => {
+                        Answer::fixed("new conversation", "Starting afresh: I have forgotten our earlier messages.")
+                    }
+                    Err(e) => {
+                        log::warn!("cannot clear a conversation: {e}");
+                        Answer::fixed("error", "I could not clear our conversation; please try again.")
+                    }
+                }
+            }
+            "/undo" => self.undo(&asker).await,
+            "/confirm" => self.confirm(&asker, arg).await,
+            "/cancel" => self.cancel(&asker).await,
+            "/approve" => self.approve(&asker, arg).await,
+            "/audit" => self.audit_text(&asker, arg),
             c if c.starts_with('/') => Answer::fixed(
                 "unknown command",
                 format!("Unknown command `{}`. Send `/help` for the list.", c.chars().take(32).collect::<String>()),
             ),
-            _ => Answer::fixed("LLM not configured", NO_LLM),
+            _ if self.parts.llm.is_none() => Answer::fixed("LLM not configured", NO_LLM),
+            _ => self.start_turn(asker, text.to_owned()).await,
         }
+    }
+
+    async fn undo(&self, asker: &Asker) -> Answer {
+        let user = asker.actor.clone();
+        let entry = match self.store_call(move |s| s.pop_undo_of(&user)).await {
+            Ok(Some((_, e))) => e,
+            Ok(None) => return Answer::fixed("nothing to undo", "You have no change I can undo."),
+            Err(e) => {
+                log::warn!("cannot read the undo journal: {e}");
+                return Answer::fixed("error", "I could not read the undo journal; please try again.");
+            }
+        };
+        let Some(tool) = self.parts.tools.get(&entry.tool).cloned() else {
+            return Answer::fixed("cannot undo", format!("The tool `{}` is no longer available.", entry.tool));
+        };
+        let event = Event::new(Kind::ToolUndone, &asker.actor, &asker.chat).tool(entry.tool.clone());
+        match tool.undo(&entry.payload).await {
+            Ok(done) => {
+                self.parts.audit.record(event.target(entry.description.clone()).outcome("ok"));
+                Answer::fixed("undone", format!("Undone: {done}."))
+            }
+            Err(e) => {
+                self.parts.audit.record(event.target(entry.description.clone()).outcome("error").reason(e.to_string()));
+                Answer::fixed("cannot undo", format!("I could not undo “{}”: {e}", entry.description))
+            }
+        }
+    }
+
+    async fn approve(&self, asker: &Asker, code: &str) -> Answer {
+        if !self.parts.access.is_admin(&asker.actor) {
+            self.parts.audit.record(
+                Event::new(Kind::ToolDenied, &asker.actor, &asker.chat).tool("/approve").reason("not an admin"),
+            );
+            return Answer::fixed("admins only", "Only an admin of this box can approve newcomers.");
+        }
+        let Some((who, nick)) = self.parts.access.approve(code) else {
+            return Answer::fixed(
+                "unknown code",
+                "No one is waiting with that code (codes last a day). Ask them to message me again for a new one.",
+            );
+        };
+        let paired = serde_json::to_string(&self.parts.access.paired()).unwrap_or_default();
+        if let Err(e) = self.store_call(move |s| s.set_setting("paired-users", &paired)).await {
+            log::warn!("cannot keep the approved users: {e}");
+        }
+        self.parts.audit.record(
+            Event::new(Kind::PermissionChanged, &asker.actor, &asker.chat)
+                .target(who.clone())
+                .outcome("paired")
+                .reason(format!("approved with code {code}")),
+        );
+        Answer::fixed("approved", format!("Approved: {nick} ({who}) can now talk to me."))
+    }
+
+    fn audit_text(&self, asker: &Asker, arg: &str) -> Answer {
+        if !self.parts.access.is_admin(&asker.actor) {
+            self.parts
+                .audit
+                .record(Event::new(Kind::ToolDenied, &asker.actor, &asker.chat).tool("/audit").reason("not an admin"));
+            return Answer::fixed("admins only", "Only an admin of this box can read the audit trail.");
+        }
+        let n = arg.parse::<usize>().unwrap_or(20).clamp(1, 100);
+        let events = self.parts.audit.recent(n);
+        let mut text = format!(
+            "**Recent audit events** (newest last, {} shown; all are in the journal: `journalctl -t zhuli-audit`)\n\n",
+            events.len()
+        );
+        for e in events {
+            let (when, _) = settings::local_time(e.at_ms, self.parts.settings.utc_offset_minutes);
+            text.push_str(&format!("- {when} {}\n", e.summary()));
+        }
+        Answer::fixed("audit", text)
     }
 
     fn media_answer(&self, message: &RobotMessage) -> Answer {
@@ -96,19 +284,28 @@ impl Assistant {
             }
             Content::Text(_) => "message".to_owned(),
         };
-        Answer::fixed(
-            "received",
-            format!(
-                "I received your {what}. Working with its content needs an LLM, which is not configured on this box yet."
-            ),
-        )
+        let tail = if self.parts.llm.is_some() {
+            "I cannot work with its content yet; tell me in words what you need."
+        } else {
+            "Working with its content needs an LLM, which is not configured on this box yet."
+        };
+        Answer::fixed("received", format!("I received your {what}. {tail}"))
     }
 
     fn status_text(&self) -> String {
-        let s = &self.status.stream;
-        let d = &self.status.sender;
-        let up = self.status.started.elapsed().as_secs();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let s = &self.parts.status.stream;
+        let d = &self.parts.status.sender;
+        let up = self.parts.status.started.elapsed().as_secs();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let llm = match &self.parts.model {
+            Some(m) => format!(
+                "{m}; tokens since start: {}, errors: {}, tool calls denied: {}",
+                load(&self.parts.tokens),
+                load(&self.parts.llm_errors),
+                load(&self.parts.denials)
+            ),
+            None => "not configured".into(),
+        };
         format!(
             "**zhuli status**\n\n\
 - uptime: {}h {}m {}s\n\
@@ -116,7 +313,7 @@ impl Assistant {
 - connections opened: {}, attempts: {}, failed: {}, gateway disconnects: {}, zombie sockets dropped: {}\n\
 - frames: {}, unusable: {}, pings answered: {}\n\
 - replies delivered: {}, throttled: {}, retries: {}, failed: {}\n\
-- LLM: not configured",
+- LLM: {llm}",
             up / 3600,
             up / 60 % 60,
             up % 60,

@@ -33,6 +33,10 @@ pub enum LlmError {
     Stalled(Duration),
 }
 
+/// A whole answer larger than this is refused (tool-call arguments can be large; the turn loop
+/// applies its own, smaller limit per call and says so).
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
 pub struct Client {
     settings: Settings,
     http: HttpClient,
@@ -193,7 +197,7 @@ impl Client {
     async fn complete_once(&self, messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<Completion, Attempt> {
         let (parts, body) = self.post(messages, tools, false).await?.into_parts();
         let limit = self.settings.timeout_ms.get();
-        let collected = tokio::time::timeout(limit, http_body_util::Limited::new(body, MAX_JSON_BODY).collect())
+        let collected = tokio::time::timeout(limit, http_body_util::Limited::new(body, MAX_ANSWER_BYTES).collect())
             .await
             .map_err(|_| Attempt::Retry { why: format!("no complete answer within {limit:?}"), after: None })?
             .map_err(|e| Attempt::Retry { why: e.to_string(), after: None })?

@@ -3,8 +3,8 @@
 //! events, tool calls assembled from deltas) and whole answers; retries on 429 and 5xx honouring
 //! `Retry-After`; a governor limiter on requests.
 //!
-//! This is the first part of the assistant's turn loop, which will call it; `sim` is a scripted
-//! server speaking the same protocol on loopback, for tests.
+//! The assistant's turn loop calls it; `sim` is a scripted server speaking the same protocol on
+//! loopback, for tests.
 //!
 //! Never logs prompts or answers; the API key is a [`Secret`] and never appears in an error.
 
@@ -33,6 +33,12 @@ pub struct Settings {
     pub max_retries: u32,
     #[serde(default = "default_rpm")]
     pub requests_per_minute: u32,
+    /// Tokens the whole box may use per day (0 = no limit).
+    #[serde(default)]
+    pub daily_tokens: u64,
+    /// Tokens one person may use per day (0 = no limit).
+    #[serde(default)]
+    pub daily_tokens_per_user: u64,
 }
 
 fn default_timeout() -> Millis {

@@ -600,6 +600,27 @@ impl Store {
         txn.commit().map_err(|e| self.err(e))
     }
 
+    /// Forget a conversation's turns (`/new`); how many were dropped.
+    pub fn clear_history(&self, conversation_id: &str) -> Result<usize, StoreError> {
+        let h = self.hash("conversation", conversation_id);
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
+        let n = {
+            let mut history = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+            let seqs: Vec<u64> = history
+                .range((h, 0)..=(h, u64::MAX))
+                .map_err(|e| self.err(e))?
+                .map(|r| r.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.err(e))?;
+            for s in &seqs {
+                history.remove((h, *s)).map_err(|e| self.err(e))?;
+            }
+            seqs.len()
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
     /// The turns kept for a conversation, oldest first.
     pub fn history(&self, conversation_id: &str) -> Result<Vec<Turn>, StoreError> {
         let h = self.hash("conversation", conversation_id);
@@ -643,6 +664,30 @@ impl Store {
         };
         txn.commit().map_err(|e| self.err(e))?;
         Ok(seq)
+    }
+
+    /// Take the newest undo entry of `user` (removing it), if any.
+    pub fn pop_undo_of(&self, user: &str) -> Result<Option<(u64, UndoEntry)>, StoreError> {
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
+        let found = {
+            let mut undo = txn.open_table(UNDO).map_err(|e| self.err(e))?;
+            let mut found = None;
+            for row in undo.iter().map_err(|e| self.err(e))?.rev() {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                let seq = k.value();
+                let entry: UndoEntry = self.open_value("undo", &u64_key(seq), v.value())?;
+                if entry.user == user {
+                    found = Some((seq, entry));
+                    break;
+                }
+            }
+            if let Some((seq, _)) = &found {
+                undo.remove(*seq).map_err(|e| self.err(e))?;
+            }
+            found
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(found)
     }
 
     /// Take the newest undo entry (removing it), if any.

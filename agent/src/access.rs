@@ -1,0 +1,312 @@
+//! Who may talk to the robot, who is an admin, and which tools each person may use.
+//!
+//! Admission is a policy per kind of chat: 1:1 chats are open to the organisation, to an
+//! allow-list, or by pairing (a newcomer gets a code an admin approves with `/approve CODE`);
+//! group chats are open or allow-listed by conversation id. Tools are granted per role and
+//! roles per user (DingTalk staff ids); nothing is granted unless the configuration says so.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+use crate::dingtalk::{ConversationKind, RobotMessage};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectPolicy {
+    /// Anyone in the organisation (a sender with a staff id).
+    #[default]
+    Org,
+    /// Only the staff ids in `direct_allow`, `[access.users]` and `admins`.
+    Allowlist,
+    /// The allow-list, plus people an admin approved with `/approve CODE`.
+    Pairing,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupPolicy {
+    #[default]
+    Open,
+    /// Only the conversation ids in `group_allow`.
+    Allowlist,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSettings {
+    /// Tool names; `files` grants every `files_…` tool; `*` grants all.
+    pub tools: Vec<String>,
+}
+
+/// `[access]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSettings {
+    /// Staff ids of the box's admins: `/approve`, `/audit`, admin alerts.
+    pub admins: Vec<String>,
+    pub direct_chats: DirectPolicy,
+    pub direct_allow: Vec<String>,
+    pub group_chats: GroupPolicy,
+    pub group_allow: Vec<String>,
+    /// Roles everyone admitted has.
+    pub default_roles: Vec<String>,
+    pub roles: BTreeMap<String, RoleSettings>,
+    /// Staff id → extra roles.
+    pub users: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AccessError {
+    #[error("[access] names the role `{role}`, which no [access.roles.{role}] table defines; add it or fix the name")]
+    UnknownRole { role: String },
+    #[error("[access.roles.{role}] grants `{tool}`, which is not a tool of this box; the tools are: {known}")]
+    UnknownTool { role: String, tool: String, known: String },
+}
+
+/// The outcome of admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Allowed,
+    /// Not admitted; the reason is said in chat.
+    Refused(String),
+    /// A 1:1 newcomer under the pairing policy: this code awaits an admin's `/approve`.
+    Pairing(String),
+}
+
+const PAIRING_VALID: Duration = Duration::from_secs(24 * 3600);
+
+pub struct Access {
+    settings: AccessSettings,
+    paired: Mutex<BTreeSet<String>>,
+    /// code → (staff id, nickname, issued)
+    pairing: Mutex<HashMap<String, (String, String, Instant)>>,
+}
+
+/// The identity the agent uses for a sender: the staff id, or the DingTalk user id when the
+/// sender has none (not a member of the organisation).
+pub fn actor(message: &RobotMessage) -> String {
+    match &message.sender_staff_id {
+        Some(s) if !s.is_empty() => s.clone(),
+        _ => format!("dingtalk:{}", message.sender_id),
+    }
+}
+
+fn matches(grant: &str, tool: &str) -> bool {
+    grant == "*" || grant == tool || tool.strip_prefix(grant).is_some_and(|rest| rest.starts_with('_'))
+}
+
+impl Access {
+    /// Check the settings against the tools of this box; `paired` is the approved set kept in
+    /// the store.
+    pub fn new<'a>(
+        settings: AccessSettings,
+        tools: impl Iterator<Item = &'a str> + Clone,
+        paired: BTreeSet<String>,
+    ) -> Result<Self, AccessError> {
+        let referenced = settings.default_roles.iter().chain(settings.users.values().flatten());
+        for role in referenced {
+            if !settings.roles.contains_key(role) {
+                return Err(AccessError::UnknownRole { role: role.clone() });
+            }
+        }
+        for (role, r) in &settings.roles {
+            for grant in &r.tools {
+                if !tools.clone().any(|t| matches(grant, t)) {
+                    return Err(AccessError::UnknownTool {
+                        role: role.clone(),
+                        tool: grant.clone(),
+                        known: tools.clone().collect::<Vec<_>>().join(", "),
+                    });
+                }
+            }
+        }
+        Ok(Access { settings, paired: Mutex::new(paired), pairing: Mutex::default() })
+    }
+
+    pub fn is_admin(&self, actor: &str) -> bool {
+        self.settings.admins.iter().any(|a| a == actor)
+    }
+
+    pub fn admins(&self) -> &[String] {
+        &self.settings.admins
+    }
+
+    fn listed(&self, actor: &str) -> bool {
+        self.is_admin(actor)
+            || self.settings.direct_allow.iter().any(|a| a == actor)
+            || self.settings.users.contains_key(actor)
+    }
+
+    pub fn admit(&self, message: &RobotMessage) -> Admission {
+        let actor = actor(message);
+        match message.conversation_kind {
+            ConversationKind::Group => match self.settings.group_chats {
+                GroupPolicy::Open => Admission::Allowed,
+                GroupPolicy::Allowlist if self.settings.group_allow.contains(&message.conversation_id) => {
+                    Admission::Allowed
+                }
+                GroupPolicy::Allowlist => Admission::Refused(
+                    "This group chat is not enabled for zhuli. An admin can add its conversation id to `group_allow`."
+                        .into(),
+                ),
+            },
+            ConversationKind::Single => {
+                let staff = message.sender_staff_id.as_deref().is_some_and(|s| !s.is_empty());
+                match self.settings.direct_chats {
+                    _ if self.listed(&actor) => Admission::Allowed,
+                    DirectPolicy::Org if staff => Admission::Allowed,
+                    DirectPolicy::Org => Admission::Refused("zhuli answers members of this organisation only.".into()),
+                    DirectPolicy::Allowlist => {
+                        Admission::Refused("You are not on this box's list of users. Ask an admin to add you.".into())
+                    }
+                    DirectPolicy::Pairing => {
+                        if self.paired.lock().unwrap_or_else(|p| p.into_inner()).contains(&actor) {
+                            Admission::Allowed
+                        } else {
+                            Admission::Pairing(self.pairing_code(&actor, &message.sender_nick))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pending code of `actor`, or a new one.
+    fn pairing_code(&self, actor: &str, nick: &str) -> String {
+        let mut pending = self.pairing.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|_, (_, _, at)| at.elapsed() < PAIRING_VALID);
+        if let Some((code, _)) = pending.iter().find(|(_, (a, _, _))| a == actor) {
+            return code.clone();
+        }
+        let code = loop {
+            let c = format!("{:06}", rand::random::<u32>() % 1_000_000);
+            if !pending.contains_key(&c) {
+                break c;
+            }
+        };
+        pending.insert(code.clone(), (actor.to_owned(), nick.chars().take(40).collect(), Instant::now()));
+        code
+    }
+
+    /// Approve a pairing code: the staff id and nickname approved, or `None` for an unknown or
+    /// expired code. The caller persists [`Access::paired`].
+    pub fn approve(&self, code: &str) -> Option<(String, String)> {
+        let mut pending = self.pairing.lock().unwrap_or_else(|p| p.into_inner());
+        let (actor, nick, at) = pending.remove(code)?;
+        if at.elapsed() >= PAIRING_VALID {
+            return None;
+        }
+        self.paired.lock().unwrap_or_else(|p| p.into_inner()).insert(actor.clone());
+        Some((actor, nick))
+    }
+
+    pub fn paired(&self) -> BTreeSet<String> {
+        self.paired.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// May `actor` use `tool`?
+    pub fn granted(&self, actor: &str, tool: &str) -> bool {
+        let extra = self.settings.users.get(actor).into_iter().flatten();
+        self.settings
+            .default_roles
+            .iter()
+            .chain(extra)
+            .filter_map(|r| self.settings.roles.get(r))
+            .any(|r| r.tools.iter().any(|g| matches(g, tool)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOOLS: [&str; 4] = ["files_list", "files_read", "files_write", "system"];
+
+    fn access(toml_text: &str) -> Result<Access, AccessError> {
+        let s: AccessSettings = toml::from_str(toml_text).expect("toml");
+        Access::new(s, TOOLS.iter().copied(), BTreeSet::new())
+    }
+
+    fn message(kind: ConversationKind, staff: Option<&str>, cid: &str) -> RobotMessage {
+        RobotMessage {
+            msg_id: "m".into(),
+            conversation_id: cid.into(),
+            conversation_kind: kind,
+            conversation_title: None,
+            sender_id: "uid".into(),
+            sender_staff_id: staff.map(str::to_owned),
+            sender_nick: "Li Lei".into(),
+            is_admin: false,
+            mentions_robot: true,
+            robot_code: None,
+            created_at_ms: None,
+            session_webhook: None,
+            content: crate::dingtalk::Content::Text("hi".into()),
+        }
+    }
+
+    #[test]
+    fn grants_are_denied_by_default_and_follow_roles() {
+        let a = access(
+            r#"default_roles = ["member"]
+            [roles.member]
+            tools = ["files_read", "system"]
+            [roles.editor]
+            tools = ["files"]
+            [users]
+            lilei = ["editor"]"#,
+        )
+        .expect("valid");
+        assert!(a.granted("anyone", "files_read"));
+        assert!(!a.granted("anyone", "files_write"));
+        assert!(a.granted("lilei", "files_write"));
+        assert!(!a.granted("lilei", "filesystem_x"), "a family grant covers `files_…` only");
+        let none = access("").expect("empty");
+        assert!(!none.granted("anyone", "system"));
+    }
+
+    #[test]
+    fn configuration_mistakes_are_named() {
+        assert_eq!(
+            access(r#"default_roles = ["ghost"]"#).err(),
+            Some(AccessError::UnknownRole { role: "ghost".into() })
+        );
+        let e = access("[roles.x]\ntools = [\"shell\"]").err().expect("unknown tool");
+        assert!(e.to_string().contains("`shell`") && e.to_string().contains("files_read"), "{e}");
+    }
+
+    #[test]
+    fn admission_per_kind_of_chat() {
+        let open = access("").expect("defaults");
+        assert_eq!(open.admit(&message(ConversationKind::Single, Some("s1"), "c")), Admission::Allowed);
+        assert!(matches!(open.admit(&message(ConversationKind::Single, None, "c")), Admission::Refused(_)));
+        assert_eq!(open.admit(&message(ConversationKind::Group, None, "g")), Admission::Allowed);
+
+        let strict = access(
+            r#"direct_chats = "pairing"
+            direct_allow = ["boss"]
+            group_chats = "allowlist"
+            group_allow = ["g-ok"]"#,
+        )
+        .expect("valid");
+        assert_eq!(strict.admit(&message(ConversationKind::Group, Some("x"), "g-ok")), Admission::Allowed);
+        assert!(matches!(strict.admit(&message(ConversationKind::Group, Some("x"), "g-no")), Admission::Refused(_)));
+        assert_eq!(strict.admit(&message(ConversationKind::Single, Some("boss"), "c")), Admission::Allowed);
+        let Admission::Pairing(code) = strict.admit(&message(ConversationKind::Single, Some("new"), "c")) else {
+            panic!("newcomer gets a code")
+        };
+        assert_eq!(
+            strict.admit(&message(ConversationKind::Single, Some("new"), "c")),
+            Admission::Pairing(code.clone())
+        );
+        assert_eq!(strict.approve("000000x"), None);
+        assert_eq!(strict.approve(&code), Some(("new".into(), "Li Lei".into())));
+        assert_eq!(strict.admit(&message(ConversationKind::Single, Some("new"), "c")), Admission::Allowed);
+        assert_eq!(strict.approve(&code), None, "a code is used once");
+    }
+}

@@ -1,0 +1,508 @@
+//! The turn loop: the model answers, asks for tools, gets their results, and answers again,
+//! until it gives a final answer or a bound is reached (steps, total time, budget). Every tool
+//! call is checked before it runs — known, granted, arguments within size, JSON, valid against
+//! the schema — and a `write` or `destructive` call pauses the turn until the asking user
+//! confirms it in chat with a short code.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{Answer, Assistant, now_ms, settings::local_time};
+use crate::{
+    audit::{Event, Kind},
+    llm::{ChatMessage, LlmError, Role, ToolCall},
+    store::{Role as TurnRole, Turn as StoredTurn, UndoEntry},
+    tools::{Risk, Tool, ToolError, schema},
+};
+
+/// Who is asking, where.
+#[derive(Debug, Clone)]
+pub struct Asker {
+    pub actor: String,
+    pub nick: String,
+    pub chat: String,
+    /// History key: the chat and the sender.
+    pub conversation: String,
+    pub group: bool,
+}
+
+/// A turn in progress.
+pub struct TurnState {
+    pub asker: Asker,
+    pub user_text: String,
+    pub messages: Vec<ChatMessage>,
+    pub queue: VecDeque<ToolCall>,
+    pub steps: u32,
+    pub deadline: Instant,
+}
+
+/// A turn paused on a confirmation.
+pub struct Pending {
+    pub state: TurnState,
+    pub call: ToolCall,
+    pub args: Value,
+    pub expires: Instant,
+}
+
+/// Daily token use, per box and per user.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Budget {
+    pub day: i64,
+    pub total: u64,
+    pub users: HashMap<String, u64>,
+}
+
+const BUDGET_SETTING: &str = "llm-token-use";
+
+/// Cut `s` to `max` bytes on a character boundary, saying so.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n…(cut: {} more bytes not shown)", &s[..end], s.len() - end)
+}
+
+fn llm_trouble(e: &LlmError) -> String {
+    match e {
+        LlmError::Unauthorised(_) => {
+            "The language model refused this box's credentials, so I cannot answer questions right now. \
+             An admin needs to check `[llm] api_key`."
+                .into()
+        }
+        LlmError::BaseUrl(_) => {
+            "The language model's address is misconfigured; an admin needs to check `[llm] base_url`.".into()
+        }
+        LlmError::GaveUp { .. } | LlmError::Stalled(_) => {
+            "The language model is not answering right now. Please try again in a few minutes.".into()
+        }
+        LlmError::Refused { .. } | LlmError::BadAnswer(_) => {
+            "The language model could not handle this request. Please rephrase it or try again later.".into()
+        }
+    }
+}
+
+impl Assistant {
+    /// Start a turn for `text`.
+    pub(super) async fn start_turn(&self, asker: Asker, text: String) -> Answer {
+        let llm = &self.parts.settings;
+        let conv = asker.conversation.clone();
+        let stored = self.store_call(move |s| s.history(&conv)).await.unwrap_or_else(|e| {
+            log::warn!("cannot read the conversation history: {e}");
+            Vec::new()
+        });
+        let history = recent_conversation(stored, now_ms(), llm.conversation_idle_ms.get().as_millis() as i64);
+        let prompt = if asker.group { llm.group_prompts.get(&asker.chat) } else { None }.unwrap_or(&llm.system_prompt);
+        let (now, _) = local_time(now_ms(), llm.utc_offset_minutes);
+        let mut messages = vec![ChatMessage::text(
+            Role::System,
+            format!(
+                "{prompt}\n\nYou are talking with {} (staff id {}) in a {} chat. Local time: {now} (UTC{:+}).",
+                asker.nick,
+                asker.actor,
+                if asker.group { "group" } else { "1:1" },
+                llm.utc_offset_minutes as f64 / 60.0
+            ),
+        )];
+        for t in history {
+            let role = match t.role {
+                TurnRole::User => Role::User,
+                TurnRole::Assistant => Role::Assistant,
+            };
+            messages.push(ChatMessage::text(role, t.text));
+        }
+        messages.push(ChatMessage::text(Role::User, text.clone()));
+        let state = TurnState {
+            asker,
+            user_text: text,
+            messages,
+            queue: VecDeque::new(),
+            steps: 0,
+            deadline: Instant::now() + llm.turn_timeout_ms.get(),
+        };
+        self.drive(state).await
+    }
+
+    /// Run a turn until it answers or pauses for a confirmation.
+    pub(super) async fn drive(&self, mut state: TurnState) -> Answer {
+        let Some(llm) = &self.parts.llm else {
+            return Answer::fixed("LLM not configured", super::NO_LLM);
+        };
+        let settings = &self.parts.settings;
+        loop {
+            while let Some(call) = state.queue.pop_front() {
+                match self.check_call(&state.asker, &call) {
+                    Err(refusal) => state.messages.push(ChatMessage::tool_result(call.id.clone(), refusal)),
+                    Ok((tool, args)) if tool.risk() == Risk::Read => {
+                        let result = self.run_tool(&state.asker, &tool, &call, args).await;
+                        state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
+                    }
+                    Ok((tool, args)) => return self.ask_confirmation(state, tool, call, args),
+                }
+            }
+            if state.steps >= settings.max_steps {
+                self.parts.audit.record(
+                    Event::new(Kind::LimitHit, &state.asker.actor, &state.asker.chat)
+                        .reason(format!("turn stopped after {} model steps", state.steps)),
+                );
+                return self
+                    .finish(
+                        state,
+                        format!(
+                            "I stopped after {} steps without a final answer. Please ask a narrower question.",
+                            settings.max_steps
+                        ),
+                    )
+                    .await;
+            }
+            if let Some(refusal) = self.over_budget(&state.asker).await {
+                return self.finish(state, refusal).await;
+            }
+            let left = state.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return self.timed_out(state).await;
+            }
+            let granted = |name: &str| self.parts.access.granted(&state.asker.actor, name);
+            let specs = self.parts.tools.specs(granted);
+            let completion = match tokio::time::timeout(left, llm.complete(&state.messages, &specs)).await {
+                Err(_) => return self.timed_out(state).await,
+                Ok(Err(e)) => {
+                    log::warn!("LLM request failed: {e}");
+                    self.parts.llm_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Answer::fixed("LLM unavailable", llm_trouble(&e));
+                }
+                Ok(Ok(c)) => c,
+            };
+            state.steps += 1;
+            if let Some(u) = completion.usage {
+                self.spend(&state.asker.actor, u.total_tokens).await;
+            }
+            let message = completion.message;
+            if message.tool_calls.is_empty() {
+                let text = message.content.unwrap_or_default();
+                let text = if text.trim().is_empty() { "(the model gave an empty answer)".to_owned() } else { text };
+                return self.finish(state, text).await;
+            }
+            state.queue.extend(message.tool_calls.iter().cloned());
+            state.messages.push(ChatMessage {
+                role: Role::Assistant,
+                content: message.content,
+                tool_calls: message.tool_calls,
+                tool_call_id: None,
+            });
+        }
+    }
+
+    async fn timed_out(&self, state: TurnState) -> Answer {
+        self.parts.audit.record(
+            Event::new(Kind::LimitHit, &state.asker.actor, &state.asker.chat).reason("turn took longer than allowed"),
+        );
+        self.finish(
+            state,
+            "This took longer than I am allowed to work on one question. Please ask again, perhaps in smaller parts."
+                .into(),
+        )
+        .await
+    }
+
+    /// The final answer: kept in the conversation history, cut to size.
+    async fn finish(&self, state: TurnState, text: String) -> Answer {
+        let conv = state.asker.conversation.clone();
+        let at = now_ms();
+        let user = StoredTurn { role: TurnRole::User, text: state.user_text, at_ms: at };
+        let answer = StoredTurn { role: TurnRole::Assistant, text: text.clone(), at_ms: at };
+        if let Err(e) =
+            self.store_call(move |s| s.append_turn(&conv, &user).and_then(|()| s.append_turn(&conv, &answer))).await
+        {
+            log::warn!("cannot keep the conversation history: {e}");
+        }
+        Answer { title: "zhuli".into(), markdown: clip(&text, self.parts.settings.max_answer_bytes), costly: true }
+    }
+
+    /// Is the call acceptable? The tool and its parsed arguments, or the refusal fed back to the
+    /// model. Each outcome is audited.
+    fn check_call(&self, asker: &Asker, call: &ToolCall) -> Result<(Arc<dyn Tool>, Value), String> {
+        let name = call.function.name.as_str();
+        let audit = &self.parts.audit;
+        let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(name.chars().take(64).collect::<String>());
+        audit.record(event(Kind::ToolRequested));
+        let deny = |reason: String, target: String| {
+            audit.record(event(Kind::ToolDenied).target(target).reason(reason.clone()));
+            self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("refused: {reason}")
+        };
+        let Some(tool) = self.parts.tools.get(name).cloned() else {
+            return Err(deny(
+                format!("there is no tool named `{}`", name.chars().take(64).collect::<String>()),
+                String::new(),
+            ));
+        };
+        if !self.parts.access.granted(&asker.actor, name) {
+            return Err(deny(
+                format!("{} may not use `{name}`; an admin can grant it to one of their roles", asker.nick),
+                String::new(),
+            ));
+        }
+        let raw = call.function.arguments.trim();
+        let max = self.parts.settings.max_argument_bytes;
+        if raw.len() > max {
+            return Err(deny(
+                format!("the arguments are {} bytes; at most {max} are accepted", raw.len()),
+                String::new(),
+            ));
+        }
+        let args: Value = if raw.is_empty() {
+            Value::Object(Default::default())
+        } else {
+            match serde_json::from_str(raw) {
+                Ok(v) => v,
+                Err(e) => return Err(deny(format!("the arguments are not valid JSON ({e})"), String::new())),
+            }
+        };
+        let target = tool.target(&args);
+        if let Err(e) = schema::validate(tool.parameters(), &args) {
+            return Err(deny(format!("invalid arguments: {e}"), target));
+        }
+        audit.record(event(Kind::ToolAllowed).target(target).outcome(tool.risk().name()));
+        Ok((tool, args))
+    }
+
+    /// Execute a checked call within the tool timeout; the text for the model. Audited, and an
+    /// undoable change is journalled.
+    pub(super) async fn run_tool(&self, asker: &Asker, tool: &Arc<dyn Tool>, call: &ToolCall, args: Value) -> String {
+        let target = tool.target(&args);
+        let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
+        let limit = self.parts.settings.tool_timeout_ms.get();
+        let result = match tokio::time::timeout(limit, tool.execute(args)).await {
+            Ok(r) => r,
+            Err(_) => Err(ToolError::Failed(format!("no result within {}", human(limit)))),
+        };
+        match result {
+            Ok(outcome) => {
+                self.parts.audit.record(event(Kind::ToolExecuted).outcome("ok"));
+                if let Some((payload, description)) = outcome.undo {
+                    let entry = UndoEntry {
+                        tool: tool.name().to_owned(),
+                        user: asker.actor.clone(),
+                        description,
+                        payload,
+                        at_ms: now_ms(),
+                    };
+                    if let Err(e) = self.store_call(move |s| s.push_undo(&entry)).await {
+                        log::warn!("cannot journal the undo of {}: {e}", call.function.name);
+                    }
+                }
+                clip(&outcome.text, self.parts.settings.max_tool_output_bytes)
+            }
+            Err(e) => {
+                self.parts.audit.record(event(Kind::ToolFailed).outcome("error").reason(e.to_string()));
+                e.to_string()
+            }
+        }
+    }
+
+    fn ask_confirmation(&self, state: TurnState, tool: Arc<dyn Tool>, call: ToolCall, args: Value) -> Answer {
+        let target = tool.target(&args);
+        let risk = tool.risk();
+        let timeout = self.parts.settings.confirm_timeout_ms.get();
+        let code = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            pending.retain(|_, p| p.expires > now);
+            // A new question replaces one this person left unanswered in this chat.
+            pending
+                .retain(|_, p| !(p.state.asker.actor == state.asker.actor && p.state.asker.chat == state.asker.chat));
+            let code = loop {
+                let c = format!("{:04}", 1000 + rand::random::<u16>() % 9000);
+                if !pending.contains_key(&c) {
+                    break c;
+                }
+            };
+            pending.insert(code.clone(), Pending { state, call: call.clone(), args, expires: now + timeout });
+            code
+        };
+        let what = match risk {
+            Risk::Destructive => "⚠️ This removes or overwrites something.",
+            _ => "This changes something.",
+        };
+        Answer {
+            title: "please confirm".into(),
+            markdown: format!(
+                "**Confirm**: `{}` on `{target}`\n\n{what} Reply `/confirm {code}` within {} to go ahead, or `/cancel`.",
+                tool.name(),
+                human(timeout)
+            ),
+            costly: true,
+        }
+    }
+
+    /// `/confirm CODE` from `asker`.
+    pub(super) async fn confirm(&self, asker: &Asker, code: &str) -> Answer {
+        let taken = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match pending.get(code) {
+                None => Err("There is no pending action with that code. It may have expired; ask again.".to_owned()),
+                Some(p) if p.expires <= Instant::now() => {
+                    pending.remove(code);
+                    Err("That confirmation has expired; nothing was changed. Ask again if you still want it.".into())
+                }
+                Some(p) if p.state.asker.actor != asker.actor || p.state.asker.chat != asker.chat => {
+                    let owner = p.state.asker.nick.clone();
+                    let tool = p.call.function.name.clone();
+                    drop(pending);
+                    self.parts.audit.record(
+                        Event::new(Kind::ToolDenied, &asker.actor, &asker.chat)
+                            .tool(tool)
+                            .target(code.to_owned())
+                            .reason("confirmation from someone other than the asker"),
+                    );
+                    self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Answer::fixed(
+                        "not yours to confirm",
+                        format!("Only {owner}, who asked for it, can confirm this action in this chat."),
+                    );
+                }
+                Some(_) => Ok(pending.remove(code)),
+            }
+        };
+        let pending = match taken {
+            Err(text) => return Answer::fixed("nothing to confirm", text),
+            Ok(Some(p)) => p,
+            Ok(None) => return Answer::fixed("nothing to confirm", "There is no pending action with that code."),
+        };
+        let Pending { mut state, call, args, .. } = pending;
+        let Some(tool) = self.parts.tools.get(&call.function.name).cloned() else {
+            return Answer::fixed("nothing to confirm", "That tool is no longer available.");
+        };
+        self.parts.audit.record(
+            Event::new(Kind::ToolConfirmed, &asker.actor, &asker.chat).tool(tool.name()).target(tool.target(&args)),
+        );
+        // The turn's clock restarts: the person may have taken minutes to confirm.
+        state.deadline = Instant::now() + self.parts.settings.turn_timeout_ms.get();
+        let result = self.run_tool(asker, &tool, &call, args).await;
+        state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
+        self.drive(state).await
+    }
+
+    /// `/cancel` from `asker`: drop their pending action in this chat.
+    pub(super) async fn cancel(&self, asker: &Asker) -> Answer {
+        let removed: Vec<Pending> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let codes: Vec<String> = pending
+                .iter()
+                .filter(|(_, p)| p.state.asker.actor == asker.actor && p.state.asker.chat == asker.chat)
+                .map(|(c, _)| c.clone())
+                .collect();
+            codes.iter().filter_map(|c| pending.remove(c)).collect()
+        };
+        if removed.is_empty() {
+            return Answer::fixed("nothing to cancel", "You have no action waiting for confirmation here.");
+        }
+        for p in &removed {
+            self.parts.audit.record(
+                Event::new(Kind::ToolDenied, &asker.actor, &asker.chat)
+                    .tool(p.call.function.name.clone())
+                    .reason("declined by the asker"),
+            );
+        }
+        let state = removed.into_iter().next().map(|p| p.state);
+        let text = "Cancelled; nothing was changed.".to_owned();
+        match state {
+            Some(s) => Answer { costly: false, ..self.finish(s, text).await },
+            None => Answer::fixed("cancelled", text),
+        }
+    }
+
+    async fn over_budget(&self, asker: &Asker) -> Option<String> {
+        let (per_box, per_user) = self.parts.budget_limits;
+        let day = local_time(now_ms(), self.parts.settings.utc_offset_minutes).1;
+        let (total, mine) = {
+            let b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+            if b.day != day { (0, 0) } else { (b.total, b.users.get(&asker.actor).copied().unwrap_or(0)) }
+        };
+        let reason = if per_box > 0 && total >= per_box {
+            "This box has used its language-model budget for today. It resets at midnight; an admin can raise `[llm] daily_tokens`."
+        } else if per_user > 0 && mine >= per_user {
+            "You have used your language-model budget for today. It resets at midnight; an admin can raise `[llm] daily_tokens_per_user`."
+        } else {
+            return None;
+        };
+        self.parts.audit.record(
+            Event::new(Kind::LimitHit, &asker.actor, &asker.chat)
+                .reason(format!("daily token budget reached (box {total}/{per_box}, user {mine}/{per_user})")),
+        );
+        Some(reason.into())
+    }
+
+    async fn spend(&self, actor: &str, tokens: u64) {
+        let day = local_time(now_ms(), self.parts.settings.utc_offset_minutes).1;
+        let snapshot = {
+            let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+            if b.day != day {
+                *b = Budget { day, ..Budget::default() };
+            }
+            b.total += tokens;
+            *b.users.entry(actor.to_owned()).or_default() += tokens;
+            serde_json::to_string(&*b).unwrap_or_default()
+        };
+        self.parts.tokens.fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = self.store_call(move |s| s.set_setting(BUDGET_SETTING, &snapshot)).await {
+            log::warn!("cannot keep today's token use: {e}");
+        }
+    }
+
+    /// Today's use as kept in the store (at start).
+    pub(super) fn load_budget(store: &crate::store::Store) -> Budget {
+        store.setting(BUDGET_SETTING).ok().flatten().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+    }
+}
+
+/// The turns of the current conversation: those after the last gap longer than `idle`, and
+/// none if the newest is older than `idle`.
+pub fn recent_conversation(turns: Vec<StoredTurn>, now_ms: i64, idle: i64) -> Vec<StoredTurn> {
+    if turns.last().is_none_or(|t| now_ms - t.at_ms > idle) {
+        return Vec::new();
+    }
+    let start = turns.windows(2).rposition(|w| w[1].at_ms - w[0].at_ms > idle).map_or(0, |i| i + 1);
+    turns.into_iter().skip(start).collect()
+}
+
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 120 && s.is_multiple_of(60) {
+        format!("{} minutes", s / 60)
+    } else if s >= 1 {
+        format!("{s} seconds")
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(at_ms: i64) -> StoredTurn {
+        StoredTurn { role: TurnRole::User, text: at_ms.to_string(), at_ms }
+    }
+
+    #[test]
+    fn an_idle_gap_starts_a_new_conversation() {
+        let at = |v: Vec<StoredTurn>| v.iter().map(|t| t.at_ms).collect::<Vec<_>>();
+        assert_eq!(at(recent_conversation(vec![t(0), t(10), t(100), t(105)], 110, 50)), vec![100, 105]);
+        assert_eq!(at(recent_conversation(vec![t(0), t(10)], 20, 50)), vec![0, 10]);
+        assert!(recent_conversation(vec![t(0), t(10)], 100, 50).is_empty());
+        assert!(recent_conversation(Vec::new(), 100, 50).is_empty());
+        assert_eq!(clip("abcdef", 3), "abc\n…(cut: 3 more bytes not shown)");
+        assert_eq!(clip("ab", 3), "ab");
+    }
+}

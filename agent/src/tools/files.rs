@@ -1,0 +1,677 @@
+//! The `files` tools: list, read, search, write, move and delete files inside allow-listed roots.
+//!
+//! Paths are written `root/relative/path`, the first part naming a root from
+//! `[tools.files.roots]`. Confinement: a `..` part is refused outright; every path is
+//! canonicalised and must stay under its root's canonical path, so a symbolic link leading out
+//! is refused; files are opened without following a final symbolic link; new files are written
+//! to a fresh temporary file and renamed into place. Reads, writes, listings and searches are
+//! capped in size. Writes, moves and deletes keep what they replace (in the state directory) so
+//! `/undo` can put it back.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fs,
+    io::{Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{BoxFuture, Outcome, Risk, Tool, ToolError};
+
+/// `[tools.files]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesSettings {
+    /// Root name → directory. No roots, no file access.
+    pub roots: BTreeMap<String, PathBuf>,
+    pub max_read_bytes: usize,
+    pub max_write_bytes: usize,
+    /// Entries a listing or search returns, at most.
+    pub max_results: usize,
+}
+
+impl Default for FilesSettings {
+    fn default() -> Self {
+        FilesSettings {
+            roots: BTreeMap::new(),
+            max_read_bytes: 256 * 1024,
+            max_write_bytes: 1024 * 1024,
+            max_results: 200,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("[tools.files.roots] {name} = {path}: {reason}; create the directory or remove the root")]
+pub struct RootError {
+    name: String,
+    path: PathBuf,
+    reason: String,
+}
+
+/// The roots, canonicalised once at start, and where replaced files are kept for undo.
+#[derive(Debug)]
+pub struct Roots {
+    roots: Vec<(String, PathBuf)>,
+    keep_dir: PathBuf,
+    settings: FilesSettings,
+}
+
+const SEARCH_MAX_VISITS: usize = 20_000;
+const SEARCH_MAX_DEPTH: usize = 12;
+const SEARCH_CONTENT_MAX_BYTES: u64 = 1024 * 1024;
+
+fn refused(s: impl Into<String>) -> ToolError {
+    ToolError::Refused(s.into())
+}
+
+fn failed(what: &str, e: std::io::Error) -> ToolError {
+    ToolError::Failed(format!("{what}: {}", e.kind()))
+}
+
+impl Roots {
+    pub fn open(settings: &FilesSettings, state_dir: &Path) -> Result<Arc<Roots>, RootError> {
+        let mut roots = Vec::new();
+        for (name, path) in &settings.roots {
+            let err = |reason: String| RootError { name: name.clone(), path: path.clone(), reason };
+            if name.is_empty() || name.contains('/') || name == ".." || name == "." {
+                return Err(err("a root name must be one plain word".into()));
+            }
+            let canon = fs::canonicalize(path).map_err(|e| err(e.to_string()))?;
+            if !canon.is_dir() {
+                return Err(err("not a directory".into()));
+            }
+            roots.push((name.clone(), canon));
+        }
+        let keep_dir = state_dir.join("files-undo");
+        fs::create_dir_all(&keep_dir).map_err(|e| RootError {
+            name: "(undo area)".into(),
+            path: keep_dir.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Arc::new(Roots { roots, keep_dir, settings: settings.clone() }))
+    }
+
+    fn names(&self) -> String {
+        if self.roots.is_empty() {
+            return "(none configured)".into();
+        }
+        self.roots.iter().map(|(n, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Split `root/rest` into the root and the remaining parts, refusing `..`.
+    fn parts<'a>(&self, path: &'a str) -> Result<(&(String, PathBuf), Vec<&'a str>), ToolError> {
+        if path.contains('\0') {
+            return Err(refused("the path contains a NUL character"));
+        }
+        let parts: Vec<&str> = path.split(['/', '\\']).filter(|p| !p.is_empty() && *p != ".").collect();
+        if parts.contains(&"..") {
+            return Err(refused(format!(
+                "`..` is not allowed in paths; name a path inside one of the roots: {}",
+                self.names()
+            )));
+        }
+        let Some(first) = parts.first() else {
+            return Err(refused(format!("name a root first; the roots are: {}", self.names())));
+        };
+        let root =
+            self.roots.iter().find(|(n, _)| n == first).ok_or_else(|| {
+                refused(format!("`{first}` is not one of the roots this box may use: {}", self.names()))
+            })?;
+        Ok((root, parts[1..].to_vec()))
+    }
+
+    /// An existing path inside a root, canonicalised.
+    fn existing(&self, path: &str) -> Result<PathBuf, ToolError> {
+        let ((_, root), rest) = self.parts(path)?;
+        let joined = rest.iter().fold(root.clone(), |p, part| p.join(part));
+        let canon = fs::canonicalize(&joined).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => refused(format!("`{path}` does not exist")),
+            _ => failed("cannot resolve the path", e),
+        })?;
+        if !canon.starts_with(root) {
+            return Err(refused(format!("`{path}` leads outside its root through a symbolic link; refused")));
+        }
+        Ok(canon)
+    }
+
+    /// A path to be created inside a root: its parent must exist inside the root, and the name
+    /// itself must not be a symbolic link.
+    fn new_path(&self, path: &str) -> Result<PathBuf, ToolError> {
+        let ((_, root), rest) = self.parts(path)?;
+        let Some((name, dirs)) = rest.split_last() else {
+            return Err(refused("name a file inside the root, not the root itself"));
+        };
+        let parent = dirs.iter().fold(root.clone(), |p, part| p.join(part));
+        let parent = fs::canonicalize(&parent).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => refused(format!("the folder for `{path}` does not exist")),
+            _ => failed("cannot resolve the folder", e),
+        })?;
+        if !parent.starts_with(root) {
+            return Err(refused(format!("`{path}` leads outside its root through a symbolic link; refused")));
+        }
+        let target = parent.join(name);
+        if let Ok(meta) = fs::symlink_metadata(&target)
+            && meta.file_type().is_symlink()
+        {
+            return Err(refused(format!("`{path}` is a symbolic link; refused")));
+        }
+        Ok(target)
+    }
+
+    /// `root/relative` for a canonical path inside a root.
+    fn display(&self, canon: &Path) -> String {
+        for (name, root) in &self.roots {
+            if let Ok(rel) = canon.strip_prefix(root) {
+                let rel = rel.to_string_lossy();
+                return if rel.is_empty() { name.clone() } else { format!("{name}/{rel}") };
+            }
+        }
+        canon.to_string_lossy().into_owned()
+    }
+
+    fn keep_path(&self) -> PathBuf {
+        self.keep_dir.join(format!("{:016x}", rand::random::<u64>()))
+    }
+}
+
+/// Open for reading without following a final symbolic link.
+fn open_nofollow(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(path)
+}
+
+/// Move `from` to `to`; across filesystems by copying.
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+            fs::copy(from, to)?;
+            fs::remove_file(from)
+        }
+        other => other,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    List,
+    Read,
+    Search,
+    Write,
+    Move,
+    Delete,
+}
+
+/// How to reverse a change.
+#[derive(Debug, Serialize, Deserialize)]
+enum Undo {
+    /// A write: put the kept copy back, or remove the file if it was new.
+    Write {
+        path: PathBuf,
+        kept: Option<PathBuf>,
+    },
+    Move {
+        from: PathBuf,
+        to: PathBuf,
+    },
+    Delete {
+        path: PathBuf,
+        kept: PathBuf,
+    },
+}
+
+pub struct FileTool {
+    op: Op,
+    roots: Arc<Roots>,
+    parameters: Value,
+}
+
+/// All the files tools over `roots`.
+pub fn tools(roots: &Arc<Roots>) -> Vec<Arc<dyn Tool>> {
+    [Op::List, Op::Read, Op::Search, Op::Write, Op::Move, Op::Delete]
+        .into_iter()
+        .map(|op| Arc::new(FileTool::new(op, roots.clone())) as Arc<dyn Tool>)
+        .collect()
+}
+
+fn path_param(what: &str) -> Value {
+    json!({"type": "string", "maxLength": 1024, "description": what})
+}
+
+impl FileTool {
+    pub fn new(op: Op, roots: Arc<Roots>) -> Self {
+        let max_write = roots.settings.max_write_bytes;
+        let parameters = match op {
+            Op::List => json!({"type": "object", "additionalProperties": false,
+                "properties": {"path": path_param("`root/folder`; empty lists the roots")}}),
+            Op::Read => json!({"type": "object", "additionalProperties": false, "required": ["path"],
+                "properties": {"path": path_param("`root/folder/file`")}}),
+            Op::Search => json!({"type": "object", "additionalProperties": false, "required": ["path", "query"],
+                "properties": {"path": path_param("`root` or `root/folder` to search under"),
+                    "query": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "in_content": {"type": "boolean", "description": "also match text inside files"}}}),
+            Op::Write => json!({"type": "object", "additionalProperties": false, "required": ["path", "content"],
+                "properties": {"path": path_param("`root/folder/file`"),
+                    "content": {"type": "string", "maxLength": max_write},
+                    "overwrite": {"type": "boolean", "description": "replace an existing file"}}}),
+            Op::Move => json!({"type": "object", "additionalProperties": false, "required": ["from", "to"],
+                "properties": {"from": path_param("existing `root/…` path"), "to": path_param("new `root/…` path")}}),
+            Op::Delete => json!({"type": "object", "additionalProperties": false, "required": ["path"],
+                "properties": {"path": path_param("`root/folder/file`")}}),
+        };
+        FileTool { op, roots, parameters }
+    }
+}
+
+fn arg<'a>(args: &'a Value, name: &str) -> &'a str {
+    args.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
+impl Tool for FileTool {
+    fn name(&self) -> &str {
+        match self.op {
+            Op::List => "files_list",
+            Op::Read => "files_read",
+            Op::Search => "files_search",
+            Op::Write => "files_write",
+            Op::Move => "files_move",
+            Op::Delete => "files_delete",
+        }
+    }
+
+    fn description(&self) -> &str {
+        match self.op {
+            Op::List => "List a folder of the box's shared files (paths are `root/folder`).",
+            Op::Read => "Read a text file of the box's shared files.",
+            Op::Search => "Find files by name (and optionally by text inside) under a folder.",
+            Op::Write => "Write a text file (asks the user to confirm; undoable).",
+            Op::Move => "Move or rename a file (asks the user to confirm; undoable).",
+            Op::Delete => "Delete a file (asks the user to confirm; undoable).",
+        }
+    }
+
+    fn parameters(&self) -> &Value {
+        &self.parameters
+    }
+
+    fn risk(&self) -> Risk {
+        match self.op {
+            Op::List | Op::Read | Op::Search => Risk::Read,
+            Op::Write | Op::Move => Risk::Write,
+            Op::Delete => Risk::Destructive,
+        }
+    }
+
+    fn target(&self, args: &Value) -> String {
+        match self.op {
+            Op::Move => format!("{} → {}", arg(args, "from"), arg(args, "to")),
+            _ => arg(args, "path").to_owned(),
+        }
+    }
+
+    fn execute<'a>(&'a self, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>> {
+        let roots = self.roots.clone();
+        let op = self.op;
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || run(op, &roots, &args))
+                .await
+                .unwrap_or_else(|_| Err(ToolError::Failed("the file operation stopped unexpectedly".into())))
+        })
+    }
+
+    fn undo<'a>(&'a self, payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
+        let roots = self.roots.clone();
+        let payload = payload.to_vec();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || undo(&roots, &payload))
+                .await
+                .unwrap_or_else(|_| Err(ToolError::Failed("the undo stopped unexpectedly".into())))
+        })
+    }
+}
+
+fn run(op: Op, roots: &Roots, args: &Value) -> Result<Outcome, ToolError> {
+    match op {
+        Op::List => list(roots, arg(args, "path")),
+        Op::Read => read(roots, arg(args, "path")),
+        Op::Search => {
+            search(roots, arg(args, "path"), arg(args, "query"), args.get("in_content") == Some(&Value::Bool(true)))
+        }
+        Op::Write => {
+            write(roots, arg(args, "path"), arg(args, "content"), args.get("overwrite") == Some(&Value::Bool(true)))
+        }
+        Op::Move => move_op(roots, arg(args, "from"), arg(args, "to")),
+        Op::Delete => delete(roots, arg(args, "path")),
+    }
+}
+
+fn list(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
+    if path.trim_matches(['/', '.', ' ']).is_empty() {
+        return Ok(Outcome::text(format!("roots: {}", roots.names())));
+    }
+    let dir = roots.existing(path)?;
+    if !dir.is_dir() {
+        return Err(refused(format!("`{path}` is a file, not a folder")));
+    }
+    let mut entries: Vec<(String, String)> = Vec::new();
+    let mut total = 0usize;
+    for entry in fs::read_dir(&dir).map_err(|e| failed("cannot list the folder", e))? {
+        let Ok(entry) = entry else { continue };
+        total += 1;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = entry.metadata() else { continue };
+        let kind = if meta.file_type().is_symlink() {
+            "link".to_owned()
+        } else if meta.is_dir() {
+            "folder".to_owned()
+        } else {
+            format!("{} bytes", meta.len())
+        };
+        entries.push((name, kind));
+    }
+    entries.sort();
+    let shown = entries.len().min(roots.settings.max_results);
+    let mut text = format!("{} ({} entries)\n", roots.display(&dir), total);
+    for (name, kind) in &entries[..shown] {
+        text.push_str(&format!("- {name} ({kind})\n"));
+    }
+    if shown < entries.len() {
+        text.push_str(&format!("… {} more not shown\n", entries.len() - shown));
+    }
+    Ok(Outcome::text(text))
+}
+
+fn read(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
+    let file = roots.existing(path)?;
+    let meta = fs::metadata(&file).map_err(|e| failed("cannot read the file", e))?;
+    if meta.is_dir() {
+        return Err(refused(format!("`{path}` is a folder; use files_list")));
+    }
+    let max = roots.settings.max_read_bytes;
+    let mut buf = Vec::with_capacity((meta.len() as usize).min(max));
+    open_nofollow(&file)
+        .map_err(|e| failed("cannot open the file", e))?
+        .take(max as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| failed("cannot read the file", e))?;
+    let text = match String::from_utf8(buf) {
+        Ok(t) => t,
+        Err(e) if e.utf8_error().error_len().is_none() => {
+            // Cut inside a character at the size cap.
+            let valid = e.utf8_error().valid_up_to();
+            let mut b = e.into_bytes();
+            b.truncate(valid);
+            String::from_utf8(b).unwrap_or_default()
+        }
+        Err(_) => {
+            return Ok(Outcome::text(format!(
+                "`{path}` is a binary file of {} bytes; it cannot be shown as text",
+                meta.len()
+            )));
+        }
+    };
+    let mut out = text;
+    if meta.len() as usize > max {
+        out.push_str(&format!("\n…(only the first {max} of {} bytes are shown)", meta.len()));
+    }
+    Ok(Outcome::text(out))
+}
+
+fn search(roots: &Roots, path: &str, query: &str, in_content: bool) -> Result<Outcome, ToolError> {
+    let start = roots.existing(path)?;
+    let needle = query.to_lowercase();
+    let mut found = Vec::new();
+    let mut queue = VecDeque::from([(start, 0usize)]);
+    let mut visits = 0usize;
+    let mut complete = true;
+    while let Some((dir, depth)) = queue.pop_front() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            visits += 1;
+            if visits > SEARCH_MAX_VISITS || found.len() >= roots.settings.max_results {
+                complete = false;
+                break;
+            }
+            // Symbolic links are not followed: they could lead out of the root.
+            let Ok(ft) = entry.file_type() else { continue };
+            let p = entry.path();
+            let name = entry.file_name().to_string_lossy().to_lowercase();
+            if ft.is_dir() {
+                if depth < SEARCH_MAX_DEPTH {
+                    queue.push_back((p.clone(), depth + 1));
+                }
+                if name.contains(&needle) {
+                    found.push(format!("{}/", roots.display(&p)));
+                }
+            } else if ft.is_file() {
+                if name.contains(&needle) {
+                    found.push(roots.display(&p));
+                } else if in_content && entry.metadata().map(|m| m.len() <= SEARCH_CONTENT_MAX_BYTES).unwrap_or(false) {
+                    let mut buf = Vec::new();
+                    if open_nofollow(&p).and_then(|mut f| f.read_to_end(&mut buf)).is_ok()
+                        && String::from_utf8_lossy(&buf).to_lowercase().contains(&needle)
+                    {
+                        found.push(format!("{} (text matches)", roots.display(&p)));
+                    }
+                }
+            }
+        }
+        if !complete {
+            break;
+        }
+    }
+    let mut text = format!("{} matches for “{query}” under {}\n", found.len(), path);
+    for f in &found {
+        text.push_str(&format!("- {f}\n"));
+    }
+    if !complete {
+        text.push_str("(search stopped early at its size limit; narrow the folder or the query)\n");
+    }
+    Ok(Outcome::text(text))
+}
+
+fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Outcome, ToolError> {
+    if content.len() > roots.settings.max_write_bytes {
+        return Err(refused(format!(
+            "the content is {} bytes; at most {} may be written",
+            content.len(),
+            roots.settings.max_write_bytes
+        )));
+    }
+    let target = roots.new_path(path)?;
+    let exists = target.exists();
+    if exists && !overwrite {
+        return Err(refused(format!("`{path}` already exists; say overwrite to replace it")));
+    }
+    if target.is_dir() {
+        return Err(refused(format!("`{path}` is a folder")));
+    }
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    let temp = parent.join(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        f.write_all(content.as_bytes())?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(failed("cannot write the file", e));
+    }
+    let kept = if exists {
+        let keep = roots.keep_path();
+        if let Err(e) = fs::copy(&target, &keep) {
+            let _ = fs::remove_file(&temp);
+            return Err(failed("cannot keep the old version for undo", e));
+        }
+        Some(keep)
+    } else {
+        None
+    };
+    if let Err(e) = fs::rename(&temp, &target) {
+        let _ = fs::remove_file(&temp);
+        return Err(failed("cannot put the file in place", e));
+    }
+    let shown = roots.display(&target);
+    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: kept.clone() }).unwrap_or_default();
+    let how = if kept.is_some() { "restore the previous version of" } else { "remove" };
+    Ok(Outcome {
+        text: format!("wrote {} bytes to {shown}", content.len()),
+        undo: Some((undo, format!("{how} {shown}"))),
+    })
+}
+
+fn move_op(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {
+    let source = roots.existing(from)?;
+    let target = roots.new_path(to)?;
+    if target.exists() {
+        return Err(refused(format!("`{to}` already exists; choose another name")));
+    }
+    fs::rename(&source, &target).map_err(|e| failed("cannot move the file", e))?;
+    let (a, b) = (roots.display(&source), roots.display(&target));
+    let undo = serde_json::to_vec(&Undo::Move { from: source, to: target }).unwrap_or_default();
+    Ok(Outcome { text: format!("moved {a} to {b}"), undo: Some((undo, format!("move {b} back to {a}"))) })
+}
+
+fn delete(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
+    let file = roots.existing(path)?;
+    if file.is_dir() {
+        return Err(refused(format!("`{path}` is a folder; only files can be deleted")));
+    }
+    let keep = roots.keep_path();
+    move_file(&file, &keep).map_err(|e| failed("cannot delete the file", e))?;
+    let shown = roots.display(&file);
+    let undo = serde_json::to_vec(&Undo::Delete { path: file, kept: keep }).unwrap_or_default();
+    Ok(Outcome { text: format!("deleted {shown}"), undo: Some((undo, format!("restore {shown}"))) })
+}
+
+fn undo(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
+    let undo: Undo =
+        serde_json::from_slice(payload).map_err(|_| ToolError::Failed("the undo record is not readable".into()))?;
+    match undo {
+        Undo::Write { path, kept: Some(kept) } => {
+            move_file(&kept, &path).map_err(|e| failed("cannot restore the previous version", e))?;
+            Ok(format!("restored the previous version of {}", roots.display(&path)))
+        }
+        Undo::Write { path, kept: None } => {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(failed("cannot remove the written file", e)),
+            }
+            Ok(format!("removed {}", roots.display(&path)))
+        }
+        Undo::Move { from, to } => {
+            if from.exists() {
+                return Err(refused(format!("{} exists again; not moving over it", roots.display(&from))));
+            }
+            fs::rename(&to, &from).map_err(|e| failed("cannot move the file back", e))?;
+            Ok(format!("moved {} back to {}", roots.display(&to), roots.display(&from)))
+        }
+        Undo::Delete { path, kept } => {
+            if path.exists() {
+                return Err(refused(format!("{} exists again; not restoring over it", roots.display(&path))));
+            }
+            move_file(&kept, &path).map_err(|e| failed("cannot restore the file", e))?;
+            Ok(format!("restored {}", roots.display(&path)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: PathBuf,
+        roots: Arc<Roots>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture() -> Fixture {
+        let dir = std::env::temp_dir().join(format!("zhuli-files-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        fs::create_dir_all(dir.join("share/reports")).expect("dirs");
+        fs::create_dir_all(dir.join("outside")).expect("dirs");
+        fs::write(dir.join("share/reports/q3.txt"), "Q3 revenue up 12%").expect("file");
+        fs::write(dir.join("outside/secret.txt"), "do not read").expect("file");
+        std::os::unix::fs::symlink(dir.join("outside"), dir.join("share/escape")).expect("link");
+        std::os::unix::fs::symlink(dir.join("outside/secret.txt"), dir.join("share/leak.txt")).expect("link");
+        let settings = FilesSettings {
+            roots: BTreeMap::from([("share".to_owned(), dir.join("share"))]),
+            max_write_bytes: 64,
+            ..FilesSettings::default()
+        };
+        let roots = Roots::open(&settings, &dir.join("state")).expect("roots");
+        Fixture { dir, roots }
+    }
+
+    #[test]
+    fn reads_inside_and_refuses_every_escape() {
+        let f = fixture();
+        let out = read(&f.roots, "share/reports/q3.txt").expect("read");
+        assert_eq!(out.text, "Q3 revenue up 12%");
+        for bad in [
+            "share/../outside/secret.txt",
+            "../../etc/shadow",
+            "/etc/shadow",
+            "share/escape/secret.txt",
+            "share/leak.txt",
+            "outside/secret.txt",
+            "share/reports/\0x",
+        ] {
+            let e = read(&f.roots, bad).expect_err(bad);
+            assert!(matches!(e, ToolError::Refused(_)), "{bad}: {e}");
+        }
+        let e = write(&f.roots, "share/escape/new.txt", "x", false).expect_err("write through link");
+        assert!(e.to_string().contains("outside its root"), "{e}");
+        let e = write(&f.roots, "share/leak.txt", "x", true).expect_err("overwrite a link");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(fs::read_to_string(f.dir.join("outside/secret.txt")).expect("still there"), "do not read");
+    }
+
+    #[test]
+    fn write_move_delete_each_undo() {
+        let f = fixture();
+        let q3 = f.dir.join("share/reports/q3.txt");
+        let out = write(&f.roots, "share/reports/q3.txt", "new text", true).expect("overwrite");
+        assert_eq!(fs::read_to_string(&q3).expect("read"), "new text");
+        undo(&f.roots, &out.undo.expect("undo").0).expect("undo write");
+        assert_eq!(fs::read_to_string(&q3).expect("read"), "Q3 revenue up 12%");
+
+        let e = write(&f.roots, "share/reports/q3.txt", "x", false).expect_err("exists");
+        assert!(e.to_string().contains("already exists"));
+        let e = write(&f.roots, "share/big.txt", &"x".repeat(65), false).expect_err("too big");
+        assert!(e.to_string().contains("at most 64"));
+
+        let out = move_op(&f.roots, "share/reports/q3.txt", "share/q3-final.txt").expect("move");
+        assert!(!q3.exists());
+        undo(&f.roots, &out.undo.expect("undo").0).expect("undo move");
+        assert!(q3.exists());
+
+        let out = delete(&f.roots, "share/reports/q3.txt").expect("delete");
+        assert!(!q3.exists());
+        undo(&f.roots, &out.undo.expect("undo").0).expect("undo delete");
+        assert_eq!(fs::read_to_string(&q3).expect("read"), "Q3 revenue up 12%");
+    }
+
+    #[test]
+    fn search_and_list_stay_inside() {
+        let f = fixture();
+        let out = search(&f.roots, "share", "revenue", true).expect("search");
+        assert!(out.text.contains("share/reports/q3.txt"), "{}", out.text);
+        // The symlinked folder is not followed, so the outside file is never seen.
+        let out = search(&f.roots, "share", "secret", true).expect("search");
+        assert!(!out.text.contains("secret.txt"), "{}", out.text);
+        let out = list(&f.roots, "").expect("roots");
+        assert!(out.text.contains("`share`"));
+        let out = list(&f.roots, "share").expect("list");
+        assert!(out.text.contains("reports (folder)") && out.text.contains("escape (link)"), "{}", out.text);
+    }
+}
