@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `zhuli` binary against the gateway simulator on loopback.
 
+mod assistant;
 mod backup;
 mod cli;
 mod conformance;

@@ -193,10 +193,17 @@ impl Assistant {
                 return self.finish(state, text).await;
             }
             state.queue.extend(message.tool_calls.iter().cloned());
+            // Oversized arguments are refused; the history keeps a stand-in, not the bulk.
+            let mut echoed = message.tool_calls;
+            for c in &mut echoed {
+                if c.function.arguments.len() > settings.max_argument_bytes {
+                    c.function.arguments = "{}".into();
+                }
+            }
             state.messages.push(ChatMessage {
                 role: Role::Assistant,
                 content: message.content,
-                tool_calls: message.tool_calls,
+                tool_calls: echoed,
                 tool_call_id: None,
             });
         }
@@ -304,7 +311,15 @@ impl Assistant {
                 clip(&outcome.text, self.parts.settings.max_tool_output_bytes)
             }
             Err(e) => {
-                self.parts.audit.record(event(Kind::ToolFailed).outcome("error").reason(e.to_string()));
+                // A refusal (outside the roots, too large) is a denial; anything else a failure.
+                let kind = match e {
+                    ToolError::Refused(_) => {
+                        self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Kind::ToolDenied
+                    }
+                    ToolError::Failed(_) => Kind::ToolFailed,
+                };
+                self.parts.audit.record(event(kind).outcome("error").reason(e.to_string()));
                 e.to_string()
             }
         }

@@ -1,0 +1,391 @@
+//! The assistant end to end: the agent as a child process, the DingTalk simulator, a scripted
+//! OpenAI-compatible server on loopback, and a journal socket owned by the test that reads back
+//! every audit entry the agent wrote. Files live in a temporary root with a symbolic link out of
+//! it and a file outside it that must never be read or changed.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use zhuli::{
+    audit::{self, Kind},
+    dingtalk::sim::{Inject, Simulator},
+    llm::sim::{LlmSim, Scripted},
+};
+
+use crate::support::{self, Agent, SECRET, replies_to};
+
+const LLM_KEY: &str = "sk-e2e-llm-Kp3Rz9";
+const OUTSIDE: &str = "outside-secret-content-7731";
+
+type Entry = Vec<(String, String)>;
+
+/// A journal socket that keeps every datagram it receives.
+struct Journal {
+    path: PathBuf,
+    entries: Arc<Mutex<Vec<Entry>>>,
+}
+
+impl Journal {
+    fn start(dir: &Path) -> Journal {
+        let path = dir.join("journal.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind journal socket");
+        let entries = Arc::new(Mutex::new(Vec::new()));
+        let sink = entries.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = socket.recv(&mut buf) {
+                if let Ok(mut e) = sink.lock() {
+                    e.push(audit::decode(&buf[..n]));
+                }
+            }
+        });
+        Journal { path, entries }
+    }
+
+    fn all(&self) -> Vec<Entry> {
+        self.entries.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// [`Journal::find`], once `n` such entries have arrived (datagrams are read on a thread,
+    /// so one may trail the chat reply it belongs to by a moment).
+    fn expect(&self, n: usize, kind: Kind, having: &[(&str, &str)]) -> Vec<Entry> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let found = self.find(kind, having);
+            if found.len() >= n || std::time::Instant::now() > deadline {
+                assert_eq!(found.len(), n, "{kind:?} {having:?}: {found:?}");
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Entries of `kind` (by MESSAGE_ID) with every `(field, value)` of `having`.
+    fn find(&self, kind: Kind, having: &[(&str, &str)]) -> Vec<Entry> {
+        self.all()
+            .into_iter()
+            .filter(|e| field(e, "MESSAGE_ID") == Some(kind.message_id()))
+            .filter(|e| having.iter().all(|(k, v)| field(e, k) == Some(*v)))
+            .collect()
+    }
+}
+
+fn field<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
+    entry.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+struct Rig {
+    sim: Simulator,
+    llm: LlmSim,
+    agent: Agent,
+    journal: Journal,
+    share: PathBuf,
+    outside: PathBuf,
+    _scratch: Scratch,
+}
+
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `llm_extra` goes into the `[llm]` table.
+async fn rig(tag: &str, llm_extra: &str) -> Rig {
+    let scratch = support::temp_dir(&format!("{tag}-files"));
+    let share = scratch.join("share");
+    let outside = scratch.join("outside");
+    std::fs::create_dir_all(share.join("reports")).expect("share");
+    std::fs::create_dir_all(&outside).expect("outside");
+    std::fs::write(share.join("reports/q3.txt"), "Q3 revenue up 12%, costs flat.").expect("q3");
+    std::fs::write(outside.join("secret.txt"), OUTSIDE).expect("outside file");
+    std::os::unix::fs::symlink(&outside, share.join("escape")).expect("dir link");
+    std::os::unix::fs::symlink(outside.join("secret.txt"), share.join("leak.txt")).expect("file link");
+    let journal = Journal::start(&scratch);
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let llm = LlmSim::start().await.expect("llm sim");
+    let config = format!(
+        "[llm]\nbase_url = {base:?}\nmodel = \"sim-model\"\napi_key = {LLM_KEY:?}\ntimeout_ms = 5000\nmax_retries = 1\n\
+         requests_per_minute = 6000\n{llm_extra}\n\
+         [assistant]\nconfirm_timeout_ms = 2000\n\
+         [access]\nadmins = [\"boss\"]\ndirect_chats = \"pairing\"\ndirect_allow = [\"zhang\"]\ndefault_roles = [\"member\"]\n\
+         [access.roles.member]\ntools = [\"files_list\", \"files_read\", \"files_search\", \"system\"]\n\
+         [access.roles.editor]\ntools = [\"files\"]\n\
+         [access.users]\nlilei = [\"editor\"]\nwang = []\n\
+         [tools.files]\nmax_write_bytes = 4096\n[tools.files.roots]\nshare = {share:?}\n\
+         [audit]\njournal_socket = {journal:?}\n",
+        base = llm.base_url(),
+        share = share.display().to_string(),
+        journal = journal.path.display().to_string(),
+    );
+    let agent = support::spawn_agent(tag, &support::config_for(&sim, SECRET, &config));
+    assert!(
+        sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await,
+        "agent did not connect; log:\n{}",
+        agent.log()
+    );
+    Rig { sim, llm, agent, journal, share, outside, _scratch: Scratch(scratch) }
+}
+
+impl Rig {
+    /// Send `m` and wait for its one reply.
+    async fn ask(&self, m: Inject) -> String {
+        let id = self.sim.inject(m);
+        let got = self.sim.wait_until(Duration::from_secs(10), |s| !replies_to(s, &id).is_empty()).await;
+        assert!(got, "no reply to {id}; log:\n{}", self.agent.log());
+        replies_to(&self.sim, &id).remove(0).text
+    }
+
+    /// The tool results the model was shown in request `n`.
+    fn tool_results(&self, n: usize) -> Vec<String> {
+        let requests = self.llm.requests();
+        let body = &requests.get(n).unwrap_or_else(|| panic!("request {n} of {}", requests.len())).body;
+        body["messages"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter(|m| m["role"] == "tool")
+                    .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Nothing secret in the agent's log, the audit trail, or what the model was sent.
+    fn assert_nothing_leaked(&self) {
+        support::assert_no_secret(&self.agent);
+        let log = self.agent.log();
+        assert!(!log.contains(LLM_KEY), "LLM key in the log");
+        for e in self.journal.all() {
+            for (_, v) in &e {
+                assert!(!v.contains(LLM_KEY) && !v.contains(SECRET) && !v.contains(OUTSIDE), "leak in audit: {e:?}");
+            }
+        }
+        for r in self.llm.requests() {
+            assert!(!r.body.to_string().contains(OUTSIDE), "the outside file reached the model");
+        }
+        assert_eq!(std::fs::read_to_string(self.outside.join("secret.txt")).expect("outside file"), OUTSIDE);
+    }
+}
+
+fn calls(list: &[(&str, Value)]) -> Scripted {
+    Scripted::ToolCalls(list.iter().map(|(n, a)| ((*n).to_owned(), a.to_string())).collect())
+}
+
+/// The 4-digit code in a confirmation question.
+fn code_in(text: &str) -> String {
+    let at = text.find("/confirm ").unwrap_or_else(|| panic!("no confirmation asked: {text}"));
+    text[at + 9..].chars().take_while(char::is_ascii_digit).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_is_answered_through_a_tool_and_audited() {
+    let rig = rig("turn-read", "").await;
+    rig.llm.push(calls(&[("files_read", json!({"path": "share/reports/q3.txt"}))]));
+    rig.llm.push(Scripted::Text("Q3: revenue **up 12%**, costs flat.".into()));
+    let reply = rig.ask(Inject::text("What does the Q3 report say?").from("lilei")).await;
+    assert_eq!(reply, "Q3: revenue **up 12%**, costs flat.");
+
+    let requests = rig.llm.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].authorization.as_deref(), Some(format!("Bearer {LLM_KEY}").as_str()));
+    let tools: Vec<&str> = requests[0].body["tools"]
+        .as_array()
+        .expect("tools offered")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert!(tools.contains(&"files_write") && tools.contains(&"files_read"), "{tools:?}");
+    assert_eq!(rig.tool_results(1), vec!["Q3 revenue up 12%, costs flat.".to_owned()]);
+    let system = requests[0].body["messages"][0]["content"].as_str().unwrap_or_default();
+    assert!(system.contains("zhuli") && system.contains("lilei"), "{system}");
+
+    // The conversation continues with its history; /new forgets it.
+    rig.llm.push(Scripted::Text("Yes.".into()));
+    rig.ask(Inject::text("Is that good?").from("lilei")).await;
+    let history = rig.llm.requests()[2].body["messages"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(history, 4, "system + earlier question and answer + new question");
+    assert!(rig.ask(Inject::text("/new").from("lilei")).await.contains("afresh"));
+    rig.llm.push(Scripted::Text("Hello.".into()));
+    rig.ask(Inject::text("Hi").from("lilei")).await;
+    assert_eq!(rig.llm.requests()[3].body["messages"].as_array().map(Vec::len), Some(2));
+
+    let who = [("ACTOR", "lilei"), ("TOOL", "files_read")];
+    rig.journal.expect(4, Kind::MessageAccepted, &[("ACTOR", "lilei")]);
+    rig.journal.expect(1, Kind::ToolRequested, &who);
+    rig.journal.expect(1, Kind::ToolAllowed, &who);
+    let executed = rig.journal.expect(1, Kind::ToolExecuted, &who);
+    assert_eq!(field(&executed[0], "SYSLOG_IDENTIFIER"), Some("zhuli-audit"));
+    assert_eq!(field(&executed[0], "TARGET"), Some("share/reports/q3.txt"));
+    rig.assert_nothing_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waits_for_the_askers_confirmation_and_undo_reverses_it() {
+    let rig = rig("turn-write", "").await;
+    let notes = rig.share.join("notes.txt");
+    let in_team = |text: &str, who: &str| {
+        Inject::text(format!("@zhuli {text}")).in_group(true).conversation("cid-team").from(who)
+    };
+
+    rig.llm.push(calls(&[("files_write", json!({"path": "share/notes.txt", "content": "minutes of Monday"}))]));
+    let question = rig.ask(in_team("save the minutes to notes.txt", "lilei")).await;
+    assert!(question.contains("files_write") && question.contains("share/notes.txt"), "{question}");
+    let code = code_in(&question);
+    assert!(!notes.exists(), "nothing is written before the confirmation");
+
+    // Someone else in the group cannot confirm it.
+    let refused = rig.ask(in_team(&format!("/confirm {code}"), "wang")).await;
+    assert!(refused.contains("Only"), "{refused}");
+    assert!(!notes.exists());
+    rig.journal.expect(1, Kind::ToolDenied, &[("ACTOR", "wang"), ("TOOL", "files_write")]);
+
+    rig.llm.push(Scripted::Text("Saved the minutes to share/notes.txt.".into()));
+    let done = rig.ask(in_team(&format!("/confirm {code}"), "lilei")).await;
+    assert_eq!(done, "Saved the minutes to share/notes.txt.");
+    assert_eq!(std::fs::read_to_string(&notes).expect("written"), "minutes of Monday");
+    assert_eq!(rig.tool_results(1), vec!["wrote 17 bytes to share/notes.txt".to_owned()]);
+    rig.journal.expect(1, Kind::ToolConfirmed, &[("ACTOR", "lilei"), ("TOOL", "files_write")]);
+    rig.journal.expect(1, Kind::ToolExecuted, &[("ACTOR", "lilei"), ("TOOL", "files_write")]);
+
+    // The code is used up.
+    assert!(rig.ask(in_team(&format!("/confirm {code}"), "lilei")).await.contains("no pending action"));
+    // wang has nothing to undo; lilei's undo removes the new file.
+    assert!(rig.ask(in_team("/undo", "wang")).await.contains("no change"));
+    assert!(notes.exists());
+    let undone = rig.ask(in_team("/undo", "lilei")).await;
+    assert!(undone.contains("removed share/notes.txt"), "{undone}");
+    assert!(!notes.exists());
+    rig.journal.expect(1, Kind::ToolUndone, &[("ACTOR", "lilei"), ("OUTCOME", "ok")]);
+
+    // A destructive call waits too, and an expired code changes nothing.
+    rig.llm.push(calls(&[("files_delete", json!({"path": "share/reports/q3.txt"}))]));
+    let question = rig.ask(in_team("delete the q3 report", "lilei")).await;
+    assert!(question.contains("⚠️"), "{question}");
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let late = rig.ask(in_team(&format!("/confirm {}", code_in(&question)), "lilei")).await;
+    assert!(late.contains("expired") || late.contains("no pending action"), "{late}");
+    assert!(rig.share.join("reports/q3.txt").exists());
+
+    // /cancel drops a pending question.
+    rig.llm.push(calls(&[("files_move", json!({"from": "share/reports/q3.txt", "to": "share/q3.txt"}))]));
+    rig.ask(in_team("move q3 up", "lilei")).await;
+    assert!(rig.ask(in_team("/cancel", "lilei")).await.contains("nothing was changed"));
+    assert!(rig.share.join("reports/q3.txt").exists());
+    rig.assert_nothing_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tool_calls_are_refused_audited_and_answered() {
+    let rig = rig("turn-hostile", "").await;
+    let big = "x".repeat(10 * 1024 * 1024);
+    rig.llm.push(Scripted::ToolCalls(vec![
+        ("files_read".into(), json!({"path": "../../etc/shadow"}).to_string()),
+        ("files_read".into(), json!({"path": "share/escape/secret.txt"}).to_string()),
+        ("files_read".into(), json!({"path": "share/leak.txt"}).to_string()),
+        ("files_read".into(), "{\"path\": share/reports".into()),
+        ("files_write".into(), json!({"path": "share/big.txt", "content": big}).to_string()),
+        ("files_read".into(), json!({"path": "share/reports/q3.txt", "mode": "raw"}).to_string()),
+        ("shell".into(), json!({"cmd": "cat /etc/shadow"}).to_string()),
+    ]));
+    rig.llm.push(Scripted::Text("I cannot do any of that.".into()));
+    let reply = rig.ask(Inject::text("read /etc/shadow for me").from("lilei")).await;
+    assert_eq!(reply, "I cannot do any of that.");
+    let results = rig.tool_results(1);
+    assert_eq!(results.len(), 7, "{results:?}");
+    let expect = [
+        "`..` is not allowed",
+        "outside its root",
+        "outside its root",
+        "not valid JSON",
+        "at most 2097152 are accepted",
+        "`mode` is not known",
+        "no tool named `shell`",
+    ];
+    for (r, e) in results.iter().zip(expect) {
+        assert!(r.starts_with("refused:") && r.contains(e), "expected {e:?} in {r:?}");
+    }
+    assert!(!rig.share.join("big.txt").exists());
+    // Each refusal is an audited denial with its reason; nothing was executed.
+    let denied = rig.journal.expect(7, Kind::ToolDenied, &[("ACTOR", "lilei")]);
+    assert!(denied.iter().all(|e| field(e, "REASON").is_some_and(|r| !r.is_empty())));
+    assert!(rig.journal.find(Kind::ToolExecuted, &[("ACTOR", "lilei")]).is_empty());
+    let echoed = rig.llm.requests()[1].body.to_string().len();
+    assert!(echoed < 100_000, "the 10 MB argument is not sent back to the model ({echoed} bytes)");
+
+    // A tool outside the person's grants: zhang is a member (read tools only).
+    rig.llm.push(calls(&[("files_delete", json!({"path": "share/reports/q3.txt"}))]));
+    rig.llm.push(Scripted::Text("You are not allowed to delete files.".into()));
+    rig.ask(Inject::text("delete the q3 report").from("zhang")).await;
+    let offered = &rig.llm.requests()[2].body["tools"];
+    assert!(!offered.to_string().contains("files_delete"), "ungranted tools are not offered: {offered}");
+    let r = rig.tool_results(3);
+    assert!(r[0].contains("may not use `files_delete`"), "{r:?}");
+    assert!(rig.share.join("reports/q3.txt").exists());
+    rig.journal.expect(1, Kind::ToolDenied, &[("ACTOR", "zhang"), ("TOOL", "files_delete")]);
+    rig.assert_nothing_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_admins_and_the_audit_command() {
+    let rig = rig("turn-pairing", "").await;
+    let hello = rig.ask(Inject::text("hello").from("newcomer")).await;
+    let code: String =
+        hello.split("/approve ").nth(1).unwrap_or_default().chars().take_while(char::is_ascii_digit).collect();
+    assert_eq!(code.len(), 6, "{hello}");
+    assert!(rig.llm.requests().is_empty(), "a newcomer does not reach the model");
+    assert!(rig.ask(Inject::text(format!("/approve {code}")).from("zhang")).await.contains("Only an admin"));
+    assert!(rig.ask(Inject::text(format!("/approve {code}")).from("boss")).await.contains("newcomer"));
+    rig.llm.push(Scripted::Text("Welcome!".into()));
+    assert_eq!(rig.ask(Inject::text("hello again").from("newcomer")).await, "Welcome!");
+    rig.journal.expect(1, Kind::PermissionChanged, &[("ACTOR", "boss"), ("TARGET", "newcomer")]);
+    rig.journal.expect(1, Kind::MessageRefused, &[("ACTOR", "newcomer")]);
+
+    assert!(rig.ask(Inject::text("/audit").from("zhang")).await.contains("Only an admin"));
+    let trail = rig.ask(Inject::text("/audit 50").from("boss")).await;
+    assert!(trail.contains("permission-changed by boss") && trail.contains("message-refused by newcomer"), "{trail}");
+
+    // The approval survives a restart (kept in the store).
+    let before = rig.sim.connections().iter().map(|(id, _)| *id).max().unwrap_or(0);
+    let mut restarted = rig;
+    restarted.agent.restart();
+    let rig = restarted;
+    let reconnected =
+        rig.sim.wait_until(Duration::from_secs(15), |s| s.connections().iter().any(|(id, _)| *id > before));
+    assert!(reconnected.await, "{}", rig.agent.log());
+    rig.llm.push(Scripted::Text("Still here.".into()));
+    assert_eq!(rig.ask(Inject::text("are you there").from("newcomer")).await, "Still here.");
+    rig.assert_nothing_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_trouble_and_budgets_get_clear_answers() {
+    let rig = rig("turn-limits", "").await;
+    rig.llm.push(Scripted::Status { code: 503, retry_after: Some(0) });
+    rig.llm.push(Scripted::Status { code: 503, retry_after: Some(0) });
+    let down = rig.ask(Inject::text("hi").from("lilei")).await;
+    assert!(down.contains("not answering right now"), "{down}");
+    rig.llm.push(Scripted::Status { code: 401, retry_after: None });
+    let key = rig.ask(Inject::text("hi").from("lilei")).await;
+    assert!(key.contains("api_key"), "{key}");
+    rig.assert_nothing_leaked();
+
+    // A small budget: each scripted answer uses 19 tokens.
+    let tight = self::rig("turn-budget", "daily_tokens_per_user = 30").await;
+    tight.llm.push(Scripted::Text("one".into()));
+    assert_eq!(tight.ask(Inject::text("q1").from("lilei")).await, "one");
+    tight.llm.push(Scripted::Text("two".into()));
+    assert_eq!(tight.ask(Inject::text("q2").from("lilei")).await, "two");
+    let over = tight.ask(Inject::text("q3").from("lilei")).await;
+    assert!(over.contains("your language-model budget"), "{over}");
+    tight.llm.push(Scripted::Text("three".into()));
+    assert_eq!(tight.ask(Inject::text("q1").from("zhang")).await, "three", "others keep their own budget");
+    assert_eq!(tight.llm.requests().len(), 3);
+    tight.journal.expect(1, Kind::LimitHit, &[("ACTOR", "lilei")]);
+}
