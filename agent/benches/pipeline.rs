@@ -65,7 +65,7 @@ fn parse_and_dispatch() {
     for f in &frames {
         let frame = StreamFrame::parse(f).expect("valid frame");
         let m = RobotMessage::parse(&frame.data).expect("valid message");
-        answered += rt.block_on(assistant.answer(&m)).markdown.len().min(1);
+        answered += rt.block_on(assistant.answer(&m, None)).markdown.len().min(1);
     }
     let secs = start.elapsed().as_secs_f64();
     println!("parse+dispatch: {n} frames in {secs:.3} s = {:.0} frames/s ({answered} answered)", n as f64 / secs);

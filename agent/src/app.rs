@@ -12,17 +12,18 @@ use std::{
 };
 
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     access::{Access, AccessError},
-    assistant::{Assistant, Parts, StatusView},
+    assistant::{Assistant, Parts, Progress, StatusView},
     audit::Audit,
     config::Config,
     dingtalk::{
+        card::Cards,
         http::{HttpClient, tls_config},
         media::{MediaArea, MediaError},
         message::RobotMessage,
@@ -107,6 +108,7 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     let work = Arc::new(Work {
         assistant,
         sender: ReplySender::new(api.clone(), handles.sender.clone()),
+        cards: config.dingtalk.card.clone().map(|c| Arc::new(Cards::new(api.clone(), c))),
         store: store.clone(),
         writer,
     });
@@ -173,6 +175,8 @@ pub async fn build_assistant(
 struct Work {
     assistant: Assistant,
     sender: ReplySender,
+    /// AI cards, when `[dingtalk.card]` is configured.
+    cards: Option<Arc<Cards>>,
     store: Arc<Store>,
     /// All bookkeeping writes go through the group-commit writer: the shorter the time between
     /// a reply reaching DingTalk and its durable "delivered" mark, the fewer replies a crash can
@@ -180,17 +184,84 @@ struct Work {
     writer: StoreWriter,
 }
 
+/// The AI card of one answer: created when the turn reaches the model, then fed the text so far
+/// by a task that sends at most one update per interval (the latest text wins).
+struct CardRun {
+    cards: Arc<Cards>,
+    message: RobotMessage,
+    text: watch::Sender<String>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<Option<String>>>>,
+}
+
+impl CardRun {
+    fn new(cards: Arc<Cards>, message: RobotMessage) -> Self {
+        CardRun { cards, message, text: watch::Sender::new(String::new()), task: std::sync::Mutex::new(None) }
+    }
+
+    /// Stop updating; the card's id if it was created.
+    async fn close(self) -> Option<String> {
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(self.text);
+        task?.await.ok().flatten()
+    }
+}
+
+impl Progress for CardRun {
+    fn started(&self) {
+        let mut task = self.task.lock().unwrap_or_else(|p| p.into_inner());
+        if task.is_some() {
+            return;
+        }
+        let cards = self.cards.clone();
+        let message = self.message.clone();
+        let mut rx = self.text.subscribe();
+        *task = Some(tokio::spawn(async move {
+            let id = match cards.create(&message).await {
+                Ok(id) => id,
+                Err(e) => {
+                    log::warn!("no AI card for {} ({e}); the answer goes as a Markdown message", message.msg_id);
+                    return None;
+                }
+            };
+            let every = cards.update_interval();
+            let mut shown = String::new();
+            while rx.changed().await.is_ok() {
+                tokio::time::sleep(every).await;
+                let text = rx.borrow_and_update().clone();
+                if text != shown {
+                    // A lost update is healed by the next one: each carries the whole text.
+                    if let Err(e) = cards.update(&id, &text).await {
+                        log::debug!("card {id}: an update was not shown ({e})");
+                    }
+                    shown = text;
+                }
+            }
+            Some(id)
+        }));
+    }
+
+    fn show(&self, text: &str) {
+        self.text.send_replace(text.to_owned());
+    }
+}
+
 impl Work {
     /// Answer inbox item `seq` and deliver the reply; a costly answer is staged in the outbox
     /// first, so a crash does not make the agent produce it again.
     async fn answer(self: Arc<Self>, seq: u64, message: RobotMessage, _slot: OwnedSemaphorePermit) {
-        let answer = self.assistant.answer(&message).await;
+        let card = self.cards.as_ref().map(|c| CardRun::new(c.clone(), message.clone()));
+        let answer = self.assistant.answer(&message, card.as_ref().map(|c| c as &dyn Progress)).await;
+        let card = match card {
+            Some(c) => c.close().await,
+            None => None,
+        };
         let entry = OutboxEntry {
             msg_id: message.msg_id.clone(),
             reply: Reply::to(&message, answer.title, answer.markdown),
             staged_at_ms: now_ms(),
+            card,
         };
-        if answer.costly
+        if (answer.costly || entry.card.is_some())
             && let Err(e) = self.writer.stage(seq, entry.clone()).await
         {
             // Left in the inbox: answered again at the next start.
@@ -200,8 +271,20 @@ impl Work {
         self.deliver(seq, entry).await;
     }
 
-    /// Deliver outbox item `seq`, then forget it.
+    /// Deliver outbox item `seq` (finalising its card, or as a message if there is none or the
+    /// card fails), then forget it.
     async fn deliver(&self, seq: u64, entry: OutboxEntry) {
+        if let (Some(id), Some(cards)) = (&entry.card, &self.cards) {
+            match cards.finish(id, &entry.reply.markdown).await {
+                Ok(()) => {
+                    log::info!("reply to {} delivered in AI card {id}", entry.msg_id);
+                    self.sender.status().delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.writer.delivered(seq);
+                    return;
+                }
+                Err(e) => log::warn!("AI card {id} could not be finalised ({e}); sending the answer as a message"),
+            }
+        }
         match self.sender.send(&entry.reply).await {
             Ok(route) => log::info!("reply to {} delivered via {route:?}", entry.msg_id),
             Err(e) => log::error!("reply to {} lost: {e}", entry.msg_id),

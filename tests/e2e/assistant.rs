@@ -98,6 +98,11 @@ impl Drop for Scratch {
 
 /// `llm_extra` goes into the `[llm]` table.
 async fn rig(tag: &str, llm_extra: &str) -> Rig {
+    rig_with(tag, llm_extra, "").await
+}
+
+/// [`rig`] with more tables (`tables` is appended to the configuration).
+async fn rig_with(tag: &str, llm_extra: &str, tables: &str) -> Rig {
     let scratch = support::temp_dir(&format!("{tag}-files"));
     let share = scratch.join("share");
     let outside = scratch.join("outside");
@@ -119,7 +124,7 @@ async fn rig(tag: &str, llm_extra: &str) -> Rig {
          [access.roles.editor]\ntools = [\"files\"]\n\
          [access.users]\nlilei = [\"editor\"]\nwang = []\n\
          [tools.files]\nmax_write_bytes = 4096\n[tools.files.roots]\nshare = {share:?}\n\
-         [audit]\njournal_socket = {journal:?}\n",
+         [audit]\njournal_socket = {journal:?}\n{tables}",
         base = llm.base_url(),
         share = share.display().to_string(),
         journal = journal.path.display().to_string(),
@@ -388,4 +393,88 @@ async fn llm_trouble_and_budgets_get_clear_answers() {
     assert_eq!(tight.ask(Inject::text("q1").from("zhang")).await, "three", "others keep their own budget");
     assert_eq!(tight.llm.requests().len(), 3);
     tight.journal.expect(1, Kind::LimitHit, &[("ACTOR", "lilei")]);
+}
+
+const CARD: &str = "[dingtalk.card]\ntemplate_id = \"tpl-ai.schema\"\nupdate_ms = 20\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_stream_into_an_ai_card() {
+    let rig = rig_with("card-stream", "", CARD).await;
+    rig.llm.set_chunk_delay(Duration::from_millis(15));
+    let answer = "The Q3 report says revenue is up 12 percent, and costs stayed flat over the quarter.";
+    rig.llm.push(calls(&[("files_read", json!({"path": "share/reports/q3.txt"}))]));
+    rig.llm.push(Scripted::Text(answer.into()));
+    let id = rig.sim.inject(Inject::text("@zhuli summarise q3").in_group(true).conversation("cid-team").from("lilei"));
+    let done = rig
+        .sim
+        .wait_until(Duration::from_secs(10), |s| {
+            s.cards().iter().any(|c| c.last().is_some_and(|l| l.flow_status == "3"))
+        })
+        .await;
+    assert!(done, "card not finished; cards: {:?}\nlog:\n{}", rig.sim.cards(), rig.agent.log());
+    let card = rig.sim.cards().remove(0);
+    assert_eq!((card.space_type.as_str(), card.space_id.as_str()), ("IM_GROUP", "cid-team"));
+    assert_eq!(card.template_id, "tpl-ai.schema");
+    assert_eq!(card.states[0].flow_status, "1", "created in the thinking state");
+    assert!(card.states.iter().any(|s| s.content.contains("🔧 `files_read`")), "tool step shown: {:?}", card.states);
+    let growing: Vec<&str> = card
+        .states
+        .iter()
+        .map(|s| s.content.as_str())
+        .filter(|c| !c.is_empty() && answer.starts_with(*c) && *c != answer)
+        .collect();
+    assert!(growing.len() >= 3, "the answer grows in the card: {:?}", card.states);
+    // Finalised once, with the answer; only the status badge changes after that.
+    let finals: Vec<_> = card.states.iter().skip_while(|s| !s.finalized).collect();
+    assert!(!finals.is_empty() && finals.iter().all(|s| s.finalized && s.content == answer), "{:?}", card.states);
+    assert_eq!(card.last().map(|l| l.content.as_str()), Some(answer));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(replies_to(&rig.sim, &id).is_empty(), "no second answer as a message");
+    assert!(rig.sim.replies().is_empty(), "{:?}", rig.sim.replies());
+
+    // 1:1 cards go to the person; commands stay plain messages.
+    rig.llm.push(Scripted::Text("Hello Li Lei.".into()));
+    rig.sim.inject(Inject::text("hi").from("lilei"));
+    let one = rig
+        .sim
+        .wait_until(Duration::from_secs(10), |s| {
+            s.cards().len() == 2 && s.cards()[1].last().is_some_and(|l| l.finalized)
+        })
+        .await;
+    assert!(one, "{:?}", rig.sim.cards());
+    assert_eq!(rig.sim.cards()[1].space_type, "IM_ROBOT");
+    assert_eq!(rig.sim.cards()[1].space_id, "lilei");
+    assert_eq!(rig.ask(Inject::text("/ping").from("lilei")).await, "pong");
+    assert_eq!(rig.sim.cards().len(), 2);
+    rig.assert_nothing_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_card_falls_back_to_one_markdown_message() {
+    use zhuli::dingtalk::sim::cards::CardFault;
+    let rig = rig_with("card-fallback", "", CARD).await;
+
+    rig.sim.set_card_fault(CardFault::Create);
+    rig.llm.push(Scripted::Text("Answer without a card.".into()));
+    assert_eq!(rig.ask(Inject::text("q1").from("lilei")).await, "Answer without a card.");
+    assert!(rig.sim.cards().is_empty());
+
+    // The card is created but cannot be finalised: the answer still arrives, once.
+    rig.sim.set_card_fault(CardFault::None);
+    rig.llm.set_chunk_delay(Duration::from_millis(5));
+    rig.llm.push(Scripted::Text("Answer after a broken card.".into()));
+    let id = rig.sim.inject(Inject::text("q2").from("lilei"));
+    assert!(rig.sim.wait_until(Duration::from_secs(5), |s| !s.cards().is_empty()).await);
+    rig.sim.set_card_fault(CardFault::Stream);
+    assert!(
+        rig.sim.wait_until(Duration::from_secs(15), |s| !replies_to(s, &id).is_empty()).await,
+        "{}",
+        rig.agent.log()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let replies = replies_to(&rig.sim, &id);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].text, "Answer after a broken card.");
+    assert!(rig.sim.cards()[0].states.iter().all(|s| !s.finalized));
+    rig.assert_nothing_leaked();
 }

@@ -62,6 +62,14 @@ pub struct Assistant {
     budget: Mutex<Budget>,
 }
 
+/// Where a turn shows its progress while it works (an AI card); `None` for a plain reply.
+pub trait Progress: Send + Sync {
+    /// The turn reached the model: show a "thinking" state.
+    fn started(&self);
+    /// The whole text to show so far (tool steps, then the answer as it streams).
+    fn show(&self, text: &str);
+}
+
 /// An answer: title (shown in notifications) and Markdown text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
@@ -124,7 +132,7 @@ impl Assistant {
         })
     }
 
-    pub async fn answer(&self, message: &RobotMessage) -> Answer {
+    pub async fn answer(&self, message: &RobotMessage, progress: Option<&dyn Progress>) -> Answer {
         let who = actor(message);
         let chat = message.conversation_id.clone();
         let audit = &self.parts.audit;
@@ -181,7 +189,7 @@ impl Assistant {
                 }
             }
             "/undo" => self.undo(&asker).await,
-            "/confirm" => self.confirm(&asker, arg).await,
+            "/confirm" => self.confirm(&asker, arg, progress).await,
             "/cancel" => self.cancel(&asker).await,
             "/approve" => self.approve(&asker, arg).await,
             "/audit" => self.audit_text(&asker, arg),
@@ -190,7 +198,7 @@ impl Assistant {
                 format!("Unknown command `{}`. Send `/help` for the list.", c.chars().take(32).collect::<String>()),
             ),
             _ if self.parts.llm.is_none() => Answer::fixed("LLM not configured", NO_LLM),
-            _ => self.start_turn(asker, text.to_owned()).await,
+            _ => self.start_turn(asker, text.to_owned(), progress).await,
         }
     }
 

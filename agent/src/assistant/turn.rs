@@ -13,7 +13,7 @@ use std::{
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{Answer, Assistant, now_ms, settings::local_time};
+use super::{Answer, Assistant, Progress, now_ms, settings::local_time};
 use crate::{
     audit::{Event, Kind},
     llm::{ChatMessage, LlmError, Role, ToolCall},
@@ -93,7 +93,7 @@ fn llm_trouble(e: &LlmError) -> String {
 
 impl Assistant {
     /// Start a turn for `text`.
-    pub(super) async fn start_turn(&self, asker: Asker, text: String) -> Answer {
+    pub(super) async fn start_turn(&self, asker: Asker, text: String, progress: Option<&dyn Progress>) -> Answer {
         let llm = &self.parts.settings;
         let conv = asker.conversation.clone();
         let stored = self.store_call(move |s| s.history(&conv)).await.unwrap_or_else(|e| {
@@ -129,17 +129,27 @@ impl Assistant {
             steps: 0,
             deadline: Instant::now() + llm.turn_timeout_ms.get(),
         };
-        self.drive(state).await
+        self.drive(state, progress).await
     }
 
-    /// Run a turn until it answers or pauses for a confirmation.
-    pub(super) async fn drive(&self, mut state: TurnState) -> Answer {
+    /// Run a turn until it answers or pauses for a confirmation. With `progress`, the model's
+    /// answer is streamed and shown as it grows, with the tool steps before it.
+    pub(super) async fn drive(&self, mut state: TurnState, progress: Option<&dyn Progress>) -> Answer {
         let Some(llm) = &self.parts.llm else {
             return Answer::fixed("LLM not configured", super::NO_LLM);
         };
         let settings = &self.parts.settings;
+        if let Some(p) = progress {
+            p.started();
+        }
+        let mut steps_shown = String::new();
         loop {
             while let Some(call) = state.queue.pop_front() {
+                if let Some(p) = progress {
+                    steps_shown
+                        .push_str(&format!("> 🔧 `{}`\n", call.function.name.chars().take(64).collect::<String>()));
+                    p.show(&steps_shown);
+                }
                 match self.check_call(&state.asker, &call) {
                     Err(refusal) => state.messages.push(ChatMessage::tool_result(call.id.clone(), refusal)),
                     Ok((tool, args)) if tool.risk() == Risk::Read => {
@@ -173,7 +183,20 @@ impl Assistant {
             }
             let granted = |name: &str| self.parts.access.granted(&state.asker.actor, name);
             let specs = self.parts.tools.specs(granted);
-            let completion = match tokio::time::timeout(left, llm.complete(&state.messages, &specs)).await {
+            let asked = async {
+                match progress {
+                    None => llm.complete(&state.messages, &specs).await,
+                    Some(p) => {
+                        let mut text = String::new();
+                        llm.stream(&state.messages, &specs, |piece| {
+                            text.push_str(piece);
+                            p.show(&text);
+                        })
+                        .await
+                    }
+                }
+            };
+            let completion = match tokio::time::timeout(left, asked).await {
                 Err(_) => return self.timed_out(state).await,
                 Ok(Err(e)) => {
                     log::warn!("LLM request failed: {e}");
@@ -361,7 +384,7 @@ impl Assistant {
     }
 
     /// `/confirm CODE` from `asker`.
-    pub(super) async fn confirm(&self, asker: &Asker, code: &str) -> Answer {
+    pub(super) async fn confirm(&self, asker: &Asker, code: &str, progress: Option<&dyn Progress>) -> Answer {
         let taken = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             match pending.get(code) {
@@ -405,7 +428,7 @@ impl Assistant {
         state.deadline = Instant::now() + self.parts.settings.turn_timeout_ms.get();
         let result = self.run_tool(asker, &tool, &call, args).await;
         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
-        self.drive(state).await
+        self.drive(state, progress).await
     }
 
     /// `/cancel` from `asker`: drop their pending action in this chat.

@@ -96,6 +96,18 @@ impl HttpClient {
         self.send(Method::POST, url, headers, Bytes::from(body), MAX_JSON_BODY).await
     }
 
+    /// A JSON request with any method (DingTalk's card APIs use PUT).
+    pub async fn json_request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &impl Serialize,
+    ) -> Result<HttpResponse, HttpError> {
+        let body = serde_json::to_vec(body).expect("request bodies are plain serialisable structs");
+        self.send(method, url, headers, Bytes::from(body), MAX_JSON_BODY).await
+    }
+
     /// POST a JSON body and hand back the response head and the body unread, for streamed
     /// answers (server-sent events). Only the time to the response head is limited here; the
     /// caller bounds the reading.

@@ -4,6 +4,7 @@
 //! Outbound only: nothing here listens on a socket except the simulator, which binds loopback.
 
 pub mod backoff;
+pub mod card;
 pub mod frame;
 pub mod gateway;
 pub mod http;

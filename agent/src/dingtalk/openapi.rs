@@ -155,6 +155,11 @@ impl OpenApi {
     /// POST a JSON body to an OpenAPI path with the access token, paced by the path's limiter.
     /// A 401 drops the cached token and retries once with a fresh one.
     pub async fn call(&self, path: &'static str, body: &impl Serialize) -> Outcome {
+        self.call_with(http::Method::POST, path, body).await
+    }
+
+    /// [`OpenApi::call`] with another HTTP method.
+    pub async fn call_with(&self, method: http::Method, path: &'static str, body: &impl Serialize) -> Outcome {
         for _ in 0..2 {
             let token = match self.token().await {
                 Ok(t) => t,
@@ -163,7 +168,8 @@ impl OpenApi {
             };
             self.pace(path).await;
             let url = self.settings.api_base.join(path);
-            let resp = match self.http.post_json(&url, &[(TOKEN_HEADER, token.expose())], body).await {
+            let resp = match self.http.json_request(method.clone(), &url, &[(TOKEN_HEADER, token.expose())], body).await
+            {
                 Ok(r) => r,
                 Err(e) => return Outcome::Transient(e.to_string()),
             };

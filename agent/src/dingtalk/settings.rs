@@ -28,6 +28,32 @@ pub struct Settings {
     pub stream: StreamSettings,
     #[serde(default)]
     pub limits: LimitSettings,
+    /// Answers stream into a DingTalk AI card when this table is present.
+    #[serde(default)]
+    pub card: Option<CardSettings>,
+}
+
+/// `[dingtalk.card]`: the AI card answers stream into.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardSettings {
+    /// The card template id from DingTalk's card platform (an "AI card" template whose Markdown
+    /// component has streaming on).
+    pub template_id: NonEmpty,
+    /// The template variable bound to that Markdown component.
+    #[serde(default = "default_content_key")]
+    pub content_key: NonEmpty,
+    /// Updates to one card are sent at most this often; text arriving in between is coalesced.
+    #[serde(default = "default_card_update")]
+    pub update_ms: Millis,
+}
+
+fn default_content_key() -> NonEmpty {
+    NonEmpty("content".into())
+}
+
+fn default_card_update() -> Millis {
+    Millis::from_ms(500)
 }
 
 /// A string that is not empty and has no surrounding whitespace.

@@ -45,6 +45,8 @@ pub struct RecordedRequest {
 struct State {
     script: VecDeque<Scripted>,
     requests: Vec<RecordedRequest>,
+    /// Pause before each streamed chunk (a model that types slowly).
+    chunk_delay: std::time::Duration,
 }
 
 pub struct LlmSim {
@@ -69,7 +71,7 @@ fn full(status: StatusCode, v: Value) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
-fn sse(events: Vec<String>, then_break: bool) -> Response<Body> {
+fn sse(events: Vec<String>, then_break: bool, delay: std::time::Duration) -> Response<Body> {
     let mut frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
         events.into_iter().map(|e| Ok(Frame::data(Bytes::from(format!("data: {e}\n\n"))))).collect();
     if then_break {
@@ -80,9 +82,11 @@ fn sse(events: Vec<String>, then_break: bool) -> Response<Body> {
         .header("content-type", "text/event-stream")
         // The break waits a moment so the frames before it reach the client first.
         .body(
-            StreamBody::new(futures_util::StreamExt::then(futures_util::stream::iter(frames), |f| async move {
+            StreamBody::new(futures_util::StreamExt::then(futures_util::stream::iter(frames), move |f| async move {
                 if f.is_err() {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                } else if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
                 }
                 f
             }))
@@ -96,7 +100,7 @@ fn chunk(delta: Value, finish: Option<&str>) -> String {
         .to_string()
 }
 
-fn answer(script: Scripted, stream: bool) -> Response<Body> {
+fn answer(script: Scripted, stream: bool, delay: std::time::Duration) -> Response<Body> {
     let usage = json!({"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19});
     match (script, stream) {
         (Scripted::Status { code, retry_after }, _) => {
@@ -131,7 +135,7 @@ fn answer(script: Scripted, stream: bool) -> Response<Body> {
             events.push(chunk(json!({}), Some("stop")));
             events.push(json!({"id": "chatcmpl-sim", "choices": [], "usage": usage}).to_string());
             events.push("[DONE]".into());
-            sse(events, false)
+            sse(events, false, delay)
         }
         (Scripted::ToolCalls(calls), true) => {
             let mut events = Vec::new();
@@ -147,15 +151,15 @@ fn answer(script: Scripted, stream: bool) -> Response<Body> {
             }
             events.push(chunk(json!({}), Some("tool_calls")));
             events.push("[DONE]".into());
-            sse(events, false)
+            sse(events, false, delay)
         }
         (Scripted::BrokenStream(t), true) => {
             let events =
                 vec![chunk(json!({"role": "assistant", "content": ""}), None), chunk(json!({"content": t}), None)];
-            sse(events, true)
+            sse(events, true, delay)
         }
         (Scripted::BrokenStream(_), false) => full(StatusCode::OK, json!({"choices": "broken"})),
-        (Scripted::BadChunk, _) => sse(vec!["{not json".into()], false),
+        (Scripted::BadChunk, _) => sse(vec!["{not json".into()], false, delay),
     }
 }
 
@@ -200,6 +204,11 @@ impl LlmSim {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).script.push_back(s);
     }
 
+    /// Stream answers slowly: wait `d` before each chunk.
+    pub fn set_chunk_delay(&self, d: std::time::Duration) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).chunk_delay = d;
+    }
+
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).requests.clone()
     }
@@ -218,10 +227,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
         return full(StatusCode::BAD_REQUEST, json!({"error": {"message": "body is not JSON"}}));
     };
     let stream = body["stream"].as_bool() == Some(true);
-    let next = {
+    let (next, delay) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         st.requests.push(RecordedRequest { body, authorization });
-        st.script.pop_front().unwrap_or(Scripted::Text("ok".into()))
+        (st.script.pop_front().unwrap_or(Scripted::Text("ok".into())), st.chunk_delay)
     };
-    answer(next, stream)
+    answer(next, stream, delay)
 }

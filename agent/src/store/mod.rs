@@ -28,7 +28,7 @@ use seal::{SealError, Sealer};
 /// 1. meta (key check, index secret), processed + expiry, inbox, outbox, history,
 ///    settings, undo.
 /// 2. meta gains `store_id`, a random id naming this store in backup manifests.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 pub(crate) type Hashed = [u8; 16];
 
@@ -107,6 +107,17 @@ pub struct OutboxEntry {
     pub msg_id: String,
     pub reply: Reply,
     pub staged_at_ms: i64,
+    /// The AI card (its outTrackId) the answer streamed into, finalised on delivery; `None` for
+    /// a plain Markdown reply. Added in schema 3.
+    pub card: Option<String>,
+}
+
+/// [`OutboxEntry`] as schema 2 wrote it.
+#[derive(Deserialize)]
+struct OutboxEntryV2 {
+    msg_id: String,
+    reply: Reply,
+    staged_at_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,7 +277,7 @@ impl Store {
                 meta.insert("index_secret", sealer.seal("meta", b"index_secret", &secret).as_slice())
                     .map_err(|e| db_err(path, e))?;
                 // A new store is written as schema 1 and migrated like any old one.
-                migrate(path, &sealer, &mut meta, 1)?;
+                migrate(path, &sealer, &txn, &mut meta, 1)?;
                 secret.to_vec()
             } else {
                 check_key(path, &sealer, &meta)?;
@@ -276,7 +287,7 @@ impl Store {
                     return Err(StoreError::Newer { path: path.to_owned(), found: version });
                 }
                 if version < SCHEMA_VERSION {
-                    migrate(path, &sealer, &mut meta, version)?;
+                    migrate(path, &sealer, &txn, &mut meta, version)?;
                     log::info!("store {} migrated from schema {version} to {SCHEMA_VERSION}", path.display());
                 }
                 read_meta(path, &sealer, &meta, "index_secret")?
@@ -714,6 +725,7 @@ impl Store {
 fn migrate(
     path: &Path,
     sealer: &Sealer,
+    txn: &redb::WriteTransaction,
     meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
     from: u32,
 ) -> Result<(), StoreError> {
@@ -726,6 +738,34 @@ fn migrate(
                 let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
                 meta.insert("store_id", sealer.seal("meta", b"store_id", hex.as_bytes()).as_slice())
                     .map_err(|e| db_err(path, e))?;
+            }
+            2 => {
+                // Outbox entries gained `card`: decode each as schema 2 wrote it, seal it anew.
+                let mut outbox = txn.open_table(OUTBOX).map_err(|e| db_err(path, e))?;
+                let mut rewritten = Vec::new();
+                for row in outbox.iter().map_err(|e| db_err(path, e))? {
+                    let (k, v) = row.map_err(|e| db_err(path, e))?;
+                    let seq = k.value();
+                    let plain = zeroize::Zeroizing::new(
+                        sealer
+                            .open("outbox", &u64_key(seq), v.value())
+                            .map_err(|source| StoreError::Sealed { path: path.to_owned(), source })?,
+                    );
+                    let old: OutboxEntryV2 = postcard::from_bytes(&plain).map_err(|_| decode(path, "outbox"))?;
+                    let entry = OutboxEntry {
+                        msg_id: old.msg_id,
+                        reply: old.reply,
+                        staged_at_ms: old.staged_at_ms,
+                        card: None,
+                    };
+                    let bytes = zeroize::Zeroizing::new(
+                        postcard::to_allocvec(&entry).expect("store entries are plain serialisable data"),
+                    );
+                    rewritten.push((seq, sealer.seal("outbox", &u64_key(seq), &bytes)));
+                }
+                for (seq, sealed) in rewritten {
+                    outbox.insert(seq, sealed.as_slice()).map_err(|e| db_err(path, e))?;
+                }
             }
             // No store was ever written with a schema before 1.
             _ => return Err(StoreError::NotAStore(path.to_owned())),

@@ -44,7 +44,7 @@ fn message(id: &str, text: &str) -> RobotMessage {
 }
 
 fn outbox(m: &RobotMessage, text: &str) -> OutboxEntry {
-    OutboxEntry { msg_id: m.msg_id.clone(), reply: Reply::to(m, "t", text), staged_at_ms: 1 }
+    OutboxEntry { msg_id: m.msg_id.clone(), reply: Reply::to(m, "t", text), staged_at_ms: 1, card: None }
 }
 
 #[test]
@@ -289,4 +289,39 @@ fn older_schema_is_migrated_in_place() {
     drop(s);
     let s = Store::open(&t.path(), &key, Retention::default()).expect("reopen again");
     assert_eq!(s.store_id().expect("id"), id, "migrated once, not at every open");
+}
+
+#[test]
+fn schema_2_outbox_entries_gain_their_card_field() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    let m = message("m2", "staged before the upgrade");
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.accept_batch(&[(&m, true)], 1).expect("accept");
+        let seq = s.pending().expect("pending").0[0].0;
+        s.stage_reply(seq, &outbox(&m, "the answer")).expect("stage");
+    }
+    // Rewrite the outbox entry as schema 2 encoded it (no `card`), and the version to 2.
+    {
+        let db = Database::create(t.path()).expect("raw open");
+        let sealer = Sealer::new(&key);
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut table = txn.open_table(OUTBOX).expect("outbox");
+            let seq = table.first().expect("first").map(|(k, _)| k.value()).expect("one entry");
+            let old =
+                postcard::to_allocvec(&(m.msg_id.clone(), Reply::to(&m, "t", "the answer"), 1i64)).expect("encode");
+            table.insert(seq, sealer.seal("outbox", &u64_key(seq), &old).as_slice()).expect("insert");
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert("schema_version", sealer.seal("meta", b"schema_version", &2u32.to_be_bytes()).as_slice())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("migrates");
+    let (_, out) = s.pending().expect("pending");
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1.reply.markdown, "the answer");
+    assert_eq!(out[0].1.card, None);
 }

@@ -12,7 +12,11 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{ConnMode, Inject, RecordedReply, ReplyRoute, Shared, ThrottleKind, now_ms};
+use super::{
+    ConnMode, Inject, RecordedReply, ReplyRoute, Shared, ThrottleKind,
+    cards::{self, CardFault},
+    now_ms,
+};
 use crate::dingtalk::openapi::TOKEN_HEADER;
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker) {
@@ -41,7 +45,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+pub(super) fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -49,7 +53,7 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
         .expect("static response parts are valid")
 }
 
-fn err(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+pub(super) fn err(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     reply(status, json!({ "code": code, "message": message, "requestid": "sim" }))
 }
 
@@ -67,11 +71,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             Some(code) => download(&shared, code),
             None if path == "/_sim/replies" => reply(StatusCode::OK, json!(shared.lock().replies)),
             None if path == "/_sim/status" => status(&shared),
+            None if path == "/_sim/cards" => reply(StatusCode::OK, json!(shared.lock().cards)),
             None => err(StatusCode::NOT_FOUND, "NotFound", "no such path in the simulator"),
         };
     }
-    if method != Method::POST {
-        return err(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use POST");
+    let put = matches!(path.as_str(), "/v1.0/card/streaming" | "/v1.0/card/instances");
+    if (put && method != Method::PUT) || (!put && method != Method::POST) {
+        return err(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", if put { "use PUT" } else { "use POST" });
     }
     let body = match Limited::new(req.into_body(), 1024 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
@@ -95,6 +101,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
                 );
             }
             if path.ends_with("download") { download_url(&shared, &body) } else { robot_send(&shared, &path, &body) }
+        }
+        "/v1.0/card/instances/createAndDeliver" | "/v1.0/card/streaming" | "/v1.0/card/instances" => {
+            if !token.is_some_and(|t| shared.lock().tokens.contains(&t)) {
+                return err(
+                    StatusCode::UNAUTHORIZED,
+                    "InvalidAuthentication",
+                    "access token is missing, invalid or expired",
+                );
+            }
+            match path.as_str() {
+                "/v1.0/card/instances/createAndDeliver" => cards::create(&shared, &body),
+                "/v1.0/card/streaming" => cards::streaming(&shared, &body),
+                _ => cards::update(&shared, &body),
+            }
         }
         "/_sim/messages" => control_inject(&shared, &body),
         "/_sim/faults" => control_fault(&shared, &body),
@@ -343,6 +363,9 @@ fn control_fault(shared: &Shared, body: &Value) -> Response<Full<Bytes>> {
         "revoke_tokens" => shared.revoke_tokens(),
         "bad_tickets" => shared.hand_out_bad_tickets(u32::try_from(count).unwrap_or(u32::MAX)),
         "raw" => shared.inject_raw(body["text"].as_str().unwrap_or_default()),
+        "card_create" => shared.lock().card_fault = CardFault::Create,
+        "card_stream" => shared.lock().card_fault = CardFault::Stream,
+        "card_ok" => shared.lock().card_fault = CardFault::None,
         other => {
             return err(
                 StatusCode::BAD_REQUEST,

@@ -2,7 +2,7 @@
 //!
 //! It serves what the agent (and DingTalk's official SDKs) talk to: the open-connection call,
 //! the Stream WebSocket with single-use 90 s tickets, SYSTEM pings and disconnects, the token API,
-//! session webhooks, the robot send APIs and the file-download API. It records every ACK and
+//! session webhooks, the robot send APIs, the file-download API and the AI card APIs. It records every ACK and
 //! every reply, and injects messages of any msgtype and the failures the field knows: a
 //! `disconnect` that leaves the socket open, zombie sockets that answer WebSocket pings but
 //! deliver nothing, frozen sockets with no close, drops in the middle of a frame, refused opens,
@@ -15,6 +15,7 @@
 //! Binds 127.0.0.1 only. Error bodies use DingTalk's OpenAPI shape `{"code","message"}`.
 
 mod api;
+pub mod cards;
 pub mod cut;
 mod ws;
 
@@ -255,6 +256,8 @@ struct State {
     sessions: HashMap<String, Session>,
     files: HashMap<String, Vec<u8>>,
     faults: Faults,
+    cards: Vec<cards::SimCard>,
+    card_fault: cards::CardFault,
     counters: SimCounters,
     pings_outstanding: HashMap<String, String>,
 }
@@ -641,6 +644,16 @@ impl Simulator {
     /// Milliseconds since the simulator started (the clock of `RecordedReply::at_ms`).
     pub fn elapsed_ms(&self) -> u64 {
         self.shared.elapsed_ms()
+    }
+
+    /// The AI cards the agent created, with every state each showed.
+    pub fn cards(&self) -> Vec<cards::SimCard> {
+        self.shared.lock().cards.clone()
+    }
+
+    /// Make card calls fail (or work again).
+    pub fn set_card_fault(&self, fault: cards::CardFault) {
+        self.shared.lock().card_fault = fault;
     }
 
     pub fn replies(&self) -> Vec<RecordedReply> {
