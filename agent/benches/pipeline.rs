@@ -59,7 +59,7 @@ fn parse_and_dispatch() {
     StoreKey::generate().write_new(&dir.join("key")).expect("key");
     let store = Arc::new(app::open_store(&config).expect("store"));
     let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
-    let assistant = rt.block_on(app::build_assistant(&config, &handles, store)).expect("assistant");
+    let assistant = rt.block_on(app::build_assistant(&config, &handles, store, None)).expect("assistant");
     let start = Instant::now();
     let mut answered = 0usize;
     for f in &frames {

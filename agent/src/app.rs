@@ -102,9 +102,9 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     let http = HttpClient::new(tls.clone(), config.dingtalk.stream.connect_timeout_ms.get());
     let api = Arc::new(OpenApi::new(config.dingtalk.clone(), http.clone()));
     // Opened now so a bad state directory fails at start; the LLM's tools fetch into it.
-    let _media = MediaArea::open(config.agent.state_dir.join("media"), api.clone()).await?;
+    let media = Arc::new(MediaArea::open(config.agent.state_dir.join("media"), api.clone()).await?);
     let (writer, writer_task) = StoreWriter::start(store.clone());
-    let assistant = build_assistant(&config, &handles, store.clone()).await?;
+    let assistant = build_assistant(&config, &handles, store.clone(), Some(media)).await?;
     let work = Arc::new(Work {
         assistant,
         sender: ReplySender::new(api.clone(), handles.sender.clone()),
@@ -135,10 +135,12 @@ pub async fn build_assistant(
     config: &Config,
     handles: &AgentHandles,
     store: Arc<Store>,
+    media: Option<Arc<MediaArea>>,
 ) -> Result<Assistant, AgentError> {
     let started = Instant::now();
     let mut registry = Registry::default();
-    let roots = tools::files::Roots::open(&config.tools.files, &config.agent.state_dir)?;
+    let inbox = media.as_ref().map(|m| m.dir().to_owned());
+    let roots = tools::files::Roots::open(&config.tools.files, &config.agent.state_dir, inbox.as_deref())?;
     for tool in tools::files::tools(&roots) {
         registry.add(tool);
     }
@@ -161,6 +163,9 @@ pub async fn build_assistant(
         model: config.llm.as_ref().map(|l| l.model.clone()),
         settings: config.assistant.clone(),
         tools: registry,
+        roots,
+        media,
+        vision: config.llm.as_ref().is_some_and(|l| l.vision),
         access,
         audit: Arc::new(Audit::new(&config.audit)),
         store,

@@ -478,3 +478,37 @@ async fn a_failing_card_falls_back_to_one_markdown_message() {
     assert!(rig.sim.cards()[0].states.iter().all(|s| !s.finalized));
     rig.assert_nothing_leaked();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pictures_and_files_reach_the_model() {
+    let rig = rig("turn-media", "vision = true").await;
+
+    // A file: kept in the sender's own inbox, readable by the files tools, by them only.
+    rig.llm.push(calls(&[("files_read", json!({"path": "inbox/00000000.txt"}))]));
+    rig.llm.push(Scripted::Text("It says: meeting at 3pm.".into()));
+    let file = Inject { media: b"meeting at 3pm".to_vec(), ..Inject::of("file", "notes.txt").from("lilei") };
+    assert_eq!(rig.ask(file).await, "It says: meeting at 3pm.");
+    let first = rig.llm.requests()[0].body["messages"].as_array().and_then(|m| m.last().cloned()).unwrap_or_default();
+    let told = first["content"].as_str().unwrap_or_default();
+    assert!(told.contains("“notes.txt”") && told.contains("`inbox/00000000.txt`"), "{told}");
+    assert_eq!(rig.tool_results(1), vec!["meeting at 3pm".to_owned()]);
+
+    rig.llm.push(calls(&[("files_read", json!({"path": "inbox/00000000.txt"}))]));
+    rig.llm.push(Scripted::Text("I cannot see it.".into()));
+    rig.ask(Inject::text("what did lilei send?").from("wang")).await;
+    let r = rig.tool_results(3);
+    assert!(r[0].starts_with("refused:") && r[0].contains("inbox is empty"), "{r:?}");
+
+    // A picture goes to a model with image input as an image part.
+    let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR-sim".to_vec();
+    rig.llm.push(Scripted::Text("A tiny picture.".into()));
+    let picture = Inject { media: png.clone(), ..Inject::of("picture", "").from("lilei") };
+    assert_eq!(rig.ask(picture).await, "A tiny picture.");
+    let last = rig.llm.requests()[4].body["messages"].as_array().and_then(|m| m.last().cloned()).unwrap_or_default();
+    let parts = last["content"].as_array().cloned().unwrap_or_default();
+    assert_eq!(parts.len(), 2, "{last}");
+    assert_eq!(parts[0]["type"], "text");
+    let url = parts[1]["image_url"]["url"].as_str().unwrap_or_default();
+    assert!(url.starts_with("data:image/png;base64,iVBORw0KGgo"), "{url}");
+    rig.assert_nothing_leaked();
+}

@@ -23,10 +23,13 @@ use tokio::time::Instant;
 use crate::{
     access::{Access, Admission, actor},
     audit::{Audit, Event, Kind},
-    dingtalk::{Content, ConversationKind, RobotMessage, sender::SenderStatus, stream::StreamStatus},
+    dingtalk::{
+        Content, ConversationKind, RobotMessage, media::MediaArea, message::RichPart, sender::SenderStatus,
+        stream::StreamStatus,
+    },
     llm,
     store::{Store, StoreError},
-    tools::Registry,
+    tools::{Registry, files::Roots},
 };
 pub use settings::AssistantSettings;
 use turn::{Asker, Budget, Pending};
@@ -46,6 +49,12 @@ pub struct Parts {
     pub model: Option<String>,
     pub settings: AssistantSettings,
     pub tools: Registry,
+    /// The files roots, for naming received files (`inbox/…`).
+    pub roots: Arc<Roots>,
+    /// Where received pictures and files are fetched; `None` in benchmarks.
+    pub media: Option<Arc<MediaArea>>,
+    /// The model accepts image input.
+    pub vision: bool,
     pub access: Access,
     pub audit: Arc<Audit>,
     pub store: Arc<Store>,
@@ -100,6 +109,70 @@ Ask your administrator to add one; until then I answer `/help`, `/ping` and `/st
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Pictures larger than this are not sent to the model as images.
+const MAX_IMAGE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A picture or file that came with a message.
+struct Attachment<'a> {
+    kind: &'static str,
+    download_code: &'a str,
+    file_name: Option<&'a str>,
+}
+
+fn attachments(content: &Content) -> Vec<Attachment<'_>> {
+    let one = |kind, download_code, file_name| vec![Attachment { kind, download_code, file_name }];
+    match content {
+        Content::Picture { download_code } => one("picture", download_code, None),
+        Content::File { download_code, file_name } => one("file", download_code, Some(file_name.as_str())),
+        Content::Video { download_code, .. } => one("video", download_code, None),
+        Content::Audio { download_code, recognition } if recognition.trim().is_empty() => {
+            one("voice message", download_code, None)
+        }
+        Content::RichText(parts) => parts
+            .iter()
+            .filter_map(|p| match p {
+                RichPart::Picture { download_code } => {
+                    Some(Attachment { kind: "picture", download_code, file_name: None })
+                }
+                RichPart::Text(_) => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The MIME type of an image the model can take, by its first bytes.
+fn image_type(b: &[u8]) -> Option<&'static str> {
+    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if b.starts_with(&[0xff, 0xd8, 0xff]) {
+        Some("image/jpeg")
+    } else if b.starts_with(b"GIF87a") || b.starts_with(b"GIF89a") {
+        Some("image/gif")
+    } else if b.len() > 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
+        Some("image/webp")
+    } else {
+        None
+    }
+}
+
+/// Standard base64 with padding.
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ABC[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Drop leading `@name` mentions from group text.
@@ -165,6 +238,10 @@ impl Assistant {
             conversation: format!("{chat}\u{1f}{who}"),
             group: message.conversation_kind == ConversationKind::Group,
         };
+        let attached = attachments(&message.content);
+        if self.parts.llm.is_some() && !attached.is_empty() {
+            return self.answer_with_attachments(message, asker, attached, progress).await;
+        }
         let Some(text) = message.text() else {
             return self.media_answer(message);
         };
@@ -198,8 +275,54 @@ impl Assistant {
                 format!("Unknown command `{}`. Send `/help` for the list.", c.chars().take(32).collect::<String>()),
             ),
             _ if self.parts.llm.is_none() => Answer::fixed("LLM not configured", NO_LLM),
-            _ => self.start_turn(asker, text.to_owned(), progress).await,
+            _ => self.start_turn(asker, text.to_owned(), Vec::new(), progress).await,
         }
+    }
+
+    /// A message with pictures or files: fetch them, then start a turn that shows pictures to a
+    /// model with image input and names every file so the files tools can read it.
+    async fn answer_with_attachments(
+        &self,
+        message: &RobotMessage,
+        asker: Asker,
+        attached: Vec<Attachment<'_>>,
+        progress: Option<&dyn Progress>,
+    ) -> Answer {
+        let mut notes = Vec::new();
+        let mut images = Vec::new();
+        for a in attached {
+            let Some(media) = &self.parts.media else { break };
+            let owner = crate::tools::files::owner_dir(&asker.actor);
+            let file = match media.fetch_as(a.download_code, a.file_name, Some(&owner)).await {
+                Ok(f) => f,
+                Err(e) => {
+                    log::warn!("cannot fetch a {} of message {}: {e}", a.kind, message.msg_id);
+                    notes.push(format!("[The user sent a {} that could not be fetched: {e}]", a.kind));
+                    continue;
+                }
+            };
+            let name = self.parts.roots.scoped(&asker.actor).inbox_path(&file.path).unwrap_or_default();
+            let label =
+                a.file_name.map(|n| format!(" “{}”", n.chars().take(120).collect::<String>())).unwrap_or_default();
+            let bytes = if self.parts.vision && a.kind == "picture" && file.bytes <= MAX_IMAGE_BYTES {
+                tokio::fs::read(&file.path).await.ok()
+            } else {
+                None
+            };
+            match bytes.as_deref().and_then(image_type) {
+                Some(mime) => {
+                    images.push(format!("data:{mime};base64,{}", base64(bytes.as_deref().unwrap_or_default())));
+                    notes.push(format!("[The user sent a picture, attached above; it is also saved as `{name}`]"));
+                }
+                None => notes.push(format!(
+                    "[The user sent a {}{label} of {} bytes, saved as `{name}`; read it with files_read if it is text]",
+                    a.kind, file.bytes
+                )),
+            }
+        }
+        let typed = message.text().map(|t| strip_mentions(&t).to_owned()).unwrap_or_default();
+        let text = if typed.is_empty() { notes.join("\n") } else { format!("{typed}\n\n{}", notes.join("\n")) };
+        self.start_turn(asker, text, images, progress).await
     }
 
     async fn undo(&self, asker: &Asker) -> Answer {
@@ -216,7 +339,8 @@ impl Assistant {
             return Answer::fixed("cannot undo", format!("The tool `{}` is no longer available.", entry.tool));
         };
         let event = Event::new(Kind::ToolUndone, &asker.actor, &asker.chat).tool(entry.tool.clone());
-        match tool.undo(&entry.payload).await {
+        let ctx = crate::tools::Context { actor: asker.actor.clone(), chat: asker.chat.clone() };
+        match tool.undo(&ctx, &entry.payload).await {
             Ok(done) => {
                 self.parts.audit.record(event.target(entry.description.clone()).outcome("ok"));
                 Answer::fixed("undone", format!("Undone: {done}."))
@@ -346,6 +470,19 @@ impl Assistant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_and_image_sniffing() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(&[0xff, 0xfe]), "//4=");
+        assert_eq!(image_type(b"\x89PNG\r\n\x1a\n...."), Some("image/png"));
+        assert_eq!(image_type(&[0xff, 0xd8, 0xff, 0xe0]), Some("image/jpeg"));
+        assert_eq!(image_type(b"%PDF-1.7"), None);
+    }
 
     #[test]
     fn mentions_are_stripped() {

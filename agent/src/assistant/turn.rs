@@ -18,7 +18,7 @@ use crate::{
     audit::{Event, Kind},
     llm::{ChatMessage, LlmError, Role, ToolCall},
     store::{Role as TurnRole, Turn as StoredTurn, UndoEntry},
-    tools::{Risk, Tool, ToolError, schema},
+    tools::{Context, Risk, Tool, ToolError, schema},
 };
 
 /// Who is asking, where.
@@ -93,7 +93,13 @@ fn llm_trouble(e: &LlmError) -> String {
 
 impl Assistant {
     /// Start a turn for `text`.
-    pub(super) async fn start_turn(&self, asker: Asker, text: String, progress: Option<&dyn Progress>) -> Answer {
+    pub(super) async fn start_turn(
+        &self,
+        asker: Asker,
+        text: String,
+        images: Vec<String>,
+        progress: Option<&dyn Progress>,
+    ) -> Answer {
         let llm = &self.parts.settings;
         let conv = asker.conversation.clone();
         let stored = self.store_call(move |s| s.history(&conv)).await.unwrap_or_else(|e| {
@@ -120,7 +126,7 @@ impl Assistant {
             };
             messages.push(ChatMessage::text(role, t.text));
         }
-        messages.push(ChatMessage::text(Role::User, text.clone()));
+        messages.push(ChatMessage { images, ..ChatMessage::text(Role::User, text.clone()) });
         let state = TurnState {
             asker,
             user_text: text,
@@ -228,6 +234,7 @@ impl Assistant {
                 content: message.content,
                 tool_calls: echoed,
                 tool_call_id: None,
+                images: Vec::new(),
             });
         }
     }
@@ -312,7 +319,8 @@ impl Assistant {
         let target = tool.target(&args);
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
         let limit = self.parts.settings.tool_timeout_ms.get();
-        let result = match tokio::time::timeout(limit, tool.execute(args)).await {
+        let ctx = Context { actor: asker.actor.clone(), chat: asker.chat.clone() };
+        let result = match tokio::time::timeout(limit, tool.execute(&ctx, args)).await {
             Ok(r) => r,
             Err(_) => Err(ToolError::Failed(format!("no result within {}", human(limit)))),
         };

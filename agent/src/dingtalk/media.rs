@@ -68,8 +68,29 @@ impl MediaArea {
         Ok(MediaArea { dir, api, seq: AtomicU64::new(0) })
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Fetch the media behind `download_code` into the area.
     pub async fn fetch(&self, download_code: &str) -> Result<MediaFile, MediaError> {
+        self.fetch_as(download_code, None, None).await
+    }
+
+    /// [`MediaArea::fetch`], keeping the extension of `file_name` (letters and digits only) so
+    /// the file's kind stays visible (the name itself is still the counter), into the folder
+    /// `owner` (a plain name chosen by the caller: one per person).
+    pub async fn fetch_as(
+        &self,
+        download_code: &str,
+        file_name: Option<&str>,
+        owner: Option<&str>,
+    ) -> Result<MediaFile, MediaError> {
+        let dir = match owner {
+            Some(o) if !o.is_empty() && o.chars().all(|c| c.is_ascii_alphanumeric()) => self.dir.join(o),
+            _ => self.dir.clone(),
+        };
+        tokio::fs::create_dir_all(&dir).await.map_err(io_err(&dir))?;
         let limits = &self.api.settings().limits;
         let body = json!({ "downloadCode": download_code, "robotCode": self.api.settings().robot_code.as_str() });
         let answer = match self.api.call(DOWNLOAD_PATH, &body).await {
@@ -89,30 +110,41 @@ impl MediaArea {
         let bytes = resp.body.len() as u64;
         self.make_room(bytes, limits.media_max_total_bytes).await?;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("{n:08}.bin"));
-        let part = self.dir.join(format!("{n:08}.part"));
+        let ext = file_name
+            .and_then(|f| f.rsplit_once('.'))
+            .map(|(_, e)| e.to_ascii_lowercase())
+            .filter(|e| (1..=8).contains(&e.len()) && e.chars().all(|c| c.is_ascii_alphanumeric()))
+            .unwrap_or_else(|| "bin".into());
+        let path = dir.join(format!("{n:08}.{ext}"));
+        let part = dir.join(format!("{n:08}.part"));
         tokio::fs::write(&part, &resp.body).await.map_err(io_err(&part))?;
         tokio::fs::rename(&part, &path).await.map_err(io_err(&path))?;
         Ok(MediaFile { path, bytes })
     }
 
-    /// Remove the oldest files until `incoming` more bytes fit under `total`.
+    /// Remove the oldest files (in the area and its per-person folders) until `incoming` more
+    /// bytes fit under `total`.
     async fn make_room(&self, incoming: u64, total: u64) -> Result<(), MediaError> {
         let mut entries = Vec::new();
-        let mut rd = tokio::fs::read_dir(&self.dir).await.map_err(io_err(&self.dir))?;
-        while let Some(e) = rd.next_entry().await.map_err(io_err(&self.dir))? {
-            if let Ok(meta) = e.metadata().await {
-                entries.push((e.file_name(), meta.len()));
+        let mut dirs = vec![self.dir.clone()];
+        while let Some(dir) = dirs.pop() {
+            let mut rd = tokio::fs::read_dir(&dir).await.map_err(io_err(&dir))?;
+            while let Some(e) = rd.next_entry().await.map_err(io_err(&dir))? {
+                let Ok(meta) = e.metadata().await else { continue };
+                if meta.is_dir() && dir == self.dir {
+                    dirs.push(e.path());
+                } else if meta.is_file() {
+                    entries.push((e.file_name(), e.path(), meta.len()));
+                }
             }
         }
         // Names are zero-padded counters: lexical order is age order.
         entries.sort();
-        let mut used: u64 = entries.iter().map(|(_, len)| len).sum();
-        for (name, len) in entries {
+        let mut used: u64 = entries.iter().map(|(_, _, len)| len).sum();
+        for (_, path, len) in entries {
             if used + incoming <= total {
                 break;
             }
-            let path = self.dir.join(&name);
             tokio::fs::remove_file(&path).await.map_err(io_err(&path))?;
             used -= len;
         }

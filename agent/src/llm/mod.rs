@@ -33,6 +33,10 @@ pub struct Settings {
     pub max_retries: u32,
     #[serde(default = "default_rpm")]
     pub requests_per_minute: u32,
+    /// The model accepts image input (pictures users send go to it as images); otherwise they
+    /// are offered to the tools as files.
+    #[serde(default)]
+    pub vision: bool,
     /// Tokens the whole box may use per day (0 = no limit).
     #[serde(default)]
     pub daily_tokens: u64,
@@ -61,20 +65,56 @@ pub enum Role {
 }
 
 /// One message of the conversation sent to the model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub content: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub tool_calls: Vec<ToolCall>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub tool_call_id: Option<String>,
+    /// Images sent with a user message (`data:` URLs), for models that accept image input:
+    /// the content then goes out as parts, text first.
+    #[serde(skip)]
+    pub images: Vec<String>,
+}
+
+impl Serialize for ChatMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("role", &self.role)?;
+        if self.images.is_empty() {
+            if let Some(c) = &self.content {
+                m.serialize_entry("content", c)?;
+            }
+        } else {
+            let mut parts = vec![serde_json::json!({"type": "text", "text": self.content.as_deref().unwrap_or("")})];
+            parts.extend(
+                self.images.iter().map(|url| serde_json::json!({"type": "image_url", "image_url": {"url": url}})),
+            );
+            m.serialize_entry("content", &parts)?;
+        }
+        if !self.tool_calls.is_empty() {
+            m.serialize_entry("tool_calls", &self.tool_calls)?;
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.serialize_entry("tool_call_id", id)?;
+        }
+        m.end()
+    }
 }
 
 impl ChatMessage {
     pub fn text(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage { role, content: Some(content.into()), tool_calls: Vec::new(), tool_call_id: None }
+        ChatMessage {
+            role,
+            content: Some(content.into()),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            images: Vec::new(),
+        }
     }
 
     pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
@@ -83,6 +123,7 @@ impl ChatMessage {
             content: Some(content.into()),
             tool_calls: Vec::new(),
             tool_call_id: Some(call_id.into()),
+            images: Vec::new(),
         }
     }
 }

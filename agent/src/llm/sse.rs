@@ -118,7 +118,7 @@ impl DeltaAssembler {
         }
         let content = (!self.text.is_empty() || tool_calls.is_empty()).then_some(self.text);
         Ok(Completion {
-            message: ChatMessage { role: Role::Assistant, content, tool_calls, tool_call_id: None },
+            message: ChatMessage { role: Role::Assistant, content, tool_calls, tool_call_id: None, images: Vec::new() },
             finish_reason: self.finish_reason,
             usage: self.usage,
         })

@@ -20,7 +20,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{BoxFuture, Outcome, Risk, Tool, ToolError};
+use super::{BoxFuture, Context, Outcome, Risk, Tool, ToolError};
 
 /// `[tools.files]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,11 +54,26 @@ pub struct RootError {
 }
 
 /// The roots, canonicalised once at start, and where replaced files are kept for undo.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Roots {
+    /// name, canonical path
     roots: Vec<(String, PathBuf)>,
+    /// Where files people sent are kept, one folder per person; seen as the read-only root
+    /// `inbox` by that person only (see [`Roots::scoped`]).
+    inbox: Option<PathBuf>,
+    /// Roots the tools may read but not change (the inbox).
+    read_only: Vec<String>,
     keep_dir: PathBuf,
     settings: FilesSettings,
+}
+
+/// The read-only root of files users sent the robot.
+pub const INBOX: &str = "inbox";
+
+/// The inbox folder of `actor` under the media area (a digest, so no name can escape).
+pub fn owner_dir(actor: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, actor.as_bytes());
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 const SEARCH_MAX_VISITS: usize = 20_000;
@@ -74,8 +89,25 @@ fn failed(what: &str, e: std::io::Error) -> ToolError {
 }
 
 impl Roots {
-    pub fn open(settings: &FilesSettings, state_dir: &Path) -> Result<Arc<Roots>, RootError> {
+    /// The configured roots, plus `inbox` (read-only) when given: where files users send the
+    /// robot are kept.
+    pub fn open(settings: &FilesSettings, state_dir: &Path, inbox: Option<&Path>) -> Result<Arc<Roots>, RootError> {
         let mut roots = Vec::new();
+        let inbox = match inbox {
+            Some(dir) if settings.roots.contains_key(INBOX) => {
+                return Err(RootError {
+                    name: INBOX.into(),
+                    path: dir.to_owned(),
+                    reason: "`inbox` is the name of the received-files root; choose another name".into(),
+                });
+            }
+            Some(dir) => Some(fs::canonicalize(dir).map_err(|e| RootError {
+                name: INBOX.into(),
+                path: dir.to_owned(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
         for (name, path) in &settings.roots {
             let err = |reason: String| RootError { name: name.clone(), path: path.clone(), reason };
             if name.is_empty() || name.contains('/') || name == ".." || name == "." {
@@ -93,7 +125,19 @@ impl Roots {
             path: keep_dir.clone(),
             reason: e.to_string(),
         })?;
-        Ok(Arc::new(Roots { roots, keep_dir, settings: settings.clone() }))
+        Ok(Arc::new(Roots { roots, inbox, read_only: Vec::new(), keep_dir, settings: settings.clone() }))
+    }
+
+    /// The roots as `actor` sees them: the configured ones plus their own inbox.
+    pub fn scoped(&self, actor: &str) -> Roots {
+        let mut view = self.clone();
+        view.roots.retain(|(n, _)| n != INBOX);
+        view.read_only.retain(|n| n != INBOX);
+        if let Some(base) = &self.inbox {
+            view.roots.insert(0, (INBOX.to_owned(), base.join(owner_dir(actor))));
+            view.read_only.push(INBOX.to_owned());
+        }
+        view
     }
 
     fn names(&self) -> String {
@@ -125,11 +169,32 @@ impl Roots {
         Ok((root, parts[1..].to_vec()))
     }
 
+    /// Refuse a change under a read-only root.
+    fn writable(&self, path: &str) -> Result<(), ToolError> {
+        let ((name, _), _) = self.parts(path)?;
+        if self.read_only.contains(name) {
+            return Err(refused(format!(
+                "`{name}` is read-only (files people sent me); copy the file into another root first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `inbox/…` for a file of this (scoped) view's inbox.
+    pub fn inbox_path(&self, file: &Path) -> Option<String> {
+        let (_, root) = self.roots.iter().find(|(n, _)| n == INBOX)?;
+        let canon = fs::canonicalize(file).ok()?;
+        canon.starts_with(root).then(|| self.display(&canon))
+    }
+
     /// An existing path inside a root, canonicalised.
     fn existing(&self, path: &str) -> Result<PathBuf, ToolError> {
         let ((_, root), rest) = self.parts(path)?;
         let joined = rest.iter().fold(root.clone(), |p, part| p.join(part));
         let canon = fs::canonicalize(&joined).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound if !root.exists() => {
+                refused("you have not sent me any files since I last started, so your inbox is empty")
+            }
             std::io::ErrorKind::NotFound => refused(format!("`{path}` does not exist")),
             _ => failed("cannot resolve the path", e),
         })?;
@@ -312,8 +377,8 @@ impl Tool for FileTool {
         }
     }
 
-    fn execute<'a>(&'a self, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>> {
-        let roots = self.roots.clone();
+    fn execute<'a>(&'a self, ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>> {
+        let roots = self.roots.scoped(&ctx.actor);
         let op = self.op;
         Box::pin(async move {
             tokio::task::spawn_blocking(move || run(op, &roots, &args))
@@ -322,8 +387,8 @@ impl Tool for FileTool {
         })
     }
 
-    fn undo<'a>(&'a self, payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
-        let roots = self.roots.clone();
+    fn undo<'a>(&'a self, ctx: &'a Context, payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
+        let roots = self.roots.scoped(&ctx.actor);
         let payload = payload.to_vec();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || undo(&roots, &payload))
@@ -481,6 +546,7 @@ fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Ou
             roots.settings.max_write_bytes
         )));
     }
+    roots.writable(path)?;
     let target = roots.new_path(path)?;
     let exists = target.exists();
     if exists && !overwrite {
@@ -524,6 +590,8 @@ fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Ou
 }
 
 fn move_op(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {
+    roots.writable(from)?;
+    roots.writable(to)?;
     let source = roots.existing(from)?;
     let target = roots.new_path(to)?;
     if target.exists() {
@@ -536,6 +604,7 @@ fn move_op(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {
 }
 
 fn delete(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
+    roots.writable(path)?;
     let file = roots.existing(path)?;
     if file.is_dir() {
         return Err(refused(format!("`{path}` is a folder; only files can be deleted")));
@@ -608,7 +677,11 @@ mod tests {
             max_write_bytes: 64,
             ..FilesSettings::default()
         };
-        let roots = Roots::open(&settings, &dir.join("state")).expect("roots");
+        fs::create_dir_all(dir.join("media").join(owner_dir("lilei"))).expect("inbox");
+        fs::write(dir.join("media").join(owner_dir("lilei")).join("00000001.txt"), "sent by a user").expect("inbox");
+        let roots = Arc::new(
+            Roots::open(&settings, &dir.join("state"), Some(&dir.join("media"))).expect("roots").scoped("lilei"),
+        );
         Fixture { dir, roots }
     }
 
@@ -662,6 +735,27 @@ mod tests {
     }
 
     #[test]
+    fn the_inbox_is_read_only() {
+        let f = fixture();
+        assert_eq!(read(&f.roots, "inbox/00000001.txt").expect("read").text, "sent by a user");
+        for e in [
+            write(&f.roots, "inbox/new.txt", "x", false).expect_err("write"),
+            move_op(&f.roots, "inbox/00000001.txt", "share/a.txt").expect_err("move out"),
+            move_op(&f.roots, "share/reports/q3.txt", "inbox/q3.txt").expect_err("move in"),
+            delete(&f.roots, "inbox/00000001.txt").expect_err("delete"),
+        ] {
+            assert!(e.to_string().contains("read-only"), "{e}");
+        }
+        let file = f.dir.join("media").join(owner_dir("lilei")).join("00000001.txt");
+        assert_eq!(f.roots.inbox_path(&file).as_deref(), Some("inbox/00000001.txt"));
+        // Someone else's inbox is their own: empty, and lilei's file is not in it.
+        let other = f.roots.scoped("wang");
+        let e = read(&other, "inbox/00000001.txt").expect_err("not theirs");
+        assert!(e.to_string().contains("inbox is empty"), "{e}");
+        assert_eq!(other.inbox_path(&file), None);
+    }
+
+    #[test]
     fn search_and_list_stay_inside() {
         let f = fixture();
         let out = search(&f.roots, "share", "revenue", true).expect("search");
@@ -670,7 +764,7 @@ mod tests {
         let out = search(&f.roots, "share", "secret", true).expect("search");
         assert!(!out.text.contains("secret.txt"), "{}", out.text);
         let out = list(&f.roots, "").expect("roots");
-        assert!(out.text.contains("`share`"));
+        assert!(out.text.contains("`share`") && out.text.contains("`inbox`"));
         let out = list(&f.roots, "share").expect("list");
         assert!(out.text.contains("reports (folder)") && out.text.contains("escape (link)"), "{}", out.text);
     }

@@ -63,6 +63,15 @@ pub enum ToolError {
     Failed(String),
 }
 
+/// Who a call is for: tools act as the asking person, never on their own authority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    /// The asker's staff id (or `dingtalk:<id>` outside the organisation).
+    pub actor: String,
+    /// The conversation the call came from.
+    pub chat: String,
+}
+
 /// The plugin contract.
 pub trait Tool: Send + Sync {
     fn name(&self) -> &str;
@@ -72,9 +81,9 @@ pub trait Tool: Send + Sync {
     fn risk(&self) -> Risk;
     /// What the call touches, for the audit trail and the confirmation question (no contents).
     fn target(&self, args: &Value) -> String;
-    fn execute<'a>(&'a self, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>>;
+    fn execute<'a>(&'a self, ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>>;
     /// Reverse an earlier call from its undo payload. Tools without undo keep the default.
-    fn undo<'a>(&'a self, _payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
+    fn undo<'a>(&'a self, _ctx: &'a Context, _payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
         Box::pin(async { Err(ToolError::Failed("this tool cannot undo".into())) })
     }
 }

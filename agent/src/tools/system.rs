@@ -8,7 +8,7 @@ use std::{
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::{BoxFuture, Outcome, Risk, Tool, ToolError};
+use super::{BoxFuture, Context, Outcome, Risk, Tool, ToolError};
 use crate::dingtalk::{sender::SenderStatus, stream::StreamStatus};
 
 pub struct SystemTool {
@@ -90,7 +90,7 @@ impl Tool for SystemTool {
     fn target(&self, _args: &Value) -> String {
         "box".into()
     }
-    fn execute<'a>(&'a self, _args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>> {
+    fn execute<'a>(&'a self, _ctx: &'a Context, _args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>> {
         Box::pin(async move { Ok(Outcome::text(summary(self))) })
     }
 }
