@@ -221,8 +221,19 @@ async fn a_question_is_answered_through_a_tool_and_audited() {
     rig.ask(Inject::text("Hi").from("lilei")).await;
     assert_eq!(rig.llm.requests()[3].body["messages"].as_array().map(Vec::len), Some(2));
 
+    // A long answer arrives as several messages, in order, nothing lost.
+    let long: String = (0..800).map(|i| format!("第{i}段: a line of the long answer.\n")).collect();
+    rig.llm.push(Scripted::Text(long.clone()));
+    let id = rig.sim.inject(Inject::text("tell me everything").from("lilei"));
+    assert!(rig.sim.wait_until(Duration::from_secs(10), |s| replies_to(s, &id).len() >= 3).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let parts = replies_to(&rig.sim, &id);
+    let n = parts.len();
+    assert!(parts.iter().enumerate().all(|(i, p)| p.title.ends_with(&format!("({}/{n})", i + 1))), "{parts:?}");
+    assert_eq!(parts.iter().map(|p| p.text.as_str()).collect::<String>(), long);
+
     let who = [("ACTOR", "lilei"), ("TOOL", "files_read")];
-    rig.journal.expect(4, Kind::MessageAccepted, &[("ACTOR", "lilei")]);
+    rig.journal.expect(5, Kind::MessageAccepted, &[("ACTOR", "lilei")]);
     rig.journal.expect(1, Kind::ToolRequested, &who);
     rig.journal.expect(1, Kind::ToolAllowed, &who);
     let executed = rig.journal.expect(1, Kind::ToolExecuted, &who);

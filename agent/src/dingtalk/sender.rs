@@ -91,6 +91,65 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// One message's Markdown, at most, counted as it is encoded in the request (JSON-escaped),
+/// with room for the title.
+const PART_BYTES: usize = MAX_MSG_PARAM - 1_000;
+
+/// Split Markdown into parts whose JSON-escaped size is at most `max`, between lines where it
+/// can (a code block cut in two is closed and reopened), inside a line only when one line is
+/// too long by itself.
+pub fn split_markdown(text: &str, max: usize) -> Vec<String> {
+    let escaped = |s: &str| serde_json::to_string(s).map(|j| j.len()).unwrap_or(s.len() * 6);
+    if escaped(text) <= max {
+        return vec![text.to_owned()];
+    }
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut in_code = false;
+    let mut pieces: Vec<String> = Vec::new();
+    for line in text.split_inclusive('\n') {
+        if escaped(line) <= max / 2 {
+            pieces.push(line.to_owned());
+            continue;
+        }
+        // A very long line: cut on character boundaries.
+        let mut rest = line;
+        while !rest.is_empty() {
+            let mut end = rest.len().min(max / 12).max(1);
+            while !rest.is_char_boundary(end) {
+                end += 1;
+            }
+            pieces.push(rest[..end].to_owned());
+            rest = &rest[end..];
+        }
+    }
+    // Escaped size of `current`, kept as it grows (each piece's size without its quotes).
+    let mut size = 2;
+    for piece in pieces {
+        let add = escaped(&piece) - 2;
+        if !current.is_empty() && size + add + 8 > max {
+            if in_code {
+                current.push_str("\n```\n");
+            }
+            parts.push(std::mem::take(&mut current));
+            size = 2;
+            if in_code {
+                current.push_str("```\n");
+                size += 5;
+            }
+        }
+        if piece.trim_start().starts_with("```") {
+            in_code = !in_code;
+        }
+        current.push_str(&piece);
+        size += add;
+    }
+    if !current.is_empty() {
+        parts.push(current);
+    }
+    parts
+}
+
 /// Cut `s` to at most `max` bytes on a character boundary, saying so.
 fn fit(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -114,8 +173,23 @@ impl ReplySender {
         &self.status
     }
 
-    /// Deliver `reply`, retrying through throttling and transient failures.
+    /// Deliver `reply`, retrying through throttling and transient failures. A reply longer than
+    /// one DingTalk message takes goes as several, in order, each titled `(i/n)`.
     pub async fn send(&self, reply: &Reply) -> Result<Route, SendError> {
+        let parts = split_markdown(&reply.markdown, PART_BYTES);
+        if parts.len() == 1 {
+            return self.send_one(reply).await;
+        }
+        let n = parts.len();
+        let mut route = Route::OpenApi;
+        for (i, text) in parts.into_iter().enumerate() {
+            let part = Reply { title: format!("{} ({}/{n})", reply.title, i + 1), markdown: text, ..reply.clone() };
+            route = self.send_one(&part).await?;
+        }
+        Ok(route)
+    }
+
+    async fn send_one(&self, reply: &Reply) -> Result<Route, SendError> {
         let limits = &self.api.settings().limits;
         let started = Instant::now();
         let mut backoff = Backoff::new(limits.retry_initial_ms.get(), Duration::from_secs(30), StdRng::from_os_rng());
@@ -241,6 +315,24 @@ mod tests {
         let f = fit(&s, 15_000);
         assert!(f.len() <= 15_000 && f.ends_with("(truncated)"));
         assert_eq!(fit("short", 100), "short");
+    }
+
+    #[test]
+    fn long_markdown_is_split_between_lines_and_keeps_code_blocks_whole() {
+        let line = "一行文字 some words\n";
+        let text = format!("# Title\n{}```\n{}```\n{}", line.repeat(600), "let x = 1;\n".repeat(900), line.repeat(300));
+        let parts = split_markdown(&text, 14_000);
+        assert!(parts.len() >= 3, "{}", parts.len());
+        for p in &parts {
+            assert!(serde_json::to_string(p).map(|j| j.len()).unwrap_or(usize::MAX) <= 14_000);
+            assert_eq!(p.matches("```").count() % 2, 0, "each part's code fences are balanced: {p}");
+        }
+        let joined: String = parts.concat().replace("\n```\n```\n", "");
+        assert_eq!(joined, text, "nothing lost or reordered");
+        assert_eq!(split_markdown("short", 100), vec!["short".to_owned()]);
+        let one_line = "x".repeat(50_000);
+        let parts = split_markdown(&one_line, 14_000);
+        assert_eq!(parts.concat(), one_line);
     }
 
     #[test]
