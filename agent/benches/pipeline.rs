@@ -7,7 +7,10 @@
 //!    time (durable store included);
 //! 4. sustained messages per second through agent + simulator;
 //! 5. with `ZHULI_BIN` set to a built `zhuli`: idle RSS and idle CPU of `zhuli run` connected to
-//!    the simulator.
+//!    the simulator;
+//! 6. the assistant's own cost per LLM turn (one tool call, two model requests), with the time
+//!    waiting for the (scripted, loopback) model taken out, p50/p99; and memory per active
+//!    conversation: stored history, and turns held open awaiting a confirmation.
 
 use std::{
     path::PathBuf,
@@ -330,11 +333,107 @@ fn idle_process(bin: PathBuf) {
     });
 }
 
+/// Resident memory of this process, in KiB.
+fn own_rss_kib() -> u64 {
+    proc_field(std::process::id(), "VmRSS:")
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn assistant_turns() {
+    use zhuli::llm::sim::{LlmSim, Scripted};
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dir = bench_dir("turns");
+    std::fs::create_dir_all(dir.join("share")).expect("share");
+    std::fs::write(dir.join("share/q3.txt"), "Q3 revenue up 12%, costs flat.").expect("file");
+    // A journal socket that drains what the audit writes, as journald would.
+    let journal = dir.join("journal.sock");
+    let sink = std::os::unix::net::UnixDatagram::bind(&journal).expect("journal socket");
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while sink.recv(&mut buf).is_ok() {}
+    });
+    let llm = rt.block_on(LlmSim::start()).expect("llm sim");
+    llm.stop_recording();
+    let config = Config::parse(
+        &format!(
+            "[agent]\nstate_dir = {state:?}\n[store]\nkey_file = {key:?}\n[dingtalk]\nclient_id = \"b\"\nclient_secret = \"b\"\nrobot_code = \"b\"\napi_base = \"http://127.0.0.1:9\"\n\
+             [llm]\nbase_url = {base:?}\nmodel = \"bench\"\nrequests_per_minute = 10000000\n\
+             [access]\ndefault_roles = [\"all\"]\n[access.roles.all]\ntools = [\"*\"]\n\
+             [tools.files.roots]\nshare = {share:?}\n[audit]\njournal_socket = {journal:?}\n",
+            state = dir.join("state").display().to_string(),
+            key = dir.join("key").display().to_string(),
+            base = llm.base_url(),
+            share = dir.join("share").display().to_string(),
+            journal = journal.display().to_string(),
+        ),
+        std::path::Path::new("bench.toml"),
+    )
+    .expect("bench config");
+    StoreKey::generate().write_new(&dir.join("key")).expect("key");
+    let store = Arc::new(app::open_store(&config).expect("store"));
+    let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
+    let assistant = rt.block_on(app::build_assistant(&config, &handles, store, None)).expect("assistant");
+    let turn = |i: usize, user: &str| {
+        llm.push(Scripted::ToolCalls(vec![("files_read".into(), r#"{"path":"share/q3.txt"}"#.into())]));
+        llm.push(Scripted::Text("Revenue is up 12% and costs are flat.".into()));
+        let mut m = bench_message(i, "What does the Q3 report say?");
+        m.sender_staff_id = Some(user.to_owned());
+        let waited = assistant.llm_wait();
+        let start = Instant::now();
+        let a = rt.block_on(assistant.answer(&m, None));
+        let total = start.elapsed();
+        assert!(a.markdown.starts_with("Revenue"), "{}", a.markdown);
+        total.saturating_sub(assistant.llm_wait() - waited)
+    };
+    for i in 0..100 {
+        turn(i, "warm-up");
+    }
+    let n = 2_000;
+    let rss0 = own_rss_kib();
+    let mut overhead: Vec<Duration> = (0..n).map(|i| turn(1_000 + i, &format!("user-{i}"))).collect();
+    let rss1 = own_rss_kib();
+    overhead.sort();
+    println!(
+        "assistant overhead per LLM turn (1 tool call, 2 model requests; model wait excluded; store, audit, tool included): n={n} p50={:?} p99={:?} max={:?}",
+        percentile(&overhead, 0.50),
+        percentile(&overhead, 0.99),
+        overhead.last().copied().unwrap_or_default(),
+    );
+    println!(
+        "memory per conversation with stored history ({n} conversations, each one turn): {:.2} KiB RSS growth each (history lives in the store, not in memory)",
+        rss1.saturating_sub(rss0) as f64 / n as f64
+    );
+    // Turns held open, waiting for a confirmation: these keep their whole message list in memory.
+    let held = 1_000;
+    let rss2 = own_rss_kib();
+    for i in 0..held {
+        llm.push(Scripted::ToolCalls(vec![(
+            "files_write".into(),
+            format!(r#"{{"path":"share/out-{i}.txt","content":"draft {i}"}}"#),
+        )]));
+        let mut m = bench_message(10_000 + i, "Write a draft for me, please.");
+        m.sender_staff_id = Some(format!("writer-{i}"));
+        let a = rt.block_on(assistant.answer(&m, None));
+        assert!(a.markdown.contains("/confirm"), "{}", a.markdown);
+    }
+    let rss3 = own_rss_kib();
+    println!(
+        "memory per turn awaiting confirmation ({} held): {:.2} KiB RSS growth each",
+        assistant.pending_confirmations(),
+        rss3.saturating_sub(rss2) as f64 / held as f64
+    );
+    drop(assistant);
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     parse_and_dispatch();
     store_figures();
     through_the_agent();
+    assistant_turns();
     match std::env::var_os("ZHULI_BIN") {
         Some(bin) => idle_process(PathBuf::from(bin)),
         None => println!("idle RSS: skipped (set ZHULI_BIN to a built zhuli binary)"),

@@ -171,6 +171,7 @@ pub async fn build_assistant(
         store,
         budget_limits: config.llm.as_ref().map_or((0, 0), |l| (l.daily_tokens, l.daily_tokens_per_user)),
         tokens: Default::default(),
+        llm_wait_ns: Default::default(),
         llm_errors: Default::default(),
         denials: Default::default(),
     }))

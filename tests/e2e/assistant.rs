@@ -404,6 +404,16 @@ async fn llm_trouble_and_budgets_get_clear_answers() {
     assert_eq!(tight.ask(Inject::text("q1").from("zhang")).await, "three", "others keep their own budget");
     assert_eq!(tight.llm.requests().len(), 3);
     tight.journal.expect(1, Kind::LimitHit, &[("ACTOR", "lilei")]);
+
+    // Today's use is kept across a restart.
+    let before = tight.sim.connections().iter().map(|(id, _)| *id).max().unwrap_or(0);
+    let mut tight = tight;
+    tight.agent.restart();
+    let back = tight.sim.wait_until(Duration::from_secs(15), |s| s.connections().iter().any(|(id, _)| *id > before));
+    assert!(back.await);
+    let over = tight.ask(Inject::text("q4").from("lilei")).await;
+    assert!(over.contains("your language-model budget"), "{over}");
+    assert_eq!(tight.llm.requests().len(), 3);
 }
 
 const CARD: &str = "[dingtalk.card]\ntemplate_id = \"tpl-ai.schema\"\nupdate_ms = 20\n";

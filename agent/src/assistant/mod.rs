@@ -61,6 +61,8 @@ pub struct Parts {
     /// Daily tokens per box and per user (0 = unlimited).
     pub budget_limits: (u64, u64),
     pub tokens: AtomicU64,
+    /// Time spent waiting for the model, in total (for the turn-overhead figure and `/status`).
+    pub llm_wait_ns: AtomicU64,
     pub llm_errors: AtomicU64,
     pub denials: AtomicU64,
 }
@@ -192,6 +194,16 @@ impl Assistant {
 
     pub fn audit(&self) -> &Arc<Audit> {
         &self.parts.audit
+    }
+
+    /// Time spent waiting for the model since start.
+    pub fn llm_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.parts.llm_wait_ns.load(Ordering::Relaxed))
+    }
+
+    /// Turns paused on a confirmation.
+    pub fn pending_confirmations(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
     }
 
     /// Run blocking store work off the async workers.

@@ -202,7 +202,10 @@ impl Assistant {
                     }
                 }
             };
-            let completion = match tokio::time::timeout(left, asked).await {
+            let waited = Instant::now();
+            let completion = tokio::time::timeout(left, asked).await;
+            self.parts.llm_wait_ns.fetch_add(waited.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+            let completion = match completion {
                 Err(_) => return self.timed_out(state).await,
                 Ok(Err(e)) => {
                     log::warn!("LLM request failed: {e}");
@@ -213,7 +216,7 @@ impl Assistant {
             };
             state.steps += 1;
             if let Some(u) = completion.usage {
-                self.spend(&state.asker.actor, u.total_tokens).await;
+                self.spend(&state.asker.actor, u.total_tokens);
             }
             let message = completion.message;
             if message.tool_calls.is_empty() {
@@ -257,8 +260,10 @@ impl Assistant {
         let at = now_ms();
         let user = StoredTurn { role: TurnRole::User, text: state.user_text, at_ms: at };
         let answer = StoredTurn { role: TurnRole::Assistant, text: text.clone(), at_ms: at };
+        // Today's token use is kept with the history, in the same commit.
+        let budget = serde_json::to_string(&*self.budget.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default();
         if let Err(e) =
-            self.store_call(move |s| s.append_turn(&conv, &user).and_then(|()| s.append_turn(&conv, &answer))).await
+            self.store_call(move |s| s.finish_turn(&conv, &[user, answer], &[(BUDGET_SETTING, budget)])).await
         {
             log::warn!("cannot keep the conversation history: {e}");
         }
@@ -489,21 +494,18 @@ impl Assistant {
         Some(reason.into())
     }
 
-    async fn spend(&self, actor: &str, tokens: u64) {
+    /// Count `tokens` against today's budgets (kept in the store when the turn finishes).
+    fn spend(&self, actor: &str, tokens: u64) {
         let day = local_time(now_ms(), self.parts.settings.utc_offset_minutes).1;
-        let snapshot = {
+        {
             let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
             if b.day != day {
                 *b = Budget { day, ..Budget::default() };
             }
             b.total += tokens;
             *b.users.entry(actor.to_owned()).or_default() += tokens;
-            serde_json::to_string(&*b).unwrap_or_default()
-        };
-        self.parts.tokens.fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = self.store_call(move |s| s.set_setting(BUDGET_SETTING, &snapshot)).await {
-            log::warn!("cannot keep today's token use: {e}");
         }
+        self.parts.tokens.fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Today's use as kept in the store (at start).

@@ -47,6 +47,8 @@ struct State {
     requests: Vec<RecordedRequest>,
     /// Pause before each streamed chunk (a model that types slowly).
     chunk_delay: std::time::Duration,
+    /// Requests are not kept (benchmarks).
+    forget: bool,
 }
 
 pub struct LlmSim {
@@ -209,6 +211,13 @@ impl LlmSim {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).chunk_delay = d;
     }
 
+    /// Stop keeping requests (a benchmark's memory figures must not count them).
+    pub fn stop_recording(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.forget = true;
+        st.requests = Vec::new();
+    }
+
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).requests.clone()
     }
@@ -229,7 +238,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
     let stream = body["stream"].as_bool() == Some(true);
     let (next, delay) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-        st.requests.push(RecordedRequest { body, authorization });
+        if !st.forget {
+            st.requests.push(RecordedRequest { body, authorization });
+        }
         (st.script.pop_front().unwrap_or(Scripted::Text("ok".into())), st.chunk_delay)
     };
     answer(next, stream, delay)

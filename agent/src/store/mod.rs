@@ -576,6 +576,16 @@ impl Store {
 
     /// Append a turn to a conversation, dropping its oldest turns beyond the turn and byte bounds.
     pub fn append_turn(&self, conversation_id: &str, turn: &Turn) -> Result<(), StoreError> {
+        self.finish_turn(conversation_id, std::slice::from_ref(turn), &[])
+    }
+
+    /// Append a turn's question and answer and set settings (today's token use), in one commit.
+    pub fn finish_turn(
+        &self,
+        conversation_id: &str,
+        turns: &[Turn],
+        settings: &[(&str, String)],
+    ) -> Result<(), StoreError> {
         let h = self.hash("conversation", conversation_id);
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         {
@@ -585,10 +595,13 @@ impl Store {
                 Some(row) => Some(row.map_err(|e| self.err(e))?.0.value().1),
                 None => None,
             };
-            let seq = last.map_or(1, |l| l + 1);
-            history
-                .insert((h, seq), self.seal_value("history", &pair_key(&h, seq), turn).as_slice())
-                .map_err(|e| self.err(e))?;
+            let mut seq = last.unwrap_or(0);
+            for turn in turns {
+                seq += 1;
+                history
+                    .insert((h, seq), self.seal_value("history", &pair_key(&h, seq), turn).as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
             let mut sizes: Vec<(u64, usize)> = history
                 .range((h, 0)..=(h, u64::MAX))
                 .map_err(|e| self.err(e))?
@@ -606,6 +619,12 @@ impl Store {
             }
             for s in drop_seqs {
                 history.remove((h, s)).map_err(|e| self.err(e))?;
+            }
+            let mut table = txn.open_table(SETTINGS).map_err(|e| self.err(e))?;
+            for (name, value) in settings {
+                table
+                    .insert(*name, self.seal_value("settings", name.as_bytes(), value).as_slice())
+                    .map_err(|e| self.err(e))?;
             }
         }
         txn.commit().map_err(|e| self.err(e))
