@@ -333,6 +333,39 @@ fn idle_process(bin: PathBuf) {
     });
 }
 
+/// Counts the bytes this process holds on the heap, for memory figures that RSS cannot give
+/// (freed pages are reused, so RSS deltas hide what a phase keeps).
+struct CountingAlloc;
+
+static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only a counter is added.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn live_kib() -> f64 {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0
+}
+
 /// Resident memory of this process, in KiB.
 fn own_rss_kib() -> u64 {
     proc_field(std::process::id(), "VmRSS:")
@@ -391,8 +424,10 @@ fn assistant_turns() {
     }
     let n = 2_000;
     let rss0 = own_rss_kib();
+    let live0 = live_kib();
     let mut overhead: Vec<Duration> = (0..n).map(|i| turn(1_000 + i, &format!("user-{i}"))).collect();
     let rss1 = own_rss_kib();
+    let live1 = live_kib();
     overhead.sort();
     println!(
         "assistant overhead per LLM turn (1 tool call, 2 model requests; model wait excluded; store, audit, tool included): n={n} p50={:?} p99={:?} max={:?}",
@@ -401,12 +436,13 @@ fn assistant_turns() {
         overhead.last().copied().unwrap_or_default(),
     );
     println!(
-        "memory per conversation with stored history ({n} conversations, each one turn): {:.2} KiB RSS growth each (history lives in the store, not in memory)",
+        "memory per conversation with stored history ({n} conversations, each one turn): heap {:.2} KiB, RSS {:.2} KiB each (history lives in the store; the store's cache is bounded)",
+        (live1 - live0) / n as f64,
         rss1.saturating_sub(rss0) as f64 / n as f64
     );
     // Turns held open, waiting for a confirmation: these keep their whole message list in memory.
     let held = 1_000;
-    let rss2 = own_rss_kib();
+    let live2 = live_kib();
     for i in 0..held {
         llm.push(Scripted::ToolCalls(vec![(
             "files_write".into(),
@@ -417,11 +453,10 @@ fn assistant_turns() {
         let a = rt.block_on(assistant.answer(&m, None));
         assert!(a.markdown.contains("/confirm"), "{}", a.markdown);
     }
-    let rss3 = own_rss_kib();
     println!(
-        "memory per turn awaiting confirmation ({} held): {:.2} KiB RSS growth each",
+        "memory per turn awaiting confirmation ({} held, each with its message list): heap {:.2} KiB each",
         assistant.pending_confirmations(),
-        rss3.saturating_sub(rss2) as f64 / held as f64
+        (live_kib() - live2) / held as f64
     );
     drop(assistant);
     drop(rt);
