@@ -270,6 +270,7 @@ pub struct Audit {
     /// Events that could not reach the journal (they went to the log).
     pub unjournaled: AtomicU64,
     pub written: AtomicU64,
+    warned: std::sync::atomic::AtomicBool,
 }
 
 impl Audit {
@@ -285,6 +286,7 @@ impl Audit {
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             unjournaled: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            warned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -302,12 +304,15 @@ impl Audit {
                     Some(Err(e)) => e.to_string(),
                     _ => "no socket".into(),
                 };
-                log::warn!(
-                    "audit (journal at {} unreachable: {why}): {} chat={}",
-                    self.socket_path.display(),
-                    event.summary(),
-                    event.chat
-                );
+                // The first miss is a warning; the events themselves go to the log at info level
+                // (the agent's default), so a development run is not flooded.
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "the journal at {} cannot be reached ({why}); audit events go to this log instead",
+                        self.socket_path.display()
+                    );
+                }
+                log::info!("audit: {} chat={}", event.summary(), event.chat);
             }
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());

@@ -18,7 +18,8 @@ use crate::{
 
 const INTRO: &str = "\
 zhuli demo — a DingTalk chat with the agent, all on this machine.
-Type a message and press Enter. Try /help, /ping, /status, or a question.
+Type a message and press Enter. Try /help, /ping, /status, or a question (with --llm-url,
+e.g. \"what is in the shared folder?\"; changes ask for /confirm, and /undo reverses them).
   !group TEXT     the same in a group chat, @mentioning the robot
   !quiet TEXT     a group message that does not @mention the robot (ignored)
   !file NAME      send a file;  !picture  send a picture;  !voice TEXT  a voice message
@@ -27,12 +28,19 @@ Type a message and press Enter. Try /help, /ping, /status, or a question.
   !quit           leave (or Ctrl-D)
 ";
 
+/// A model for the demo to ask.
+pub struct Llm {
+    pub url: String,
+    pub model: String,
+    pub key: Option<String>,
+}
+
 fn random_hex(n: usize) -> String {
     (0..n).map(|_| format!("{:x}", rand::random::<u8>() & 0xf)).collect()
 }
 
 /// Run the demo on stdin/stdout until EOF or `!quit`.
-pub async fn run() -> anyhow::Result<()> {
+pub async fn run(llm: Option<Llm>) -> anyhow::Result<()> {
     let client_id = format!("dingdemo{}", random_hex(8));
     let sim_cfg = SimConfig {
         client_id: client_id.clone(),
@@ -57,6 +65,25 @@ pub async fn run() -> anyhow::Result<()> {
         secret = sim_cfg.client_secret,
         base = sim.api_base(),
     );
+    // A shared folder to try the files tools on, and every tool granted to the demo user.
+    let share = state_dir.join("share");
+    std::fs::create_dir_all(&share).context("creating the demo's shared folder")?;
+    std::fs::write(share.join("welcome.txt"), "Welcome to zhuli. This file lives in the demo's shared folder.\n")
+        .context("writing the demo's sample file")?;
+    let mut toml = toml;
+    toml.push_str(&format!(
+        "\n[access]\ndefault_roles = [\"demo\"]\nadmins = [\"staff-demo\"]\n[access.roles.demo]\ntools = [\"*\"]\n\
+         [tools.files.roots]\nshare = {share:?}\n",
+        share = share.display().to_string()
+    ));
+    if let Some(llm) = &llm {
+        toml.push_str(&format!(
+            "\n[llm]\nbase_url = {url:?}\nmodel = {model:?}\n{key}",
+            url = llm.url,
+            model = llm.model,
+            key = llm.key.as_ref().map(|k| format!("api_key = {k:?}\n")).unwrap_or_default()
+        ));
+    }
     let config = Config::parse(&toml, std::path::Path::new("(demo)")).context("building the demo configuration")?;
     let cancel = CancellationToken::new();
     let agent = tokio::spawn(app::run(config, cancel.clone()));

@@ -35,7 +35,18 @@ enum Command {
         listen: SocketAddr,
     },
     /// Chat with the agent in the terminal, against the simulator: no credentials, no network.
-    Demo,
+    Demo {
+        /// An OpenAI-compatible endpoint to answer questions, e.g. a local Ollama at
+        /// http://127.0.0.1:11434/v1 (without it the demo answers commands only).
+        #[arg(long)]
+        llm_url: Option<String>,
+        /// The model to ask (with --llm-url).
+        #[arg(long, default_value = "qwen2.5")]
+        llm_model: String,
+        /// The environment variable holding the endpoint's API key, if it needs one.
+        #[arg(long)]
+        llm_key_env: Option<String>,
+    },
     /// Manage the encrypted store.
     Store {
         #[command(subcommand)]
@@ -192,9 +203,14 @@ fn main() -> anyhow::Result<()> {
                 None => println!("restored {} from {}", file.display(), from.display()),
             }
         }
-        Command::Demo => {
+        Command::Demo { llm_url, llm_model, llm_key_env } => {
             logging::init(log::LevelFilter::Warn);
-            runtime()?.block_on(demo::run())?;
+            let key = match llm_key_env {
+                Some(var) => Some(std::env::var(&var).with_context(|| format!("--llm-key-env: {var} is not set"))?),
+                None => None,
+            };
+            let llm = llm_url.map(|url| demo::Llm { url, model: llm_model, key });
+            runtime()?.block_on(demo::run(llm))?;
         }
     }
     Ok(())
