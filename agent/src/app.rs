@@ -20,7 +20,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     access::{Access, AccessError},
     assistant::{Assistant, Parts, Progress, StatusView},
-    audit::Audit,
+    audit::{Audit, Event, Kind},
     config::Config,
     dingtalk::{
         card::Cards,
@@ -153,6 +153,8 @@ pub async fn build_assistant(
     let paired = blocking(&store, |s| s.setting("paired-users")).await?;
     let paired = paired.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default();
     let access = Access::new(config.access.clone(), registry.names(), paired)?;
+    let audit = Arc::new(Audit::new(&config.audit));
+    audit_config_changes(config, &store, &audit).await;
     let llm_client = config.llm.clone().map(llm::Client::new).transpose()?;
     if llm_client.is_none() {
         log::warn!("no [llm] section: answering commands only");
@@ -167,7 +169,7 @@ pub async fn build_assistant(
         media,
         vision: config.llm.as_ref().is_some_and(|l| l.vision),
         access,
-        audit: Arc::new(Audit::new(&config.audit)),
+        audit,
         store,
         budget_limits: config.llm.as_ref().map_or((0, 0), |l| (l.daily_tokens, l.daily_tokens_per_user)),
         tokens: Default::default(),
@@ -175,6 +177,41 @@ pub async fn build_assistant(
         llm_errors: Default::default(),
         denials: Default::default(),
     }))
+}
+
+/// Compare the configuration's tables with those of the previous run: each table that changed
+/// is a `config-changed` audit event (`[access]` also `permission-changed`), naming the table only.
+async fn audit_config_changes(config: &Config, store: &Arc<Store>, audit: &Audit) {
+    const SETTING: &str = "config-digests";
+    let previous = blocking(store, |s| s.setting(SETTING)).await.ok().flatten();
+    let previous: Option<std::collections::BTreeMap<String, String>> =
+        previous.and_then(|p| serde_json::from_str(&p).ok());
+    if let Some(previous) = &previous {
+        let names: std::collections::BTreeSet<&String> = previous.keys().chain(config.digests.keys()).collect();
+        for name in names {
+            let (before, now) = (previous.get(name), config.digests.get(name));
+            if before == now {
+                continue;
+            }
+            let how = match (before, now) {
+                (None, _) => "added",
+                (_, None) => "removed",
+                _ => "changed",
+            };
+            audit.record(Event::new(Kind::ConfigChanged, "", "").target(format!("[{name}]")).outcome(how));
+            if name == "access" {
+                audit.record(
+                    Event::new(Kind::PermissionChanged, "", "").target("[access]").outcome(how).reason("configuration"),
+                );
+            }
+        }
+    }
+    if previous.as_ref() != Some(&config.digests) {
+        let now = serde_json::to_string(&config.digests).unwrap_or_default();
+        if let Err(e) = blocking(store, move |s| s.set_setting(SETTING, &now)).await {
+            log::warn!("cannot keep the configuration digests: {e}");
+        }
+    }
 }
 
 /// What a worker needs to answer and deliver.

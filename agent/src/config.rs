@@ -27,6 +27,10 @@ pub struct Config {
     pub tools: tools::ToolSettings,
     #[serde(default)]
     pub audit: audit::AuditSettings,
+    /// A digest of each top-level table as written, to notice what changed between runs
+    /// (audited as a configuration or permission change). Never the values themselves.
+    #[serde(skip)]
+    pub digests: std::collections::BTreeMap<String, String>,
 }
 
 /// `[agent]`: where state lives and what the pipeline may hold.
@@ -64,7 +68,7 @@ impl Config {
 
     /// Parse config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             // toml's Display quotes the offending source line, which may hold a secret:
             // report the line number and the message only.
             let location = e
@@ -73,6 +77,12 @@ impl Config {
                 .unwrap_or_default();
             ConfigError::Invalid { path: path.to_owned(), location, message: e.message().to_owned() }
         })?;
+        if let Ok(table) = toml::from_str::<toml::Table>(text) {
+            for (name, value) in table {
+                let d = ring::digest::digest(&ring::digest::SHA256, format!("{value:?}").as_bytes());
+                config.digests.insert(name, d.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+            }
+        }
         if config.agent.inbox_capacity == 0 || config.agent.workers == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),

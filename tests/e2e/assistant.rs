@@ -367,7 +367,12 @@ async fn pairing_admins_and_the_audit_command() {
     let trail = rig.ask(Inject::text("/audit 50").from("boss")).await;
     assert!(trail.contains("permission-changed by boss") && trail.contains("message-refused by newcomer"), "{trail}");
 
-    // The approval survives a restart (kept in the store).
+    // The approval survives a restart (kept in the store); a changed [access] table is audited.
+    assert!(rig.journal.find(Kind::ConfigChanged, &[]).is_empty(), "nothing changed at the first start");
+    let path = rig.agent.config_path().to_owned();
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, text.replace("direct_allow = [\"zhang\"]", "direct_allow = [\"zhang\", \"li\"]"))
+        .expect("edit");
     let before = rig.sim.connections().iter().map(|(id, _)| *id).max().unwrap_or(0);
     let mut restarted = rig;
     restarted.agent.restart();
@@ -377,6 +382,9 @@ async fn pairing_admins_and_the_audit_command() {
     assert!(reconnected.await, "{}", rig.agent.log());
     rig.llm.push(Scripted::Text("Still here.".into()));
     assert_eq!(rig.ask(Inject::text("are you there").from("newcomer")).await, "Still here.");
+    rig.journal.expect(1, Kind::ConfigChanged, &[("TARGET", "[access]"), ("OUTCOME", "changed")]);
+    rig.journal.expect(1, Kind::PermissionChanged, &[("TARGET", "[access]")]);
+    assert!(rig.journal.find(Kind::ConfigChanged, &[("TARGET", "[llm]")]).is_empty());
     rig.assert_nothing_leaked();
 }
 
