@@ -48,21 +48,8 @@ fn parse_and_dispatch() {
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let dir = bench_dir("dispatch");
-    let sim_base = "http://127.0.0.1:9";
-    let config = Config::parse(
-        &format!(
-            "[agent]\nstate_dir = {:?}\n[store]\nkey_file = {:?}\n[dingtalk]\nclient_id = \"b\"\nclient_secret = \"b\"\nrobot_code = \"b\"\napi_base = {sim_base:?}\n[audit]\njournal_socket = {:?}\n",
-            dir.join("state").display().to_string(),
-            dir.join("key").display().to_string(),
-            dir.join("no-journal").display().to_string(),
-        ),
-        std::path::Path::new("bench.toml"),
-    )
-    .expect("bench config");
-    StoreKey::generate().write_new(&dir.join("key")).expect("key");
-    let store = Arc::new(app::open_store(&config).expect("store"));
-    let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
-    let assistant = rt.block_on(app::build_assistant(&config, &handles, store, None)).expect("assistant");
+    let journal = dir.join("no-journal").display().to_string();
+    let assistant = in_process_assistant(&rt, &dir, &format!("[audit]\njournal_socket = {journal:?}\n"));
     let start = Instant::now();
     let mut answered = 0usize;
     for f in &frames {
@@ -72,6 +59,28 @@ fn parse_and_dispatch() {
     }
     let secs = start.elapsed().as_secs_f64();
     println!("parse+dispatch: {n} frames in {secs:.3} s = {:.0} frames/s ({answered} answered)", n as f64 / secs);
+}
+
+/// The assistant as `zhuli run` builds it, in this process, with its store under `dir` and
+/// `extra` appended to a minimal configuration.
+fn in_process_assistant(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    extra: &str,
+) -> zhuli::assistant::Assistant {
+    let config = Config::parse(
+        &format!(
+            "[agent]\nstate_dir = {:?}\n[store]\nkey_file = {:?}\n[dingtalk]\nclient_id = \"b\"\nclient_secret = \"b\"\nrobot_code = \"b\"\napi_base = \"http://127.0.0.1:9\"\n{extra}",
+            dir.join("state").display().to_string(),
+            dir.join("key").display().to_string(),
+        ),
+        std::path::Path::new("bench.toml"),
+    )
+    .expect("bench config");
+    StoreKey::generate().write_new(&dir.join("key")).expect("key");
+    let store = Arc::new(app::open_store(&config).expect("store"));
+    let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
+    rt.block_on(app::build_assistant(&config, &handles, store, None)).expect("assistant")
 }
 
 /// A fresh scratch directory for one figure.
@@ -388,25 +397,18 @@ fn assistant_turns() {
     });
     let llm = rt.block_on(LlmSim::start()).expect("llm sim");
     llm.stop_recording();
-    let config = Config::parse(
+    let assistant = in_process_assistant(
+        &rt,
+        &dir,
         &format!(
-            "[agent]\nstate_dir = {state:?}\n[store]\nkey_file = {key:?}\n[dingtalk]\nclient_id = \"b\"\nclient_secret = \"b\"\nrobot_code = \"b\"\napi_base = \"http://127.0.0.1:9\"\n\
-             [llm]\nbase_url = {base:?}\nmodel = \"bench\"\nrequests_per_minute = 10000000\n\
+            "[llm]\nbase_url = {base:?}\nmodel = \"bench\"\nrequests_per_minute = 10000000\n\
              [access]\ndefault_roles = [\"all\"]\n[access.roles.all]\ntools = [\"*\"]\n\
              [tools.files.roots]\nshare = {share:?}\n[audit]\njournal_socket = {journal:?}\n",
-            state = dir.join("state").display().to_string(),
-            key = dir.join("key").display().to_string(),
             base = llm.base_url(),
             share = dir.join("share").display().to_string(),
             journal = journal.display().to_string(),
         ),
-        std::path::Path::new("bench.toml"),
-    )
-    .expect("bench config");
-    StoreKey::generate().write_new(&dir.join("key")).expect("key");
-    let store = Arc::new(app::open_store(&config).expect("store"));
-    let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
-    let assistant = rt.block_on(app::build_assistant(&config, &handles, store, None)).expect("assistant");
+    );
     let turn = |i: usize, user: &str| {
         llm.push(Scripted::ToolCalls(vec![("files_read".into(), r#"{"path":"share/q3.txt"}"#.into())]));
         llm.push(Scripted::Text("Revenue is up 12% and costs are flat.".into()));
