@@ -80,7 +80,8 @@ fn in_process_assistant(
     StoreKey::generate().write_new(&dir.join("key")).expect("key");
     let store = Arc::new(app::open_store(&config).expect("store"));
     let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
-    rt.block_on(app::build_assistant(&config, &handles, store, None)).expect("assistant")
+    let health = zhuli::health::Health::new(config.health.clone());
+    rt.block_on(app::build_assistant(&config, &handles, store, None, health)).expect("assistant")
 }
 
 /// A fresh scratch directory for one figure.

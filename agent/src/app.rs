@@ -7,7 +7,7 @@
 //! answered, outbox items delivered. A redelivered msgId is recognised and only ACKed.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -26,10 +26,16 @@ use crate::{
         card::Cards,
         http::{HttpClient, tls_config},
         media::{MediaArea, MediaError},
-        message::RobotMessage,
+        message::{ConversationKind, RobotMessage},
         openapi::OpenApi,
         sender::{Reply, ReplySender, SenderStatus},
         stream::{Inbound, StreamClient, StreamStatus},
+    },
+    health::{
+        self, Beat, Health,
+        monitor::Monitor,
+        notify::Notifier,
+        status::{self, Snapshot},
     },
     llm::{self, LlmError},
     store::{self, Acceptance, OutboxEntry, Store, StoreError, key::StoreKey, writer::StoreWriter},
@@ -103,23 +109,60 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     let api = Arc::new(OpenApi::new(config.dingtalk.clone(), http.clone()));
     // Opened now so a bad state directory fails at start; the LLM's tools fetch into it.
     let media = Arc::new(MediaArea::open(config.agent.state_dir.join("media"), api.clone()).await?);
-    let (writer, writer_task) = StoreWriter::start(store.clone());
-    let assistant = build_assistant(&config, &handles, store.clone(), Some(media)).await?;
+    let health = Health::new(config.health.clone());
+    let every = health.beat_every();
+    let (writer, writer_task) = StoreWriter::start_with(store.clone(), Some((health.task("store-writer"), every)));
+    let assistant = build_assistant(&config, &handles, store.clone(), Some(media), health.clone()).await?;
+    // One answer may take a whole turn and then the reply's retries; workers are hung only when
+    // none has finished for longer than that.
+    let worker_deadline = config.assistant.turn_timeout_ms.get()
+        + config.dingtalk.limits.reply_give_up_ms.get()
+        + Duration::from_secs(60);
     let work = Arc::new(Work {
         assistant,
         sender: ReplySender::new(api.clone(), handles.sender.clone()),
         cards: config.dingtalk.card.clone().map(|c| Arc::new(Cards::new(api.clone(), c))),
         store: store.clone(),
         writer,
+        workers: health.workers("workers", worker_deadline),
+        health: health.clone(),
     });
     let (inbox_tx, inbox_rx) = mpsc::channel::<Inbound>(config.agent.inbox_capacity);
     let stream = StreamClient::new(config.dingtalk.clone(), http, tls, inbox_tx, handles.stream.clone());
+    let notifier = Arc::new(Notifier::from_env());
+    let snapshot: Arc<dyn Fn() -> Snapshot + Send + Sync> = {
+        let work = work.clone();
+        Arc::new(move || work.assistant.snapshot())
+    };
 
     let tasks = TaskTracker::new();
-    tasks.spawn(stream.run(cancel.clone()));
-    tasks.spawn(pipeline(inbox_rx, work, config.agent.workers, cancel.clone()));
-    tasks.spawn(prune(store, cancel.clone()));
-    log::info!("zhuli agent started; connecting to {}", config.dingtalk.api_base.as_str());
+    tasks.spawn(stream.run(cancel.clone(), Some((health.task("stream"), every))));
+    tasks.spawn(pipeline(inbox_rx, work.clone(), config.agent.workers, cancel.clone(), health.task("dispatcher")));
+    tasks.spawn(prune(store, cancel.clone(), health.task("pruner"), every));
+    tasks.spawn(monitor(work.clone(), config.clone(), cancel.clone()));
+    let socket = config.health.socket_path(&config.agent.state_dir);
+    {
+        let (snapshot, cancel) = (snapshot.clone(), cancel.clone());
+        tasks.spawn(async move {
+            if let Err(e) = status::serve(socket, snapshot, cancel).await {
+                log::error!("{e}; `zhuli status` will not work until this is fixed");
+            }
+        });
+    }
+    let line = {
+        let snapshot = snapshot.clone();
+        move || status_line(&snapshot())
+    };
+    tasks.spawn(health::supervise(health.clone(), notifier.clone(), line, cancel.clone()));
+    notifier.notify("READY=1");
+    log::info!(
+        "zhuli agent started; connecting to {}{}",
+        config.dingtalk.api_base.as_str(),
+        match health::notify::watchdog_interval() {
+            Some(w) => format!("; systemd watchdog every {w:?}"),
+            None => String::new(),
+        }
+    );
     cancel.cancelled().await;
     tasks.close();
     tasks.wait().await;
@@ -136,6 +179,7 @@ pub async fn build_assistant(
     handles: &AgentHandles,
     store: Arc<Store>,
     media: Option<Arc<MediaArea>>,
+    health: Arc<Health>,
 ) -> Result<Assistant, AgentError> {
     let started = Instant::now();
     let mut registry = Registry::default();
@@ -174,6 +218,8 @@ pub async fn build_assistant(
         budget_limits: config.llm.as_ref().map_or((0, 0), |l| (l.daily_tokens, l.daily_tokens_per_user)),
         tokens: Default::default(),
         llm_wait_ns: Default::default(),
+        refusals: Default::default(),
+        health,
         llm_errors: Default::default(),
         denials: Default::default(),
     }))
@@ -214,6 +260,107 @@ async fn audit_config_changes(config: &Config, store: &Arc<Store>, audit: &Audit
     }
 }
 
+/// The one line systemd shows in `systemctl status`.
+fn status_line(s: &Snapshot) -> String {
+    let mut line = format!(
+        "{} · {} messages accepted, {} answered, {} failed since start",
+        if s.connected { "connected" } else { "reconnecting" },
+        s.messages_accepted,
+        s.messages_answered,
+        s.messages_failed
+    );
+    if !s.alarms.is_empty() {
+        line.push_str(&format!(" · alarms: {}", s.alarms.join(", ")));
+    }
+    if let Some(e) = &s.last_error {
+        line.push_str(&format!(" · last error: {}", e.chars().take(120).collect::<String>()));
+    }
+    line
+}
+
+/// Sample the box's resources and the security counters; tell the admins (and the audit
+/// trail) when a threshold is crossed and when it clears.
+async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
+    let settings = config.health.clone();
+    let beat = work.health.task("monitor");
+    let mut m = Monitor::new(config.agent.state_dir.clone());
+    let every = settings.sample_ms.get();
+    let started = Instant::now();
+    let mut next = Instant::now();
+    loop {
+        beat.tick();
+        health::test_hang_point("monitor", started).await;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(next.min(Instant::now() + work.health.beat_every())) => {}
+        }
+        if Instant::now() < next {
+            continue;
+        }
+        next = Instant::now() + every;
+        let (sample, m_back) = match tokio::task::spawn_blocking(move || {
+            let s = m.sample();
+            (s, m)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        m = m_back;
+        let (refused, denied) = work.assistant.security_counts();
+        let alarms = m.evaluate(&sample, refused, denied, &settings);
+        *work.health.resources.lock().unwrap_or_else(|p| p.into_inner()) = Some(sample);
+        *work.health.alarms.lock().unwrap_or_else(|p| p.into_inner()) =
+            m.active().into_iter().map(str::to_owned).collect();
+        for alarm in alarms {
+            let kind = if alarm.raised { "raised" } else { "cleared" };
+            work.assistant
+                .audit()
+                .record(Event::new(Kind::Alert, "", "").target(alarm.name).outcome(kind).reason(alarm.text.clone()));
+            let (title, text) = if alarm.raised {
+                ("zhuli alert", format!("⚠️ **zhuli alert**: {}", alarm.text))
+            } else {
+                ("zhuli recovered", format!("✅ **zhuli**: {}", alarm.text))
+            };
+            for reply in admin_replies(&config, title, &text) {
+                let sender = work.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = sender.sender.send(&reply).await {
+                        log::error!("an alert did not reach the admins: {e}");
+                    }
+                });
+            }
+            if alarm.raised {
+                log::warn!("alert: {}", alarm.text);
+            } else {
+                log::info!("alert cleared: {}", alarm.text);
+            }
+        }
+    }
+}
+
+/// Replies that reach the admins: the admin group chat if configured, else each admin 1:1.
+fn admin_replies(config: &Config, title: &str, text: &str) -> Vec<Reply> {
+    let reply = |conversation_id: String, kind, to_staff_id| Reply {
+        conversation_id,
+        kind,
+        to_staff_id,
+        webhook: None,
+        title: title.to_owned(),
+        markdown: text.to_owned(),
+    };
+    match &config.health.admin_chat {
+        Some(cid) => vec![reply(cid.clone(), ConversationKind::Group, None)],
+        None => config
+            .access
+            .admins
+            .iter()
+            .map(|a| reply(format!("admin:{a}"), ConversationKind::Single, Some(a.clone())))
+            .collect(),
+    }
+}
+
 /// What a worker needs to answer and deliver.
 struct Work {
     assistant: Assistant,
@@ -225,6 +372,9 @@ struct Work {
     /// a reply reaching DingTalk and its durable "delivered" mark, the fewer replies a crash can
     /// make the agent send twice.
     writer: StoreWriter,
+    /// Checked in as answers finish.
+    workers: Arc<Beat>,
+    health: Arc<Health>,
 }
 
 /// The AI card of one answer: created when the turn reaches the model, then fed the text so far
@@ -292,6 +442,13 @@ impl Work {
     /// Answer inbox item `seq` and deliver the reply; a costly answer is staged in the outbox
     /// first, so a crash does not make the agent produce it again.
     async fn answer(self: Arc<Self>, seq: u64, message: RobotMessage, _slot: OwnedSemaphorePermit) {
+        self.workers.begin();
+        let accepted = Instant::now();
+        self.clone().answer_inner(seq, message, accepted).await;
+        self.workers.end();
+    }
+
+    async fn answer_inner(self: Arc<Self>, seq: u64, message: RobotMessage, accepted: Instant) {
         let card = self.cards.as_ref().map(|c| CardRun::new(c.clone(), message.clone()));
         let answer = self.assistant.answer(&message, card.as_ref().map(|c| c as &dyn Progress)).await;
         let card = match card {
@@ -311,17 +468,27 @@ impl Work {
             log::error!("cannot stage the reply to {}: {e}", message.msg_id);
             return;
         }
-        self.deliver(seq, entry).await;
+        self.deliver(seq, entry, Some(accepted)).await;
     }
 
     /// Deliver outbox item `seq` (finalising its card, or as a message if there is none or the
     /// card fails), then forget it.
-    async fn deliver(&self, seq: u64, entry: OutboxEntry) {
+    async fn deliver(&self, seq: u64, entry: OutboxEntry, accepted: Option<Instant>) {
+        let metrics = &self.health.metrics;
+        let done = |route: &str| {
+            log::info!("reply to {} delivered {route}", entry.msg_id);
+            match accepted {
+                Some(t) => metrics.answered_in(t.elapsed()),
+                None => {
+                    metrics.answered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
         if let (Some(id), Some(cards)) = (&entry.card, &self.cards) {
             match cards.finish(id, &entry.reply.markdown).await {
                 Ok(()) => {
-                    log::info!("reply to {} delivered in AI card {id}", entry.msg_id);
-                    self.sender.status().delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    done(&format!("in AI card {id}"));
+                    self.sender.status().delivered.fetch_add(1, Ordering::Relaxed);
                     self.writer.delivered(seq);
                     return;
                 }
@@ -329,21 +496,44 @@ impl Work {
             }
         }
         match self.sender.send(&entry.reply).await {
-            Ok(route) => log::info!("reply to {} delivered via {route:?}", entry.msg_id),
-            Err(e) => log::error!("reply to {} lost: {e}", entry.msg_id),
+            Ok(route) => done(&format!("via {route:?}")),
+            Err(e) => {
+                metrics.failed.fetch_add(1, Ordering::Relaxed);
+                self.health.set_error(format!("a reply was lost: {e}"));
+                log::error!("reply to {} lost: {e}", entry.msg_id);
+            }
         }
         self.writer.delivered(seq);
     }
 }
 
-async fn acquire(slots: &Arc<Semaphore>, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
-    tokio::select! {
-        _ = cancel.cancelled() => None,
-        p = slots.clone().acquire_owned() => p.ok(),
+/// A worker slot; the dispatcher keeps checking in while it waits for one (waiting for busy
+/// workers is not hanging).
+async fn acquire(
+    slots: &Arc<Semaphore>,
+    cancel: &CancellationToken,
+    beat: &Beat,
+    every: Duration,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        beat.tick();
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            p = slots.clone().acquire_owned() => return p.ok(),
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 
-async fn pipeline(mut inbox: mpsc::Receiver<Inbound>, work: Arc<Work>, workers: usize, cancel: CancellationToken) {
+async fn pipeline(
+    mut inbox: mpsc::Receiver<Inbound>,
+    work: Arc<Work>,
+    workers: usize,
+    cancel: CancellationToken,
+    beat: Arc<Beat>,
+) {
+    let every = work.health.beat_every();
+    let started = Instant::now();
     let slots = Arc::new(Semaphore::new(workers));
     let running = TaskTracker::new();
 
@@ -358,15 +548,15 @@ async fn pipeline(mut inbox: mpsc::Receiver<Inbound>, work: Arc<Work>, workers: 
                 );
             }
             for (seq, entry) in outbox_items {
-                let Some(slot) = acquire(&slots, &cancel).await else { break };
+                let Some(slot) = acquire(&slots, &cancel, &beat, every).await else { break };
                 let w = work.clone();
                 running.spawn(async move {
-                    w.deliver(seq, entry).await;
+                    w.deliver(seq, entry, None).await;
                     drop(slot);
                 });
             }
             for (seq, entry) in inbox_items {
-                let Some(slot) = acquire(&slots, &cancel).await else { break };
+                let Some(slot) = acquire(&slots, &cancel, &beat, every).await else { break };
                 running.spawn(work.clone().answer(seq, entry.message, slot));
             }
         }
@@ -375,8 +565,11 @@ async fn pipeline(mut inbox: mpsc::Receiver<Inbound>, work: Arc<Work>, workers: 
 
     let mut batch: Vec<Inbound> = Vec::with_capacity(BATCH);
     loop {
+        beat.tick();
+        health::test_hang_point("dispatcher", started).await;
         let first = tokio::select! {
             _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(every) => continue,
             m = inbox.recv() => match m { Some(m) => m, None => break },
         };
         batch.push(first);
@@ -409,13 +602,14 @@ async fn pipeline(mut inbox: mpsc::Receiver<Inbound>, work: Arc<Work>, workers: 
                     log::debug!("group message {} does not @mention the robot; ignored", message.msg_id)
                 }
                 Acceptance::Queued(seq) => {
+                    work.health.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                     log::info!(
                         "message {} ({}) accepted from conversation {}",
                         message.msg_id,
                         message.kind_name(),
                         message.conversation_id
                     );
-                    let Some(slot) = acquire(&slots, &cancel).await else { break };
+                    let Some(slot) = acquire(&slots, &cancel, &beat, every).await else { break };
                     running.spawn(work.clone().answer(seq, message, slot));
                 }
             }
@@ -427,12 +621,20 @@ async fn pipeline(mut inbox: mpsc::Receiver<Inbound>, work: Arc<Work>, workers: 
 }
 
 /// Forget expired msgIds, a bounded amount per tick.
-async fn prune(store: Arc<Store>, cancel: CancellationToken) {
+async fn prune(store: Arc<Store>, cancel: CancellationToken, beat: Arc<Beat>, every: Duration) {
+    let started = Instant::now();
+    let mut next = Instant::now() + PRUNE_EVERY;
     loop {
+        beat.tick();
+        health::test_hang_point("pruner", started).await;
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = tokio::time::sleep_until(next.min(Instant::now() + every)) => {}
         }
+        if Instant::now() < next {
+            continue;
+        }
+        next = Instant::now() + PRUNE_EVERY;
         match blocking(&store, |s| s.prune(now_ms(), PRUNE_PER_TICK)).await {
             Ok(0) => {}
             Ok(n) => log::debug!("forgot {n} expired message ids"),

@@ -61,10 +61,12 @@ pub enum Kind {
     LimitHit,
     PermissionChanged,
     ConfigChanged,
+    /// A monitoring threshold crossed or cleared.
+    Alert,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::MessageAccepted,
         Kind::MessageRefused,
         Kind::ToolRequested,
@@ -77,6 +79,7 @@ impl Kind {
         Kind::LimitHit,
         Kind::PermissionChanged,
         Kind::ConfigChanged,
+        Kind::Alert,
     ];
 
     /// The `ACTION` field.
@@ -94,6 +97,7 @@ impl Kind {
             Kind::LimitHit => "limit-hit",
             Kind::PermissionChanged => "permission-changed",
             Kind::ConfigChanged => "config-changed",
+            Kind::Alert => "alert",
         }
     }
 
@@ -112,13 +116,14 @@ impl Kind {
             Kind::LimitHit => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0a",
             Kind::PermissionChanged => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0b",
             Kind::ConfigChanged => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0c",
+            Kind::Alert => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0d",
         }
     }
 
     /// syslog priority: refusals and denials are warnings (5 = notice otherwise).
     fn priority(self) -> u8 {
         match self {
-            Kind::MessageRefused | Kind::ToolDenied | Kind::ToolFailed | Kind::LimitHit => 4,
+            Kind::MessageRefused | Kind::ToolDenied | Kind::ToolFailed | Kind::LimitHit | Kind::Alert => 4,
             _ => 5,
         }
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{access, assistant, audit, dingtalk, llm, store, tools};
+use crate::{access, assistant, audit, dingtalk, health, llm, store, tools};
 
 /// `zhuli.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -27,6 +27,8 @@ pub struct Config {
     pub tools: tools::ToolSettings,
     #[serde(default)]
     pub audit: audit::AuditSettings,
+    #[serde(default)]
+    pub health: health::HealthSettings,
     /// A digest of each top-level table as written, to notice what changed between runs
     /// (audited as a configuration or permission change). Never the values themselves.
     #[serde(skip)]

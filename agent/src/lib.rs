@@ -7,6 +7,7 @@ pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod dingtalk;
+pub mod health;
 pub mod llm;
 pub mod logging;
 pub mod secret;

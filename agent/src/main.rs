@@ -10,7 +10,7 @@ use zhuli::{
     config::Config,
     demo,
     dingtalk::sim::{SimConfig, Simulator},
-    logging,
+    health, logging,
     store::{Retention, Store, backup, key::StoreKey},
 };
 
@@ -46,6 +46,26 @@ enum Command {
         /// The environment variable holding the endpoint's API key, if it needs one.
         #[arg(long)]
         llm_key_env: Option<String>,
+    },
+    /// Show the running agent's status (over its Unix socket).
+    Status {
+        /// The agent's configuration (to find the socket).
+        #[arg(long, value_name = "PATH", default_value = "/etc/zhuli/zhuli.toml", conflicts_with = "socket")]
+        config: PathBuf,
+        /// The status socket itself.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Print the JSON snapshot instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the channel step by step (network, credentials, Stream API, recent errors, version).
+    Doctor {
+        #[arg(long, value_name = "PATH", default_value = "/etc/zhuli/zhuli.toml")]
+        config: PathBuf,
+        /// How long to wait for the gateway's first frame.
+        #[arg(long, default_value_t = 30_000)]
+        wait_ms: u64,
     },
     /// Manage the encrypted store.
     Store {
@@ -201,6 +221,32 @@ fn main() -> anyhow::Result<()> {
                     kept.display()
                 ),
                 None => println!("restored {} from {}", file.display(), from.display()),
+            }
+        }
+        Command::Status { config, socket, json } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => {
+                    let config = Config::load(&config)?;
+                    config.health.socket_path(&config.agent.state_dir)
+                }
+            };
+            let snapshot = health::status::fetch(&socket)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                print!("{}", health::status::table(&snapshot));
+            }
+        }
+        Command::Doctor { config, wait_ms } => {
+            logging::init(log::LevelFilter::Error);
+            let config = Config::load(&config)?;
+            let socket = config.health.socket_path(&config.agent.state_dir);
+            let steps =
+                runtime()?.block_on(health::doctor::run(&config, &socket, std::time::Duration::from_millis(wait_ms)));
+            print!("{}", health::doctor::report(&steps));
+            if steps.iter().any(|s| s.verdict == health::doctor::Verdict::Fail) {
+                std::process::exit(1);
             }
         }
         Command::Demo { llm_url, llm_model, llm_key_env } => {

@@ -27,6 +27,7 @@ use crate::{
         Content, ConversationKind, RobotMessage, media::MediaArea, message::RichPart, sender::SenderStatus,
         stream::StreamStatus,
     },
+    health::{Health, status},
     llm,
     store::{Store, StoreError},
     tools::{Registry, files::Roots},
@@ -65,6 +66,9 @@ pub struct Parts {
     pub llm_wait_ns: AtomicU64,
     pub llm_errors: AtomicU64,
     pub denials: AtomicU64,
+    /// Messages refused at admission (unknown or unapproved senders).
+    pub refusals: AtomicU64,
+    pub health: Arc<Health>,
 }
 
 pub struct Assistant {
@@ -196,6 +200,29 @@ impl Assistant {
         &self.parts.audit
     }
 
+    /// Everything `/status` and `zhuli status` show.
+    pub fn snapshot(&self) -> status::Snapshot {
+        let p = &self.parts;
+        status::snapshot(
+            p.status.started,
+            &p.status.stream,
+            &p.status.sender,
+            &p.health,
+            status::LlmFigures {
+                model: p.model.clone(),
+                tokens: p.tokens.load(Ordering::Relaxed),
+                errors: p.llm_errors.load(Ordering::Relaxed),
+                denied: p.denials.load(Ordering::Relaxed),
+                refused: p.refusals.load(Ordering::Relaxed),
+            },
+        )
+    }
+
+    /// Refused messages and denied tool calls since start (the security signals).
+    pub fn security_counts(&self) -> (u64, u64) {
+        (self.parts.refusals.load(Ordering::Relaxed), self.parts.denials.load(Ordering::Relaxed))
+    }
+
     /// Time spent waiting for the model since start.
     pub fn llm_wait(&self) -> std::time::Duration {
         std::time::Duration::from_nanos(self.parts.llm_wait_ns.load(Ordering::Relaxed))
@@ -224,10 +251,12 @@ impl Assistant {
         match self.parts.access.admit(message) {
             Admission::Allowed => {}
             Admission::Refused(reason) => {
+                self.parts.refusals.fetch_add(1, Ordering::Relaxed);
                 audit.record(Event::new(Kind::MessageRefused, &who, &chat).reason(reason.clone()));
                 return Answer::fixed("not available here", reason);
             }
             Admission::Pairing(code) => {
+                self.parts.refusals.fetch_add(1, Ordering::Relaxed);
                 audit.record(
                     Event::new(Kind::MessageRefused, &who, &chat)
                         .target(code.clone())
@@ -264,7 +293,10 @@ impl Assistant {
         match command.as_str() {
             "/help" | "/?" => Answer::fixed("zhuli help", HELP),
             "/ping" => Answer::fixed("pong", "pong"),
-            "/status" => Answer::fixed("zhuli status", self.status_text()),
+            "/status" if self.parts.access.admins().is_empty() || self.parts.access.is_admin(&asker.actor) => {
+                Answer::fixed("zhuli status", status::markdown(&self.snapshot()))
+            }
+            "/status" => Answer::fixed("admins only", "Only an admin of this box can see its status."),
             "/new" => {
                 let conv = asker.conversation.clone();
                 match self.store_call(move |s| s.clear_history(&conv)).await {
@@ -434,48 +466,6 @@ impl Assistant {
             "Working with its content needs an LLM, which is not configured on this box yet."
         };
         Answer::fixed("received", format!("I received your {what}. {tail}"))
-    }
-
-    fn status_text(&self) -> String {
-        let s = &self.parts.status.stream;
-        let d = &self.parts.status.sender;
-        let up = self.parts.status.started.elapsed().as_secs();
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let llm = match &self.parts.model {
-            Some(m) => format!(
-                "{m}; tokens since start: {}, errors: {}, tool calls denied: {}",
-                load(&self.parts.tokens),
-                load(&self.parts.llm_errors),
-                load(&self.parts.denials)
-            ),
-            None => "not configured".into(),
-        };
-        format!(
-            "**zhuli status**\n\n\
-- uptime: {}h {}m {}s\n\
-- DingTalk stream: {}{}\n\
-- connections opened: {}, attempts: {}, failed: {}, gateway disconnects: {}, zombie sockets dropped: {}\n\
-- frames: {}, unusable: {}, pings answered: {}\n\
-- replies delivered: {}, throttled: {}, retries: {}, failed: {}\n\
-- LLM: {llm}",
-            up / 3600,
-            up / 60 % 60,
-            up % 60,
-            if s.connected.load(Ordering::Relaxed) { "connected" } else { "reconnecting" },
-            if s.storm.load(Ordering::Relaxed) { " (reconnect storm)" } else { "" },
-            load(&s.connects),
-            load(&s.attempts),
-            load(&s.failures),
-            load(&s.disconnects),
-            load(&s.idle_kills),
-            load(&s.frames),
-            load(&s.bad_frames),
-            load(&s.pings_answered),
-            load(&d.delivered),
-            load(&d.throttled),
-            load(&d.retries),
-            load(&d.failed),
-        )
     }
 }
 

@@ -154,6 +154,12 @@ impl OpenApi {
 
     /// POST a JSON body to an OpenAPI path with the access token, paced by the path's limiter.
     /// A 401 drops the cached token and retries once with a fresh one.
+    /// Fetch an access token now (for `zhuli doctor`).
+    pub async fn check_token(&self) -> Result<(), TokenError> {
+        self.forget_token().await;
+        self.token().await.map(|_| ())
+    }
+
     pub async fn call(&self, path: &'static str, body: &impl Serialize) -> Outcome {
         self.call_with(http::Method::POST, path, body).await
     }

@@ -31,6 +31,8 @@ use tokio::{
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use crate::health::Beat;
+
 use super::{
     backoff::Backoff,
     frame::{self, AckCode, FrameType, MAX_FRAME_BYTES, StreamFrame, TOPIC_ROBOT},
@@ -148,9 +150,12 @@ impl StreamClient {
         self
     }
 
-    /// Run until `cancel` fires. Never returns on its own.
-    pub async fn run(self, cancel: CancellationToken) {
+    /// Run until `cancel` fires. Never returns on its own. `beat` is checked in at every turn
+    /// of the supervisor loop and at least every `beat_every`.
+    pub async fn run(self, cancel: CancellationToken, beat: Option<(Arc<Beat>, Duration)>) {
         let StreamClient { shared, rng } = self;
+        let started = Instant::now();
+        let beat_every = beat.as_ref().map_or(Duration::from_secs(3600), |(_, d)| *d);
         let st = &shared.settings.stream;
         let mut backoff = Backoff::new(st.backoff_initial_ms.get(), st.backoff_max_ms.get(), rng);
         let (ev_tx, mut ev_rx) = mpsc::channel::<ConnEvent>(64);
@@ -164,10 +169,15 @@ impl StreamClient {
         let far = || Instant::now() + Duration::from_secs(86_400);
 
         loop {
+            if let Some((b, _)) = &beat {
+                b.tick();
+            }
+            crate::health::test_hang_point("stream", started).await;
             let drain_deadline = draining.iter().map(|d| d.until).min();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(beat_every) => {}
                 _ = sleep_until(next_attempt.unwrap_or_else(far)), if next_attempt.is_some() && !connecting => {
                     next_attempt = None;
                     connecting = true;

@@ -36,8 +36,17 @@ pub enum WriteError {
 impl StoreWriter {
     /// Start the writer task for `store`; it runs until every handle is dropped.
     pub fn start(store: Arc<Store>) -> (StoreWriter, tokio::task::JoinHandle<()>) {
+        Self::start_with(store, None)
+    }
+
+    /// [`StoreWriter::start`] with a health beat, checked in around every commit and at least
+    /// every given interval while idle (a commit stuck in the disk stops the check-ins).
+    pub fn start_with(
+        store: Arc<Store>,
+        beat: Option<(Arc<crate::health::Beat>, std::time::Duration)>,
+    ) -> (StoreWriter, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (StoreWriter { tx }, tokio::spawn(run(store, rx)))
+        (StoreWriter { tx }, tokio::spawn(run(store, rx, beat)))
     }
 
     pub async fn accept(&self, batch: Vec<(RobotMessage, bool)>, now_ms: i64) -> Result<Vec<Acceptance>, WriteError> {
@@ -58,12 +67,29 @@ impl StoreWriter {
     }
 }
 
-async fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Request>) {
+async fn run(
+    store: Arc<Store>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    beat: Option<(Arc<crate::health::Beat>, std::time::Duration)>,
+) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     // "Delivered" marks whose commit failed (a full disk): retried with the next commit, so a
     // store that recovers does not send those replies again at the next start.
     let mut carried: Vec<u64> = Vec::new();
-    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+    let every = beat.as_ref().map_or(std::time::Duration::from_secs(3600), |(_, d)| *d);
+    let started = tokio::time::Instant::now();
+    loop {
+        if let Some((b, _)) = &beat {
+            b.tick();
+        }
+        crate::health::test_hang_point("store-writer", started).await;
+        let got = tokio::select! {
+            n = rx.recv_many(&mut group, MAX_GROUP) => n,
+            _ = tokio::time::sleep(every) => continue,
+        };
+        if got == 0 {
+            break;
+        }
         let mut requests: Vec<Request> = carried.drain(..).map(Request::Delivered).collect();
         requests.append(&mut group);
         let store = store.clone();

@@ -1,0 +1,317 @@
+//! `zhuli doctor`: the channel troubleshooting an operator would otherwise do by hand, in five
+//! steps, each with a verdict and the fix to try:
+//!
+//! 1. network — DNS, TCP and TLS to every configured endpoint (DingTalk's API, the LLM);
+//! 2. credentials — fetch an access token with the app's key and secret;
+//! 3. basic API — open a Stream connection and wait for the gateway's first frame (callbacks that
+//!    arrive on it are not ACKed, so the gateway gives them to the running agent instead);
+//! 4. recent errors — warnings and errors of the agent from the journal;
+//! 5. version — this binary, the running agent's, and whether a previous one is kept to roll
+//!    back to.
+
+use std::{path::Path, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::{net::TcpStream, time::Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{
+    config::Config,
+    dingtalk::{
+        frame::{FrameType, StreamFrame, ping_ack},
+        gateway,
+        http::{HttpClient, tls_config},
+        openapi::OpenApi,
+    },
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+    /// What to try when it is not a pass.
+    pub fix: Option<String>,
+}
+
+fn step(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Option<&str>) -> Step {
+    Step { name, verdict, detail: detail.into(), fix: fix.map(str::to_owned) }
+}
+
+/// Where an earlier release is kept for rolling back (the image's update keeps one there).
+pub const PREVIOUS_BINARY: &str = "/usr/lib/zhuli/previous/zhuli";
+
+/// Run the five steps. `wait` bounds step 3.
+pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut endpoints = vec![("DingTalk API", config.dingtalk.api_base.as_str().to_owned())];
+    if let Some(llm) = &config.llm {
+        endpoints.push(("LLM", llm.base_url.clone()));
+    }
+    let mut net_ok = true;
+    let mut details = Vec::new();
+    let mut fix = None;
+    for (label, url) in &endpoints {
+        match reach(url).await {
+            Ok(d) => details.push(format!("{label} {d}")),
+            Err((d, f)) => {
+                net_ok = false;
+                details.push(format!("{label} {d}"));
+                fix.get_or_insert(f);
+            }
+        }
+    }
+    steps.push(step("network", if net_ok { Verdict::Pass } else { Verdict::Fail }, details.join("; "), fix));
+
+    let http = HttpClient::new(tls_config(), config.dingtalk.stream.connect_timeout_ms.get());
+    let api = OpenApi::new(config.dingtalk.clone(), http.clone());
+    let creds = match api.check_token().await {
+        Ok(()) => step("credentials", Verdict::Pass, "access token issued for the app", None),
+        Err(e) => step(
+            "credentials",
+            Verdict::Fail,
+            e.to_string(),
+            Some("copy Client ID and Client Secret again from the DingTalk developer console into [dingtalk]"),
+        ),
+    };
+    let creds_ok = creds.verdict == Verdict::Pass;
+    steps.push(creds);
+
+    steps.push(if creds_ok || net_ok {
+        stream_step(config, &http, wait).await
+    } else {
+        step(
+            "basic API",
+            Verdict::Fail,
+            "skipped: the network or the credentials failed",
+            Some("fix the steps above first"),
+        )
+    });
+
+    steps.push(recent_errors());
+    steps.push(version(status_socket));
+    steps
+}
+
+/// DNS, TCP and TLS to `url`'s host.
+async fn reach(url: &str) -> Result<String, (String, &'static str)> {
+    let uri: http::Uri = url.parse().map_err(|_| (format!("{url}: not a URL"), "fix the URL in the configuration"))?;
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    let tls = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let t = Instant::now();
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((host.as_str(), port))).await {
+            Ok(Ok(a)) => a.collect(),
+            Ok(Err(e)) => {
+                return Err((
+                    format!("{host}: DNS failed ({e})"),
+                    "check the box's DNS (the router's DHCP, or the resolver given at provisioning)",
+                ));
+            }
+            Err(_) => return Err((format!("{host}: DNS timed out"), "check the box's DNS and its network cable")),
+        };
+    let Some(addr) = addrs.first().copied() else {
+        return Err((format!("{host}: DNS gave no address"), "check the box's DNS"));
+    };
+    let dns = t.elapsed();
+    let t = Instant::now();
+    let tcp = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err((
+                format!("{host}:{port} ({addr}): TCP failed ({e})"),
+                "the office firewall must allow outbound TCP 443 (HTTPS) from the box",
+            ));
+        }
+        Err(_) => {
+            return Err((
+                format!("{host}:{port} ({addr}): TCP timed out"),
+                "the office firewall must allow outbound TCP 443 (HTTPS) from the box",
+            ));
+        }
+    };
+    let connect = t.elapsed();
+    if !tls {
+        return Ok(format!("{host}:{port}: DNS {dns:?}, TCP {connect:?} (plain HTTP, loopback only)"));
+    }
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|_| (format!("{host}: not a valid TLS name"), "fix the URL in the configuration"))?;
+    let t = Instant::now();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(tls_config()).connect(name, tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => {
+            let version = s.get_ref().1.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+            Ok(format!("{host}:{port}: DNS {dns:?}, TCP {connect:?}, TLS {:?} ({version})", t.elapsed()))
+        }
+        Ok(Err(e)) => Err((
+            format!("{host}:{port}: TLS failed ({e})"),
+            "is the box's clock right (timedatectl)? is a proxy intercepting HTTPS? the box must reach the server directly",
+        )),
+        Err(_) => Err((
+            format!("{host}:{port}: TLS timed out"),
+            "something on the path holds HTTPS connections; check the firewall",
+        )),
+    }
+}
+
+/// Open a Stream connection and wait for the gateway's first frame.
+async fn stream_step(config: &Config, http: &HttpClient, wait: Duration) -> Step {
+    let t = Instant::now();
+    let mut socket = match gateway::open(&config.dingtalk, http, &tls_config()).await {
+        Ok(s) => s,
+        Err(e) => {
+            return step(
+                "basic API",
+                Verdict::Fail,
+                e.to_string(),
+                Some("enable Stream mode for the app's robot in the developer console, and check the steps above"),
+            );
+        }
+    };
+    let opened = t.elapsed();
+    let deadline = Instant::now() + wait;
+    let verdict = loop {
+        let next = tokio::time::timeout_at(deadline, socket.next()).await;
+        match next {
+            Err(_) => {
+                break step(
+                    "basic API",
+                    Verdict::Warn,
+                    format!("connection opened in {opened:?}, but no frame from the gateway within {wait:?}"),
+                    Some("wait longer (--wait-ms); if the agent's log shows zombie connections, see OPERATIONS.md"),
+                );
+            }
+            Ok(None) | Ok(Some(Err(_))) => {
+                break step(
+                    "basic API",
+                    Verdict::Fail,
+                    format!("the gateway closed the connection after {:?}", t.elapsed()),
+                    Some("check that the app is published and Stream mode is on"),
+                );
+            }
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let Ok(frame) = StreamFrame::parse(&text) else { continue };
+                if frame.kind == FrameType::System && frame.topic == "ping" {
+                    let _ = socket.send(Message::Text(ping_ack(&frame).into())).await;
+                }
+                // Callbacks are left unACKed: the gateway gives them to the running agent.
+                break step(
+                    "basic API",
+                    Verdict::Pass,
+                    format!(
+                        "connection opened in {opened:?}; first gateway frame ({}) after {:?}",
+                        frame.kind.as_str(),
+                        t.elapsed()
+                    ),
+                    None,
+                );
+            }
+            Ok(Some(Ok(_))) => continue,
+        }
+    };
+    let _ = socket.close(None).await;
+    verdict
+}
+
+fn recent_errors() -> Step {
+    let out = std::process::Command::new("journalctl")
+        .args([
+            "-u",
+            "zhuli.service",
+            "-p",
+            "warning",
+            "--since",
+            "-24h",
+            "-n",
+            "10",
+            "-o",
+            "short-iso",
+            "--no-pager",
+            "-q",
+        ])
+        .output();
+    match out {
+        Err(_) => step(
+            "recent errors",
+            Verdict::Warn,
+            "journalctl is not available on this machine",
+            Some("run zhuli doctor on the box itself"),
+        ),
+        Ok(o) if !o.status.success() => step(
+            "recent errors",
+            Verdict::Warn,
+            format!("journalctl failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Some("run as root or as a member of the systemd-journal group"),
+        ),
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            if text.is_empty() {
+                step("recent errors", Verdict::Pass, "no warnings or errors in the last 24 hours", None)
+            } else {
+                step(
+                    "recent errors",
+                    Verdict::Warn,
+                    format!("last warnings and errors (24 h):\n{text}"),
+                    Some("see OPERATIONS.md for what each means"),
+                )
+            }
+        }
+    }
+}
+
+fn version(status_socket: &Path) -> Step {
+    let mine = env!("CARGO_PKG_VERSION");
+    let running = super::status::fetch(status_socket).map(|s| s.version);
+    let previous = Path::new(PREVIOUS_BINARY).exists();
+    let detail = format!(
+        "this binary {mine}; running agent {}; previous version to roll back to: {}",
+        running.as_deref().unwrap_or("not reachable"),
+        if previous { PREVIOUS_BINARY } else { "none kept" }
+    );
+    let (verdict, fix) = match (&running, previous) {
+        (Ok(v), _) if v != mine => {
+            (Verdict::Warn, Some("the running agent is another version: restart it (systemctl restart zhuli)"))
+        }
+        (Err(_), _) => (
+            Verdict::Warn,
+            Some("the agent is not running or its status socket is not reachable: systemctl status zhuli"),
+        ),
+        (Ok(_), false) => (Verdict::Warn, Some("no previous version is kept; an image update keeps one for rollback")),
+        (Ok(_), true) => (Verdict::Pass, None),
+    };
+    step("version", verdict, detail, fix)
+}
+
+/// The report, one block per step.
+pub fn report(steps: &[Step]) -> String {
+    let mut out = String::new();
+    for (i, s) in steps.iter().enumerate() {
+        let v = match s.verdict {
+            Verdict::Pass => "PASS",
+            Verdict::Warn => "WARN",
+            Verdict::Fail => "FAIL",
+        };
+        out.push_str(&format!(
+            "{}. {:<14} {v}  {}\n",
+            i + 1,
+            s.name,
+            s.detail.replace('\n', "\n                       ")
+        ));
+        if let Some(f) = &s.fix {
+            out.push_str(&format!("                     fix: {f}\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,280 @@
+//! `zhuli status`: the agent's figures over a Unix socket in its runtime directory, readable
+//! by the agent's user and group only (never a TCP port). The agent writes one JSON snapshot
+//! per connection; the client prints it as a table or passes the JSON on.
+
+use std::{
+    io::Read,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{io::AsyncWriteExt, net::UnixListener, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{Health, monitor::Sample};
+use crate::dingtalk::{sender::SenderStatus, stream::StreamStatus};
+
+/// Everything `zhuli status` and `/status` show.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub version: String,
+    pub uptime_s: u64,
+    pub connected: bool,
+    pub reconnect_storm: bool,
+    pub connections_opened: u64,
+    pub connect_failures: u64,
+    pub gateway_disconnects: u64,
+    pub zombie_connections_dropped: u64,
+    pub frames: u64,
+    pub messages_accepted: u64,
+    pub messages_answered: u64,
+    pub messages_failed: u64,
+    /// Reply latency (accepted → delivered) over the recent replies: p50, p95, p99 in ms.
+    pub latency_ms: Option<(u32, u32, u32)>,
+    pub replies_throttled: u64,
+    pub reply_retries: u64,
+    pub llm_model: Option<String>,
+    pub llm_tokens: u64,
+    pub llm_errors: u64,
+    pub tool_calls_denied: u64,
+    pub messages_refused: u64,
+    pub hung_tasks: Vec<String>,
+    pub alarms: Vec<String>,
+    pub resources: Option<Sample>,
+    pub last_error: Option<String>,
+}
+
+/// The LLM side's figures, from the assistant.
+#[derive(Debug, Clone, Default)]
+pub struct LlmFigures {
+    pub model: Option<String>,
+    pub tokens: u64,
+    pub errors: u64,
+    pub denied: u64,
+    pub refused: u64,
+}
+
+pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health, llm: LlmFigures) -> Snapshot {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let m = &h.metrics;
+    Snapshot {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_s: started.elapsed().as_secs(),
+        connected: s.connected.load(Ordering::Relaxed),
+        reconnect_storm: s.storm.load(Ordering::Relaxed),
+        connections_opened: load(&s.connects),
+        connect_failures: load(&s.failures),
+        gateway_disconnects: load(&s.disconnects),
+        zombie_connections_dropped: load(&s.idle_kills),
+        frames: load(&s.frames),
+        messages_accepted: load(&m.accepted),
+        messages_answered: load(&m.answered),
+        messages_failed: load(&m.failed),
+        latency_ms: m.latency_percentiles(),
+        replies_throttled: load(&d.throttled),
+        reply_retries: load(&d.retries),
+        llm_model: llm.model,
+        llm_tokens: llm.tokens,
+        llm_errors: llm.errors,
+        tool_calls_denied: llm.denied,
+        messages_refused: llm.refused,
+        hung_tasks: h.hung().iter().map(|(n, _)| (*n).to_owned()).collect(),
+        alarms: h.alarms.lock().map(|a| a.clone()).unwrap_or_default(),
+        resources: h.resources.lock().map(|r| *r).unwrap_or_default(),
+        last_error: h
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .or_else(|| s.last_error())
+            .map(|e| e.chars().take(300).collect()),
+    }
+}
+
+fn uptime(s: u64) -> String {
+    format!("{}d {}h {}m", s / 86_400, s / 3600 % 24, s / 60 % 60)
+}
+
+/// Rows of (label, value), shared by the table and the chat rendering.
+pub fn rows(s: &Snapshot) -> Vec<(&'static str, String)> {
+    let mut rows = vec![
+        ("version", s.version.clone()),
+        ("uptime", uptime(s.uptime_s)),
+        (
+            "DingTalk",
+            format!(
+                "{}{}",
+                if s.connected { "connected" } else { "reconnecting" },
+                if s.reconnect_storm { " (reconnect storm)" } else { "" }
+            ),
+        ),
+        (
+            "connections",
+            format!(
+                "{} opened, {} failed, {} gateway disconnects, {} zombies dropped",
+                s.connections_opened, s.connect_failures, s.gateway_disconnects, s.zombie_connections_dropped
+            ),
+        ),
+        (
+            "messages",
+            format!(
+                "{} accepted, {} answered, {} failed, {} refused",
+                s.messages_accepted, s.messages_answered, s.messages_failed, s.messages_refused
+            ),
+        ),
+        (
+            "reply latency",
+            s.latency_ms.map(|(a, b, c)| format!("p50 {a} ms, p95 {b} ms, p99 {c} ms")).unwrap_or_else(|| "-".into()),
+        ),
+        ("throttling", format!("{} replies throttled, {} retries", s.replies_throttled, s.reply_retries)),
+        (
+            "LLM",
+            match &s.llm_model {
+                Some(m) => format!("{m}: {} tokens, {} errors", s.llm_tokens, s.llm_errors),
+                None => "not configured".into(),
+            },
+        ),
+        ("tool calls denied", s.tool_calls_denied.to_string()),
+    ];
+    if let Some(r) = &s.resources {
+        rows.push((
+            "resources",
+            format!(
+                "CPU {:.0}%, memory {:.0}%, disk {:.0}%, load {:.2}/core{}",
+                r.cpu_percent,
+                r.memory_percent,
+                r.disk_percent,
+                r.load_per_core,
+                r.temperature_c.map(|t| format!(", {t:.0} °C")).unwrap_or_default()
+            ),
+        ));
+    }
+    rows.push(("alarms", if s.alarms.is_empty() { "none".into() } else { s.alarms.join(", ") }));
+    rows.push(("hung tasks", if s.hung_tasks.is_empty() { "none".into() } else { s.hung_tasks.join(", ") }));
+    rows.push(("last error", s.last_error.clone().unwrap_or_else(|| "none".into())));
+    rows
+}
+
+pub fn table(s: &Snapshot) -> String {
+    rows(s).into_iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
+}
+
+pub fn markdown(s: &Snapshot) -> String {
+    let mut out = "**zhuli status**\n\n".to_owned();
+    for (k, v) in rows(s) {
+        out.push_str(&format!("- {k}: {v}\n"));
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot open the status socket {path}: {source}")]
+    Bind { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot reach the agent's status socket {path}: {source}; is `zhuli run` running (systemctl status zhuli), and are you root or in its group?"
+    )]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("the agent refused: {0}")]
+    Refused(String),
+    #[error("the agent's answer is not a status snapshot: {0}")]
+    Bad(String),
+}
+
+/// May this peer read the status? The agent's own user, root, or a member of the agent's group.
+fn allowed(peer_uid: u32, peer_gid: u32) -> bool {
+    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+    peer_uid == 0 || peer_uid == uid || peer_gid == gid
+}
+
+/// Serve snapshots on `path` until `cancel` fires. The socket is owner and group only (0660),
+/// and each peer's credentials are checked as well.
+pub async fn serve(
+    path: PathBuf,
+    source: Arc<dyn Fn() -> Snapshot + Send + Sync>,
+    cancel: CancellationToken,
+) -> Result<(), StatusError> {
+    let bind = |source| StatusError::Bind { path: path.clone(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind)?;
+    }
+    // A socket file left by a previous run (only a socket is removed, never another file).
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(bind)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(bind)?;
+    log::info!("status socket at {}", path.display());
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    log::warn!("status socket: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ok = stream.peer_cred().map(|c| allowed(c.uid(), c.gid())).unwrap_or(false);
+        let body = if ok {
+            serde_json::to_string(&source()).unwrap_or_default()
+        } else {
+            log::warn!("status socket: refused a peer that is neither the agent's user nor in its group");
+            "refused: you are neither the agent's user nor in its group".to_owned()
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.write_all(b"\n").await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Read one snapshot from the agent.
+pub fn fetch(path: &Path) -> Result<Snapshot, StatusError> {
+    let connect = |source| StatusError::Connect { path: path.to_owned(), source };
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(connect)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(connect)?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).map_err(connect)?;
+    if let Some(why) = text.trim().strip_prefix("refused: ") {
+        return Err(StatusError::Refused(why.to_owned()));
+    }
+    serde_json::from_str(text.trim()).map_err(|e| StatusError::Bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_every_figure() {
+        let s = Snapshot {
+            connected: true,
+            messages_accepted: 12,
+            latency_ms: Some((40, 90, 120)),
+            alarms: vec!["disk".into()],
+            resources: Some(Sample {
+                cpu_percent: 3.0,
+                memory_percent: 40.0,
+                disk_percent: 93.0,
+                load_per_core: 0.1,
+                temperature_c: Some(51.0),
+            }),
+            ..Snapshot::default()
+        };
+        let t = table(&s);
+        for expect in ["connected", "12 accepted", "p95 90 ms", "disk 93%", "51 °C", "alarms             disk"] {
+            assert!(t.contains(expect), "{expect} in\n{t}");
+        }
+        assert!(markdown(&s).starts_with("**zhuli status**"));
+    }
+}
