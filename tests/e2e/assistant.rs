@@ -3,81 +3,19 @@
 //! every audit entry the agent wrote. Files live in a temporary root with a symbolic link out of
 //! it and a file outside it that must never be read or changed.
 
-use std::{
-    os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use serde_json::{Value, json};
 use zhuli::{
-    audit::{self, Kind},
+    audit::Kind,
     dingtalk::sim::{Inject, Simulator},
     llm::sim::{LlmSim, Scripted},
 };
 
-use crate::support::{self, Agent, SECRET, replies_to};
+use crate::support::{self, Agent, Journal, SECRET, field, replies_to};
 
 const LLM_KEY: &str = "sk-e2e-llm-Kp3Rz9";
 const OUTSIDE: &str = "outside-secret-content-7731";
-
-type Entry = Vec<(String, String)>;
-
-/// A journal socket that keeps every datagram it receives.
-struct Journal {
-    path: PathBuf,
-    entries: Arc<Mutex<Vec<Entry>>>,
-}
-
-impl Journal {
-    fn start(dir: &Path) -> Journal {
-        let path = dir.join("journal.sock");
-        let socket = UnixDatagram::bind(&path).expect("bind journal socket");
-        let entries = Arc::new(Mutex::new(Vec::new()));
-        let sink = entries.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 256 * 1024];
-            while let Ok(n) = socket.recv(&mut buf) {
-                if let Ok(mut e) = sink.lock() {
-                    e.push(audit::decode(&buf[..n]));
-                }
-            }
-        });
-        Journal { path, entries }
-    }
-
-    fn all(&self) -> Vec<Entry> {
-        self.entries.lock().map(|e| e.clone()).unwrap_or_default()
-    }
-
-    /// [`Journal::find`], once `n` such entries have arrived (datagrams are read on a thread,
-    /// so one may trail the chat reply it belongs to by a moment).
-    fn expect(&self, n: usize, kind: Kind, having: &[(&str, &str)]) -> Vec<Entry> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        loop {
-            let found = self.find(kind, having);
-            if found.len() >= n || std::time::Instant::now() > deadline {
-                assert_eq!(found.len(), n, "{kind:?} {having:?}: {found:?}");
-                return found;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Entries of `kind` (by MESSAGE_ID) with every `(field, value)` of `having`.
-    fn find(&self, kind: Kind, having: &[(&str, &str)]) -> Vec<Entry> {
-        self.all()
-            .into_iter()
-            .filter(|e| field(e, "MESSAGE_ID") == Some(kind.message_id()))
-            .filter(|e| having.iter().all(|(k, v)| field(e, k) == Some(*v)))
-            .collect()
-    }
-}
-
-fn field<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
-    entry.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-}
 
 struct Rig {
     sim: Simulator,

@@ -5,6 +5,7 @@ mod backup;
 mod cli;
 mod conformance;
 mod faults;
+mod health;
 mod llm;
 mod media;
 mod roundtrip;

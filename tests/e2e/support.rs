@@ -190,3 +190,60 @@ pub fn assert_no_secret(agent: &Agent) {
 pub fn burst(sim: &Simulator, n: usize, tag: &str) -> Vec<String> {
     (0..n).map(|i| sim.inject(Inject::text(format!("/ping {tag} {i}")).from(format!("staff-{tag}-{i}")))).collect()
 }
+
+pub type Entry = Vec<(String, String)>;
+
+/// A journal socket that keeps every datagram it receives.
+pub struct Journal {
+    pub path: PathBuf,
+    entries: Arc<Mutex<Vec<Entry>>>,
+}
+
+impl Journal {
+    pub fn start(dir: &std::path::Path) -> Journal {
+        let path = dir.join("journal.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind journal socket");
+        let entries = Arc::new(Mutex::new(Vec::new()));
+        let sink = entries.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = socket.recv(&mut buf) {
+                if let Ok(mut e) = sink.lock() {
+                    e.push(zhuli::audit::decode(&buf[..n]));
+                }
+            }
+        });
+        Journal { path, entries }
+    }
+
+    pub fn all(&self) -> Vec<Entry> {
+        self.entries.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// [`Journal::find`], once `n` such entries have arrived (datagrams are read on a thread,
+    /// so one may trail the chat reply it belongs to by a moment).
+    pub fn expect(&self, n: usize, kind: zhuli::audit::Kind, having: &[(&str, &str)]) -> Vec<Entry> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let found = self.find(kind, having);
+            if found.len() >= n || std::time::Instant::now() > deadline {
+                assert_eq!(found.len(), n, "{kind:?} {having:?}: {found:?}");
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Entries of `kind` (by MESSAGE_ID) with every `(field, value)` of `having`.
+    pub fn find(&self, kind: zhuli::audit::Kind, having: &[(&str, &str)]) -> Vec<Entry> {
+        self.all()
+            .into_iter()
+            .filter(|e| field(e, "MESSAGE_ID") == Some(kind.message_id()))
+            .filter(|e| having.iter().all(|(k, v)| field(e, k) == Some(*v)))
+            .collect()
+    }
+}
+
+pub fn field<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
+    entry.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}

@@ -74,11 +74,17 @@ pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<S
     let api = OpenApi::new(config.dingtalk.clone(), http.clone());
     let creds = match api.check_token().await {
         Ok(()) => step("credentials", Verdict::Pass, "access token issued for the app", None),
-        Err(e) => step(
+        Err(e @ crate::dingtalk::openapi::TokenError::Refused(_)) => step(
             "credentials",
             Verdict::Fail,
             e.to_string(),
             Some("copy Client ID and Client Secret again from the DingTalk developer console into [dingtalk]"),
+        ),
+        Err(e) => step(
+            "credentials",
+            Verdict::Fail,
+            e.to_string(),
+            Some("the token request did not get through: fix the network step first"),
         ),
     };
     let creds_ok = creds.verdict == Verdict::Pass;

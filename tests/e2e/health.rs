@@ -1,0 +1,261 @@
+//! The health service end to end: systemd's notification socket owned by the test (READY,
+//! STATUS, the WATCHDOG pings and their stopping when a task hangs), alerts in the admin chat
+//! once per threshold crossing, the status socket and `zhuli status`, and `zhuli doctor`.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use zhuli::{audit::Kind, dingtalk::sim::Simulator};
+
+use crate::support::{self, Journal, SECRET};
+
+/// Datagrams received on a notify socket, with when they arrived.
+struct Notify {
+    path: std::path::PathBuf,
+    got: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Notify {
+    fn start(dir: &std::path::Path) -> Notify {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                if let Ok(mut g) = sink.lock() {
+                    g.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+            }
+        });
+        Notify { path, got }
+    }
+
+    fn all(&self) -> Vec<(Instant, String)> {
+        self.got.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+}
+
+const FAST: &str = "[health]\nbeat_ms = 100\ntask_deadline_ms = 1000\nsample_ms = 100\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_pings_stop_when_a_task_hangs() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let scratch = support::temp_dir("notify");
+    let notify = Notify::start(&scratch);
+    let env = [
+        ("NOTIFY_SOCKET", notify.path.display().to_string()),
+        ("WATCHDOG_USEC", "400000".to_owned()),
+        ("ZHULI_TEST_HANG", "pruner:2500".to_owned()),
+    ];
+    let agent = support::spawn_agent_with_env("watchdog", &support::config_for(&sim, SECRET, FAST), &env);
+    let hung_at = {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if agent.log().contains("task pruner now hangs") {
+                break Instant::now();
+            }
+            assert!(Instant::now() < deadline, "the hang switch never fired; log:\n{}", agent.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Deadline 1 s after the hang, plus two ping intervals of slack.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let got = notify.all();
+    let ready = got.iter().position(|(_, m)| m == "READY=1").expect("READY=1 sent");
+    let pings: Vec<Instant> = got.iter().filter(|(_, m)| m == "WATCHDOG=1").map(|(t, _)| *t).collect();
+    let before = pings.iter().filter(|t| **t < hung_at).count();
+    assert!(before >= 5, "regular pings while healthy: {before}; got {got:?}");
+    assert!(got.iter().position(|(_, m)| m == "WATCHDOG=1").is_some_and(|p| p > ready), "READY comes first");
+    let late = pings.iter().filter(|t| **t > hung_at + Duration::from_millis(1400)).count();
+    assert_eq!(late, 0, "pings must stop once the pruner is silent past its deadline: {got:?}");
+    assert!(got.iter().any(|(_, m)| m.starts_with("STATUS=connected")), "{got:?}");
+    assert!(got.iter().any(|(_, m)| m == "STATUS=hung: pruner"), "{got:?}");
+    assert!(agent.log().contains("task hung: pruner"), "{}", agent.log());
+    support::assert_no_secret(&agent);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_notify_socket_nothing_breaks_and_no_task_is_hung() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let agent = support::spawn_agent("no-notify", &support::config_for(&sim, SECRET, FAST));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await);
+    // Several deadlines pass with every task idle: none is reported hung.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!agent.log().contains("task hung"), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_the_admin_chat_once_per_crossing() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let scratch = support::temp_dir("alerts");
+    let journal = Journal::start(&scratch);
+    let metrics = scratch.join("metrics");
+    std::fs::write(&metrics, "disk_percent=97\n").expect("metrics");
+    let extra = format!(
+        "{FAST}alert_every_ms = 10\nadmin_chat = \"cid-admins\"\n[audit]\njournal_socket = {:?}\n",
+        journal.path.display().to_string()
+    );
+    let agent = support::spawn_agent_with_env(
+        "alerts",
+        &support::config_for(&sim, SECRET, &extra),
+        &[("ZHULI_TEST_METRICS", metrics.display().to_string())],
+    );
+    let to_admins = |s: &Simulator| {
+        s.replies().into_iter().filter(|r| r.conversation_id.as_deref() == Some("cid-admins")).collect::<Vec<_>>()
+    };
+    assert!(sim.wait_until(Duration::from_secs(10), |s| !to_admins(s).is_empty()).await, "{}", agent.log());
+    // Many samples above the threshold: still one alert.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let alerts = to_admins(&sim);
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert!(alerts[0].text.contains("state disk 97% full"), "{}", alerts[0].text);
+
+    std::fs::write(&metrics, "disk_percent=20\n").expect("metrics");
+    assert!(sim.wait_until(Duration::from_secs(5), |s| to_admins(s).len() == 2).await);
+    assert!(to_admins(&sim)[1].text.contains("back below"), "{:?}", to_admins(&sim));
+    std::fs::write(&metrics, "disk_percent=98\n").expect("metrics");
+    assert!(sim.wait_until(Duration::from_secs(5), |s| to_admins(s).len() == 3).await);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(to_admins(&sim).len(), 3, "one message per crossing");
+    journal.expect(2, Kind::Alert, &[("TARGET", "disk"), ("OUTCOME", "raised")]);
+    journal.expect(1, Kind::Alert, &[("TARGET", "disk"), ("OUTCOME", "cleared")]);
+    support::assert_no_secret(&agent);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_go_to_each_admin_without_an_admin_chat() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let scratch = support::temp_dir("alerts-1to1");
+    let metrics = scratch.join("metrics");
+    std::fs::write(&metrics, "memory_percent=99\n").expect("metrics");
+    let extra = format!("{FAST}[access]\nadmins = [\"boss\", \"ops\"]\n");
+    let _agent = support::spawn_agent_with_env(
+        "alerts-1to1",
+        &support::config_for(&sim, SECRET, &extra),
+        &[("ZHULI_TEST_METRICS", metrics.display().to_string())],
+    );
+    let got = sim.wait_until(Duration::from_secs(10), |s| s.replies().len() >= 2).await;
+    assert!(got);
+    let mut to: Vec<String> = sim.replies().into_iter().filter_map(|r| r.to_user).collect();
+    to.sort();
+    assert_eq!(to, vec!["boss".to_owned(), "ops".to_owned()]);
+    assert!(sim.replies().iter().all(|r| r.text.contains("memory 99% used")));
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_socket_serves_the_agents_user_and_refuses_others() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let agent = support::spawn_agent("status", &support::config_for(&sim, SECRET, FAST));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await);
+    sim.inject(zhuli::dingtalk::sim::Inject::text("/ping"));
+    assert!(sim.wait_until(Duration::from_secs(5), |s| !s.replies().is_empty()).await);
+    let socket = agent.dir.join("state/status.sock");
+    let wait = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() && Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).expect("socket").permissions());
+    assert_eq!(mode & 0o777, 0o660, "owner and group only");
+
+    let bin = env!("CARGO_BIN_EXE_zhuli");
+    let json = Command::new(bin).args(["status", "--json", "--socket"]).arg(&socket).output().expect("run status");
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(v["connected"], true);
+    assert_eq!(v["messages_accepted"], 1);
+    assert_eq!(v["messages_answered"], 1);
+    assert!(v["latency_ms"].is_array(), "{v}");
+    let table = Command::new(bin).args(["status", "--config"]).arg(agent.config_path()).output().expect("status");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success() && text.contains("DingTalk") && text.contains("1 accepted, 1 answered"), "{text}");
+
+    // Another user: refused by the socket's permissions (and, past them, by the peer check).
+    if nix_is_root() {
+        std::fs::set_permissions(&agent.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(agent.dir.join("state"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let other = Command::new(bin)
+            .args(["status", "--socket"])
+            .arg(&socket)
+            .env_clear()
+            .uid_gid(65534)
+            .output()
+            .expect("run as nobody");
+        assert!(!other.status.success(), "another user must be refused");
+        let err = String::from_utf8_lossy(&other.stderr);
+        assert!(err.contains("Permission denied") || err.contains("refused"), "{err}");
+    } else {
+        eprintln!("not root: the other-user check of the status socket needs root to switch users");
+    }
+    let missing = Command::new(bin).args(["status", "--socket", "/nonexistent/zhuli.sock"]).output().expect("status");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("is `zhuli run` running"));
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY-free check: the effective uid as the kernel reports it for this process.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+trait UidGid {
+    fn uid_gid(&mut self, id: u32) -> &mut Self;
+}
+
+impl UidGid for Command {
+    fn uid_gid(&mut self, id: u32) -> &mut Self {
+        std::os::unix::process::CommandExt::gid(std::os::unix::process::CommandExt::uid(self, id), id)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_gives_a_verdict_per_step() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let agent = support::spawn_agent("doctor", &support::config_for(&sim, SECRET, FAST));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await);
+    let bin = env!("CARGO_BIN_EXE_zhuli");
+    let run = |config: &std::path::Path| {
+        Command::new(bin).args(["doctor", "--wait-ms", "5000", "--config"]).arg(config).output().expect("doctor")
+    };
+    let good = run(agent.config_path());
+    let out = String::from_utf8_lossy(&good.stdout).into_owned();
+    assert!(good.status.success(), "{out}\n{}", String::from_utf8_lossy(&good.stderr));
+    for expect in
+        ["1. network        PASS", "2. credentials    PASS", "3. basic API      PASS", "4. recent errors", "5. version"]
+    {
+        assert!(out.contains(expect), "{expect} in\n{out}");
+    }
+    assert!(out.contains(&format!("running agent {}", env!("CARGO_PKG_VERSION"))), "{out}");
+
+    // Wrong credentials: the credentials step fails with the fix to try.
+    let text = std::fs::read_to_string(agent.config_path()).expect("config");
+    let bad = agent.dir.join("bad.toml");
+    std::fs::write(&bad, text.replace(SECRET, "not-the-secret")).expect("write");
+    let failed = run(&bad);
+    let out = String::from_utf8_lossy(&failed.stdout).into_owned();
+    assert!(!failed.status.success());
+    assert!(out.contains("2. credentials    FAIL") && out.contains("fix: copy Client ID"), "{out}");
+    assert!(!out.contains("not-the-secret") && !out.contains(SECRET), "no secret in the report");
+
+    // Nothing listening: the network step fails and says what to check.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let unreachable = agent.dir.join("unreachable.toml");
+    std::fs::write(&unreachable, text.replace(&sim.api_base(), &format!("http://127.0.0.1:{port}"))).expect("write");
+    let failed = run(&unreachable);
+    let out = String::from_utf8_lossy(&failed.stdout).into_owned();
+    assert!(!failed.status.success());
+    assert!(out.contains("1. network        FAIL") && out.contains("TCP failed"), "{out}");
+}
