@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dingtalk::settings::Millis;
 
+/// The service's `RuntimeDirectory=`.
+pub const RUNTIME_DIR: &str = "/run/zhuli";
+
 /// `[health]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -50,7 +53,8 @@ pub struct HealthSettings {
     pub alert_every_ms: Millis,
     /// Group conversation id that gets alerts; without it each admin gets them 1:1.
     pub admin_chat: Option<String>,
-    /// The status socket; by default `$RUNTIME_DIRECTORY/status.sock`, else in the state directory.
+    /// The status socket; by default `$RUNTIME_DIRECTORY/status.sock` (`/run/zhuli/status.sock`
+    /// on the box), else `status.sock` in the state directory.
     pub status_socket: Option<std::path::PathBuf>,
 }
 
@@ -86,6 +90,8 @@ impl HealthSettings {
             Some(d) => {
                 std::path::PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or_default()).join("status.sock")
             }
+            // `zhuli status` on the box, outside the service: the unit's runtime directory.
+            None if std::path::Path::new(RUNTIME_DIR).is_dir() => std::path::Path::new(RUNTIME_DIR).join("status.sock"),
             None => state_dir.join("status.sock"),
         }
     }
