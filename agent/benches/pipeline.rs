@@ -10,7 +10,9 @@
 //!    the simulator;
 //! 6. the assistant's own cost per LLM turn (one tool call, two model requests), with the time
 //!    waiting for the (scripted, loopback) model taken out, p50/p99; and memory per active
-//!    conversation: stored history, and turns held open awaiting a confirmation.
+//!    conversation: stored history, and turns held open awaiting a confirmation;
+//! 7. the cost of one monitoring sample, and (with 5.) the idle agent's wake-ups per second over
+//!    60 s.
 
 use std::{
     path::PathBuf,
@@ -304,6 +306,34 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// Context switches of every thread of `pid` (each is a wake-up of a sleeping thread, or a
+/// preemption).
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn monitoring_sample() {
+    let mut m = zhuli::health::monitor::Monitor::new(std::env::temp_dir());
+    let _ = m.sample();
+    let mut times: Vec<Duration> = (0..200).map(|_| zhuli::health::monitor::time_one_sample(&mut m)).collect();
+    times.sort();
+    println!(
+        "one monitoring sample (CPU, memory, disk, load, temperature): median {:?}, p99 {:?}",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
+}
+
 fn idle_process(bin: PathBuf) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     rt.block_on(async {
@@ -322,14 +352,16 @@ fn idle_process(bin: PathBuf) {
         sim.inject(Inject::text("/ping"));
         sim.wait_until(Duration::from_secs(5), |s| !s.replies().is_empty()).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let window = Duration::from_secs(30);
+        let window = Duration::from_secs(60);
         let t0 = cpu_ticks(child.id()).unwrap_or(0);
+        let w0 = context_switches(child.id());
         tokio::time::sleep(window).await;
         let t1 = cpu_ticks(child.id()).unwrap_or(0);
+        let wakeups = (context_switches(child.id()) - w0) as f64 / window.as_secs_f64();
         let hz = 100.0; // USER_HZ on Linux
         let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
         println!(
-            "idle `zhuli run` connected to the simulator: VmRSS {} (anonymous {}, mapped files {}; VmHWM {}), CPU {cpu:.3}% of one core over {window:?}, {} threads",
+            "idle `zhuli run` connected to the simulator: VmRSS {} (anonymous {}, mapped files {}; VmHWM {}), CPU {cpu:.3}% of one core over {window:?}, {wakeups:.1} wake-ups/s, {} threads",
             proc_field(child.id(), "VmRSS:").unwrap_or_default(),
             proc_field(child.id(), "RssAnon:").unwrap_or_default(),
             proc_field(child.id(), "RssFile:").unwrap_or_default(),
@@ -472,6 +504,7 @@ fn main() {
     store_figures();
     through_the_agent();
     assistant_turns();
+    monitoring_sample();
     match std::env::var_os("ZHULI_BIN") {
         Some(bin) => idle_process(PathBuf::from(bin)),
         None => println!("idle RSS: skipped (set ZHULI_BIN to a built zhuli binary)"),
