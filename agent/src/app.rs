@@ -151,7 +151,17 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     }
     let line = {
         let snapshot = snapshot.clone();
-        move || status_line(&snapshot())
+        let offset = config.assistant.utc_offset_minutes;
+        // When the connection state last changed, as the supervisor saw it.
+        let since = std::sync::Mutex::new((false, now_ms()));
+        move || {
+            let s = snapshot();
+            let mut since = since.lock().unwrap_or_else(|p| p.into_inner());
+            if since.0 != s.connected {
+                *since = (s.connected, now_ms());
+            }
+            status_line(&s, &crate::assistant::settings::local_time(since.1, offset).0)
+        }
     };
     tasks.spawn(health::supervise(health.clone(), notifier.clone(), line, cancel.clone()));
     notifier.notify("READY=1");
@@ -198,7 +208,8 @@ pub async fn build_assistant(
     let paired = paired.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default();
     let access = Access::new(config.access.clone(), registry.names(), paired)?;
     let audit = Arc::new(Audit::new(&config.audit));
-    audit_config_changes(config, &store, &audit).await;
+    let changes = audit_config_changes(config, &store, &audit).await;
+    *health.config_changes.lock().unwrap_or_else(|p| p.into_inner()) = changes;
     let llm_client = config.llm.clone().map(llm::Client::new).transpose()?;
     if llm_client.is_none() {
         log::warn!("no [llm] section: answering commands only");
@@ -227,7 +238,8 @@ pub async fn build_assistant(
 
 /// Compare the configuration's tables with those of the previous run: each table that changed
 /// is a `config-changed` audit event (`[access]` also `permission-changed`), naming the table only.
-async fn audit_config_changes(config: &Config, store: &Arc<Store>, audit: &Audit) {
+async fn audit_config_changes(config: &Config, store: &Arc<Store>, audit: &Audit) -> Vec<String> {
+    let mut changes = Vec::new();
     const SETTING: &str = "config-digests";
     let previous = blocking(store, |s| s.setting(SETTING)).await.ok().flatten();
     let previous: Option<std::collections::BTreeMap<String, String>> =
@@ -245,6 +257,7 @@ async fn audit_config_changes(config: &Config, store: &Arc<Store>, audit: &Audit
                 _ => "changed",
             };
             audit.record(Event::new(Kind::ConfigChanged, "", "").target(format!("[{name}]")).outcome(how));
+            changes.push(format!("[{name}] {how}"));
             if name == "access" {
                 audit.record(
                     Event::new(Kind::PermissionChanged, "", "").target("[access]").outcome(how).reason("configuration"),
@@ -258,12 +271,13 @@ async fn audit_config_changes(config: &Config, store: &Arc<Store>, audit: &Audit
             log::warn!("cannot keep the configuration digests: {e}");
         }
     }
+    changes
 }
 
 /// The one line systemd shows in `systemctl status`.
-fn status_line(s: &Snapshot) -> String {
+fn status_line(s: &Snapshot, since: &str) -> String {
     let mut line = format!(
-        "{} · {} messages accepted, {} answered, {} failed since start",
+        "{} since {since} · {} messages accepted, {} answered, {} failed since start",
         if s.connected { "connected" } else { "reconnecting" },
         s.messages_accepted,
         s.messages_answered,
@@ -287,6 +301,19 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
     let every = settings.sample_ms.get();
     let started = Instant::now();
     let mut next = Instant::now();
+    // A configuration changed since the last run is a security signal the admins hear about.
+    let changes = std::mem::take(&mut *work.health.config_changes.lock().unwrap_or_else(|p| p.into_inner()));
+    if !changes.is_empty() {
+        let text = format!("🔧 **zhuli**: the configuration changed since the last start: {}", changes.join(", "));
+        for reply in admin_replies(&config, "zhuli configuration changed", &text) {
+            let sender = work.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sender.sender.send(&reply).await {
+                    log::error!("a notice did not reach the admins: {e}");
+                }
+            });
+        }
+    }
     loop {
         beat.tick();
         health::test_hang_point("monitor", started).await;

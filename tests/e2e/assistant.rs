@@ -322,6 +322,10 @@ async fn pairing_admins_and_the_audit_command() {
     assert_eq!(rig.ask(Inject::text("are you there").from("newcomer")).await, "Still here.");
     rig.journal.expect(1, Kind::ConfigChanged, &[("TARGET", "[access]"), ("OUTCOME", "changed")]);
     rig.journal.expect(1, Kind::PermissionChanged, &[("TARGET", "[access]")]);
+    let told = rig.sim.wait_until(Duration::from_secs(5), |s| {
+        s.replies().iter().any(|r| r.to_user.as_deref() == Some("boss") && r.text.contains("[access] changed"))
+    });
+    assert!(told.await, "the admin is told of the configuration change: {:?}", rig.sim.replies());
     assert!(rig.journal.find(Kind::ConfigChanged, &[("TARGET", "[llm]")]).is_empty());
     rig.assert_nothing_leaked();
 }

@@ -191,6 +191,8 @@ pub struct Health {
     /// The monitor's last sample and the alarms it has raised.
     pub resources: Mutex<Option<monitor::Sample>>,
     pub alarms: Mutex<Vec<String>>,
+    /// Configuration tables changed since the previous run, to tell the admins once.
+    pub config_changes: Mutex<Vec<String>>,
 }
 
 impl Health {
@@ -203,6 +205,7 @@ impl Health {
             last_error: Mutex::default(),
             resources: Mutex::default(),
             alarms: Mutex::default(),
+            config_changes: Mutex::default(),
         })
     }
 
