@@ -12,6 +12,10 @@ use crate::{access, assistant, audit, dingtalk, health, llm, store, tools};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The configuration's version: every provisioned configuration has a larger one than the
+    /// one before (the box refuses an older or equal serial). 0 for a hand-written file.
+    #[serde(default)]
+    pub serial: u64,
     #[serde(default)]
     pub agent: AgentSettings,
     pub dingtalk: dingtalk::Settings,

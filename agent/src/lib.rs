@@ -10,6 +10,7 @@ pub mod dingtalk;
 pub mod health;
 pub mod llm;
 pub mod logging;
+pub mod provision;
 pub mod secret;
 pub mod store;
 pub mod tools;

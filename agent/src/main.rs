@@ -67,6 +67,11 @@ enum Command {
         #[arg(long, default_value_t = 30_000)]
         wait_ms: u64,
     },
+    /// Prepare a configuration stick (installer's laptop) or import one (on the box).
+    Provision {
+        #[command(subcommand)]
+        command: ProvisionCommand,
+    },
     /// Manage the encrypted store.
     Store {
         #[command(subcommand)]
@@ -89,6 +94,83 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_name = "SNAPSHOT")]
         from: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProvisionCommand {
+    /// Make the organisation's signing key pair: DIR/org.key (keep it safe, off the box) and
+    /// DIR/org.pub.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Write a commented configuration template.
+    Init {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Validate a configuration as the box will.
+    Check { file: PathBuf },
+    /// Sign a configuration: writes FILE.sig.
+    Sign {
+        #[arg(long, value_name = "PATH")]
+        key: PathBuf,
+        file: PathBuf,
+    },
+    /// Check FILE.sig against the organisation's public key.
+    Verify {
+        #[arg(long, value_name = "PATH")]
+        org_key: PathBuf,
+        file: PathBuf,
+    },
+    /// Write a checked, signed configuration onto a stick (a block device) or a new image file.
+    Write {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Create this image file (no root or mounting needed).
+        #[arg(long, value_name = "PATH", conflicts_with = "device", required_unless_present = "device")]
+        image: Option<PathBuf>,
+        /// Size of a new image.
+        #[arg(long, default_value_t = 8)]
+        size_mb: u64,
+        /// A stick's block device, e.g. /dev/sdb1; it must already be FAT labelled ZHULI-CFG unless --format.
+        #[arg(long, value_name = "PATH")]
+        device: Option<PathBuf>,
+        /// Format the device as ZHULI-CFG first (erases it).
+        #[arg(long, requires = "device")]
+        format: bool,
+        /// Write without a signature (only a development image accepts it).
+        #[arg(long)]
+        unsigned: bool,
+    },
+    /// Forget the imported configuration and the pinned organisation key (trust on first use
+    /// starts again with the next stick).
+    FactoryReset {
+        #[arg(long, value_name = "DIR", default_value = zhuli::provision::DEFAULT_ROOT)]
+        root: PathBuf,
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Import the configuration from a ZHULI-CFG stick or image (on the box, run by a unit).
+    Import {
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// Where imported configurations live.
+        #[arg(long, value_name = "DIR", default_value = zhuli::provision::DEFAULT_ROOT)]
+        root: PathBuf,
+        /// The organisation key baked into the image.
+        #[arg(long, value_name = "PATH", default_value = zhuli::provision::BAKED_KEY)]
+        org_key: PathBuf,
+        /// Accept an unsigned configuration (development images only).
+        #[arg(long)]
+        allow_unsigned: bool,
+        /// Keep secrets as plain root-only files instead of systemd credentials (development only).
+        #[arg(long)]
+        plain_credentials: bool,
+        /// Do not restart the agent afterwards.
+        #[arg(long)]
+        no_restart: bool,
     },
 }
 
@@ -223,6 +305,10 @@ fn main() -> anyhow::Result<()> {
                 None => println!("restored {} from {}", file.display(), from.display()),
             }
         }
+        Command::Provision { command } => {
+            logging::init(log::LevelFilter::Info);
+            provision(command)?;
+        }
         Command::Status { config, socket, json } => {
             let socket = match socket {
                 Some(s) => s,
@@ -257,6 +343,136 @@ fn main() -> anyhow::Result<()> {
             };
             let llm = llm_url.map(|url| demo::Llm { url, model: llm_model, key });
             runtime()?.block_on(demo::run(llm))?;
+        }
+    }
+    Ok(())
+}
+
+fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Create `path` with `text`, refusing to overwrite.
+fn create_new(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
+    use zhuli::provision::{self as p, sign, stick};
+    match command {
+        ProvisionCommand::Keygen { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let (private, public) = sign::keygen();
+            create_new(&out.join("org.key"), &private, 0o600)?;
+            create_new(&out.join("org.pub"), &public, 0o644)?;
+            println!("wrote {0}/org.key (secret: keep it off the box and back it up) and {0}/org.pub", out.display());
+        }
+        ProvisionCommand::Init { out } => {
+            create_new(&out, p::TEMPLATE, 0o600)?;
+            println!("wrote {}; fill it in, then `zhuli provision check` it", out.display());
+        }
+        ProvisionCommand::Check { file } => {
+            let config = p::check(&read_text(&file)?, &file)?;
+            println!("{}: valid, serial {}", file.display(), config.serial);
+        }
+        ProvisionCommand::Sign { key, file } => {
+            let data = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let text =
+                String::from_utf8(data.clone()).map_err(|_| anyhow::anyhow!("{} is not UTF-8", file.display()))?;
+            p::check(&text, &file)?;
+            let sig = sign::sign(&data, &read_text(&key)?, &key.display().to_string())?;
+            let out = PathBuf::from(format!("{}.sig", file.display()));
+            std::fs::write(&out, sig).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
+        ProvisionCommand::Verify { org_key, file } => {
+            let data = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let sig_path = PathBuf::from(format!("{}.sig", file.display()));
+            let trusted = sign::public_key(&read_text(&org_key)?, &org_key.display().to_string())?;
+            sign::verify(&data, &read_text(&sig_path)?, Some(&trusted))?;
+            println!("{}: signed by the organisation key {}", file.display(), sign::short(&trusted));
+        }
+        ProvisionCommand::Write { config, image, size_mb, device, format, unsigned } => {
+            let data = std::fs::read(&config).with_context(|| format!("cannot read {}", config.display()))?;
+            let text =
+                String::from_utf8(data.clone()).map_err(|_| anyhow::anyhow!("{} is not UTF-8", config.display()))?;
+            let parsed = p::check(&text, &config)?;
+            let sig_path = PathBuf::from(format!("{}.sig", config.display()));
+            let sig = match std::fs::read(&sig_path) {
+                Ok(s) => Some(s),
+                Err(_) if unsigned => None,
+                Err(_) => anyhow::bail!(
+                    "{} is missing: sign the file first (or pass --unsigned for a development box)",
+                    sig_path.display()
+                ),
+            };
+            let mut files: Vec<(&str, &[u8])> = vec![(stick::CONFIG, &data)];
+            if let Some(s) = &sig {
+                files.push((stick::SIGNATURE, s));
+            }
+            match (image, device) {
+                (Some(img), _) => {
+                    stick::create_image(&img, size_mb * 1024 * 1024, &files)?;
+                    println!("wrote serial {} to the image {} (label {})", parsed.serial, img.display(), stick::LABEL);
+                }
+                (None, Some(dev)) => {
+                    stick::write(&dev, &files, format)?;
+                    println!("wrote serial {} to {}", parsed.serial, dev.display());
+                }
+                (None, None) => anyhow::bail!("give --image or --device"),
+            }
+        }
+        ProvisionCommand::FactoryReset { root, yes } => {
+            if !yes {
+                anyhow::bail!(
+                    "this forgets the imported configuration and the trusted organisation key; pass --yes to do it"
+                );
+            }
+            for name in ["current", "generations", "serial", "org.pub"] {
+                let path = root.join(name);
+                let removed = if path.is_dir() && !path.is_symlink() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match removed {
+                    Ok(()) => println!("removed {}", path.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => anyhow::bail!("cannot remove {}: {e}", path.display()),
+                }
+            }
+            println!("the box will trust the key of the next signed stick it imports");
+        }
+        ProvisionCommand::Import { device, root, org_key, allow_unsigned, plain_credentials, no_restart } => {
+            let opts = p::ImportOptions {
+                device,
+                root,
+                baked_key: Some(org_key),
+                allow_unsigned,
+                credentials: if plain_credentials { p::Credentials::Plain } else { p::Credentials::Systemd },
+                restart: !no_restart,
+            };
+            let receipt = p::import(&opts);
+            print!("{}", receipt.text());
+            let refused = receipt.result.starts_with("refused");
+            let audit = zhuli::audit::Audit::new(&zhuli::audit::AuditSettings::default());
+            audit.record(
+                zhuli::audit::Event::new(zhuli::audit::Kind::ConfigChanged, "provisioning", "")
+                    .target(format!("serial {}", receipt.serial.map(|s| s.to_string()).unwrap_or_else(|| "-".into())))
+                    .outcome(if refused { "refused" } else { "imported" })
+                    .reason(receipt.errors.join("; ")),
+            );
+            if refused {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

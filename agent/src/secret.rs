@@ -38,9 +38,41 @@ impl Drop for Secret {
     }
 }
 
+/// In the configuration a secret is written out (on the installer's laptop), or names a systemd
+/// credential (on the box, after import): `{ credential = "dingtalk-client-secret" }`, read from
+/// `$CREDENTIALS_DIRECTORY` (systemd decrypts it there for the service).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Written {
+    Value(String),
+    Credential { credential: String },
+}
+
+/// Read credential `name` from `$CREDENTIALS_DIRECTORY`.
+pub fn from_credential(name: &str) -> Result<Secret, String> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("credential name `{name}` must be letters, digits, `-` and `_`"));
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+        format!(
+            "the secret is the systemd credential `{name}`, but no credentials were passed \
+             (run the agent as its systemd service, which loads them)"
+        )
+    })?;
+    let path = std::path::Path::new(&dir).join(name);
+    let bytes = std::fs::read(&path).map_err(|e| format!("credential `{name}` cannot be read ({})", e.kind()))?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("credential `{name}` is not UTF-8"))?;
+    Ok(Secret(text.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Secret)
+        match Written::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a string, or { credential = \"name\" } naming a systemd credential")
+        })? {
+            Written::Value(v) => Ok(Secret(v)),
+            Written::Credential { credential } => from_credential(&credential).map_err(serde::de::Error::custom),
+        }
     }
 }
 

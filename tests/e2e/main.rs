@@ -8,6 +8,7 @@ mod faults;
 mod health;
 mod llm;
 mod media;
+mod provision;
 mod roundtrip;
 mod store;
 mod support;

@@ -1,0 +1,473 @@
+//! USB provisioning: a signed `zhuli.toml` on a stick labelled `ZHULI-CFG` configures a box
+//! nobody sits at.
+//!
+//! On the installer's laptop: `zhuli provision keygen | init | check | sign | verify | write`.
+//! On the box: `zhuli provision import` (run by a systemd unit when the stick appears) verifies
+//! the signature against the organisation's key (baked into the image, or pinned from the first
+//! valid import), refuses a serial that is not newer, validates everything, then applies the new
+//! configuration as one step: a new generation directory (config with secrets replaced by
+//! credential references, secrets as systemd-encrypted credentials) made current by renaming a
+//! symlink. The stick's secrets are removed before the switch, and a receipt is written next to
+//! the file. Anything wrong leaves the current configuration as it was.
+
+pub mod sign;
+pub mod stick;
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::config::Config;
+
+/// Credential names the imported configuration refers to.
+pub const CRED_DINGTALK: &str = "dingtalk-client-secret";
+pub const CRED_LLM: &str = "llm-api-key";
+/// The organisation key baked into an office's own image.
+pub const BAKED_KEY: &str = "/usr/share/zhuli/org.pub";
+/// Where imported configurations live on the box (persistent, root only).
+pub const DEFAULT_ROOT: &str = "/var/lib/zhuli-provisioning";
+
+/// Written over a secret on the stick once it has been imported.
+const SCRUBBED: &str = "REMOVED-AFTER-IMPORT";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error(transparent)]
+    Stick(#[from] stick::StickError),
+    #[error(transparent)]
+    Signature(#[from] sign::SignError),
+    #[error("the stick holds no {0}; write it with `zhuli provision write`")]
+    Missing(&'static str),
+    #[error("the stick holds several configuration files ({0}); leave only zhuli.toml")]
+    TwoConfigs(String),
+    #[error("zhuli.toml is not UTF-8 text; save it as UTF-8")]
+    NotUtf8,
+    #[error("zhuli.toml is not signed (no zhuli.toml.sig); sign it with `zhuli provision sign`")]
+    Unsigned,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("serial {new} is not newer than the box's current serial {current}; raise `serial` and sign again")]
+    OldSerial { new: u64, current: u64 },
+    #[error("cannot store the imported configuration: {0}")]
+    Apply(String),
+}
+
+/// Where the secrets are in a configuration's text, to replace them.
+#[derive(Deserialize)]
+struct SecretSpans {
+    dingtalk: Option<DingtalkSpan>,
+    llm: Option<LlmSpan>,
+}
+#[derive(Deserialize)]
+struct DingtalkSpan {
+    client_secret: Option<toml::Spanned<toml::Value>>,
+}
+#[derive(Deserialize)]
+struct LlmSpan {
+    api_key: Option<toml::Spanned<toml::Value>>,
+}
+
+/// A secret found in the text: the credential it becomes, its value, and its byte span.
+struct FoundSecret {
+    credential: &'static str,
+    value: String,
+    span: std::ops::Range<usize>,
+}
+
+fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
+    let spans: SecretSpans = toml::from_str(text).map_err(|e| {
+        // Like the configuration's own errors: the line and the message, never the line's text.
+        let line = e.span().map(|s| format!(", line {}", text[..s.start.min(text.len())].matches('\n').count() + 1));
+        ProvisionError::Invalid(format!("zhuli.toml{}: {}", line.unwrap_or_default(), e.message()))
+    })?;
+    let mut found = Vec::new();
+    let fields = [
+        (spans.dingtalk.and_then(|d| d.client_secret), CRED_DINGTALK, "[dingtalk] client_secret"),
+        (spans.llm.and_then(|l| l.api_key), CRED_LLM, "[llm] api_key"),
+    ];
+    for (field, credential, name) in fields {
+        let Some(v) = field else { continue };
+        let span = v.span();
+        match v.into_inner() {
+            toml::Value::String(value) => found.push(FoundSecret { credential, value, span }),
+            _ => {
+                return Err(ProvisionError::Invalid(format!(
+                    "{name} must be written out on the stick (the box turns it into a credential itself)"
+                )));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `text` with each secret's value replaced by `with(secret)`.
+fn replace_secrets(text: &str, secrets: &[FoundSecret], with: impl Fn(&FoundSecret) -> String) -> String {
+    let mut out = text.to_owned();
+    let mut sorted: Vec<&FoundSecret> = secrets.iter().collect();
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.span.start));
+    for s in sorted {
+        out.replace_range(s.span.clone(), &with(s));
+    }
+    out
+}
+
+/// Validate a configuration for provisioning: strict parsing (errors name the line and the
+/// field), a serial, and the secrets written out.
+pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
+    let secrets = secrets_in(text)?;
+    if !secrets.iter().any(|s| s.credential == CRED_DINGTALK) {
+        return Err(ProvisionError::Invalid(
+            "[dingtalk] client_secret is missing; copy it from the developer console".into(),
+        ));
+    }
+    let config = Config::parse(text, path).map_err(|e| ProvisionError::Invalid(e.to_string()))?;
+    if config.serial == 0 {
+        return Err(ProvisionError::Invalid(
+            "`serial` is missing or 0: give the file a serial (1 for the first, larger for each new one)".into(),
+        ));
+    }
+    Ok(config)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How secrets become credentials on the box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credentials {
+    /// `systemd-creds encrypt --with-key=auto` (TPM2 where present, else the host key).
+    Systemd,
+    /// Plain files readable by root only: development images and tests. Loudly logged.
+    Plain,
+}
+
+pub struct ImportOptions {
+    pub device: PathBuf,
+    pub root: PathBuf,
+    /// The organisation key baked into the image, if there is one.
+    pub baked_key: Option<PathBuf>,
+    pub allow_unsigned: bool,
+    pub credentials: Credentials,
+    /// Restart the agent after the switch (`systemctl try-restart zhuli.service`).
+    pub restart: bool,
+}
+
+/// What an import did, written to the stick as `zhuli-receipt.txt`.
+#[derive(Debug, Clone, Default)]
+pub struct Receipt {
+    pub box_id: String,
+    pub serial: Option<u64>,
+    pub config_hash: Option<String>,
+    pub time: String,
+    pub result: String,
+    pub errors: Vec<String>,
+}
+
+impl Receipt {
+    pub fn text(&self) -> String {
+        let mut t = format!(
+            "zhuli provisioning receipt\nbox: {}\ntime: {}\nserial: {}\nconfig sha256: {}\nresult: {}\n",
+            self.box_id,
+            self.time,
+            self.serial.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            self.config_hash.as_deref().unwrap_or("-"),
+            self.result
+        );
+        for e in &self.errors {
+            t.push_str(&format!("error: {e}\n"));
+        }
+        t
+    }
+}
+
+fn box_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|m| sha256_hex(format!("zhuli-box:{}", m.trim()).as_bytes())[..16].to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn utc_now() -> String {
+    let ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    format!("{} UTC", crate::assistant::settings::local_time(ms, 0).0)
+}
+
+/// The serial of the current configuration (0 before the first import).
+pub fn current_serial(root: &Path) -> u64 {
+    std::fs::read_to_string(root.join("serial")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Import from the stick. The receipt says what happened; on error it is also written to the
+/// stick where the stick is writable.
+pub fn import(opts: &ImportOptions) -> Receipt {
+    let mut receipt = Receipt { box_id: box_id(), time: utc_now(), ..Receipt::default() };
+    match import_inner(opts, &mut receipt) {
+        Ok(done) => {
+            receipt.result = done;
+            log::info!("provisioning: {}", receipt.result);
+        }
+        Err(e) => {
+            receipt.result = "refused: the previous configuration is unchanged".into();
+            receipt.errors.push(e.to_string());
+            log::error!("provisioning refused: {e}; the previous configuration is unchanged");
+            // Best effort: the stick may be the problem.
+            if let Err(w) = stick::write(&opts.device, &[(stick::RECEIPT, receipt.text().as_bytes())], false) {
+                log::warn!("the receipt could not be written to the stick: {w}");
+            }
+        }
+    }
+    receipt
+}
+
+fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, ProvisionError> {
+    let contents = stick::list(&opts.device)?;
+    let configs: Vec<&String> =
+        contents.files.iter().map(|(n, _)| n).filter(|n| n.to_ascii_lowercase().ends_with(".toml")).collect();
+    if configs.len() > 1 {
+        return Err(ProvisionError::TwoConfigs(configs.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
+    }
+    if !contents.files.iter().any(|(n, _)| n == stick::CONFIG) {
+        return Err(ProvisionError::Missing("zhuli.toml"));
+    }
+    let bytes = stick::read(&opts.device, stick::CONFIG)?;
+    receipt.config_hash = Some(sha256_hex(&bytes));
+    let text = String::from_utf8(bytes.clone()).map_err(|_| ProvisionError::NotUtf8)?;
+
+    // Who signed it, and whether this box trusts them.
+    let pinned_path = opts.root.join("org.pub");
+    let trusted = match opts.baked_key.as_deref().filter(|p| p.exists()) {
+        Some(p) => Some(sign::public_key(&std::fs::read_to_string(p).unwrap_or_default(), &p.display().to_string())?),
+        None => match std::fs::read_to_string(&pinned_path) {
+            Ok(t) => Some(sign::public_key(&t, &pinned_path.display().to_string())?),
+            Err(_) => None,
+        },
+    };
+    let signer = if contents.files.iter().any(|(n, _)| n == stick::SIGNATURE) {
+        let sig = String::from_utf8(stick::read(&opts.device, stick::SIGNATURE)?).unwrap_or_default();
+        Some(sign::verify(&bytes, &sig, trusted.as_deref())?)
+    } else if opts.allow_unsigned {
+        log::warn!("PROVISIONING AN UNSIGNED CONFIGURATION: this image allows it for development only");
+        None
+    } else {
+        return Err(ProvisionError::Unsigned);
+    };
+
+    let config = check(&text, Path::new("zhuli.toml (on the stick)"))?;
+    receipt.serial = Some(config.serial);
+    let current = current_serial(&opts.root);
+    if config.serial <= current {
+        return Err(ProvisionError::OldSerial { new: config.serial, current });
+    }
+    let secrets = secrets_in(&text)?;
+
+    // Stage the new generation beside the current one.
+    let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
+    std::fs::create_dir_all(opts.root.join("generations")).map_err(apply)?;
+    let name = format!("{}-{:08x}", config.serial, rand::random::<u32>());
+    let staged = opts.root.join("generations").join(&name);
+    let staged_result = stage(opts, &staged, &text, &secrets);
+    if let Err(e) = staged_result {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(e);
+    }
+
+    // Remove the secrets from the stick before switching: if the stick is gone or read-only,
+    // nothing changes on the box.
+    if !contents.writable {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(stick::StickError::ReadOnly(opts.device.clone()).into());
+    }
+    let scrubbed = replace_secrets(&text, &secrets, |_| format!("\"{SCRUBBED}\""));
+    receipt.result = format!("applying serial {}", config.serial);
+    let wrote = stick::write(
+        &opts.device,
+        &[(stick::CONFIG, scrubbed.as_bytes()), (stick::RECEIPT, receipt.text().as_bytes())],
+        false,
+    );
+    if let Err(e) = wrote {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(e.into());
+    }
+
+    // The switch: one rename of a symlink.
+    let link_tmp = opts.root.join(format!(".current-{:08x}", rand::random::<u32>()));
+    std::os::unix::fs::symlink(Path::new("generations").join(&name), &link_tmp).map_err(apply)?;
+    std::fs::rename(&link_tmp, opts.root.join("current")).map_err(apply)?;
+    write_file(&opts.root.join("serial"), format!("{}\n", config.serial).as_bytes(), 0o600).map_err(apply)?;
+    if trusted.is_none()
+        && let Some(key) = &signer
+    {
+        write_file(&pinned_path, format!("zhuli-org-key ed25519 {key}\n").as_bytes(), 0o644).map_err(apply)?;
+        log::warn!(
+            "provisioning: trusting the organisation key {} from now on (first signed import)",
+            sign::short(key)
+        );
+    }
+    if let Ok(d) = std::fs::File::open(&opts.root) {
+        let _ = d.sync_all();
+    }
+    prune_generations(&opts.root, &name);
+
+    let mut result = format!("imported serial {} ({} secrets moved into credentials)", config.serial, secrets.len());
+    if opts.restart {
+        match std::process::Command::new("systemctl").args(["try-restart", "zhuli.service"]).status() {
+            Ok(s) if s.success() => result.push_str("; the agent was restarted"),
+            Ok(s) => {
+                receipt.errors.push(format!("restarting the agent failed ({s}); restart it: systemctl restart zhuli"))
+            }
+            Err(e) => receipt.errors.push(format!("cannot run systemctl ({e}); restart the agent by hand")),
+        }
+    }
+    receipt.result = result.clone();
+    if let Err(e) = stick::write(&opts.device, &[(stick::RECEIPT, receipt.text().as_bytes())], false) {
+        log::warn!("imported, but the final receipt could not be written to the stick: {e}");
+    }
+    Ok(result)
+}
+
+/// Keep the current generation and the one before it; remove older ones.
+fn prune_generations(root: &Path, current: &str) {
+    let Ok(entries) = std::fs::read_dir(root.join("generations")) else { return };
+    let mut names: Vec<(u64, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.split('-').next().and_then(|s| s.parse().ok()).map(|s| (s, n))
+        })
+        .collect();
+    names.sort();
+    let keep: Vec<String> = names.iter().rev().take(2).map(|(_, n)| n.clone()).collect();
+    for (_, n) in names {
+        if n != current && !keep.contains(&n) {
+            let _ = std::fs::remove_dir_all(root.join("generations").join(n));
+        }
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp-{:08x}", rand::random::<u32>()));
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Write the generation: the configuration with credential references, and the credentials.
+fn stage(opts: &ImportOptions, dir: &Path, text: &str, secrets: &[FoundSecret]) -> Result<(), ProvisionError> {
+    let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
+    std::fs::create_dir(dir).map_err(apply)?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750)).map_err(apply)?;
+    let boxed = replace_secrets(text, secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
+    write_file(&dir.join("zhuli.toml"), boxed.as_bytes(), 0o640).map_err(apply)?;
+    // Every credential the unit loads exists, empty when the configuration has no such secret.
+    for name in [CRED_DINGTALK, CRED_LLM] {
+        let value = secrets.iter().find(|s| s.credential == name).map(|s| s.value.as_str()).unwrap_or("");
+        match opts.credentials {
+            Credentials::Plain => {
+                log::warn!("provisioning: credential {name} stored UNENCRYPTED (development mode)");
+                write_file(&dir.join(name), value.as_bytes(), 0o600).map_err(apply)?;
+            }
+            Credentials::Systemd => encrypt(name, value, &dir.join(format!("{name}.cred")))?,
+        }
+    }
+    Ok(())
+}
+
+/// `systemd-creds encrypt` with the secret on standard input (never on a command line).
+fn encrypt(name: &str, value: &str, out: &Path) -> Result<(), ProvisionError> {
+    let mut child = std::process::Command::new("systemd-creds")
+        .args(["encrypt", "--with-key=auto", &format!("--name={name}"), "-"])
+        .arg(out)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| ProvisionError::Apply(format!("cannot run systemd-creds ({e}); is systemd ≥ 250 installed?")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(value.as_bytes()).map_err(|e| ProvisionError::Apply(e.to_string()))?;
+    }
+    let output = child.wait_with_output().map_err(|e| ProvisionError::Apply(e.to_string()))?;
+    if !output.status.success() {
+        return Err(ProvisionError::Apply(format!(
+            "systemd-creds could not seal {name}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// A commented template for `zhuli provision init`.
+pub const TEMPLATE: &str = r#"# zhuli configuration, written to a USB stick by `zhuli provision write`.
+# Every field is documented in docs/CONFIGURATION.md. Unknown fields are errors.
+
+# Raise this for every new version of this file: the box refuses a serial that is not newer.
+serial = 1
+
+[dingtalk]
+client_id = "dingxxxxxxxxxxxx"       # the app's Client ID (AppKey), developer console
+client_secret = "paste-the-secret"    # the app's Client Secret; removed from the stick on import
+robot_code = "dingxxxxxxxxxxxx"      # usually the Client ID
+
+# [dingtalk.card]                    # answers stream into an AI card
+# template_id = "xxxx.schema"
+
+# [llm]                              # an OpenAI-compatible model; without it: commands only
+# base_url = "https://api.deepseek.com/v1"
+# model = "deepseek-chat"
+# api_key = "sk-..."                 # removed from the stick on import
+# daily_tokens = 2000000
+
+[assistant]
+utc_offset_minutes = 480             # Asia/Shanghai
+
+[access]
+admins = ["manager001"]              # staff ids of the box's admins
+direct_chats = "pairing"             # "org", "allowlist" or "pairing"
+group_chats = "open"                 # "open" or "allowlist"
+default_roles = ["member"]
+
+[access.roles.member]
+tools = ["files_list", "files_read", "files_search", "system"]
+
+# [tools.files.roots]
+# share = "/srv/share"
+
+[health]
+# admin_chat = "cidXXXX=="           # alerts to this group; without it to each admin
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_template_checks_and_secrets_become_credential_references() {
+        let config = check(TEMPLATE, Path::new("template")).expect("the template is valid");
+        assert_eq!(config.serial, 1);
+        let secrets = secrets_in(TEMPLATE).expect("secrets");
+        assert_eq!(secrets.len(), 1);
+        let boxed = replace_secrets(TEMPLATE, &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
+        assert!(!boxed.contains("paste-the-secret"));
+        assert!(boxed.contains("client_secret = { credential = \"dingtalk-client-secret\" }"));
+        assert!(boxed.contains("# removed from the stick on import"), "comments are kept");
+        let scrubbed = replace_secrets(TEMPLATE, &secrets, |_| format!("\"{SCRUBBED}\""));
+        assert!(!scrubbed.contains("paste-the-secret") && scrubbed.contains(SCRUBBED));
+    }
+
+    #[test]
+    fn provisioning_needs_a_serial_and_written_out_secrets() {
+        let no_serial = TEMPLATE.replace("serial = 1", "");
+        assert!(check(&no_serial, Path::new("x")).expect_err("no serial").to_string().contains("serial"));
+        let reference = TEMPLATE.replace("\"paste-the-secret\"", "{ credential = \"x\" }");
+        assert!(check(&reference, Path::new("x")).expect_err("reference").to_string().contains("written out"));
+        let unknown = TEMPLATE.replace("[assistant]", "[assistant]\ncolour = 1");
+        let e = check(&unknown, Path::new("x")).expect_err("unknown field").to_string();
+        assert!(e.contains("line") && e.contains("colour"), "{e}");
+    }
+}
