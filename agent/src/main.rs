@@ -49,9 +49,9 @@ enum Command {
     },
     /// Show the running agent's status (over its Unix socket).
     Status {
-        /// The agent's configuration (to find the socket).
-        #[arg(long, value_name = "PATH", default_value = "/etc/zhuli/zhuli.toml", conflicts_with = "socket")]
-        config: PathBuf,
+        /// The agent's configuration, when it names its own status socket.
+        #[arg(long, value_name = "PATH", conflicts_with = "socket")]
+        config: Option<PathBuf>,
         /// The status socket itself.
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
@@ -61,7 +61,7 @@ enum Command {
     },
     /// Check the channel step by step (network, credentials, Stream API, recent errors, version).
     Doctor {
-        #[arg(long, value_name = "PATH", default_value = "/etc/zhuli/zhuli.toml")]
+        #[arg(long, value_name = "PATH", default_value = "/var/lib/zhuli-provisioning/current/zhuli.toml")]
         config: PathBuf,
         /// How long to wait for the gateway's first frame.
         #[arg(long, default_value_t = 30_000)]
@@ -310,12 +310,14 @@ fn main() -> anyhow::Result<()> {
             provision(command)?;
         }
         Command::Status { config, socket, json } => {
-            let socket = match socket {
-                Some(s) => s,
-                None => {
+            let socket = match (socket, config) {
+                (Some(s), _) => s,
+                (None, Some(config)) => {
                     let config = Config::load(&config)?;
                     config.health.socket_path(&config.agent.state_dir)
                 }
+                (None, None) => zhuli::health::HealthSettings::default()
+                    .socket_path(&zhuli::config::AgentSettings::default().state_dir),
             };
             let snapshot = health::status::fetch(&socket)?;
             if json {

@@ -53,16 +53,40 @@ pub fn from_credential(name: &str) -> Result<Secret, String> {
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(format!("credential name `{name}` must be letters, digits, `-` and `_`"));
     }
-    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-        format!(
-            "the secret is the systemd credential `{name}`, but no credentials were passed \
-             (run the agent as its systemd service, which loads them)"
-        )
-    })?;
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+        // An operator's command on the box (doctor, backup) outside the service: as root, open
+        // the sealed credential the service would get.
+        return decrypt_stored(name).ok_or_else(|| {
+            format!(
+                "the secret is the systemd credential `{name}`, but no credentials were passed \
+                 (run the agent as its systemd service, or this command as root on the box)"
+            )
+        });
+    };
     let path = std::path::Path::new(&dir).join(name);
     let bytes = std::fs::read(&path).map_err(|e| format!("credential `{name}` cannot be read ({})", e.kind()))?;
     let text = String::from_utf8(bytes).map_err(|_| format!("credential `{name}` is not UTF-8"))?;
     Ok(Secret(text.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+/// Where provisioning keeps sealed credentials.
+const CREDSTORES: [&str; 2] = ["/var/lib/zhuli-provisioning/current", "/var/lib/zhuli-provisioning"];
+
+/// `systemd-creds decrypt` of the stored credential `name`, if it exists and may be opened.
+fn decrypt_stored(name: &str) -> Option<Secret> {
+    let file = CREDSTORES.iter().map(|d| std::path::Path::new(d).join(format!("{name}.cred"))).find(|p| p.exists())?;
+    let out = std::process::Command::new("systemd-creds")
+        .arg("decrypt")
+        .arg(format!("--name={name}"))
+        .arg(&file)
+        .arg("-")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8(out.stdout).ok().map(Secret)
 }
 
 impl<'de> Deserialize<'de> for Secret {

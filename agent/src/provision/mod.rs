@@ -30,6 +30,9 @@ pub const BAKED_KEY: &str = "/usr/share/zhuli/org.pub";
 /// Where imported configurations live on the box (persistent, root only).
 pub const DEFAULT_ROOT: &str = "/var/lib/zhuli-provisioning";
 
+/// The agent's group, which may read the imported configuration.
+const AGENT_GROUP: &str = "zhuli";
+
 /// Written over a secret on the stick once it has been imported.
 const SCRUBBED: &str = "REMOVED-AFTER-IMPORT";
 
@@ -152,7 +155,7 @@ pub struct ImportOptions {
     pub baked_key: Option<PathBuf>,
     pub allow_unsigned: bool,
     pub credentials: Credentials,
-    /// Restart the agent after the switch (`systemctl try-restart zhuli.service`).
+    /// (Re)start the agent after the switch (`systemctl restart zhuli.service`).
     pub restart: bool,
 }
 
@@ -315,7 +318,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
 
     let mut result = format!("imported serial {} ({} secrets moved into credentials)", config.serial, secrets.len());
     if opts.restart {
-        match std::process::Command::new("systemctl").args(["try-restart", "zhuli.service"]).status() {
+        match std::process::Command::new("systemctl").args(["restart", "zhuli.service"]).status() {
             Ok(s) if s.success() => result.push_str("; the agent was restarted"),
             Ok(s) => {
                 receipt.errors.push(format!("restarting the agent failed ({s}); restart it: systemctl restart zhuli"))
@@ -365,6 +368,12 @@ fn stage(opts: &ImportOptions, dir: &Path, text: &str, secrets: &[FoundSecret]) 
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750)).map_err(apply)?;
     let boxed = replace_secrets(text, secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
     write_file(&dir.join("zhuli.toml"), boxed.as_bytes(), 0o640).map_err(apply)?;
+    // The agent runs as the `zhuli` user: it reads the configuration through its group.
+    if let Ok(Some(group)) = nix::unistd::Group::from_name(AGENT_GROUP) {
+        for p in [dir.to_path_buf(), dir.join("zhuli.toml")] {
+            nix::unistd::chown(&p, None, Some(group.gid)).map_err(|e| ProvisionError::Apply(e.to_string()))?;
+        }
+    }
     // Every credential the unit loads exists, empty when the configuration has no such secret.
     for name in [CRED_DINGTALK, CRED_LLM] {
         let value = secrets.iter().find(|s| s.credential == name).map(|s| s.value.as_str()).unwrap_or("");
