@@ -112,6 +112,17 @@ async fn a_signed_stick_configures_the_box_and_its_secrets_leave_the_stick() {
     let write = zhuli(&["provision", "write", "--config", &s(&cfg), "--image", &s(&img)]);
     assert!(write.status.success(), "{}", String::from_utf8_lossy(&write.stderr));
     assert!(!String::from_utf8_lossy(&write.stdout).contains(SECRET));
+    // A stick's block device: formatted on request, refused when it is not a ZHULI-CFG stick.
+    let device = laptop.join("sdb1");
+    std::fs::write(&device, vec![0u8; 8 * 1024 * 1024]).expect("blank device");
+    let refused = zhuli(&["provision", "write", "--config", &s(&cfg), "--device", &s(&device)]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("no FAT file system"));
+    let formatted = zhuli(&["provision", "write", "--config", &s(&cfg), "--device", &s(&device), "--format"]);
+    assert!(formatted.status.success(), "{}", String::from_utf8_lossy(&formatted.stderr));
+    let listed = stick::list(&device).expect("a ZHULI-CFG stick");
+    assert!(
+        listed.files.iter().any(|(n, _)| n == stick::CONFIG) && listed.files.iter().any(|(n, _)| n == stick::SIGNATURE)
+    );
 
     // On the box.
     let out = b.import(&img);
