@@ -301,6 +301,23 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(b.current_config().as_deref(), Some(before.as_str()));
 
+    // Pulled out at the worst moment — while its secrets are being removed: nothing switches,
+    // and the staged generation is gone.
+    let (c, sig) = signed(&config_text(&sim, &b.dir, 7), &org_private);
+    let img = image(&b.dir, "pulled-late.img", &[(stick::CONFIG, &c), (stick::SIGNATURE, &sig)]);
+    let generations = || std::fs::read_dir(b.root.join("generations")).map(|d| d.count()).unwrap_or(0);
+    let before_generations = generations();
+    let out = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+        .args(["provision", "import", "--device", &s(&img), "--root", &s(&b.root), "--org-key", "/nonexistent"])
+        .args(["--plain-credentials", "--no-restart"])
+        .env("ZHULI_TEST_PULL", "scrub")
+        .output()
+        .expect("import");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stdout).contains("pulled out"));
+    assert_eq!(b.current_config().as_deref(), Some(before.as_str()));
+    assert_eq!(provision::current_serial(&b.root), 5);
+    assert_eq!(generations(), before_generations, "the staged generation was removed");
+
     // A read-only stick (a lock switch): nothing is imported, since its secrets could not be
     // removed. Root can write any file, so this runs as another user.
     if std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t"))) {

@@ -287,11 +287,15 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     }
     let scrubbed = replace_secrets(&text, &secrets, |_| format!("\"{SCRUBBED}\""));
     receipt.result = format!("applying serial {}", config.serial);
-    let wrote = stick::write(
-        &opts.device,
-        &[(stick::CONFIG, scrubbed.as_bytes()), (stick::RECEIPT, receipt.text().as_bytes())],
-        false,
-    );
+    let wrote = if pulled_during_scrub() {
+        Err(stick::StickError::Io("test fault: the stick was pulled out".into()))
+    } else {
+        stick::write(
+            &opts.device,
+            &[(stick::CONFIG, scrubbed.as_bytes()), (stick::RECEIPT, receipt.text().as_bytes())],
+            false,
+        )
+    };
     if let Err(e) = wrote {
         let _ = std::fs::remove_dir_all(&staged);
         return Err(e.into());
@@ -331,6 +335,18 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
         log::warn!("imported, but the final receipt could not be written to the stick: {e}");
     }
     Ok(result)
+}
+
+/// A test build's switch: `ZHULI_TEST_PULL=scrub` makes writing the stick fail at the moment
+/// its secrets are removed, as if it were pulled out. Release builds have no such switch.
+#[cfg(debug_assertions)]
+fn pulled_during_scrub() -> bool {
+    std::env::var("ZHULI_TEST_PULL").is_ok_and(|v| v == "scrub")
+}
+
+#[cfg(not(debug_assertions))]
+fn pulled_during_scrub() -> bool {
+    false
 }
 
 /// Keep the current generation and the one before it; remove older ones.
