@@ -74,6 +74,11 @@ const CREDSTORES: [&str; 2] = ["/var/lib/zhuli-provisioning/current", "/var/lib/
 
 /// `systemd-creds decrypt` of the stored credential `name`, if it exists and may be opened.
 fn decrypt_stored(name: &str) -> Option<Secret> {
+    decrypt_stored_bytes(name).and_then(|b| String::from_utf8(b.to_vec()).ok()).map(Secret)
+}
+
+/// [`decrypt_stored`] as bytes (the store key may be raw bytes).
+pub(crate) fn decrypt_stored_bytes(name: &str) -> Option<zeroize::Zeroizing<Vec<u8>>> {
     let file = CREDSTORES.iter().map(|d| std::path::Path::new(d).join(format!("{name}.cred"))).find(|p| p.exists())?;
     let out = std::process::Command::new("systemd-creds")
         .arg("decrypt")
@@ -86,7 +91,7 @@ fn decrypt_stored(name: &str) -> Option<Secret> {
     if !out.status.success() {
         return None;
     }
-    String::from_utf8(out.stdout).ok().map(Secret)
+    Some(zeroize::Zeroizing::new(out.stdout))
 }
 
 impl<'de> Deserialize<'de> for Secret {

@@ -59,7 +59,12 @@ impl StoreKey {
         }
         match key_file {
             Some(p) => Self::read(p),
-            None => Err(KeyError::Missing),
+            // An operator's command as root on the box, outside the service: the sealed
+            // credential the service would get.
+            None => match crate::secret::decrypt_stored_bytes(CREDENTIAL) {
+                Some(raw) => Self::parse(raw, Path::new("(sealed credential store-key)")),
+                None => Err(KeyError::Missing),
+            },
         }
     }
 
@@ -67,6 +72,11 @@ impl StoreKey {
     pub fn read(path: &Path) -> Result<Self, KeyError> {
         let raw =
             Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read { path: path.to_owned(), source })?);
+        Self::parse(raw, path)
+    }
+
+    /// A key from its bytes (`path` names where they came from, in errors).
+    fn parse(raw: Zeroizing<Vec<u8>>, path: &Path) -> Result<Self, KeyError> {
         let malformed = || KeyError::Malformed { path: path.to_owned(), len: raw.len() };
         let mut key = Zeroizing::new([0u8; 32]);
         if raw.len() == 32 {
