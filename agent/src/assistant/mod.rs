@@ -105,7 +105,7 @@ const HELP: &str = "**zhuli** — ask in plain language, or use a command:\n\n\
 - `/new` — start a new conversation (forget the earlier messages)\n\
 - `/undo` — reverse your last change\n\
 - `/confirm CODE` / `/cancel` — answer a confirmation question\n\
-- `/status` — connection and delivery figures\n\
+- `/status` — connection and delivery figures (admins)\n\
 - `/ping` — check that I am listening\n\
 - `/help` — this list\n\n\
 Admins also have `/approve CODE` (let a newcomer talk to me) and `/audit` (recent audit events).";
