@@ -35,6 +35,21 @@ impl Drop for Box {
 }
 
 impl Box {
+    /// `zhuli provision import` of `image` into this box, to adjust before running;
+    /// `plain` keeps the secrets as plain files instead of sealed credentials.
+    fn import_command(&self, image: &Path, plain: bool) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_zhuli"));
+        c.args(["provision", "import", "--device", &s(image), "--root", &s(&self.root)]).args([
+            "--org-key",
+            &s(&self.dir.join("no-baked-key.pub")),
+            "--no-restart",
+        ]);
+        if plain {
+            c.arg("--plain-credentials");
+        }
+        c
+    }
+
     fn new(tag: &str) -> Box {
         let dir = support::temp_dir(tag);
         let root = dir.join("provisioning");
@@ -43,18 +58,7 @@ impl Box {
 
     /// `zhuli provision import` of `image` into this box.
     fn import(&self, image: &Path) -> Output {
-        zhuli(&[
-            "provision",
-            "import",
-            "--device",
-            &s(image),
-            "--root",
-            &s(&self.root),
-            "--org-key",
-            &s(&self.dir.join("no-baked-key.pub")),
-            "--plain-credentials",
-            "--no-restart",
-        ])
+        self.import_command(image, true).output().expect("run zhuli")
     }
 
     fn current_config(&self) -> Option<String> {
@@ -307,12 +311,7 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
     let img = image(&b.dir, "pulled-late.img", &[(stick::CONFIG, &c), (stick::SIGNATURE, &sig)]);
     let generations = || std::fs::read_dir(b.root.join("generations")).map(|d| d.count()).unwrap_or(0);
     let before_generations = generations();
-    let out = Command::new(env!("CARGO_BIN_EXE_zhuli"))
-        .args(["provision", "import", "--device", &s(&img), "--root", &s(&b.root), "--org-key", "/nonexistent"])
-        .args(["--plain-credentials", "--no-restart"])
-        .env("ZHULI_TEST_PULL", "scrub")
-        .output()
-        .expect("import");
+    let out = b.import_command(&img, true).env("ZHULI_TEST_PULL", "scrub").output().expect("import");
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stdout).contains("pulled out"));
     assert_eq!(b.current_config().as_deref(), Some(before.as_str()));
     assert_eq!(provision::current_serial(&b.root), 5);
@@ -329,23 +328,9 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
         for p in &opened {
             std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
         }
-        let out = std::os::unix::process::CommandExt::uid(
-            Command::new(env!("CARGO_BIN_EXE_zhuli")).args([
-                "provision",
-                "import",
-                "--device",
-                &s(&img),
-                "--root",
-                &s(&b.root),
-                "--org-key",
-                "/nonexistent",
-                "--plain-credentials",
-                "--no-restart",
-            ]),
-            65534,
-        )
-        .output()
-        .expect("import as another user");
+        let out = std::os::unix::process::CommandExt::uid(&mut b.import_command(&img, true), 65534)
+            .output()
+            .expect("import as another user");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             !out.status.success() && stdout.contains("read-only"),
@@ -368,17 +353,7 @@ async fn secrets_are_sealed_by_systemd_and_a_factory_reset_trusts_a_new_key() {
 
     let sealed = Command::new("systemd-creds").arg("--version").output().is_ok_and(|o| o.status.success());
     if sealed {
-        let out = zhuli(&[
-            "provision",
-            "import",
-            "--device",
-            &s(&img),
-            "--root",
-            &s(&b.root),
-            "--org-key",
-            "/nonexistent",
-            "--no-restart",
-        ]);
+        let out = b.import_command(&img, false).output().expect("import");
         assert!(
             out.status.success(),
             "{}\n{}",
