@@ -272,9 +272,8 @@ pub struct Audit {
     socket_path: PathBuf,
     socket: Option<UnixDatagram>,
     recent: Mutex<VecDeque<Event>>,
-    /// Events that could not reach the journal (they went to the log).
+    /// Events that could not reach the journal (they went to the log), for `zhuli status`.
     pub unjournaled: AtomicU64,
-    pub written: AtomicU64,
     warned: std::sync::atomic::AtomicBool,
 }
 
@@ -290,7 +289,6 @@ impl Audit {
             socket,
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             unjournaled: AtomicU64::new(0),
-            written: AtomicU64::new(0),
             warned: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -300,9 +298,7 @@ impl Audit {
         let datagram = encode(&event.fields());
         let sent = self.socket.as_ref().map(|s| s.send_to(&datagram, &self.socket_path));
         match sent {
-            Some(Ok(_)) => {
-                self.written.fetch_add(1, Ordering::Relaxed);
-            }
+            Some(Ok(_)) => {}
             other => {
                 self.unjournaled.fetch_add(1, Ordering::Relaxed);
                 let why = match other {

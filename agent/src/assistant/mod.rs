@@ -208,7 +208,8 @@ impl Assistant {
             &p.status.stream,
             &p.status.sender,
             &p.health,
-            status::LlmFigures {
+            status::AssistantFigures {
+                audit_unjournaled: p.audit.unjournaled.load(Ordering::Relaxed),
                 model: p.model.clone(),
                 tokens: p.tokens.load(Ordering::Relaxed),
                 errors: p.llm_errors.load(Ordering::Relaxed),

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -151,9 +151,6 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub answered: AtomicU64,
     pub failed: AtomicU64,
-    /// Refused senders and denied tool calls, for the security signals.
-    pub refused: AtomicU64,
-    pub denied: AtomicU64,
     latencies: Mutex<VecDeque<u32>>,
 }
 
@@ -262,16 +259,6 @@ pub async fn test_hang_point(name: &str, started: Instant) {
 
 #[cfg(not(debug_assertions))]
 pub async fn test_hang_point(_name: &str, _started: Instant) {}
-
-/// The status line for systemd and `zhuli status`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Line {
-    pub connected: bool,
-    pub since: String,
-    pub accepted: u64,
-    pub answered: u64,
-    pub last_error: Option<String>,
-}
 
 /// The supervisor: `WATCHDOG=1` while no task is hung, `STATUS=` whenever the line changes.
 pub async fn supervise(

@@ -42,14 +42,18 @@ pub struct Snapshot {
     pub tool_calls_denied: u64,
     pub messages_refused: u64,
     pub hung_tasks: Vec<String>,
+    /// Audit events that went to the log because the journal could not be reached.
+    #[serde(default)]
+    pub audit_events_not_journaled: u64,
     pub alarms: Vec<String>,
     pub resources: Option<Sample>,
     pub last_error: Option<String>,
 }
 
-/// The LLM side's figures, from the assistant.
+/// The assistant's figures (model, tools, admission, audit).
 #[derive(Debug, Clone, Default)]
-pub struct LlmFigures {
+pub struct AssistantFigures {
+    pub audit_unjournaled: u64,
     pub model: Option<String>,
     pub tokens: u64,
     pub errors: u64,
@@ -57,7 +61,7 @@ pub struct LlmFigures {
     pub refused: u64,
 }
 
-pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health, llm: LlmFigures) -> Snapshot {
+pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health, a: AssistantFigures) -> Snapshot {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let m = &h.metrics;
     Snapshot {
@@ -76,12 +80,13 @@ pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health
         latency_ms: m.latency_percentiles(),
         replies_throttled: load(&d.throttled),
         reply_retries: load(&d.retries),
-        llm_model: llm.model,
-        llm_tokens: llm.tokens,
-        llm_errors: llm.errors,
-        tool_calls_denied: llm.denied,
-        messages_refused: llm.refused,
+        llm_model: a.model,
+        llm_tokens: a.tokens,
+        llm_errors: a.errors,
+        tool_calls_denied: a.denied,
+        messages_refused: a.refused,
         hung_tasks: h.hung().iter().map(|(n, _)| (*n).to_owned()).collect(),
+        audit_events_not_journaled: a.audit_unjournaled,
         alarms: h.alarms.lock().map(|a| a.clone()).unwrap_or_default(),
         resources: h.resources.lock().map(|r| *r).unwrap_or_default(),
         last_error: h
@@ -154,6 +159,12 @@ pub fn rows(s: &Snapshot) -> Vec<(&'static str, String)> {
     }
     rows.push(("alarms", if s.alarms.is_empty() { "none".into() } else { s.alarms.join(", ") }));
     rows.push(("hung tasks", if s.hung_tasks.is_empty() { "none".into() } else { s.hung_tasks.join(", ") }));
+    if s.audit_events_not_journaled > 0 {
+        rows.push((
+            "audit",
+            format!("{} events went to the log: the journal could not be reached", s.audit_events_not_journaled),
+        ));
+    }
     rows.push(("last error", s.last_error.clone().unwrap_or_else(|| "none".into())));
     rows
 }
