@@ -296,35 +296,21 @@ fn status_line(s: &Snapshot, since: &str) -> String {
 /// trail) when a threshold is crossed and when it clears.
 async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
     let settings = config.health.clone();
-    let beat = work.health.task("monitor");
     let mut m = Monitor::new(config.agent.state_dir.clone());
-    let every = settings.sample_ms.get();
-    let started = Instant::now();
-    let mut next = Instant::now();
     // A configuration changed since the last run is a security signal the admins hear about.
     let changes = std::mem::take(&mut *work.health.config_changes.lock().unwrap_or_else(|p| p.into_inner()));
     if !changes.is_empty() {
         let text = format!("🔧 **zhuli**: the configuration changed since the last start: {}", changes.join(", "));
-        for reply in admin_replies(&config, "zhuli configuration changed", &text) {
-            let sender = work.clone();
-            tokio::spawn(async move {
-                if let Err(e) = sender.sender.send(&reply).await {
-                    log::error!("a notice did not reach the admins: {e}");
-                }
-            });
-        }
+        tell_admins(&work, &config, "zhuli configuration changed", &text);
     }
-    loop {
-        beat.tick();
-        health::test_hang_point("monitor", started).await;
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(next.min(Instant::now() + work.health.beat_every())) => {}
-        }
-        if Instant::now() < next {
-            continue;
-        }
-        next = Instant::now() + every;
+    let mut turns = health::Periodic::new(
+        "monitor",
+        work.health.task("monitor"),
+        work.health.beat_every(),
+        settings.sample_ms.get(),
+        Duration::ZERO,
+    );
+    while turns.next(&cancel).await {
         let (sample, m_back) = match tokio::task::spawn_blocking(move || {
             let s = m.sample();
             (s, m)
@@ -350,20 +336,25 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
             } else {
                 ("zhuli recovered", format!("✅ **zhuli**: {}", alarm.text))
             };
-            for reply in admin_replies(&config, title, &text) {
-                let sender = work.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = sender.sender.send(&reply).await {
-                        log::error!("an alert did not reach the admins: {e}");
-                    }
-                });
-            }
+            tell_admins(&work, &config, title, &text);
             if alarm.raised {
                 log::warn!("alert: {}", alarm.text);
             } else {
                 log::info!("alert cleared: {}", alarm.text);
             }
         }
+    }
+}
+
+/// Send a message to the admins in the background (alerts and notices).
+fn tell_admins(work: &Arc<Work>, config: &Config, title: &str, text: &str) {
+    for reply in admin_replies(config, title, text) {
+        let work = work.clone();
+        tokio::spawn(async move {
+            if let Err(e) = work.sender.send(&reply).await {
+                log::error!("a message to the admins was not delivered: {e}");
+            }
+        });
     }
 }
 
@@ -649,19 +640,8 @@ async fn pipeline(
 
 /// Forget expired msgIds, a bounded amount per tick.
 async fn prune(store: Arc<Store>, cancel: CancellationToken, beat: Arc<Beat>, every: Duration) {
-    let started = Instant::now();
-    let mut next = Instant::now() + PRUNE_EVERY;
-    loop {
-        beat.tick();
-        health::test_hang_point("pruner", started).await;
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(next.min(Instant::now() + every)) => {}
-        }
-        if Instant::now() < next {
-            continue;
-        }
-        next = Instant::now() + PRUNE_EVERY;
+    let mut turns = health::Periodic::new("pruner", beat, every, PRUNE_EVERY, PRUNE_EVERY);
+    while turns.next(&cancel).await {
         match blocking(&store, |s| s.prune(now_ms(), PRUNE_PER_TICK)).await {
             Ok(0) => {}
             Ok(n) => log::debug!("forgot {n} expired message ids"),

@@ -245,6 +245,41 @@ impl Health {
     }
 }
 
+/// For a task that works every `period`: check in at least every `every` while waiting for the
+/// next turn. False once `cancel` fires.
+pub struct Periodic {
+    pub name: &'static str,
+    pub beat: Arc<Beat>,
+    pub every: Duration,
+    pub period: Duration,
+    next: Instant,
+    started: Instant,
+}
+
+impl Periodic {
+    /// The first turn comes after `first`.
+    pub fn new(name: &'static str, beat: Arc<Beat>, every: Duration, period: Duration, first: Duration) -> Self {
+        let now = Instant::now();
+        Periodic { name, beat, every, period, next: now + first, started: now }
+    }
+
+    /// Wait for the next turn, checking in meanwhile.
+    pub async fn next(&mut self, cancel: &CancellationToken) -> bool {
+        loop {
+            self.beat.tick();
+            test_hang_point(self.name, self.started).await;
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep_until(self.next.min(Instant::now() + self.every)) => {}
+            }
+            if Instant::now() >= self.next {
+                self.next = Instant::now() + self.period;
+                return true;
+            }
+        }
+    }
+}
+
 /// A test build's way to make a task hang: `ZHULI_TEST_HANG=<task>:<ms>` makes the task named
 /// stop (await forever) that many milliseconds after start. Release builds have no such switch.
 #[cfg(debug_assertions)]
