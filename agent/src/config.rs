@@ -49,11 +49,23 @@ pub struct AgentSettings {
     pub inbox_capacity: usize,
     /// Messages answered concurrently, at most.
     pub workers: usize,
+    /// PEM certificate authorities to trust beside the public roots, for every HTTPS/WSS
+    /// connection (an office firewall that inspects TLS; a test gateway). Usually unset.
+    pub extra_ca_pem: Option<String>,
+    /// The box's time zone, an IANA name such as "Asia/Shanghai" (the provisioning import points
+    /// `/etc/localtime` at it; journal and log times follow). Unset: UTC.
+    pub time_zone: Option<String>,
 }
 
 impl Default for AgentSettings {
     fn default() -> Self {
-        AgentSettings { state_dir: PathBuf::from("/var/lib/zhuli"), inbox_capacity: 256, workers: 32 }
+        AgentSettings {
+            state_dir: PathBuf::from("/var/lib/zhuli"),
+            inbox_capacity: 256,
+            workers: 32,
+            extra_ca_pem: None,
+            time_zone: None,
+        }
     }
 }
 
@@ -96,6 +108,24 @@ impl Config {
                 message: "[agent] inbox_capacity and workers must be at least 1".into(),
             });
         }
+        if let Some(pem) = &config.agent.extra_ca_pem {
+            crate::dingtalk::http::parse_pem_roots(pem).map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                location: String::new(),
+                message: format!("[agent] extra_ca_pem: {e}; paste the CA certificate(s) in PEM form"),
+            })?;
+        }
+        if let Some(zone) = &config.agent.time_zone
+            && !valid_zone_name(zone)
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                location: String::new(),
+                message: format!(
+                    "[agent] time_zone {zone:?} is not a time zone name; write it like \"Asia/Shanghai\" or \"UTC\""
+                ),
+            });
+        }
         let a = &config.assistant;
         if a.max_steps == 0 || a.max_tool_output_bytes == 0 || a.max_argument_bytes == 0 || a.max_answer_bytes < 100 {
             return Err(ConfigError::Invalid {
@@ -122,6 +152,17 @@ impl Config {
     }
 }
 
+/// An IANA zone name: letters, digits, `_+-` in `/`-separated parts, never `.` or `..`.
+pub fn valid_zone_name(zone: &str) -> bool {
+    !zone.is_empty()
+        && zone.len() <= 64
+        && zone.split('/').all(|part| {
+            !part.is_empty()
+                && part.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || "_+-".contains(c))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +176,22 @@ api_base = "http://127.0.0.1:8080"
 [dingtalk.stream]
 idle_window_ms = 1000
 "#;
+
+    #[test]
+    fn time_zones_are_names_never_paths() {
+        for good in ["Asia/Shanghai", "UTC", "America/Argentina/Buenos_Aires", "Etc/GMT+8"] {
+            assert!(valid_zone_name(good), "{good}");
+            let c =
+                Config::parse(&format!("[agent]\ntime_zone = {good:?}\n{GOOD}"), Path::new("z.toml")).expect("valid");
+            assert_eq!(c.agent.time_zone.as_deref(), Some(good));
+        }
+        for bad in ["", "../../etc/shadow", "/etc/passwd", "Asia/./Shanghai", "Asia//Shanghai", "Asia/Shang hai"] {
+            assert!(!valid_zone_name(bad), "{bad:?}");
+        }
+        let e = Config::parse(&format!("[agent]\ntime_zone = \"../x\"\n{GOOD}"), Path::new("z.toml"))
+            .expect_err("bad zone");
+        assert!(e.to_string().contains("Asia/Shanghai"), "{e}");
+    }
 
     #[test]
     fn good_config_loads_with_defaults() {

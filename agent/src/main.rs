@@ -194,6 +194,19 @@ fn store_of(config: &std::path::Path) -> anyhow::Result<(PathBuf, StoreKey)> {
     Ok((zhuli::store::file_in(&config.agent.state_dir), key))
 }
 
+/// `[agent] extra_ca_pem`: trusted for every connection from here on.
+fn trust_configured_roots(config: &Config) -> anyhow::Result<()> {
+    if let Some(pem) = &config.agent.extra_ca_pem {
+        let n =
+            zhuli::dingtalk::http::trust_extra_roots(pem).map_err(|e| anyhow::anyhow!("[agent] extra_ca_pem: {e}"))?;
+        log::info!(
+            "trusting {n} extra certificate authorit{} from [agent] extra_ca_pem",
+            if n == 1 { "y" } else { "ies" }
+        );
+    }
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -225,6 +238,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run { config } => {
             logging::init(log::LevelFilter::Info);
             let config = Config::load(&config)?;
+            trust_configured_roots(&config)?;
             runtime()?.block_on(async {
                 let cancel = CancellationToken::new();
                 tokio::spawn(until_signal(cancel.clone()));
@@ -329,6 +343,7 @@ fn main() -> anyhow::Result<()> {
         Command::Doctor { config, wait_ms } => {
             logging::init(log::LevelFilter::Error);
             let config = Config::load(&config)?;
+            trust_configured_roots(&config)?;
             let socket = config.health.socket_path(&config.agent.state_dir);
             let steps =
                 runtime()?.block_on(health::doctor::run(&config, &socket, std::time::Duration::from_millis(wait_ms)));

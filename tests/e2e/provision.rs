@@ -38,7 +38,9 @@ impl Box {
     /// `zhuli provision import` of `image` into this box, to adjust before running;
     /// `plain` keeps the secrets as plain files instead of sealed credentials.
     fn import_command(&self, image: &Path, plain: bool) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_zhuli"));
+        // With the unit's UMask=0077, so the modes the agent relies on are set, not inherited.
+        let mut c = Command::new("sh");
+        c.args(["-c", "umask 077; exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_zhuli")]);
         c.args(["provision", "import", "--device", &s(image), "--root", &s(&self.root)]).args([
             "--org-key",
             &s(&self.dir.join("no-baked-key.pub")),
@@ -142,6 +144,12 @@ async fn a_signed_stick_configures_the_box_and_its_secrets_leave_the_stick() {
     assert!(receipt.contains("result: imported serial 1") && receipt.contains("config sha256: "), "{receipt}");
     assert!(!receipt.contains(SECRET));
     assert!(b.root.join("org.pub").exists(), "the signer's key is pinned at the first import");
+    // The agent (group zhuli on the box) reads its configuration through these modes.
+    let mode =
+        |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).expect("stat").permissions()) & 0o777;
+    assert_eq!(mode(&b.root.join("generations")), 0o755);
+    assert_eq!(mode(&b.root.join("current")), 0o750);
+    assert_eq!(mode(&b.root.join("current/zhuli.toml")), 0o640);
     assert_eq!(provision::current_serial(&b.root), 1);
 
     // The agent runs on it, with the secret handed over as a credential.

@@ -14,6 +14,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Serialize;
 
 use super::settings::{UrlError, check_url};
@@ -21,9 +22,43 @@ use super::settings::{UrlError, check_url};
 /// Responses from DingTalk's JSON APIs are small; anything larger is refused.
 pub const MAX_JSON_BODY: usize = 1024 * 1024;
 
-/// The rustls configuration shared by HTTPS and WSS: ring provider, webpki roots, no client auth.
+/// Certificate authorities trusted beside the public roots (`[agent] extra_ca_pem`), set once
+/// at start-up before any connection is made.
+static EXTRA_ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+
+/// Parse PEM text into CA certificates usable as trust anchors; says what is wrong otherwise.
+pub fn parse_pem_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut certs = Vec::new();
+    for (i, item) in CertificateDer::pem_slice_iter(pem.as_bytes()).enumerate() {
+        let cert = item.map_err(|e| format!("certificate {} is not valid PEM ({e})", i + 1))?;
+        rustls::RootCertStore::empty()
+            .add(cert.clone())
+            .map_err(|e| format!("certificate {} cannot be a trust anchor ({e})", i + 1))?;
+        certs.push(cert);
+    }
+    if certs.is_empty() {
+        return Err("no -----BEGIN CERTIFICATE----- block found".into());
+    }
+    Ok(certs)
+}
+
+/// Trust these CAs too (for an office whose firewall inspects TLS, or a test gateway). Only the
+/// first call counts; returns how many certificates were added.
+pub fn trust_extra_roots(pem: &str) -> Result<usize, String> {
+    let certs = parse_pem_roots(pem)?;
+    let n = certs.len();
+    let _ = EXTRA_ROOTS.set(certs);
+    Ok(n)
+}
+
+/// The rustls configuration shared by HTTPS and WSS: ring provider, webpki roots (and any extra
+/// CAs from the configuration), no client auth.
 pub fn tls_config() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for cert in EXTRA_ROOTS.get().into_iter().flatten() {
+        // Checked by parse_pem_roots already.
+        let _ = roots.add(cert.clone());
+    }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports rustls' default protocol versions")
@@ -194,4 +229,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_roots_take_pem_certificates_and_refuse_anything_else() {
+        let ca = rcgen::generate_simple_self_signed(vec!["gateway.test".to_owned()]).expect("test certificate");
+        let pem = ca.cert.pem();
+        assert_eq!(parse_pem_roots(&pem).map(|c| c.len()), Ok(1));
+        assert_eq!(parse_pem_roots(&format!("{pem}\n{pem}")).map(|c| c.len()), Ok(2));
+        let none = parse_pem_roots("not a certificate").expect_err("no PEM block");
+        assert!(none.contains("BEGIN CERTIFICATE"), "{none}");
+        let broken = pem.replace("\n", "\n!");
+        assert!(parse_pem_roots(&broken).is_err());
+        // A private key is not a certificate and must not be taken as one.
+        assert!(parse_pem_roots(&ca.signing_key.serialize_pem()).is_err());
+    }
 }

@@ -29,6 +29,8 @@ pub const CRED_LLM: &str = "llm-api-key";
 pub const BAKED_KEY: &str = "/usr/share/zhuli/org.pub";
 /// Where imported configurations live on the box (persistent, root only).
 pub const DEFAULT_ROOT: &str = "/var/lib/zhuli-provisioning";
+/// Where time zone files live (package tzdata).
+const ZONEINFO: &str = "/usr/share/zoneinfo";
 
 /// The agent's group, which may read the imported configuration.
 const AGENT_GROUP: &str = "zhuli";
@@ -270,7 +272,12 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
 
     // Stage the new generation beside the current one.
     let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
-    std::fs::create_dir_all(opts.root.join("generations")).map_err(apply)?;
+    let generations = opts.root.join("generations");
+    if !generations.exists() {
+        std::fs::create_dir_all(&generations).map_err(apply)?;
+        // The agent passes through to `current` (its generation is 0750 root:zhuli).
+        std::fs::set_permissions(&generations, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(apply)?;
+    }
     let name = format!("{}-{:08x}", config.serial, rand::random::<u32>());
     let staged = opts.root.join("generations").join(&name);
     let staged_result = stage(opts, &staged, &text, &secrets);
@@ -372,6 +379,8 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension(format!("tmp-{:08x}", rand::random::<u32>()));
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    // The mode as asked, whatever the umask (the import unit runs with UMask=0077).
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -384,6 +393,17 @@ fn stage(opts: &ImportOptions, dir: &Path, text: &str, secrets: &[FoundSecret]) 
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750)).map_err(apply)?;
     let boxed = replace_secrets(text, secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
     write_file(&dir.join("zhuli.toml"), boxed.as_bytes(), 0o640).map_err(apply)?;
+    // The box's time zone: /etc/localtime points at `current/localtime` (UTC while it is absent).
+    if let Some(zone) = check(text, Path::new("zhuli.toml")).ok().and_then(|c| c.agent.time_zone) {
+        let target = Path::new(ZONEINFO).join(&zone);
+        if !target.is_file() {
+            return Err(ProvisionError::Invalid(format!(
+                "[agent] time_zone {zone:?} is not a time zone this box knows ({} is missing); use a name such as \"Asia/Shanghai\"",
+                target.display()
+            )));
+        }
+        std::os::unix::fs::symlink(&target, dir.join("localtime")).map_err(apply)?;
+    }
     // The agent runs as the `zhuli` user: it reads the configuration through its group.
     if let Ok(Some(group)) = nix::unistd::Group::from_name(AGENT_GROUP) {
         for p in [dir.to_path_buf(), dir.join("zhuli.toml")] {

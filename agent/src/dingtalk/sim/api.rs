@@ -159,8 +159,13 @@ fn open(shared: &Shared, body: &Value) -> Response<Full<Bytes>> {
     } else {
         st.tickets.insert(ticket.clone(), (Instant::now(), topics));
     }
-    let ws = shared.ws_addr.lock().map(|a| *a).unwrap_or(None);
-    let endpoint = ws.map(|a| format!("ws://{a}/connect")).unwrap_or_default();
+    let endpoint = match &shared.cfg.public_ws_endpoint {
+        Some(public) => public.clone(),
+        None => {
+            let ws = shared.ws_addr.lock().map(|a| *a).unwrap_or(None);
+            ws.map(|a| format!("ws://{a}/connect")).unwrap_or_default()
+        }
+    };
     reply(StatusCode::OK, json!({ "endpoint": endpoint, "ticket": ticket }))
 }
 

@@ -51,6 +51,13 @@ pub struct SimConfig {
     pub redeliver_after: Duration,
     pub ticket_ttl: Duration,
     pub webhook_ttl: Duration,
+    /// The API base the simulator names in the URLs it hands out (session webhooks, downloads)
+    /// when the agent reaches it through a forwarder, e.g. `https://10.0.2.100`; `None`: its own
+    /// loopback address.
+    pub public_http_base: Option<String>,
+    /// The WebSocket endpoint the gateway hands out, e.g. `wss://10.0.2.101/connect`; `None`: its
+    /// own loopback address.
+    pub public_ws_endpoint: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -64,6 +71,8 @@ impl Default for SimConfig {
             redeliver_after: Duration::from_secs(60),
             ticket_ttl: Duration::from_secs(90),
             webhook_ttl: Duration::from_secs(90 * 60),
+            public_http_base: None,
+            public_ws_endpoint: None,
         }
     }
 }
@@ -295,6 +304,9 @@ impl Shared {
     }
 
     fn http_base(&self) -> String {
+        if let Some(base) = &self.cfg.public_http_base {
+            return base.clone();
+        }
         let addr = self.http_addr.lock().map(|a| *a).unwrap_or(None);
         addr.map(|a| format!("http://{a}")).unwrap_or_default()
     }
