@@ -171,6 +171,10 @@ enum ProvisionCommand {
         /// Do not restart the agent afterwards.
         #[arg(long)]
         no_restart: bool,
+        /// Set up journal sealing on the first import and put its verification key on the
+        /// receipt (the box's import unit passes it).
+        #[arg(long)]
+        seal_journal: bool,
     },
 }
 
@@ -468,7 +472,15 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             }
             println!("the box will trust the key of the next signed stick it imports");
         }
-        ProvisionCommand::Import { device, root, org_key, allow_unsigned, plain_credentials, no_restart } => {
+        ProvisionCommand::Import {
+            device,
+            root,
+            org_key,
+            allow_unsigned,
+            plain_credentials,
+            no_restart,
+            seal_journal,
+        } => {
             let opts = p::ImportOptions {
                 device,
                 root,
@@ -476,6 +488,7 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
                 allow_unsigned,
                 credentials: if plain_credentials { p::Credentials::Plain } else { p::Credentials::Systemd },
                 restart: !no_restart,
+                seal_journal,
             };
             let receipt = p::import(&opts);
             print!("{}", receipt.text());

@@ -159,6 +159,9 @@ pub struct ImportOptions {
     pub credentials: Credentials,
     /// (Re)start the agent after the switch (`systemctl restart zhuli.service`).
     pub restart: bool,
+    /// Set up journald's Forward Secure Sealing on the first import (`journalctl --setup-keys`)
+    /// and put the verification key on the receipt, so it leaves the box with the stick.
+    pub seal_journal: bool,
 }
 
 /// What an import did, written to the stick as `zhuli-receipt.txt`.
@@ -170,6 +173,8 @@ pub struct Receipt {
     pub time: String,
     pub result: String,
     pub errors: Vec<String>,
+    /// The journal's verification key, when this import set up sealing.
+    pub journal_key: Option<String>,
 }
 
 impl Receipt {
@@ -182,6 +187,11 @@ impl Receipt {
             self.config_hash.as_deref().unwrap_or("-"),
             self.result
         );
+        if let Some(key) = &self.journal_key {
+            t.push_str(&format!(
+                "journal verification key: {key}\n  (keep it safe and off the box, then delete it from this stick; check the journal with: journalctl --verify --verify-key=KEY)\n"
+            ));
+        }
         for e in &self.errors {
             t.push_str(&format!("error: {e}\n"));
         }
@@ -328,6 +338,16 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     prune_generations(&opts.root, &name);
 
     let mut result = format!("imported serial {} ({} secrets moved into credentials)", config.serial, secrets.len());
+    if opts.seal_journal {
+        match seal_journal() {
+            Ok(Some(key)) => {
+                receipt.journal_key = Some(key);
+                result.push_str("; journal sealing set up");
+            }
+            Ok(None) => {}
+            Err(e) => receipt.errors.push(format!("journal sealing was not set up: {e}; the journal is kept unsealed")),
+        }
+    }
     if opts.restart {
         match std::process::Command::new("systemctl").args(["restart", "zhuli.service"]).status() {
             Ok(s) if s.success() => result.push_str("; the agent was restarted"),
@@ -342,6 +362,36 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
         log::warn!("imported, but the final receipt could not be written to the stick: {e}");
     }
     Ok(result)
+}
+
+/// Forward Secure Sealing for the persistent journal, once per box: `journalctl --setup-keys`
+/// writes the sealing key under /var/log/journal/MACHINE-ID/fss and prints the verification key;
+/// a rotation makes journald start sealing. `Ok(None)`: already set up (the key went out with an
+/// earlier receipt).
+fn seal_journal() -> Result<Option<String>, String> {
+    let machine = std::fs::read_to_string("/etc/machine-id").map_err(|e| format!("no machine id ({e})"))?;
+    let dir = Path::new("/var/log/journal").join(machine.trim());
+    if dir.join("fss").exists() {
+        return Ok(None);
+    }
+    if !dir.is_dir() {
+        return Err(format!("{} does not exist (journald not persistent?)", dir.display()));
+    }
+    let out = std::process::Command::new("journalctl")
+        .args(["--setup-keys", "--interval=15min"])
+        .output()
+        .map_err(|e| format!("cannot run journalctl ({e})"))?;
+    if !out.status.success() {
+        // Its last line says what failed ("Generating seed..." comes before).
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("journalctl failed").trim().to_owned());
+    }
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return Err("journalctl printed no verification key".into());
+    }
+    let _ = std::process::Command::new("journalctl").arg("--rotate").status();
+    Ok(Some(key))
 }
 
 /// A test build's switch: `ZHULI_TEST_PULL=scrub` makes writing the stick fail at the moment
