@@ -2,6 +2,7 @@
 
 mod assistant;
 mod backup;
+mod boot;
 mod cli;
 mod conformance;
 mod faults;
