@@ -497,7 +497,13 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             audit.record(
                 zhuli::audit::Event::new(zhuli::audit::Kind::ConfigChanged, "provisioning", "")
                     .target(format!("serial {}", receipt.serial.map(|s| s.to_string()).unwrap_or_else(|| "-".into())))
-                    .outcome(if refused { "refused" } else { "imported" })
+                    .outcome(if refused {
+                        "refused"
+                    } else if receipt.result.starts_with(p::UNCHANGED) {
+                        "unchanged"
+                    } else {
+                        "imported"
+                    })
                     .reason(receipt.errors.join("; ")),
             );
             if refused {

@@ -111,6 +111,7 @@ struct Guest {
     qemu: Child,
     probe: PathBuf,
     console: PathBuf,
+    monitor: PathBuf,
     started: Instant,
     conn: std::sync::Mutex<Option<(UnixStream, BufReader<UnixStream>)>>,
     next: std::sync::atomic::AtomicU64,
@@ -199,6 +200,13 @@ impl Guest {
         format!("in the guest:\n{inside}\nconsole:\n{}", self.console())
     }
 
+    /// Plug the configuration stick into the running guest (qemu's monitor).
+    fn plug_stick(&self) {
+        let mut monitor = UnixStream::connect(&self.monitor).expect("qemu monitor");
+        writeln!(monitor, "device_add usb-storage,drive=stick,id=stickdev").expect("device_add");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     fn must(&self, command: &str) -> String {
         match self.run(command, Duration::from_secs(60)) {
             Some((0, out)) => out,
@@ -233,19 +241,28 @@ fn start_guest(dir: &Path, disk: &Path, stick: &Path, fronts: [SocketAddr; 3]) -
         .args(["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"])
         .args(["-drive", &format!("if=pflash,format=raw,file={}", s(&vars))])
         .args(["-drive", &format!("if=virtio,format=qcow2,file={}", s(disk))])
+        // The stick's drive exists from the start; the USB device is plugged in later (`plug_stick`).
         .args(["-device", "qemu-xhci", "-drive", &format!("if=none,id=stick,format=raw,file={}", s(stick))])
-        .args(["-device", "usb-storage,drive=stick"])
+        .args(["-monitor", &format!("unix:{},server=on,wait=off", s(&dir.join("monitor.sock")))])
         .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"])
         .args(["-device", "i6300esb", "-action", "watchdog=reset"])
         .args(["-chardev", &format!("socket,id=probe,path={},server=on,wait=off", s(&probe))])
         .args(["-device", "virtio-serial-pci", "-device", "virtserialport,chardev=probe,name=zhuli.probe"])
-        .args(["-serial", &format!("file:{}", s(&console)), "-monitor", "none"]);
+        .args(["-serial", &format!("file:{}", s(&console))]);
     for cred in probe_credentials() {
         qemu.args(["-smbios", &format!("type=11,value={cred}")]);
     }
     let qemu =
         qemu.stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("qemu-system-x86_64 (package qemu-system-x86)");
-    Guest { qemu, probe, console, started: Instant::now(), conn: Default::default(), next: Default::default() }
+    Guest {
+        qemu,
+        probe,
+        console,
+        monitor: dir.join("monitor.sock"),
+        started: Instant::now(),
+        conn: Default::default(),
+        next: Default::default(),
+    }
 }
 
 /// Every listening TCP/UDP socket in `ss -ltnupH` output that is not on loopback, except the
@@ -344,15 +361,23 @@ async fn the_image_boots_provisions_answers_and_heals() {
     let guest = start_guest(&dir, &disk, &stick_img, fronts);
     let accel = accel();
 
-    // Provisioned and READY.
+    // No stick yet: the box comes up, says it waits for one, and the agent does not run.
     guest.run_until_ok("true", Duration::from_secs(300));
+    guest.run_until_ok(
+        "journalctl -b -o cat -u zhuli-unconfigured.service | grep -q 'no configuration yet'",
+        Duration::from_secs(120),
+    );
+    let up = guest.started.elapsed();
+    assert!(guest.run("systemctl is-active zhuli.service", Duration::from_secs(30)).is_some_and(|(code, _)| code != 0));
+
+    // The stick plugged in: imported, the agent READY.
+    guest.plug_stick();
+    let plugged = Instant::now();
     guest.run_until_ok("systemctl is-active zhuli.service", Duration::from_secs(180));
-    let ready_after = guest.started.elapsed();
-    let in_guest = guest.must("echo $(( $(systemctl show -P ActiveEnterTimestampMonotonic zhuli.service) / 1000 ))");
     eprintln!(
-        "boot: zhuli READY {:.1} s after qemu started ({accel}); {} ms after the kernel started",
-        ready_after.as_secs_f64(),
-        in_guest.trim()
+        "boot: up and waiting for a stick {:.1} s after qemu started ({accel}); stick plugged → zhuli READY in {:.1} s",
+        up.as_secs_f64(),
+        plugged.elapsed().as_secs_f64()
     );
     let receipt =
         String::from_utf8(stick::read(&stick_img, stick::RECEIPT).expect("receipt on the stick")).expect("utf-8");
@@ -395,6 +420,16 @@ async fn the_image_boots_provisions_answers_and_heals() {
     );
     assert!(support::replies_to(&sim, &first)[0].text.contains("The box is up and answering."));
 
+    // Neither secret is anywhere in the box's journal.
+    let leaked = guest.run(
+        &format!("journalctl --no-pager -o verbose | grep -c -F -e '{}' -e sk-boot-test-key", support::SECRET),
+        Duration::from_secs(60),
+    );
+    assert!(
+        leaked.as_ref().is_some_and(|(code, out)| *code == 1 && out.trim() == "0"),
+        "secret in the journal: {leaked:?}"
+    );
+
     // Listening on nothing but loopback; the firewall loaded.
     let ss = guest.must("ss -ltnupH");
     assert_eq!(non_loopback_listeners(&ss), Vec::<String>::new(), "listening sockets:\n{ss}");
@@ -417,8 +452,18 @@ async fn the_image_boots_provisions_answers_and_heals() {
     let before = sim.connections().len();
     let _ = guest.run("systemctl reboot", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(5));
+    let rebooted = Instant::now();
     guest.run_until_ok("systemctl is-active zhuli.service", Duration::from_secs(420));
-    assert!(guest.must("cat /proc/sys/kernel/random/boot_id").trim().len() == 36);
+    let in_guest = guest.must("echo $(( $(systemctl show -P ActiveEnterTimestampMonotonic zhuli.service) / 1000 ))");
+    eprintln!(
+        "boot: configured box: zhuli READY {} ms after the kernel started ({accel}; {:.1} s after the reboot was asked)",
+        in_guest.trim(),
+        rebooted.elapsed().as_secs_f64()
+    );
+    // The stick is still in: recognised as imported already, nothing failed, its receipt kept.
+    let failed = guest.must("systemctl --failed --no-legend --plain");
+    assert!(failed.trim().is_empty(), "failed units after the reboot:\n{failed}");
+    assert!(stick::read(&stick_img, stick::RECEIPT).is_ok_and(|r| r == receipt.as_bytes()), "the first receipt stays");
     assert_eq!(guest.must("cat /etc/machine-id").trim(), machine_id.trim(), "same machine id after the reboot");
     assert!(
         sim.wait_until(Duration::from_secs(120), |s| s.connections().len() > before).await

@@ -144,6 +144,12 @@ async fn a_signed_stick_configures_the_box_and_its_secrets_leave_the_stick() {
     assert!(receipt.contains("result: imported serial 1") && receipt.contains("config sha256: "), "{receipt}");
     assert!(!receipt.contains(SECRET));
     assert!(b.root.join("org.pub").exists(), "the signer's key is pinned at the first import");
+    // The same stick again (left in at a reboot): recognised, left alone, its receipt kept.
+    let again = b.import(&img);
+    let again_text = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(again.status.success() && again_text.contains("imported already"), "{again_text}");
+    assert_eq!(receipt_on(&img), receipt, "the first receipt stays on the stick");
+    assert_eq!(provision::current_serial(&b.root), 1);
     // The agent (group zhuli on the box) reads its configuration through these modes.
     let mode =
         |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).expect("stat").permissions()) & 0o777;

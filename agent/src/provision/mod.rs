@@ -29,6 +29,11 @@ pub const CRED_LLM: &str = "llm-api-key";
 pub const BAKED_KEY: &str = "/usr/share/zhuli/org.pub";
 /// Where imported configurations live on the box (persistent, root only).
 pub const DEFAULT_ROOT: &str = "/var/lib/zhuli-provisioning";
+/// The sha256 of the configuration as left on the last imported stick (secrets removed): that
+/// stick, plugged in again or left in at a reboot, is recognised and left alone.
+const IMPORTED_STICK: &str = "imported-stick.sha256";
+/// The start of an import's result when the stick was already imported.
+pub const UNCHANGED: &str = "unchanged";
 /// Where time zone files live (package tzdata).
 const ZONEINFO: &str = "/usr/share/zoneinfo";
 
@@ -251,6 +256,13 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     }
     let bytes = stick::read(&opts.device, stick::CONFIG)?;
     receipt.config_hash = Some(sha256_hex(&bytes));
+    // The stick this box imported last (its receipt, with the journal key, stays as it is).
+    if std::fs::read_to_string(opts.root.join(IMPORTED_STICK)).is_ok_and(|h| h.trim() == sha256_hex(&bytes)) {
+        return Ok(format!(
+            "{UNCHANGED}: this stick was imported already (serial {}); nothing to do",
+            current_serial(&opts.root)
+        ));
+    }
     let text = String::from_utf8(bytes.clone()).map_err(|_| ProvisionError::NotUtf8)?;
 
     // Who signed it, and whether this box trusts them.
@@ -323,6 +335,8 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     std::os::unix::fs::symlink(Path::new("generations").join(&name), &link_tmp).map_err(apply)?;
     std::fs::rename(&link_tmp, opts.root.join("current")).map_err(apply)?;
     write_file(&opts.root.join("serial"), format!("{}\n", config.serial).as_bytes(), 0o600).map_err(apply)?;
+    write_file(&opts.root.join(IMPORTED_STICK), format!("{}\n", sha256_hex(scrubbed.as_bytes())).as_bytes(), 0o600)
+        .map_err(apply)?;
     if trusted.is_none()
         && let Some(key) = &signer
     {
@@ -384,7 +398,13 @@ fn seal_journal() -> Result<Option<String>, String> {
     if !out.status.success() {
         // Its last line says what failed ("Generating seed..." comes before).
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("journalctl failed").trim().to_owned());
+        return Err(stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("journalctl failed")
+            .trim()
+            .to_owned());
     }
     let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     if key.is_empty() || key.contains(char::is_whitespace) {
