@@ -434,6 +434,16 @@ async fn the_image_boots_provisions_answers_and_heals() {
     let ss = guest.must("ss -ltnupH");
     assert_eq!(non_loopback_listeners(&ss), Vec::<String>::new(), "listening sockets:\n{ss}");
     assert!(guest.must("nft list chain inet zhuli input").contains("policy drop"));
+    // PID 1 drives the board's watchdog; no login prompt anywhere.
+    let held = guest.must("ls -l /proc/1/fd | grep -c /dev/watchdog || true");
+    assert!(
+        held.trim().parse::<u32>().unwrap_or(0) >= 1,
+        "PID 1 holds no watchdog device: {held}\n{}",
+        guest.must("ls -l /dev/watchdog* 2>&1; journalctl -b -o cat | grep -i watchdog | head -n 20")
+    );
+    let gettys =
+        guest.must("systemctl list-units --type=service --no-legend --plain --state=active 'getty*' 'serial-getty*' 'autovt*' 'console-getty*'");
+    assert!(gettys.trim().is_empty(), "login prompts running:\n{gettys}");
 
     // A hung agent (SIGSTOP) stops its watchdog pings; systemd kills and restarts it.
     let pid = guest.must("systemctl show -P MainPID zhuli.service").trim().to_owned();
