@@ -302,7 +302,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     }
     let name = format!("{}-{:08x}", config.serial, rand::random::<u32>());
     let staged = opts.root.join("generations").join(&name);
-    let staged_result = stage(opts, &staged, &text, &secrets);
+    let staged_result = stage(opts, &staged, &text, config.agent.time_zone.as_deref(), &secrets);
     if let Err(e) = staged_result {
         let _ = std::fs::remove_dir_all(&staged);
         return Err(e);
@@ -457,15 +457,21 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 }
 
 /// Write the generation: the configuration with credential references, and the credentials.
-fn stage(opts: &ImportOptions, dir: &Path, text: &str, secrets: &[FoundSecret]) -> Result<(), ProvisionError> {
+fn stage(
+    opts: &ImportOptions,
+    dir: &Path,
+    text: &str,
+    time_zone: Option<&str>,
+    secrets: &[FoundSecret],
+) -> Result<(), ProvisionError> {
     let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
     std::fs::create_dir(dir).map_err(apply)?;
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750)).map_err(apply)?;
     let boxed = replace_secrets(text, secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
     write_file(&dir.join("zhuli.toml"), boxed.as_bytes(), 0o640).map_err(apply)?;
     // The box's time zone: /etc/localtime points at `current/localtime` (UTC while it is absent).
-    if let Some(zone) = check(text, Path::new("zhuli.toml")).ok().and_then(|c| c.agent.time_zone) {
-        let target = Path::new(ZONEINFO).join(&zone);
+    if let Some(zone) = time_zone {
+        let target = Path::new(ZONEINFO).join(zone);
         if !target.is_file() {
             return Err(ProvisionError::Invalid(format!(
                 "[agent] time_zone {zone:?} is not a time zone this box knows ({} is missing); use a name such as \"Asia/Shanghai\"",
