@@ -83,7 +83,9 @@ fn in_process_assistant(
     let store = Arc::new(app::open_store(&config).expect("store"));
     let handles = AgentHandles { stream: Arc::default(), sender: Arc::default() };
     let health = zhuli::health::Health::new(config.health.clone());
-    rt.block_on(app::build_assistant(&config, &handles, store, None, health)).expect("assistant")
+    let http = zhuli::dingtalk::http::HttpClient::new(zhuli::dingtalk::http::tls_config(), Duration::from_secs(5));
+    let api = Arc::new(zhuli::dingtalk::openapi::OpenApi::new(config.dingtalk.clone(), http));
+    rt.block_on(app::build_assistant(&config, &handles, store, api, None, health)).expect("assistant")
 }
 
 /// A fresh scratch directory for one figure.

@@ -60,6 +60,8 @@ pub enum AgentError {
     Roots(#[from] RootError),
     #[error(transparent)]
     Llm(#[from] LlmError),
+    #[error(transparent)]
+    Workspace(#[from] tools::workspace::WorkspaceSettingsError),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -112,7 +114,7 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     let health = Health::new(config.health.clone());
     let every = health.beat_every();
     let (writer, writer_task) = StoreWriter::start_with(store.clone(), Some((health.task("store-writer"), every)));
-    let assistant = build_assistant(&config, &handles, store.clone(), Some(media), health.clone()).await?;
+    let assistant = build_assistant(&config, &handles, store.clone(), api.clone(), Some(media), health.clone()).await?;
     // One answer may take a whole turn and then the reply's retries; workers are hung only when
     // none has finished for longer than that.
     let worker_deadline = config.assistant.turn_timeout_ms.get()
@@ -188,6 +190,7 @@ pub async fn build_assistant(
     config: &Config,
     handles: &AgentHandles,
     store: Arc<Store>,
+    api: Arc<OpenApi>,
     media: Option<Arc<MediaArea>>,
     health: Arc<Health>,
 ) -> Result<Assistant, AgentError> {
@@ -196,6 +199,17 @@ pub async fn build_assistant(
     let inbox = media.as_ref().map(|m| m.dir().to_owned());
     let roots = tools::files::Roots::open(&config.tools.files, &config.agent.state_dir, inbox.as_deref())?;
     for tool in tools::files::tools(&roots) {
+        registry.add(tool);
+    }
+    let workspace = tools::workspace::Workspace::new(
+        api,
+        store.clone(),
+        config.tools.dingtalk.clone(),
+        config.assistant.utc_offset_minutes,
+        config.agent.time_zone.as_deref(),
+        roots.clone(),
+    )?;
+    for tool in tools::workspace::tools(&workspace) {
         registry.add(tool);
     }
     registry.add(Arc::new(SystemTool::new(
@@ -209,6 +223,13 @@ pub async fn build_assistant(
     let access = Access::new(config.access.clone(), registry.names(), paired)?;
     let audit = Arc::new(Audit::new(&config.audit));
     let changes = audit_config_changes(config, &store, &audit).await;
+    if changes.iter().any(|c| c.starts_with("[access]")) {
+        // Address-book look-ups never outlive a permission change.
+        match blocking(&store, |s| s.cache_clear()).await {
+            Ok(n) => log::info!("[access] changed: {n} cached look-ups dropped"),
+            Err(e) => log::warn!("cannot empty the look-up cache: {e}"),
+        }
+    }
     *health.config_changes.lock().unwrap_or_else(|p| p.into_inner()) = changes;
     let llm_client = config.llm.clone().map(llm::Client::new).transpose()?;
     if llm_client.is_none() {

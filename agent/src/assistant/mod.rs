@@ -384,7 +384,7 @@ impl Assistant {
             return Answer::fixed("cannot undo", format!("The tool `{}` is no longer available.", entry.tool));
         };
         let event = Event::new(Kind::ToolUndone, &asker.actor, &asker.chat).tool(entry.tool.clone());
-        let ctx = crate::tools::Context { actor: asker.actor.clone(), chat: asker.chat.clone() };
+        let ctx = crate::tools::Context { actor: asker.actor.clone(), chat: asker.chat.clone(), group: asker.group };
         match tool.undo(&ctx, &entry.payload).await {
             Ok(done) => {
                 self.parts.audit.record(event.target(entry.description.clone()).outcome("ok"));
@@ -413,6 +413,10 @@ impl Assistant {
         let paired = serde_json::to_string(&self.parts.access.paired()).unwrap_or_default();
         if let Err(e) = self.store_call(move |s| s.set_setting("paired-users", &paired)).await {
             log::warn!("cannot keep the approved users: {e}");
+        }
+        // Cached address-book look-ups never outlive a permission change.
+        if let Err(e) = self.store_call(|s| s.cache_clear()).await {
+            log::warn!("cannot empty the look-up cache: {e}");
         }
         self.parts.audit.record(
             Event::new(Kind::PermissionChanged, &asker.actor, &asker.chat)

@@ -40,6 +40,8 @@ pub struct TurnState {
     pub queue: VecDeque<ToolCall>,
     pub steps: u32,
     pub deadline: Instant,
+    /// What only an admin can fix (an API permission the app lacks), said with the answer.
+    pub notes: Vec<String>,
 }
 
 /// A turn paused on a confirmation.
@@ -134,6 +136,7 @@ impl Assistant {
             queue: VecDeque::new(),
             steps: 0,
             deadline: Instant::now() + llm.turn_timeout_ms.get(),
+            notes: Vec::new(),
         };
         self.drive(state, progress).await
     }
@@ -156,10 +159,16 @@ impl Assistant {
                         .push_str(&format!("> 🔧 `{}`\n", call.function.name.chars().take(64).collect::<String>()));
                     p.show(&steps_shown);
                 }
-                match self.check_call(&state.asker, &call) {
+                let checked = match self.check_call(&state.asker, &call) {
+                    Err(refusal) => Err(refusal),
+                    Ok((tool, args)) => {
+                        self.prepare_call(&state.asker, &tool, args, &mut state.notes).await.map(|a| (tool, a))
+                    }
+                };
+                match checked {
                     Err(refusal) => state.messages.push(ChatMessage::tool_result(call.id.clone(), refusal)),
                     Ok((tool, args)) if tool.risk() == Risk::Read => {
-                        let result = self.run_tool(&state.asker, &tool, &call, args).await;
+                        let result = self.run_tool(&state.asker, &tool, &call, args, &mut state.notes).await;
                         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
                     }
                     Ok((tool, args)) => return self.ask_confirmation(state, tool, call, args),
@@ -254,8 +263,16 @@ impl Assistant {
         .await
     }
 
-    /// The final answer: kept in the conversation history, cut to size.
+    /// The final answer: kept in the conversation history, cut to size. What only an admin can
+    /// fix is added unless the answer already names it.
     async fn finish(&self, state: TurnState, text: String) -> Answer {
+        let mut text = text;
+        for note in &state.notes {
+            let key = note.split('`').nth(1).unwrap_or(note);
+            if !text.contains(key) {
+                text.push_str(&format!("\n\n> ⚙️ {note}"));
+            }
+        }
         let conv = state.asker.conversation.clone();
         let at = now_ms();
         let user = StoredTurn { role: TurnRole::User, text: state.user_text, at_ms: at };
@@ -318,13 +335,72 @@ impl Assistant {
         Ok((tool, args))
     }
 
+    /// A tool's own checks of a call before anything is asked or run (names resolved, times
+    /// checked); the completed arguments, or the refusal for the model. A refusal is audited.
+    async fn prepare_call(
+        &self,
+        asker: &Asker,
+        tool: &Arc<dyn Tool>,
+        args: Value,
+        notes: &mut Vec<String>,
+    ) -> Result<Value, String> {
+        let target = tool.target(&args);
+        let limit = self.parts.settings.tool_timeout_ms.get();
+        let ctx = Context { actor: asker.actor.clone(), chat: asker.chat.clone(), group: asker.group };
+        let prepared = match tokio::time::timeout(limit, tool.prepare(&ctx, args)).await {
+            Ok(r) => r,
+            Err(_) => Err(ToolError::Failed(format!("no result within {}", human(limit)))),
+        };
+        prepared.map_err(|e| self.tool_error(asker, tool, &target, e, notes))
+    }
+
+    /// Audit a tool's error and count it; the text for the model.
+    fn tool_error(
+        &self,
+        asker: &Asker,
+        tool: &Arc<dyn Tool>,
+        target: &str,
+        e: ToolError,
+        notes: &mut Vec<String>,
+    ) -> String {
+        // A refusal (outside the roots, too large) is a denial; anything else a failure.
+        let kind = match &e {
+            ToolError::Refused(_) => {
+                self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Kind::ToolDenied
+            }
+            ToolError::NeedsAdmin(note) => {
+                if !notes.contains(note) {
+                    notes.push(note.clone());
+                }
+                Kind::ToolFailed
+            }
+            ToolError::Failed(_) => Kind::ToolFailed,
+        };
+        self.parts.audit.record(
+            Event::new(kind, &asker.actor, &asker.chat)
+                .tool(tool.name())
+                .target(target.to_owned())
+                .outcome("error")
+                .reason(e.to_string()),
+        );
+        e.to_string()
+    }
+
     /// Execute a checked call within the tool timeout; the text for the model. Audited, and an
     /// undoable change is journalled.
-    pub(super) async fn run_tool(&self, asker: &Asker, tool: &Arc<dyn Tool>, call: &ToolCall, args: Value) -> String {
+    pub(super) async fn run_tool(
+        &self,
+        asker: &Asker,
+        tool: &Arc<dyn Tool>,
+        call: &ToolCall,
+        args: Value,
+        notes: &mut Vec<String>,
+    ) -> String {
         let target = tool.target(&args);
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
         let limit = self.parts.settings.tool_timeout_ms.get();
-        let ctx = Context { actor: asker.actor.clone(), chat: asker.chat.clone() };
+        let ctx = Context { actor: asker.actor.clone(), chat: asker.chat.clone(), group: asker.group };
         let result = match tokio::time::timeout(limit, tool.execute(&ctx, args)).await {
             Ok(r) => r,
             Err(_) => Err(ToolError::Failed(format!("no result within {}", human(limit)))),
@@ -346,23 +422,12 @@ impl Assistant {
                 }
                 clip(&outcome.text, self.parts.settings.max_tool_output_bytes)
             }
-            Err(e) => {
-                // A refusal (outside the roots, too large) is a denial; anything else a failure.
-                let kind = match e {
-                    ToolError::Refused(_) => {
-                        self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        Kind::ToolDenied
-                    }
-                    ToolError::Failed(_) => Kind::ToolFailed,
-                };
-                self.parts.audit.record(event(kind).outcome("error").reason(e.to_string()));
-                e.to_string()
-            }
+            Err(e) => self.tool_error(asker, tool, &target, e, notes),
         }
     }
 
     fn ask_confirmation(&self, state: TurnState, tool: Arc<dyn Tool>, call: ToolCall, args: Value) -> Answer {
-        let target = tool.target(&args);
+        let target = tool.question(&args);
         let risk = tool.risk();
         let timeout = self.parts.settings.confirm_timeout_ms.get();
         let code = {
@@ -439,7 +504,7 @@ impl Assistant {
         );
         // The turn's clock restarts: the person may have taken minutes to confirm.
         state.deadline = Instant::now() + self.parts.settings.turn_timeout_ms.get();
-        let result = self.run_tool(asker, &tool, &call, args).await;
+        let result = self.run_tool(asker, &tool, &call, args, &mut state.notes).await;
         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
         self.drive(state, progress).await
     }

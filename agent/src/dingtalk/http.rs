@@ -176,6 +176,20 @@ impl HttpClient {
         self.send(Method::GET, url, &[], Bytes::new(), max_bytes).await
     }
 
+    /// A request with a body of any type (a multipart upload); the answer is JSON-sized.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<HttpResponse, HttpError> {
+        let mut all: Vec<(&str, &str)> = vec![("content-type", content_type)];
+        all.extend_from_slice(headers);
+        self.send(method, url, &all, body, MAX_JSON_BODY).await
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -187,7 +201,7 @@ impl HttpClient {
         let (uri, _) = check_url(url, "https", "http")?;
         let shown = redact(url);
         let mut req = Request::builder().method(method).uri(uri).header("accept", "application/json");
-        if !body.is_empty() {
+        if !body.is_empty() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
             req = req.header("content-type", "application/json");
         }
         for (k, v) in headers {

@@ -10,6 +10,8 @@ use crate::secret::Secret;
 
 /// Where DingTalk's OpenAPI lives unless the operator points the agent elsewhere.
 pub const DEFAULT_API_BASE: &str = "https://api.dingtalk.com";
+/// Where DingTalk's older OpenAPI (`/topapi/…`, `/media/upload`) lives.
+pub const DEFAULT_OAPI_BASE: &str = "https://oapi.dingtalk.com";
 
 /// The `[dingtalk]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,6 +26,10 @@ pub struct Settings {
     /// Base of DingTalk's OpenAPI; the open-connection, token, send and download URLs derive from it.
     #[serde(default)]
     pub api_base: ApiBase,
+    /// Base of the older OpenAPI (address book, media upload). Unset: DingTalk's own when
+    /// `api_base` is DingTalk's, else `api_base` itself (a simulator or gateway serving both).
+    #[serde(default)]
+    pub oapi_base: Option<ApiBase>,
     #[serde(default)]
     pub stream: StreamSettings,
     #[serde(default)]
@@ -54,6 +60,17 @@ fn default_content_key() -> NonEmpty {
 
 fn default_card_update() -> Millis {
     Millis::from_ms(500)
+}
+
+impl Settings {
+    /// The base of the older OpenAPI, as configured or derived from `api_base`.
+    pub fn oapi_base(&self) -> ApiBase {
+        match &self.oapi_base {
+            Some(b) => b.clone(),
+            None if self.api_base.as_str() == DEFAULT_API_BASE => ApiBase(DEFAULT_OAPI_BASE.to_owned()),
+            None => self.api_base.clone(),
+        }
+    }
 }
 
 /// A string that is not empty and has no surrounding whitespace.

@@ -40,6 +40,9 @@ pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("out
 pub(crate) const HISTORY: TableDefinition<(Hashed, u64), &[u8]> = TableDefinition::new("history");
 pub(crate) const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 pub(crate) const UNDO: TableDefinition<u64, &[u8]> = TableDefinition::new("undo");
+/// Look-ups worth keeping for a while (the address book): keyed hash of the name → sealed
+/// [`CacheEntry`]. Disposable: not in backups, emptied by a re-key and by permission changes.
+pub(crate) const CACHE: TableDefinition<Hashed, &[u8]> = TableDefinition::new("cache");
 
 pub(crate) const KEY_CHECK: &[u8] = b"zhuli store key check";
 
@@ -141,6 +144,13 @@ pub struct UndoEntry {
     /// What the tool needs to undo the action (its own encoding).
     pub payload: Vec<u8>,
     pub at_ms: i64,
+}
+
+/// A cached look-up and when it stops counting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    pub expires_ms: i64,
+    pub value: String,
 }
 
 /// `[store]`: where the key comes from and how much is kept.
@@ -300,6 +310,7 @@ impl Store {
         txn.open_table(PROCESSED_EXPIRY).map_err(|e| db_err(path, e))?;
         txn.open_table(HISTORY).map_err(|e| db_err(path, e))?;
         txn.open_table(SETTINGS).map_err(|e| db_err(path, e))?;
+        txn.open_table(CACHE).map_err(|e| db_err(path, e))?;
         txn.commit().map_err(|e| db_err(path, e))?;
         let index = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &index_secret);
         Ok(Store {
@@ -544,6 +555,9 @@ impl Store {
             reseal_table!(HISTORY, "history", |k: &(Hashed, u64)| pair_key(&k.0, k.1).to_vec(), |k| *k);
             reseal_table!(SETTINGS, "settings", text, |k| k.as_str());
             reseal_table!(UNDO, "undo", seq, |k| *k);
+            // The cache refills by itself; it is emptied rather than re-sealed.
+            txn.delete_table(CACHE).map_err(|e| self.err(e))?;
+            txn.open_table(CACHE).map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))?;
         Ok(n)
@@ -678,6 +692,38 @@ impl Store {
         let table = txn.open_table(SETTINGS).map_err(|e| self.err(e))?;
         let got = table.get(name).map_err(|e| self.err(e))?;
         got.map(|v| self.open_value("settings", name.as_bytes(), v.value())).transpose()
+    }
+
+    /// A cached value of `name` that has not expired at `now_ms`.
+    pub fn cache_get(&self, name: &str, now_ms: i64) -> Result<Option<String>, StoreError> {
+        let h = self.hash("cache", name);
+        let txn = self.handle()?.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(CACHE).map_err(|e| self.err(e))?;
+        let Some(v) = table.get(h).map_err(|e| self.err(e))? else { return Ok(None) };
+        let entry: CacheEntry = self.open_value("cache", &h, v.value())?;
+        Ok((entry.expires_ms > now_ms).then_some(entry.value))
+    }
+
+    /// Keep `value` as `name` until `expires_ms`.
+    pub fn cache_put(&self, name: &str, value: &str, expires_ms: i64) -> Result<(), StoreError> {
+        let h = self.hash("cache", name);
+        let entry = CacheEntry { expires_ms, value: value.to_owned() };
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(CACHE)
+            .map_err(|e| self.err(e))?
+            .insert(h, self.seal_value("cache", &h, &entry).as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Forget every cached value; how many there were.
+    pub fn cache_clear(&self) -> Result<u64, StoreError> {
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
+        let n = txn.open_table(CACHE).map_err(|e| self.err(e))?.len().map_err(|e| self.err(e))?;
+        txn.delete_table(CACHE).map_err(|e| self.err(e))?;
+        txn.open_table(CACHE).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(n)
     }
 
     /// Journal an undoable action; the oldest entries beyond the bound are dropped.

@@ -325,3 +325,32 @@ fn schema_2_outbox_entries_gain_their_card_field() {
     assert_eq!(out[0].1.reply.markdown, "the answer");
     assert_eq!(out[0].1.card, None);
 }
+
+#[test]
+fn cached_values_expire_are_sealed_and_go_with_a_clear_or_a_rekey() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+    s.cache_put("people:staff-42", "Zhang Xiaoming, finance-secret-title", 1_000).expect("put");
+    assert_eq!(
+        s.cache_get("people:staff-42", 999).expect("get").as_deref(),
+        Some("Zhang Xiaoming, finance-secret-title")
+    );
+    assert_eq!(s.cache_get("people:staff-42", 1_000).expect("get"), None, "expired at its time");
+    assert_eq!(s.cache_get("people:nobody", 0).expect("get"), None);
+    drop(s);
+    let bytes = std::fs::read(t.path()).expect("file");
+    for needle in [&b"finance-secret-title"[..], b"staff-42"] {
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "cache in the clear");
+    }
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("reopen");
+    assert!(s.cache_get("people:staff-42", 0).expect("get").is_some(), "survives a restart");
+    s.cache_put("people:b", "B", 5_000).expect("put");
+    assert_eq!(s.cache_clear().expect("clear"), 2);
+    assert_eq!(s.cache_get("people:b", 0).expect("get"), None);
+    s.cache_put("people:c", "C", 5_000).expect("put");
+    let new = StoreKey::generate();
+    s.rekey(&new).expect("rekey");
+    let s = Store::open(&t.path(), &new, Retention::default()).expect("new key");
+    assert_eq!(s.cache_get("people:c", 0).expect("get"), None, "a rekey empties the cache");
+}

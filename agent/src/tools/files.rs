@@ -239,6 +239,26 @@ impl Roots {
         canon.to_string_lossy().into_owned()
     }
 
+    /// The bytes of a file inside a root (at most `max`), with its `root/…` name and file name.
+    pub fn read_bytes(&self, path: &str, max: u64) -> Result<(String, String, Vec<u8>), ToolError> {
+        let file = self.existing(path)?;
+        let meta = fs::metadata(&file).map_err(|e| failed("cannot read the file", e))?;
+        if !meta.is_file() {
+            return Err(refused(format!("`{path}` is not a file")));
+        }
+        if meta.len() > max {
+            return Err(refused(format!("`{path}` is {} bytes; at most {max} can be sent", meta.len())));
+        }
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        open_nofollow(&file)
+            .map_err(|e| failed("cannot open the file", e))?
+            .take(max)
+            .read_to_end(&mut buf)
+            .map_err(|e| failed("cannot read the file", e))?;
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+        Ok((self.display(&file), name, buf))
+    }
+
     fn keep_path(&self) -> PathBuf {
         self.keep_dir.join(format!("{:016x}", rand::random::<u64>()))
     }
@@ -266,6 +286,7 @@ pub enum Op {
     Read,
     Search,
     Write,
+    Copy,
     Move,
     Delete,
 }
@@ -296,7 +317,7 @@ pub struct FileTool {
 
 /// All the files tools over `roots`.
 pub fn tools(roots: &Arc<Roots>) -> Vec<Arc<dyn Tool>> {
-    [Op::List, Op::Read, Op::Search, Op::Write, Op::Move, Op::Delete]
+    [Op::List, Op::Read, Op::Search, Op::Write, Op::Copy, Op::Move, Op::Delete]
         .into_iter()
         .map(|op| Arc::new(FileTool::new(op, roots.clone())) as Arc<dyn Tool>)
         .collect()
@@ -324,6 +345,9 @@ impl FileTool {
                     "overwrite": {"type": "boolean", "description": "replace an existing file"}}}),
             Op::Move => json!({"type": "object", "additionalProperties": false, "required": ["from", "to"],
                 "properties": {"from": path_param("existing `root/…` path"), "to": path_param("new `root/…` path")}}),
+            Op::Copy => json!({"type": "object", "additionalProperties": false, "required": ["from", "to"],
+                "properties": {"from": path_param("existing `root/…` file (an `inbox/…` file someone sent, too)"),
+                    "to": path_param("new `root/…` path")}}),
             Op::Delete => json!({"type": "object", "additionalProperties": false, "required": ["path"],
                 "properties": {"path": path_param("`root/folder/file`")}}),
         };
@@ -342,6 +366,7 @@ impl Tool for FileTool {
             Op::Read => "files_read",
             Op::Search => "files_search",
             Op::Write => "files_write",
+            Op::Copy => "files_copy",
             Op::Move => "files_move",
             Op::Delete => "files_delete",
         }
@@ -353,6 +378,9 @@ impl Tool for FileTool {
             Op::Read => "Read a text file of the box's shared files.",
             Op::Search => "Find files by name (and optionally by text inside) under a folder.",
             Op::Write => "Write a text file (asks the user to confirm; undoable).",
+            Op::Copy => {
+                "Copy a file, e.g. one the user sent (`inbox/…`) into a shared folder (asks the user to confirm; undoable)."
+            }
             Op::Move => "Move or rename a file (asks the user to confirm; undoable).",
             Op::Delete => "Delete a file (asks the user to confirm; undoable).",
         }
@@ -365,14 +393,14 @@ impl Tool for FileTool {
     fn risk(&self) -> Risk {
         match self.op {
             Op::List | Op::Read | Op::Search => Risk::Read,
-            Op::Write | Op::Move => Risk::Write,
+            Op::Write | Op::Copy | Op::Move => Risk::Write,
             Op::Delete => Risk::Destructive,
         }
     }
 
     fn target(&self, args: &Value) -> String {
         match self.op {
-            Op::Move => format!("{} → {}", arg(args, "from"), arg(args, "to")),
+            Op::Move | Op::Copy => format!("{} → {}", arg(args, "from"), arg(args, "to")),
             _ => arg(args, "path").to_owned(),
         }
     }
@@ -409,6 +437,7 @@ fn run(op: Op, roots: &Roots, args: &Value) -> Result<Outcome, ToolError> {
             write(roots, arg(args, "path"), arg(args, "content"), args.get("overwrite") == Some(&Value::Bool(true)))
         }
         Op::Move => move_op(roots, arg(args, "from"), arg(args, "to")),
+        Op::Copy => copy(roots, arg(args, "from"), arg(args, "to")),
         Op::Delete => delete(roots, arg(args, "path")),
     }
 }
@@ -587,6 +616,56 @@ fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Ou
         text: format!("wrote {} bytes to {shown}", content.len()),
         undo: Some((undo, format!("{how} {shown}"))),
     })
+}
+
+/// Files copied at most this large.
+const MAX_COPY_BYTES: u64 = 256 * 1024 * 1024;
+
+fn copy(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {
+    roots.writable(to)?;
+    let source = roots.existing(from)?;
+    let meta = fs::metadata(&source).map_err(|e| failed("cannot read the file", e))?;
+    if !meta.is_file() {
+        return Err(refused(format!("`{from}` is not a file; only files are copied")));
+    }
+    if meta.len() > MAX_COPY_BYTES {
+        return Err(refused(format!(
+            "`{from}` is {} bytes; files over {MAX_COPY_BYTES} bytes are not copied",
+            meta.len()
+        )));
+    }
+    let target = roots.new_path(to)?;
+    if fs::symlink_metadata(&target).is_ok() {
+        return Err(refused(format!("`{to}` already exists; choose another name")));
+    }
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    let temp = parent.join(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
+    let copied = (|| {
+        let mut src = open_nofollow(&source)?;
+        let mut dst = fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        let n = std::io::copy(&mut (&mut src).take(MAX_COPY_BYTES), &mut dst)?;
+        dst.sync_all()?;
+        Ok::<u64, std::io::Error>(n)
+    })();
+    let n = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_file(&temp);
+            return Err(failed("cannot copy the file", e));
+        }
+    };
+    // A name that appeared meanwhile is not replaced: link the copy in, never over anything.
+    if let Err(e) = fs::hard_link(&temp, &target) {
+        let _ = fs::remove_file(&temp);
+        return Err(match e.kind() {
+            std::io::ErrorKind::AlreadyExists => refused(format!("`{to}` already exists; choose another name")),
+            _ => failed("cannot put the copy in place", e),
+        });
+    }
+    let _ = fs::remove_file(&temp);
+    let (a, b) = (roots.display(&source), roots.display(&target));
+    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: None }).unwrap_or_default();
+    Ok(Outcome { text: format!("copied {a} to {b} ({n} bytes)"), undo: Some((undo, format!("remove {b}"))) })
 }
 
 fn move_op(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {

@@ -9,6 +9,7 @@
 pub mod files;
 pub mod schema;
 pub mod system;
+pub mod workspace;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
 
@@ -61,6 +62,10 @@ pub enum ToolError {
     /// The call was fine but doing it failed.
     #[error("failed: {0}")]
     Failed(String),
+    /// Only an admin can fix this (an API permission the app lacks): the turn loop makes sure
+    /// the person is told, whatever the model answers.
+    #[error("needs an admin: {0}")]
+    NeedsAdmin(String),
 }
 
 /// Who a call is for: tools act as the asking person, never on their own authority.
@@ -70,6 +75,8 @@ pub struct Context {
     pub actor: String,
     /// The conversation the call came from.
     pub chat: String,
+    /// That conversation is a group chat (else a 1:1 chat with the asker).
+    pub group: bool,
 }
 
 /// The plugin contract.
@@ -81,6 +88,17 @@ pub trait Tool: Send + Sync {
     fn risk(&self) -> Risk;
     /// What the call touches, for the audit trail and the confirmation question (no contents).
     fn target(&self, args: &Value) -> String;
+    /// What the confirmation question says the call will do; may name what the audit trail
+    /// must not (an event's title). The target by default.
+    fn question(&self, args: &Value) -> String {
+        self.target(args)
+    }
+    /// Check and complete the arguments before anything is asked or done (resolve names, refuse
+    /// a time in the past), so a confirmation question names what will really happen. The
+    /// result is what `execute` gets. Tools without checks keep the default.
+    fn prepare<'a>(&'a self, _ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move { Ok(args) })
+    }
     fn execute<'a>(&'a self, ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>>;
     /// Reverse an earlier call from its undo payload. Tools without undo keep the default.
     fn undo<'a>(&'a self, _ctx: &'a Context, _payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
@@ -93,6 +111,7 @@ pub trait Tool: Send + Sync {
 #[serde(deny_unknown_fields, default)]
 pub struct ToolSettings {
     pub files: files::FilesSettings,
+    pub dingtalk: workspace::WorkspaceSettings,
 }
 
 /// The tools of this box, by name.

@@ -1,0 +1,147 @@
+//! Times as the workspace tools take and show them: RFC 3339 with an offset, or a local time
+//! (`2026-12-04 14:00`) read at the box's offset from UTC. The model turns "tomorrow afternoon"
+//! into explicit times; these functions only check and convert them.
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+fn number(s: &str, what: &str, text: &str) -> Result<i64, String> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{text:?} is not a time: the {what} is not a number; write it like 2026-12-04T14:00"));
+    }
+    s.parse().map_err(|_| format!("{text:?} is not a time"))
+}
+
+/// Milliseconds since the epoch of `text`: `YYYY-MM-DD[T ]HH:MM[:SS]` followed by `Z`, an
+/// offset `±HH:MM`, or nothing (then it is local time at `offset_minutes`). A date alone is
+/// its midnight.
+pub fn parse(text: &str, offset_minutes: i32) -> Result<i64, String> {
+    let t = text.trim();
+    let bad = || format!("{t:?} is not a time; write it like 2026-12-04T14:00 (local) or 2026-12-04T14:00:00+08:00");
+    if t.len() < 10 || !t.is_char_boundary(10) {
+        return Err(bad());
+    }
+    let (date, rest) = t.split_at(10);
+    let mut ymd = date.split('-');
+    let (Some(y), Some(m), Some(d), None) = (ymd.next(), ymd.next(), ymd.next(), ymd.next()) else {
+        return Err(bad());
+    };
+    let (y, m, d) = (number(y, "year", t)?, number(m, "month", t)?, number(d, "day", t)?);
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
+        return Err(format!("{t:?} is not a date of the calendar"));
+    }
+    let rest = rest.strip_prefix(['T', 't', ' ']).unwrap_or(rest);
+    let (clock, zone) = match rest.find(['Z', 'z', '+', '-']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let mut hms = clock.split(':');
+    let h = hms.next().filter(|s| !s.is_empty()).map(|s| number(s, "hour", t)).transpose()?.unwrap_or(0);
+    let min = hms.next().map(|s| number(s, "minute", t)).transpose()?.unwrap_or(0);
+    let sec = hms.next().map(|s| number(s.split('.').next().unwrap_or(s), "second", t)).transpose()?.unwrap_or(0);
+    if hms.next().is_some() || h > 23 || min > 59 || sec > 59 {
+        return Err(bad());
+    }
+    let offset = match zone {
+        "" => i64::from(offset_minutes),
+        "Z" | "z" => 0,
+        z => {
+            let sign = if z.starts_with('-') { -1 } else { 1 };
+            let (oh, om) = z[1..].split_once(':').unwrap_or((&z[1..], "0"));
+            let (oh, om) = (number(oh, "offset", t)?, number(om, "offset", t)?);
+            if oh > 14 || om > 59 {
+                return Err(bad());
+            }
+            sign * (oh * 60 + om)
+        }
+    };
+    let secs = days_from_civil(y, m, d) * 86_400 + h * 3600 + min * 60 + sec - offset * 60;
+    Ok(secs * 1000)
+}
+
+/// RFC 3339 of `ms` at `offset_minutes`: `2026-12-04T14:00:00+08:00`.
+pub fn rfc3339(ms: i64, offset_minutes: i32) -> String {
+    let (local, _) = crate::assistant::settings::local_time(ms, offset_minutes);
+    let sign = if offset_minutes < 0 { '-' } else { '+' };
+    let o = offset_minutes.unsigned_abs();
+    format!("{}T{}:00{sign}{:02}:{:02}", &local[..10], &local[11..], o / 60, o % 60)
+}
+
+/// `2026-12-04 14:00` (local) of `ms`.
+pub fn local(ms: i64, offset_minutes: i32) -> String {
+    crate::assistant::settings::local_time(ms, offset_minutes).0
+}
+
+/// Day of the week of a local day number (0 = Monday).
+pub fn weekday(day: i64) -> i64 {
+    (day + 3).rem_euclid(7)
+}
+
+/// Local minutes since midnight of `ms`, and its local day number.
+pub fn minute_of_day(ms: i64, offset_minutes: i32) -> (i64, i64) {
+    let secs = ms.div_euclid(1000) + i64::from(offset_minutes) * 60;
+    (secs.rem_euclid(86_400) / 60, secs.div_euclid(86_400))
+}
+
+/// `HH:MM` as minutes since midnight.
+pub fn clock(text: &str) -> Result<i64, String> {
+    let (h, m) = text.trim().split_once(':').ok_or_else(|| format!("{text:?} is not a time of day like 09:00"))?;
+    let (h, m) = (number(h, "hour", text)?, number(m, "minute", text)?);
+    if h > 24 || m > 59 || (h == 24 && m > 0) {
+        return Err(format!("{text:?} is not a time of day like 09:00"));
+    }
+    Ok(h * 60 + m)
+}
+
+/// The ms of local midnight of day `day`.
+pub fn day_start_ms(day: i64, offset_minutes: i32) -> i64 {
+    (day * 86_400 - i64::from(offset_minutes) * 60) * 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_with_and_without_offsets() {
+        let shanghai = 480;
+        let utc = parse("2026-12-04T06:00:00Z", 0).expect("utc");
+        assert_eq!(parse("2026-12-04T14:00", shanghai), Ok(utc));
+        assert_eq!(parse("2026-12-04 14:00:00+08:00", 0), Ok(utc));
+        assert_eq!(parse("2026-12-04T01:00:00-05:00", shanghai), Ok(utc));
+        assert_eq!(parse("2026-12-04", shanghai), parse("2026-12-04T00:00", shanghai));
+        assert_eq!(rfc3339(utc, shanghai), "2026-12-04T14:00:00+08:00");
+        assert_eq!(rfc3339(utc, -90), "2026-12-04T04:30:00-01:30");
+        assert_eq!(local(utc, shanghai), "2026-12-04 14:00");
+        assert_eq!(parse(&rfc3339(utc, shanghai), 0), Ok(utc), "round trip");
+        for bad in
+            ["tomorrow", "2026-13-01T10:00", "2026-02-30T10:00", "2026-12-04T25:00", "2026-12-04T10:00+99:00", ""]
+        {
+            assert!(parse(bad, shanghai).is_err(), "{bad:?}");
+        }
+        assert!(parse("明天下午", 480).is_err(), "non-ASCII is refused, not a panic");
+        // 2026-12-04 is a Friday.
+        let (_, day) = minute_of_day(utc, shanghai);
+        assert_eq!(weekday(day), 4);
+        assert_eq!(day_start_ms(day, shanghai), parse("2026-12-04T00:00", shanghai).expect("midnight"));
+        assert_eq!(clock("09:30"), Ok(570));
+        assert!(clock("9").is_err());
+    }
+}
