@@ -13,3 +13,4 @@ mod provision;
 mod roundtrip;
 mod store;
 mod support;
+mod workspace;

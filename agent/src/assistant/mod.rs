@@ -113,7 +113,7 @@ Admins also have `/approve CODE` (let a newcomer talk to me) and `/audit` (recen
 pub(crate) const NO_LLM: &str = "I received your message, but natural-language answers need an LLM, and none is configured on this box yet. \
 Ask your administrator to add one; until then I answer `/help`, `/ping` and `/status`.";
 
-pub(crate) fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 

@@ -66,7 +66,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     let path = req.uri().path().to_owned();
     let session = query_param(&req, "session");
     let token = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    if method == Method::GET {
+    if method == Method::GET && !super::org::is_org_path(&path) {
         return match path.strip_prefix("/_files/") {
             Some(code) => download(&shared, code),
             None if path == "/_sim/replies" => reply(StatusCode::OK, json!(shared.lock().replies)),
@@ -74,6 +74,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             None if path == "/_sim/cards" => reply(StatusCode::OK, json!(shared.lock().cards)),
             None => err(StatusCode::NOT_FOUND, "NotFound", "no such path in the simulator"),
         };
+    }
+    if super::org::is_org_path(&path) {
+        let q = req.uri().query().unwrap_or_default().to_owned();
+        let body = match Limited::new(req.into_body(), 32 * 1024 * 1024).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return err(StatusCode::PAYLOAD_TOO_LARGE, "BodyTooLarge", "request body over 32 MiB"),
+        };
+        return super::org::handle(&shared, &method, &path, &q, token.as_deref(), &body);
     }
     let put = matches!(path.as_str(), "/v1.0/card/streaming" | "/v1.0/card/instances");
     if (put && method != Method::PUT) || (!put && method != Method::POST) {
@@ -245,6 +253,7 @@ fn webhook(shared: &Shared, session: Option<&str>, body: &Value) -> Response<Ful
         to_user: None,
         title,
         text,
+        media_id: None,
         at_ms: shared.elapsed_ms(),
     });
     drop(st);
@@ -275,8 +284,25 @@ fn robot_send(shared: &Shared, path: &str, body: &Value) -> Response<Full<Bytes>
         return r;
     }
     let param: Value = serde_json::from_str(param).unwrap_or(Value::Null);
-    let (title, text) = text_of(body["msgKey"].as_str().unwrap_or_default(), &param);
+    let key = body["msgKey"].as_str().unwrap_or_default();
+    let (title, text) = text_of(key, &param);
     let mut st = shared.lock();
+    let media_id = if key == "sampleFile" {
+        let id = param["mediaId"].as_str().unwrap_or_default().to_owned();
+        if !st.org.org.uploads.iter().any(|u| u.media_id == id) {
+            return err(StatusCode::BAD_REQUEST, "InvalidParameter.MediaId", "mediaId is unknown or expired");
+        }
+        if param["fileName"].as_str().is_none_or(str::is_empty) {
+            return err(StatusCode::BAD_REQUEST, "InvalidParameter.FileName", "fileName is required");
+        }
+        Some(id)
+    } else {
+        None
+    };
+    let (title, text) = match &media_id {
+        Some(_) => ("file".to_owned(), param["fileName"].as_str().unwrap_or_default().to_owned()),
+        None => (title, text),
+    };
     st.replies.push(RecordedReply {
         route: if oto { ReplyRoute::OtoSend } else { ReplyRoute::GroupSend },
         in_reply_to: None,
@@ -284,6 +310,7 @@ fn robot_send(shared: &Shared, path: &str, body: &Value) -> Response<Full<Bytes>
         to_user: user,
         title,
         text,
+        media_id,
         at_ms: shared.elapsed_ms(),
     });
     drop(st);

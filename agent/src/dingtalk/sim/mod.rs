@@ -17,6 +17,7 @@
 mod api;
 pub mod cards;
 pub mod cut;
+pub mod org;
 mod ws;
 
 use std::{
@@ -119,6 +120,8 @@ pub struct RecordedReply {
     pub to_user: Option<String>,
     pub title: String,
     pub text: String,
+    /// A file message (`sampleFile`): the media id it sent (the text is the file name).
+    pub media_id: Option<String>,
     /// Milliseconds since the simulator started.
     pub at_ms: u64,
 }
@@ -269,6 +272,7 @@ struct State {
     card_fault: cards::CardFault,
     counters: SimCounters,
     pings_outstanding: HashMap<String, String>,
+    org: org::OrgState,
 }
 
 pub(crate) struct Shared {
@@ -656,6 +660,37 @@ impl Simulator {
     /// Milliseconds since the simulator started (the clock of `RecordedReply::at_ms`).
     pub fn elapsed_ms(&self) -> u64 {
         self.shared.elapsed_ms()
+    }
+
+    /// Serve this organisation (people, departments, calendars, to-dos, approvals).
+    pub fn seed_org(&self, org: org::Org) {
+        self.shared.lock().org.org = org;
+    }
+
+    /// The organisation as the agent's calls left it.
+    pub fn org(&self) -> org::Org {
+        self.shared.lock().org.org.clone()
+    }
+
+    /// Answer workspace calls whose path starts with `prefix` as DingTalk does when the app lacks
+    /// the API permission `scope`.
+    pub fn deny_api(&self, prefix: &str, scope: &str) {
+        self.shared.lock().org.deny(prefix, scope)
+    }
+
+    /// Throttle the next `n` workspace calls whose path starts with `prefix` (QpsLimitForApi).
+    pub fn throttle_api(&self, prefix: &str, n: u32) {
+        self.shared.lock().org.throttle(prefix, n)
+    }
+
+    /// Lift the workspace faults.
+    pub fn clear_api_faults(&self) {
+        self.shared.lock().org.clear_faults()
+    }
+
+    /// Calls the agent made of each workspace API, by route (e.g. `/topapi/v2/user/get`).
+    pub fn api_calls(&self) -> HashMap<&'static str, u64> {
+        self.shared.lock().org.calls.clone()
     }
 
     /// The AI cards the agent created, with every state each showed.
