@@ -12,7 +12,10 @@
 //!    waiting for the (scripted, loopback) model taken out, p50/p99; and memory per active
 //!    conversation: stored history, and turns held open awaiting a confirmation;
 //! 7. the cost of one monitoring sample, and (with 5.) the idle agent's wake-ups per second over
-//!    60 s.
+//!    60 s;
+//! 8. the DingTalk workspace tools: the cost of one call of each against the simulator's
+//!    organisation on loopback (HTTP, JSON, the pacing limiter and the address-book cache
+//!    included), and the cache's hit rate over that workload.
 
 use std::{
     path::PathBuf,
@@ -500,6 +503,109 @@ fn assistant_turns() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One call of each workspace tool against the simulator, many times: p50/p99 per tool.
+fn workspace_calls() {
+    use zhuli::{
+        dingtalk::sim::org::{Org, OrgEvent},
+        tools::{Context, workspace},
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dir = bench_dir("workspace");
+    let sim = rt.block_on(Simulator::start(SimConfig::default())).expect("simulator");
+    let mut org = Org::default().dept(2, "Team", 1);
+    for i in 0..200 {
+        org = org.person(&format!("p{i}"), &format!("Person {i}"), "Staff", &[2]);
+    }
+    let now = zhuli::assistant::now_ms();
+    for i in 0..40 {
+        let start = now + 86_400_000 + i * 3_600_000;
+        org.events.push(OrgEvent {
+            id: format!("e{i}"),
+            owner: "union-p0".into(),
+            summary: format!("Meeting {i}"),
+            description: String::new(),
+            location: String::new(),
+            start_ms: start,
+            end_ms: start + 1_800_000,
+            attendees: vec!["union-p1".into()],
+        });
+    }
+    sim.seed_org(org);
+    let cfg = SimConfig::default();
+    let config = Config::parse(
+        &format!(
+            "[agent]\nstate_dir = {:?}\n[store]\nkey_file = {:?}\n[dingtalk]\nclient_id = {:?}\nclient_secret = {:?}\nrobot_code = {:?}\napi_base = {:?}\n[dingtalk.limits]\nopenapi_per_second = 100000\n",
+            dir.join("state").display().to_string(),
+            dir.join("key").display().to_string(),
+            cfg.client_id,
+            cfg.client_secret,
+            cfg.robot_code,
+            sim.api_base(),
+        ),
+        std::path::Path::new("bench.toml"),
+    )
+    .expect("bench config");
+    StoreKey::generate().write_new(&dir.join("key")).expect("key");
+    let store = Arc::new(app::open_store(&config).expect("store"));
+    let http = zhuli::dingtalk::http::HttpClient::new(zhuli::dingtalk::http::tls_config(), Duration::from_secs(5));
+    let api = Arc::new(zhuli::dingtalk::openapi::OpenApi::new(config.dingtalk.clone(), http));
+    let roots = zhuli::tools::files::Roots::open(&config.tools.files, &dir.join("state"), None).expect("roots");
+    let ws = workspace::Workspace::new(api, store, config.tools.dingtalk.clone(), 480, None, roots).expect("workspace");
+    let tools = workspace::tools(&ws);
+    let tool = |name: &str| tools.iter().find(|t| t.name() == name).expect("tool").clone();
+    let ctx = Context { actor: "p0".into(), chat: "cid-bench".into(), group: false };
+    let day = |d: i64| workspace::when::rfc3339(now + d * 86_400_000, 480);
+    let workload: Vec<(&str, serde_json::Value)> = vec![
+        ("people_search", serde_json::json!({"query": "Person 17"})),
+        ("people_members", serde_json::json!({"department": "Team"})),
+        ("calendar_list", serde_json::json!({"from": day(0), "to": day(3)})),
+        ("calendar_free", serde_json::json!({"people": ["p1", "p2"], "from": day(1), "to": day(4), "minutes": 30})),
+        ("todo_list", serde_json::json!({})),
+        ("approvals_pending", serde_json::json!({})),
+    ];
+    const N: usize = 200;
+    for (name, args) in &workload {
+        let t = tool(name);
+        let mut times = Vec::with_capacity(N);
+        for _ in 0..N {
+            let started = Instant::now();
+            let out = rt.block_on(t.execute(&ctx, args.clone()));
+            times.push(started.elapsed());
+            assert!(out.is_ok(), "{name}: {out:?}");
+        }
+        times.sort();
+        println!(
+            "workspace {name}: p50 {:.0} µs, p99 {:.0} µs per call (loopback simulator, {N} calls)",
+            percentile(&times, 0.50).as_secs_f64() * 1e6,
+            percentile(&times, 0.99).as_secs_f64() * 1e6
+        );
+    }
+    let (hits, misses) = (
+        ws.people.hits.load(std::sync::atomic::Ordering::Relaxed),
+        ws.people.misses.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    println!(
+        "workspace address-book cache: {hits} hits, {misses} misses = {:.1} % hit rate over the workload above",
+        100.0 * hits as f64 / (hits + misses).max(1) as f64
+    );
+    // Without the cache every call resolves the asker again: the cost of one user/get.
+    let mut times = Vec::with_capacity(N);
+    for _ in 0..N {
+        rt.block_on(ws.people.clear());
+        let started = Instant::now();
+        rt.block_on(ws.people.person("p5")).expect("person");
+        times.push(started.elapsed());
+    }
+    times.sort();
+    println!(
+        "workspace person look-up, cache emptied each time (user/get + department walk): p50 {:.0} µs, p99 {:.0} µs",
+        percentile(&times, 0.50).as_secs_f64() * 1e6,
+        percentile(&times, 0.99).as_secs_f64() * 1e6
+    );
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     parse_and_dispatch();
@@ -507,6 +613,7 @@ fn main() {
     through_the_agent();
     assistant_turns();
     monitoring_sample();
+    workspace_calls();
     match std::env::var_os("ZHULI_BIN") {
         Some(bin) => idle_process(PathBuf::from(bin)),
         None => println!("idle RSS: skipped (set ZHULI_BIN to a built zhuli binary)"),

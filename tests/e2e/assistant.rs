@@ -67,37 +67,20 @@ async fn rig_with(tag: &str, llm_extra: &str, tables: &str) -> Rig {
         share = share.display().to_string(),
         journal = journal.path.display().to_string(),
     );
-    let agent = support::spawn_agent(tag, &support::config_for(&sim, SECRET, &config));
-    assert!(
-        sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await,
-        "agent did not connect; log:\n{}",
-        agent.log()
-    );
+    let agent = support::connected_agent(tag, &sim, &config).await;
     Rig { sim, llm, agent, journal, share, outside, _scratch: Scratch(scratch) }
 }
 
 impl Rig {
     /// Send `m` and wait for its one reply.
     async fn ask(&self, m: Inject) -> String {
-        let id = self.sim.inject(m);
-        let got = self.sim.wait_until(Duration::from_secs(10), |s| !replies_to(s, &id).is_empty()).await;
-        assert!(got, "no reply to {id}; log:\n{}", self.agent.log());
-        replies_to(&self.sim, &id).remove(0).text
+        support::ask(&self.sim, &self.agent, m).await
     }
 
     /// The tool results the model was shown in request `n`.
     fn tool_results(&self, n: usize) -> Vec<String> {
         let requests = self.llm.requests();
-        let body = &requests.get(n).unwrap_or_else(|| panic!("request {n} of {}", requests.len())).body;
-        body["messages"]
-            .as_array()
-            .map(|m| {
-                m.iter()
-                    .filter(|m| m["role"] == "tool")
-                    .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        support::tool_results(&requests.get(n).unwrap_or_else(|| panic!("request {n} of {}", requests.len())).body)
     }
 
     /// Nothing secret in the agent's log, the audit trail, or what the model was sent.

@@ -157,6 +157,39 @@ pub async fn rig(tag: &str) -> (Simulator, Agent) {
     (sim, agent)
 }
 
+/// Start `zhuli run` with `config` (the `[dingtalk]` table for `sim` is added) and wait until it
+/// is connected.
+pub async fn connected_agent(tag: &str, sim: &Simulator, config: &str) -> Agent {
+    let agent = spawn_agent(tag, &config_for(sim, SECRET, config));
+    assert!(
+        sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await,
+        "agent did not connect; log:\n{}",
+        agent.log()
+    );
+    agent
+}
+
+/// Send `m` and wait for its one reply; its text.
+pub async fn ask(sim: &Simulator, agent: &Agent, m: Inject) -> String {
+    let id = sim.inject(m);
+    let got = sim.wait_until(Duration::from_secs(15), |s| !replies_to(s, &id).is_empty()).await;
+    assert!(got, "no reply to {id}; log:\n{}", agent.log());
+    replies_to(sim, &id).remove(0).text
+}
+
+/// The tool results shown to the model in one recorded chat-completions request body.
+pub fn tool_results(body: &serde_json::Value) -> Vec<String> {
+    body["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter(|m| m["role"] == "tool")
+                .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Replies that answer `msg_id` (session-webhook route).
 pub fn replies_to(sim: &Simulator, msg_id: &str) -> Vec<RecordedReply> {
     sim.replies().into_iter().filter(|r| r.in_reply_to.as_deref() == Some(msg_id)).collect()

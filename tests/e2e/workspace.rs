@@ -16,7 +16,7 @@ use zhuli::{
     tools::workspace::when,
 };
 
-use crate::support::{self, Agent, Journal, SECRET, replies_to};
+use crate::support::{self, Agent, Journal};
 
 const OFFSET: i32 = 480;
 
@@ -82,12 +82,7 @@ async fn rig(tag: &str) -> Rig {
         share = share.display().to_string(),
         journal = journal.path.display().to_string(),
     );
-    let agent = support::spawn_agent(tag, &support::config_for(&sim, SECRET, &config));
-    assert!(
-        sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await,
-        "agent did not connect; log:\n{}",
-        agent.log()
-    );
+    let agent = support::connected_agent(tag, &sim, &config).await;
     Rig { sim, llm, agent, journal, share, scratch }
 }
 
@@ -102,10 +97,7 @@ fn code_in(text: &str) -> String {
 
 impl Rig {
     async fn ask(&self, m: Inject) -> String {
-        let id = self.sim.inject(m);
-        let got = self.sim.wait_until(Duration::from_secs(15), |s| !replies_to(s, &id).is_empty()).await;
-        assert!(got, "no reply to {id}; log:\n{}", self.agent.log());
-        replies_to(&self.sim, &id).remove(0).text
+        support::ask(&self.sim, &self.agent, m).await
     }
 
     async fn ask_han(&self, text: &str) -> String {
@@ -114,17 +106,7 @@ impl Rig {
 
     /// The tool results of the newest model request.
     fn last_tool_results(&self) -> Vec<String> {
-        let requests = self.llm.requests();
-        let body = &requests.last().expect("a model request").body;
-        body["messages"]
-            .as_array()
-            .map(|m| {
-                m.iter()
-                    .filter(|m| m["role"] == "tool")
-                    .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        support::tool_results(&self.llm.requests().last().expect("a model request").body)
     }
 }
 
