@@ -52,6 +52,14 @@ pub async fn run(llm: Option<Llm>) -> anyhow::Result<()> {
         ..SimConfig::default()
     };
     let sim = Simulator::start(sim_cfg.clone()).await.context("starting the DingTalk simulator")?;
+    // A small organisation for the DingTalk workspace tools (calendar, to-dos, address book).
+    sim.seed_org(
+        crate::dingtalk::sim::org::Org::default()
+            .dept(2, "Office", 1)
+            .person("staff-demo", "Demo User", "Manager", &[2])
+            .person("lilei", "Li Lei", "Engineer", &[2])
+            .person("wangfang", "Wang Fang", "Accountant", &[2]),
+    );
     let state_dir: PathBuf = std::env::temp_dir().join(format!("zhuli-demo-{}", std::process::id()));
     std::fs::create_dir_all(&state_dir).context("creating the demo's state directory")?;
     let key_file = state_dir.join("store-key");
