@@ -384,7 +384,7 @@ impl Assistant {
             return Answer::fixed("cannot undo", format!("The tool `{}` is no longer available.", entry.tool));
         };
         let event = Event::new(Kind::ToolUndone, &asker.actor, &asker.chat).tool(entry.tool.clone());
-        let ctx = crate::tools::Context { actor: asker.actor.clone(), chat: asker.chat.clone(), group: asker.group };
+        let ctx = asker.context();
         match tool.undo(&ctx, &entry.payload).await {
             Ok(done) => {
                 self.parts.audit.record(event.target(entry.description.clone()).outcome("ok"));

@@ -32,6 +32,13 @@ pub struct Asker {
     pub group: bool,
 }
 
+impl Asker {
+    /// Who a tool call is for.
+    pub fn context(&self) -> Context {
+        Context { actor: self.actor.clone(), chat: self.chat.clone(), group: self.group }
+    }
+}
+
 /// A turn in progress.
 pub struct TurnState {
     pub asker: Asker,
@@ -345,13 +352,16 @@ impl Assistant {
         notes: &mut Vec<String>,
     ) -> Result<Value, String> {
         let target = tool.target(&args);
+        let ctx = asker.context();
+        self.bounded(tool.prepare(&ctx, args)).await.map_err(|e| self.tool_error(asker, tool, &target, e, notes))
+    }
+
+    /// A tool's work, bounded by the tool timeout.
+    async fn bounded<T>(&self, work: impl Future<Output = Result<T, ToolError>>) -> Result<T, ToolError> {
         let limit = self.parts.settings.tool_timeout_ms.get();
-        let ctx = Context { actor: asker.actor.clone(), chat: asker.chat.clone(), group: asker.group };
-        let prepared = match tokio::time::timeout(limit, tool.prepare(&ctx, args)).await {
-            Ok(r) => r,
-            Err(_) => Err(ToolError::Failed(format!("no result within {}", human(limit)))),
-        };
-        prepared.map_err(|e| self.tool_error(asker, tool, &target, e, notes))
+        tokio::time::timeout(limit, work)
+            .await
+            .unwrap_or_else(|_| Err(ToolError::Failed(format!("no result within {}", human(limit)))))
     }
 
     /// Audit a tool's error and count it; the text for the model.
@@ -399,12 +409,8 @@ impl Assistant {
     ) -> String {
         let target = tool.target(&args);
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
-        let limit = self.parts.settings.tool_timeout_ms.get();
-        let ctx = Context { actor: asker.actor.clone(), chat: asker.chat.clone(), group: asker.group };
-        let result = match tokio::time::timeout(limit, tool.execute(&ctx, args)).await {
-            Ok(r) => r,
-            Err(_) => Err(ToolError::Failed(format!("no result within {}", human(limit)))),
-        };
+        let ctx = asker.context();
+        let result = self.bounded(tool.execute(&ctx, args)).await;
         match result {
             Ok(outcome) => {
                 self.parts.audit.record(event(Kind::ToolExecuted).outcome("ok"));
