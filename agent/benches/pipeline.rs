@@ -554,7 +554,7 @@ fn workspace_calls() {
     let tools = workspace::tools(&ws);
     let tool = |name: &str| tools.iter().find(|t| t.name() == name).expect("tool").clone();
     let ctx = Context { actor: "p0".into(), chat: "cid-bench".into(), group: false };
-    let day = |d: i64| workspace::when::rfc3339(now + d * 86_400_000, 480);
+    let day = |d: i64| zhuli::tools::when::rfc3339(now + d * 86_400_000, 480);
     let workload: Vec<(&str, serde_json::Value)> = vec![
         ("people_search", serde_json::json!({"query": "Person 17"})),
         ("people_members", serde_json::json!({"department": "Team"})),

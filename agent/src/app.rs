@@ -62,6 +62,8 @@ pub enum AgentError {
     Llm(#[from] LlmError),
     #[error(transparent)]
     Workspace(#[from] tools::workspace::WorkspaceSettingsError),
+    #[error(transparent)]
+    Github(#[from] tools::github::GithubSettingsError),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -211,6 +213,11 @@ pub async fn build_assistant(
     )?;
     for tool in tools::workspace::tools(&workspace) {
         registry.add(tool);
+    }
+    if let Some(github) = tools::github::GithubTools::new(&config.tools.github, config.assistant.utc_offset_minutes)? {
+        for tool in tools::github::tools(&github) {
+            registry.add(tool);
+        }
     }
     registry.add(Arc::new(SystemTool::new(
         started,

@@ -6,6 +6,7 @@ mod boot;
 mod cli;
 mod conformance;
 mod faults;
+mod github;
 mod health;
 mod llm;
 mod media;

@@ -177,6 +177,30 @@ pub async fn ask(sim: &Simulator, agent: &Agent, m: Inject) -> String {
     replies_to(sim, &id).remove(0).text
 }
 
+/// A scripted model turn that calls `list` tools (name, arguments).
+pub fn calls(list: &[(&str, serde_json::Value)]) -> zhuli::llm::sim::Scripted {
+    zhuli::llm::sim::Scripted::ToolCalls(list.iter().map(|(n, a)| ((*n).to_owned(), a.to_string())).collect())
+}
+
+/// The code of the `/confirm NNNN` a confirmation question asks for.
+pub fn code_in(text: &str) -> String {
+    let at = text.find("/confirm ").unwrap_or_else(|| panic!("no confirmation asked: {text}"));
+    text[at + 9..].chars().take_while(char::is_ascii_digit).collect()
+}
+
+/// `[llm]` for a scripted model, `[access]` granting `tools` to everyone, `[audit]` to `journal`.
+pub fn assistant_config(llm: &zhuli::llm::sim::LlmSim, tools: &[&str], journal: &Journal) -> String {
+    format!(
+        "[llm]\nbase_url = {base:?}\nmodel = \"sim-model\"\napi_key = \"sk-e2e\"\ntimeout_ms = 5000\nmax_retries = 1\n\
+         requests_per_minute = 6000\n\
+         [access]\ndefault_roles = [\"member\"]\n\
+         [access.roles.member]\ntools = {tools:?}\n\
+         [audit]\njournal_socket = {journal:?}\n",
+        base = llm.base_url(),
+        journal = journal.path.display().to_string(),
+    )
+}
+
 /// The tool results shown to the model in one recorded chat-completions request body.
 pub fn tool_results(body: &serde_json::Value) -> Vec<String> {
     body["messages"]

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use zhuli::{
     audit::Kind,
     dingtalk::sim::{
@@ -13,10 +13,10 @@ use zhuli::{
         org::{Org, OrgApproval, OrgEvent},
     },
     llm::sim::{LlmSim, Scripted},
-    tools::workspace::when,
+    tools::when,
 };
 
-use crate::support::{self, Agent, Journal};
+use crate::support::{self, Agent, Journal, calls, code_in};
 
 const OFFSET: i32 = 480;
 
@@ -71,28 +71,14 @@ async fn rig(tag: &str) -> Rig {
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     sim.seed_org(org());
     let llm = LlmSim::start().await.expect("llm sim");
+    let tools = ["people", "calendar", "todo", "approvals", "chat_send_file", "files_copy", "files_read"];
     let config = format!(
-        "[llm]\nbase_url = {base:?}\nmodel = \"sim-model\"\napi_key = \"sk-ws\"\ntimeout_ms = 5000\nmax_retries = 1\n\
-         requests_per_minute = 6000\n\
-         [access]\ndefault_roles = [\"member\"]\n\
-         [access.roles.member]\ntools = [\"people\", \"calendar\", \"todo\", \"approvals\", \"chat_send_file\", \"files_copy\", \"files_read\"]\n\
-         [tools.files.roots]\nshare = {share:?}\n\
-         [audit]\njournal_socket = {journal:?}\n",
-        base = llm.base_url(),
-        share = share.display().to_string(),
-        journal = journal.path.display().to_string(),
+        "{}[tools.files.roots]\nshare = {:?}\n",
+        support::assistant_config(&llm, &tools, &journal),
+        share.display().to_string()
     );
     let agent = support::connected_agent(tag, &sim, &config).await;
     Rig { sim, llm, agent, journal, share, scratch }
-}
-
-fn calls(list: &[(&str, Value)]) -> Scripted {
-    Scripted::ToolCalls(list.iter().map(|(n, a)| ((*n).to_owned(), a.to_string())).collect())
-}
-
-fn code_in(text: &str) -> String {
-    let at = text.find("/confirm ").unwrap_or_else(|| panic!("no confirmation asked: {text}"));
-    text[at + 9..].chars().take_while(char::is_ascii_digit).collect()
 }
 
 impl Rig {

@@ -82,10 +82,16 @@ pub enum HttpError {
 #[derive(Debug)]
 pub struct HttpResponse {
     pub status: StatusCode,
+    pub headers: http::HeaderMap,
     pub body: Bytes,
 }
 
 impl HttpResponse {
+    /// A response header as text (`None` when absent or not text).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
     /// The body as JSON, or `Value::Null` when it is not JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
@@ -190,6 +196,19 @@ impl HttpClient {
         self.send(method, url, &all, body, MAX_JSON_BODY).await
     }
 
+    /// Any request: the caller's headers win over the defaults (`accept: application/json`, and
+    /// `content-type: application/json` for a body); the answer is read up to `max_bytes`.
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        max_bytes: usize,
+    ) -> Result<HttpResponse, HttpError> {
+        self.send(method, url, headers, body, max_bytes).await
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -200,7 +219,10 @@ impl HttpClient {
     ) -> Result<HttpResponse, HttpError> {
         let (uri, _) = check_url(url, "https", "http")?;
         let shown = redact(url);
-        let mut req = Request::builder().method(method).uri(uri).header("accept", "application/json");
+        let mut req = Request::builder().method(method).uri(uri);
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("accept")) {
+            req = req.header("accept", "application/json");
+        }
         if !body.is_empty() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
             req = req.header("content-type", "application/json");
         }
@@ -217,6 +239,7 @@ impl HttpClient {
                 .await
                 .map_err(|e| HttpError::Transport { url: shown.clone(), reason: error_chain(&e) })?;
             let status = resp.status();
+            let headers = resp.headers().clone();
             let collected = Limited::new(resp.into_body(), max_bytes).collect().await.map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     HttpError::TooLarge(shown.clone())
@@ -224,7 +247,7 @@ impl HttpClient {
                     HttpError::Transport { url: shown.clone(), reason: e.to_string() }
                 }
             })?;
-            Ok(HttpResponse { status, body: collected.to_bytes() })
+            Ok(HttpResponse { status, headers, body: collected.to_bytes() })
         };
         tokio::time::timeout(self.timeout, call).await.map_err(|_| HttpError::Timeout(shown.clone()))?
     }

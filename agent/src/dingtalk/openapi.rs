@@ -391,6 +391,7 @@ mod tests {
         let api = Api { name: "/v1.0/x", host: Host::New, permission: "Calendar.Event.Write" };
         let resp = HttpResponse {
             status: http::StatusCode::from_u16(status).expect("status"),
+            headers: Default::default(),
             body: Bytes::from(body.to_string()),
         };
         api_answer(&api, &resp).map_err(|a| match a {

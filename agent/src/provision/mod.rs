@@ -25,6 +25,9 @@ use crate::config::Config;
 /// Credential names the imported configuration refers to.
 pub const CRED_DINGTALK: &str = "dingtalk-client-secret";
 pub const CRED_LLM: &str = "llm-api-key";
+pub const CRED_GITHUB: &str = "github-token";
+/// Every credential a configuration's secrets become (the unit loads each one).
+pub const CREDENTIALS: [&str; 3] = [CRED_DINGTALK, CRED_LLM, CRED_GITHUB];
 /// The organisation key baked into an office's own image.
 pub const BAKED_KEY: &str = "/usr/share/zhuli/org.pub";
 /// Where imported configurations live on the box (persistent, root only).
@@ -70,6 +73,15 @@ pub enum ProvisionError {
 struct SecretSpans {
     dingtalk: Option<DingtalkSpan>,
     llm: Option<LlmSpan>,
+    tools: Option<ToolsSpan>,
+}
+#[derive(Deserialize)]
+struct ToolsSpan {
+    github: Option<GithubSpan>,
+}
+#[derive(Deserialize)]
+struct GithubSpan {
+    token: Option<toml::Spanned<toml::Value>>,
 }
 #[derive(Deserialize)]
 struct DingtalkSpan {
@@ -97,6 +109,7 @@ fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
     let fields = [
         (spans.dingtalk.and_then(|d| d.client_secret), CRED_DINGTALK, "[dingtalk] client_secret"),
         (spans.llm.and_then(|l| l.api_key), CRED_LLM, "[llm] api_key"),
+        (spans.tools.and_then(|t| t.github).and_then(|g| g.token), CRED_GITHUB, "[tools.github] token"),
     ];
     for (field, credential, name) in fields {
         let Some(v) = field else { continue };
@@ -487,7 +500,7 @@ fn stage(
         }
     }
     // Every credential the unit loads exists, empty when the configuration has no such secret.
-    for name in [CRED_DINGTALK, CRED_LLM] {
+    for name in CREDENTIALS {
         let value = secrets.iter().find(|s| s.credential == name).map(|s| s.value.as_str()).unwrap_or("");
         match opts.credentials {
             Credentials::Plain => {
@@ -559,6 +572,10 @@ tools = ["files_list", "files_read", "files_search", "system"]
 # [tools.files.roots]
 # share = "/srv/share"
 
+# [tools.github]                     # GitHub issues and pull requests of these repositories
+# token = "github_pat_..."           # a fine-grained token; removed from the stick on import
+# repos = ["acme/website"]
+
 [health]
 # admin_chat = "cidXXXX=="           # alerts to this group; without it to each admin
 "#;
@@ -579,6 +596,23 @@ mod tests {
         assert!(boxed.contains("# removed from the stick on import"), "comments are kept");
         let scrubbed = replace_secrets(TEMPLATE, &secrets, |_| format!("\"{SCRUBBED}\""));
         assert!(!scrubbed.contains("paste-the-secret") && scrubbed.contains(SCRUBBED));
+    }
+
+    #[test]
+    fn tool_secrets_become_credentials_too() {
+        let text = TEMPLATE
+            .replace("# [tools.github]", "[tools.github]")
+            .replace("# token = \"github_pat_...\"", "token = \"github_pat_abc\"")
+            .replace("# repos = [\"acme/website\"]", "repos = [\"acme/website\"]");
+        check(&text, Path::new("x")).expect("valid with a github token");
+        let secrets = secrets_in(&text).expect("secrets");
+        let names: Vec<&str> = secrets.iter().map(|s| s.credential).collect();
+        assert_eq!(names, [CRED_DINGTALK, CRED_GITHUB]);
+        let boxed = replace_secrets(&text, &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
+        assert!(boxed.contains("token = { credential = \"github-token\" }") && !boxed.contains("github_pat_abc"));
+        let reference = text.replace("\"github_pat_abc\"", "{ credential = \"x\" }");
+        let e = check(&reference, Path::new("x")).expect_err("reference").to_string();
+        assert!(e.contains("[tools.github] token"), "{e}");
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! chat. Tools themselves enforce their own confinement (the files tool's roots).
 
 pub mod files;
+pub mod github;
 pub mod schema;
 pub mod system;
+pub mod when;
 pub mod workspace;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
@@ -112,6 +114,7 @@ pub trait Tool: Send + Sync {
 pub struct ToolSettings {
     pub files: files::FilesSettings,
     pub dingtalk: workspace::WorkspaceSettings,
+    pub github: github::GithubSettings,
 }
 
 /// The tools of this box, by name.

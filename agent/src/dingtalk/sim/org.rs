@@ -17,7 +17,7 @@ use super::{
     Shared,
     api::{err, reply},
 };
-use crate::tools::workspace::when;
+use crate::tools::when;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OrgDept {

@@ -16,7 +16,7 @@ pub mod calendar;
 pub mod chat;
 pub mod people;
 pub mod todo;
-pub mod when;
+pub use super::when;
 
 use std::sync::Arc;
 

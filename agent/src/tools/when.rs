@@ -1,4 +1,4 @@
-//! Times as the workspace tools take and show them: RFC 3339 with an offset, or a local time
+//! Times as the calendar tools (DingTalk and CalDAV) take and show them: RFC 3339 with an offset, or a local time
 //! (`2026-12-04 14:00`) read at the box's offset from UTC. The model turns "tomorrow afternoon"
 //! into explicit times; these functions only check and convert them.
 
