@@ -64,6 +64,8 @@ pub enum AgentError {
     Workspace(#[from] tools::workspace::WorkspaceSettingsError),
     #[error(transparent)]
     Github(#[from] tools::github::GithubSettingsError),
+    #[error(transparent)]
+    Drive(#[from] tools::drive::DriveSettingsError),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -213,6 +215,11 @@ pub async fn build_assistant(
     )?;
     for tool in tools::workspace::tools(&workspace) {
         registry.add(tool);
+    }
+    if let Some(drive) = tools::drive::Drive::new(&config.tools.drive, roots.clone())? {
+        for tool in tools::drive::tools(&drive) {
+            registry.add(tool);
+        }
     }
     if let Some(github) = tools::github::GithubTools::new(&config.tools.github, config.assistant.utc_offset_minutes)? {
         for tool in tools::github::tools(&github) {

@@ -5,6 +5,7 @@ mod backup;
 mod boot;
 mod cli;
 mod conformance;
+mod drive;
 mod faults;
 mod github;
 mod health;

@@ -26,8 +26,9 @@ use crate::config::Config;
 pub const CRED_DINGTALK: &str = "dingtalk-client-secret";
 pub const CRED_LLM: &str = "llm-api-key";
 pub const CRED_GITHUB: &str = "github-token";
+pub const CRED_DRIVE: &str = "drive-password";
 /// Every credential a configuration's secrets become (the unit loads each one).
-pub const CREDENTIALS: [&str; 3] = [CRED_DINGTALK, CRED_LLM, CRED_GITHUB];
+pub const CREDENTIALS: [&str; 4] = [CRED_DINGTALK, CRED_LLM, CRED_GITHUB, CRED_DRIVE];
 /// The organisation key baked into an office's own image.
 pub const BAKED_KEY: &str = "/usr/share/zhuli/org.pub";
 /// Where imported configurations live on the box (persistent, root only).
@@ -78,6 +79,11 @@ struct SecretSpans {
 #[derive(Deserialize)]
 struct ToolsSpan {
     github: Option<GithubSpan>,
+    drive: Option<PasswordSpan>,
+}
+#[derive(Deserialize)]
+struct PasswordSpan {
+    password: Option<toml::Spanned<toml::Value>>,
 }
 #[derive(Deserialize)]
 struct GithubSpan {
@@ -106,10 +112,15 @@ fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
         ProvisionError::Invalid(format!("zhuli.toml{}: {}", line.unwrap_or_default(), e.message()))
     })?;
     let mut found = Vec::new();
+    let (github, drive) = match spans.tools {
+        Some(t) => (t.github.and_then(|g| g.token), t.drive.and_then(|d| d.password)),
+        None => (None, None),
+    };
     let fields = [
         (spans.dingtalk.and_then(|d| d.client_secret), CRED_DINGTALK, "[dingtalk] client_secret"),
         (spans.llm.and_then(|l| l.api_key), CRED_LLM, "[llm] api_key"),
-        (spans.tools.and_then(|t| t.github).and_then(|g| g.token), CRED_GITHUB, "[tools.github] token"),
+        (github, CRED_GITHUB, "[tools.github] token"),
+        (drive, CRED_DRIVE, "[tools.drive] password"),
     ];
     for (field, credential, name) in fields {
         let Some(v) = field else { continue };
@@ -575,6 +586,12 @@ tools = ["files_list", "files_read", "files_search", "system"]
 # [tools.github]                     # GitHub issues and pull requests of these repositories
 # token = "github_pat_..."           # a fine-grained token; removed from the stick on import
 # repos = ["acme/website"]
+
+# [tools.drive]                      # the office's network drive over WebDAV
+# url = "https://cloud.example.com/remote.php/dav/files/zhuli/"
+# username = "zhuli"
+# password = "app-password"         # removed from the stick on import
+# share_links = "nextcloud"          # or "none"
 
 [health]
 # admin_chat = "cidXXXX=="           # alerts to this group; without it to each admin

@@ -259,6 +259,29 @@ impl Roots {
         Ok((self.display(&file), name, buf))
     }
 
+    /// Save `bytes` as the new file `path` (a writable root; never over an existing name). Its
+    /// `root/…` name and where it is, for an undo that removes it ([`Roots::remove_saved`]).
+    pub fn save_new(&self, path: &str, bytes: &[u8]) -> Result<(String, PathBuf), ToolError> {
+        self.writable(path)?;
+        let target = self.new_path(path)?;
+        place_new(&target, path, |f| f.write_all(bytes).map(|()| bytes.len() as u64))?;
+        Ok((self.display(&target), target))
+    }
+
+    /// Remove a file [`Roots::save_new`] made, if it is still inside a writable root.
+    pub fn remove_saved(&self, file: &Path) -> Result<String, ToolError> {
+        let inside = self.roots.iter().any(|(n, root)| !self.read_only.contains(n) && file.starts_with(root));
+        if !inside || fs::symlink_metadata(file).is_ok_and(|m| !m.is_file()) {
+            return Err(ToolError::Failed("the saved file is no longer inside a writable root".into()));
+        }
+        let shown = self.display(file);
+        match fs::remove_file(file) {
+            Ok(()) => Ok(shown),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(format!("{shown} (already gone)")),
+            Err(e) => Err(failed("cannot remove the file", e)),
+        }
+    }
+
     fn keep_path(&self) -> PathBuf {
         self.keep_dir.join(format!("{:016x}", rand::random::<u64>()))
     }
@@ -635,37 +658,50 @@ fn copy(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {
         )));
     }
     let target = roots.new_path(to)?;
-    if fs::symlink_metadata(&target).is_ok() {
-        return Err(refused(format!("`{to}` already exists; choose another name")));
-    }
-    let parent = target.parent().unwrap_or(Path::new("/"));
-    let temp = parent.join(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
-    let copied = (|| {
+    let n = place_new(&target, to, |dst| {
         let mut src = open_nofollow(&source)?;
-        let mut dst = fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
-        let n = std::io::copy(&mut (&mut src).take(MAX_COPY_BYTES), &mut dst)?;
-        dst.sync_all()?;
-        Ok::<u64, std::io::Error>(n)
-    })();
-    let n = match copied {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = fs::remove_file(&temp);
-            return Err(failed("cannot copy the file", e));
-        }
-    };
-    // A name that appeared meanwhile is not replaced: link the copy in, never over anything.
-    if let Err(e) = fs::hard_link(&temp, &target) {
-        let _ = fs::remove_file(&temp);
-        return Err(match e.kind() {
-            std::io::ErrorKind::AlreadyExists => refused(format!("`{to}` already exists; choose another name")),
-            _ => failed("cannot put the copy in place", e),
-        });
-    }
-    let _ = fs::remove_file(&temp);
+        std::io::copy(&mut (&mut src).take(MAX_COPY_BYTES), dst)
+    })?;
     let (a, b) = (roots.display(&source), roots.display(&target));
     let undo = serde_json::to_vec(&Undo::Write { path: target, kept: None }).unwrap_or_default();
     Ok(Outcome { text: format!("copied {a} to {b} ({n} bytes)"), undo: Some((undo, format!("remove {b}"))) })
+}
+
+/// Create `target` (shown as `shown`) with what `fill` writes, never over an existing name: the
+/// bytes go to a temporary file first, which is then linked in.
+fn place_new(
+    target: &Path,
+    shown: &str,
+    fill: impl FnOnce(&mut fs::File) -> std::io::Result<u64>,
+) -> Result<u64, ToolError> {
+    if fs::symlink_metadata(target).is_ok() {
+        return Err(refused(format!("`{shown}` already exists; choose another name")));
+    }
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    let temp = parent.join(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
+    let written = (|| {
+        let mut dst = fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        let n = fill(&mut dst)?;
+        dst.sync_all()?;
+        Ok::<u64, std::io::Error>(n)
+    })();
+    let n = match written {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_file(&temp);
+            return Err(failed("cannot write the file", e));
+        }
+    };
+    // A name that appeared meanwhile is not replaced: link the file in, never over anything.
+    if let Err(e) = fs::hard_link(&temp, target) {
+        let _ = fs::remove_file(&temp);
+        return Err(match e.kind() {
+            std::io::ErrorKind::AlreadyExists => refused(format!("`{shown}` already exists; choose another name")),
+            _ => failed("cannot put the file in place", e),
+        });
+    }
+    let _ = fs::remove_file(&temp);
+    Ok(n)
 }
 
 fn move_op(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {

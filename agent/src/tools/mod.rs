@@ -6,6 +6,8 @@
 //! limit and valid against the schema, and a `write` or `destructive` call has been confirmed in
 //! chat. Tools themselves enforce their own confinement (the files tool's roots).
 
+pub mod dav;
+pub mod drive;
 pub mod files;
 pub mod github;
 pub mod schema;
@@ -115,6 +117,7 @@ pub struct ToolSettings {
     pub files: files::FilesSettings,
     pub dingtalk: workspace::WorkspaceSettings,
     pub github: github::GithubSettings,
+    pub drive: drive::DriveSettings,
 }
 
 /// The tools of this box, by name.

@@ -1,0 +1,199 @@
+//! The drive tools end to end against a real WebDAV server: rclone's (`rclone serve webdav`,
+//! Debian package rclone) on loopback under a base path like Nextcloud's, serving a folder the
+//! test seeds and inspects on disk. The real agent, the DingTalk simulator and the scripted
+//! model drive it; every change is confirmed, audited and undone.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+use zhuli::{
+    audit::Kind,
+    dingtalk::sim::{Inject, Simulator},
+    llm::sim::{LlmSim, Scripted},
+};
+
+use crate::support::{self, Agent, Journal, Server, calls, code_in};
+
+const PASSWORD: &str = "drive-pw-Kq93xZ";
+
+struct Rig {
+    sim: Simulator,
+    llm: LlmSim,
+    agent: Agent,
+    journal: Journal,
+    _dav: Server,
+    drive: PathBuf,
+    share: PathBuf,
+    scratch: PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+fn put(root: &std::path::Path, path: &str, bytes: &[u8]) {
+    let p = root.join(path);
+    std::fs::create_dir_all(p.parent().expect("parent")).expect("folder");
+    std::fs::write(p, bytes).expect("seed file");
+}
+
+async fn rig(tag: &str, password: &str) -> Rig {
+    let scratch = support::temp_dir(&format!("{tag}-drive"));
+    let (drive, share) = (scratch.join("drive"), scratch.join("share"));
+    put(&drive, "reports/q3.pdf", b"%PDF-1.7 Q3 report");
+    put(&drive, "reports/2025/q3-old.pdf", b"%PDF-1.7 old");
+    put(&drive, "photos/team.jpg", b"\xff\xd8\xff jpeg");
+    std::fs::create_dir_all(drive.join("archive")).expect("archive");
+    std::fs::create_dir_all(&share).expect("share");
+    let dav = Server::start(
+        "rclone",
+        "apt-get install rclone",
+        &[
+            "serve",
+            "webdav",
+            drive.to_str().expect("utf-8 path"),
+            "--addr",
+            "127.0.0.1:{port}",
+            "--baseurl",
+            "/dav/files/zhuli",
+            "--user",
+            "zhuli",
+            "--pass",
+            PASSWORD,
+            "--config",
+            "/dev/null",
+        ],
+    );
+    let journal = Journal::start(&scratch);
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let llm = LlmSim::start().await.expect("llm sim");
+    let config = format!(
+        "{}[tools.files.roots]\nshare = {:?}\n[tools.drive]\nurl = \"http://{}/dav/files/zhuli/\"\nusername = \"zhuli\"\npassword = {password:?}\n",
+        support::assistant_config(&llm, &["drive", "files_list"], &journal),
+        share.display().to_string(),
+        dav.addr,
+    );
+    let agent = support::connected_agent(tag, &sim, &config).await;
+    Rig { sim, llm, agent, journal, _dav: dav, drive, share, scratch }
+}
+
+impl Rig {
+    async fn ask(&self, text: &str) -> String {
+        support::ask(&self.sim, &self.agent, Inject::text(text).from("hanmei")).await
+    }
+
+    /// One tool call through the model; its result.
+    async fn call(&self, tool: &str, args: serde_json::Value) -> String {
+        self.llm.push(calls(&[(tool, args)]));
+        self.llm.push(Scripted::Text("done".into()));
+        self.ask(&format!("please use {tool}")).await;
+        support::tool_results(&self.llm.requests().last().expect("a model request").body).remove(0)
+    }
+
+    /// A write call: asked, confirmed; the confirmation's answer.
+    async fn confirmed(&self, tool: &str, args: serde_json::Value) -> String {
+        self.llm.push(calls(&[(tool, args)]));
+        let question = self.ask(&format!("please use {tool}")).await;
+        self.llm.push(Scripted::Text("done".into()));
+        self.ask(&format!("/confirm {}", code_in(&question))).await;
+        support::tool_results(&self.llm.requests().last().expect("a model request").body).remove(0)
+    }
+
+    fn assert_password_kept(&self) {
+        assert!(!self.agent.log().contains(PASSWORD), "the drive password appeared in the agent log");
+        for e in self.journal.all() {
+            assert!(e.iter().all(|(_, v)| !v.contains(PASSWORD)), "the drive password reached the audit trail");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_searches_and_downloads_into_a_local_root() {
+    let rig = rig("drive-read", PASSWORD).await;
+    let top = rig.call("drive_list", json!({})).await;
+    assert!(top.starts_with("3 entries in the top folder"), "{top}");
+    assert!(top.contains("- archive/") && top.contains("- photos/") && top.contains("- reports/"), "{top}");
+    let reports = rig.call("drive_list", json!({"path": "reports"})).await;
+    assert!(reports.contains("- reports/2025/") && reports.contains("- reports/q3.pdf (18 B"), "{reports}");
+    let found = rig.call("drive_search", json!({"query": "Q3"})).await;
+    assert!(found.starts_with("2 matches for “Q3”"), "{found}");
+    assert!(found.contains("reports/q3.pdf") && found.contains("reports/2025/q3-old.pdf"), "{found}");
+    let none = rig.call("drive_list", json!({"path": "reports/../../etc"})).await;
+    assert!(none.contains("`..` is not allowed"), "{none}");
+
+    let got = rig.confirmed("drive_download", json!({"path": "reports/q3.pdf", "to": "share/q3.pdf"})).await;
+    assert!(got.contains("downloaded drive:reports/q3.pdf to share/q3.pdf"), "{got}");
+    assert_eq!(std::fs::read(rig.share.join("q3.pdf")).expect("downloaded"), b"%PDF-1.7 Q3 report");
+    let again = rig.confirmed("drive_download", json!({"path": "photos/team.jpg", "to": "share/q3.pdf"})).await;
+    assert!(again.contains("already exists"), "never over a local file: {again}");
+    assert_eq!(std::fs::read(rig.share.join("q3.pdf")).expect("kept"), b"%PDF-1.7 Q3 report");
+    assert!(rig.ask("/undo").await.contains("removed share/q3.pdf"));
+    assert!(!rig.share.join("q3.pdf").exists());
+    let missing = rig.call("drive_list", json!({"path": "nope"})).await;
+    assert!(missing.contains("nope does not exist"), "{missing}");
+    // Without share links configured there is no share tool to offer.
+    let offered = rig.llm.requests().last().expect("request").body["tools"].to_string();
+    assert!(offered.contains("drive_list") && !offered.contains("drive_share"), "{offered}");
+    rig.assert_password_kept();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_in_chat_is_uploaded_moved_and_both_undone() {
+    let rig = rig("drive-write", PASSWORD).await;
+    let m = Inject { media: b"budget,2027\nrent,100\n".to_vec(), ..Inject::of("file", "budget.csv") }.from("hanmei");
+    rig.llm.push(Scripted::Text("Got it.".into()));
+    support::ask(&rig.sim, &rig.agent, m).await;
+    let note = rig.llm.requests().last().expect("request").body.to_string();
+    let saved: String =
+        note.split("saved as `").nth(1).expect("inbox name").chars().take_while(|c| *c != '`').collect();
+
+    // Asked first; nothing on the drive before the confirmation.
+    rig.llm.push(calls(&[("drive_upload", json!({"from": saved, "to": "reports/budget.csv"}))]));
+    let question = rig.ask("put it on the drive under reports").await;
+    assert!(question.contains("drive:reports/budget.csv"), "{question}");
+    assert!(!rig.drive.join("reports/budget.csv").exists());
+    rig.llm.push(Scripted::Text("Uploaded.".into()));
+    rig.ask(&format!("/confirm {}", code_in(&question))).await;
+    assert_eq!(std::fs::read(rig.drive.join("reports/budget.csv")).expect("uploaded"), b"budget,2027\nrent,100\n");
+    let done = rig.journal.expect(1, Kind::ToolExecuted, &[("TOOL", "drive_upload"), ("ACTOR", "hanmei")]);
+    assert!(support::field(&done[0], "TARGET").is_some_and(|t| t.ends_with("to drive:reports/budget.csv")), "{done:?}");
+
+    // Never over an existing file: refused before anything is asked.
+    let over = rig.call("drive_upload", json!({"from": saved, "to": "reports/q3.pdf"})).await;
+    assert!(over.contains("drive:reports/q3.pdf already exists"), "{over}");
+    assert_eq!(std::fs::read(rig.drive.join("reports/q3.pdf")).expect("kept"), b"%PDF-1.7 Q3 report");
+    let no_folder = rig.call("drive_upload", json!({"from": saved, "to": "nowhere/budget.csv"})).await;
+    assert!(no_folder.contains("the folder drive:nowhere does not exist"), "{no_folder}");
+
+    let moved = rig.confirmed("drive_move", json!({"from": "reports/q3.pdf", "to": "archive/q3-2026.pdf"})).await;
+    assert!(moved.contains("moved drive:reports/q3.pdf to drive:archive/q3-2026.pdf"), "{moved}");
+    assert!(rig.drive.join("archive/q3-2026.pdf").exists() && !rig.drive.join("reports/q3.pdf").exists());
+    let onto = rig.call("drive_move", json!({"from": "reports/budget.csv", "to": "archive/q3-2026.pdf"})).await;
+    assert!(onto.contains("already exists"), "{onto}");
+    let folder = rig.confirmed("drive_move", json!({"from": "reports/2025", "to": "archive/2025"})).await;
+    assert!(folder.contains("moved"), "{folder}");
+    assert!(rig.drive.join("archive/2025/q3-old.pdf").exists());
+
+    // Undo, newest first: the folder, the file, the upload.
+    assert!(rig.ask("/undo").await.contains("back to drive:reports/2025"));
+    assert!(rig.drive.join("reports/2025/q3-old.pdf").exists());
+    assert!(rig.ask("/undo").await.contains("back to drive:reports/q3.pdf"));
+    assert!(rig.drive.join("reports/q3.pdf").exists() && !rig.drive.join("archive/q3-2026.pdf").exists());
+    assert!(rig.ask("/undo").await.contains("removed drive:reports/budget.csv"));
+    assert!(!rig.drive.join("reports/budget.csv").exists());
+    rig.journal.expect(3, Kind::ToolUndone, &[("ACTOR", "hanmei"), ("OUTCOME", "ok")]);
+    rig.assert_password_kept();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_named_for_the_admin() {
+    let rig = rig("drive-badpw", "not-the-password").await;
+    rig.llm.push(calls(&[("drive_list", json!({}))]));
+    rig.llm.push(Scripted::Text("I cannot reach the drive.".into()));
+    let answer = rig.ask("what's on the drive?").await;
+    assert!(answer.contains("[tools.drive] username and password"), "{answer}");
+    assert!(!rig.agent.log().contains("not-the-password"));
+    rig.journal.expect(1, Kind::ToolFailed, &[("TOOL", "drive_list")]);
+}
