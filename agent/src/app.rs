@@ -66,6 +66,8 @@ pub enum AgentError {
     Github(#[from] tools::github::GithubSettingsError),
     #[error(transparent)]
     Drive(#[from] tools::drive::DriveSettingsError),
+    #[error(transparent)]
+    Caldav(#[from] tools::caldav::CaldavSettingsError),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -215,6 +217,16 @@ pub async fn build_assistant(
     )?;
     for tool in tools::workspace::tools(&workspace) {
         registry.add(tool);
+    }
+    let caldav = tools::caldav::Caldav::new(
+        &config.tools.caldav,
+        config.assistant.utc_offset_minutes,
+        config.agent.time_zone.as_deref(),
+    )?;
+    if let Some(caldav) = caldav {
+        for tool in tools::caldav::tools(&caldav) {
+            registry.add(tool);
+        }
     }
     if let Some(drive) = tools::drive::Drive::new(&config.tools.drive, roots.clone())? {
         for tool in tools::drive::tools(&drive) {

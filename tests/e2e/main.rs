@@ -3,6 +3,7 @@
 mod assistant;
 mod backup;
 mod boot;
+mod caldav;
 mod cli;
 mod conformance;
 mod drive;

@@ -27,8 +27,9 @@ pub const CRED_DINGTALK: &str = "dingtalk-client-secret";
 pub const CRED_LLM: &str = "llm-api-key";
 pub const CRED_GITHUB: &str = "github-token";
 pub const CRED_DRIVE: &str = "drive-password";
+pub const CRED_CALDAV: &str = "caldav-password";
 /// Every credential a configuration's secrets become (the unit loads each one).
-pub const CREDENTIALS: [&str; 4] = [CRED_DINGTALK, CRED_LLM, CRED_GITHUB, CRED_DRIVE];
+pub const CREDENTIALS: [&str; 5] = [CRED_DINGTALK, CRED_LLM, CRED_GITHUB, CRED_DRIVE, CRED_CALDAV];
 /// The organisation key baked into an office's own image.
 pub const BAKED_KEY: &str = "/usr/share/zhuli/org.pub";
 /// Where imported configurations live on the box (persistent, root only).
@@ -80,6 +81,7 @@ struct SecretSpans {
 struct ToolsSpan {
     github: Option<GithubSpan>,
     drive: Option<PasswordSpan>,
+    caldav: Option<PasswordSpan>,
 }
 #[derive(Deserialize)]
 struct PasswordSpan {
@@ -112,15 +114,18 @@ fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
         ProvisionError::Invalid(format!("zhuli.toml{}: {}", line.unwrap_or_default(), e.message()))
     })?;
     let mut found = Vec::new();
-    let (github, drive) = match spans.tools {
-        Some(t) => (t.github.and_then(|g| g.token), t.drive.and_then(|d| d.password)),
-        None => (None, None),
+    let (github, drive, caldav) = match spans.tools {
+        Some(t) => {
+            (t.github.and_then(|g| g.token), t.drive.and_then(|d| d.password), t.caldav.and_then(|c| c.password))
+        }
+        None => (None, None, None),
     };
     let fields = [
         (spans.dingtalk.and_then(|d| d.client_secret), CRED_DINGTALK, "[dingtalk] client_secret"),
         (spans.llm.and_then(|l| l.api_key), CRED_LLM, "[llm] api_key"),
         (github, CRED_GITHUB, "[tools.github] token"),
         (drive, CRED_DRIVE, "[tools.drive] password"),
+        (caldav, CRED_CALDAV, "[tools.caldav] password"),
     ];
     for (field, credential, name) in fields {
         let Some(v) = field else { continue };
@@ -592,6 +597,13 @@ tools = ["files_list", "files_read", "files_search", "system"]
 # username = "zhuli"
 # password = "app-password"         # removed from the stick on import
 # share_links = "nextcloud"          # or "none"
+
+# [tools.caldav]                     # calendars on a CalDAV server
+# username = "zhuli"
+# password = "app-password"         # removed from the stick on import
+# default_calendar = "team"
+# [tools.caldav.calendars]
+# team = "https://cloud.example.com/remote.php/dav/calendars/zhuli/team/"
 
 [health]
 # admin_chat = "cidXXXX=="           # alerts to this group; without it to each admin

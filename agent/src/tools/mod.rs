@@ -6,6 +6,7 @@
 //! limit and valid against the schema, and a `write` or `destructive` call has been confirmed in
 //! chat. Tools themselves enforce their own confinement (the files tool's roots).
 
+pub mod caldav;
 pub mod dav;
 pub mod drive;
 pub mod files;
@@ -118,6 +119,7 @@ pub struct ToolSettings {
     pub dingtalk: workspace::WorkspaceSettings,
     pub github: github::GithubSettings,
     pub drive: drive::DriveSettings,
+    pub caldav: caldav::CaldavSettings,
 }
 
 /// The tools of this box, by name.

@@ -115,6 +115,43 @@ pub fn day_start_ms(day: i64, offset_minutes: i32) -> i64 {
     (day * 86_400 - i64::from(offset_minutes) * 60) * 1000
 }
 
+/// Free windows of at least `minutes` in `[from, to)`, weekdays, inside the working day,
+/// outside every busy interval.
+pub fn free_windows(
+    busy: &mut [(i64, i64)],
+    from: i64,
+    to: i64,
+    minutes: i64,
+    day: (i64, i64),
+    offset: i32,
+) -> Vec<(i64, i64)> {
+    busy.sort();
+    let (_, first) = minute_of_day(from, offset);
+    let (_, last) = minute_of_day(to, offset);
+    let mut out = Vec::new();
+    for d in first..=last {
+        if weekday(d) >= 5 {
+            continue;
+        }
+        let midnight = day_start_ms(d, offset);
+        let mut at = (midnight + day.0 * 60_000).max(from);
+        let close = (midnight + day.1 * 60_000).min(to);
+        for &(b0, b1) in busy.iter() {
+            if b1 <= at || b0 >= close {
+                continue;
+            }
+            if b0 - at >= minutes * 60_000 {
+                out.push((at, b0));
+            }
+            at = at.max(b1);
+        }
+        if close - at >= minutes * 60_000 {
+            out.push((at, close));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

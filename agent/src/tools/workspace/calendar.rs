@@ -183,43 +183,6 @@ pub async fn list(ws: &Workspace, ctx: &Context, args: &Value) -> Result<Outcome
     Ok(Outcome::text(text))
 }
 
-/// Free windows of at least `minutes` in `[from, to)`, weekdays, inside the working day,
-/// outside every busy interval.
-pub fn free_windows(
-    busy: &mut [(i64, i64)],
-    from: i64,
-    to: i64,
-    minutes: i64,
-    day: (i64, i64),
-    offset: i32,
-) -> Vec<(i64, i64)> {
-    busy.sort();
-    let (_, first) = when::minute_of_day(from, offset);
-    let (_, last) = when::minute_of_day(to, offset);
-    let mut out = Vec::new();
-    for d in first..=last {
-        if when::weekday(d) >= 5 {
-            continue;
-        }
-        let midnight = when::day_start_ms(d, offset);
-        let mut at = (midnight + day.0 * 60_000).max(from);
-        let close = (midnight + day.1 * 60_000).min(to);
-        for &(b0, b1) in busy.iter() {
-            if b1 <= at || b0 >= close {
-                continue;
-            }
-            if b0 - at >= minutes * 60_000 {
-                out.push((at, b0));
-            }
-            at = at.max(b1);
-        }
-        if close - at >= minutes * 60_000 {
-            out.push((at, close));
-        }
-    }
-    out
-}
-
 pub async fn free(ws: &Workspace, ctx: &Context, args: &Value) -> Result<Outcome, ToolError> {
     let (from, to) = range(ws, args)?;
     let from = from.max(crate::assistant::now_ms());
@@ -258,7 +221,7 @@ pub async fn free(ws: &Workspace, ctx: &Context, args: &Value) -> Result<Outcome
             }
         }
     }
-    let windows = free_windows(&mut busy, from, to, minutes, ws.day, ws.offset_minutes);
+    let windows = when::free_windows(&mut busy, from, to, minutes, ws.day, ws.offset_minutes);
     let names: Vec<&str> = people.iter().map(|p| p.name.as_str()).collect();
     if windows.is_empty() {
         return Ok(Outcome::text(format!(
@@ -455,7 +418,7 @@ mod tests {
         // Friday 2026-12-04 to Monday 2026-12-07 noon.
         let mut busy =
             vec![(t("2026-12-04T10:00"), t("2026-12-04T12:00")), (t("2026-12-04T11:00"), t("2026-12-04T13:30"))];
-        let w = free_windows(&mut busy, t("2026-12-04T08:00"), t("2026-12-07T12:00"), 60, day, off);
+        let w = when::free_windows(&mut busy, t("2026-12-04T08:00"), t("2026-12-07T12:00"), 60, day, off);
         assert_eq!(
             w,
             vec![
@@ -464,7 +427,7 @@ mod tests {
                 (t("2026-12-07T09:00"), t("2026-12-07T12:00")),
             ]
         );
-        let short = free_windows(&mut busy, t("2026-12-04T09:30"), t("2026-12-04T10:00"), 60, day, off);
+        let short = when::free_windows(&mut busy, t("2026-12-04T09:30"), t("2026-12-04T10:00"), 60, day, off);
         assert!(short.is_empty(), "a 30-minute gap does not hold 60 minutes");
     }
 }
