@@ -68,6 +68,8 @@ pub enum AgentError {
     Drive(#[from] tools::drive::DriveSettingsError),
     #[error(transparent)]
     Caldav(#[from] tools::caldav::CaldavSettingsError),
+    #[error(transparent)]
+    Plugin(#[from] tools::mcp::PluginSettingsError),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -238,6 +240,10 @@ pub async fn build_assistant(
             registry.add(tool);
         }
     }
+    let (plugins, plugin_tools) = tools::mcp::start_all(&config.tools.mcp, &config.agent.state_dir).await?;
+    for tool in plugin_tools {
+        registry.add(tool);
+    }
     registry.add(Arc::new(SystemTool::new(
         started,
         handles.stream.clone(),
@@ -246,7 +252,10 @@ pub async fn build_assistant(
     )));
     let paired = blocking(&store, |s| s.setting("paired-users")).await?;
     let paired = paired.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default();
-    let access = Access::new(config.access.clone(), registry.names(), paired)?;
+    // A plugin that could not start offers no tools now; grants naming it stay valid.
+    let plugin_names: Vec<String> = plugins.iter().map(|p| p.name.clone()).collect();
+    let access =
+        Access::new(config.access.clone(), registry.names().chain(plugin_names.iter().map(String::as_str)), paired)?;
     let audit = Arc::new(Audit::new(&config.audit));
     let changes = audit_config_changes(config, &store, &audit).await;
     if changes.iter().any(|c| c.starts_with("[access]")) {

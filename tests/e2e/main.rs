@@ -12,6 +12,7 @@ mod github;
 mod health;
 mod llm;
 mod media;
+mod plugins;
 mod provision;
 mod roundtrip;
 mod store;

@@ -11,6 +11,7 @@ pub mod dav;
 pub mod drive;
 pub mod files;
 pub mod github;
+pub mod mcp;
 pub mod schema;
 pub mod system;
 pub mod when;
@@ -120,6 +121,8 @@ pub struct ToolSettings {
     pub github: github::GithubSettings,
     pub drive: drive::DriveSettings,
     pub caldav: caldav::CaldavSettings,
+    /// Third-party MCP servers, by the name their tools get as a prefix.
+    pub mcp: BTreeMap<String, mcp::PluginSettings>,
 }
 
 /// The tools of this box, by name.
