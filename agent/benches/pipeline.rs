@@ -15,7 +15,11 @@
 //!    60 s;
 //! 8. the DingTalk workspace tools: the cost of one call of each against the simulator's
 //!    organisation on loopback (HTTP, JSON, the pacing limiter and the address-book cache
-//!    included), and the cache's hit rate over that workload.
+//!    included), and the cache's hit rate over that workload;
+//! 9. the other backends: one call of the github tools against the loopback GitHub server, of
+//!    the drive tools against rclone's WebDAV server, of the caldav tools against Radicale and of
+//!    an MCP plugin (the reference filesystem server in its sandbox); and the plugin's start
+//!    time and memory. Servers that are not installed are reported as skipped.
 
 use std::{
     path::PathBuf,
@@ -33,6 +37,7 @@ use zhuli::{
         sim::{Inject, SimConfig, Simulator},
     },
     store::{Acceptance, Retention, Store, WriteOp, key::StoreKey},
+    tools::{Context, Tool},
 };
 
 fn parse_and_dispatch() {
@@ -606,6 +611,215 @@ fn workspace_calls() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn time_calls(rt: &tokio::runtime::Runtime, label: &str, tool: &Arc<dyn Tool>, args: serde_json::Value, n: usize) {
+    let ctx = Context { actor: "p0".into(), chat: "cid-bench".into(), group: false };
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let out = rt.block_on(tool.execute(&ctx, args.clone()));
+        times.push(started.elapsed());
+        if let Err(e) = out {
+            println!("{label} {}: failed ({e}); figures skipped", tool.name());
+            return;
+        }
+    }
+    times.sort();
+    println!(
+        "{label} {}: p50 {:.0} µs, p99 {:.0} µs per call ({n} calls)",
+        tool.name(),
+        percentile(&times, 0.50).as_secs_f64() * 1e6,
+        percentile(&times, 0.99).as_secs_f64() * 1e6
+    );
+}
+
+fn find<'a>(tools: &'a [Arc<dyn Tool>], name: &str) -> &'a Arc<dyn Tool> {
+    tools.iter().find(|t| t.name() == name).expect("tool")
+}
+
+fn backend_calls() {
+    use zhuli::tools::{caldav, drive, github, local_server::LocalServer, mcp};
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dir = bench_dir("backends");
+    const N: usize = 200;
+
+    // GitHub: the loopback server with GitHub's shapes and headers.
+    let gh = rt.block_on(github::sim::GithubSim::start("bench-token")).expect("github sim");
+    gh.seed_repo("acme/site", 60, 5);
+    gh.state().limit = 1_000_000;
+    gh.state().remaining = 1_000_000;
+    let settings: github::GithubSettings =
+        toml::from_str(&format!("api_base = {:?}\ntoken = \"bench-token\"\nrepos = [\"acme/site\"]\n", gh.base_url()))
+            .expect("github settings");
+    let tools = github::tools(&github::GithubTools::new(&settings, 480).expect("github").expect("configured"));
+    time_calls(
+        &rt,
+        "github (loopback server)",
+        find(&tools, "github_list"),
+        serde_json::json!({"repo": "acme/site"}),
+        N,
+    );
+    time_calls(
+        &rt,
+        "github (loopback server)",
+        find(&tools, "github_show"),
+        serde_json::json!({"repo": "acme/site", "number": 62}),
+        N,
+    );
+
+    // WebDAV: rclone serving a folder of 200 files in 20 folders.
+    let share = dir.join("drive");
+    for f in 0..20 {
+        std::fs::create_dir_all(share.join(format!("folder{f}"))).expect("folder");
+        for i in 0..10 {
+            std::fs::write(share.join(format!("folder{f}/report-{i}.txt")), "x".repeat(1000)).expect("file");
+        }
+    }
+    let share_s = share.display().to_string();
+    match LocalServer::start(
+        "rclone",
+        "apt-get install rclone",
+        &["serve", "webdav", &share_s, "--addr", "127.0.0.1:{port}", "--config", "/dev/null"],
+    ) {
+        Ok(dav) => {
+            let settings: drive::DriveSettings =
+                toml::from_str(&format!("url = \"http://{}/\"\n", dav.addr)).expect("drive settings");
+            let roots = zhuli::tools::files::Roots::open(&Default::default(), &dir.join("state"), None).expect("roots");
+            let tools = drive::tools(&drive::Drive::new(&settings, roots).expect("drive").expect("configured"));
+            time_calls(
+                &rt,
+                "drive (rclone WebDAV)",
+                find(&tools, "drive_list"),
+                serde_json::json!({"path": "folder3"}),
+                N,
+            );
+            time_calls(
+                &rt,
+                "drive (rclone WebDAV, 21 folders)",
+                find(&tools, "drive_search"),
+                serde_json::json!({"query": "report-7"}),
+                20,
+            );
+        }
+        Err(e) => println!("drive: skipped ({e})"),
+    }
+
+    // CalDAV: Radicale with a calendar of 40 events, one repeating.
+    let store = dir.join("radicale");
+    let cal = store.join("collection-root/bench/team");
+    std::fs::create_dir_all(&cal).expect("calendar");
+    std::fs::write(cal.join(".Radicale.props"), r#"{"tag": "VCALENDAR"}"#).expect("props");
+    let now = zhuli::assistant::now_ms();
+    for i in 0..40i64 {
+        let start = zhuli::tools::caldav::ical::utc_value(now + i * 7_200_000);
+        let rule = if i == 0 { "RRULE:FREQ=DAILY\r\n" } else { "" };
+        std::fs::write(
+            cal.join(format!("e{i}.ics")),
+            format!("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//bench//EN\r\nBEGIN:VEVENT\r\nUID:e{i}\r\nDTSTAMP:20261101T000000Z\r\nDTSTART:{start}\r\nDURATION:PT1H\r\nSUMMARY:Event {i}\r\n{rule}END:VEVENT\r\nEND:VCALENDAR\r\n"),
+        )
+        .expect("event");
+    }
+    let store_s = store.display().to_string();
+    match LocalServer::start(
+        "radicale",
+        "apt-get install radicale",
+        &[
+            "--config",
+            "",
+            "--server-hosts",
+            "127.0.0.1:{port}",
+            "--storage-filesystem-folder",
+            &store_s,
+            "--auth-type",
+            "none",
+            "--logging-level",
+            "warning",
+        ],
+    ) {
+        Ok(rad) => {
+            let settings: caldav::CaldavSettings = toml::from_str(&format!(
+                "username = \"bench\"\n[calendars]\nteam = \"http://{}/bench/team/\"\n",
+                rad.addr
+            ))
+            .expect("caldav settings");
+            let tools = caldav::tools(&caldav::Caldav::new(&settings, 480, None).expect("caldav").expect("configured"));
+            let day = |d: i64| zhuli::tools::when::rfc3339(now + d * 86_400_000, 480);
+            time_calls(
+                &rt,
+                "caldav (Radicale, 40 events)",
+                find(&tools, "caldav_list"),
+                serde_json::json!({"from": day(0), "to": day(4)}),
+                N,
+            );
+            time_calls(
+                &rt,
+                "caldav (Radicale, 40 events)",
+                find(&tools, "caldav_free"),
+                serde_json::json!({"calendars": ["team"], "from": day(0), "to": day(4), "minutes": 30}),
+                N,
+            );
+        }
+        Err(e) => println!("caldav: skipped ({e})"),
+    }
+
+    // An MCP plugin: the reference filesystem server (node, --jitless) in the sandbox.
+    let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/mcp");
+    let server = plugins.join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js");
+    if !server.exists() || !std::path::Path::new("/usr/bin/node").exists() {
+        println!("mcp plugin: skipped (needs /usr/bin/node and `npm ci` in tests/mcp)");
+    } else {
+        let plugins_s = plugins.canonicalize().expect("tests/mcp").display().to_string();
+        let settings: mcp::PluginSettings = toml::from_str(&format!(
+            "command = \"/usr/bin/node\"\nargs = [\"--jitless\", {:?}, {share_s:?}]\nread = [{plugins_s:?}]\nread_only_tools = [\"list_directory\", \"read_text_file\"]\n",
+            server.display().to_string()
+        ))
+        .expect("plugin settings");
+        let plugin = mcp::Plugin::new("fs", &settings, &dir.join("state")).expect("plugin");
+        let mut starts = Vec::new();
+        let mut tools = Vec::new();
+        for _ in 0..5 {
+            rt.block_on(plugin.stop());
+            let list = rt.block_on(plugin.list_tools()).expect("tools/list");
+            starts.push(plugin.stats().start_ms.unwrap_or(0));
+            tools = list
+                .iter()
+                .filter_map(|e| mcp::McpTool::new(&plugin, e))
+                .map(|t| Arc::new(t) as Arc<dyn Tool>)
+                .collect();
+        }
+        starts.sort();
+        let (rss, _) = plugin.memory_kb().unwrap_or((0, 0));
+        println!(
+            "mcp plugin start (spawn, sandbox, initialize): median {} ms, max {} ms over 5 starts; {} tools; RSS after start {} KiB",
+            starts[2],
+            starts[4],
+            tools.len(),
+            rss
+        );
+        time_calls(
+            &rt,
+            "mcp plugin (filesystem server)",
+            find(&tools, "fs_list_directory"),
+            serde_json::json!({"path": format!("{share_s}/folder3")}),
+            N,
+        );
+        time_calls(
+            &rt,
+            "mcp plugin (filesystem server)",
+            find(&tools, "fs_read_text_file"),
+            serde_json::json!({"path": format!("{share_s}/folder3/report-1.txt")}),
+            N,
+        );
+        let (rss, peak) = plugin.memory_kb().unwrap_or((0, 0));
+        println!(
+            "mcp plugin memory after {} calls: RSS {rss} KiB, peak {peak} KiB (limit: data segment 256 MiB)",
+            2 * N
+        );
+        rt.block_on(plugin.stop());
+    }
+    drop(gh);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     parse_and_dispatch();
@@ -614,6 +828,7 @@ fn main() {
     assistant_turns();
     monitoring_sample();
     workspace_calls();
+    backend_calls();
     match std::env::var_os("ZHULI_BIN") {
         Some(bin) => idle_process(PathBuf::from(bin)),
         None => println!("idle RSS: skipped (set ZHULI_BIN to a built zhuli binary)"),

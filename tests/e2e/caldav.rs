@@ -165,7 +165,7 @@ async fn rig(tag: &str, password: &str) -> Rig {
     let journal = Journal::start(&scratch);
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let llm = LlmSim::start().await.expect("llm sim");
-    let base = format!("http://{}/zhuli", radicale.addr);
+    let base = format!("http://{}/zhuli", radicale.addr());
     let config = format!(
         "{}[assistant]\nutc_offset_minutes = 480\n[tools.caldav]\nusername = \"zhuli\"\npassword = {password:?}\ndefault_calendar = \"team\"\n\
          [tools.caldav.calendars]\nteam = \"{base}/team/\"\nlilei = \"{base}/lilei/\"\n[tools.caldav.personal]\nlilei = \"lilei\"\n",

@@ -3,8 +3,15 @@
 //! test seeds and inspects on disk. The real agent, the DingTalk simulator and the scripted
 //! model drive it; every change is confirmed, audited and undone.
 
-use std::path::PathBuf;
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use serde_json::json;
 use zhuli::{
     audit::Kind,
@@ -16,7 +23,96 @@ use crate::support::{self, Agent, Journal, Server, calls, code_in};
 
 const PASSWORD: &str = "drive-pw-Kq93xZ";
 
+/// Shares a Nextcloud-shaped front made: (id, path).
+type Shares = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A loopback front shaped like Nextcloud: the sharing API (OCS, `?format=json`) answered here
+/// with the documented shapes, everything else (WebDAV) passed on to rclone, `Host` kept so
+/// rclone accepts the `Destination` of a MOVE.
+async fn nextcloud_front(dav: SocketAddr, root: PathBuf, auth: String) -> (SocketAddr, Shares) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shares: Shares = Arc::default();
+    let kept = shares.clone();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (shares, root, client, auth) = (kept.clone(), root.clone(), client.clone(), auth.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (shares, root, client, auth) = (shares.clone(), root.clone(), client.clone(), auth.clone());
+                    async move {
+                        let ocs = |status: u16, code: u16, message: &str, data: serde_json::Value| {
+                            let body = json!({"ocs": {"meta": {"status": if code == 200 { "ok" } else { "failure" }, "statuscode": code, "message": message}, "data": data}});
+                            http::Response::builder()
+                                .status(status)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body.to_string())))
+                                .expect("response")
+                        };
+                        let path = req.uri().path().to_owned();
+                        if let Some(rest) = path.strip_prefix("/ocs/v2.php/apps/files_sharing/api/v1/shares") {
+                            let authorized =
+                                req.headers().get("authorization").and_then(|v| v.to_str().ok()) == Some(auth.as_str());
+                            let api = req.headers().get("ocs-apirequest").and_then(|v| v.to_str().ok()) == Some("true");
+                            if !authorized || !api {
+                                return Ok::<_, Infallible>(ocs(401, 997, "Current user is not logged in", json!([])));
+                            }
+                            if req.method() == http::Method::DELETE {
+                                let id = rest.trim_start_matches('/').to_owned();
+                                let mut s = shares.lock().expect("shares");
+                                let before = s.len();
+                                s.retain(|(i, _)| *i != id);
+                                return Ok(if s.len() < before {
+                                    ocs(200, 200, "OK", json!([]))
+                                } else {
+                                    ocs(404, 404, "Wrong share ID, share does not exist", json!([]))
+                                });
+                            }
+                            let form = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let form = String::from_utf8_lossy(&form).into_owned();
+                            let field = |k: &str| {
+                                form.split('&')
+                                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                                    .map(zhuli::tools::dav::decode)
+                            };
+                            let target = field("path").unwrap_or_default();
+                            if field("shareType").as_deref() != Some("3")
+                                || !root.join(target.trim_start_matches('/')).exists()
+                            {
+                                return Ok(ocs(404, 404, "Wrong path, file/folder does not exist", json!([])));
+                            }
+                            let id = format!("{}", 40 + shares.lock().expect("shares").len());
+                            shares.lock().expect("shares").push((id.clone(), target.clone()));
+                            let data = json!({"id": id, "share_type": 3, "permissions": 1, "path": target, "token": format!("tok{id}"), "url": format!("https://cloud.example.com/s/tok{id}")});
+                            return Ok(ocs(200, 200, "OK", data));
+                        }
+                        let (mut parts, body) = req.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let pq = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+                        parts.uri = format!("http://{dav}{pq}").parse().expect("uri");
+                        let answer = client
+                            .request(http::Request::from_parts(parts, Full::new(body)))
+                            .await
+                            .expect("rclone answers");
+                        let (parts, body) = answer.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        Ok(http::Response::from_parts(parts, Full::new(body)))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, shares)
+}
+
 struct Rig {
+    shares: Shares,
     sim: Simulator,
     llm: LlmSim,
     agent: Agent,
@@ -40,6 +136,10 @@ fn put(root: &std::path::Path, path: &str, bytes: &[u8]) {
 }
 
 async fn rig(tag: &str, password: &str) -> Rig {
+    rig_with(tag, password, false).await
+}
+
+async fn rig_with(tag: &str, password: &str, nextcloud: bool) -> Rig {
     let scratch = support::temp_dir(&format!("{tag}-drive"));
     let (drive, share) = (scratch.join("drive"), scratch.join("share"));
     put(&drive, "reports/q3.pdf", b"%PDF-1.7 Q3 report");
@@ -57,7 +157,7 @@ async fn rig(tag: &str, password: &str) -> Rig {
             "--addr",
             "127.0.0.1:{port}",
             "--baseurl",
-            "/dav/files/zhuli",
+            "/remote.php/dav/files/zhuli",
             "--user",
             "zhuli",
             "--pass",
@@ -69,14 +169,16 @@ async fn rig(tag: &str, password: &str) -> Rig {
     let journal = Journal::start(&scratch);
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let llm = LlmSim::start().await.expect("llm sim");
+    let basic = format!("Basic {}", zhuli::tools::dav::base64(b"zhuli:drive-pw-Kq93xZ"));
+    let (front, shares) = nextcloud_front(dav.addr(), drive.clone(), basic).await;
+    let share_links = if nextcloud { "nextcloud" } else { "none" };
     let config = format!(
-        "{}[tools.files.roots]\nshare = {:?}\n[tools.drive]\nurl = \"http://{}/dav/files/zhuli/\"\nusername = \"zhuli\"\npassword = {password:?}\n",
+        "{}[tools.files.roots]\nshare = {:?}\n[tools.drive]\nurl = \"http://{front}/remote.php/dav/files/zhuli/\"\nusername = \"zhuli\"\npassword = {password:?}\nshare_links = \"{share_links}\"\n",
         support::assistant_config(&llm, &["drive", "files_list"], &journal),
         share.display().to_string(),
-        dav.addr,
     );
     let agent = support::connected_agent(tag, &sim, &config).await;
-    Rig { sim, llm, agent, journal, _dav: dav, drive, share, scratch }
+    Rig { shares, sim, llm, agent, journal, _dav: dav, drive, share, scratch }
 }
 
 impl Rig {
@@ -196,4 +298,20 @@ async fn a_wrong_password_is_named_for_the_admin() {
     assert!(answer.contains("[tools.drive] username and password"), "{answer}");
     assert!(!rig.agent.log().contains("not-the-password"));
     rig.journal.expect(1, Kind::ToolFailed, &[("TOOL", "drive_list")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nextcloud_share_links_are_made_and_undone() {
+    let rig = rig_with("drive-share", PASSWORD, true).await;
+    let missing = rig.call("drive_share", json!({"path": "reports/nope.pdf"})).await;
+    assert!(missing.contains("does not exist"), "checked before anything is asked: {missing}");
+    let link = rig.confirmed("drive_share", json!({"path": "reports/q3.pdf"})).await;
+    assert!(link.contains("read-only link to drive:reports/q3.pdf: https://cloud.example.com/s/tok40"), "{link}");
+    assert_eq!(rig.shares.lock().expect("shares").clone(), [("40".to_owned(), "/reports/q3.pdf".to_owned())]);
+    assert!(rig.ask("/undo").await.contains("removed the link to drive:reports/q3.pdf"));
+    assert!(rig.shares.lock().expect("shares").is_empty());
+    // Moves go through the same front: rclone sees the front's host in Destination and Host.
+    let moved = rig.confirmed("drive_move", json!({"from": "photos/team.jpg", "to": "archive/team.jpg"})).await;
+    assert!(moved.contains("moved") && rig.drive.join("archive/team.jpg").exists(), "{moved}");
+    rig.assert_password_kept();
 }

@@ -305,63 +305,15 @@ pub fn field<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
     entry.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-/// A server process the test started (Radicale, rclone, an MCP server); killed when dropped.
-pub struct Server {
-    child: Child,
-    pub addr: std::net::SocketAddr,
-}
+/// A server program the test started on loopback (Radicale, rclone).
+pub struct Server(zhuli::tools::local_server::LocalServer);
 
 impl Server {
-    /// Run `program args…` after replacing `{port}` in the arguments with a free loopback port,
-    /// and wait until it accepts connections there. The program must be installed (`.ci/run`
-    /// installs it); `package` says from where.
     pub fn start(program: &str, package: &str, args: &[&str]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let args: Vec<String> = args.iter().map(|a| a.replace("{port}", &port.to_string())).collect();
-        let mut child = Command::new(program)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program} ({e}); install it: {package}"));
-        let log = Arc::new(Mutex::new(String::new()));
-        for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if let Ok(mut l) = log.lock() {
-                        l.push_str(&line);
-                        l.push('\n');
-                    }
-                }
-            });
-        }
-        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "{program} exited ({status}) before listening:\n{}",
-                    log.lock().map(|l| l.clone()).unwrap_or_default()
-                );
-            }
-            assert!(std::time::Instant::now() < deadline, "{program} did not listen on {addr} within 20 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Server { child, addr }
+        Server(zhuli::tools::local_server::LocalServer::start(program, package, args).unwrap_or_else(|e| panic!("{e}")))
     }
-}
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.0.addr
     }
 }

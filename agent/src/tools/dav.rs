@@ -147,7 +147,8 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-fn base64(data: &[u8]) -> String {
+/// Standard base64 with padding (HTTP basic credentials).
+pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {

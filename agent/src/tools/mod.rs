@@ -11,6 +11,7 @@ pub mod dav;
 pub mod drive;
 pub mod files;
 pub mod github;
+pub mod local_server;
 pub mod mcp;
 pub mod schema;
 pub mod system;

@@ -11,6 +11,7 @@
 //!   the network (socket pairs stay), none of ptrace, process_vm_*, namespaces, mounts, BPF,
 //!   perf, keyrings, io_uring (which would bypass the socket rule) or kernel modules;
 //! - **rlimits**: memory (data segment), CPU seconds, open files, file size, no core dumps;
+//!   and the highest OOM score, so memory pressure ends a plugin before the agent;
 //! - **a scrubbed environment** (only `PATH`, `HOME`, `LANG` and the configured variables) and
 //!   **no inherited descriptors** beyond stdin/stdout/stderr (all others close on exec).
 //!
@@ -243,7 +244,8 @@ pub fn command(program: &Path, args: &[String], policy: &Policy) -> Result<tokio
         .current_dir(&policy.home)
         .process_group(0);
     // SAFETY: the closure runs in the child between fork and exec. It only makes system calls
-    // (prctl, close_range, setrlimit, landlock_restrict_self, seccomp) on data prepared above;
+    // (prctl, close_range, open/write/close, setrlimit, landlock_restrict_self, seccomp) on data
+    // prepared above;
     // nothing it calls takes a lock another thread of the parent could have held.
     unsafe {
         cmd.pre_exec(move || {
@@ -257,6 +259,12 @@ pub fn command(program: &Path, args: &[String], policy: &Policy) -> Result<tokio
             const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
             if libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // Under memory pressure the kernel kills a plugin before the agent.
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"1000".as_ptr().cast(), 4);
+                libc::close(fd);
             }
             for (resource, value) in limits {
                 let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
