@@ -769,7 +769,7 @@ fn backend_calls() {
     } else {
         let plugins_s = plugins.canonicalize().expect("tests/mcp").display().to_string();
         let settings: mcp::PluginSettings = toml::from_str(&format!(
-            "command = \"/usr/bin/node\"\nargs = [\"--jitless\", {:?}, {share_s:?}]\nread = [{plugins_s:?}]\nread_only_tools = [\"list_directory\", \"read_text_file\"]\n",
+            "command = \"/usr/bin/node\"\nargs = [\"--jitless\", {:?}, {share_s:?}]\nread = [{plugins_s:?}, {share_s:?}]\nread_only_tools = [\"list_directory\", \"read_text_file\"]\n",
             server.display().to_string()
         ))
         .expect("plugin settings");
