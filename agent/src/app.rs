@@ -289,6 +289,7 @@ pub async fn build_assistant(
         health,
         llm_errors: Default::default(),
         denials: Default::default(),
+        plugins,
     }))
 }
 

@@ -178,9 +178,13 @@ async fn a_plugin_that_hangs_or_runs_out_of_memory_is_stopped_and_the_agent_keep
     assert!(rig.call("probe_sleep", json!({"ms": 10})).await.contains("slept 10 ms"));
     let hung = rig.call("probe_sleep", json!({"ms": 20_000})).await;
     assert!(hung.contains("did not answer within 3000 ms and was stopped"), "{hung}");
-    // Still serving: a plain answer, then the plugin again (started anew).
+    // Still serving: a plain answer, the status (which says what happened), then the plugin
+    // again (started anew).
     rig.llm.push(Scripted::Text("Still here.".into()));
     assert_eq!(rig.ask("are you there?").await, "Still here.");
+    let status = rig.ask("/status").await;
+    assert!(status.contains("probe: not running (9 tools, 1 start; starts on the next call; last: "), "{status}");
+    assert!(status.contains("fs: running (pid "), "{status}");
     assert!(rig.call("probe_sleep", json!({"ms": 10})).await.contains("slept 10 ms"));
 
     let eaten = rig.call("probe_eat", json!({"mb": 2048})).await;

@@ -69,6 +69,8 @@ pub struct Parts {
     /// Messages refused at admission (unknown or unapproved senders).
     pub refusals: AtomicU64,
     pub health: Arc<Health>,
+    /// The MCP plugins, for `/status`.
+    pub plugins: Vec<Arc<crate::tools::mcp::Plugin>>,
 }
 
 pub struct Assistant {
@@ -215,6 +217,7 @@ impl Assistant {
                 errors: p.llm_errors.load(Ordering::Relaxed),
                 denied: p.denials.load(Ordering::Relaxed),
                 refused: p.refusals.load(Ordering::Relaxed),
+                plugins: p.plugins.iter().map(|pl| pl.status_line()).collect(),
             },
         )
     }

@@ -48,6 +48,9 @@ pub struct Snapshot {
     pub alarms: Vec<String>,
     pub resources: Option<Sample>,
     pub last_error: Option<String>,
+    /// One line per MCP plugin: running or not, tools, starts, memory.
+    #[serde(default)]
+    pub plugins: Vec<String>,
 }
 
 /// The assistant's figures (model, tools, admission, audit).
@@ -59,6 +62,7 @@ pub struct AssistantFigures {
     pub errors: u64,
     pub denied: u64,
     pub refused: u64,
+    pub plugins: Vec<String>,
 }
 
 pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health, a: AssistantFigures) -> Snapshot {
@@ -96,6 +100,7 @@ pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health
             .and_then(|e| e.clone())
             .or_else(|| s.last_error())
             .map(|e| e.chars().take(300).collect()),
+        plugins: a.plugins,
     }
 }
 
@@ -144,6 +149,9 @@ pub fn rows(s: &Snapshot) -> Vec<(&'static str, String)> {
         ),
         ("tool calls denied", s.tool_calls_denied.to_string()),
     ];
+    for p in &s.plugins {
+        rows.push(("plugin", p.clone()));
+    }
     if let Some(r) = &s.resources {
         rows.push((
             "resources",

@@ -154,6 +154,8 @@ pub struct Plugin {
     stats: Mutex<PluginStats>,
     /// Values replaced in anything the plugin says.
     secrets: Vec<String>,
+    /// Tools it offered at start.
+    pub tools: AtomicU64,
 }
 
 impl Plugin {
@@ -206,11 +208,37 @@ impl Plugin {
             next_id: AtomicU64::new(1),
             stats: Mutex::default(),
             secrets,
+            tools: AtomicU64::new(0),
         }))
     }
 
     pub fn stats(&self) -> PluginStats {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// For `/status`: `fs: running (pid 412, 14 tools, 1 start, RSS 61 MB)`.
+    pub fn status_line(&self) -> String {
+        let st = self.stats();
+        let tools = self.tools.load(Ordering::Relaxed);
+        // None: never started or taken out; Some(None): running; Some(Some(how)): it stopped.
+        let state = self
+            .running
+            .try_lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|r| r.gone.lock().unwrap_or_else(|p| p.into_inner()).clone()));
+        let starts = format!("{} start{}", st.starts, if st.starts == 1 { "" } else { "s" });
+        match (state, st.pid) {
+            (Some(None), Some(pid)) => {
+                let rss = self.memory_kb().map(|(r, _)| format!(", RSS {} MB", r / 1024)).unwrap_or_default();
+                format!("{}: running (pid {pid}, {tools} tools, {starts}{rss})", self.name)
+            }
+            (state, _) => {
+                let last = state.flatten().or(st.last_stop);
+                let last =
+                    last.map(|l| format!("; last: {}", l.chars().take(160).collect::<String>())).unwrap_or_default();
+                format!("{}: not running ({tools} tools, {starts}; starts on the next call{last})", self.name)
+            }
+        }
     }
 
     fn redact(&self, text: &str) -> String {
@@ -239,7 +267,13 @@ impl Plugin {
             }
         }
         let started = Instant::now();
-        let running = self.spawn()?;
+        let running = match self.spawn() {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.lock().unwrap_or_else(|p| p.into_inner()).last_stop = Some(e.to_string());
+                return Err(e);
+            }
+        };
         let init = json!({
             "protocolVersion": PROTOCOL_VERSION,
             "capabilities": {},
@@ -250,10 +284,12 @@ impl Plugin {
             Ok(a) => a,
             Err(e) => {
                 running.stop.cancel();
-                return Err(match e {
+                let e = match e {
                     PluginError::Timeout { .. } | PluginError::Stopped { .. } => e,
                     other => PluginError::Start(self.name.clone(), other.to_string()),
-                });
+                };
+                self.stats.lock().unwrap_or_else(|p| p.into_inner()).last_stop = Some(e.to_string());
+                return Err(e);
             }
         };
         if answer["protocolVersion"].as_str().is_none() {
@@ -618,6 +654,7 @@ pub async fn start_all(
         match plugin.list_tools().await {
             Ok(list) => {
                 let made: Vec<McpTool> = list.iter().filter_map(|e| McpTool::new(&plugin, e)).collect();
+                plugin.tools.store(made.len() as u64, Ordering::Relaxed);
                 log::info!(
                     "plugin {name}: {} tools, started in {} ms (sandbox: Landlock ABI {})",
                     made.len(),
