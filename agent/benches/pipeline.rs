@@ -675,11 +675,7 @@ fn backend_calls() {
         }
     }
     let share_s = share.display().to_string();
-    match LocalServer::start(
-        "rclone",
-        "apt-get install rclone",
-        &["serve", "webdav", &share_s, "--addr", "127.0.0.1:{port}", "--config", "/dev/null"],
-    ) {
+    match LocalServer::rclone_webdav(&share, "/", None) {
         Ok(dav) => {
             let settings: drive::DriveSettings =
                 toml::from_str(&format!("url = \"http://{}/\"\n", dav.addr)).expect("drive settings");
@@ -718,23 +714,7 @@ fn backend_calls() {
         )
         .expect("event");
     }
-    let store_s = store.display().to_string();
-    match LocalServer::start(
-        "radicale",
-        "apt-get install radicale",
-        &[
-            "--config",
-            "",
-            "--server-hosts",
-            "127.0.0.1:{port}",
-            "--storage-filesystem-folder",
-            &store_s,
-            "--auth-type",
-            "none",
-            "--logging-level",
-            "warning",
-        ],
-    ) {
+    match LocalServer::radicale(&store, None) {
         Ok(rad) => {
             let settings: caldav::CaldavSettings = toml::from_str(&format!(
                 "username = \"bench\"\n[calendars]\nteam = \"http://{}/bench/team/\"\n",

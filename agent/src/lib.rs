@@ -12,5 +12,6 @@ pub mod llm;
 pub mod logging;
 pub mod provision;
 pub mod secret;
+pub mod sim_http;
 pub mod store;
 pub mod tools;

@@ -12,7 +12,9 @@ use zhuli::{
     tools::when,
 };
 
-use crate::support::{self, Agent, Journal, Server, calls, code_in};
+use zhuli::tools::local_server::LocalServer;
+
+use crate::support::{self, Agent, Journal, Server, calls};
 
 const PASSWORD: &str = "caldav-pw-Wm41sP";
 const SH: i32 = 480;
@@ -140,28 +142,7 @@ async fn rig(tag: &str, password: &str) -> Rig {
         )],
     );
     std::fs::write(scratch.join("users"), format!("zhuli:{PASSWORD}\n")).expect("htpasswd");
-    let radicale = Server::start(
-        "radicale",
-        "apt-get install radicale",
-        &[
-            "--config",
-            "",
-            "--server-hosts",
-            "127.0.0.1:{port}",
-            "--storage-filesystem-folder",
-            store.to_str().expect("utf-8"),
-            "--auth-type",
-            "htpasswd",
-            "--auth-htpasswd-filename",
-            scratch.join("users").to_str().expect("utf-8"),
-            "--auth-htpasswd-encryption",
-            "plain",
-            "--rights-type",
-            "owner_only",
-            "--logging-level",
-            "warning",
-        ],
-    );
+    let radicale = Server::new(LocalServer::radicale(&store, Some(&scratch.join("users"))));
     let journal = Journal::start(&scratch);
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let llm = LlmSim::start().await.expect("llm sim");
@@ -181,20 +162,12 @@ impl Rig {
     }
 
     async fn call(&self, tool: &str, args: serde_json::Value) -> String {
-        self.llm.push(calls(&[(tool, args)]));
-        self.llm.push(Scripted::Text("done".into()));
-        self.ask(&format!("please use {tool}")).await;
-        support::tool_results(&self.llm.requests().last().expect("a model request").body).remove(0)
+        support::call_tool(&self.sim, &self.llm, &self.agent, tool, args).await
     }
 
     /// A write call, asked and confirmed: the question and the tool's result.
     async fn confirmed(&self, tool: &str, args: serde_json::Value) -> (String, String) {
-        self.llm.push(calls(&[(tool, args)]));
-        let question = self.ask(&format!("please use {tool}")).await;
-        self.llm.push(Scripted::Text("done".into()));
-        self.ask(&format!("/confirm {}", code_in(&question))).await;
-        let result = support::tool_results(&self.llm.requests().last().expect("a model request").body).remove(0);
-        (question, result)
+        support::confirmed_call(&self.sim, &self.llm, &self.agent, tool, args).await
     }
 }
 

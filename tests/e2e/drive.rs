@@ -19,6 +19,8 @@ use zhuli::{
     llm::sim::{LlmSim, Scripted},
 };
 
+use zhuli::tools::local_server::LocalServer;
+
 use crate::support::{self, Agent, Journal, Server, calls, code_in};
 
 const PASSWORD: &str = "drive-pw-Kq93xZ";
@@ -147,25 +149,7 @@ async fn rig_with(tag: &str, password: &str, nextcloud: bool) -> Rig {
     put(&drive, "photos/team.jpg", b"\xff\xd8\xff jpeg");
     std::fs::create_dir_all(drive.join("archive")).expect("archive");
     std::fs::create_dir_all(&share).expect("share");
-    let dav = Server::start(
-        "rclone",
-        "apt-get install rclone",
-        &[
-            "serve",
-            "webdav",
-            drive.to_str().expect("utf-8 path"),
-            "--addr",
-            "127.0.0.1:{port}",
-            "--baseurl",
-            "/remote.php/dav/files/zhuli",
-            "--user",
-            "zhuli",
-            "--pass",
-            PASSWORD,
-            "--config",
-            "/dev/null",
-        ],
-    );
+    let dav = Server::new(LocalServer::rclone_webdav(&drive, "/remote.php/dav/files/zhuli", Some(("zhuli", PASSWORD))));
     let journal = Journal::start(&scratch);
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let llm = LlmSim::start().await.expect("llm sim");
@@ -186,21 +170,13 @@ impl Rig {
         support::ask(&self.sim, &self.agent, Inject::text(text).from("hanmei")).await
     }
 
-    /// One tool call through the model; its result.
     async fn call(&self, tool: &str, args: serde_json::Value) -> String {
-        self.llm.push(calls(&[(tool, args)]));
-        self.llm.push(Scripted::Text("done".into()));
-        self.ask(&format!("please use {tool}")).await;
-        support::tool_results(&self.llm.requests().last().expect("a model request").body).remove(0)
+        support::call_tool(&self.sim, &self.llm, &self.agent, tool, args).await
     }
 
-    /// A write call: asked, confirmed; the confirmation's answer.
+    /// A write call: asked, confirmed; the tool's result.
     async fn confirmed(&self, tool: &str, args: serde_json::Value) -> String {
-        self.llm.push(calls(&[(tool, args)]));
-        let question = self.ask(&format!("please use {tool}")).await;
-        self.llm.push(Scripted::Text("done".into()));
-        self.ask(&format!("/confirm {}", code_in(&question))).await;
-        support::tool_results(&self.llm.requests().last().expect("a model request").body).remove(0)
+        support::confirmed_call(&self.sim, &self.llm, &self.agent, tool, args).await.1
     }
 
     fn assert_password_kept(&self) {

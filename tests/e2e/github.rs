@@ -52,12 +52,8 @@ impl Rig {
         support::ask(&self.sim, &self.agent, Inject::text(text).from("hanmei")).await
     }
 
-    /// Run one tool call through the model and the agent; the tool's result.
     async fn call(&self, tool: &str, args: serde_json::Value) -> String {
-        self.llm.push(calls(&[(tool, args)]));
-        self.llm.push(Scripted::Text("done".into()));
-        self.ask(&format!("please use {tool}")).await;
-        support::tool_results(&self.llm.requests().last().expect("a model request").body).remove(0)
+        support::call_tool(&self.sim, &self.llm, &self.agent, tool, args).await
     }
 
     fn assert_token_kept(&self) {

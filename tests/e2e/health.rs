@@ -97,7 +97,13 @@ async fn alerts_reach_the_admin_chat_once_per_crossing() {
     let scratch = support::temp_dir("alerts");
     let journal = Journal::start(&scratch);
     let metrics = scratch.join("metrics");
-    std::fs::write(&metrics, "disk_percent=97\n").expect("metrics");
+    // Every reading pinned, so a busy test machine's real CPU or load cannot add an alert.
+    let disk = |percent: u32| {
+        let readings =
+            format!("disk_percent={percent}\ncpu_percent=5\nmemory_percent=5\nload_per_core=0.1\ntemperature_c=40\n");
+        std::fs::write(&metrics, readings).expect("metrics");
+    };
+    disk(97);
     let extra = format!(
         "{FAST}alert_every_ms = 10\nadmin_chat = \"cid-admins\"\n[audit]\njournal_socket = {:?}\n",
         journal.path.display().to_string()
@@ -117,10 +123,10 @@ async fn alerts_reach_the_admin_chat_once_per_crossing() {
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert!(alerts[0].text.contains("state disk 97% full"), "{}", alerts[0].text);
 
-    std::fs::write(&metrics, "disk_percent=20\n").expect("metrics");
+    disk(20);
     assert!(sim.wait_until(Duration::from_secs(5), |s| to_admins(s).len() == 2).await);
     assert!(to_admins(&sim)[1].text.contains("back below"), "{:?}", to_admins(&sim));
-    std::fs::write(&metrics, "disk_percent=98\n").expect("metrics");
+    disk(98);
     assert!(sim.wait_until(Duration::from_secs(5), |s| to_admins(s).len() == 3).await);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(to_admins(&sim).len(), 3, "one message per crossing");
@@ -135,7 +141,8 @@ async fn alerts_go_to_each_admin_without_an_admin_chat() {
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let scratch = support::temp_dir("alerts-1to1");
     let metrics = scratch.join("metrics");
-    std::fs::write(&metrics, "memory_percent=99\n").expect("metrics");
+    let readings = "memory_percent=99\ncpu_percent=5\ndisk_percent=5\nload_per_core=0.1\ntemperature_c=40\n";
+    std::fs::write(&metrics, readings).expect("metrics");
     let extra = format!("{FAST}[access]\nadmins = [\"boss\", \"ops\"]\n");
     let _agent = support::spawn_agent_with_env(
         "alerts-1to1",

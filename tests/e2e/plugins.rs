@@ -82,10 +82,7 @@ impl Rig {
     }
 
     async fn call(&self, tool: &str, args: serde_json::Value) -> String {
-        self.llm.push(calls(&[(tool, args)]));
-        self.llm.push(Scripted::Text("done".into()));
-        self.ask(&format!("please use {tool}")).await;
-        support::tool_results(&self.llm.requests().last().expect("a model request").body).remove(0)
+        support::call_tool(&self.sim, &self.llm, &self.agent, tool, args).await
     }
 }
 

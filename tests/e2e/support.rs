@@ -188,6 +188,35 @@ pub fn code_in(text: &str) -> String {
     text[at + 9..].chars().take_while(char::is_ascii_digit).collect()
 }
 
+/// One tool call, asked by `hanmei` through the scripted model; the tool's result.
+pub async fn call_tool(
+    sim: &Simulator,
+    llm: &zhuli::llm::sim::LlmSim,
+    agent: &Agent,
+    tool: &str,
+    args: serde_json::Value,
+) -> String {
+    llm.push(calls(&[(tool, args)]));
+    llm.push(zhuli::llm::sim::Scripted::Text("done".into()));
+    ask(sim, agent, Inject::text(format!("please use {tool}")).from("hanmei")).await;
+    tool_results(&llm.requests().last().expect("a model request").body).remove(0)
+}
+
+/// A call that needs a confirmation: asked, confirmed by `hanmei`; the question and the result.
+pub async fn confirmed_call(
+    sim: &Simulator,
+    llm: &zhuli::llm::sim::LlmSim,
+    agent: &Agent,
+    tool: &str,
+    args: serde_json::Value,
+) -> (String, String) {
+    llm.push(calls(&[(tool, args)]));
+    let question = ask(sim, agent, Inject::text(format!("please use {tool}")).from("hanmei")).await;
+    llm.push(zhuli::llm::sim::Scripted::Text("done".into()));
+    ask(sim, agent, Inject::text(format!("/confirm {}", code_in(&question))).from("hanmei")).await;
+    (question, tool_results(&llm.requests().last().expect("a model request").body).remove(0))
+}
+
 /// `[llm]` for a scripted model, `[access]` granting `tools` to everyone, `[audit]` to `journal`.
 pub fn assistant_config(llm: &zhuli::llm::sim::LlmSim, tools: &[&str], journal: &Journal) -> String {
     format!(
@@ -309,8 +338,10 @@ pub fn field<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
 pub struct Server(zhuli::tools::local_server::LocalServer);
 
 impl Server {
-    pub fn start(program: &str, package: &str, args: &[&str]) -> Server {
-        Server(zhuli::tools::local_server::LocalServer::start(program, package, args).unwrap_or_else(|e| panic!("{e}")))
+    pub fn new(
+        started: Result<zhuli::tools::local_server::LocalServer, zhuli::tools::local_server::LocalServerError>,
+    ) -> Server {
+        Server(started.unwrap_or_else(|e| panic!("{e}")))
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {

@@ -5,7 +5,6 @@
 
 use std::{
     collections::VecDeque,
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -13,8 +12,7 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
-use hyper::{body::Frame, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Frame;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -171,29 +169,8 @@ impl LlmSim {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let cancel = CancellationToken::new();
-        let (st, stop) = (state.clone(), cancel.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    a = listener.accept() => a,
-                };
-                let Ok((tcp, _)) = accepted else { continue };
-                let st = st.clone();
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(st, req).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = conn => {}
-                    }
-                });
-            }
-        });
+        let st = state.clone();
+        crate::sim_http::spawn(listener, cancel.clone(), move |req| handle(st.clone(), req));
         Ok(LlmSim { addr, state, cancel })
     }
 

@@ -1,6 +1,7 @@
 //! A server program started on loopback for the tests and benchmarks of the tools that talk to
 //! real servers (Radicale, rclone's WebDAV): a free port, the process, and a wait until it
-//! accepts connections. Killed when dropped.
+//! accepts connections. Killed when dropped. The programs come from Debian packages that
+//! `.ci/run` installs.
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -76,6 +77,51 @@ impl LocalServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(LocalServer { child, addr })
+    }
+}
+
+impl LocalServer {
+    /// Radicale (CalDAV) serving the collections under `storage`; with `htpasswd` (plain
+    /// `user:password` lines) it asks for a login and lets each user reach their own only.
+    pub fn radicale(
+        storage: &std::path::Path,
+        htpasswd: Option<&std::path::Path>,
+    ) -> Result<LocalServer, LocalServerError> {
+        let storage = storage.display().to_string();
+        let mut args =
+            vec!["--config", "", "--server-hosts", "127.0.0.1:{port}", "--storage-filesystem-folder", &storage];
+        let users = htpasswd.map(|p| p.display().to_string());
+        match &users {
+            Some(file) => args.extend([
+                "--auth-type",
+                "htpasswd",
+                "--auth-htpasswd-filename",
+                file.as_str(),
+                "--auth-htpasswd-encryption",
+                "plain",
+                "--rights-type",
+                "owner_only",
+            ]),
+            None => args.extend(["--auth-type", "none"]),
+        }
+        args.extend(["--logging-level", "warning"]);
+        LocalServer::start("radicale", "apt-get install radicale", &args)
+    }
+
+    /// rclone's WebDAV server for the folder `root`, under `base` (`/remote.php/dav/files/u`),
+    /// with a login when given.
+    pub fn rclone_webdav(
+        root: &std::path::Path,
+        base: &str,
+        login: Option<(&str, &str)>,
+    ) -> Result<LocalServer, LocalServerError> {
+        let root = root.display().to_string();
+        let mut args =
+            vec!["serve", "webdav", &root, "--addr", "127.0.0.1:{port}", "--baseurl", base, "--config", "/dev/null"];
+        if let Some((user, pass)) = login {
+            args.extend(["--user", user, "--pass", pass]);
+        }
+        LocalServer::start("rclone", "apt-get install rclone", &args)
     }
 }
 

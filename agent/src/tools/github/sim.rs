@@ -5,7 +5,6 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -13,8 +12,6 @@ use std::{
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -96,28 +93,8 @@ impl GithubSim {
             ..Default::default()
         }));
         let cancel = CancellationToken::new();
-        let (st, stop) = (state.clone(), cancel.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    a = listener.accept() => a,
-                };
-                let Ok((tcp, _)) = accepted else { continue };
-                let (st, stop) = (st.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(st, addr, req).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = conn => {}
-                    }
-                });
-            }
-        });
+        let st = state.clone();
+        crate::sim_http::spawn(listener, cancel.clone(), move |req| handle(st.clone(), addr, req));
         Ok(GithubSim { addr, state, cancel })
     }
 
