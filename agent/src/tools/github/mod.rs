@@ -432,15 +432,24 @@ impl GithubTool {
         }
         let total = issue["comments"].as_u64().unwrap_or(0);
         if total > 0 {
-            // The latest comments: the last page (comments come oldest first).
+            // The latest five comments: the last page, and the one before when the last is short
+            // (comments come oldest first).
             let per = 5u64;
             let last = total.div_ceil(per);
-            let page = api
-                .page(&format!("/repos/{repo}/issues/{n}/comments?per_page={per}&page={last}"))
-                .await
-                .map_err(github_error)?;
+            let mut latest = Vec::new();
+            for p in [last.saturating_sub(1), last] {
+                if p == 0 || (p < last && total % per == 0) {
+                    continue;
+                }
+                let page = api
+                    .page(&format!("/repos/{repo}/issues/{n}/comments?per_page={per}&page={p}"))
+                    .await
+                    .map_err(github_error)?;
+                latest.extend(page.items);
+            }
             text.push_str(&format!("\nlatest of {total} comments:\n"));
-            for c in page.items.iter().rev().take(5).rev() {
+            let skip = latest.len().saturating_sub(5);
+            for c in latest.iter().skip(skip) {
                 text.push_str(&format!(
                     "- {} ({}): {}\n",
                     s(&c["user"], "login"),

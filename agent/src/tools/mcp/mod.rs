@@ -259,6 +259,8 @@ impl Plugin {
         if let Some(r) = slot.as_ref() {
             let gone = r.gone.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match gone {
+                // Being stopped (a timeout): not handed out again, started anew below.
+                None if r.stop.is_cancelled() => *slot = None,
                 None => return Ok(r.clone()),
                 Some(how) => {
                     self.stats.lock().unwrap_or_else(|p| p.into_inner()).last_stop = Some(how);
@@ -648,10 +650,15 @@ pub async fn start_all(
     state_dir: &std::path::Path,
 ) -> Result<(Vec<Arc<Plugin>>, Vec<Arc<dyn Tool>>), PluginSettingsError> {
     let mut plugins = Vec::new();
-    let mut tools: Vec<Arc<dyn Tool>> = Vec::new();
     for (name, s) in settings {
-        let plugin = Plugin::new(name, s, state_dir)?;
-        match plugin.list_tools().await {
+        plugins.push(Plugin::new(name, s, state_dir)?);
+    }
+    // All started at once: a slow one delays the agent's start by its own timeout, not the sum.
+    let lists = futures_util::future::join_all(plugins.iter().map(|p| p.list_tools())).await;
+    let mut tools: Vec<Arc<dyn Tool>> = Vec::new();
+    for (plugin, listed) in plugins.iter().zip(lists) {
+        let name = &plugin.name;
+        match listed {
             Ok(list) => {
                 let made: Vec<McpTool> = list.iter().filter_map(|e| McpTool::new(&plugin, e)).collect();
                 plugin.tools.store(made.len() as u64, Ordering::Relaxed);
@@ -665,7 +672,6 @@ pub async fn start_all(
             }
             Err(e) => log::error!("{e}; its tools are not offered until the agent restarts"),
         }
-        plugins.push(plugin);
     }
     Ok((plugins, tools))
 }
