@@ -660,7 +660,7 @@ pub async fn start_all(
         let name = &plugin.name;
         match listed {
             Ok(list) => {
-                let made: Vec<McpTool> = list.iter().filter_map(|e| McpTool::new(&plugin, e)).collect();
+                let made: Vec<McpTool> = list.iter().filter_map(|e| McpTool::new(plugin, e)).collect();
                 plugin.tools.store(made.len() as u64, Ordering::Relaxed);
                 log::info!(
                     "plugin {name}: {} tools, started in {} ms (sandbox: Landlock ABI {})",
