@@ -21,19 +21,7 @@ fn sdk_dir() -> PathBuf {
 }
 
 fn ensure_sdk_installed() {
-    let dir = sdk_dir();
-    if Command::new("node").arg("--version").output().is_err() {
-        panic!("Node.js is needed for the official-SDK conformance test: apt-get install nodejs npm (or run .ci/run)");
-    }
-    if dir.join("node_modules/dingtalk-stream/package.json").exists() {
-        return;
-    }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-        .current_dir(&dir)
-        .status()
-        .unwrap_or_else(|e| panic!("npm is needed to install the official SDK ({e}): apt-get install npm"));
-    assert!(status.success(), "npm ci in {} failed", dir.display());
+    crate::support::npm_install(&sdk_dir(), "dingtalk-stream/package.json");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,8 +52,8 @@ async fn rig(tag: &str) -> Rig {
     std::fs::write(share.join("minutes/2026-11-30.md"), "# Weekly\n- budget approved\n").expect("minutes");
     std::fs::create_dir_all(&out).expect("probe out");
     let dir = plugins_dir();
+    support::npm_install(&dir, "@modelcontextprotocol/server-filesystem/package.json");
     let fs_server = dir.join("node_modules/@modelcontextprotocol/server-filesystem/dist/index.js");
-    assert!(fs_server.exists(), "run `npm ci` in tests/mcp (`.ci/run` does)");
     let journal = Journal::start(&scratch);
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let llm = LlmSim::start().await.expect("llm sim");

@@ -348,3 +348,22 @@ impl Server {
         self.0.addr
     }
 }
+
+/// `npm ci` in `dir` unless `marker` (a file under its node_modules) is there already; one test
+/// process at a time (nextest runs tests in parallel processes).
+pub fn npm_install(dir: &std::path::Path, marker: &str) {
+    if Command::new("node").arg("--version").output().is_err() {
+        panic!("Node.js is needed for this test: apt-get install nodejs npm (or run .ci/run)");
+    }
+    let lock = std::fs::File::create(dir.join(".npm-install.lock")).expect("lock file");
+    lock.lock().expect("lock");
+    if dir.join("node_modules").join(marker).exists() {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(dir)
+        .status()
+        .unwrap_or_else(|e| panic!("npm is needed to install the test's packages ({e}): apt-get install npm"));
+    assert!(status.success(), "npm ci in {} failed", dir.display());
+}
