@@ -384,7 +384,12 @@ async fn secrets_are_sealed_by_systemd_and_a_factory_reset_trusts_a_new_key() {
             .output()
             .expect("decrypt");
         assert_eq!(String::from_utf8_lossy(&open.stdout), SECRET, "systemd gives the agent the secret back");
-        assert!(b.root.join("current/llm-api-key.cred").exists(), "every credential the unit loads exists");
+        for name in zhuli::provision::CREDENTIALS {
+            assert!(
+                b.root.join(format!("current/{name}.cred")).exists(),
+                "every credential the unit loads exists: {name}"
+            );
+        }
     } else {
         eprintln!("systemd-creds is not installed: sealing is not checked here");
         assert!(b.import(&img).status.success());

@@ -628,6 +628,25 @@ mod tests {
     }
 
     #[test]
+    fn the_unit_loads_exactly_the_credentials_an_import_writes() {
+        let unit = include_str!("../../../systemd/zhuli.service");
+        let mut loaded: Vec<&str> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix("LoadCredentialEncrypted="))
+            .filter_map(|l| l.split_once(':'))
+            .map(|(name, path)| {
+                assert!(name == "store-key" || path.ends_with(&format!("/current/{name}.cred")), "{name}: {path}");
+                name
+            })
+            .filter(|n| *n != "store-key")
+            .collect();
+        loaded.sort_unstable();
+        let mut written = CREDENTIALS.to_vec();
+        written.sort_unstable();
+        assert_eq!(loaded, written);
+    }
+
+    #[test]
     fn tool_secrets_become_credentials_too() {
         let text = TEMPLATE
             .replace("# [tools.github]", "[tools.github]")
