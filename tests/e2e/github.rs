@@ -177,3 +177,33 @@ async fn other_repos_rate_limits_and_a_bad_token_get_clear_answers() {
     assert!(!rig2.agent.log().contains("github_pat_wrong"), "the token appeared in the log");
     rig.assert_token_kept();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_token_and_each_backend() {
+    let rig = rig("gh-doctor", TOKEN).await;
+    let doctor = |config: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhuli"))
+            .args(["doctor", "--wait-ms", "3000", "--config"])
+            .arg(config)
+            .output()
+            .expect("doctor");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let seen = rig.gh.requests().len();
+    let out = doctor(rig.agent.config_path());
+    assert!(out.contains("6. tools          PASS  GitHub token accepted, 5000 of 5000 calls left this hour"), "{out}");
+    assert_eq!(rig.gh.state().remaining, 5000, "the check does not spend the limit");
+    assert!(rig.gh.requests().len() > seen);
+
+    // A drive nobody answers and a wrong token: both named, with the fix.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let text = std::fs::read_to_string(rig.agent.config_path()).expect("config").replace(TOKEN, "github_pat_wrong");
+    let bad = rig.scratch.join("bad.toml");
+    std::fs::write(&bad, format!("{text}[tools.drive]\nurl = \"http://127.0.0.1:{port}/dav/\"\n")).expect("write");
+    let out = doctor(&bad);
+    assert!(out.contains("6. tools          FAIL  FAILED: GitHub refused the token (401 Bad credentials)"), "{out}");
+    assert!(out.contains("FAILED: drive: request to http://127.0.0.1:"), "{out}");
+    assert!(!out.contains("github_pat_wrong") && !out.contains(TOKEN), "no token in the report: {out}");
+}

@@ -7,7 +7,9 @@
 //!    arrive on it are not ACKed, so the gateway gives them to the running agent instead);
 //! 4. recent errors — warnings and errors of the agent from the journal;
 //! 5. version — this binary, the running agent's, and whether a previous one is kept to roll
-//!    back to.
+//!    back to;
+//! 6. tools — one read with each configured backend's account (GitHub, the drive, each CalDAV
+//!    calendar) and each MCP plugin started in its sandbox and asked for its tools.
 
 use std::{path::Path, time::Duration};
 
@@ -48,7 +50,7 @@ fn step(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Op
 /// Where an earlier release is kept for rolling back (the image's update keeps one there).
 pub const PREVIOUS_BINARY: &str = "/usr/lib/zhuli/previous/zhuli";
 
-/// Run the five steps. `wait` bounds step 3.
+/// Run the six steps. `wait` bounds step 3.
 pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut endpoints = vec![("DingTalk API", config.dingtalk.api_base.as_str().to_owned())];
@@ -103,7 +105,60 @@ pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<S
 
     steps.push(recent_errors());
     steps.push(version(status_socket));
+    steps.push(tools_step(config).await);
     steps
+}
+
+/// Step 6: the backends and plugins the configuration names.
+async fn tools_step(config: &Config) -> Step {
+    use crate::tools::{caldav::Caldav, drive::Drive, files::Roots, github::GithubTools, mcp};
+    let t = &config.tools;
+    let mut results: Vec<Result<String, String>> = Vec::new();
+    match GithubTools::new(&t.github, config.assistant.utc_offset_minutes) {
+        Ok(Some(gh)) => results.push(gh.check().await),
+        Ok(None) => {}
+        Err(e) => results.push(Err(e.to_string())),
+    }
+    if t.drive.url.is_some() {
+        let scratch = std::env::temp_dir().join(format!("zhuli-doctor-{}", std::process::id()));
+        let roots = Roots::open(&Default::default(), &scratch, None);
+        match roots.map_err(|e| e.to_string()).and_then(|r| Drive::new(&t.drive, r).map_err(|e| e.to_string())) {
+            Ok(Some(d)) => results.push(d.check().await),
+            Ok(None) => {}
+            Err(e) => results.push(Err(e)),
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    match Caldav::new(&t.caldav, config.assistant.utc_offset_minutes, config.agent.time_zone.as_deref()) {
+        Ok(Some(c)) => results.extend(c.check().await),
+        Ok(None) => {}
+        Err(e) => results.push(Err(e.to_string())),
+    }
+    for (name, s) in &t.mcp {
+        let scratch = std::env::temp_dir().join(format!("zhuli-doctor-{}", std::process::id()));
+        match mcp::Plugin::new(name, s, &scratch) {
+            Ok(p) => {
+                results.push(match p.list_tools().await {
+                    Ok(list) => Ok(format!(
+                        "plugin {name}: {} tools, started in {} ms",
+                        list.len(),
+                        p.stats().start_ms.unwrap_or(0)
+                    )),
+                    Err(e) => Err(e.to_string()),
+                });
+                p.stop().await;
+            }
+            Err(e) => results.push(Err(e.to_string())),
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    if results.is_empty() {
+        return step("tools", Verdict::Pass, "no GitHub, drive, CalDAV or plugin configured", None);
+    }
+    let failed = results.iter().any(Result::is_err);
+    let detail: Vec<String> = results.into_iter().map(|r| r.unwrap_or_else(|e| format!("FAILED: {e}"))).collect();
+    let fix = failed.then_some("each failure says what to fix; docs/OPERATIONS.md has the settings of every backend");
+    step("tools", if failed { Verdict::Fail } else { Verdict::Pass }, detail.join("\n"), fix)
 }
 
 /// DNS, TCP and TLS to `url`'s host.

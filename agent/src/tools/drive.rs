@@ -107,6 +107,17 @@ impl Drive {
     }
 }
 
+impl Drive {
+    /// For `zhuli doctor`: the folder is there and the login accepted.
+    pub async fn check(&self) -> Result<String, String> {
+        match self.dav.stat("").await {
+            Ok(Some(e)) if e.dir => Ok(format!("drive {} reachable, login accepted", self.dav.base())),
+            Ok(_) => Err(format!("drive {} is not a folder", self.dav.base())),
+            Err(e) => Err(format!("drive: {e}")),
+        }
+    }
+}
+
 fn dav_error(e: DavError) -> ToolError {
     match e {
         e @ DavError::Unauthorized(_) => ToolError::NeedsAdmin(e.to_string()),

@@ -121,6 +121,21 @@ impl Caldav {
         })))
     }
 
+    /// For `zhuli doctor`: each calendar answers and is a calendar collection.
+    pub async fn check(&self) -> Vec<Result<String, String>> {
+        let mut out = Vec::new();
+        let body = r#"<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:"><d:prop><d:resourcetype/></d:prop></d:propfind>"#;
+        for (name, dav) in &self.calendars {
+            let answer = dav.multistatus("PROPFIND", dav.base(), "0", body, 256 * 1024).await;
+            out.push(match answer {
+                Ok(root) if root.find(CALDAV, "calendar").is_some() => Ok(format!("calendar {name} reachable")),
+                Ok(_) => Err(format!("calendar {name}: {} is not a calendar collection; check the URL", dav.base())),
+                Err(e) => Err(format!("calendar {name}: {e}")),
+            });
+        }
+        out
+    }
+
     fn names(&self) -> String {
         self.calendars.keys().cloned().collect::<Vec<_>>().join(", ")
     }

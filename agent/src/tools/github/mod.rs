@@ -103,6 +103,18 @@ impl GithubTools {
         })))
     }
 
+    /// For `zhuli doctor`: is the token accepted, and how much of the hour's limit is left
+    /// (`/rate_limit` does not count against it).
+    pub async fn check(&self) -> Result<String, String> {
+        let v = self.api.json(Method::GET, "/rate_limit", None).await.map_err(|e| e.to_string())?;
+        let core = &v["resources"]["core"];
+        Ok(format!(
+            "GitHub token accepted, {} of {} calls left this hour",
+            core["remaining"].as_u64().unwrap_or(0),
+            core["limit"].as_u64().unwrap_or(0)
+        ))
+    }
+
     /// `owner/name` if the configuration grants it.
     fn repo(&self, args: &Value) -> Result<String, ToolError> {
         let r = args["repo"].as_str().unwrap_or_default().trim().trim_end_matches(".git");

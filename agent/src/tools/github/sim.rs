@@ -298,6 +298,11 @@ async fn handle(
         let msg = json!({"message": "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.", "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api"});
         return respond(&st, StatusCode::FORBIDDEN, msg, None, &[("retry-after", wait.to_string())]);
     }
+    if method == Method::GET && path == "/rate_limit" {
+        // Not counted against the limit (GitHub's documented behaviour).
+        let core = json!({"limit": st.limit, "remaining": st.remaining, "used": st.limit - st.remaining, "reset": st.reset, "resource": "core"});
+        return respond(&st, StatusCode::OK, json!({"resources": {"core": core}, "rate": core}), None, &[]);
+    }
     if st.remaining == 0 {
         let msg = json!({"message": "API rate limit exceeded for user ID 1.", "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api"});
         return respond(&st, StatusCode::FORBIDDEN, msg, None, &[]);
