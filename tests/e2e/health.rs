@@ -238,9 +238,14 @@ async fn doctor_gives_a_verdict_per_step() {
     let good = run(agent.config_path());
     let out = String::from_utf8_lossy(&good.stdout).into_owned();
     assert!(good.status.success(), "{out}\n{}", String::from_utf8_lossy(&good.stderr));
-    for expect in
-        ["1. network        PASS", "2. credentials    PASS", "3. basic API      PASS", "4. recent errors", "5. version", "6. tools          PASS  no GitHub"]
-    {
+    for expect in [
+        "1. network        PASS",
+        "2. credentials    PASS",
+        "3. basic API      PASS",
+        "4. recent errors",
+        "5. version",
+        "6. tools          PASS  no GitHub",
+    ] {
         assert!(out.contains(expect), "{expect} in\n{out}");
     }
     assert!(out.contains(&format!("running agent {}", env!("CARGO_PKG_VERSION"))), "{out}");

@@ -63,8 +63,10 @@ async fn rig(tag: &str) -> Rig {
          read_only_tools = [\"list_directory\", \"read_text_file\", \"search_files\", \"get_file_info\"]\n\
          [tools.mcp.probe]\ncommand = {node:?}\nargs = [\"--jitless\", {probe:?}]\nread = [{probe:?}]\nwrite = [{out:?}]\n\
          memory_mb = 160\ntimeout_ms = 3000\nread_only_tools = [\"read\", \"connect\", \"spawn\", \"fork_bomb\", \"eat\", \"sleep\", \"env\", \"write\"]\n\
-         env = {{ PROBE_TOKEN = {PROBE_TOKEN:?} }}\n",
-        base = support::assistant_config(&llm, &["fs", "probe"], &journal),
+         env = {{ PROBE_TOKEN = {PROBE_TOKEN:?} }}\n\
+         [tools.mcp.netprobe]\ncommand = {node:?}\nargs = [\"--jitless\", {probe:?}]\nread = [{probe:?}]\nnetwork = true\nprocesses = 1\n\
+         read_only_tools = [\"connect\", \"spawn\"]\n",
+        base = support::assistant_config(&llm, &["fs", "probe", "netprobe"], &journal),
         node = s(&node),
         server = s(&fs_server),
         share = s(&share),
@@ -145,6 +147,12 @@ async fn the_sandbox_stops_what_a_plugin_was_not_granted() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(listener.accept().is_err(), "no connection arrived");
 
+    // The same server granted the network and a process gets both.
+    let granted = rig.call("netprobe_connect", json!({"port": port})).await;
+    assert_eq!(granted, "connected");
+    assert!(listener.accept().is_ok(), "the granted connection arrived");
+    assert_eq!(rig.call("netprobe_spawn", json!({})).await, "started, exit 0");
+
     // No processes: one, or two hundred.
     let r = rig.call("probe_spawn", json!({})).await;
     assert!(r.starts_with("refused: EPERM") || r.starts_with("refused: EAGAIN"), "{r}");
@@ -181,7 +189,7 @@ async fn a_plugin_that_hangs_or_runs_out_of_memory_is_stopped_and_the_agent_keep
     assert_eq!(rig.ask("are you there?").await, "Still here.");
     let status = rig.ask("/status").await;
     assert!(status.contains("probe: not running (9 tools, 1 start; starts on the next call; last: "), "{status}");
-    assert!(status.contains("fs: running (pid "), "{status}");
+    assert!(status.contains("fs: running (pid ") && status.contains("netprobe: running"), "{status}");
     assert!(rig.call("probe_sleep", json!({"ms": 10})).await.contains("slept 10 ms"));
 
     let eaten = rig.call("probe_eat", json!({"mb": 2048})).await;

@@ -69,9 +69,12 @@ pub struct PluginSettings {
     /// Largest file the plugin may write.
     #[serde(default = "default_file_mb")]
     pub file_mb: u64,
-    /// A call (or the start) taking longer is killed with the plugin.
+    /// A call taking longer is killed with the plugin.
     #[serde(default = "default_timeout")]
     pub timeout_ms: Millis,
+    /// Starting (spawn to the answer of `initialize`) taking longer is given up.
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout_ms: Millis,
     /// Tools run without a confirmation; every other one asks.
     #[serde(default)]
     pub read_only_tools: Vec<String>,
@@ -94,6 +97,9 @@ fn default_file_mb() -> u64 {
 }
 fn default_timeout() -> Millis {
     Millis::from_ms(30_000)
+}
+fn default_start_timeout() -> Millis {
+    Millis::from_ms(20_000)
 }
 
 /// Families of the built-in tools; a plugin may not take their names.
@@ -281,7 +287,7 @@ impl Plugin {
             "capabilities": {},
             "clientInfo": {"name": "zhuli", "version": env!("CARGO_PKG_VERSION")},
         });
-        let answer = self.request_on(&running, "initialize", init).await;
+        let answer = self.request_on(&running, "initialize", init, self.settings.start_timeout_ms.get()).await;
         let answer = match answer {
             Ok(a) => a,
             Err(e) => {
@@ -436,7 +442,13 @@ impl Plugin {
         })
     }
 
-    async fn request_on(&self, running: &Running, method: &str, params: Value) -> Result<Value, PluginError> {
+    async fn request_on(
+        &self,
+        running: &Running,
+        method: &str,
+        params: Value,
+        limit: Duration,
+    ) -> Result<Value, PluginError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         running.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
@@ -452,14 +464,14 @@ impl Plugin {
                 });
             }
         }
-        match tokio::time::timeout(self.timeout(), rx).await {
+        match tokio::time::timeout(limit, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(PluginError::Stopped { name: self.name.clone(), how: "ended".into() }),
             Err(_) => {
                 running.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 // Killed with everything it started; the next call starts it again.
                 running.stop.cancel();
-                Err(PluginError::Timeout { name: self.name.clone(), ms: self.timeout().as_millis() as u64 })
+                Err(PluginError::Timeout { name: self.name.clone(), ms: limit.as_millis() as u64 })
             }
         }
     }
@@ -467,7 +479,7 @@ impl Plugin {
     /// One request, starting the plugin first if it is not running.
     pub async fn request(&self, method: &str, params: Value) -> Result<Value, PluginError> {
         let running = self.process().await?;
-        self.request_on(&running, method, params).await
+        self.request_on(&running, method, params, self.timeout()).await
     }
 
     /// The plugin's tools (all pages of `tools/list`).

@@ -10,7 +10,9 @@
 //! - **seccomp**: no new processes (only threads) unless granted, no sockets unless granted
 //!   the network (socket pairs stay), none of ptrace, process_vm_*, namespaces, mounts, BPF,
 //!   perf, keyrings, io_uring (which would bypass the socket rule) or kernel modules;
-//! - **rlimits**: memory (data segment), CPU seconds, open files, file size, no core dumps;
+//! - **rlimits**: memory (data segment), CPU seconds, open files, file size, no core dumps,
+//!   and tasks: what the agent's user runs now plus 64 threads and 16 per granted process
+//!   (`RLIMIT_NPROC` counts per user, and not for root);
 //!   and the highest OOM score, so memory pressure ends a plugin before the agent;
 //! - **a scrubbed environment** (only `PATH`, `HOME`, `LANG` and the configured variables) and
 //!   **no inherited descriptors** beyond stdin/stdout/stderr (all others close on exec).
@@ -223,11 +225,35 @@ pub fn landlock_support() -> Enforced {
     }
 }
 
+/// Threads a plugin may add to its user's count (Node.js runs about a dozen).
+const THREADS: u64 = 64;
+
+/// Tasks (threads) of this process's user now: what `RLIMIT_NPROC` counts. The agent's user
+/// sees only its own processes (`ProtectProc=invisible`), the rest are skipped as unreadable.
+fn tasks_of_this_user() -> u64 {
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let mut n = 0;
+    for entry in dir.flatten() {
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let mine = field("Uid:").and_then(|u| u.split_whitespace().next()) == Some(uid.as_str());
+        if mine {
+            n += field("Threads:").and_then(|t| t.parse::<u64>().ok()).unwrap_or(1);
+        }
+    }
+    n
+}
+
 /// A command for `program args…` that starts inside the sandbox.
 pub fn command(program: &Path, args: &[String], policy: &Policy) -> Result<tokio::process::Command, SandboxError> {
     let programs = seccomp(policy)?;
     let mut ruleset = Some(landlock(policy, program)?);
     let limits = [
+        (libc::RLIMIT_NPROC, tasks_of_this_user() + THREADS + 16 * u64::from(policy.processes)),
         (libc::RLIMIT_DATA, policy.memory_bytes),
         (libc::RLIMIT_CPU, policy.cpu_seconds),
         (libc::RLIMIT_NOFILE, policy.open_files),
