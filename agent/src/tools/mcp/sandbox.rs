@@ -11,7 +11,7 @@
 //!   the network (socket pairs stay), none of ptrace, process_vm_*, namespaces, mounts, BPF,
 //!   perf, keyrings, io_uring (which would bypass the socket rule) or kernel modules;
 //! - **rlimits**: memory (data segment), CPU seconds, open files, file size, no core dumps,
-//!   and tasks: what the agent's user runs now plus 64 threads and 16 per granted process
+//!   and tasks: what the agent's user runs now plus 128 threads and 16 per granted process
 //!   (`RLIMIT_NPROC` counts per user, and not for root);
 //!   and the highest OOM score, so memory pressure ends a plugin before the agent;
 //! - **a scrubbed environment** (only `PATH`, `HOME`, `LANG` and the configured variables) and
@@ -225,8 +225,9 @@ pub fn landlock_support() -> Enforced {
     }
 }
 
-/// Threads a plugin may add to its user's count (Node.js runs about a dozen).
-const THREADS: u64 = 64;
+/// Threads a plugin may add to its user's count (Node.js runs about a dozen; the agent's own
+/// pool may grow meanwhile, and counts too).
+const THREADS: u64 = 128;
 
 /// Tasks (threads) of this process's user now: what `RLIMIT_NPROC` counts. The agent's user
 /// sees only its own processes (`ProtectProc=invisible`), the rest are skipped as unreadable.
