@@ -64,8 +64,8 @@ pub struct AccessSettings {
 pub enum AccessError {
     #[error("[access] names the role `{role}`, which no [access.roles.{role}] table defines; add it or fix the name")]
     UnknownRole { role: String },
-    #[error("[access.roles.{role}] grants `{tool}`, which is not a tool of this box; the tools are: {known}")]
-    UnknownTool { role: String, tool: String, known: String },
+    #[error("[access.roles.{role}] grants `{tool}`, which is not a tool of this box{hint}; the tools are: {known}")]
+    UnknownTool { role: String, tool: String, known: String, hint: String },
 }
 
 /// The outcome of admission.
@@ -117,10 +117,18 @@ impl Access {
         for (role, r) in &settings.roles {
             for grant in &r.tools {
                 if !tools.clone().any(|t| matches(grant, t)) {
+                    let family = grant.split('_').next().unwrap_or_default();
+                    let hint = match family {
+                        "github" => " (configure [tools.github] with a token and repos to have them)",
+                        "drive" => " (configure [tools.drive] with a url to have them)",
+                        "caldav" => " (configure [tools.caldav.calendars] to have them)",
+                        _ => "",
+                    };
                     return Err(AccessError::UnknownTool {
                         role: role.clone(),
                         tool: grant.clone(),
                         known: tools.clone().collect::<Vec<_>>().join(", "),
+                        hint: hint.to_owned(),
                     });
                 }
             }
@@ -278,6 +286,8 @@ mod tests {
         );
         let e = access("[roles.x]\ntools = [\"shell\"]").err().expect("unknown tool");
         assert!(e.to_string().contains("`shell`") && e.to_string().contains("files_read"), "{e}");
+        let e = access("[roles.x]\ntools = [\"github\"]").err().expect("not configured");
+        assert!(e.to_string().contains("configure [tools.github]"), "{e}");
     }
 
     #[test]
