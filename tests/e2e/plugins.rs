@@ -65,7 +65,7 @@ async fn rig(tag: &str) -> Rig {
          memory_mb = 160\ntimeout_ms = 3000\nread_only_tools = [\"read\", \"connect\", \"spawn\", \"fork_bomb\", \"eat\", \"sleep\", \"env\", \"write\"]\n\
          env = {{ PROBE_TOKEN = {PROBE_TOKEN:?} }}\n\
          [tools.mcp.netprobe]\ncommand = {node:?}\nargs = [\"--jitless\", {probe:?}]\nread = [{probe:?}]\nnetwork = true\nprocesses = 1\n\
-         read_only_tools = [\"connect\", \"spawn\"]\n",
+         cpu_seconds = 2\ntimeout_ms = 60000\nread_only_tools = [\"connect\", \"spawn\", \"spin\", \"sleep\"]\n",
         base = support::assistant_config(&llm, &["fs", "probe", "netprobe"], &journal),
         node = s(&node),
         server = s(&fs_server),
@@ -178,7 +178,7 @@ async fn the_sandbox_stops_what_a_plugin_was_not_granted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_that_hangs_or_runs_out_of_memory_is_stopped_and_the_agent_keeps_serving() {
+async fn a_plugin_that_hangs_or_exceeds_its_memory_or_cpu_is_stopped_and_the_agent_keeps_serving() {
     let rig = rig("mcp-faults").await;
     assert!(rig.call("probe_sleep", json!({"ms": 10})).await.contains("slept 10 ms"));
     let hung = rig.call("probe_sleep", json!({"ms": 20_000})).await;
@@ -188,7 +188,7 @@ async fn a_plugin_that_hangs_or_runs_out_of_memory_is_stopped_and_the_agent_keep
     rig.llm.push(Scripted::Text("Still here.".into()));
     assert_eq!(rig.ask("are you there?").await, "Still here.");
     let status = rig.ask("/status").await;
-    assert!(status.contains("probe: not running (9 tools, 1 start; starts on the next call; last: "), "{status}");
+    assert!(status.contains("probe: not running (10 tools, 1 start; starts on the next call; last: "), "{status}");
     assert!(status.contains("fs: running (pid ") && status.contains("netprobe: running"), "{status}");
     assert!(rig.call("probe_sleep", json!({"ms": 10})).await.contains("slept 10 ms"));
 
@@ -197,6 +197,11 @@ async fn a_plugin_that_hangs_or_runs_out_of_memory_is_stopped_and_the_agent_keep
     assert!(rig.call("probe_sleep", json!({"ms": 10})).await.contains("slept 10 ms"), "started again after it died");
     let small = rig.call("probe_eat", json!({"mb": 16})).await;
     assert!(small.contains("holding 16 MB"), "within its limit it works: {small}");
-    rig.journal.expect(2, Kind::ToolFailed, &[("ACTOR", "hanmei")]);
+
+    // Its CPU time limit (2 s) ends a plugin long before its call timeout (60 s).
+    let spun = rig.call("netprobe_spin", json!({"ms": 50_000})).await;
+    assert!(spun.contains("plugin netprobe stopped (SIGXCPU — its CPU time limit"), "{spun}");
+    assert!(rig.call("netprobe_sleep", json!({"ms": 10})).await.contains("slept 10 ms"));
+    rig.journal.expect(3, Kind::ToolFailed, &[("ACTOR", "hanmei")]);
     support::assert_no_secret(&rig.agent);
 }

@@ -59,6 +59,12 @@ const tools = {
     return `holding ${keep.length} MB`;
   },
   sleep: ({ ms }) => new Promise((resolve) => setTimeout(() => resolve(`slept ${ms} ms`), ms)),
+  spin: async ({ ms }) => {
+    const end = Date.now() + ms;
+    let n = 0;
+    while (Date.now() < end) n++;
+    return `spun ${n} times`;
+  },
   env: async () => JSON.stringify(process.env),
   fds: async () => {
     const open = [];
@@ -81,6 +87,7 @@ const list = [
   { name: "fork_bomb", description: "Start many processes", inputSchema: schema({}) },
   { name: "eat", description: "Hold memory", inputSchema: schema({ mb: { type: "integer" } }, ["mb"]) },
   { name: "sleep", description: "Wait", inputSchema: schema({ ms: { type: "integer" } }, ["ms"]) },
+  { name: "spin", description: "Keep a core busy", inputSchema: schema({ ms: { type: "integer" } }, ["ms"]) },
   { name: "env", description: "Show the environment", inputSchema: schema({}) },
   { name: "fds", description: "List open descriptors", inputSchema: schema({}), annotations: { destructiveHint: true } },
 ];

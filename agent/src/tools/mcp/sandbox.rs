@@ -294,7 +294,9 @@ pub fn command(program: &Path, args: &[String], policy: &Policy) -> Result<tokio
                 libc::close(fd);
             }
             for (resource, value) in limits {
-                let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
+                // CPU: SIGXCPU at the limit (so the stop says why), SIGKILL a second later.
+                let max = if resource == libc::RLIMIT_CPU { value + 1 } else { value };
+                let lim = libc::rlimit { rlim_cur: value, rlim_max: max };
                 if libc::setrlimit(resource, &lim) != 0 {
                     return Err(io::Error::last_os_error());
                 }
