@@ -134,7 +134,7 @@ impl HttpClient {
         body: &impl Serialize,
     ) -> Result<HttpResponse, HttpError> {
         let body = serde_json::to_vec(body).expect("request bodies are plain serialisable structs");
-        self.send(Method::POST, url, headers, Bytes::from(body), MAX_JSON_BODY).await
+        self.request(Method::POST, url, headers, Bytes::from(body), MAX_JSON_BODY).await
     }
 
     /// A JSON request with any method (DingTalk's card APIs use PUT).
@@ -146,7 +146,7 @@ impl HttpClient {
         body: &impl Serialize,
     ) -> Result<HttpResponse, HttpError> {
         let body = serde_json::to_vec(body).expect("request bodies are plain serialisable structs");
-        self.send(method, url, headers, Bytes::from(body), MAX_JSON_BODY).await
+        self.request(method, url, headers, Bytes::from(body), MAX_JSON_BODY).await
     }
 
     /// POST a JSON body and hand back the response head and the body unread, for streamed
@@ -179,7 +179,7 @@ impl HttpClient {
     }
 
     pub async fn get(&self, url: &str, max_bytes: usize) -> Result<HttpResponse, HttpError> {
-        self.send(Method::GET, url, &[], Bytes::new(), max_bytes).await
+        self.request(Method::GET, url, &[], Bytes::new(), max_bytes).await
     }
 
     /// A request with a body of any type (a multipart upload); the answer is JSON-sized.
@@ -193,23 +193,12 @@ impl HttpClient {
     ) -> Result<HttpResponse, HttpError> {
         let mut all: Vec<(&str, &str)> = vec![("content-type", content_type)];
         all.extend_from_slice(headers);
-        self.send(method, url, &all, body, MAX_JSON_BODY).await
+        self.request(method, url, &all, body, MAX_JSON_BODY).await
     }
 
     /// Any request: the caller's headers win over the defaults (`accept: application/json`, and
     /// `content-type: application/json` for a body); the answer is read up to `max_bytes`.
     pub async fn request(
-        &self,
-        method: Method,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: Bytes,
-        max_bytes: usize,
-    ) -> Result<HttpResponse, HttpError> {
-        self.send(method, url, headers, body, max_bytes).await
-    }
-
-    async fn send(
         &self,
         method: Method,
         url: &str,
