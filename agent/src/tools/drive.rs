@@ -155,9 +155,7 @@ fn clean(path: &str) -> Result<String, ToolError> {
         .map_err(|e| ToolError::Refused(format!("{e}; name a path inside the drive")))
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_default()
-}
+use crate::tools::str_arg as s;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {

@@ -378,9 +378,7 @@ impl FileTool {
     }
 }
 
-fn arg<'a>(args: &'a Value, name: &str) -> &'a str {
-    args.get(name).and_then(Value::as_str).unwrap_or_default()
-}
+use crate::tools::str_arg as arg;
 
 impl Tool for FileTool {
     fn name(&self) -> &str {

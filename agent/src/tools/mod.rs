@@ -27,6 +27,11 @@ use crate::llm::ToolSpec;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The text of `args[name]`, or "" when it is absent or not a string (the schema was checked).
+pub fn str_arg<'a>(args: &'a Value, name: &str) -> &'a str {
+    args.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
 /// How much harm a call can do; `write` and `destructive` need a confirmation in chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Risk {

@@ -274,9 +274,7 @@ fn master(cal: &mut ical::Component) -> Option<&mut ical::Component> {
     cal.children.iter_mut().find(|c| c.name == "VEVENT" && c.prop("RECURRENCE-ID").is_none())
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_default()
-}
+use crate::tools::str_arg as s;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {

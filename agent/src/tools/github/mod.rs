@@ -119,12 +119,7 @@ impl GithubTools {
     fn repo(&self, args: &Value) -> Result<String, ToolError> {
         let r = args["repo"].as_str().unwrap_or_default().trim().trim_end_matches(".git");
         let valid = r.split_once('/').is_some_and(|(o, n)| repo_name_ok(o) && repo_name_ok(n));
-        let lower = r.to_ascii_lowercase();
-        let granted = valid
-            && self.repos.iter().any(|g| {
-                g == &lower
-                    || g.strip_suffix("/*").is_some_and(|owner| lower.split_once('/').is_some_and(|(o, _)| o == owner))
-            });
+        let granted = valid && self.granted_full_name(r);
         if !granted {
             return Err(ToolError::Refused(format!(
                 "repository {r:?} is not one the assistant may use; granted: {}",
@@ -165,9 +160,7 @@ fn number(args: &Value) -> Result<u64, ToolError> {
         .ok_or_else(|| ToolError::Refused("`number` must be a positive whole number".into()))
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_default()
-}
+use crate::tools::str_arg as s;
 
 fn clip(text: &str, max: usize) -> String {
     let mut out: String = text.chars().take(max).collect();

@@ -561,9 +561,7 @@ pub fn result_text(result: &Value) -> String {
     parts.join("\n")
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_default()
-}
+use crate::tools::str_arg as s;
 
 fn plugin_error(e: PluginError) -> ToolError {
     match e {

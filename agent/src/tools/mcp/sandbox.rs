@@ -192,16 +192,6 @@ fn landlock(policy: &Policy, program: &Path) -> Result<RulesetCreated, SandboxEr
     Ok(created)
 }
 
-/// Which Landlock ABI this kernel has, for the status report: `Full` enforces every rule
-/// here (file system, TCP, scopes), `Partial` the file system rules of an older kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Enforced {
-    Full,
-    Partial,
-    /// The kernel has no Landlock: only seccomp, rlimits and the environment apply.
-    NoLandlock,
-}
-
 /// The kernel's Landlock ABI version (0: none).
 pub fn landlock_abi() -> i32 {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
@@ -215,14 +205,6 @@ pub fn landlock_abi() -> i32 {
         )
     };
     v.max(0) as i32
-}
-
-pub fn landlock_support() -> Enforced {
-    match landlock_abi() {
-        0 => Enforced::NoLandlock,
-        v if v >= ABI::V6 as i32 => Enforced::Full,
-        _ => Enforced::Partial,
-    }
 }
 
 /// Threads a plugin may add to its user's count (Node.js runs about a dozen; the agent's own

@@ -239,9 +239,7 @@ impl WorkspaceTool {
     }
 }
 
-fn arg<'a>(args: &'a Value, name: &str) -> &'a str {
-    args[name].as_str().unwrap_or_default()
-}
+use crate::tools::str_arg as arg;
 
 impl Tool for WorkspaceTool {
     fn name(&self) -> &str {
