@@ -190,11 +190,7 @@ async fn status_socket_serves_the_agents_user_and_refuses_others() {
         std::fs::set_permissions(&agent.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         std::fs::set_permissions(agent.dir.join("state"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod");
-        // A copy of the binary the other user can reach (the checkout may sit in a private folder).
-        let copy = agent.dir.join("zhuli-for-nobody");
-        std::fs::copy(bin, &copy).expect("copy the binary");
-        std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        let other = Command::new(&copy)
+        let other = Command::new(support::binary_for_any_user(&agent.dir))
             .args(["status", "--socket"])
             .arg(&socket)
             .env_clear()

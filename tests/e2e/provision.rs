@@ -38,9 +38,13 @@ impl Box {
     /// `zhuli provision import` of `image` into this box, to adjust before running;
     /// `plain` keeps the secrets as plain files instead of sealed credentials.
     fn import_command(&self, image: &Path, plain: bool) -> Command {
+        self.import_command_with(Path::new(env!("CARGO_BIN_EXE_zhuli")), image, plain)
+    }
+
+    fn import_command_with(&self, bin: &Path, image: &Path, plain: bool) -> Command {
         // With the unit's UMask=0077, so the modes the agent relies on are set, not inherited.
         let mut c = Command::new("sh");
-        c.args(["-c", "umask 077; exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_zhuli")]);
+        c.args(["-c", "umask 077; exec \"$0\" \"$@\""]).arg(bin);
         c.args(["provision", "import", "--device", &s(image), "--root", &s(&self.root)]).args([
             "--org-key",
             &s(&self.dir.join("no-baked-key.pub")),
@@ -342,7 +346,8 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
         for p in &opened {
             std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
         }
-        let out = std::os::unix::process::CommandExt::uid(&mut b.import_command(&img, true), 65534)
+        let bin = crate::support::binary_for_any_user(&b.dir);
+        let out = std::os::unix::process::CommandExt::uid(&mut b.import_command_with(&bin, &img, true), 65534)
             .output()
             .expect("import as another user");
         let stdout = String::from_utf8_lossy(&out.stdout);

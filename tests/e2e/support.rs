@@ -367,3 +367,13 @@ pub fn npm_install(dir: &std::path::Path, marker: &str) {
         .unwrap_or_else(|e| panic!("npm is needed to install the test's packages ({e}): apt-get install npm"));
     assert!(status.success(), "npm ci in {} failed", dir.display());
 }
+
+/// A copy of the `zhuli` binary in `dir` that any user may run: tests that run it as another
+/// user must not depend on the checkout's folder being open to them.
+pub fn binary_for_any_user(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = dir.join("zhuli-for-any-user");
+    std::fs::copy(env!("CARGO_BIN_EXE_zhuli"), &copy).expect("copy the binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    copy
+}
