@@ -367,7 +367,34 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
         settings.sample_ms.get(),
         Duration::ZERO,
     );
+    // Configuration sticks pulled out before their secrets were removed, already announced.
+    let provisioning = crate::provision::root_of(&config.path);
+    let mut told_sticks = std::collections::BTreeSet::new();
     while turns.next(&cancel).await {
+        if let Some(root) = &provisioning {
+            for stick in crate::provision::scrub::unattended(root) {
+                if told_sticks.insert(stick.volume_id) {
+                    work.assistant.audit().record(
+                        Event::new(Kind::Alert, "", "")
+                            .target(format!("stick {:08x}", stick.volume_id))
+                            .outcome("raised")
+                            .reason("the configuration stick still holds secrets: it was pulled out while they were being removed".to_owned()),
+                    );
+                    log::warn!(
+                        "the configuration stick {:08x} (serial {}) still holds secrets: plug it in again",
+                        stick.volume_id,
+                        stick.serial
+                    );
+                    let text = format!(
+                        "⚠️ **zhuli**：第 {serial} 号配置的 U 盘在擦除密钥时被拔出，U 盘上仍留有密钥。请把它重新插入这台设备，擦除会自动完成；在此之前请妥善保管这个 U 盘。\n\n\
+                         The configuration stick of serial {serial} was pulled out while its secrets were being removed, so it still holds them. \
+                         Plug it into this box again and the removal finishes by itself; keep the stick safe until then.",
+                        serial = stick.serial
+                    );
+                    tell_admins(&work, &config, "zhuli: 配置 U 盘仍有密钥", &text);
+                }
+            }
+        }
         let (sample, m_back) = match tokio::task::spawn_blocking(move || {
             let s = m.sample();
             (s, m)

@@ -37,6 +37,9 @@ pub struct Config {
     /// (audited as a configuration or permission change). Never the values themselves.
     #[serde(skip)]
     pub digests: std::collections::BTreeMap<String, String>,
+    /// The file it was read from (empty when parsed from text).
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 /// `[agent]`: where state lives and what the pipeline may hold.
@@ -81,7 +84,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.path = path.to_owned();
+        Ok(config)
     }
 
     /// Parse config text; `path` is only used in error messages.

@@ -168,7 +168,7 @@ enum ProvisionCommand {
         /// Keep secrets as plain root-only files instead of systemd credentials (development only).
         #[arg(long)]
         plain_credentials: bool,
-        /// Do not restart the agent afterwards.
+        /// Do not reload systemd's units nor restart the agent afterwards.
         #[arg(long)]
         no_restart: bool,
         /// Set up journal sealing on the first import and put its verification key on the
@@ -504,7 +504,15 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
                     } else {
                         "imported"
                     })
-                    .reason(receipt.errors.join("; ")),
+                    .reason(
+                        receipt
+                            .scrub
+                            .iter()
+                            .map(|s| format!("secrets on the stick: {s}"))
+                            .chain(receipt.errors.iter().cloned())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
             );
             if refused {
                 std::process::exit(1);

@@ -143,9 +143,11 @@ async fn a_signed_stick_configures_the_box_and_its_secrets_leave_the_stick() {
     assert!(!imported.contains(SECRET), "no secret in the imported configuration");
     assert!(imported.contains("client_secret = { credential = \"dingtalk-client-secret\" }"));
     let on_stick = String::from_utf8(stick::read(&img, stick::CONFIG).expect("config on stick")).expect("utf-8");
-    assert!(!on_stick.contains(SECRET) && on_stick.contains("REMOVED-AFTER-IMPORT"), "secret scrubbed from the stick");
+    let stars = "*".repeat(SECRET.len());
+    assert!(!on_stick.contains(SECRET) && on_stick.contains(&format!("\"{stars}\"")), "secret starred on the stick");
     let receipt = receipt_on(&img);
     assert!(receipt.contains("result: imported serial 1") && receipt.contains("config sha256: "), "{receipt}");
+    assert!(receipt.contains("secrets on this stick: removed: the whole stick was checked"), "{receipt}");
     assert!(!receipt.contains(SECRET));
     assert!(b.root.join("org.pub").exists(), "the signer's key is pinned at the first import");
     // The same stick again (left in at a reboot): recognised, left alone, its receipt kept.
@@ -323,17 +325,18 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(b.current_config().as_deref(), Some(before.as_str()));
 
-    // Pulled out at the worst moment — while its secrets are being removed: nothing switches,
-    // and the staged generation is gone.
+    // Pulled out while its secrets are being removed: the configuration is in, and the stick
+    // says the removal is not finished (tested in full on a 1 GiB stick below).
     let (c, sig) = signed(&config_text(&sim, &b.dir, 7), &org_private);
     let img = image(&b.dir, "pulled-late.img", &[(stick::CONFIG, &c), (stick::SIGNATURE, &sig)]);
-    let generations = || std::fs::read_dir(b.root.join("generations")).map(|d| d.count()).unwrap_or(0);
-    let before_generations = generations();
     let out = b.import_command(&img, true).env("ZHULI_TEST_PULL", "scrub").output().expect("import");
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stdout).contains("pulled out"));
-    assert_eq!(b.current_config().as_deref(), Some(before.as_str()));
-    assert_eq!(provision::current_serial(&b.root), 5);
-    assert_eq!(generations(), before_generations, "the staged generation was removed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("NOT all removed"), "{stdout}");
+    assert_eq!(provision::current_serial(&b.root), 7);
+    let before = b.current_config().expect("serial 7");
+    let out = b.import(&img);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("now finished"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(occurrences(&img, SECRET.as_bytes()) == 0, "the next insertion finished the removal");
 
     // A read-only stick (a lock switch): nothing is imported, since its secrets could not be
     // removed. Root can write any file, so this runs as another user.
@@ -371,33 +374,21 @@ async fn secrets_are_sealed_by_systemd_and_a_factory_reset_trusts_a_new_key() {
     let img = image(&b.dir, "stick.img", &[(stick::CONFIG, text.as_bytes()), (stick::SIGNATURE, sig.as_bytes())]);
 
     let sealed = Command::new("systemd-creds").arg("--version").output().is_ok_and(|o| o.status.success());
-    if sealed {
-        let out = b.import_command(&img, false).output().expect("import");
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let cred = b.root.join("current/dingtalk-client-secret.cred");
-        let bytes = std::fs::read(&cred).expect("sealed credential");
-        assert!(!String::from_utf8_lossy(&bytes).contains(SECRET), "the credential file is sealed");
-        let open = Command::new("systemd-creds")
-            .args(["decrypt", "--name=dingtalk-client-secret"])
-            .arg(&cred)
-            .arg("-")
-            .output()
-            .expect("decrypt");
-        assert_eq!(String::from_utf8_lossy(&open.stdout), SECRET, "systemd gives the agent the secret back");
-        for name in zhuli::provision::CREDENTIALS {
-            assert!(
-                b.root.join(format!("current/{name}.cred")).exists(),
-                "every credential the unit loads exists: {name}"
-            );
-        }
-    } else {
-        eprintln!("systemd-creds is not installed: sealing is not checked here");
-        assert!(b.import(&img).status.success());
+    assert!(sealed, "systemd-creds is needed for this test: apt-get install systemd (or run .ci/run)");
+    let out = b.import_command(&img, false).output().expect("import");
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let cred = b.root.join("current/dingtalk-client-secret.cred");
+    let bytes = std::fs::read(&cred).expect("sealed credential");
+    assert!(!String::from_utf8_lossy(&bytes).contains(SECRET), "the credential file is sealed");
+    let open = Command::new("systemd-creds")
+        .args(["decrypt", "--name=dingtalk-client-secret"])
+        .arg(&cred)
+        .arg("-")
+        .output()
+        .expect("decrypt");
+    assert_eq!(String::from_utf8_lossy(&open.stdout), SECRET, "systemd gives the agent the secret back");
+    for name in zhuli::provision::CREDENTIALS {
+        assert!(b.root.join(format!("current/{name}.cred")).exists(), "every credential the unit loads exists: {name}");
     }
 
     // A stick signed by another organisation key is refused … until a factory reset.
@@ -414,4 +405,261 @@ async fn secrets_are_sealed_by_systemd_and_a_factory_reset_trusts_a_new_key() {
     let out = b.import(&img3);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(provision::current_serial(&b.root), 2);
+}
+
+/// How many times `needle` occurs in the raw bytes of `path` (read in chunks that overlap by
+/// the needle's length, so a copy across two chunks counts).
+fn occurrences(path: &Path, needle: &[u8]) -> u64 {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).expect("open image");
+    let finder = memchr::memmem::Finder::new(needle);
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut carried, mut n) = (0usize, 0u64);
+    loop {
+        let read = f.read(&mut buf[carried..]).expect("read image");
+        let len = carried + read;
+        n += finder.find_iter(&buf[..len]).filter(|at| at + needle.len() > carried).count() as u64;
+        if read == 0 {
+            return n;
+        }
+        let keep = (needle.len() - 1).min(len);
+        buf.copy_within(len - keep..len, 0);
+        carried = keep;
+    }
+}
+
+/// One value of every kind of secret a configuration can carry.
+const EVERY_SECRET: [(&str, &str); 6] = [
+    ("[dingtalk] client_secret", SECRET),
+    ("[llm] api_key", "sk-llm-key-7hW2qLx9"),
+    ("[tools.github] token", "github_pat_11AZ9kQ0rT5u"),
+    ("[tools.drive] password", "drive-app-pass-Xq7v2M"),
+    ("[tools.caldav] password", "caldav-app-pass-Lm3k8R"),
+    ("[tools.mcp.search] env.API_KEY", "search-api-key-Pz5nW1"),
+];
+
+/// A configuration holding every kind of secret, a shared folder the import makes, a plugin.
+fn config_with_every_secret(sim: &Simulator, dir: &Path, serial: u64, note: &str) -> String {
+    let [_, llm, github, drive, caldav, plugin] = EVERY_SECRET.map(|(_, v)| v);
+    format!(
+        "# {note}\n{}\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\napi_key = \"{llm}\"\n\
+         [tools.files.roots]\nshare = {share:?}\n\
+         [tools.github]\ntoken = \"{github}\"\nrepos = [\"acme/website\"]\n\
+         [tools.drive]\nurl = \"https://dav.example.com/remote.php/dav/files/zhuli/\"\nusername = \"zhuli\"\npassword = \"{drive}\"\n\
+         [tools.caldav]\nusername = \"zhuli\"\npassword = \"{caldav}\"\ndefault_calendar = \"team\"\n\
+         [tools.caldav.calendars]\nteam = \"https://dav.example.com/remote.php/dav/calendars/zhuli/team/\"\n\
+         [tools.mcp.search]\ncommand = \"/bin/true\"\nwrite = [{share:?}]\nenv = {{ API_KEY = \"{plugin}\", LEVEL = \"info\" }}\n\
+         [health]\nadmin_chat = \"cid-admins\"\n",
+        config_text(sim, dir, serial),
+        share = s(&dir.join("srv/share")),
+    )
+}
+
+/// A stick the way an office has one: a shop stick of `size` bytes (FAT32 from `mkfs.vfat`, or
+/// formatted by `zhuli provision write --format`), written once with an earlier, longer draft
+/// of the configuration, an editor's backup copy made and deleted beside it, then the final
+/// signed file written over the draft.
+fn office_stick(dir: &Path, name: &str, size: u64, how: &str, draft: &str, config: &Path) -> PathBuf {
+    let img = dir.join(name);
+    std::fs::File::create(&img).and_then(|f| f.set_len(size)).expect("stick image");
+    let draft_path = dir.join(format!("{name}-draft.toml"));
+    std::fs::write(&draft_path, draft).expect("draft");
+    let write = |file: &Path, format: bool| {
+        let mut args = vec!["provision", "write", "--unsigned", "--device"];
+        let (img, file) = (s(&img), s(file));
+        args.push(&img);
+        args.extend(["--config", &file]);
+        if format {
+            args.push("--format");
+        }
+        let out = zhuli(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    match how {
+        "mkfs.vfat" => {
+            let out =
+                Command::new("mkfs.vfat").args(["-F", "32", "-n", stick::LABEL]).arg(&img).output().unwrap_or_else(
+                    |e| panic!("mkfs.vfat is needed for this test ({e}): apt-get install dosfstools (or run .ci/run)"),
+                );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            write(&draft_path, false);
+        }
+        _ => write(&draft_path, true),
+    }
+    // An editor's backup beside it, deleted: its clusters are free now, its bytes still there.
+    {
+        use std::io::Write;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&img).expect("open stick");
+        let fs = fatfs::FileSystem::new(file, fatfs::FsOptions::new()).expect("FAT");
+        let expected = if size >= 1 << 30 { fatfs::FatType::Fat32 } else { fatfs::FatType::Fat16 };
+        assert_eq!(fs.fat_type(), expected, "{how}, {} MiB", size >> 20);
+        fs.root_dir().create_file("zhuli.toml~").and_then(|mut f| f.write_all(draft.as_bytes())).expect("backup");
+        fs.root_dir().remove("zhuli.toml~").expect("delete backup");
+        fs.unmount().expect("unmount");
+    }
+    write(config, false);
+    img
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_byte_of_any_secret_is_left_anywhere_on_the_stick() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let b = Box::new("provision-scrub");
+    let (key, _) = sign::keygen();
+    let sticks = [
+        ("shop.img", 1u64 << 30, "mkfs.vfat"),
+        ("formatted.img", 1u64 << 30, "zhuli provision write --format"),
+        ("small.img", 64 << 20, "zhuli provision write --format"),
+    ];
+    for (serial, (name, size, how)) in (1u64..).zip(sticks) {
+        let text = config_with_every_secret(&sim, &b.dir, serial, "final");
+        let draft = config_with_every_secret(&sim, &b.dir, serial, &format!("draft {}", "-".repeat(3000)));
+        let cfg = b.dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, &text).expect("config");
+        std::fs::write(b.dir.join(format!("{name}.toml.sig")), sign::sign(text.as_bytes(), &key, "k").expect("sign"))
+            .expect("signature");
+        let img = office_stick(&b.dir, name, size, how, &draft, &cfg);
+        for (field, value) in EVERY_SECRET {
+            assert!(occurrences(&img, value.as_bytes()) >= 2, "{how}: {field} is on the stick before the import");
+        }
+
+        let out = b.import(&img);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && stdout.contains(&format!("imported serial {serial}")), "{how}: {stdout}");
+        for (field, value) in EVERY_SECRET {
+            assert_eq!(occurrences(&img, value.as_bytes()), 0, "{how}: {field} is still on the stick's device");
+        }
+        let receipt = receipt_on(&img);
+        let line = receipt.lines().find(|l| l.starts_with("secrets on this stick:")).unwrap_or_default().to_owned();
+        assert!(line.contains("removed: the whole stick was checked"), "{how}: {receipt}");
+        eprintln!("{how}, {} MiB: {line}", size >> 20);
+        // What is left is the file with its secrets starred, readable and refused if re-used.
+        let left = String::from_utf8(stick::read(&img, stick::CONFIG).expect("config")).expect("utf-8");
+        assert_eq!(left.len(), text.len());
+        assert!(left.contains("api_key = \"*******************\"") && left.contains("LEVEL = \"****\""), "{left}");
+        assert!(zhuli(&["provision", "check", &s(&cfg)]).status.success());
+        assert!(std::fs::read_dir(b.root.join(provision::scrub::PENDING)).is_ok_and(|mut d| d.next().is_none()));
+
+        // The generation: plugin secrets as credentials the drop-in loads, the shared folder
+        // made and writable for the agent.
+        let current = b.root.join("current");
+        assert_eq!(
+            std::fs::read_to_string(current.join("mcp-search-API_KEY")).expect("plugin credential"),
+            EVERY_SECRET[5].1
+        );
+        let dropin = std::fs::read_to_string(current.join(provision::unit::DROPIN)).expect("drop-in");
+        let share = std::fs::canonicalize(b.dir.join("srv/share")).expect("the import made the shared folder");
+        assert!(dropin.contains(&format!("ReadWritePaths=\"-{}\"", share.display())), "{dropin}");
+        assert!(
+            dropin.contains(&format!("LoadCredential=mcp-search-API_KEY:{}", s(&current.join("mcp-search-API_KEY")))),
+            "{dropin}"
+        );
+        let imported = std::fs::read_to_string(current.join("zhuli.toml")).expect("config");
+        for (field, value) in EVERY_SECRET {
+            assert!(!imported.contains(value), "{field} in the imported configuration");
+        }
+        assert!(imported.contains("API_KEY = { credential = \"mcp-search-API_KEY\" }"), "{imported}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stick_pulled_out_during_the_removal_is_finished_at_its_next_insertion() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let b = Box::new("provision-pulled");
+    let (key, _) = sign::keygen();
+    let text = config_with_every_secret(&sim, &b.dir, 1, "final");
+    let cfg = b.dir.join("zhuli.toml");
+    std::fs::write(&cfg, &text).expect("config");
+    std::fs::write(b.dir.join("zhuli.toml.sig"), sign::sign(text.as_bytes(), &key, "k").expect("sign")).expect("sig");
+    let draft = config_with_every_secret(&sim, &b.dir, 1, &format!("draft {}", "-".repeat(3000)));
+    let img = office_stick(&b.dir, "stick.img", 1 << 30, "mkfs.vfat", &draft, &cfg);
+    // A copy in the second half of the stick, where the erasure has not reached when it stops.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).expect("open");
+        f.write_all_at(EVERY_SECRET[1].1.as_bytes(), (3 << 28) + 123).expect("a copy far out");
+    }
+
+    let out = b.import_command(&img, true).env("ZHULI_TEST_PULL", "scrub").output().expect("import");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && stdout.contains("imported serial 1"), "{stdout}");
+    assert!(stdout.contains("NOT all removed"), "{stdout}");
+    assert_eq!(provision::current_serial(&b.root), 1, "the configuration is in");
+    assert!(receipt_on(&img).contains("NOT all removed"), "{}", receipt_on(&img));
+    assert!(occurrences(&img, EVERY_SECRET[1].1.as_bytes()) >= 1, "the far copy is still there");
+    let pending = provision::scrub::unattended(&b.root);
+    assert_eq!(pending.len(), 1, "the unfinished removal is recorded");
+    let record = std::fs::read_dir(b.root.join(provision::scrub::PENDING)).expect("records");
+    for entry in record.flatten() {
+        let bytes = std::fs::read(entry.path()).expect("record");
+        for (field, value) in EVERY_SECRET {
+            assert!(
+                !bytes.windows(value.len()).any(|w| w == value.as_bytes())
+                    || entry.path().extension().is_some_and(|e| e == "cred"),
+                "{field} in the record {}",
+                entry.path().display()
+            );
+        }
+    }
+
+    // The agent, started on that configuration, tells the admins the stick still holds secrets.
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+        .args(["run", "--config", &s(&b.root.join("current/zhuli.toml"))])
+        .env("CREDENTIALS_DIRECTORY", b.root.join("current"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent");
+    let told = sim
+        .wait_until(Duration::from_secs(20), |s| {
+            s.replies().iter().any(|r| r.conversation_id.as_deref() == Some("cid-admins") && r.text.contains("U 盘"))
+        })
+        .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(told, "the admins were told: {:?}", sim.replies());
+
+    // Plugged in again: recognised, the removal finished, nothing else changed.
+    let out = b.import(&img);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && stdout.contains("now finished"), "{stdout}");
+    for (field, value) in EVERY_SECRET {
+        assert_eq!(occurrences(&img, value.as_bytes()), 0, "{field} is still on the stick");
+    }
+    assert!(receipt_on(&img).contains("removed: the whole stick was checked"), "{}", receipt_on(&img));
+    assert!(provision::scrub::unattended(&b.root).is_empty());
+    assert_eq!(provision::current_serial(&b.root), 1);
+    // And once more: the stick this box imported, left alone.
+    let out = b.import(&img);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("imported already"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pinned_key_is_durable_before_the_switch_that_relies_on_it() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let b = Box::new("provision-pin");
+    let (org, _) = sign::keygen();
+    let stick_of = |name: &str, serial: u64, key: &str| {
+        let text = config_text(&sim, &b.dir, serial);
+        let sig = sign::sign(text.as_bytes(), key, "k").expect("sign");
+        image(&b.dir, name, &[(stick::CONFIG, text.as_bytes()), (stick::SIGNATURE, sig.as_bytes())])
+    };
+    // The first signed import cannot pin its key (something in the way where the pin goes):
+    // nothing is switched, so the box never runs a configuration whose signer it forgot.
+    std::fs::create_dir_all(b.root.join("org.pub/in-the-way")).expect("an obstacle");
+    let out = b.import(&stick_of("first.img", 1, &org));
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(b.current_config().is_none(), "switched without a pinned key");
+    assert_eq!(provision::current_serial(&b.root), 0);
+    std::fs::remove_dir_all(b.root.join("org.pub")).expect("obstacle gone");
+    // Then it works, and the key is pinned: a stranger's newer stick is refused.
+    assert!(b.import(&stick_of("first-again.img", 1, &org)).status.success());
+    let (stranger, _) = sign::keygen();
+    let out = b.import(&stick_of("stranger.img", 2, &stranger));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stdout).contains("trusts only"));
+    assert_eq!(provision::current_serial(&b.root), 1);
 }

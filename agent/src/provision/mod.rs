@@ -6,14 +6,20 @@
 //! the signature against the organisation's key (baked into the image, or pinned from the first
 //! valid import), refuses a serial that is not newer, validates everything, then applies the new
 //! configuration as one step: a new generation directory (config with secrets replaced by
-//! credential references, secrets as systemd-encrypted credentials) made current by renaming a
-//! symlink. The stick's secrets are removed before the switch, and a receipt is written next to
-//! the file. Anything wrong leaves the current configuration as it was.
+//! credential references, secrets as systemd-encrypted credentials, the unit drop-in for the
+//! folders it may change) made current by renaming a symlink. What the switch depends on is
+//! durable first (a pinned key, the record of the stick's scrub). Then the stick's secrets are
+//! removed ([`scrub`]) — a stick pulled out meanwhile is finished at its next insertion — and a
+//! receipt is written next to the file. Anything wrong before the switch leaves the current
+//! configuration as it was.
 
+pub mod scrub;
 pub mod sign;
 pub mod stick;
+pub mod unit;
 
 use std::{
+    collections::BTreeMap,
     io::Write,
     path::{Path, PathBuf},
 };
@@ -28,7 +34,8 @@ pub const CRED_LLM: &str = "llm-api-key";
 pub const CRED_GITHUB: &str = "github-token";
 pub const CRED_DRIVE: &str = "drive-password";
 pub const CRED_CALDAV: &str = "caldav-password";
-/// Every credential a configuration's secrets become (the unit loads each one).
+/// Every credential of the fixed secret fields (the unit loads each one; a plugin's `env`
+/// values become credentials `mcp-<plugin>-<VARIABLE>`, loaded by the generation's drop-in).
 pub const CREDENTIALS: [&str; 5] = [CRED_DINGTALK, CRED_LLM, CRED_GITHUB, CRED_DRIVE, CRED_CALDAV];
 /// The organisation key baked into an office's own image.
 pub const BAKED_KEY: &str = "/usr/share/zhuli/org.pub";
@@ -42,11 +49,11 @@ pub const UNCHANGED: &str = "unchanged";
 /// Where time zone files live (package tzdata).
 const ZONEINFO: &str = "/usr/share/zoneinfo";
 
-/// The agent's group, which may read the imported configuration.
-const AGENT_GROUP: &str = "zhuli";
+/// The agent's user and group, which may read the imported configuration.
+const AGENT_USER: &str = "zhuli";
 
-/// Written over a secret on the stick once it has been imported.
-const SCRUBBED: &str = "REMOVED-AFTER-IMPORT";
+/// Shortest value a secret field accepts.
+const MIN_SECRET: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -82,6 +89,13 @@ struct ToolsSpan {
     github: Option<GithubSpan>,
     drive: Option<PasswordSpan>,
     caldav: Option<PasswordSpan>,
+    #[serde(default)]
+    mcp: BTreeMap<String, PluginSpan>,
+}
+#[derive(Deserialize)]
+struct PluginSpan {
+    #[serde(default)]
+    env: BTreeMap<String, toml::Spanned<toml::Value>>,
 }
 #[derive(Deserialize)]
 struct PasswordSpan {
@@ -100,11 +114,28 @@ struct LlmSpan {
     api_key: Option<toml::Spanned<toml::Value>>,
 }
 
-/// A secret found in the text: the credential it becomes, its value, and its byte span.
-struct FoundSecret {
-    credential: &'static str,
-    value: String,
-    span: std::ops::Range<usize>,
+/// A secret found in the text: the credential it becomes, the setting that holds it, its
+/// value, and its byte span (quotes included).
+pub(crate) struct FoundSecret {
+    pub credential: String,
+    pub field: String,
+    pub value: String,
+    pub span: std::ops::Range<usize>,
+}
+
+impl FoundSecret {
+    /// A plugin's environment value (any length: not every variable is a key).
+    fn is_plugin_env(&self) -> bool {
+        self.credential.starts_with("mcp-")
+    }
+}
+
+/// An environment variable's name: letters, digits and `_`, not starting with a digit.
+fn env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
@@ -113,25 +144,39 @@ fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
         let line = e.span().map(|s| format!(", line {}", text[..s.start.min(text.len())].matches('\n').count() + 1));
         ProvisionError::Invalid(format!("zhuli.toml{}: {}", line.unwrap_or_default(), e.message()))
     })?;
-    let mut found = Vec::new();
-    let (github, drive, caldav) = match spans.tools {
+    let (github, drive, caldav, mcp) = match spans.tools {
         Some(t) => {
-            (t.github.and_then(|g| g.token), t.drive.and_then(|d| d.password), t.caldav.and_then(|c| c.password))
+            (t.github.and_then(|g| g.token), t.drive.and_then(|d| d.password), t.caldav.and_then(|c| c.password), t.mcp)
         }
-        None => (None, None, None),
+        None => (None, None, None, BTreeMap::new()),
     };
-    let fields = [
-        (spans.dingtalk.and_then(|d| d.client_secret), CRED_DINGTALK, "[dingtalk] client_secret"),
-        (spans.llm.and_then(|l| l.api_key), CRED_LLM, "[llm] api_key"),
-        (github, CRED_GITHUB, "[tools.github] token"),
-        (drive, CRED_DRIVE, "[tools.drive] password"),
-        (caldav, CRED_CALDAV, "[tools.caldav] password"),
+    let mut fields: Vec<(Option<toml::Spanned<toml::Value>>, String, String)> = vec![
+        (spans.dingtalk.and_then(|d| d.client_secret), CRED_DINGTALK.into(), "[dingtalk] client_secret".into()),
+        (spans.llm.and_then(|l| l.api_key), CRED_LLM.into(), "[llm] api_key".into()),
+        (github, CRED_GITHUB.into(), "[tools.github] token".into()),
+        (drive, CRED_DRIVE.into(), "[tools.drive] password".into()),
+        (caldav, CRED_CALDAV.into(), "[tools.caldav] password".into()),
     ];
-    for (field, credential, name) in fields {
-        let Some(v) = field else { continue };
+    for (plugin, p) in mcp {
+        for (var, value) in p.env {
+            let field = format!("[tools.mcp.{plugin}] env.{var}");
+            let plugin_ok = !plugin.is_empty()
+                && plugin.len() <= 24
+                && plugin.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            if !plugin_ok || !env_name(&var) {
+                return Err(ProvisionError::Invalid(format!(
+                    "{field}: a plugin's name is up to 24 lowercase letters and digits, a variable's name letters, digits and _"
+                )));
+            }
+            fields.push((Some(value), format!("mcp-{plugin}-{var}"), field));
+        }
+    }
+    let mut found = Vec::new();
+    for (field_value, credential, name) in fields {
+        let Some(v) = field_value else { continue };
         let span = v.span();
         match v.into_inner() {
-            toml::Value::String(value) => found.push(FoundSecret { credential, value, span }),
+            toml::Value::String(value) => found.push(FoundSecret { credential, field: name, value, span }),
             _ => {
                 return Err(ProvisionError::Invalid(format!(
                     "{name} must be written out on the stick (the box turns it into a credential itself)"
@@ -154,7 +199,8 @@ fn replace_secrets(text: &str, secrets: &[FoundSecret], with: impl Fn(&FoundSecr
 }
 
 /// Validate a configuration for provisioning: strict parsing (errors name the line and the
-/// field), a serial, and the secrets written out.
+/// field), a serial, the secrets written out (and not the stars an import leaves), folders the
+/// unit can name.
 pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
     let secrets = secrets_in(text)?;
     if !secrets.iter().any(|s| s.credential == CRED_DINGTALK) {
@@ -162,12 +208,27 @@ pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
             "[dingtalk] client_secret is missing; copy it from the developer console".into(),
         ));
     }
+    for s in &secrets {
+        if !s.value.is_empty() && s.value.chars().all(|c| c == '*') {
+            return Err(ProvisionError::Invalid(format!(
+                "{} holds only `*`: this stick was imported and its secrets were removed; write them in again and sign the file",
+                s.field
+            )));
+        }
+        if !s.is_plugin_env() && s.value.chars().count() < MIN_SECRET {
+            return Err(ProvisionError::Invalid(format!(
+                "{} is shorter than {MIN_SECRET} characters; copy the whole secret (a secret this short is guessed quickly and cannot be told apart from other data on the stick)",
+                s.field
+            )));
+        }
+    }
     let config = Config::parse(text, path).map_err(|e| ProvisionError::Invalid(e.to_string()))?;
     if config.serial == 0 {
         return Err(ProvisionError::Invalid(
             "`serial` is missing or 0: give the file a serial (1 for the first, larger for each new one)".into(),
         ));
     }
+    unit::check(&config)?;
     Ok(config)
 }
 
@@ -191,7 +252,8 @@ pub struct ImportOptions {
     pub baked_key: Option<PathBuf>,
     pub allow_unsigned: bool,
     pub credentials: Credentials,
-    /// (Re)start the agent after the switch (`systemctl restart zhuli.service`).
+    /// Reload systemd's units (the generation's drop-in) and (re)start the agent after the
+    /// switch.
     pub restart: bool,
     /// Set up journald's Forward Secure Sealing on the first import (`journalctl --setup-keys`)
     /// and put the verification key on the receipt, so it leaves the box with the stick.
@@ -206,6 +268,8 @@ pub struct Receipt {
     pub config_hash: Option<String>,
     pub time: String,
     pub result: String,
+    /// Whether the secrets are gone from the stick.
+    pub scrub: Option<String>,
     pub errors: Vec<String>,
     /// The journal's verification key, when this import set up sealing.
     pub journal_key: Option<String>,
@@ -221,6 +285,9 @@ impl Receipt {
             self.config_hash.as_deref().unwrap_or("-"),
             self.result
         );
+        if let Some(scrub) = &self.scrub {
+            t.push_str(&format!("secrets on this stick: {scrub}\n"));
+        }
         if let Some(key) = &self.journal_key {
             t.push_str(&format!(
                 "journal verification key: {key}\n  (keep it safe and off the box, then delete it from this stick; check the journal with: journalctl --verify --verify-key=KEY)\n"
@@ -230,6 +297,12 @@ impl Receipt {
             t.push_str(&format!("error: {e}\n"));
         }
         t
+    }
+
+    fn write_to(&self, device: &Path) {
+        if let Err(e) = stick::write(device, &[(stick::RECEIPT, self.text().as_bytes())], false) {
+            log::warn!("the receipt could not be written to the stick: {e}");
+        }
     }
 }
 
@@ -251,6 +324,12 @@ pub fn current_serial(root: &Path) -> u64 {
     std::fs::read_to_string(root.join("serial")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
+/// The provisioning root a configuration at `config` was imported into (`<root>/current/zhuli.toml`).
+pub fn root_of(config: &Path) -> Option<PathBuf> {
+    let current = config.parent()?;
+    (current.file_name()? == "current").then(|| current.parent().map(Path::to_path_buf)).flatten()
+}
+
 /// Import from the stick. The receipt says what happened; on error it is also written to the
 /// stick where the stick is writable.
 pub fn import(opts: &ImportOptions) -> Receipt {
@@ -265,9 +344,7 @@ pub fn import(opts: &ImportOptions) -> Receipt {
             receipt.errors.push(e.to_string());
             log::error!("provisioning refused: {e}; the previous configuration is unchanged");
             // Best effort: the stick may be the problem.
-            if let Err(w) = stick::write(&opts.device, &[(stick::RECEIPT, receipt.text().as_bytes())], false) {
-                log::warn!("the receipt could not be written to the stick: {w}");
-            }
+            receipt.write_to(&opts.device);
         }
     }
     receipt
@@ -285,6 +362,31 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     }
     let bytes = stick::read(&opts.device, stick::CONFIG)?;
     receipt.config_hash = Some(sha256_hex(&bytes));
+    let volume = stick::volume_id(&opts.device)?;
+    // A stick pulled out while its secrets were being removed: finish that first.
+    if let Some(held) = scrub::find(&opts.root, volume, &bytes) {
+        if !contents.writable {
+            return Err(stick::StickError::ReadOnly(opts.device.clone()).into());
+        }
+        let serial = held.pending.serial;
+        receipt.serial = Some(serial);
+        let outcome =
+            scrub::run(&opts.root, &opts.device, held, opts.credentials, scrub::pulled_at(device_size(opts)))?;
+        receipt.scrub = Some(outcome.receipt_line());
+        receipt.config_hash = stick::read(&opts.device, stick::CONFIG).ok().map(|b| sha256_hex(&b));
+        let result = if outcome.complete() {
+            format!(
+                "{UNCHANGED}: serial {serial} was imported already; the removal of its secrets from this stick is now finished"
+            )
+        } else {
+            format!(
+                "{UNCHANGED}: serial {serial} was imported already; its secrets are still being removed from this stick"
+            )
+        };
+        receipt.result = result.clone();
+        receipt.write_to(&opts.device);
+        return Ok(result);
+    }
     // The stick this box imported last (its receipt, with the journal key, stays as it is).
     if std::fs::read_to_string(opts.root.join(IMPORTED_STICK)).is_ok_and(|h| h.trim() == sha256_hex(&bytes)) {
         return Ok(format!(
@@ -320,6 +422,10 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
         return Err(ProvisionError::OldSerial { new: config.serial, current });
     }
     let secrets = secrets_in(&text)?;
+    // Its secrets must be removable from the stick, or nothing is imported.
+    if !contents.writable {
+        return Err(stick::StickError::ReadOnly(opts.device.clone()).into());
+    }
 
     // Stage the new generation beside the current one.
     let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
@@ -327,60 +433,57 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     if !generations.exists() {
         std::fs::create_dir_all(&generations).map_err(apply)?;
         // The agent passes through to `current` (its generation is 0750 root:zhuli).
-        std::fs::set_permissions(&generations, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(apply)?;
+        set_mode(&generations, 0o755).map_err(apply)?;
     }
     let name = format!("{}-{:08x}", config.serial, rand::random::<u32>());
-    let staged = opts.root.join("generations").join(&name);
-    let staged_result = stage(opts, &staged, &text, config.agent.time_zone.as_deref(), &secrets);
-    if let Err(e) = staged_result {
-        let _ = std::fs::remove_dir_all(&staged);
-        return Err(e);
-    }
-
-    // Remove the secrets from the stick before switching: if the stick is gone or read-only,
-    // nothing changes on the box.
-    if !contents.writable {
-        let _ = std::fs::remove_dir_all(&staged);
-        return Err(stick::StickError::ReadOnly(opts.device.clone()).into());
-    }
-    let scrubbed = replace_secrets(&text, &secrets, |_| format!("\"{SCRUBBED}\""));
-    receipt.result = format!("applying serial {}", config.serial);
-    let wrote = if pulled_during_scrub() {
-        Err(stick::StickError::Io("test fault: the stick was pulled out".into()))
-    } else {
-        stick::write(
-            &opts.device,
-            &[(stick::CONFIG, scrubbed.as_bytes()), (stick::RECEIPT, receipt.text().as_bytes())],
-            false,
-        )
+    let staged = generations.join(&name);
+    let (starred, spans) = scrub::starred(&text, &secrets);
+    let pending = scrub::Pending { volume_id: volume, serial: config.serial, starred, spans, started: utc_now() };
+    let prepared = stage(opts, &staged, &text, &config, &secrets).and_then(|()| {
+        // Durable before the switch that depends on them: the pinned key, the scrub's record.
+        if trusted.is_none()
+            && let Some(key) = &signer
+        {
+            write_file(&pinned_path, format!("zhuli-org-key ed25519 {key}\n").as_bytes(), 0o644).map_err(apply)?;
+            sync_dir(&opts.root).map_err(apply)?;
+            log::warn!(
+                "provisioning: trusting the organisation key {} from now on (first signed import)",
+                sign::short(key)
+            );
+        }
+        scrub::record(&opts.root, &pending, &scrub::patterns(&text, &secrets), opts.credentials)
+    });
+    let held = match prepared {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(e);
+        }
     };
-    if let Err(e) = wrote {
-        let _ = std::fs::remove_dir_all(&staged);
-        return Err(e.into());
-    }
 
     // The switch: one rename of a symlink.
     let link_tmp = opts.root.join(format!(".current-{:08x}", rand::random::<u32>()));
     std::os::unix::fs::symlink(Path::new("generations").join(&name), &link_tmp).map_err(apply)?;
     std::fs::rename(&link_tmp, opts.root.join("current")).map_err(apply)?;
+    sync_dir(&opts.root).map_err(apply)?;
     write_file(&opts.root.join("serial"), format!("{}\n", config.serial).as_bytes(), 0o600).map_err(apply)?;
-    write_file(&opts.root.join(IMPORTED_STICK), format!("{}\n", sha256_hex(scrubbed.as_bytes())).as_bytes(), 0o600)
-        .map_err(apply)?;
-    if trusted.is_none()
-        && let Some(key) = &signer
-    {
-        write_file(&pinned_path, format!("zhuli-org-key ed25519 {key}\n").as_bytes(), 0o644).map_err(apply)?;
-        log::warn!(
-            "provisioning: trusting the organisation key {} from now on (first signed import)",
-            sign::short(key)
-        );
-    }
-    if let Ok(d) = std::fs::File::open(&opts.root) {
-        let _ = d.sync_all();
-    }
+    write_file(
+        &opts.root.join(IMPORTED_STICK),
+        format!("{}\n", sha256_hex(pending.starred.as_bytes())).as_bytes(),
+        0o600,
+    )
+    .map_err(apply)?;
+    sync_dir(&opts.root).map_err(apply)?;
     prune_generations(&opts.root, &name);
 
     let mut result = format!("imported serial {} ({} secrets moved into credentials)", config.serial, secrets.len());
+    // Said on the stick until the scrub is done: what to do if it is pulled out before that.
+    receipt.result = result.clone();
+    receipt.scrub = Some(
+        "being removed — if this line is still here, the stick was pulled out too early: plug it into the box again"
+            .into(),
+    );
+    receipt.write_to(&opts.device);
     if opts.seal_journal {
         match seal_journal() {
             Ok(Some(key)) => {
@@ -392,19 +495,38 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
         }
     }
     if opts.restart {
-        match std::process::Command::new("systemctl").args(["restart", "zhuli.service"]).status() {
-            Ok(s) if s.success() => result.push_str("; the agent was restarted"),
-            Ok(s) => {
-                receipt.errors.push(format!("restarting the agent failed ({s}); restart it: systemctl restart zhuli"))
-            }
-            Err(e) => receipt.errors.push(format!("cannot run systemctl ({e}); restart the agent by hand")),
+        // The drop-in is read at a reload; the agent starts while the stick is being checked.
+        match systemctl(&["daemon-reload"]).and_then(|()| systemctl(&["restart", "zhuli.service"])) {
+            Ok(()) => result.push_str("; the agent was restarted"),
+            Err(e) => receipt.errors.push(e),
         }
     }
-    receipt.result = result.clone();
-    if let Err(e) = stick::write(&opts.device, &[(stick::RECEIPT, receipt.text().as_bytes())], false) {
-        log::warn!("imported, but the final receipt could not be written to the stick: {e}");
+    let outcome = scrub::run(&opts.root, &opts.device, held, opts.credentials, scrub::pulled_at(device_size(opts)))
+        .unwrap_or_else(|e| scrub::Outcome::Interrupted(e.to_string()));
+    if outcome.complete() {
+        result.push_str("; its secrets were removed from the stick");
+    } else {
+        log::warn!("provisioning: the secrets could not all be removed from the stick yet: {}", outcome.receipt_line());
+        result.push_str("; its secrets are NOT all removed from the stick yet: plug it in again");
     }
+    receipt.scrub = Some(outcome.receipt_line());
+    receipt.result = result.clone();
+    receipt.config_hash = Some(sha256_hex(pending.starred.as_bytes()));
+    receipt.write_to(&opts.device);
     Ok(result)
+}
+
+fn device_size(opts: &ImportOptions) -> u64 {
+    use std::io::Seek;
+    std::fs::File::open(&opts.device).and_then(|mut f| f.seek(std::io::SeekFrom::End(0))).unwrap_or(0)
+}
+
+fn systemctl(args: &[&str]) -> Result<(), String> {
+    match std::process::Command::new("systemctl").args(args).status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("systemctl {} failed ({s}); restart the agent: systemctl restart zhuli", args.join(" "))),
+        Err(e) => Err(format!("cannot run systemctl ({e}); restart the agent by hand")),
+    }
 }
 
 /// Forward Secure Sealing for the persistent journal, once per box: `journalctl --setup-keys`
@@ -443,18 +565,6 @@ fn seal_journal() -> Result<Option<String>, String> {
     Ok(Some(key))
 }
 
-/// A test build's switch: `ZHULI_TEST_PULL=scrub` makes writing the stick fail at the moment
-/// its secrets are removed, as if it were pulled out. Release builds have no such switch.
-#[cfg(debug_assertions)]
-fn pulled_during_scrub() -> bool {
-    std::env::var("ZHULI_TEST_PULL").is_ok_and(|v| v == "scrub")
-}
-
-#[cfg(not(debug_assertions))]
-fn pulled_during_scrub() -> bool {
-    false
-}
-
 /// Keep the current generation and the one before it; remove older ones.
 fn prune_generations(root: &Path, current: &str) {
     let Ok(entries) = std::fs::read_dir(root.join("generations")) else { return };
@@ -474,6 +584,22 @@ fn prune_generations(root: &Path, current: &str) {
     }
 }
 
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+}
+
+/// Make `path` readable through the agent's group (where the box has it).
+fn group_readable(path: &Path) {
+    if let Ok(Some(group)) = nix::unistd::Group::from_name(AGENT_USER) {
+        let _ = nix::unistd::chown(path, None, Some(group.gid));
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Write `path` whole or not at all: a synced temporary file renamed into place.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension(format!("tmp-{:08x}", rand::random::<u32>()));
@@ -485,21 +611,22 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Write the generation: the configuration with credential references, and the credentials.
+/// Write the generation: the configuration with credential references, the credentials, the
+/// unit's drop-in; make the writable folders that do not exist yet.
 fn stage(
     opts: &ImportOptions,
     dir: &Path,
     text: &str,
-    time_zone: Option<&str>,
+    config: &Config,
     secrets: &[FoundSecret],
 ) -> Result<(), ProvisionError> {
     let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
     std::fs::create_dir(dir).map_err(apply)?;
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750)).map_err(apply)?;
+    set_mode(dir, 0o750).map_err(apply)?;
     let boxed = replace_secrets(text, secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
     write_file(&dir.join("zhuli.toml"), boxed.as_bytes(), 0o640).map_err(apply)?;
     // The box's time zone: /etc/localtime points at `current/localtime` (UTC while it is absent).
-    if let Some(zone) = time_zone {
+    if let Some(zone) = config.agent.time_zone.as_deref() {
         let target = Path::new(ZONEINFO).join(zone);
         if !target.is_file() {
             return Err(ProvisionError::Invalid(format!(
@@ -510,14 +637,23 @@ fn stage(
         std::os::unix::fs::symlink(&target, dir.join("localtime")).map_err(apply)?;
     }
     // The agent runs as the `zhuli` user: it reads the configuration through its group.
-    if let Ok(Some(group)) = nix::unistd::Group::from_name(AGENT_GROUP) {
+    let agent = nix::unistd::User::from_name(AGENT_USER).ok().flatten();
+    if let Some(user) = &agent {
         for p in [dir.to_path_buf(), dir.join("zhuli.toml")] {
-            nix::unistd::chown(&p, None, Some(group.gid)).map_err(|e| ProvisionError::Apply(e.to_string()))?;
+            nix::unistd::chown(&p, None, Some(user.gid)).map_err(|e| ProvisionError::Apply(e.to_string()))?;
         }
     }
-    // Every credential the unit loads exists, empty when the configuration has no such secret.
-    for name in CREDENTIALS {
-        let value = secrets.iter().find(|s| s.credential == name).map(|s| s.value.as_str()).unwrap_or("");
+    // Every fixed credential the unit loads exists, empty when the configuration has no such
+    // secret; a plugin's come with the drop-in that loads them.
+    let mut values: Vec<(String, &str)> = CREDENTIALS
+        .iter()
+        .map(|name| {
+            let value = secrets.iter().find(|s| s.credential == *name).map(|s| s.value.as_str()).unwrap_or("");
+            (name.to_string(), value)
+        })
+        .collect();
+    values.extend(secrets.iter().filter(|s| s.is_plugin_env()).map(|s| (s.credential.clone(), s.value.as_str())));
+    for (name, value) in &values {
         match opts.credentials {
             Credentials::Plain => {
                 log::warn!("provisioning: credential {name} stored UNENCRYPTED (development mode)");
@@ -526,7 +662,16 @@ fn stage(
             Credentials::Systemd => encrypt(name, value, &dir.join(format!("{name}.cred")))?,
         }
     }
-    Ok(())
+    let encrypted = opts.credentials == Credentials::Systemd;
+    let writable = unit::prepare(config, agent.as_ref())?;
+    let plugin_credentials: Vec<(String, PathBuf)> = values
+        .iter()
+        .skip(CREDENTIALS.len())
+        .map(|(name, _)| (name.clone(), unit::credential_path(&opts.root, name, encrypted)))
+        .collect();
+    let dropin = unit::dropin(config.serial, &writable, &plugin_credentials, encrypted);
+    write_file(&dir.join(unit::DROPIN), dropin.as_bytes(), 0o644).map_err(apply)?;
+    sync_dir(dir).map_err(apply)
 }
 
 /// `systemd-creds encrypt` with the secret on standard input (never on a command line).
@@ -552,7 +697,19 @@ fn encrypt(name: &str, value: &str, out: &Path) -> Result<(), ProvisionError> {
     Ok(())
 }
 
-/// A commented template for `zhuli provision init`.
+/// `systemd-creds decrypt` of a sealed file (root on the box).
+fn decrypt(name: &str, file: &Path) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    let out = std::process::Command::new("systemd-creds")
+        .arg("decrypt")
+        .arg(format!("--name={name}"))
+        .arg(file)
+        .arg("-")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then(|| zeroize::Zeroizing::new(out.stdout))
+}
+
 pub const TEMPLATE: &str = r#"# zhuli configuration, written to a USB stick by `zhuli provision write`.
 # Every field is documented in docs/CONFIGURATION.md. Unknown fields are errors.
 
@@ -623,8 +780,9 @@ mod tests {
         assert!(!boxed.contains("paste-the-secret"));
         assert!(boxed.contains("client_secret = { credential = \"dingtalk-client-secret\" }"));
         assert!(boxed.contains("# removed from the stick on import"), "comments are kept");
-        let scrubbed = replace_secrets(TEMPLATE, &secrets, |_| format!("\"{SCRUBBED}\""));
-        assert!(!scrubbed.contains("paste-the-secret") && scrubbed.contains(SCRUBBED));
+        let (starred, _) = scrub::starred(TEMPLATE, &secrets);
+        assert!(!starred.contains("paste-the-secret") && starred.contains("client_secret = \"****************\""));
+        assert_eq!(starred.len(), TEMPLATE.len(), "the stick's file keeps its length");
     }
 
     #[test]
@@ -654,13 +812,45 @@ mod tests {
             .replace("# repos = [\"acme/website\"]", "repos = [\"acme/website\"]");
         check(&text, Path::new("x")).expect("valid with a github token");
         let secrets = secrets_in(&text).expect("secrets");
-        let names: Vec<&str> = secrets.iter().map(|s| s.credential).collect();
+        let names: Vec<&str> = secrets.iter().map(|s| s.credential.as_str()).collect();
         assert_eq!(names, [CRED_DINGTALK, CRED_GITHUB]);
         let boxed = replace_secrets(&text, &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
         assert!(boxed.contains("token = { credential = \"github-token\" }") && !boxed.contains("github_pat_abc"));
         let reference = text.replace("\"github_pat_abc\"", "{ credential = \"x\" }");
         let e = check(&reference, Path::new("x")).expect_err("reference").to_string();
         assert!(e.contains("[tools.github] token"), "{e}");
+    }
+
+    #[test]
+    fn plugin_environment_values_become_credentials_and_leave_the_stick() {
+        let text = format!(
+            "{TEMPLATE}\n[tools.mcp.search]\ncommand = \"/usr/bin/node\"\nenv = {{ API_KEY = \"sk-search-4Lq9zP\", LOG = \"info\" }}\n"
+        );
+        check(&text, Path::new("x")).expect("valid with plugin env");
+        let secrets = secrets_in(&text).expect("secrets");
+        let names: Vec<&str> = secrets.iter().map(|s| s.credential.as_str()).collect();
+        assert_eq!(names, [CRED_DINGTALK, "mcp-search-API_KEY", "mcp-search-LOG"]);
+        let boxed = replace_secrets(&text, &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
+        assert!(boxed.contains("API_KEY = { credential = \"mcp-search-API_KEY\" }") && !boxed.contains("sk-search"));
+        let (starred, _) = scrub::starred(&text, &secrets);
+        assert!(!starred.contains("sk-search-4Lq9zP") && starred.contains("LOG = \"****\""), "{starred}");
+        assert_eq!(
+            scrub::patterns(&text, &secrets),
+            ["paste-the-secret", "sk-search-4Lq9zP"],
+            "short values are not secrets"
+        );
+        let bad = text.replace("LOG =", "2LOG =");
+        assert!(check(&bad, Path::new("x")).expect_err("bad name").to_string().contains("env.2LOG"));
+    }
+
+    #[test]
+    fn a_stick_whose_secrets_were_removed_or_are_too_short_is_refused_with_the_reason() {
+        let starred = TEMPLATE.replace("\"paste-the-secret\"", "\"****************\"");
+        let e = check(&starred, Path::new("x")).expect_err("starred").to_string();
+        assert!(e.contains("[dingtalk] client_secret") && e.contains("imported"), "{e}");
+        let short = TEMPLATE.replace("\"paste-the-secret\"", "\"abc\"");
+        let e = check(&short, Path::new("x")).expect_err("short").to_string();
+        assert!(e.contains("shorter than 8"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,14 @@
 //! The configuration stick: a FAT file system labelled `ZHULI-CFG`, read and written in place
 //! through the block device or an image file — never mounted, so it needs no root on the
 //! installer's laptop and tests can use plain image files.
+//!
+//! FAT frees a file's clusters without clearing them, so a secret once written to the stick
+//! outlives the file that held it (truncated, rewritten, deleted, an editor's temporary copy).
+//! Two rules keep that from happening: a file is only ever replaced after its old bytes have
+//! been overwritten where they lie ([`write`]), and removing secrets after an import
+//! overwrites them in place in the configuration file, then erases every other copy anywhere
+//! on the device ([`erase_everywhere`]) — free clusters, the slack after a file's end, other
+//! files. Nothing here logs a file's contents.
 
 use std::{
     fs::{File, OpenOptions},
@@ -31,6 +39,8 @@ pub enum StickError {
     TooLarge { file: String, size: u64 },
     #[error("reading or writing the stick failed ({0}); was it pulled out? Plug it in again")]
     Io(String),
+    #[error("{file} on the stick changed during the import (its size is not what was read); plug the stick in again")]
+    Changed { file: String },
 }
 
 fn io(e: std::io::Error) -> StickError {
@@ -73,11 +83,13 @@ pub fn create_image(path: &Path, size: u64, files: &[(&str, &[u8])]) -> Result<(
     write_into(&mut file, path, files)
 }
 
-/// Format an existing device or image as `ZHULI-CFG`.
+/// Format an existing device or image as `ZHULI-CFG` (FAT32 from about 512 MiB up, as a shop
+/// stick comes), with a random volume id: the box tells sticks apart by it.
 fn format(dev: &mut File) -> Result<(), StickError> {
     let mut label = [b' '; 11];
     label[..LABEL.len()].copy_from_slice(LABEL.as_bytes());
-    fatfs::format_volume(&mut *dev, fatfs::FormatVolumeOptions::new().volume_label(label)).map_err(io)?;
+    let options = fatfs::FormatVolumeOptions::new().volume_label(label).volume_id(rand::random());
+    fatfs::format_volume(&mut *dev, options).map_err(io)?;
     dev.sync_all().map_err(io)
 }
 
@@ -103,16 +115,137 @@ fn write_into(f: &mut File, path: &Path, files: &[(&str, &[u8])]) -> Result<(), 
         }
         {
             let root = fs.root_dir();
+            let cluster = u64::from(fs.cluster_size());
             for (name, bytes) in files {
+                let old = root.iter().filter_map(Result::ok).find(|e| e.is_file() && e.file_name() == *name);
+                let old_len = old.map(|e| e.len()).unwrap_or(0);
                 let mut file = root.create_file(name).map_err(io)?;
-                file.truncate().map_err(io)?;
+                // The old bytes are overwritten where they lie, up to the end of their last
+                // cluster, before any cluster is freed: a shorter file never leaves its
+                // predecessor's tail (a secret, perhaps) in free space or in its own slack.
+                let wipe = old_len.div_ceil(cluster) * cluster;
+                zeros(&mut file, wipe)?;
+                file.seek(SeekFrom::Start(0)).map_err(io)?;
                 file.write_all(bytes).map_err(io)?;
+                file.truncate().map_err(io)?;
                 file.flush().map_err(io)?;
             }
         }
         fs.unmount().map_err(io)?;
     }
     f.sync_all().map_err(io)
+}
+
+fn zeros(out: &mut impl Write, mut n: u64) -> Result<(), StickError> {
+    let block = [0u8; 8192];
+    while n > 0 {
+        let k = n.min(block.len() as u64) as usize;
+        out.write_all(&block[..k]).map_err(io)?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// The stick's volume id (random per format; a cloned stick shares it).
+pub fn volume_id(dev: &Path) -> Result<u32, StickError> {
+    let f = File::open(dev).map_err(|source| StickError::Open { path: dev.to_owned(), source })?;
+    let fs =
+        fatfs::FileSystem::new(ReadOnly(f), fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))?;
+    Ok(fs.volume_id())
+}
+
+/// Replace the bytes of file `name` with `bytes` of the same length, where they lie: no cluster
+/// is freed or taken, so nothing of the old contents is left anywhere else. Refused when the
+/// file's size is not `bytes.len()`.
+pub fn overwrite_in_place(dev: &Path, name: &str, bytes: &[u8]) -> Result<(), StickError> {
+    let open = |source| StickError::Open { path: dev.to_owned(), source };
+    let mut f = OpenOptions::new().read(true).write(true).open(dev).map_err(open)?;
+    {
+        let fs =
+            fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))?;
+        {
+            let root = fs.root_dir();
+            let entry = root
+                .iter()
+                .filter_map(Result::ok)
+                .find(|e| e.is_file() && e.file_name() == name)
+                .ok_or_else(|| StickError::Io(format!("{name} is not on the stick")))?;
+            if entry.len() != bytes.len() as u64 {
+                return Err(StickError::Changed { file: name.to_owned() });
+            }
+            let mut file = entry.to_file();
+            file.write_all(bytes).map_err(io)?;
+            file.flush().map_err(io)?;
+        }
+        fs.unmount().map_err(io)?;
+    }
+    f.sync_all().map_err(io)
+}
+
+/// What [`erase_everywhere`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erased {
+    /// Bytes of the device read.
+    pub scanned: u64,
+    /// Copies of a pattern found, and overwritten with zeros.
+    pub found: u64,
+}
+
+/// How much of the device is read at a time.
+const ERASE_CHUNK: usize = 8 * 1024 * 1024;
+
+/// Read the whole device and overwrite with zeros every place where one of `patterns` occurs —
+/// in a file, in a file's slack, in free clusters — then flush it to the device. `progress` is
+/// told (bytes read, device size) after each chunk. Empty patterns are ignored.
+pub fn erase_everywhere(
+    dev: &Path,
+    patterns: &[Vec<u8>],
+    mut progress: impl FnMut(u64, u64) -> Result<(), StickError>,
+) -> Result<Erased, StickError> {
+    use std::os::unix::fs::FileExt;
+    let open = |source| StickError::Open { path: dev.to_owned(), source };
+    let mut f = OpenOptions::new().read(true).write(true).open(dev).map_err(open)?;
+    let size = f.seek(SeekFrom::End(0)).map_err(io)?;
+    let finders: Vec<memchr::memmem::Finder> =
+        patterns.iter().filter(|p| !p.is_empty()).map(memchr::memmem::Finder::new).collect();
+    let longest = finders.iter().map(|f| f.needle().len()).max().unwrap_or(1);
+    // A chunk's last `longest - 1` bytes are read again at the start of the next one, so a copy
+    // that straddles two chunks is found.
+    let mut buf = vec![0u8; ERASE_CHUNK + longest];
+    let (mut at, mut carried, mut found) = (0u64, 0usize, 0u64);
+    loop {
+        let mut filled = carried;
+        while filled < buf.len() {
+            let n = f.read_at(&mut buf[filled..], at + filled as u64).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        let mut hits: Vec<(usize, usize)> = Vec::new();
+        for finder in &finders {
+            hits.extend(finder.find_iter(&buf[..filled]).map(|start| (start, finder.needle().len())));
+        }
+        for (start, len) in hits {
+            if buf[start..start + len].iter().all(|b| *b == 0) {
+                continue;
+            }
+            buf[start..start + len].fill(0);
+            f.write_all_at(&buf[start..start + len], at + start as u64).map_err(io)?;
+            found += 1;
+        }
+        let end = at + filled as u64;
+        progress(end.min(size), size)?;
+        if end >= size || filled < buf.len() {
+            break;
+        }
+        let keep = (longest - 1).min(filled);
+        buf.copy_within(filled - keep..filled, 0);
+        at = end - keep as u64;
+        carried = keep;
+    }
+    f.sync_all().map_err(io)?;
+    Ok(Erased { scanned: size, found })
 }
 
 /// What is on a stick.

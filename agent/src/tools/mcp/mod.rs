@@ -44,9 +44,11 @@ pub struct PluginSettings {
     pub command: PathBuf,
     #[serde(default)]
     pub args: Vec<String>,
-    /// The plugin's whole environment besides PATH, HOME and LANG.
+    /// The plugin's whole environment besides PATH, HOME and LANG. Every value is treated as a
+    /// secret (an API key, often): on the box each is a credential, never in the agent's own
+    /// environment, only in the plugin's.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, crate::secret::Secret>,
     /// Folders (or files) the plugin may read, beyond the system's libraries; its program and
     /// script must be among them or under /usr.
     #[serde(default)]
@@ -202,10 +204,10 @@ impl Plugin {
             cpu_seconds: settings.cpu_seconds,
             open_files: settings.open_files,
             file_bytes: settings.file_mb * 1024 * 1024,
-            env: settings.env.clone(),
+            env: settings.env.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect(),
             home,
         };
-        let secrets = settings.env.values().filter(|v| v.len() >= 6).cloned().collect();
+        let secrets = settings.env.values().filter(|v| v.expose().len() >= 6).map(|v| v.expose().to_owned()).collect();
         Ok(Arc::new(Plugin {
             name: name.to_owned(),
             settings: settings.clone(),
