@@ -753,7 +753,7 @@ fn backend_calls() {
             server.display().to_string()
         ))
         .expect("plugin settings");
-        let plugin = mcp::Plugin::new("fs", &settings, &dir.join("state")).expect("plugin");
+        let plugin = mcp::Plugin::new("fs", &settings, &dir.join("state"), None).expect("plugin");
         let mut starts = Vec::new();
         let mut tools = Vec::new();
         for _ in 0..5 {

@@ -150,6 +150,13 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     tasks.spawn(pipeline(inbox_rx, work.clone(), config.agent.workers, cancel.clone(), health.task("dispatcher")));
     tasks.spawn(prune(store, cancel.clone(), health.task("pruner"), every));
     tasks.spawn(monitor(work.clone(), config.clone(), cancel.clone()));
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for plugin in work.assistant.plugins() {
+            plugin.report_stops(tx.clone());
+        }
+        tasks.spawn(plugin_stops(work.clone(), config.clone(), rx, cancel.clone()));
+    }
     let socket = config.health.socket_path(&config.agent.state_dir);
     {
         let (snapshot, cancel) = (snapshot.clone(), cancel.clone());
@@ -427,6 +434,35 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
                 log::info!("alert cleared: {}", alarm.text);
             }
         }
+    }
+}
+
+/// A plugin stopped for reaching a limit: in the audit trail, and the admins are told.
+async fn plugin_stops(
+    work: Arc<Work>,
+    config: Config,
+    mut stops: mpsc::UnboundedReceiver<tools::mcp::PluginStop>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let stop = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = stops.recv() => match s { Some(s) => s, None => return },
+        };
+        work.assistant.audit().record(
+            Event::new(Kind::PluginStopped, "", "")
+                .tool(format!("plugin {}", stop.plugin))
+                .outcome("stopped")
+                .reason(stop.limit.to_string()),
+        );
+        let text = format!(
+            "⚠️ **zhuli**：插件 {name} 已被停止——{zh}。它在下一次被调用时会重新启动；若反复发生，请检查它的配置（[tools.mcp.{name}]）。\n\n\
+             The plugin {name} was stopped: {reason}. It starts again on its next call; if this repeats, check its configuration ([tools.mcp.{name}]).",
+            name = stop.plugin,
+            zh = stop.limit.zh(),
+            reason = stop.limit,
+        );
+        tell_admins(&work, &config, "zhuli: 插件已停止", &text);
     }
 }
 

@@ -63,10 +63,12 @@ pub enum Kind {
     ConfigChanged,
     /// A monitoring threshold crossed or cleared.
     Alert,
+    /// A plugin stopped whole for reaching one of its limits (tasks, memory).
+    PluginStopped,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::MessageAccepted,
         Kind::MessageRefused,
         Kind::ToolRequested,
@@ -80,6 +82,7 @@ impl Kind {
         Kind::PermissionChanged,
         Kind::ConfigChanged,
         Kind::Alert,
+        Kind::PluginStopped,
     ];
 
     /// The `ACTION` field.
@@ -98,6 +101,7 @@ impl Kind {
             Kind::PermissionChanged => "permission-changed",
             Kind::ConfigChanged => "config-changed",
             Kind::Alert => "alert",
+            Kind::PluginStopped => "plugin-stopped",
         }
     }
 
@@ -117,13 +121,19 @@ impl Kind {
             Kind::PermissionChanged => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0b",
             Kind::ConfigChanged => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0c",
             Kind::Alert => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0d",
+            Kind::PluginStopped => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0e",
         }
     }
 
     /// syslog priority: refusals and denials are warnings (5 = notice otherwise).
     fn priority(self) -> u8 {
         match self {
-            Kind::MessageRefused | Kind::ToolDenied | Kind::ToolFailed | Kind::LimitHit | Kind::Alert => 4,
+            Kind::MessageRefused
+            | Kind::ToolDenied
+            | Kind::ToolFailed
+            | Kind::LimitHit
+            | Kind::Alert
+            | Kind::PluginStopped => 4,
             _ => 5,
         }
     }

@@ -202,6 +202,11 @@ impl Assistant {
         &self.parts.audit
     }
 
+    /// The MCP plugins this assistant offers.
+    pub fn plugins(&self) -> &[Arc<crate::tools::mcp::Plugin>] {
+        &self.parts.plugins
+    }
+
     /// Everything `/status` and `zhuli status` show.
     pub fn snapshot(&self) -> status::Snapshot {
         let p = &self.parts;

@@ -136,7 +136,7 @@ async fn tools_step(config: &Config) -> Step {
     }
     for (name, s) in &t.mcp {
         let scratch = std::env::temp_dir().join(format!("zhuli-doctor-{}", std::process::id()));
-        match mcp::Plugin::new(name, s, &scratch) {
+        match mcp::Plugin::new(name, s, &scratch, None) {
             Ok(p) => {
                 results.push(match p.list_tools().await {
                     Ok(list) => Ok(format!(

@@ -9,9 +9,14 @@
 //! the configuration lists them as read-only; the server's own annotations can only raise
 //! that (`destructiveHint`), never lower it: a third party does not decide what needs asking.
 //!
+//! Under `zhuli.service` each plugin runs in a control group of its own ([`cgroup`]): a plugin
+//! that reaches its task or memory limit is stopped whole, the admins are told and the audit
+//! trail says why ([`PluginStop`]), and the agent keeps what it needs.
+//!
 //! Plugin output never reaches the log; it is fed to the model with the configured
 //! environment values (which may be the plugin's API keys) replaced by `<redacted>`.
 
+pub mod cgroup;
 pub mod sandbox;
 
 use std::{
@@ -71,6 +76,9 @@ pub struct PluginSettings {
     /// Largest file the plugin may write.
     #[serde(default = "default_file_mb")]
     pub file_mb: u64,
+    /// Share of one CPU the plugin may use (under `zhuli.service`, where it has its own cgroup).
+    #[serde(default = "default_cpu_percent")]
+    pub cpu_percent: u32,
     /// A call taking longer is killed with the plugin.
     #[serde(default = "default_timeout")]
     pub timeout_ms: Millis,
@@ -96,6 +104,9 @@ fn default_open_files() -> u64 {
 }
 fn default_file_mb() -> u64 {
     256
+}
+fn default_cpu_percent() -> u32 {
+    50
 }
 fn default_timeout() -> Millis {
     Millis::from_ms(30_000)
@@ -132,6 +143,18 @@ pub enum PluginError {
     Protocol(String),
 }
 
+/// A plugin stopped because it reached one of its limits: for the audit trail and the admins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginStop {
+    pub plugin: String,
+    pub limit: cgroup::Limit,
+}
+
+/// Threads a plugin may run besides the processes it is granted (Node.js runs about a dozen).
+const TASKS: u64 = 48;
+/// How often a call in progress checks its plugin's limits.
+const LIMIT_CHECK: Duration = Duration::from_millis(250);
+
 /// Figures of a plugin, for `zhuli status` and the benchmark.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PluginStats {
@@ -151,6 +174,23 @@ struct Running {
     /// Set by the reader when the process is gone: how it ended.
     gone: Arc<Mutex<Option<String>>>,
     stop: tokio_util::sync::CancellationToken,
+    /// Its control group, under the unit.
+    group: Option<Arc<cgroup::Group>>,
+    /// The limit it reached, when the agent stopped it for that.
+    limit: Arc<Mutex<Option<cgroup::Limit>>>,
+}
+
+impl Running {
+    /// Stop it whole if it reached a limit; the reason, if so.
+    fn over_limit(&self, limits: &cgroup::Limits) -> Option<cgroup::Limit> {
+        let reason = self.group.as_ref()?.events().limit(limits)?;
+        *self.limit.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        if let Some(g) = &self.group {
+            g.kill();
+        }
+        self.stop.cancel();
+        Some(reason)
+    }
 }
 
 pub struct Plugin {
@@ -164,6 +204,11 @@ pub struct Plugin {
     secrets: Vec<String>,
     /// Tools it offered at start.
     pub tools: AtomicU64,
+    /// Where its control groups are made (under the unit).
+    tree: Option<Arc<cgroup::Tree>>,
+    limits: cgroup::Limits,
+    /// Who hears of a stop for a limit.
+    stops: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<PluginStop>>,
 }
 
 impl Plugin {
@@ -171,6 +216,7 @@ impl Plugin {
         name: &str,
         settings: &PluginSettings,
         state_dir: &std::path::Path,
+        tree: Option<Arc<cgroup::Tree>>,
     ) -> Result<Arc<Plugin>, PluginSettingsError> {
         let err = |m: String| PluginSettingsError { name: name.to_owned(), message: m };
         if name.is_empty() || name.len() > 24 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
@@ -192,6 +238,9 @@ impl Plugin {
         }
         if settings.memory_mb < 16 || settings.open_files < 16 || settings.cpu_seconds == 0 {
             return Err(err("memory_mb and open_files must be at least 16, cpu_seconds at least 1".into()));
+        }
+        if !(1..=800).contains(&settings.cpu_percent) {
+            return Err(err("cpu_percent must be between 1 and 800 (100 is one whole CPU)".into()));
         }
         let home = state_dir.join("plugins").join(name);
         std::fs::create_dir_all(&home).map_err(|e| err(format!("cannot create its folder {}: {e}", home.display())))?;
@@ -217,7 +266,19 @@ impl Plugin {
             stats: Mutex::default(),
             secrets,
             tools: AtomicU64::new(0),
+            tree,
+            limits: cgroup::Limits {
+                tasks: TASKS + 16 * u64::from(settings.processes),
+                memory_bytes: settings.memory_mb * 1024 * 1024,
+                cpu_percent: settings.cpu_percent,
+            },
+            stops: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Tell `to` whenever this plugin is stopped for reaching a limit.
+    pub fn report_stops(&self, to: tokio::sync::mpsc::UnboundedSender<PluginStop>) {
+        let _ = self.stops.set(to);
     }
 
     pub fn stats(&self) -> PluginStats {
@@ -237,8 +298,20 @@ impl Plugin {
         let starts = format!("{} start{}", st.starts, if st.starts == 1 { "" } else { "s" });
         match (state, st.pid) {
             (Some(None), Some(pid)) => {
-                let rss = self.memory_kb().map(|(r, _)| format!(", RSS {} MB", r / 1024)).unwrap_or_default();
-                format!("{}: running (pid {pid}, {tools} tools, {starts}{rss})", self.name)
+                let group = self.running.try_lock().ok().and_then(|r| r.as_ref().and_then(|r| r.group.clone()));
+                let usage = match group {
+                    Some(g) => {
+                        let (tasks, memory) = g.usage();
+                        format!(
+                            ", {tasks}/{} tasks, {}/{} MB in its cgroup",
+                            self.limits.tasks,
+                            memory >> 20,
+                            self.limits.memory_bytes >> 20
+                        )
+                    }
+                    None => self.memory_kb().map(|(r, _)| format!(", RSS {} MB", r / 1024)).unwrap_or_default(),
+                };
+                format!("{}: running (pid {pid}, {tools} tools, {starts}{usage})", self.name)
             }
             (state, _) => {
                 let last = state.flatten().or(st.last_stop);
@@ -265,6 +338,8 @@ impl Plugin {
     async fn process(&self) -> Result<Arc<Running>, PluginError> {
         let mut slot = self.running.lock().await;
         if let Some(r) = slot.as_ref() {
+            // A limit reached while it sat idle (a runaway background task) stops it now.
+            r.over_limit(&self.limits);
             let gone = r.gone.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match gone {
                 // Being stopped (a timeout): not handed out again, started anew below.
@@ -319,9 +394,20 @@ impl Plugin {
 
     fn spawn(&self) -> Result<Arc<Running>, PluginError> {
         let start = |m: String| PluginError::Start(self.name.clone(), m);
-        let mut cmd = sandbox::command(&self.settings.command, &self.settings.args, &self.policy)
+        let group = match &self.tree {
+            Some(tree) => Some(Arc::new(
+                tree.group(&self.name, self.limits).map_err(|e| start(format!("its control group: {e}")))?,
+            )),
+            None => None,
+        };
+        let procs =
+            group.as_ref().map(|g| g.procs()).transpose().map_err(|e| start(format!("its control group: {e}")))?;
+        let join = procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        let mut cmd = sandbox::command(&self.settings.command, &self.settings.args, &self.policy, join)
             .map_err(|e| start(e.to_string()))?;
-        let mut child = cmd.spawn().map_err(|e| start(format!("{} ({e})", self.settings.command.display())))?;
+        let spawned = cmd.spawn();
+        drop(procs);
+        let mut child = spawned.map_err(|e| start(format!("{} ({e})", self.settings.command.display())))?;
         let pid = child.id().ok_or_else(|| start("it exited at once".into()))?;
         let stdin = child.stdin.take().ok_or_else(|| start("no stdin".into()))?;
         let stdout = child.stdout.take().ok_or_else(|| start("no stdout".into()))?;
@@ -345,16 +431,20 @@ impl Plugin {
                 }
             });
         }
+        let limit: Arc<Mutex<Option<cgroup::Limit>>> = Arc::default();
         let running = Arc::new(Running {
             pid,
             stdin: tokio::sync::Mutex::new(stdin),
             pending: pending.clone(),
             gone: gone.clone(),
             stop: stop.clone(),
+            group: group.clone(),
+            limit: limit.clone(),
         });
         let writer = Arc::downgrade(&running);
         let name = self.name.clone();
         let secrets = self.secrets.clone();
+        let (limits, home, stops) = (self.limits, self.policy.home.clone(), self.stops.get().cloned());
         tokio::spawn(async move {
             let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_MESSAGE));
             let ended = loop {
@@ -398,7 +488,16 @@ impl Plugin {
             };
             // The process ends (or is ended): say how, and fail every waiting call.
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            if let Some(g) = &group {
+                g.kill();
+            }
             let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            // A limit it reached, as the agent or the kernel saw it.
+            let over = (*limit.lock().unwrap_or_else(|p| p.into_inner()))
+                .or_else(|| group.as_ref().and_then(|g| g.events().limit(&limits)));
+            if let Some(g) = group {
+                let _ = tokio::task::spawn_blocking(move || g.remove()).await;
+            }
             let mut how = match status {
                 Ok(Ok(s)) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
                     (Some(c), _) => format!("exit status {c}"),
@@ -409,6 +508,24 @@ impl Plugin {
             };
             if let Some(reason) = ended {
                 how = format!("{reason}; {how}");
+            }
+            if let Some(reason) = &over {
+                how = format!("stopped: {reason}; {how}");
+                // Its home is memory it is charged for: emptied, so the next start begins clean.
+                if let Ok(entries) = std::fs::read_dir(&home) {
+                    for e in entries.flatten() {
+                        let p = e.path();
+                        let _ = if p.is_dir() && !p.is_symlink() {
+                            std::fs::remove_dir_all(&p)
+                        } else {
+                            std::fs::remove_file(&p)
+                        };
+                    }
+                }
+                log::warn!("plugin {name} stopped: {reason}");
+                if let Some(to) = &stops {
+                    let _ = to.send(PluginStop { plugin: name.clone(), limit: *reason });
+                }
             }
             // The telling line: the last one naming an error (a stack trace follows it), else the last.
             let last = {
@@ -466,7 +583,22 @@ impl Plugin {
                 });
             }
         }
-        match tokio::time::timeout(limit, rx).await {
+        // While it works, its limits are watched: reaching one stops it whole at once.
+        let watched = async {
+            let mut rx = rx;
+            let mut tick = tokio::time::interval(LIMIT_CHECK);
+            loop {
+                tokio::select! {
+                    answer = &mut rx => return answer,
+                    _ = tick.tick(), if running.group.is_some() => {
+                        if running.over_limit(&self.limits).is_some() {
+                            return rx.await;
+                        }
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(limit, watched).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(PluginError::Stopped { name: self.name.clone(), how: "ended".into() }),
             Err(_) => {
@@ -661,9 +793,15 @@ pub async fn start_all(
     settings: &BTreeMap<String, PluginSettings>,
     state_dir: &std::path::Path,
 ) -> Result<(Vec<Arc<Plugin>>, Vec<Arc<dyn Tool>>), PluginSettingsError> {
+    let tree = if settings.is_empty() { None } else { cgroup::Tree::detect().map(Arc::new) };
+    if !settings.is_empty() && tree.is_none() {
+        log::warn!(
+            "plugins: no delegated control group (not running as zhuli.service): each plugin is limited by rlimits only, and its home folder is not capped"
+        );
+    }
     let mut plugins = Vec::new();
     for (name, s) in settings {
-        plugins.push(Plugin::new(name, s, state_dir)?);
+        plugins.push(Plugin::new(name, s, state_dir, tree.clone())?);
     }
     // All started at once: a slow one delays the agent's start by its own timeout, not the sum.
     let lists = futures_util::future::join_all(plugins.iter().map(|p| p.list_tools())).await;

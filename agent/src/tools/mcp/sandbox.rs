@@ -231,8 +231,14 @@ fn tasks_of_this_user() -> u64 {
     n
 }
 
-/// A command for `program args…` that starts inside the sandbox.
-pub fn command(program: &Path, args: &[String], policy: &Policy) -> Result<tokio::process::Command, SandboxError> {
+/// A command for `program args…` that starts inside the sandbox; with `cgroup` (a plugin
+/// group's `cgroup.procs`, open for writing), the child first moves itself into that group.
+pub fn command(
+    program: &Path,
+    args: &[String],
+    policy: &Policy,
+    cgroup: Option<std::os::fd::RawFd>,
+) -> Result<tokio::process::Command, SandboxError> {
     let programs = seccomp(policy)?;
     let mut ruleset = Some(landlock(policy, program)?);
     let limits = [
@@ -253,11 +259,19 @@ pub fn command(program: &Path, args: &[String], policy: &Policy) -> Result<tokio
         .current_dir(&policy.home)
         .process_group(0);
     // SAFETY: the closure runs in the child between fork and exec. It only makes system calls
-    // (prctl, close_range, open/write/close, setrlimit, landlock_restrict_self, seccomp) on data
+    // (write to the cgroup's descriptor, which the parent keeps open until the spawn returns;
+    // prctl, close_range, open/write/close, setrlimit, landlock_restrict_self, seccomp) on data
     // prepared above;
     // nothing it calls takes a lock another thread of the parent could have held.
     unsafe {
         cmd.pre_exec(move || {
+            // First of all: into its own control group ("0" is the writing process), so that
+            // everything it ever starts is counted, limited and killed with it.
+            if let Some(fd) = cgroup
+                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
