@@ -7,9 +7,13 @@
 //!   unless the plugin is granted the network; signals and abstract UNIX sockets scoped to
 //!   the plugin itself (best effort: each kernel enforces what its Landlock ABI knows, and
 //!   the status is reported);
-//! - **seccomp**: no new processes (only threads) unless granted, no sockets unless granted
-//!   the network (socket pairs stay), none of ptrace, process_vm_*, namespaces, mounts, BPF,
-//!   perf, keyrings, io_uring (which would bypass the socket rule) or kernel modules;
+//! - **seccomp** (three stacked filters, see [`seccomp`]): a call through another ABI (i386,
+//!   x32) kills the plugin; refused with EPERM to every plugin: namespaces (unshare, setns, any
+//!   `CLONE_NEW*` flag of clone), mounts old and new (mount…, fsopen…, open_tree), ptrace and
+//!   process_vm_*, BPF, perf, keyrings, userfaultfd, io_uring (which would bypass the socket
+//!   rule), modules, kexec, another process's limits; new processes (only threads) unless
+//!   granted; sockets unless granted the network, and then only Internet stream and datagram
+//!   sockets (socket pairs stay); clone3 fails with ENOSYS, so runtimes fall back to clone;
 //! - **rlimits**: memory (data segment), CPU seconds, open files, file size, no core dumps,
 //!   and tasks: what the agent's user runs now plus 128 threads and 16 per granted process
 //!   (`RLIMIT_NPROC` counts per user, and not for root);
@@ -17,7 +21,7 @@
 //! - **a scrubbed environment** (only `PATH`, `HOME`, `LANG` and the configured variables) and
 //!   **no inherited descriptors** beyond stdin/stdout/stderr (all others close on exec).
 //!
-//! Everything that allocates (the Landlock ruleset, the BPF program) is prepared before the
+//! Everything that allocates (the Landlock ruleset, the BPF programs) is prepared before the
 //! fork; the child only makes system calls.
 //!
 //! The one module of the agent with `unsafe`: the hook that runs between fork and exec, and
@@ -89,20 +93,47 @@ pub enum SandboxError {
     Seccomp(String),
 }
 
-/// Syscalls no plugin makes.
-fn forbidden() -> Vec<i64> {
-    let mut v = vec![
+// The filter below names x86_64 system calls and the x86_64 ABI; the image is x86_64.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("the plugin sandbox's system-call filter is written for x86_64");
+
+/// System calls newer than the libc crate's table.
+mod newer_syscalls {
+    pub const OPEN_TREE_ATTR: i64 = 467;
+}
+
+/// Refused to every plugin with EPERM, whatever its profile.
+const NEVER: &[&[i64]] = &[
+    // Another process's memory, descriptors or state.
+    &[
         libc::SYS_ptrace,
         libc::SYS_process_vm_readv,
         libc::SYS_process_vm_writev,
+        libc::SYS_process_madvise,
         libc::SYS_kcmp,
         libc::SYS_pidfd_getfd,
+    ],
+    // Namespaces, mounts (the old API and the new one: fsopen…move_mount, open_tree), roots.
+    &[
         libc::SYS_unshare,
         libc::SYS_setns,
         libc::SYS_mount,
         libc::SYS_umount2,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_move_mount,
+        libc::SYS_open_tree,
+        newer_syscalls::OPEN_TREE_ATTR,
+        libc::SYS_mount_setattr,
         libc::SYS_pivot_root,
         libc::SYS_chroot,
+    ],
+    // Kernel machinery a plugin has no use for and that has been a way in: BPF, perf events,
+    // userfaultfd, keyrings, io_uring (whose operations no filter sees: a socket made through
+    // it would pass the socket rule by).
+    &[
         libc::SYS_bpf,
         libc::SYS_perf_event_open,
         libc::SYS_userfaultfd,
@@ -112,54 +143,135 @@ fn forbidden() -> Vec<i64> {
         libc::SYS_io_uring_setup,
         libc::SYS_io_uring_enter,
         libc::SYS_io_uring_register,
+    ],
+    // The machine: modules, kexec, reboot, swap, accounting, quotas, clocks, host names, the
+    // kernel log, I/O ports, terminals.
+    &[
         libc::SYS_init_module,
         libc::SYS_finit_module,
         libc::SYS_delete_module,
         libc::SYS_kexec_load,
-        libc::SYS_acct,
+        libc::SYS_kexec_file_load,
+        libc::SYS_reboot,
         libc::SYS_swapon,
         libc::SYS_swapoff,
-        libc::SYS_reboot,
-        libc::SYS_open_by_handle_at,
-        libc::SYS_name_to_handle_at,
-        libc::SYS_fanotify_init,
-        libc::SYS_personality,
-    ];
-    v.sort_unstable();
-    v.dedup();
-    v
+        libc::SYS_acct,
+        libc::SYS_quotactl,
+        libc::SYS_quotactl_fd,
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_clock_adjtime,
+        libc::SYS_adjtimex,
+        libc::SYS_sethostname,
+        libc::SYS_setdomainname,
+        libc::SYS_syslog,
+        libc::SYS_iopl,
+        libc::SYS_ioperm,
+        libc::SYS_vhangup,
+    ],
+    // Files by handle (past every path, so past Landlock), watching the whole file system, the
+    // execution domain.
+    &[libc::SYS_open_by_handle_at, libc::SYS_name_to_handle_at, libc::SYS_fanotify_init, libc::SYS_personality],
+];
+
+/// `clone` flags that make a namespace. CLONE_NEWTIME shares its bit with clone's exit signal
+/// (signals above 64 do not exist), so checking it refuses nothing real.
+const NAMESPACE_FLAGS: &[libc::c_int] = &[
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWCGROUP,
+    libc::CLONE_NEWTIME,
+];
+
+/// `seccomp_data.arch` of x86_64 (`AUDIT_ARCH_X86_64` in linux/audit.h).
+const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+/// Set in the number of every call through the x32 table (`__X32_SYSCALL_BIT`).
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+/// The obsolete packet socket type of AF_INET (`SOCK_PACKET`, packet(7)).
+const SOCK_PACKET: u64 = 10;
+
+/// The first filter: a call through another ABI — the i386 one (`int 0x80`) or the x32 table,
+/// whose numbers are x86_64's with bit 30 set and would pass every rule keyed on an x86_64
+/// number — kills the plugin. No runtime makes one; only an attempt to get past the filter does.
+fn abi_gate() -> BpfProgram {
+    use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    let stmt = |code: u32, k: u32| seccompiler::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| seccompiler::sock_filter { code: code as u16, jt, jf, k };
+    // Offsets in `struct seccomp_data`: nr at 0, arch at 4.
+    vec![
+        stmt(BPF_LD | BPF_W | BPF_ABS, 4),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+        stmt(BPF_LD | BPF_W | BPF_ABS, 0),
+        jump(BPF_JMP | BPF_JSET | BPF_K, X32_SYSCALL_BIT, 0, 1),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
-fn seccomp(policy: &Policy) -> Result<Vec<BpfProgram>, SandboxError> {
-    let err = |e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string());
-    let arch: seccompiler::TargetArch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = forbidden().into_iter().map(|s| (s, vec![])).collect();
+/// The refusals of a plugin's profile: a call matching any of its rules fails with EPERM.
+fn refusals(policy: &Policy) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    use SeccompCmpArgLen::{Dword, Qword};
+    use SeccompCmpOp::{MaskedEq, Ne};
+    let rule = |conditions: Vec<SeccompCondition>| SeccompRule::new(conditions);
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = NEVER.concat().into_iter().map(|s| (s, vec![])).collect();
+    // clone: never a new namespace; without processes, threads only.
+    let mut clone = Vec::new();
+    for &flag in NAMESPACE_FLAGS {
+        let flag = flag as u64;
+        clone.push(rule(vec![SeccompCondition::new(0, Qword, MaskedEq(flag), flag)?])?);
+    }
     if policy.processes == 0 {
-        // Threads (clone with CLONE_THREAD) stay; a new process is refused.
-        let no_thread =
-            SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64), 0)
-                .map_err(err)?;
-        rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![no_thread]).map_err(err)?]);
+        let thread = libc::CLONE_THREAD as u64;
+        clone.push(rule(vec![SeccompCondition::new(0, Qword, MaskedEq(thread), 0)?])?);
         rules.insert(libc::SYS_fork, vec![]);
         rules.insert(libc::SYS_vfork, vec![]);
     }
-    if !policy.network {
+    rules.insert(libc::SYS_clone, clone);
+    if policy.network {
+        // Internet sockets only, stream or datagram: no UNIX sockets (the agent's status
+        // socket, journald, D-Bus are pathname sockets Landlock does not mediate), netlink,
+        // packet or raw sockets. The type's low four bits are the type, the rest flags.
+        let family = |f: libc::c_int| SeccompCondition::new(0, Dword, Ne, f as u64);
+        let kind = |t: u64| SeccompCondition::new(1, Dword, MaskedEq(0xf), t);
+        let socket = vec![
+            rule(vec![family(libc::AF_INET)?, family(libc::AF_INET6)?])?,
+            rule(vec![kind(libc::SOCK_RAW as u64)?])?,
+            rule(vec![kind(SOCK_PACKET)?])?,
+        ];
+        rules.insert(libc::SYS_socket, socket);
+    } else {
         rules.insert(libc::SYS_socket, vec![]);
     }
-    let deny =
-        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch).map_err(err)?;
-    let mut programs = vec![BpfProgram::try_from(deny).map_err(err)?];
-    // clone3 passes its flags in memory a filter cannot read: refused as unknown, so runtimes
-    // fall back to clone, which the rule above sees.
-    if policy.processes == 0 {
-        let clone3 = BTreeMap::from([(libc::SYS_clone3, vec![])]);
-        let f = SeccompFilter::new(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)
-            .map_err(err)?;
-        programs.push(BpfProgram::try_from(f).map_err(err)?);
-    }
-    Ok(programs)
+    // Limits of another process (the agent runs as the same user): neither read nor set.
+    rules.insert(libc::SYS_prlimit64, vec![rule(vec![SeccompCondition::new(0, Dword, Ne, 0)?])?]);
+    Ok(rules)
+}
+
+/// The plugin's filters, installed in this order. The kernel runs each on every call and the
+/// strictest answer wins; of two errnos, the later filter's. So:
+/// 1. [`abi_gate`]: another ABI kills the plugin (SIGSYS);
+/// 2. the [`refusals`], with EPERM;
+/// 3. clone3 fails with ENOSYS: its flags are in memory a filter cannot read, so runtimes are
+///    sent back to clone, whose flags the refusals check.
+fn seccomp(policy: &Policy) -> Result<Vec<BpfProgram>, SandboxError> {
+    let err = |e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string());
+    let arch = seccompiler::TargetArch::x86_64;
+    let refuse = SeccompFilter::new(
+        refusals(policy).map_err(err)?,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(err)?;
+    let clone3 = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    let clone3 = SeccompFilter::new(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)
+        .map_err(err)?;
+    Ok(vec![abi_gate(), BpfProgram::try_from(refuse).map_err(err)?, BpfProgram::try_from(clone3).map_err(err)?])
 }
 
 fn landlock(policy: &Policy, program: &Path) -> Result<RulesetCreated, SandboxError> {
@@ -298,4 +410,43 @@ pub fn command(program: &Path, args: &[String], policy: &Policy) -> Result<tokio
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The profiles docs/PLUGINS.md names.
+    fn profiles() -> Vec<(&'static str, Policy)> {
+        let policy = |network: bool, processes: u32| Policy {
+            read: vec![],
+            write: vec![],
+            network,
+            processes,
+            memory_bytes: 256 << 20,
+            cpu_seconds: 600,
+            open_files: 256,
+            file_bytes: 256 << 20,
+            env: BTreeMap::new(),
+            home: PathBuf::from("/nonexistent"),
+        };
+        vec![
+            ("stdio only", policy(false, 0)),
+            ("processes", policy(false, 1)),
+            ("network", policy(true, 0)),
+            ("network and processes", policy(true, 1)),
+        ]
+    }
+
+    /// The figures of docs/PLUGINS.md: `cargo test -p zhuli filter_sizes -- --nocapture`.
+    #[test]
+    fn filter_sizes() {
+        for (name, policy) in profiles() {
+            let sizes: Vec<usize> = seccomp(&policy).expect("the filters build").iter().map(Vec::len).collect();
+            let total: usize = sizes.iter().sum();
+            println!("{name}: BPF instructions {sizes:?}, {total} in all");
+            // BPF_MAXINSNS: the kernel refuses a longer filter.
+            assert!(sizes.iter().all(|&n| n <= 4096), "{name}: {sizes:?}");
+        }
+    }
 }
