@@ -15,6 +15,7 @@ mod media;
 mod plugins;
 mod provision;
 mod roundtrip;
+mod sandbox;
 mod store;
 mod support;
 mod workspace;
