@@ -1,5 +1,7 @@
 //! The appliance image booted under qemu (UEFI, headless): it imports a configuration stick,
-//! starts the agent, answers through the gateway simulator, listens on nothing, survives a hung
+//! starts the agent under the real `zhuli.service`, answers through the gateway simulator,
+//! writes, undoes and refuses files in the configured shared folder, stops a plugin that
+//! fork-bombs or fills its home while answering `/ping`, listens on nothing, survives a hung
 //! agent through the watchdog, and keeps its conversation across a reboot.
 //!
 //! Run by `tests/boot/run` (from `.ci/run`) with `ZHULI_BOOT_IMAGE` pointing at a built
@@ -26,13 +28,36 @@ use zhuli::{
     provision::stick,
 };
 
-use crate::support;
+use crate::support::{self, calls, code_in};
 
 const API_IP: &str = "10.0.2.100";
 const WS_IP: &str = "10.0.2.101";
 const LLM_IP: &str = "10.0.2.102";
 const MACHINE_UUID: &str = "5a48554c-0b00-4e57-9a11-7e57b0070001";
 const ADMIN: &str = "boot-admin";
+/// The group the agent tells its admins in.
+const ADMIN_CHAT: &str = "cid-boot-admins";
+/// The hostile plugin's script, put on the box before the stick (tests/boot/mcp.sh).
+const PLUGIN_DIR: &str = "/var/lib/zhuli-test";
+
+/// Send `text` as the admin and wait for the one reply; its text and how long it took.
+async fn ask(sim: &Simulator, text: &str) -> (String, Duration) {
+    ask_as(sim, ADMIN, text).await
+}
+
+/// [`ask`] as `staff`.
+async fn ask_as(sim: &Simulator, staff: &str, text: &str) -> (String, Duration) {
+    let asked = Instant::now();
+    let id = sim.inject(Inject { sender_staff_id: staff.into(), ..Inject::text(text) });
+    let got = sim.wait_until(Duration::from_secs(120), |s| !support::replies_to(s, &id).is_empty()).await;
+    assert!(got, "no reply to {text:?}");
+    (support::replies_to(sim, &id).remove(0).text, asked.elapsed())
+}
+
+/// Messages the agent sent to the admin chat.
+fn to_admins(sim: &Simulator) -> Vec<String> {
+    sim.replies().into_iter().filter(|r| r.conversation_id.as_deref() == Some(ADMIN_CHAT)).map(|r| r.text).collect()
+}
 
 fn s(p: &Path) -> String {
     p.display().to_string()
@@ -332,11 +357,24 @@ async fn the_image_boots_provisions_answers_and_heals() {
     };
     zhuli(&["provision", "keygen", "--out", &s(&dir.join("keys"))]);
     let llm_path = llm.base_url().split_once("//").and_then(|(_, r)| r.split_once('/')).map(|(_, p)| p.to_owned());
+    // A shared folder the import makes under /srv, and two hostile plugins (their script is put
+    // on the box before the stick comes; see below).
+    let plugin = |name: &str, extra: &str| {
+        format!(
+            "[tools.mcp.{name}]\ncommand = \"/bin/sh\"\nargs = [\"{PLUGIN_DIR}/mcp.sh\", \"{name}\"]\nread = [\"{PLUGIN_DIR}\"]\n\
+             read_only_tools = [\"run\"]\ntimeout_ms = 120000\n{extra}"
+        )
+    };
     let config = format!(
         "serial = 1\n[agent]\ntime_zone = \"Asia/Shanghai\"\nextra_ca_pem = \"\"\"\n{ca}\"\"\"\n\
          [dingtalk]\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\nrobot_code = \"{id}\"\napi_base = \"https://{API_IP}\"\n\
          [llm]\nbase_url = \"https://{LLM_IP}/{path}\"\nmodel = \"sim-model\"\napi_key = \"sk-boot-test-key\"\n\
-         [access]\nadmins = [\"{ADMIN}\"]\ndirect_chats = \"org\"\n",
+         [access]\nadmins = [\"{ADMIN}\"]\ndirect_chats = \"org\"\ndefault_roles = [\"member\"]\n\
+         [access.roles.member]\ntools = [\"files\", \"bomb\", \"fill\", \"system\"]\n\
+         [tools.files.roots]\nshare = \"/srv/share\"\n\
+         {bomb}{fill}[health]\nadmin_chat = \"{ADMIN_CHAT}\"\n",
+        bomb = plugin("bomb", "processes = 4\n"),
+        fill = plugin("fill", "memory_mb = 32\n"),
         ca = tls.ca_pem,
         id = sim.config().client_id,
         secret = support::SECRET,
@@ -363,6 +401,13 @@ async fn the_image_boots_provisions_answers_and_heals() {
 
     // No stick yet: the box comes up, says it waits for one, and the agent does not run.
     guest.run_until_ok("true", Duration::from_secs(300));
+    // The hostile plugins' script, where the configuration says (an office would ship its
+    // plugins in its image or under /var/lib; the probe stands in for that).
+    let script = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/boot/mcp.sh")).expect("mcp.sh");
+    guest.must(&format!(
+        "mkdir -p {PLUGIN_DIR} && echo {} | base64 -d >{PLUGIN_DIR}/mcp.sh && chmod 0755 {PLUGIN_DIR} && chmod 0644 {PLUGIN_DIR}/mcp.sh",
+        base64(&script)
+    ));
     guest.run_until_ok(
         "journalctl -b -o cat -u zhuli-unconfigured.service | grep -q 'no configuration yet'",
         Duration::from_secs(120),
@@ -430,6 +475,85 @@ async fn the_image_boots_provisions_answers_and_heals() {
         "secret in the journal: {leaked:?}"
     );
 
+    // Under the real unit: the import made the shared folder and let the agent write there
+    // (ReadWritePaths= in its drop-in), and nowhere else.
+    let rw = guest.must("systemctl show -P ReadWritePaths zhuli.service");
+    assert!(rw.contains("/var/srv/share"), "the unit's writable paths: {rw}");
+    llm.push(calls(&[("files_write", serde_json::json!({"path": "share/周会纪要.txt", "content": "预算已批准\n"}))]));
+    let (question, _) = ask(&sim, "把周会纪要写进共享文件夹").await;
+    assert!(question.contains("/confirm"), "{question}");
+    assert!(guest.run("test -e /srv/share/周会纪要.txt", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0));
+    llm.push(Scripted::Text("写好了。".into()));
+    ask(&sim, &format!("/confirm {}", code_in(&question))).await;
+    assert_eq!(guest.must("cat /srv/share/周会纪要.txt"), "预算已批准\n", "written under the real unit");
+    let (undone, _) = ask(&sim, "/undo").await;
+    assert!(guest.run("test -e /srv/share/周会纪要.txt", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0), "{undone}");
+    llm.push(calls(&[("files_write", serde_json::json!({"path": "/var/lib/zhuli/evil.txt", "content": "x"}))]));
+    llm.push(Scripted::Text("不行。".into()));
+    ask(&sim, "写到别处去").await;
+    let result = support::tool_results(&llm.requests().last().expect("request").body).remove(0);
+    assert!(result.to_lowercase().contains("refused") || result.contains("root"), "outside the roots: {result}");
+    assert!(guest.run("test -e /var/lib/zhuli/evil.txt", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0));
+
+    // Each plugin in a control group of its own, with its limits.
+    let group = "/sys/fs/cgroup/system.slice/zhuli.service/plugins";
+    assert_eq!(guest.must(&format!("cat {group}/bomb/pids.max")).trim(), "112", "{}", guest.must(&format!("ls -R {group} | head -n 40")));
+    assert_eq!(guest.must(&format!("cat {group}/fill/memory.max")).trim(), (32u64 << 20).to_string());
+    // A plugin that fork-bombs: stopped whole; /ping is answered meanwhile; admins told; audited.
+    // Someone else's /ping, in their own chat, while the admin's turn waits on the plugin.
+    let (_, quiet) = ask_as(&sim, "boot-colleague", "/ping").await;
+    llm.push(calls(&[("bomb_run", serde_json::json!({}))]));
+    llm.push(Scripted::Text("插件出错了。".into()));
+    let asked = llm.requests().len();
+    let bombed = sim.inject(Inject { sender_staff_id: ADMIN.into(), ..Inject::text("运行 bomb") });
+    // The bomb goes off once the model's call has gone out to the plugin.
+    assert!(sim.wait_until(Duration::from_secs(60), |_| llm.requests().len() > asked).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (pong, busy) = ask_as(&sim, "boot-colleague", "/ping").await;
+    assert!(pong.to_lowercase().contains("pong"), "{pong}");
+    eprintln!(
+        "boot: /ping answered in {} ms while a plugin fork-bombed ({} ms when quiet)",
+        busy.as_millis(),
+        quiet.as_millis()
+    );
+    assert!(busy < quiet + Duration::from_secs(1), "/ping took {busy:?} during the fork bomb ({quiet:?} before)");
+    assert!(
+        sim.wait_until(Duration::from_secs(120), |s| to_admins(s).iter().any(|t| t.contains("bomb"))).await,
+        "the admins were not told: {:?}\n{}",
+        to_admins(&sim),
+        guest.diagnose()
+    );
+    assert!(sim.wait_until(Duration::from_secs(120), |s| !support::replies_to(s, &bombed).is_empty()).await);
+    let told = to_admins(&sim).into_iter().find(|t| t.contains("bomb")).unwrap_or_default();
+    assert!(told.contains("任务") && told.contains("112"), "{told}");
+    let audit = |plugin: &str| {
+        guest.must(&format!(
+            "journalctl -o verbose MESSAGE_ID=4c1b6a0e9d2f4e7a8b3c5d6e7f801a0e | grep -E 'TOOL=plugin {plugin}|REASON=' || true"
+        ))
+    };
+    let trail = audit("bomb");
+    assert!(trail.contains("TOOL=plugin bomb") && trail.contains("112 tasks"), "audit trail:\n{trail}");
+    assert_eq!(guest.must(&format!("test -d {group}/bomb && cat {group}/bomb/pids.current || echo gone")).trim(), "gone");
+
+    // A plugin that fills its home: stopped at its memory limit, its home emptied.
+    llm.push(calls(&[("fill_run", serde_json::json!({}))]));
+    llm.push(Scripted::Text("插件出错了。".into()));
+    ask(&sim, "运行 fill").await;
+    assert!(
+        sim.wait_until(Duration::from_secs(120), |s| to_admins(s).iter().any(|t| t.contains("fill"))).await,
+        "the admins were not told: {:?}",
+        to_admins(&sim)
+    );
+    let told = to_admins(&sim).into_iter().find(|t| t.contains("fill")).unwrap_or_default();
+    assert!(told.contains("内存") && told.contains("32 MB"), "{told}");
+    assert!(audit("fill").contains("memory limit of 32 MB"), "audit trail:\n{}", audit("fill"));
+    let home = guest.must(
+        "nsenter -t $(systemctl show -P MainPID zhuli.service) -m sh -c 'ls -A /var/lib/zhuli/plugins/fill | wc -l; df --output=used -B1M /var/lib/zhuli/plugins | tail -n 1'",
+    );
+    assert_eq!(home.split_whitespace().next(), Some("0"), "its home was emptied: {home}");
+    let (pong, _) = ask(&sim, "/ping").await;
+    assert!(pong.to_lowercase().contains("pong"), "still answering: {pong}");
+
     // Listening on nothing but loopback; the firewall loaded.
     let ss = guest.must("ss -ltnupH");
     assert_eq!(non_loopback_listeners(&ss), Vec::<String>::new(), "listening sockets:\n{ss}");
@@ -493,4 +617,31 @@ async fn the_image_boots_provisions_answers_and_heals() {
         "the conversation did not survive the reboot: {asked}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Standard base64 of `data` (the probe's way to carry a file into the guest).
+fn base64(data: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn base64_as_coreutils_reads_it() {
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"f"), "Zg==");
+    assert_eq!(base64(b"fo"), "Zm8=");
+    assert_eq!(base64(b"foo"), "Zm9v");
+    assert_eq!(base64("周".as_bytes()), "5ZGo");
 }
