@@ -487,7 +487,10 @@ async fn the_image_boots_provisions_answers_and_heals() {
     ask(&sim, &format!("/confirm {}", code_in(&question))).await;
     assert_eq!(guest.must("cat /srv/share/周会纪要.txt"), "预算已批准\n", "written under the real unit");
     let (undone, _) = ask(&sim, "/undo").await;
-    assert!(guest.run("test -e /srv/share/周会纪要.txt", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0), "{undone}");
+    assert!(
+        guest.run("test -e /srv/share/周会纪要.txt", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0),
+        "{undone}"
+    );
     llm.push(calls(&[("files_write", serde_json::json!({"path": "/var/lib/zhuli/evil.txt", "content": "x"}))]));
     llm.push(Scripted::Text("不行。".into()));
     ask(&sim, "写到别处去").await;
@@ -497,7 +500,12 @@ async fn the_image_boots_provisions_answers_and_heals() {
 
     // Each plugin in a control group of its own, with its limits.
     let group = "/sys/fs/cgroup/system.slice/zhuli.service/plugins";
-    assert_eq!(guest.must(&format!("cat {group}/bomb/pids.max")).trim(), "112", "{}", guest.must(&format!("ls -R {group} | head -n 40")));
+    assert_eq!(
+        guest.must(&format!("cat {group}/bomb/pids.max")).trim(),
+        "112",
+        "{}",
+        guest.must(&format!("ls -R {group} | head -n 40"))
+    );
     assert_eq!(guest.must(&format!("cat {group}/fill/memory.max")).trim(), (32u64 << 20).to_string());
     // A plugin that fork-bombs: stopped whole; /ping is answered meanwhile; admins told; audited.
     // Someone else's /ping, in their own chat, while the admin's turn waits on the plugin.
@@ -533,7 +541,10 @@ async fn the_image_boots_provisions_answers_and_heals() {
     };
     let trail = audit("bomb");
     assert!(trail.contains("TOOL=plugin bomb") && trail.contains("112 tasks"), "audit trail:\n{trail}");
-    assert_eq!(guest.must(&format!("test -d {group}/bomb && cat {group}/bomb/pids.current || echo gone")).trim(), "gone");
+    assert_eq!(
+        guest.must(&format!("test -d {group}/bomb && cat {group}/bomb/pids.current || echo gone")).trim(),
+        "gone"
+    );
 
     // A plugin that fills its home: stopped at its memory limit, its home emptied.
     llm.push(calls(&[("fill_run", serde_json::json!({}))]));

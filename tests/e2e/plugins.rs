@@ -63,7 +63,7 @@ async fn rig(tag: &str) -> Rig {
          read_only_tools = [\"list_directory\", \"read_text_file\", \"search_files\", \"get_file_info\"]\n\
          [tools.mcp.probe]\ncommand = {node:?}\nargs = [\"--jitless\", {probe:?}]\nread = [{probe:?}]\nwrite = [{out:?}]\n\
          memory_mb = 160\ntimeout_ms = 3000\nread_only_tools = [\"read\", \"connect\", \"spawn\", \"fork_bomb\", \"eat\", \"sleep\", \"env\", \"write\"]\n\
-         env = {{ PROBE_TOKEN = {PROBE_TOKEN:?} }}\n\
+         env = {{ PROBE_TOKEN = {{ credential = \"mcp-probe-PROBE_TOKEN\" }} }}\n\
          [tools.mcp.netprobe]\ncommand = {node:?}\nargs = [\"--jitless\", {probe:?}]\nread = [{probe:?}]\nnetwork = true\nprocesses = 1\n\
          cpu_seconds = 2\ntimeout_ms = 60000\nread_only_tools = [\"connect\", \"spawn\", \"spin\", \"sleep\"]\n",
         base = support::assistant_config(&llm, &["fs", "probe", "netprobe"], &journal),
@@ -74,7 +74,13 @@ async fn rig(tag: &str) -> Rig {
         probe = s(&dir.join("probe.mjs")),
         out = s(&out),
     );
-    let agent = support::connected_agent(tag, &sim, &config).await;
+    // The plugin's secret as on the box: a credential, in the agent's memory only while it
+    // starts the plugin.
+    let credentials = scratch.join("credentials");
+    std::fs::create_dir_all(&credentials).expect("credentials");
+    std::fs::write(credentials.join("mcp-probe-PROBE_TOKEN"), PROBE_TOKEN).expect("credential");
+    let env = [("CREDENTIALS_DIRECTORY", credentials.display().to_string())];
+    let agent = support::connected_agent_with_env(tag, &sim, &config, &env).await;
     Rig { sim, llm, agent, journal, share, out, scratch }
 }
 
@@ -163,6 +169,12 @@ async fn the_sandbox_stops_what_a_plugin_was_not_granted() {
     // descriptors: no sockets, no files of the agent.
     let env = rig.call("probe_env", json!({})).await;
     assert!(env.contains("\"PROBE_TOKEN\":\"<redacted>\"") && !env.contains(PROBE_TOKEN), "{env}");
+    // The credential reached the plugin's environment, and only that: not the agent's.
+    let own = std::fs::read(format!("/proc/{}/environ", rig.agent.pid())).expect("the agent's environment");
+    assert!(
+        !own.windows(PROBE_TOKEN.len()).any(|w| w == PROBE_TOKEN.as_bytes()),
+        "the secret is in the agent's environment"
+    );
     for leaked in ["ZHULI_LOG", "CARGO", "RUST", "CREDENTIALS_DIRECTORY"] {
         assert!(!env.contains(leaked), "{leaked} leaked into the plugin: {env}");
     }

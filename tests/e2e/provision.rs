@@ -390,6 +390,17 @@ async fn secrets_are_sealed_by_systemd_and_a_factory_reset_trusts_a_new_key() {
     for name in zhuli::provision::CREDENTIALS {
         assert!(b.root.join(format!("current/{name}.cred")).exists(), "every credential the unit loads exists: {name}");
     }
+    // Nothing under the provisioning root holds a secret in plain: not the configuration, not
+    // the drop-in, not the record of the stick's scrub.
+    let mut files = vec![b.root.clone()];
+    while let Some(p) = files.pop() {
+        if p.is_dir() && !p.is_symlink() {
+            files.extend(std::fs::read_dir(&p).expect("dir").flatten().map(|e| e.path()));
+        } else if p.is_file() {
+            let bytes = std::fs::read(&p).expect("file");
+            assert!(!bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "{} holds the secret", p.display());
+        }
+    }
 
     // A stick signed by another organisation key is refused … until a factory reset.
     let (second_key, _) = sign::keygen();

@@ -47,6 +47,11 @@ impl Agent {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The agent's configuration file (for the store subcommands).
     pub fn config_path(&self) -> &std::path::Path {
         &self.config
@@ -160,7 +165,12 @@ pub async fn rig(tag: &str) -> (Simulator, Agent) {
 /// Start `zhuli run` with `config` (the `[dingtalk]` table for `sim` is added) and wait until it
 /// is connected.
 pub async fn connected_agent(tag: &str, sim: &Simulator, config: &str) -> Agent {
-    let agent = spawn_agent(tag, &config_for(sim, SECRET, config));
+    connected_agent_with_env(tag, sim, config, &[]).await
+}
+
+/// [`connected_agent`] with extra environment variables.
+pub async fn connected_agent_with_env(tag: &str, sim: &Simulator, config: &str, env: &[(&str, String)]) -> Agent {
+    let agent = spawn_agent_with_env(tag, &config_for(sim, SECRET, config), env);
     assert!(
         sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await,
         "agent did not connect; log:\n{}",

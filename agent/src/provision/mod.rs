@@ -805,6 +805,19 @@ mod tests {
     }
 
     #[test]
+    fn the_import_unit_filters_system_calls_and_caps_its_capabilities() {
+        let unit = include_str!("../../../systemd/zhuli-provision@.service");
+        for line in [
+            "SystemCallFilter=@system-service",
+            "SystemCallArchitectures=native",
+            "CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH",
+            "NoNewPrivileges=yes",
+        ] {
+            assert!(unit.lines().any(|l| l == line), "{line} missing from zhuli-provision@.service");
+        }
+    }
+
+    #[test]
     fn tool_secrets_become_credentials_too() {
         let text = TEMPLATE
             .replace("# [tools.github]", "[tools.github]")
