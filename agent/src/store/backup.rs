@@ -12,7 +12,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -142,10 +142,11 @@ fn authenticate(txn: &redb::ReadTransaction, sealer: &Sealer, path: &Path) -> Re
     Ok(n)
 }
 
-/// Open a store file read-only and check it belongs to `key`; the schema version it has.
-fn open_checked(file: &Path, key: &StoreKey) -> Result<(redb::ReadOnlyDatabase, u32, Option<String>), BackupError> {
+/// Open a store file without writing to it and check it belongs to `key`; the schema version
+/// it has.
+fn open_checked(file: &Path, key: &StoreKey) -> Result<(super::ReadView, u32, Option<String>), BackupError> {
     let sealer = Sealer::new(key);
-    let db = super::open_read_only(file)?;
+    let db = super::open_unwritten(file)?;
     let (version, store_id) = {
         let txn = db.begin_read().map_err(|e| BackupError::Store(db_err(file, e)))?;
         let meta = txn.open_table(META).map_err(|e| BackupError::Store(db_err(file, e)))?;

@@ -5,12 +5,14 @@
 //!
 //! Identifiers that could say something about people (msgIds, conversation ids) are never redb
 //! keys in the clear: they are replaced by a keyed hash whose secret lives sealed in the store.
-//! A wrong key is detected before anything is written.
+//! A wrong key is detected before anything is written, also in a file left dirty by a crash
+//! (checked on an in-memory repair, see `overlay`).
 //!
 //! Never logs values; errors name tables and files, not contents.
 
 pub mod backup;
 pub mod key;
+mod overlay;
 pub mod seal;
 pub mod writer;
 
@@ -54,6 +56,10 @@ pub enum StoreError {
         "the store key does not open {0}: it is the wrong key, or the file was tampered with; nothing was changed (restore the right key, or move the file away to start empty)"
     )]
     WrongKey(PathBuf),
+    #[error(
+        "{0} has no key check record, so no key can be checked against it: it was not written by zhuli, or was tampered with; nothing was changed (restore it from a backup, or move it away to start with an empty store)"
+    )]
+    NoKeyCheck(PathBuf),
     #[error(
         "{path} has store schema {found}, newer than this zhuli understands ({SCHEMA_VERSION}); run a newer zhuli or restore an older backup"
     )]
@@ -253,13 +259,9 @@ impl Store {
             return Err(StoreError::NotAStore(path.to_owned()));
         }
         if existed {
-            // Check the key on a read-only handle first, so a wrong key changes nothing.
-            if let Ok(ro) = builder().open_read_only(path) {
-                let txn = ro.begin_read().map_err(|e| db_err(path, e))?;
-                if let Ok(meta) = txn.open_table(META) {
-                    check_key(path, &sealer, &meta)?;
-                }
-            }
+            // Check the key before the first write: opening for writing repairs a file left
+            // dirty by a crash, and a wrong key must change nothing.
+            check_key_unwritten(path, &sealer)?;
         }
         // SingleWriter: `zhuli backup` may read a consistent snapshot while the agent writes.
         let db = builder().create(path).map_err(|e| match e {
@@ -852,16 +854,55 @@ pub(crate) fn builder() -> redb::Builder {
     b
 }
 
-/// A read-only handle on a store file. A file left dirty by a crash is repaired first (through
-/// a short-lived writer handle), which changes no data.
-pub(crate) fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
-    match builder().open_read_only(path) {
-        Err(redb::DatabaseError::RepairAborted) => {
-            drop(builder().open(path).map_err(|e| db_err(path, e))?);
-            builder().open_read_only(path).map_err(|e| db_err(path, e))
+/// A store file opened without writing to it.
+pub(crate) enum ReadView {
+    /// A clean file, on a read-only handle (beside a running agent, if there is one).
+    Clean(redb::ReadOnlyDatabase),
+    /// A file left dirty by a crash, repaired in memory only (see `overlay`); while it is open
+    /// no other process can write the file.
+    Repaired(Database),
+}
+
+impl ReadView {
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            ReadView::Clean(db) => db.begin_read(),
+            ReadView::Repaired(db) => db.begin_read(),
         }
-        other => other.map_err(|e| db_err(path, e)),
     }
+}
+
+/// Open a store file for reading, whatever state it is in, without changing a byte of it. A
+/// clean file (the usual case) costs a read-only open; only a dirty one is repaired, in memory.
+pub(crate) fn open_unwritten(path: &Path) -> Result<ReadView, StoreError> {
+    let corrupt = |e: redb::DatabaseError| match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => StoreError::NotAStore(path.to_owned()),
+        e => db_err(path, e),
+    };
+    match builder().open_read_only(path) {
+        Ok(db) => Ok(ReadView::Clean(db)),
+        Err(redb::DatabaseError::RepairAborted) => {
+            let db = overlay::open(path, &builder()).map_err(corrupt)?;
+            log::info!(
+                "store {} was not closed cleanly; it is repaired when the key is known to be right",
+                path.display()
+            );
+            Ok(ReadView::Repaired(db))
+        }
+        Err(e) => Err(corrupt(e)),
+    }
+}
+
+/// Check `sealer`'s key against the store at `path` without writing to the file.
+fn check_key_unwritten(path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
+    let view = open_unwritten(path)?;
+    let txn = view.begin_read().map_err(|e| db_err(path, e))?;
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Err(StoreError::NotAStore(path.to_owned())),
+        Err(e) => return Err(db_err(path, e)),
+    };
+    check_key(path, sealer, &meta)
 }
 
 pub(crate) fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
@@ -884,7 +925,7 @@ fn check_key(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<(), StoreError> {
     let got = meta.get("key_check").map_err(|e| db_err(path, e))?;
-    let Some(v) = got else { return Ok(()) };
+    let Some(v) = got else { return Err(StoreError::NoKeyCheck(path.to_owned())) };
     match sealer.open("meta", b"key_check", v.value()) {
         Ok(p) if p == KEY_CHECK => Ok(()),
         _ => Err(StoreError::WrongKey(path.to_owned())),

@@ -86,6 +86,28 @@ fn wrong_key_fails_and_changes_nothing() {
 }
 
 #[test]
+fn a_store_without_its_key_check_is_refused_and_left_alone() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.accept_batch(&[(&message("m1", "x"), true)], 1).expect("accept");
+    }
+    {
+        let db = Database::create(t.path()).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META).expect("meta").remove("key_check").expect("remove");
+        txn.commit().expect("commit");
+    }
+    let before = std::fs::read(t.path()).expect("read");
+    for k in [StoreKey::generate(), key] {
+        let e = Store::open(&t.path(), &k, Retention::default()).err().expect("a store without key check is refused");
+        assert!(matches!(e, StoreError::NoKeyCheck(_)) && e.to_string().contains("zhuli.redb"), "{e}");
+        assert_eq!(std::fs::read(t.path()).expect("read"), before, "the file is untouched");
+    }
+}
+
+#[test]
 fn newer_schema_is_refused() {
     let t = TempStore::new();
     let key = StoreKey::generate();
