@@ -281,11 +281,26 @@ fn main() -> anyhow::Result<()> {
             let (file, key) = store_of(&config)?;
             let new = StoreKey::read(&new_key)?;
             let store = Store::open(&file, &key, Retention::default())?;
-            let n = store.rekey(&new)?;
+            let r = store.rekey(&new)?;
             println!(
-                "re-sealed {n} values of {} under the key in {}.\nInstall that key now (the store-key credential, or [store] key_file); the old key no longer opens the store.",
+                "re-sealed {} values of {} under the key in {}, with a new index secret: {} processed msgIds and {} conversations re-hashed.",
+                r.resealed,
                 file.display(),
-                new_key.display()
+                new_key.display(),
+                r.processed_rehashed,
+                r.conversations_rehashed
+            );
+            if r.processed_dropped > 0 || r.history_dropped > 0 {
+                println!(
+                    "dropped what was written before the schema 4 upgrade and carries no id to re-hash: {} processed msgIds (they were due to be forgotten within processed_keep_hours) and {} history turns of conversations nobody wrote to since.",
+                    r.processed_dropped, r.history_dropped
+                );
+            }
+            if r.cache_emptied > 0 {
+                println!("emptied {} cached look-ups; they refill by themselves.", r.cache_emptied);
+            }
+            println!(
+                "Install that key now (the store-key credential, or [store] key_file); the old key no longer opens the store."
             );
         }
         Command::Backup { config, to, verify } => {

@@ -16,8 +16,8 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    HISTORY, Hashed, INBOX, META, OUTBOX, PROCESSED, PROCESSED_EXPIRY, SCHEMA_VERSION, SETTINGS, StoreError, UNDO,
-    check_key, db_err, key::StoreKey, pair_key, read_meta, seal::Sealer, u64_key,
+    CONVERSATIONS, HISTORY, Hashed, INBOX, META, OUTBOX, PROCESSED, PROCESSED_EXPIRY, SCHEMA_VERSION, SETTINGS,
+    StoreError, UNDO, check_key, db_err, key::StoreKey, pair_key, read_meta, seal::Sealer, u64_key,
 };
 
 pub const MANIFEST: &str = "manifest.json";
@@ -120,12 +120,18 @@ fn authenticate(txn: &redb::ReadTransaction, sealer: &Sealer, path: &Path) -> Re
     };
     macro_rules! each {
         ($def:expr, $name:literal, |$k:ident| $aad:expr) => {{
-            let t = txn.open_table($def).map_err(|e| db(e.into()))?;
-            for row in t.iter().map_err(|e| db(e.into()))? {
-                let (k, v) = row.map_err(|e| db(e.into()))?;
-                let $k = k.value();
-                let aad: Vec<u8> = $aad;
-                check($name, &aad, v.value())?;
+            // A table a snapshot's schema did not have yet holds nothing.
+            match txn.open_table($def) {
+                Ok(t) => {
+                    for row in t.iter().map_err(|e| db(e.into()))? {
+                        let (k, v) = row.map_err(|e| db(e.into()))?;
+                        let $k = k.value();
+                        let aad: Vec<u8> = $aad;
+                        check($name, &aad, v.value())?;
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(db(e.into())),
             }
         }};
     }
@@ -137,6 +143,10 @@ fn authenticate(txn: &redb::ReadTransaction, sealer: &Sealer, path: &Path) -> Re
     each!(INBOX, "inbox", |k| u64_key(k).to_vec());
     each!(OUTBOX, "outbox", |k| u64_key(k).to_vec());
     each!(HISTORY, "history", |k| pair_key(&k.0, k.1).to_vec());
+    each!(CONVERSATIONS, "conversations", |k| {
+        let h: Hashed = k;
+        h.to_vec()
+    });
     each!(SETTINGS, "settings", |k| k.as_bytes().to_vec());
     each!(UNDO, "undo", |k| u64_key(k).to_vec());
     Ok(n)
@@ -180,6 +190,7 @@ pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, 
                 + copy_table(&rtxn, &wtxn, INBOX)?
                 + copy_table(&rtxn, &wtxn, OUTBOX)?
                 + copy_table(&rtxn, &wtxn, HISTORY)?
+                + copy_table(&rtxn, &wtxn, CONVERSATIONS)?
                 + copy_table(&rtxn, &wtxn, SETTINGS)?
                 + copy_table(&rtxn, &wtxn, UNDO)?)
         })()

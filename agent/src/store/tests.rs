@@ -270,8 +270,8 @@ fn rekey_reseals_everything_under_the_new_key() {
         s.accept_batch(&[(&m, true)], 1).expect("accept");
         s.append_turn("c", &Turn { role: Role::User, text: "hi".into(), at_ms: 1 }).expect("turn");
         s.set_setting("admin", "staff-1").expect("setting");
-        let n = s.rekey(&new).expect("rekey");
-        assert!(n >= 7, "meta, processed, inbox, history and settings values: {n}");
+        let r = s.rekey(&new).expect("rekey");
+        assert!(r.resealed >= 8, "meta, processed, inbox, history, conversations and settings values: {r:?}");
     }
     assert!(matches!(Store::open(&t.path(), &old, Retention::default()), Err(StoreError::WrongKey(_))));
     let s = Store::open(&t.path(), &new, Retention::default()).expect("new key opens");
@@ -375,4 +375,118 @@ fn cached_values_expire_are_sealed_and_go_with_a_clear_or_a_rekey() {
     s.rekey(&new).expect("rekey");
     let s = Store::open(&t.path(), &new, Retention::default()).expect("new key");
     assert_eq!(s.cache_get("people:c", 0).expect("get"), None, "a rekey empties the cache");
+}
+
+/// Every keyed hash in the file at `path`: processed msgIds (and their expiry index), history
+/// and its conversation ids, cache names.
+fn keyed_hashes(path: &Path) -> std::collections::HashSet<Hashed> {
+    let db = Database::create(path).expect("raw open");
+    let txn = db.begin_read().expect("txn");
+    let mut out = std::collections::HashSet::new();
+    for row in txn.open_table(PROCESSED).expect("processed").iter().expect("iter") {
+        out.insert(row.expect("row").0.value());
+    }
+    for row in txn.open_table(PROCESSED_EXPIRY).expect("expiry").iter().expect("iter") {
+        out.insert(row.expect("row").0.value().1);
+    }
+    for row in txn.open_table(HISTORY).expect("history").iter().expect("iter") {
+        out.insert(row.expect("row").0.value().0);
+    }
+    for row in txn.open_table(CACHE).expect("cache").iter().expect("iter") {
+        out.insert(row.expect("row").0.value());
+    }
+    for row in txn.open_table(CONVERSATIONS).expect("conversations").iter().expect("iter") {
+        out.insert(row.expect("row").0.value());
+    }
+    out
+}
+
+fn index_secret(path: &Path, key: &StoreKey) -> Vec<u8> {
+    let db = Database::create(path).expect("raw open");
+    let txn = db.begin_read().expect("txn");
+    let meta = txn.open_table(META).expect("meta");
+    read_meta(path, &Sealer::new(key), &meta, "index_secret").expect("index secret")
+}
+
+#[test]
+fn rekey_rotates_the_index_secret_and_rehashes_every_keyed_row() {
+    let t = TempStore::new();
+    let (old, new) = (StoreKey::generate(), StoreKey::generate());
+    let (answered, recorded) = (message("m-answered", "question"), message("m-recorded", "chatter"));
+    {
+        let s = Store::open(&t.path(), &old, Retention::default()).expect("create");
+        s.accept_batch(&[(&answered, true), (&recorded, false)], 1).expect("accept");
+        for (conversation, text) in [("cid-one", "first"), ("cid-two", "second")] {
+            s.append_turn(conversation, &Turn { role: Role::User, text: text.into(), at_ms: 1 }).expect("turn");
+        }
+        s.cache_put("people:staff-1", "A", i64::MAX).expect("cache");
+    }
+    let secret_before = index_secret(&t.path(), &old);
+    let hashes_before = keyed_hashes(&t.path());
+    assert_eq!(hashes_before.len(), 5, "two msgIds, two conversations, one cache name");
+    {
+        let s = Store::open(&t.path(), &old, Retention::default()).expect("reopen");
+        s.rekey(&new).expect("rekey");
+    }
+    assert!(index_secret(&t.path(), &new) != secret_before, "the index secret was rotated");
+    let hashes_after = keyed_hashes(&t.path());
+    assert!(hashes_after.is_disjoint(&hashes_before), "a hash from before the rekey is still a key");
+    assert_eq!(hashes_after.len(), 4, "two msgIds and two conversations, re-hashed; the cache emptied");
+    let s = Store::open(&t.path(), &new, Retention::default()).expect("new key opens");
+    assert_eq!(
+        s.accept_batch(&[(&answered, true), (&recorded, true)], 2).expect("again"),
+        vec![Acceptance::Duplicate; 2],
+        "msgIds recorded before the rekey are still recognised"
+    );
+    assert_eq!(s.history("cid-one").expect("history")[0].text, "first");
+    assert_eq!(s.history("cid-two").expect("history")[0].text, "second");
+}
+
+#[test]
+fn a_rekey_after_the_schema_4_upgrade_drops_only_rows_without_ids_and_counts_them() {
+    let t = TempStore::new();
+    let (key, new) = (StoreKey::generate(), StoreKey::generate());
+    let (before, after) = (message("m-before-upgrade", "x"), message("m-after-upgrade", "y"));
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.accept_batch(&[(&before, false)], 1).expect("accept");
+        s.append_turn("cid-quiet", &Turn { role: Role::User, text: "old".into(), at_ms: 1 }).expect("turn");
+        s.append_turn("cid-busy", &Turn { role: Role::User, text: "old too".into(), at_ms: 1 }).expect("turn");
+    }
+    // Turn the file into what schema 3 wrote: processed values are the bare expiry, and no
+    // conversation ids are kept.
+    {
+        let db = Database::create(t.path()).expect("raw open");
+        let sealer = Sealer::new(&key);
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut processed = txn.open_table(PROCESSED).expect("processed");
+            let rows: Vec<Hashed> = processed.iter().expect("iter").map(|r| r.expect("row").0.value()).collect();
+            for h in rows {
+                let old = postcard::to_allocvec(&3_600_001u64).expect("encode");
+                processed.insert(h, sealer.seal("processed", &h, &old).as_slice()).expect("insert");
+            }
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert("schema_version", sealer.seal("meta", b"schema_version", &3u32.to_be_bytes()).as_slice())
+                .expect("insert");
+        }
+        txn.delete_table(CONVERSATIONS).expect("delete");
+        txn.commit().expect("commit");
+    }
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("migrates");
+    assert_eq!(s.accept_batch(&[(&before, true)], 2).expect("again")[0], Acceptance::Duplicate, "still remembered");
+    s.accept_batch(&[(&after, false)], 2).expect("accept");
+    // Writing to a conversation after the upgrade teaches the store its id.
+    s.append_turn("cid-busy", &Turn { role: Role::Assistant, text: "new".into(), at_ms: 2 }).expect("turn");
+    let r = s.rekey(&new).expect("rekey");
+    assert_eq!((r.processed_rehashed, r.processed_dropped), (1, 1), "{r:?}");
+    assert_eq!((r.conversations_rehashed, r.history_dropped), (1, 1), "{r:?}");
+    let s = Store::open(&t.path(), &new, Retention::default()).expect("new key");
+    let got = s.accept_batch(&[(&after, true), (&before, true)], 3).expect("again");
+    assert!(
+        matches!(got[..], [Acceptance::Duplicate, Acceptance::Queued(_)]),
+        "the id recorded after the upgrade is remembered, the one from before is new again: {got:?}"
+    );
+    assert_eq!(s.history("cid-busy").expect("history").len(), 2);
+    assert!(s.history("cid-quiet").expect("history").is_empty(), "dropped, as counted");
 }
