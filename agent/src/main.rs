@@ -306,19 +306,29 @@ fn main() -> anyhow::Result<()> {
         Command::Backup { config, to, verify } => {
             let (file, key) = store_of(&config)?;
             if let Some(snapshot) = verify {
-                let m = backup::verify(&snapshot, &key)?;
-                println!(
-                    "snapshot {} is good: {} bytes, sha256 {}, {} values authenticated, schema {}",
-                    snapshot.display(),
-                    m.bytes,
-                    m.sha256,
-                    m.values,
-                    m.schema_version
-                );
+                match backup::verify(&snapshot, &key)? {
+                    backup::Verified::Bound(m) => println!(
+                        "snapshot {} is good: backup {} of store {}, taken at {} (ms since 1970), {} bytes, sha256 {}, {} values authenticated, schema {}",
+                        snapshot.display(),
+                        m.seq,
+                        m.store_id,
+                        m.created_at_ms,
+                        m.bytes,
+                        m.sha256,
+                        m.values,
+                        m.schema_version
+                    ),
+                    backup::Verified::Legacy { bytes, sha256, values, schema_version } => println!(
+                        "snapshot {} is in the old format: its file matches its checksum ({bytes} bytes, sha256 {sha256}) and {values} values authenticate (schema {schema_version}), but its manifest is not authenticated and binds it to no store or sequence, so `zhuli restore` refuses it; take a new backup",
+                        snapshot.display()
+                    ),
+                }
             } else if let Some(to) = to {
                 let (dir, m) = backup::backup(&file, &key, &to)?;
                 println!(
-                    "snapshot written to {} ({} bytes, {} values, sha256 {})",
+                    "snapshot {} of store {} written to {} ({} bytes, {} values, sha256 {})",
+                    m.seq,
+                    m.store_id,
                     dir.display(),
                     m.bytes,
                     m.values,
@@ -328,14 +338,17 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Restore { config, from } => {
             let (file, key) = store_of(&config)?;
-            match backup::restore(&from, &file, &key)? {
-                Some(kept) => println!(
-                    "restored {} from {}; the replaced store is kept at {}",
-                    file.display(),
-                    from.display(),
-                    kept.display()
-                ),
-                None => println!("restored {} from {}", file.display(), from.display()),
+            let (m, kept) = backup::restore(&from, &file, &key)?;
+            println!(
+                "restored {} from {} (backup {} of store {}, taken at {} ms since 1970)",
+                file.display(),
+                from.display(),
+                m.seq,
+                m.store_id,
+                m.created_at_ms
+            );
+            if let Some(kept) = kept {
+                println!("the replaced store is kept at {}", kept.display());
             }
         }
         Command::Provision { command } => {

@@ -12,7 +12,7 @@
 
 pub mod backup;
 pub mod key;
-mod overlay;
+pub(crate) mod overlay;
 pub mod seal;
 pub mod writer;
 
