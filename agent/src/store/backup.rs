@@ -218,6 +218,11 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
 }
 
+/// The directory a file is in (`.` for a bare file name).
+fn dir_of(file: &Path) -> &Path {
+    file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 fn sync_dir(dir: &Path) -> Result<(), BackupError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
@@ -341,7 +346,9 @@ fn next_seq(dir: &Path, store_id: &str) -> Result<u64, BackupError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(BackupError::Io { path, source: e }),
     };
-    let seq = last + 1;
+    let seq = last
+        .checked_add(1)
+        .ok_or_else(|| BackupError::BadCounter { path: path.clone(), reason: "it is at the largest number".into() })?;
     let part = dir.join(format!("{COUNTER}.part"));
     let text = serde_json::to_string(&Counter { store_id: store_id.to_owned(), seq }).expect("the counter serialises");
     std::fs::write(&part, text).map_err(io(&part))?;
@@ -355,7 +362,7 @@ fn next_seq(dir: &Path, store_id: &str) -> Result<u64, BackupError> {
 pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, Manifest), BackupError> {
     let src = open_checked(store_file, key)?;
     let store_id = src.store_id.clone().ok_or_else(|| BackupError::NoStoreId(store_file.to_owned()))?;
-    let seq = next_seq(store_file.parent().unwrap_or(Path::new(".")), &store_id)?;
+    let seq = next_seq(dir_of(store_file), &store_id)?;
     let created_at_ms = now_ms();
     std::fs::create_dir_all(to).map_err(io(to))?;
     let dir = to.join(format!("zhuli-snapshot-{created_at_ms}-{seq}"));
@@ -488,7 +495,7 @@ pub fn restore(snapshot: &Path, store_file: &Path, key: &StoreKey) -> Result<(Ma
             Err(_) => {}
         }
     }
-    let dir = store_file.parent().unwrap_or(Path::new("."));
+    let dir = dir_of(store_file);
     let part = store_file.with_extension("redb.restore-part");
     std::fs::copy(snapshot.join(&manifest.file), &part).map_err(io(&part))?;
     std::fs::File::open(&part).and_then(|f| f.sync_all()).map_err(io(&part))?;
