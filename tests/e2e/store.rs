@@ -259,3 +259,32 @@ async fn disk_full_and_read_only_state_lose_nothing() {
     agent.kill9();
     drop(disk);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_by_the_binary_keeps_dedupe_across_the_new_key_and_index_secret() {
+    let (sim, mut agent) = rig("rekey").await;
+    let id = sim.inject(Inject::text("/ping"));
+    assert_each_answered_once(&sim, &agent, std::slice::from_ref(&id), Duration::from_secs(10)).await;
+    agent.kill9();
+    let zhuli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhuli")).args(args).output().expect("run zhuli");
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let new_key = agent.dir.join("new-store-key").display().to_string();
+    let (ok, out) = zhuli(&["store", "new-key", &new_key]);
+    assert!(ok, "{out}");
+    let cfg = agent.config_path().display().to_string();
+    let (ok, out) = zhuli(&["store", "rekey", "--config", &cfg, "--new-key", &new_key]);
+    assert!(ok && out.contains("with a new index secret: 1 processed msgIds"), "{out}");
+    assert!(!out.contains("dropped"), "a store written by this version keeps every id: {out}");
+    std::fs::copy(&new_key, agent.dir.join("store-key")).expect("install the new key");
+
+    agent.restart();
+    assert!(sim.wait_until(Duration::from_secs(15), |s| s.connections().len() == 1).await, "{}", agent.log());
+    sim.inject(Inject::text("/ping").with_msg_id(id.clone()));
+    let fresh = sim.inject(Inject::text("/help"));
+    assert_each_answered_once(&sim, &agent, &[id, fresh], Duration::from_secs(10)).await;
+}
