@@ -5,6 +5,7 @@
 //!
 //! Identifiers that could say something about people (msgIds, conversation ids) are never redb
 //! keys in the clear: they are replaced by a keyed hash whose secret lives sealed in the store.
+//! The ids themselves are kept sealed beside them, so a rekey can replace that secret too.
 //! A wrong key is detected before anything is written, also in a file left dirty by a crash
 //! (checked on an in-memory repair, see `overlay`).
 //!
@@ -1012,12 +1013,7 @@ pub(crate) fn open_unwritten(path: &Path) -> Result<ReadView, StoreError> {
     match builder().open_read_only(path) {
         Ok(db) => Ok(ReadView::Clean(db)),
         Err(redb::DatabaseError::RepairAborted) => {
-            let db = overlay::open(path, &builder()).map_err(corrupt)?;
-            log::info!(
-                "store {} was not closed cleanly; it is repaired when the key is known to be right",
-                path.display()
-            );
-            Ok(ReadView::Repaired(db))
+            Ok(ReadView::Repaired(overlay::open(path, &builder()).map_err(corrupt)?))
         }
         Err(e) => Err(corrupt(e)),
     }
@@ -1026,6 +1022,9 @@ pub(crate) fn open_unwritten(path: &Path) -> Result<ReadView, StoreError> {
 /// Check `sealer`'s key against the store at `path` without writing to the file.
 fn check_key_unwritten(path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
     let view = open_unwritten(path)?;
+    if let ReadView::Repaired(_) = view {
+        log::info!("store {} was not closed cleanly; its key is checked before the file is repaired", path.display());
+    }
     let txn = view.begin_read().map_err(|e| db_err(path, e))?;
     let meta = match txn.open_table(META) {
         Ok(meta) => meta,
