@@ -499,6 +499,11 @@ pub fn restore(snapshot: &Path, store_file: &Path, key: &StoreKey) -> Result<(Ma
     let part = store_file.with_extension("redb.restore-part");
     std::fs::copy(snapshot.join(&manifest.file), &part).map_err(io(&part))?;
     std::fs::File::open(&part).and_then(|f| f.sync_all()).map_err(io(&part))?;
+    // What was copied is what was verified, even if the snapshot changed in between.
+    if sha256_file(&part)? != (manifest.bytes, manifest.sha256.clone()) {
+        let _ = std::fs::remove_file(&part);
+        return Err(BackupError::Checksum(snapshot.to_owned()));
+    }
     let kept = if store_file.exists() {
         let kept = store_file.with_extension(format!("redb.pre-restore-{}", now_ms()));
         std::fs::hard_link(store_file, &kept).map_err(io(&kept))?;
