@@ -281,29 +281,54 @@ fn main() -> anyhow::Result<()> {
             let (file, key) = store_of(&config)?;
             let new = StoreKey::read(&new_key)?;
             let store = Store::open(&file, &key, Retention::default())?;
-            let n = store.rekey(&new)?;
+            let r = store.rekey(&new)?;
             println!(
-                "re-sealed {n} values of {} under the key in {}.\nInstall that key now (the store-key credential, or [store] key_file); the old key no longer opens the store.",
+                "re-sealed {} values of {} under the key in {}, with a new index secret: {} processed msgIds and {} conversations re-hashed.",
+                r.resealed,
                 file.display(),
-                new_key.display()
+                new_key.display(),
+                r.processed_rehashed,
+                r.conversations_rehashed
+            );
+            if r.processed_dropped > 0 || r.history_dropped > 0 {
+                println!(
+                    "dropped what was written before the schema 4 upgrade and carries no id to re-hash: {} processed msgIds (they were due to be forgotten within processed_keep_hours) and {} history turns of conversations nobody wrote to since.",
+                    r.processed_dropped, r.history_dropped
+                );
+            }
+            if r.cache_emptied > 0 {
+                println!("emptied {} cached look-ups; they refill by themselves.", r.cache_emptied);
+            }
+            println!(
+                "Install that key now (the store-key credential, or [store] key_file); the old key no longer opens the store."
             );
         }
         Command::Backup { config, to, verify } => {
             let (file, key) = store_of(&config)?;
             if let Some(snapshot) = verify {
-                let m = backup::verify(&snapshot, &key)?;
-                println!(
-                    "snapshot {} is good: {} bytes, sha256 {}, {} values authenticated, schema {}",
-                    snapshot.display(),
-                    m.bytes,
-                    m.sha256,
-                    m.values,
-                    m.schema_version
-                );
+                match backup::verify(&snapshot, &key)? {
+                    backup::Verified::Bound(m) => println!(
+                        "snapshot {} is good: backup {} of store {}, taken at {} (ms since 1970), {} bytes, sha256 {}, {} values authenticated, schema {}",
+                        snapshot.display(),
+                        m.seq,
+                        m.store_id,
+                        m.created_at_ms,
+                        m.bytes,
+                        m.sha256,
+                        m.values,
+                        m.schema_version
+                    ),
+                    backup::Verified::Legacy { bytes, sha256, values, schema_version } => println!(
+                        "snapshot {} is in the old format: its file matches its checksum ({bytes} bytes, sha256 {sha256}) and {values} values authenticate (schema {schema_version}), but its manifest is not authenticated and binds it to no store or sequence, so `zhuli restore` refuses it; take a new backup",
+                        snapshot.display()
+                    ),
+                }
             } else if let Some(to) = to {
                 let (dir, m) = backup::backup(&file, &key, &to)?;
                 println!(
-                    "snapshot written to {} ({} bytes, {} values, sha256 {})",
+                    "snapshot {} of store {} written to {} ({} bytes, {} values, sha256 {})",
+                    m.seq,
+                    m.store_id,
                     dir.display(),
                     m.bytes,
                     m.values,
@@ -313,14 +338,17 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Restore { config, from } => {
             let (file, key) = store_of(&config)?;
-            match backup::restore(&from, &file, &key)? {
-                Some(kept) => println!(
-                    "restored {} from {}; the replaced store is kept at {}",
-                    file.display(),
-                    from.display(),
-                    kept.display()
-                ),
-                None => println!("restored {} from {}", file.display(), from.display()),
+            let (m, kept) = backup::restore(&from, &file, &key)?;
+            println!(
+                "restored {} from {} (backup {} of store {}, taken at {} ms since 1970)",
+                file.display(),
+                from.display(),
+                m.seq,
+                m.store_id,
+                m.created_at_ms
+            );
+            if let Some(kept) = kept {
+                println!("the replaced store is kept at {}", kept.display());
             }
         }
         Command::Provision { command } => {

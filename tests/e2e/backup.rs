@@ -1,5 +1,6 @@
 //! Backup and restore with the real binary: a snapshot taken while the agent runs, verified,
-//! restored over a destroyed store; corrupt and foreign snapshots refused with the store untouched.
+//! restored over a destroyed store; corrupt, foreign and other stores' snapshots refused with the
+//! store untouched.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -120,6 +121,24 @@ async fn corrupt_and_foreign_snapshots_are_refused() {
     let (ok, out) = zhuli(&["restore", "--config", &cfg, "--from", &foreign.display().to_string()]);
     assert!(!ok && out.contains("is foreign"), "{out}");
     assert_eq!(hash(&store), live);
+
+    // Another store's snapshot under this box's own key (a store moved away and started
+    // afresh, or a second box sharing the key): refused, and the message says what to do.
+    let other_store = other.join("same-key.redb");
+    let key = zhuli::store::key::StoreKey::read(&agent.dir.join("store-key")).expect("key");
+    zhuli::store::Store::open(&other_store, &key, Default::default())
+        .expect("store")
+        .set_setting("x", "z")
+        .expect("set");
+    let to_other = other.join("same-key-backups");
+    let (same_key, _) = zhuli::store::backup::backup(&other_store, &key, &to_other).expect("same-key backup");
+    let (ok, out) = zhuli(&["restore", "--config", &cfg, "--from", &same_key.display().to_string()]);
+    assert!(!ok && out.contains("of another store") && out.contains("move the live store away"), "{out}");
+    assert_eq!(hash(&store), live);
+    // Doing what it says: move the live store away, then restore.
+    std::fs::rename(&store, agent.dir.join("state/zhuli.redb.moved")).expect("move away");
+    let (ok, out) = zhuli(&["restore", "--config", &cfg, "--from", &same_key.display().to_string()]);
+    assert!(ok && out.contains("restored"), "{out}");
 
     // Not a snapshot at all.
     let (ok, out) = zhuli(&["backup", "--config", &cfg, "--verify", &agent.dir.display().to_string()]);

@@ -121,6 +121,62 @@ async fn wrong_or_missing_key_stops_the_agent_at_start_and_touches_nothing() {
     assert_eq!(sim.counters().opens, opens + 1);
 }
 
+/// The bytes of `path`, hashed.
+fn sha256_of(path: &std::path::Path) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, &std::fs::read(path).expect("read")).as_ref().to_vec()
+}
+
+/// Whether redb finds `path` in need of repair (left open for writing by a process that died).
+fn is_dirty(path: &std::path::Path) -> bool {
+    let mut b = redb::Database::builder();
+    b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+    matches!(b.open_read_only(path), Err(redb::DatabaseError::RepairAborted))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_on_a_store_left_dirty_by_kill_9_changes_no_byte() {
+    let (sim, mut agent) = rig("dirtykey").await;
+    let id = sim.inject(Inject::text("/ping"));
+    assert_each_answered_once(&sim, &agent, std::slice::from_ref(&id), Duration::from_secs(10)).await;
+    // The agent holds the store open for writing; SIGKILL leaves it needing a repair.
+    agent.kill9();
+    let store_file = agent.dir.join("state/zhuli.redb");
+    assert!(is_dirty(&store_file), "the killed agent left the store in need of repair");
+    let before = sha256_of(&store_file);
+
+    let wrong = zhuli::store::key::StoreKey::generate();
+    let e = zhuli::store::Store::open(&store_file, &wrong, Default::default()).err().expect("a wrong key is refused");
+    let text = e.to_string();
+    assert!(text.contains("does not open") && text.contains("zhuli.redb"), "{text}");
+    assert_eq!(sha256_of(&store_file), before, "a wrong key changed the dirty store");
+    assert!(is_dirty(&store_file), "still exactly as the crash left it");
+
+    let right = zhuli::store::key::StoreKey::read(&agent.dir.join("store-key")).expect("key");
+    let store = zhuli::store::Store::open(&store_file, &right, Default::default()).expect("the right key opens it");
+    let again = zhuli::dingtalk::message::RobotMessage {
+        msg_id: id,
+        conversation_id: "c".into(),
+        conversation_kind: zhuli::dingtalk::message::ConversationKind::Single,
+        conversation_title: None,
+        sender_id: "u".into(),
+        sender_staff_id: None,
+        sender_nick: "n".into(),
+        is_admin: false,
+        mentions_robot: true,
+        robot_code: None,
+        created_at_ms: None,
+        session_webhook: None,
+        content: zhuli::dingtalk::message::Content::Text("/ping".into()),
+    };
+    assert_eq!(
+        store.accept_batch(&[(&again, true)], 1).expect("accept"),
+        vec![zhuli::store::Acceptance::Duplicate],
+        "the message processed before the kill is still remembered"
+    );
+    drop(store);
+    assert!(!is_dirty(&store_file), "opened with the right key, the store was repaired");
+}
+
 /// A small tmpfs for the state directory, unmounted on drop.
 struct SmallDisk {
     dir: std::path::PathBuf,
@@ -202,4 +258,33 @@ async fn disk_full_and_read_only_state_lose_nothing() {
     assert!(!agent.log().contains("panicked"));
     agent.kill9();
     drop(disk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_by_the_binary_keeps_dedupe_across_the_new_key_and_index_secret() {
+    let (sim, mut agent) = rig("rekey").await;
+    let id = sim.inject(Inject::text("/ping"));
+    assert_each_answered_once(&sim, &agent, std::slice::from_ref(&id), Duration::from_secs(10)).await;
+    agent.kill9();
+    let zhuli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhuli")).args(args).output().expect("run zhuli");
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let new_key = agent.dir.join("new-store-key").display().to_string();
+    let (ok, out) = zhuli(&["store", "new-key", &new_key]);
+    assert!(ok, "{out}");
+    let cfg = agent.config_path().display().to_string();
+    let (ok, out) = zhuli(&["store", "rekey", "--config", &cfg, "--new-key", &new_key]);
+    assert!(ok && out.contains("with a new index secret: 1 processed msgIds"), "{out}");
+    assert!(!out.contains("dropped"), "a store written by this version keeps every id: {out}");
+    std::fs::copy(&new_key, agent.dir.join("store-key")).expect("install the new key");
+
+    agent.restart();
+    assert!(sim.wait_until(Duration::from_secs(15), |s| s.connections().len() == 1).await, "{}", agent.log());
+    sim.inject(Inject::text("/ping").with_msg_id(id.clone()));
+    let fresh = sim.inject(Inject::text("/help"));
+    assert_each_answered_once(&sim, &agent, &[id, fresh], Duration::from_secs(10)).await;
 }

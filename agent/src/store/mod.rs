@@ -5,12 +5,15 @@
 //!
 //! Identifiers that could say something about people (msgIds, conversation ids) are never redb
 //! keys in the clear: they are replaced by a keyed hash whose secret lives sealed in the store.
-//! A wrong key is detected before anything is written.
+//! The ids themselves are kept sealed beside them, so a rekey can replace that secret too.
+//! A wrong key is detected before anything is written, also in a file left dirty by a crash
+//! (checked on an in-memory repair, see `overlay`).
 //!
 //! Never logs values; errors name tables and files, not contents.
 
 pub mod backup;
 pub mod key;
+pub(crate) mod overlay;
 pub mod seal;
 pub mod writer;
 
@@ -28,7 +31,10 @@ use seal::{SealError, Sealer};
 /// 1. meta (key check, index secret), processed + expiry, inbox, outbox, history,
 ///    settings, undo.
 /// 2. meta gains `store_id`, a random id naming this store in backup manifests.
-pub const SCHEMA_VERSION: u32 = 3;
+/// 3. outbox entries gain `card`.
+/// 4. processed entries carry their msgId and history's conversation ids are kept in
+///    `conversations` (both sealed), so a rekey can re-hash them under a new index secret.
+pub const SCHEMA_VERSION: u32 = 4;
 
 pub(crate) type Hashed = [u8; 16];
 
@@ -38,6 +44,9 @@ pub(crate) const PROCESSED_EXPIRY: TableDefinition<(u64, Hashed), ()> = TableDef
 pub(crate) const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub(crate) const HISTORY: TableDefinition<(Hashed, u64), &[u8]> = TableDefinition::new("history");
+/// Keyed hash of a conversation id → the sealed id, for every conversation with history
+/// (schema 4): what a rekey re-hashes history keys from.
+pub(crate) const CONVERSATIONS: TableDefinition<Hashed, &[u8]> = TableDefinition::new("conversations");
 pub(crate) const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 pub(crate) const UNDO: TableDefinition<u64, &[u8]> = TableDefinition::new("undo");
 /// Look-ups worth keeping for a while (the address book): keyed hash of the name → sealed
@@ -54,6 +63,10 @@ pub enum StoreError {
         "the store key does not open {0}: it is the wrong key, or the file was tampered with; nothing was changed (restore the right key, or move the file away to start empty)"
     )]
     WrongKey(PathBuf),
+    #[error(
+        "{0} has no key check record, so no key can be checked against it: it was not written by zhuli, or was tampered with; nothing was changed (restore it from a backup, or move it away to start with an empty store)"
+    )]
+    NoKeyCheck(PathBuf),
     #[error(
         "{path} has store schema {found}, newer than this zhuli understands ({SCHEMA_VERSION}); run a newer zhuli or restore an older backup"
     )]
@@ -97,6 +110,33 @@ pub enum WriteOp<'a> {
 pub enum WriteOutcome {
     Accepted(Vec<Acceptance>),
     Done,
+}
+
+/// The value of a processed msgId: when it is forgotten, and the msgId itself so a rekey can
+/// re-hash it. `None` for ids recorded before schema 4, which a rekey drops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ProcessedEntry {
+    pub expires_ms: u64,
+    pub msg_id: Option<String>,
+}
+
+/// What [`Store::rekey`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RekeyReport {
+    /// Values sealed anew under the new key.
+    pub resealed: usize,
+    /// Processed msgIds re-hashed under the new index secret.
+    pub processed_rehashed: usize,
+    /// Processed msgIds dropped: recorded before schema 4, they carry no msgId to re-hash
+    /// (they would have been forgotten within `processed_keep_hours` anyway).
+    pub processed_dropped: usize,
+    /// Conversations whose history was re-hashed.
+    pub conversations_rehashed: usize,
+    /// History turns dropped: of conversations nobody wrote to since the schema 4 upgrade,
+    /// whose ids the store never learnt.
+    pub history_dropped: usize,
+    /// Cached look-ups emptied (they refill by themselves).
+    pub cache_emptied: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -253,13 +293,9 @@ impl Store {
             return Err(StoreError::NotAStore(path.to_owned()));
         }
         if existed {
-            // Check the key on a read-only handle first, so a wrong key changes nothing.
-            if let Ok(ro) = builder().open_read_only(path) {
-                let txn = ro.begin_read().map_err(|e| db_err(path, e))?;
-                if let Ok(meta) = txn.open_table(META) {
-                    check_key(path, &sealer, &meta)?;
-                }
-            }
+            // Check the key before the first write: opening for writing repairs a file left
+            // dirty by a crash, and a wrong key must change nothing.
+            check_key_unwritten(path, &sealer)?;
         }
         // SingleWriter: `zhuli backup` may read a consistent snapshot while the agent writes.
         let db = builder().create(path).map_err(|e| match e {
@@ -274,21 +310,16 @@ impl Store {
                 return Err(StoreError::NotAStore(path.to_owned()));
             }
             if fresh {
-                let secret: [u8; 32] = {
-                    let mut s = [0u8; 32];
-                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s)
-                        .expect("the OS random source is available");
-                    s
-                };
+                let secret = new_index_secret();
                 meta.insert("key_check", sealer.seal("meta", b"key_check", KEY_CHECK).as_slice())
                     .map_err(|e| db_err(path, e))?;
                 meta.insert("schema_version", sealer.seal("meta", b"schema_version", &1u32.to_be_bytes()).as_slice())
                     .map_err(|e| db_err(path, e))?;
-                meta.insert("index_secret", sealer.seal("meta", b"index_secret", &secret).as_slice())
+                meta.insert("index_secret", sealer.seal("meta", b"index_secret", &secret[..]).as_slice())
                     .map_err(|e| db_err(path, e))?;
                 // A new store is written as schema 1 and migrated like any old one.
                 migrate(path, &sealer, &txn, &mut meta, 1)?;
-                secret.to_vec()
+                zeroize::Zeroizing::new(secret.to_vec())
             } else {
                 check_key(path, &sealer, &meta)?;
                 let version = read_meta(path, &sealer, &meta, "schema_version")?;
@@ -300,7 +331,7 @@ impl Store {
                     migrate(path, &sealer, &txn, &mut meta, version)?;
                     log::info!("store {} migrated from schema {version} to {SCHEMA_VERSION}", path.display());
                 }
-                read_meta(path, &sealer, &meta, "index_secret")?
+                zeroize::Zeroizing::new(read_meta(path, &sealer, &meta, "index_secret")?)
             }
         };
         for t in [INBOX, OUTBOX, UNDO] {
@@ -309,6 +340,7 @@ impl Store {
         txn.open_table(PROCESSED).map_err(|e| db_err(path, e))?;
         txn.open_table(PROCESSED_EXPIRY).map_err(|e| db_err(path, e))?;
         txn.open_table(HISTORY).map_err(|e| db_err(path, e))?;
+        txn.open_table(CONVERSATIONS).map_err(|e| db_err(path, e))?;
         txn.open_table(SETTINGS).map_err(|e| db_err(path, e))?;
         txn.open_table(CACHE).map_err(|e| db_err(path, e))?;
         txn.commit().map_err(|e| db_err(path, e))?;
@@ -336,14 +368,7 @@ impl Store {
     }
 
     fn hash(&self, domain: &str, id: &str) -> Hashed {
-        let mut ctx = ring::hmac::Context::with_key(&self.index);
-        ctx.update(domain.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(id.as_bytes());
-        let tag = ctx.sign();
-        let mut h = [0u8; 16];
-        h.copy_from_slice(&tag.as_ref()[..16]);
-        h
+        keyed_hash(&self.index, domain, id)
     }
 
     fn seal_value<T: Serialize>(&self, table: &'static str, key: &[u8], value: &T) -> Vec<u8> {
@@ -459,8 +484,9 @@ impl Store {
                                 results.push(Acceptance::Duplicate);
                                 continue;
                             }
+                            let entry = ProcessedEntry { expires_ms: expires, msg_id: Some(message.msg_id.clone()) };
                             processed
-                                .insert(h, self.seal_value("processed", &h, &expires).as_slice())
+                                .insert(h, self.seal_value("processed", &h, &entry).as_slice())
                                 .map_err(|e| self.err(e))?;
                             expiry.insert((expires, h), ()).map_err(|e| self.err(e))?;
                             if *answer {
@@ -511,21 +537,22 @@ impl Store {
         Ok((inbox, outbox))
     }
 
-    /// Re-seal every value under `new` in one transaction: a crash leaves the store entirely
-    /// under the old key or entirely under the new one. Returns how many values were re-sealed.
+    /// Re-seal every value under `new` and re-hash every keyed row under a new index secret, in
+    /// one transaction: a crash leaves the store entirely under the old key and secret or
+    /// entirely under the new ones, and whoever had the old key cannot link the new hashes to
+    /// ids. Rows that carry no id to re-hash (written before schema 4) are dropped and counted.
     /// Install the new key (key file or credential) right after; the old one no longer opens it.
-    pub fn rekey(self, new: &StoreKey) -> Result<usize, StoreError> {
+    pub fn rekey(self, new: &StoreKey) -> Result<RekeyReport, StoreError> {
         let fresh = Sealer::new(new);
+        let secret = new_index_secret();
+        let index = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret[..]);
+        let path = &self.path;
+        let sealed = |source| StoreError::Sealed { path: path.clone(), source };
+        let mut report = RekeyReport::default();
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
-        let mut n = 0;
         {
-            let path = &self.path;
             let reseal = |table: &'static str, aad: &[u8], v: &[u8]| -> Result<Vec<u8>, StoreError> {
-                let plain = zeroize::Zeroizing::new(
-                    self.sealer
-                        .open(table, aad, v)
-                        .map_err(|source| StoreError::Sealed { path: path.clone(), source })?,
-                );
+                let plain = zeroize::Zeroizing::new(self.sealer.open(table, aad, v).map_err(sealed)?);
                 Ok(fresh.seal(table, aad, &plain))
             };
             macro_rules! reseal_table {
@@ -542,25 +569,102 @@ impl Store {
                         let aad: Vec<u8> = ($aad)(&k);
                         let $k = &k;
                         t.insert($as_key, reseal($name, &aad, &v)?.as_slice()).map_err(|e| self.err(e))?;
-                        n += 1;
+                        report.resealed += 1;
                     }
                 }};
             }
             let text = |k: &String| -> Vec<u8> { k.as_bytes().to_vec() };
             let seq = |k: &u64| -> Vec<u8> { u64_key(*k).to_vec() };
             reseal_table!(META, "meta", text, |k| k.as_str());
-            reseal_table!(PROCESSED, "processed", |k: &Hashed| k.to_vec(), |k| *k);
+            txn.open_table(META)
+                .map_err(|e| self.err(e))?
+                .insert("index_secret", fresh.seal("meta", b"index_secret", &secret[..]).as_slice())
+                .map_err(|e| self.err(e))?;
             reseal_table!(INBOX, "inbox", seq, |k| *k);
             reseal_table!(OUTBOX, "outbox", seq, |k| *k);
-            reseal_table!(HISTORY, "history", |k: &(Hashed, u64)| pair_key(&k.0, k.1).to_vec(), |k| *k);
             reseal_table!(SETTINGS, "settings", text, |k| k.as_str());
             reseal_table!(UNDO, "undo", seq, |k| *k);
-            // The cache refills by itself; it is emptied rather than re-sealed.
-            txn.delete_table(CACHE).map_err(|e| self.err(e))?;
+
+            // Keyed tables are read whole, emptied and written again under the new hashes.
+            let processed: Vec<(Hashed, ProcessedEntry)> = {
+                let t = txn.open_table(PROCESSED).map_err(|e| self.err(e))?;
+                let mut out = Vec::new();
+                for row in t.iter().map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    out.push((k.value(), self.open_value("processed", &k.value(), v.value())?));
+                }
+                out
+            };
+            let conversations: Vec<(Hashed, String)> = {
+                let t = txn.open_table(CONVERSATIONS).map_err(|e| self.err(e))?;
+                let mut out = Vec::new();
+                for row in t.iter().map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    out.push((k.value(), self.open_value("conversations", &k.value(), v.value())?));
+                }
+                out
+            };
+            type Plain = zeroize::Zeroizing<Vec<u8>>;
+            let history: Vec<((Hashed, u64), Plain)> = {
+                let t = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+                let mut out = Vec::new();
+                for row in t.iter().map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    let (h, n) = k.value();
+                    let plain = self.sealer.open("history", &pair_key(&h, n), v.value()).map_err(sealed)?;
+                    out.push(((h, n), zeroize::Zeroizing::new(plain)));
+                }
+                out
+            };
+            report.cache_emptied = txn.open_table(CACHE).map_err(|e| self.err(e))?.len().map_err(|e| self.err(e))?;
+            for def in [PROCESSED, CONVERSATIONS, CACHE] {
+                txn.delete_table(def).map_err(|e| self.err(e))?;
+            }
+            txn.delete_table(PROCESSED_EXPIRY).map_err(|e| self.err(e))?;
+            txn.delete_table(HISTORY).map_err(|e| self.err(e))?;
             txn.open_table(CACHE).map_err(|e| self.err(e))?;
+
+            let mut table = txn.open_table(PROCESSED).map_err(|e| self.err(e))?;
+            let mut expiry = txn.open_table(PROCESSED_EXPIRY).map_err(|e| self.err(e))?;
+            for (_, entry) in processed {
+                let Some(id) = &entry.msg_id else {
+                    report.processed_dropped += 1;
+                    continue;
+                };
+                let h = keyed_hash(&index, "msgId", id);
+                let plain = zeroize::Zeroizing::new(
+                    postcard::to_allocvec(&entry).expect("store entries are plain serialisable data"),
+                );
+                table.insert(h, fresh.seal("processed", &h, &plain).as_slice()).map_err(|e| self.err(e))?;
+                expiry.insert((entry.expires_ms, h), ()).map_err(|e| self.err(e))?;
+                report.processed_rehashed += 1;
+            }
+            let mut renamed = std::collections::HashMap::new();
+            let mut table = txn.open_table(CONVERSATIONS).map_err(|e| self.err(e))?;
+            for (old, id) in conversations {
+                let h = keyed_hash(&index, "conversation", &id);
+                let plain = zeroize::Zeroizing::new(
+                    postcard::to_allocvec(&id).expect("store entries are plain serialisable data"),
+                );
+                table.insert(h, fresh.seal("conversations", &h, &plain).as_slice()).map_err(|e| self.err(e))?;
+                renamed.insert(old, h);
+            }
+            report.conversations_rehashed = renamed.len();
+            let mut table = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+            for ((old, n), plain) in history {
+                let Some(h) = renamed.get(&old) else {
+                    report.history_dropped += 1;
+                    continue;
+                };
+                table
+                    .insert((*h, n), fresh.seal("history", &pair_key(h, n), &plain).as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            report.resealed += report.processed_rehashed + report.conversations_rehashed;
+            report.resealed += table.len().map_err(|e| self.err(e))? as usize;
         }
         txn.commit().map_err(|e| self.err(e))?;
-        Ok(n)
+        Ok(report)
     }
 
     /// Forget processed msgIds whose time is up; at most `max` per call, so a tick stays short.
@@ -634,6 +738,12 @@ impl Store {
             for s in drop_seqs {
                 history.remove((h, s)).map_err(|e| self.err(e))?;
             }
+            let mut conversations = txn.open_table(CONVERSATIONS).map_err(|e| self.err(e))?;
+            if conversations.get(h).map_err(|e| self.err(e))?.is_none() {
+                conversations
+                    .insert(h, self.seal_value("conversations", &h, &conversation_id).as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
             let mut table = txn.open_table(SETTINGS).map_err(|e| self.err(e))?;
             for (name, value) in settings {
                 table
@@ -659,6 +769,7 @@ impl Store {
             for s in &seqs {
                 history.remove((h, *s)).map_err(|e| self.err(e))?;
             }
+            txn.open_table(CONVERSATIONS).map_err(|e| self.err(e))?.remove(h).map_err(|e| self.err(e))?;
             seqs.len()
         };
         txn.commit().map_err(|e| self.err(e))?;
@@ -832,6 +943,28 @@ fn migrate(
                     outbox.insert(seq, sealed.as_slice()).map_err(|e| db_err(path, e))?;
                 }
             }
+            3 => {
+                // Processed entries gain their msgId; those recorded before cannot learn it and
+                // say so (`None`), so a rekey knows to drop them. They expire within a day.
+                let mut processed = txn.open_table(PROCESSED).map_err(|e| db_err(path, e))?;
+                let mut rewritten = Vec::new();
+                for row in processed.iter().map_err(|e| db_err(path, e))? {
+                    let (k, v) = row.map_err(|e| db_err(path, e))?;
+                    let h = k.value();
+                    let plain = zeroize::Zeroizing::new(
+                        sealer
+                            .open("processed", &h, v.value())
+                            .map_err(|source| StoreError::Sealed { path: path.to_owned(), source })?,
+                    );
+                    let expires_ms: u64 = postcard::from_bytes(&plain).map_err(|_| decode(path, "processed"))?;
+                    let entry = ProcessedEntry { expires_ms, msg_id: None };
+                    let bytes = postcard::to_allocvec(&entry).expect("store entries are plain serialisable data");
+                    rewritten.push((h, sealer.seal("processed", &h, &bytes)));
+                }
+                for (h, sealed) in rewritten {
+                    processed.insert(h, sealed.as_slice()).map_err(|e| db_err(path, e))?;
+                }
+            }
             // No store was ever written with a schema before 1.
             _ => return Err(StoreError::NotAStore(path.to_owned())),
         }
@@ -852,16 +985,74 @@ pub(crate) fn builder() -> redb::Builder {
     b
 }
 
-/// A read-only handle on a store file. A file left dirty by a crash is repaired first (through
-/// a short-lived writer handle), which changes no data.
-pub(crate) fn open_read_only(path: &Path) -> Result<redb::ReadOnlyDatabase, StoreError> {
-    match builder().open_read_only(path) {
-        Err(redb::DatabaseError::RepairAborted) => {
-            drop(builder().open(path).map_err(|e| db_err(path, e))?);
-            builder().open_read_only(path).map_err(|e| db_err(path, e))
+/// A store file opened without writing to it.
+pub(crate) enum ReadView {
+    /// A clean file, on a read-only handle (beside a running agent, if there is one).
+    Clean(redb::ReadOnlyDatabase),
+    /// A file left dirty by a crash, repaired in memory only (see `overlay`); while it is open
+    /// no other process can write the file.
+    Repaired(Database),
+}
+
+impl ReadView {
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            ReadView::Clean(db) => db.begin_read(),
+            ReadView::Repaired(db) => db.begin_read(),
         }
-        other => other.map_err(|e| db_err(path, e)),
     }
+}
+
+/// Open a store file for reading, whatever state it is in, without changing a byte of it. A
+/// clean file (the usual case) costs a read-only open; only a dirty one is repaired, in memory.
+pub(crate) fn open_unwritten(path: &Path) -> Result<ReadView, StoreError> {
+    let corrupt = |e: redb::DatabaseError| match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => StoreError::NotAStore(path.to_owned()),
+        e => db_err(path, e),
+    };
+    match builder().open_read_only(path) {
+        Ok(db) => Ok(ReadView::Clean(db)),
+        Err(redb::DatabaseError::RepairAborted) => {
+            Ok(ReadView::Repaired(overlay::open(path, &builder()).map_err(corrupt)?))
+        }
+        Err(e) => Err(corrupt(e)),
+    }
+}
+
+/// Check `sealer`'s key against the store at `path` without writing to the file.
+fn check_key_unwritten(path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
+    let view = open_unwritten(path)?;
+    if let ReadView::Repaired(_) = view {
+        log::info!("store {} was not closed cleanly; its key is checked before the file is repaired", path.display());
+    }
+    let txn = view.begin_read().map_err(|e| db_err(path, e))?;
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Err(StoreError::NotAStore(path.to_owned())),
+        Err(e) => return Err(db_err(path, e)),
+    };
+    check_key(path, sealer, &meta)
+}
+
+/// The keyed hash that stands for `id` as a redb key: HMAC-SHA256 under the index secret,
+/// domain-separated, truncated to 128 bits.
+fn keyed_hash(index: &ring::hmac::Key, domain: &str, id: &str) -> Hashed {
+    let mut ctx = ring::hmac::Context::with_key(index);
+    ctx.update(domain.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(id.as_bytes());
+    let tag = ctx.sign();
+    let mut h = [0u8; 16];
+    h.copy_from_slice(&tag.as_ref()[..16]);
+    h
+}
+
+/// A fresh index secret.
+fn new_index_secret() -> zeroize::Zeroizing<[u8; 32]> {
+    let mut s = zeroize::Zeroizing::new([0u8; 32]);
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s[..])
+        .expect("the OS random source is available");
+    s
 }
 
 pub(crate) fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
@@ -884,7 +1075,7 @@ fn check_key(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<(), StoreError> {
     let got = meta.get("key_check").map_err(|e| db_err(path, e))?;
-    let Some(v) = got else { return Ok(()) };
+    let Some(v) = got else { return Err(StoreError::NoKeyCheck(path.to_owned())) };
     match sealer.open("meta", b"key_check", v.value()) {
         Ok(p) if p == KEY_CHECK => Ok(()),
         _ => Err(StoreError::WrongKey(path.to_owned())),

@@ -86,6 +86,28 @@ fn wrong_key_fails_and_changes_nothing() {
 }
 
 #[test]
+fn a_store_without_its_key_check_is_refused_and_left_alone() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.accept_batch(&[(&message("m1", "x"), true)], 1).expect("accept");
+    }
+    {
+        let db = Database::create(t.path()).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META).expect("meta").remove("key_check").expect("remove");
+        txn.commit().expect("commit");
+    }
+    let before = std::fs::read(t.path()).expect("read");
+    for k in [StoreKey::generate(), key] {
+        let e = Store::open(&t.path(), &k, Retention::default()).err().expect("a store without key check is refused");
+        assert!(matches!(e, StoreError::NoKeyCheck(_)) && e.to_string().contains("zhuli.redb"), "{e}");
+        assert_eq!(std::fs::read(t.path()).expect("read"), before, "the file is untouched");
+    }
+}
+
+#[test]
 fn newer_schema_is_refused() {
     let t = TempStore::new();
     let key = StoreKey::generate();
@@ -248,8 +270,8 @@ fn rekey_reseals_everything_under_the_new_key() {
         s.accept_batch(&[(&m, true)], 1).expect("accept");
         s.append_turn("c", &Turn { role: Role::User, text: "hi".into(), at_ms: 1 }).expect("turn");
         s.set_setting("admin", "staff-1").expect("setting");
-        let n = s.rekey(&new).expect("rekey");
-        assert!(n >= 7, "meta, processed, inbox, history and settings values: {n}");
+        let r = s.rekey(&new).expect("rekey");
+        assert!(r.resealed >= 8, "meta, processed, inbox, history, conversations and settings values: {r:?}");
     }
     assert!(matches!(Store::open(&t.path(), &old, Retention::default()), Err(StoreError::WrongKey(_))));
     let s = Store::open(&t.path(), &new, Retention::default()).expect("new key opens");
@@ -353,4 +375,268 @@ fn cached_values_expire_are_sealed_and_go_with_a_clear_or_a_rekey() {
     s.rekey(&new).expect("rekey");
     let s = Store::open(&t.path(), &new, Retention::default()).expect("new key");
     assert_eq!(s.cache_get("people:c", 0).expect("get"), None, "a rekey empties the cache");
+}
+
+/// Every keyed hash in the file at `path`: processed msgIds (and their expiry index), history
+/// and its conversation ids, cache names.
+fn keyed_hashes(path: &Path) -> std::collections::HashSet<Hashed> {
+    let db = Database::create(path).expect("raw open");
+    let txn = db.begin_read().expect("txn");
+    let mut out = std::collections::HashSet::new();
+    for row in txn.open_table(PROCESSED).expect("processed").iter().expect("iter") {
+        out.insert(row.expect("row").0.value());
+    }
+    for row in txn.open_table(PROCESSED_EXPIRY).expect("expiry").iter().expect("iter") {
+        out.insert(row.expect("row").0.value().1);
+    }
+    for row in txn.open_table(HISTORY).expect("history").iter().expect("iter") {
+        out.insert(row.expect("row").0.value().0);
+    }
+    for row in txn.open_table(CACHE).expect("cache").iter().expect("iter") {
+        out.insert(row.expect("row").0.value());
+    }
+    for row in txn.open_table(CONVERSATIONS).expect("conversations").iter().expect("iter") {
+        out.insert(row.expect("row").0.value());
+    }
+    out
+}
+
+fn index_secret(path: &Path, key: &StoreKey) -> Vec<u8> {
+    let db = Database::create(path).expect("raw open");
+    let txn = db.begin_read().expect("txn");
+    let meta = txn.open_table(META).expect("meta");
+    read_meta(path, &Sealer::new(key), &meta, "index_secret").expect("index secret")
+}
+
+#[test]
+fn rekey_rotates_the_index_secret_and_rehashes_every_keyed_row() {
+    let t = TempStore::new();
+    let (old, new) = (StoreKey::generate(), StoreKey::generate());
+    let (answered, recorded) = (message("m-answered", "question"), message("m-recorded", "chatter"));
+    {
+        let s = Store::open(&t.path(), &old, Retention::default()).expect("create");
+        s.accept_batch(&[(&answered, true), (&recorded, false)], 1).expect("accept");
+        for (conversation, text) in [("cid-one", "first"), ("cid-two", "second")] {
+            s.append_turn(conversation, &Turn { role: Role::User, text: text.into(), at_ms: 1 }).expect("turn");
+        }
+        s.cache_put("people:staff-1", "A", i64::MAX).expect("cache");
+    }
+    let secret_before = index_secret(&t.path(), &old);
+    let hashes_before = keyed_hashes(&t.path());
+    assert_eq!(hashes_before.len(), 5, "two msgIds, two conversations, one cache name");
+    {
+        let s = Store::open(&t.path(), &old, Retention::default()).expect("reopen");
+        s.rekey(&new).expect("rekey");
+    }
+    assert!(index_secret(&t.path(), &new) != secret_before, "the index secret was rotated");
+    let hashes_after = keyed_hashes(&t.path());
+    assert!(hashes_after.is_disjoint(&hashes_before), "a hash from before the rekey is still a key");
+    assert_eq!(hashes_after.len(), 4, "two msgIds and two conversations, re-hashed; the cache emptied");
+    let s = Store::open(&t.path(), &new, Retention::default()).expect("new key opens");
+    assert_eq!(
+        s.accept_batch(&[(&answered, true), (&recorded, true)], 2).expect("again"),
+        vec![Acceptance::Duplicate; 2],
+        "msgIds recorded before the rekey are still recognised"
+    );
+    assert_eq!(s.history("cid-one").expect("history")[0].text, "first");
+    assert_eq!(s.history("cid-two").expect("history")[0].text, "second");
+}
+
+#[test]
+fn a_rekey_after_the_schema_4_upgrade_drops_only_rows_without_ids_and_counts_them() {
+    let t = TempStore::new();
+    let (key, new) = (StoreKey::generate(), StoreKey::generate());
+    let (before, after) = (message("m-before-upgrade", "x"), message("m-after-upgrade", "y"));
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.accept_batch(&[(&before, false)], 1).expect("accept");
+        s.append_turn("cid-quiet", &Turn { role: Role::User, text: "old".into(), at_ms: 1 }).expect("turn");
+        s.append_turn("cid-busy", &Turn { role: Role::User, text: "old too".into(), at_ms: 1 }).expect("turn");
+    }
+    // Turn the file into what schema 3 wrote: processed values are the bare expiry, and no
+    // conversation ids are kept.
+    {
+        let db = Database::create(t.path()).expect("raw open");
+        let sealer = Sealer::new(&key);
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut processed = txn.open_table(PROCESSED).expect("processed");
+            let rows: Vec<Hashed> = processed.iter().expect("iter").map(|r| r.expect("row").0.value()).collect();
+            for h in rows {
+                let old = postcard::to_allocvec(&3_600_001u64).expect("encode");
+                processed.insert(h, sealer.seal("processed", &h, &old).as_slice()).expect("insert");
+            }
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert("schema_version", sealer.seal("meta", b"schema_version", &3u32.to_be_bytes()).as_slice())
+                .expect("insert");
+        }
+        txn.delete_table(CONVERSATIONS).expect("delete");
+        txn.commit().expect("commit");
+    }
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("migrates");
+    assert_eq!(s.accept_batch(&[(&before, true)], 2).expect("again")[0], Acceptance::Duplicate, "still remembered");
+    s.accept_batch(&[(&after, false)], 2).expect("accept");
+    // Writing to a conversation after the upgrade teaches the store its id.
+    s.append_turn("cid-busy", &Turn { role: Role::Assistant, text: "new".into(), at_ms: 2 }).expect("turn");
+    let r = s.rekey(&new).expect("rekey");
+    assert_eq!((r.processed_rehashed, r.processed_dropped), (1, 1), "{r:?}");
+    assert_eq!((r.conversations_rehashed, r.history_dropped), (1, 1), "{r:?}");
+    let s = Store::open(&t.path(), &new, Retention::default()).expect("new key");
+    let got = s.accept_batch(&[(&after, true), (&before, true)], 3).expect("again");
+    assert!(
+        matches!(got[..], [Acceptance::Duplicate, Acceptance::Queued(_)]),
+        "the id recorded after the upgrade is remembered, the one from before is new again: {got:?}"
+    );
+    assert_eq!(s.history("cid-busy").expect("history").len(), 2);
+    assert!(s.history("cid-quiet").expect("history").is_empty(), "dropped, as counted");
+}
+
+/// Rewrite a snapshot's manifest through `edit` (as whoever holds the backup medium could).
+fn edit_manifest(snapshot: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = snapshot.join(backup::MANIFEST);
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
+    edit(&mut m);
+    std::fs::write(&path, serde_json::to_string_pretty(&m).expect("json")).expect("write manifest");
+}
+
+/// Make the manifest's size and checksum fit the snapshot's file again.
+fn refit_checksum(snapshot: &Path) {
+    let bytes = std::fs::read(snapshot.join(backup::SNAPSHOT_FILE)).expect("snapshot file");
+    let sha: String =
+        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    edit_manifest(snapshot, |m| {
+        m["sha256"] = sha.into();
+        m["bytes"] = bytes.len().into();
+    });
+}
+
+#[test]
+fn an_edited_manifest_is_refused() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    Store::open(&t.path(), &key, Retention::default()).expect("create").set_setting("a", "1").expect("setting");
+    let (snap, _) = backup::backup(&t.path(), &key, &t.dir.join("b")).expect("backup");
+    backup::verify(&snap, &key).expect("a fresh snapshot verifies");
+    let original = std::fs::read(snap.join(backup::MANIFEST)).expect("manifest");
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 2] = [
+        ("time", |m| m["created_at_ms"] = (m["created_at_ms"].as_i64().unwrap_or(0) + 86_400_000).into()),
+        ("sequence", |m| m["seq"] = (m["seq"].as_u64().unwrap_or(0) + 5).into()),
+    ];
+    for (what, edit) in edits {
+        std::fs::write(snap.join(backup::MANIFEST), &original).expect("put back");
+        edit_manifest(&snap, edit);
+        let e = backup::verify(&snap, &key).err().unwrap_or_else(|| panic!("a manifest with another {what} verified"));
+        assert!(matches!(e, backup::BackupError::Unauthentic(_)), "{what}: {e}");
+        let e = backup::restore(&snap, &t.path(), &key).err().unwrap_or_else(|| panic!("restored with another {what}"));
+        assert!(matches!(e, backup::BackupError::Unauthentic(_)), "{what}: {e}");
+    }
+}
+
+#[test]
+fn another_stores_snapshot_is_refused_even_under_the_same_key() {
+    let (a, b) = (TempStore::new(), TempStore::new());
+    let key = StoreKey::generate();
+    Store::open(&a.path(), &key, Retention::default()).expect("store a").set_setting("who", "a").expect("setting");
+    Store::open(&b.path(), &key, Retention::default()).expect("store b").set_setting("who", "b").expect("setting");
+    let (snap_a, _) = backup::backup(&a.path(), &key, &a.dir.join("b")).expect("backup a");
+    let (snap_b, _) = backup::backup(&b.path(), &key, &b.dir.join("b")).expect("backup b");
+
+    // A's file in B's snapshot, its checksum made to fit.
+    std::fs::copy(snap_a.join(backup::SNAPSHOT_FILE), snap_b.join(backup::SNAPSHOT_FILE)).expect("swap");
+    refit_checksum(&snap_b);
+    let e = backup::verify(&snap_b, &key).expect_err("a swapped file verified");
+    assert!(matches!(e, backup::BackupError::Unauthentic(_)), "{e}");
+
+    // A's whole snapshot restored over store B.
+    let live = std::fs::read(b.path()).expect("live store");
+    let e = backup::restore(&snap_a, &b.path(), &key).expect_err("another store's snapshot restored");
+    assert!(
+        matches!(e, backup::BackupError::OtherStore { .. }) && e.to_string().contains("move the live store"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(b.path()).expect("live store"), live, "the live store is untouched");
+    let s = Store::open(&b.path(), &key, Retention::default()).expect("store b");
+    assert_eq!(s.setting("who").expect("setting").as_deref(), Some("b"));
+}
+
+#[test]
+fn a_value_spliced_from_an_older_snapshot_is_refused() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.set_setting("admin", "staff-old").expect("setting");
+    }
+    let (first, _) = backup::backup(&t.path(), &key, &t.dir.join("b1")).expect("backup 1");
+    Store::open(&t.path(), &key, Retention::default()).expect("open").set_setting("admin", "staff-new").expect("set");
+    let (second, _) = backup::backup(&t.path(), &key, &t.dir.join("b2")).expect("backup 2");
+    // The old value authenticates at its key in any file sealed with this key: splice it.
+    let old_value = {
+        let db = Database::create(first.join(backup::SNAPSHOT_FILE)).expect("snapshot 1");
+        let txn = db.begin_read().expect("txn");
+        txn.open_table(SETTINGS).expect("settings").get("admin").expect("get").expect("row").value().to_vec()
+    };
+    {
+        let db = Database::create(second.join(backup::SNAPSHOT_FILE)).expect("snapshot 2");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(SETTINGS).expect("settings").insert("admin", old_value.as_slice()).expect("splice");
+        txn.commit().expect("commit");
+    }
+    let e = backup::verify(&second, &key).expect_err("a spliced snapshot with its own checksum verified");
+    assert!(matches!(e, backup::BackupError::Checksum(_)), "{e}");
+    refit_checksum(&second);
+    let e = backup::verify(&second, &key).expect_err("a spliced snapshot with a refitted checksum verified");
+    assert!(matches!(e, backup::BackupError::Unauthentic(_)), "{e}");
+    let e = backup::restore(&second, &t.path(), &key).expect_err("a spliced snapshot restored");
+    assert!(matches!(e, backup::BackupError::Unauthentic(_)), "{e}");
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("open");
+    assert_eq!(s.setting("admin").expect("setting").as_deref(), Some("staff-new"), "the live store is untouched");
+}
+
+#[test]
+fn snapshots_are_numbered_per_store_and_a_good_one_verifies_and_restores() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    let to = t.dir.join("backups");
+    let id = {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.set_setting("admin", "staff-1").expect("setting");
+        s.store_id().expect("id")
+    };
+    let (first, m1) = backup::backup(&t.path(), &key, &to).expect("backup 1");
+    let (_, m2) = backup::backup(&t.path(), &key, &to).expect("backup 2");
+    assert_eq!((m1.seq, m2.seq, m1.store_id.as_str()), (1, 2, id.as_str()));
+    assert_eq!(backup::verify(&first, &key).expect("verify"), backup::Verified::Bound(m1.clone()));
+
+    Store::open(&t.path(), &key, Retention::default()).expect("open").set_setting("admin", "staff-2").expect("set");
+    let (restored, kept) = backup::restore(&first, &t.path(), &key).expect("restore");
+    assert_eq!(restored, m1);
+    assert!(kept.is_some_and(|k| k.exists()), "the replaced store is kept");
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("restored store opens");
+    assert_eq!(s.setting("admin").expect("setting").as_deref(), Some("staff-1"));
+    drop(s);
+    let (_, m3) = backup::backup(&t.path(), &key, &to).expect("backup after the restore");
+    assert_eq!(m3.seq, 3, "a restore does not turn the count back");
+
+    // Another store in its place (the old one moved away) counts on its own.
+    std::fs::rename(t.path(), t.dir.join("moved.redb")).expect("move away");
+    let other = Store::open(&t.path(), &key, Retention::default()).expect("new store").store_id().expect("id");
+    let (_, m) = backup::backup(&t.path(), &key, &to).expect("backup of the new store");
+    assert_eq!((m.seq, m.store_id), (1, other));
+
+    // A snapshot in the old, unsealed format: checked, never restored.
+    edit_manifest(&first, |m| {
+        let o = m.as_object_mut().expect("object");
+        o.insert("format".into(), "zhuli-backup/1".into());
+        for field in ["seq", "key_check", "seal"] {
+            o.remove(field);
+        }
+    });
+    assert!(
+        matches!(backup::verify(&first, &key).expect("verify"), backup::Verified::Legacy { values, .. } if values > 3)
+    );
+    let e = backup::restore(&first, &t.path(), &key).expect_err("an old-format snapshot is not restored");
+    assert!(matches!(e, backup::BackupError::Legacy(_)), "{e}");
 }
