@@ -13,6 +13,10 @@ use zhuli::dingtalk::sim::{Inject, RecordedReply, SimConfig, Simulator};
 
 pub const SECRET: &str = "e2e-client-secret-Zq8Xv4";
 
+/// Text people write (a query, a title, a comment) that the audit trail must never hold: tests
+/// put it into tool arguments. Chinese with spaces, as a real message would be.
+pub const PRIVATE_TEXT: &str = "机密 zq7741 季度预算";
+
 /// Fast timings so each fault plays out in about a second.
 pub fn sim_config() -> SimConfig {
     SimConfig {
@@ -317,6 +321,16 @@ impl Journal {
                 return found;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// No field of any entry so far holds [`PRIVATE_TEXT`] or its distinctive parts (a cut
+    /// copy is still a leak).
+    pub fn assert_no_private_text(&self) {
+        for e in self.all() {
+            for (k, v) in &e {
+                assert!(!v.contains("zq7741") && !v.contains("季度预算"), "{k} holds what a person wrote: {e:?}");
+            }
         }
     }
 
