@@ -36,6 +36,7 @@ pub struct Agent {
     pub dir: PathBuf,
     config: PathBuf,
     env: Vec<(String, String)>,
+    launcher: Vec<String>,
 }
 
 impl Drop for Agent {
@@ -65,7 +66,7 @@ impl Agent {
     /// Start the agent again with the same configuration, state and key.
     pub fn restart(&mut self) {
         self.kill9();
-        self.child = start(&self.config, &self.env, self.log.clone());
+        self.child = start(&self.config, &self.env, &self.launcher, self.log.clone());
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -110,6 +111,12 @@ pub fn spawn_agent(tag: &str, dingtalk_toml: &str) -> Agent {
 
 /// [`spawn_agent`] with extra environment variables.
 pub fn spawn_agent_with_env(tag: &str, dingtalk_toml: &str, env: &[(&str, String)]) -> Agent {
+    spawn_agent_launched(tag, dingtalk_toml, env, &[])
+}
+
+/// [`spawn_agent_with_env`] started through `launcher`: a program and its arguments that end by
+/// running the rest of the command line (`unshare … sh -c '…; exec "$@"'`).
+pub fn spawn_agent_launched(tag: &str, dingtalk_toml: &str, env: &[(&str, String)], launcher: &[String]) -> Agent {
     let dir = temp_dir(tag);
     let key = dir.join("store-key");
     zhuli::store::key::StoreKey::generate().write_new(&key).expect("store key");
@@ -122,12 +129,21 @@ pub fn spawn_agent_with_env(tag: &str, dingtalk_toml: &str, env: &[(&str, String
     std::fs::write(&path, config).expect("write config");
     let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
     let log = Arc::new(Mutex::new(String::new()));
-    let child = start(&path, &env, log.clone());
-    Agent { child, log, dir, config: path, env }
+    let launcher = launcher.to_vec();
+    let child = start(&path, &env, &launcher, log.clone());
+    Agent { child, log, dir, config: path, env, launcher }
 }
 
-fn start(config: &std::path::Path, env: &[(String, String)], log: Arc<Mutex<String>>) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+fn start(config: &std::path::Path, env: &[(String, String)], launcher: &[String], log: Arc<Mutex<String>>) -> Child {
+    let mut command = match launcher.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_zhuli"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_zhuli")),
+    };
+    let mut child = command
         .args(["run", "--config"])
         .arg(config)
         .env("ZHULI_LOG", "debug")
