@@ -315,8 +315,9 @@ impl Assistant {
             return Err(deny(named(&name.chars().take(64).collect::<String>()), named(&audited_name), String::new()));
         };
         if !self.parts.access.granted(&asker.actor, name) {
-            let reason = format!("{} may not use `{name}`; an admin can grant it to one of their roles", asker.nick);
-            return Err(deny(reason.clone(), reason, String::new()));
+            // The audit trail has the asker's id; their display name is theirs to choose.
+            let grant = format!("may not use `{name}`; an admin can grant it to one of their roles");
+            return Err(deny(format!("{} {grant}", asker.nick), format!("the asker {grant}"), String::new()));
         }
         let raw = call.function.arguments.trim();
         let max = self.parts.settings.max_argument_bytes;
