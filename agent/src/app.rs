@@ -119,6 +119,7 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     let api = Arc::new(OpenApi::new(config.dingtalk.clone(), http.clone()));
     // Opened now so a bad state directory fails at start; the LLM's tools fetch into it.
     let media = Arc::new(MediaArea::open(config.agent.state_dir.join("media"), api.clone()).await?);
+    let inbox = media.dir().to_owned();
     let health = Health::new(config.health.clone());
     let every = health.beat_every();
     let (writer, writer_task) = StoreWriter::start_with(store.clone(), Some((health.task("store-writer"), every)));
@@ -157,11 +158,18 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
         }
         tasks.spawn(plugin_stops(work.clone(), config.clone(), rx, cancel.clone()));
     }
+    tasks.spawn(check_folders(work.clone(), config.clone(), inbox.clone()));
     let socket = config.health.socket_path(&config.agent.state_dir);
     {
         let (snapshot, cancel) = (snapshot.clone(), cancel.clone());
+        let folders: status::FolderCheck = {
+            let settings = config.tools.files.clone();
+            Arc::new(move || {
+                serde_json::to_string(&tools::files::check_folders(&settings, Some(&inbox))).unwrap_or_default()
+            })
+        };
         tasks.spawn(async move {
-            if let Err(e) = status::serve(socket, snapshot, cancel).await {
+            if let Err(e) = status::serve(socket, snapshot, folders, cancel).await {
                 log::error!("{e}; `zhuli status` will not work until this is fixed");
             }
         });
@@ -464,6 +472,40 @@ async fn plugin_stops(
         );
         tell_admins(&work, &config, "zhuli: 插件已停止", &text);
     }
+}
+
+/// The folders the files tools and drive downloads use, checked once at start as this process
+/// — the agent's user, in its own mount namespace — finds them, so a read-only or missing root
+/// is known before someone confirms a write into it. What is wrong is logged and told to the
+/// admins; the agent keeps serving (calls naming such a root fail with the reason).
+async fn check_folders(work: Arc<Work>, config: Config, inbox: std::path::PathBuf) {
+    let settings = config.tools.files.clone();
+    let Ok(report) = tokio::task::spawn_blocking(move || tools::files::check_folders(&settings, Some(&inbox))).await
+    else {
+        return;
+    };
+    let problems: Vec<&tools::files::FolderCheck> = report.problems().collect();
+    if problems.is_empty() {
+        let lines: Vec<String> = report.folders.iter().map(|c| c.line()).collect();
+        log::info!("folders checked as {}: {}", report.user, lines.join("; "));
+        return;
+    }
+    let (mut zh, mut en) = (Vec::new(), Vec::new());
+    for c in &problems {
+        let fix = c.fix(&report.user).unwrap_or_default();
+        log::error!("folder {}; {fix}", c.line());
+        let problem = c.problem.as_ref().map(|p| p.zh()).unwrap_or_default();
+        let fix_zh = c.fix_zh(&report.user).unwrap_or_default();
+        zh.push(format!("- **{}**（{}）：{problem}。{fix_zh}", c.name, c.path.display()));
+        en.push(format!("- {}. Fix: {fix}", c.line()));
+    }
+    let text = format!(
+        "⚠️ **zhuli**：以下文件夹无法使用，文件工具和网盘下载用到它们时会失败（助理照常运行）：\n{}\n\n\
+         ⚠️ **zhuli**: these folders cannot be used; the files tools and drive downloads fail there (the assistant keeps running):\n{}",
+        zh.join("\n"),
+        en.join("\n")
+    );
+    tell_admins(&work, &config, "zhuli：文件夹无法使用 / folders cannot be used", &text);
 }
 
 /// Send a message to the admins in the background (alerts and notices).

@@ -4,8 +4,12 @@
 //! `journalctl MESSAGE_ID=…` finds every instance.
 //!
 //! Fields: `ACTOR` (staff id), `CHAT` (conversation id), `ACTION` (the event kind's name),
-//! `TOOL`, `TARGET` (a path, a pairing code, …), `OUTCOME`, `REASON`. Only what the code puts
-//! into an [`Event`] is written: never message text, tool arguments or anything secret.
+//! `TOOL`, `TARGET` (a path, an id, a pairing code, …), `OUTCOME`, `REASON`. Only what the code
+//! puts into an [`Event`] is written: never message text, tool arguments or anything secret.
+//! Tools build their targets from ids, paths and times, and show search words, titles, bodies
+//! and typed names only as their size (`tools::size`); a tool error's reason is recorded with
+//! the argument values its target does not show replaced the same way, and a backend's own
+//! error text only counted (`ToolError::audit_reason`).
 //!
 //! The last events are also kept in memory for `/audit` in chat. When the journal socket cannot
 //! be reached (a development machine), each event goes to the log instead, so nothing is lost

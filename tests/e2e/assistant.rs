@@ -270,6 +270,47 @@ async fn hostile_tool_calls_are_refused_audited_and_answered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_people_wrote_stays_out_of_the_audit_trail() {
+    use support::PRIVATE_TEXT;
+    let rig = rig("turn-private", "").await;
+    // A search for the person's words, a tool named with them, an argument named with them.
+    let mut odd_key = serde_json::Map::new();
+    odd_key.insert("path".into(), json!("share/reports/q3.txt"));
+    odd_key.insert(PRIVATE_TEXT.into(), json!(1));
+    rig.llm.push(Scripted::ToolCalls(vec![
+        ("files_search".into(), json!({"path": "share", "query": PRIVATE_TEXT, "in_content": true}).to_string()),
+        (format!("{PRIVATE_TEXT} lookup"), json!({}).to_string()),
+        ("files_read".into(), Value::Object(odd_key).to_string()),
+    ]));
+    rig.llm.push(Scripted::Text("Nothing found.".into()));
+    assert_eq!(rig.ask(Inject::text(format!("find {PRIVATE_TEXT}")).from("lilei")).await, "Nothing found.");
+    let results = rig.tool_results(1);
+    assert!(results[0].starts_with("0 matches"), "{results:?}");
+    assert!(results[1].contains("no tool named") && results[2].contains("is not known"), "{results:?}");
+
+    // A write of the person's words: asked, confirmed, undone; the audit trail names the path.
+    rig.llm.push(calls(&[("files_write", json!({"path": "share/notes.txt", "content": PRIVATE_TEXT}))]));
+    let question = rig.ask(Inject::text("save that").from("lilei")).await;
+    rig.llm.push(Scripted::Text("Saved.".into()));
+    rig.ask(Inject::text(format!("/confirm {}", code_in(&question))).from("lilei")).await;
+    assert_eq!(std::fs::read_to_string(rig.share.join("notes.txt")).expect("written"), PRIVATE_TEXT);
+    assert!(rig.ask(Inject::text("/undo").from("lilei")).await.contains("removed share/notes.txt"));
+
+    let who = [("ACTOR", "lilei")];
+    rig.journal.expect(1, Kind::ToolExecuted, &[("ACTOR", "lilei"), ("TOOL", "files_search"), ("TARGET", "share")]);
+    let denied = rig.journal.expect(2, Kind::ToolDenied, &who);
+    assert!(denied.iter().all(|e| field(e, "REASON").is_some_and(|r| !r.is_empty())), "{denied:?}");
+    rig.journal.expect(
+        1,
+        Kind::ToolExecuted,
+        &[("ACTOR", "lilei"), ("TOOL", "files_write"), ("TARGET", "share/notes.txt")],
+    );
+    rig.journal.expect(1, Kind::ToolUndone, &[("ACTOR", "lilei"), ("OUTCOME", "ok")]);
+    rig.journal.assert_no_private_text();
+    rig.assert_nothing_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pairing_admins_and_the_audit_command() {
     let rig = rig("turn-pairing", "").await;
     let hello = rig.ask(Inject::text("hello").from("newcomer")).await;

@@ -42,6 +42,14 @@ fn weekday(ahead: i64) -> i64 {
     when::day_start_ms(d, SH)
 }
 
+/// Local midnight of the first weekday after the one at `day` (on a Thursday, `weekday(2)` and
+/// `weekday(3)` are both Monday).
+fn weekday_after(day: i64) -> i64 {
+    let (_, d) = when::minute_of_day(day, SH);
+    let d = (d + 1..).find(|d| when::weekday(*d) < 5).expect("a weekday");
+    when::day_start_ms(d, SH)
+}
+
 fn at(day: i64, hh: i64, mm: i64) -> i64 {
     day + (hh * 60 + mm) * 60_000
 }
@@ -86,7 +94,7 @@ async fn rig(tag: &str, password: &str) -> Rig {
     let scratch = support::temp_dir(&format!("{tag}-caldav"));
     let store = scratch.join("radicale");
     let day = weekday(2);
-    let next = weekday(3);
+    let next = weekday_after(day);
     let tz = "DTSTART;TZID=Asia/Shanghai";
     calendar(
         &store,
@@ -276,7 +284,9 @@ async fn create_move_cancel_each_confirmed_and_undone() {
 async fn bad_times_unknown_calendars_and_a_wrong_password_get_clear_answers() {
     let rig = rig("caldav-bad", PASSWORD).await;
     let day = weekday(2);
-    let yesterday = day - 3 * 86_400_000;
+    // Yesterday, whatever weekday today is (three days before `day` is tomorrow on a Thursday).
+    let (_, today) = when::minute_of_day(zhuli::assistant::now_ms(), SH);
+    let yesterday = when::day_start_ms(today - 1, SH);
     for (args, expect) in [
         (json!({"title": "x", "start": t(at(yesterday, 10, 0)), "end": t(at(yesterday, 11, 0))}), "is in the past"),
         (json!({"title": "x", "start": t(at(day, 11, 0)), "end": t(at(day, 10, 0))}), "must come after"),

@@ -291,3 +291,21 @@ async fn nextcloud_share_links_are_made_and_undone() {
     assert!(moved.contains("moved") && rig.drive.join("archive/team.jpg").exists(), "{moved}");
     rig.assert_password_kept();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_is_audited_by_its_size_never_its_words() {
+    use support::PRIVATE_TEXT;
+    let rig = rig("drive-audit", PASSWORD).await;
+    let found = rig.call("drive_search", json!({"path": "reports", "query": PRIVATE_TEXT})).await;
+    assert!(found.starts_with("0 matches"), "{found}");
+    let missing = rig.call("drive_search", json!({"path": "nope", "query": PRIVATE_TEXT})).await;
+    assert!(missing.contains("nope does not exist"), "{missing}");
+    rig.journal.expect(2, Kind::ToolRequested, &[("TOOL", "drive_search")]);
+    rig.journal.assert_no_private_text();
+    let target = format!("drive:reports search ({} chars)", PRIVATE_TEXT.chars().count());
+    rig.journal.expect(1, Kind::ToolAllowed, &[("TOOL", "drive_search"), ("TARGET", &target)]);
+    rig.journal.expect(1, Kind::ToolExecuted, &[("TOOL", "drive_search"), ("ACTOR", "hanmei"), ("TARGET", &target)]);
+    let denied = rig.journal.expect(1, Kind::ToolDenied, &[("TOOL", "drive_search")]);
+    assert!(support::field(&denied[0], "REASON").is_some_and(|r| r.contains("nope does not exist")), "{denied:?}");
+    rig.assert_password_kept();
+}

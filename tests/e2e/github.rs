@@ -207,3 +207,34 @@ async fn doctor_checks_the_token_and_each_backend() {
     assert!(out.contains("FAILED: drive: request to http://127.0.0.1:"), "{out}");
     assert!(!out.contains("github_pat_wrong") && !out.contains(TOKEN), "no token in the report: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn titles_bodies_and_odd_arguments_stay_out_of_the_audit_trail() {
+    use support::PRIVATE_TEXT;
+    let rig = rig("gh-audit", TOKEN).await;
+    // An issue number given as words: refused before anything is asked, and the words are not
+    // what the audit trail names.
+    let odd = rig.call("github_show", json!({"repo": "acme/site", "number": PRIVATE_TEXT})).await;
+    assert!(odd.starts_with("refused:") && odd.contains("`number`"), "{odd}");
+    let confirmed = |tool: &'static str, args: serde_json::Value| {
+        support::confirmed_call(&rig.sim, &rig.llm, &rig.agent, tool, args)
+    };
+    let (question, _) =
+        confirmed("github_comment", json!({"repo": "acme/site", "number": 3, "body": PRIVATE_TEXT})).await;
+    assert!(question.contains(PRIVATE_TEXT), "the person is shown what will be posted: {question}");
+    let (question, _) = confirmed(
+        "github_create_issue",
+        json!({"repo": "acme/site", "title": PRIVATE_TEXT, "body": PRIVATE_TEXT, "labels": [PRIVATE_TEXT]}),
+    )
+    .await;
+    assert!(question.contains(PRIVATE_TEXT), "{question}");
+    assert!(rig.ask("/undo").await.contains("closed acme/site#66"));
+    assert!(rig.ask("/undo").await.contains("deleted the comment on acme/site#3"));
+
+    rig.journal.expect(2, Kind::ToolUndone, &[("ACTOR", "hanmei"), ("OUTCOME", "ok")]);
+    rig.journal.assert_no_private_text();
+    rig.journal.expect(1, Kind::ToolDenied, &[("TOOL", "github_show"), ("TARGET", "acme/site#?")]);
+    rig.journal.expect(1, Kind::ToolExecuted, &[("TOOL", "github_comment"), ("TARGET", "acme/site#3")]);
+    rig.journal.expect(1, Kind::ToolExecuted, &[("TOOL", "github_create_issue"), ("TARGET", "new issue in acme/site")]);
+    rig.assert_token_kept();
+}

@@ -271,3 +271,90 @@ async fn doctor_gives_a_verdict_per_step() {
     assert!(!failed.status.success());
     assert!(out.contains("1. network        FAIL") && out.contains("TCP failed"), "{out}");
 }
+
+/// Folders the files tools (and drive downloads) use are checked when the agent starts and by
+/// `zhuli doctor`, not first when someone confirms a write. `frozen` is what systemd's
+/// `ProtectSystem=strict` makes of a folder the unit does not list in `ReadWritePaths=`: the
+/// agent runs in a mount namespace of its own where the folder is a read-only bind mount, while
+/// outside it (where doctor runs) it is writable. `gone` does not exist, `paper` is a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_roots_are_named_in_the_log_the_admin_chat_and_by_doctor() {
+    let unshare = Command::new("unshare").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !nix_is_root() || !unshare {
+        eprintln!("skipped: a read-only bind mount in the agent's own mount namespace needs root and unshare(1)");
+        return;
+    }
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let scratch = support::temp_dir("roots");
+    let (share, frozen, gone, paper) =
+        (scratch.join("share"), scratch.join("frozen"), scratch.join("gone"), scratch.join("paper"));
+    std::fs::create_dir_all(&share).expect("share");
+    std::fs::create_dir_all(&frozen).expect("frozen");
+    std::fs::write(&paper, "not a folder").expect("paper");
+    let s = |p: &std::path::Path| p.display().to_string();
+    let extra = format!(
+        "{FAST}admin_chat = \"cid-admins\"\n[tools.files.roots]\nshare = {:?}\nfrozen = {:?}\ngone = {:?}\npaper = {:?}\n",
+        s(&share),
+        s(&frozen),
+        s(&gone),
+        s(&paper)
+    );
+    let launcher: Vec<String> = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([r#"mount --bind -o ro "$0" "$0" && exec "$@""#.to_owned(), s(&frozen)])
+        .collect();
+    let agent = support::spawn_agent_launched("roots", &support::config_for(&sim, SECRET, &extra), &[], &launcher);
+    assert!(
+        sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await,
+        "the agent keeps running with unusable roots; log:\n{}",
+        agent.log()
+    );
+    // The check really ran in the agent's namespace: outside it the folder takes files.
+    std::fs::write(frozen.join("outside.txt"), "x").expect("writable outside the agent's namespace");
+
+    let to_admins = |s: &Simulator| {
+        s.replies()
+            .into_iter()
+            .filter(|r| r.conversation_id.as_deref() == Some("cid-admins") && r.text.contains("frozen"))
+            .collect::<Vec<_>>()
+    };
+    assert!(sim.wait_until(Duration::from_secs(10), |s| !to_admins(s).is_empty()).await, "{}", agent.log());
+    let notice = to_admins(&sim).remove(0).text;
+    for expect in [s(&frozen), "只读文件系统".into(), "read-only file system".into(), s(&gone), "paper".into()] {
+        assert!(notice.contains(&expect), "{expect} in the admins' notice:\n{notice}");
+    }
+    assert!(notice.find("只读").unwrap_or(usize::MAX) < notice.find("read-only").unwrap_or(0), "zh-CN first: {notice}");
+    assert!(!notice.contains(&format!("share = {}", s(&share))), "a usable root is not reported: {notice}");
+    let log = agent.log();
+    for expect in [
+        format!("frozen = {}: not writable: read-only file system", s(&frozen)),
+        format!("gone = {}: missing", s(&gone)),
+        format!("paper = {}: not a folder", s(&paper)),
+    ] {
+        assert!(log.contains(&expect), "{expect} in the log:\n{log}");
+    }
+
+    let doctor = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+        .args(["doctor", "--wait-ms", "2000", "--config"])
+        .arg(agent.config_path())
+        .output()
+        .expect("doctor");
+    let out = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    assert!(!doctor.status.success(), "{out}");
+    for expect in [
+        "7. folders        FAIL".to_owned(),
+        "as the running agent finds them".to_owned(),
+        format!("share = {}: writable", s(&share)),
+        format!("frozen = {}: not writable: read-only file system", s(&frozen)),
+        "the service unit does not allow writing there".to_owned(),
+        format!("ReadWritePaths={}", s(&frozen)),
+        format!("gone = {}: missing", s(&gone)),
+        format!("paper = {}: not a folder", s(&paper)),
+    ] {
+        assert!(out.contains(&expect), "{expect} in\n{out}");
+    }
+    assert!(!out.contains(SECRET));
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -217,3 +217,28 @@ async fn a_plugin_that_hangs_or_exceeds_its_memory_or_cpu_is_stopped_and_the_age
     rig.journal.expect(3, Kind::ToolFailed, &[("ACTOR", "hanmei")]);
     support::assert_no_secret(&rig.agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_arguments_and_error_output_stay_out_of_the_audit_trail() {
+    use support::PRIVATE_TEXT;
+    let rig = rig("mcp-audit").await;
+    // A plugin's own argument: the audit trail counts arguments, it does not quote them.
+    let slept = rig.call("probe_sleep", json!({"ms": 5, "name": PRIVATE_TEXT, "id": PRIVATE_TEXT})).await;
+    assert!(slept.contains("slept 5 ms"), "{slept}");
+    // The server's error echoes the text it was given: the model sees it, the audit trail does not.
+    let file = rig.share.join("minutes/2026-11-30.md").display().to_string();
+    let (_, failed) = support::confirmed_call(
+        &rig.sim,
+        &rig.llm,
+        &rig.agent,
+        "fs_edit_file",
+        json!({"path": file, "edits": [{"oldText": PRIVATE_TEXT, "newText": "x"}]}),
+    )
+    .await;
+    assert!(failed.contains("zq7741"), "the server names the text it could not find: {failed}");
+    rig.journal.expect(1, Kind::ToolExecuted, &[("TOOL", "probe_sleep"), ("ACTOR", "hanmei")]);
+    let edit = rig.journal.expect(1, Kind::ToolFailed, &[("TOOL", "fs_edit_file"), ("ACTOR", "hanmei")]);
+    assert!(support::field(&edit[0], "TARGET").is_some_and(|t| t.ends_with("2026-11-30.md")), "{edit:?}");
+    rig.journal.assert_no_private_text();
+    support::assert_no_secret(&rig.agent);
+}

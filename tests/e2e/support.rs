@@ -13,6 +13,10 @@ use zhuli::dingtalk::sim::{Inject, RecordedReply, SimConfig, Simulator};
 
 pub const SECRET: &str = "e2e-client-secret-Zq8Xv4";
 
+/// Text people write (a query, a title, a comment) that the audit trail must never hold: tests
+/// put it into tool arguments. Chinese with spaces, as a real message would be.
+pub const PRIVATE_TEXT: &str = "机密 zq7741 季度预算";
+
 /// Fast timings so each fault plays out in about a second.
 pub fn sim_config() -> SimConfig {
     SimConfig {
@@ -32,6 +36,7 @@ pub struct Agent {
     pub dir: PathBuf,
     config: PathBuf,
     env: Vec<(String, String)>,
+    launcher: Vec<String>,
 }
 
 impl Drop for Agent {
@@ -66,7 +71,7 @@ impl Agent {
     /// Start the agent again with the same configuration, state and key.
     pub fn restart(&mut self) {
         self.kill9();
-        self.child = start(&self.config, &self.env, self.log.clone());
+        self.child = start(&self.config, &self.env, &self.launcher, self.log.clone());
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -111,6 +116,12 @@ pub fn spawn_agent(tag: &str, dingtalk_toml: &str) -> Agent {
 
 /// [`spawn_agent`] with extra environment variables.
 pub fn spawn_agent_with_env(tag: &str, dingtalk_toml: &str, env: &[(&str, String)]) -> Agent {
+    spawn_agent_launched(tag, dingtalk_toml, env, &[])
+}
+
+/// [`spawn_agent_with_env`] started through `launcher`: a program and its arguments that end by
+/// running the rest of the command line (`unshare … sh -c '…; exec "$@"'`).
+pub fn spawn_agent_launched(tag: &str, dingtalk_toml: &str, env: &[(&str, String)], launcher: &[String]) -> Agent {
     let dir = temp_dir(tag);
     let key = dir.join("store-key");
     zhuli::store::key::StoreKey::generate().write_new(&key).expect("store key");
@@ -123,12 +134,21 @@ pub fn spawn_agent_with_env(tag: &str, dingtalk_toml: &str, env: &[(&str, String
     std::fs::write(&path, config).expect("write config");
     let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
     let log = Arc::new(Mutex::new(String::new()));
-    let child = start(&path, &env, log.clone());
-    Agent { child, log, dir, config: path, env }
+    let launcher = launcher.to_vec();
+    let child = start(&path, &env, &launcher, log.clone());
+    Agent { child, log, dir, config: path, env, launcher }
 }
 
-fn start(config: &std::path::Path, env: &[(String, String)], log: Arc<Mutex<String>>) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+fn start(config: &std::path::Path, env: &[(String, String)], launcher: &[String], log: Arc<Mutex<String>>) -> Child {
+    let mut command = match launcher.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_zhuli"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_zhuli")),
+    };
+    let mut child = command
         .args(["run", "--config"])
         .arg(config)
         .env("ZHULI_LOG", "debug")
@@ -327,6 +347,16 @@ impl Journal {
                 return found;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// No field of any entry so far holds [`PRIVATE_TEXT`] or its distinctive parts (a cut
+    /// copy is still a leak).
+    pub fn assert_no_private_text(&self) {
+        for e in self.all() {
+            for (k, v) in &e {
+                assert!(!v.contains("zq7741") && !v.contains("季度预算"), "{k} holds what a person wrote: {e:?}");
+            }
         }
     }
 

@@ -417,3 +417,67 @@ async fn approvals_waiting_for_the_asker_and_only_theirs_are_shown() {
     assert!(shown[2].starts_with("refused:") && shown[2].contains("takes no part"), "{shown:?}");
     support::assert_no_secret(&rig.agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_titles_and_subjects_stay_out_of_the_audit_trail() {
+    use support::PRIVATE_TEXT;
+    let rig = rig("ws-audit").await;
+    let call =
+        |tool: &'static str, args: serde_json::Value| support::call_tool(&rig.sim, &rig.llm, &rig.agent, tool, args);
+    let fri = friday();
+    let n = PRIVATE_TEXT.chars().count();
+
+    // Looked for, not found: the model is told what was not found; the audit trail only sizes.
+    assert!(call("people_search", json!({"query": PRIVATE_TEXT})).await.contains("no one in the address book"));
+    let r = call("people_members", json!({"department": PRIVATE_TEXT})).await;
+    assert!(r.starts_with("refused:") && r.contains("zq7741"), "{r}");
+    let r = call(
+        "calendar_create",
+        json!({"title": PRIVATE_TEXT, "start": at(fri, 10, 0), "end": at(fri, 10, 30), "attendees": [PRIVATE_TEXT]}),
+    )
+    .await;
+    assert!(r.starts_with("refused:") && r.contains("no one called"), "{r}");
+    let r = call("calendar_list", json!({"from": PRIVATE_TEXT, "to": at(fri, 18, 0)})).await;
+    assert!(r.starts_with("refused:") && r.contains("is not a time"), "{r}");
+
+    // Made, confirmed and undone: ids in the audit trail, never the title or the subject.
+    let (_, made) = support::confirmed_call(
+        &rig.sim,
+        &rig.llm,
+        &rig.agent,
+        "calendar_create",
+        json!({"title": PRIVATE_TEXT, "start": at(fri, 10, 0), "end": at(fri, 10, 30), "attendees": ["lilei"]}),
+    )
+    .await;
+    assert!(made.contains("event id"), "{made}");
+    let (_, todo) = support::confirmed_call(
+        &rig.sim,
+        &rig.llm,
+        &rig.agent,
+        "todo_create",
+        json!({"subject": PRIVATE_TEXT, "assignee": "wangfang", "due": at(day(1), 17, 0)}),
+    )
+    .await;
+    assert!(todo.contains("to-do id"), "{todo}");
+    assert!(rig.ask_han("/undo").await.contains("deleted the to-do"));
+    assert!(rig.ask_han("/undo").await.contains("deleted the event"));
+
+    let undone = rig.journal.expect(2, Kind::ToolUndone, &[("ACTOR", "hanmei"), ("OUTCOME", "ok")]);
+    rig.journal.assert_no_private_text();
+    assert!(
+        undone
+            .iter()
+            .all(|e| support::field(e, "TARGET").is_some_and(|t| t.contains("event ") || t.contains("to-do "))),
+        "{undone:?}"
+    );
+    let search = rig.journal.expect(1, Kind::ToolExecuted, &[("TOOL", "people_search")]);
+    assert_eq!(support::field(&search[0], "TARGET"), Some(format!("people search ({n} chars)").as_str()));
+    rig.journal.expect(1, Kind::ToolDenied, &[("TOOL", "people_members")]);
+    rig.journal.expect(1, Kind::ToolDenied, &[("TOOL", "calendar_list")]);
+    let created = rig.journal.expect(1, Kind::ToolExecuted, &[("TOOL", "calendar_create")]);
+    let target = support::field(&created[0], "TARGET").unwrap_or_default();
+    assert!(target.contains("[lilei]"), "the invited person's staff id: {target}");
+    let todo = rig.journal.expect(1, Kind::ToolExecuted, &[("TOOL", "todo_create")]);
+    assert!(support::field(&todo[0], "TARGET").is_some_and(|t| t.contains("wangfang")), "{todo:?}");
+    support::assert_no_secret(&rig.agent);
+}

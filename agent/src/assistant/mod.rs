@@ -391,15 +391,17 @@ impl Assistant {
         let Some(tool) = self.parts.tools.get(&entry.tool).cloned() else {
             return Answer::fixed("cannot undo", format!("The tool `{}` is no longer available.", entry.tool));
         };
-        let event = Event::new(Kind::ToolUndone, &asker.actor, &asker.chat).tool(entry.tool.clone());
+        // Undo lines name ids and paths; one journalled before they did may quote a title.
+        let target = crate::tools::redact(&entry.description, &serde_json::Value::Null, "");
+        let event = Event::new(Kind::ToolUndone, &asker.actor, &asker.chat).tool(entry.tool.clone()).target(target);
         let ctx = asker.context();
         match tool.undo(&ctx, &entry.payload).await {
             Ok(done) => {
-                self.parts.audit.record(event.target(entry.description.clone()).outcome("ok"));
+                self.parts.audit.record(event.outcome("ok"));
                 Answer::fixed("undone", format!("Undone: {done}."))
             }
             Err(e) => {
-                self.parts.audit.record(event.target(entry.description.clone()).outcome("error").reason(e.to_string()));
+                self.parts.audit.record(event.outcome("error").reason(e.audit_reason(&serde_json::Value::Null, "")));
                 Answer::fixed("cannot undo", format!("I could not undo “{}”: {e}", entry.description))
             }
         }
@@ -484,6 +486,8 @@ impl Assistant {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
     #[test]
@@ -497,6 +501,103 @@ mod tests {
         assert_eq!(image_type(b"\x89PNG\r\n\x1a\n...."), Some("image/png"));
         assert_eq!(image_type(&[0xff, 0xd8, 0xff, 0xe0]), Some("image/jpeg"));
         assert_eq!(image_type(b"%PDF-1.7"), None);
+    }
+
+    /// What a person wrote, put into every argument a tool takes as text.
+    const WORDS: &str = "机密 zq7741 季度预算";
+
+    /// The arguments of a call of `tool` after its `parameters`: paths as paths (they stay in
+    /// the audit trail), numbers, flags and enum values as such; every other string is `WORDS`,
+    /// and with `hostile` ids, times and numbers are `WORDS` too (a model may send anything).
+    fn arguments(tool: &str, parameters: &Value, hostile: bool) -> Value {
+        let path_keys: &[&str] = match tool.split('_').next().unwrap_or_default() {
+            "files" | "drive" | "chat" => &["path", "from", "to"],
+            "plug" => &["path", "source", "destination"],
+            _ => &[],
+        };
+        let mut args = serde_json::Map::new();
+        for (key, schema) in parameters["properties"].as_object().into_iter().flatten() {
+            let text = |typical: &str| if hostile { json!(WORDS) } else { json!(typical) };
+            let v = if path_keys.contains(&key.as_str()) {
+                json!("share/reports/q3.txt")
+            } else if let Some(first) = schema["enum"].as_array().and_then(|e| e.first()) {
+                if hostile { json!(WORDS) } else { first.clone() }
+            } else {
+                match (schema["type"].as_str(), key.as_str()) {
+                    (Some("integer" | "number"), _) => json!(3),
+                    (Some("boolean"), _) => json!(true),
+                    (Some("array"), _) => match schema["items"]["enum"].as_array().and_then(|e| e.first()) {
+                        Some(first) if !hostile => json!([first]),
+                        _ => json!([WORDS]),
+                    },
+                    (_, "from" | "to" | "start" | "end" | "due") => text("2030-01-02T10:00"),
+                    (_, "repo") => text("acme/site"),
+                    (_, k) if k.ends_with("_id") => text("id-1"),
+                    _ => json!(WORDS),
+                }
+            };
+            let v = if hostile && v.is_number() { json!(WORDS) } else { v };
+            args.insert(key.clone(), v);
+        }
+        Value::Object(args)
+    }
+
+    /// Every tool's audit target, for typical and hostile arguments: ids, paths, times and
+    /// sizes, never what a person wrote.
+    #[tokio::test]
+    async fn no_tool_puts_what_people_wrote_into_its_audit_target() {
+        let dir =
+            std::env::temp_dir().join(format!("zhuli-targets-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(dir.join("share")).expect("share");
+        let d = |p: &str| dir.join(p).display().to_string();
+        let text = format!(
+            "[agent]\nstate_dir = {state:?}\n[store]\nkey_file = {key:?}\n\
+             [dingtalk]\nclient_id = \"t\"\nclient_secret = \"t\"\nrobot_code = \"t\"\napi_base = \"http://127.0.0.1:9\"\n\
+             [tools.files.roots]\nshare = {share:?}\n\
+             [tools.github]\napi_base = \"http://127.0.0.1:9\"\ntoken = \"t\"\nrepos = [\"acme/site\"]\n\
+             [tools.drive]\nurl = \"http://127.0.0.1:9/remote.php/dav/files/z/\"\nusername = \"z\"\npassword = \"p\"\nshare_links = \"nextcloud\"\n\
+             [tools.caldav]\nusername = \"z\"\npassword = \"p\"\n[tools.caldav.calendars]\nteam = \"http://127.0.0.1:9/cal/team/\"\n",
+            state = d("state"),
+            key = d("key"),
+            share = d("share"),
+        );
+        let config = crate::config::Config::parse(&text, std::path::Path::new("targets.toml")).expect("config");
+        crate::store::key::StoreKey::generate().write_new(&dir.join("key")).expect("key");
+        let store = Arc::new(crate::app::open_store(&config).expect("store"));
+        let handles = crate::app::AgentHandles { stream: Arc::default(), sender: Arc::default() };
+        let http = crate::dingtalk::http::HttpClient::new(
+            crate::dingtalk::http::tls_config(),
+            std::time::Duration::from_secs(1),
+        );
+        let api = Arc::new(crate::dingtalk::openapi::OpenApi::new(config.dingtalk.clone(), http));
+        let health = Health::new(config.health.clone());
+        let assistant =
+            crate::app::build_assistant(&config, &handles, store, api, None, health).await.expect("assistant");
+        let mut tools: Vec<Arc<dyn crate::tools::Tool>> =
+            assistant.parts.tools.names().filter_map(|n| assistant.parts.tools.get(n).cloned()).collect();
+        // A plugin's tool, with the arguments plugins commonly take.
+        let settings: crate::tools::mcp::PluginSettings = toml::from_str("command = \"/bin/true\"").expect("plugin");
+        let plugin = crate::tools::mcp::Plugin::new("plug", &settings, &dir.join("state"), None).expect("plugin");
+        let entry = json!({"name": "create", "inputSchema": {"type": "object", "properties": {
+            "name": {"type": "string"}, "id": {"type": "string"}, "query": {"type": "string"},
+            "url": {"type": "string"}, "path": {"type": "string"}}}});
+        tools.extend(
+            crate::tools::mcp::McpTool::new(&plugin, &entry).map(|t| Arc::new(t) as Arc<dyn crate::tools::Tool>),
+        );
+        assert!(tools.len() > 30, "every kind of tool is here: {}", tools.len());
+        for tool in &tools {
+            for hostile in [false, true] {
+                let args = arguments(tool.name(), tool.parameters(), hostile);
+                let target = tool.target(&args);
+                assert!(
+                    !target.contains("zq7741") && !target.contains("季度"),
+                    "{} (hostile: {hostile}) audits what a person wrote: {target:?} from {args}",
+                    tool.name()
+                );
+                assert!(!target.is_empty(), "{} names what it touches", tool.name());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::{
     audit::{Event, Kind},
     llm::{ChatMessage, LlmError, Role, ToolCall},
     store::{Role as TurnRole, Turn as StoredTurn, UndoEntry},
-    tools::{Context, Risk, Tool, ToolError, schema},
+    tools::{self, Context, Risk, Tool, ToolError, schema},
 };
 
 /// Who is asking, where.
@@ -299,44 +299,49 @@ impl Assistant {
     fn check_call(&self, asker: &Asker, call: &ToolCall) -> Result<(Arc<dyn Tool>, Value), String> {
         let name = call.function.name.as_str();
         let audit = &self.parts.audit;
-        let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(name.chars().take(64).collect::<String>());
+        // The model names the tool: a name that is no identifier is not one of ours, and may be
+        // anything it was told.
+        let audited_name = tools::id_or_size(name);
+        let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(audited_name.clone());
         audit.record(event(Kind::ToolRequested));
-        let deny = |reason: String, target: String| {
-            audit.record(event(Kind::ToolDenied).target(target).reason(reason.clone()));
+        // The reason for the model, and the one the audit trail records.
+        let deny = |reason: String, audited: String, target: String| {
+            audit.record(event(Kind::ToolDenied).target(target).reason(audited));
             self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             format!("refused: {reason}")
         };
         let Some(tool) = self.parts.tools.get(name).cloned() else {
-            return Err(deny(
-                format!("there is no tool named `{}`", name.chars().take(64).collect::<String>()),
-                String::new(),
-            ));
+            let named = |n: &str| format!("there is no tool named `{n}`");
+            return Err(deny(named(&name.chars().take(64).collect::<String>()), named(&audited_name), String::new()));
         };
         if !self.parts.access.granted(&asker.actor, name) {
-            return Err(deny(
-                format!("{} may not use `{name}`; an admin can grant it to one of their roles", asker.nick),
-                String::new(),
-            ));
+            // The audit trail has the asker's id; their display name is theirs to choose.
+            let grant = format!("may not use `{name}`; an admin can grant it to one of their roles");
+            return Err(deny(format!("{} {grant}", asker.nick), format!("the asker {grant}"), String::new()));
         }
         let raw = call.function.arguments.trim();
         let max = self.parts.settings.max_argument_bytes;
         if raw.len() > max {
-            return Err(deny(
-                format!("the arguments are {} bytes; at most {max} are accepted", raw.len()),
-                String::new(),
-            ));
+            let reason = format!("the arguments are {} bytes; at most {max} are accepted", raw.len());
+            return Err(deny(reason.clone(), reason, String::new()));
         }
         let args: Value = if raw.is_empty() {
             Value::Object(Default::default())
         } else {
             match serde_json::from_str(raw) {
                 Ok(v) => v,
-                Err(e) => return Err(deny(format!("the arguments are not valid JSON ({e})"), String::new())),
+                Err(e) => {
+                    // serde_json names the line and column, never the text.
+                    let reason = format!("the arguments are not valid JSON ({e})");
+                    return Err(deny(reason.clone(), reason, String::new()));
+                }
             }
         };
         let target = tool.target(&args);
         if let Err(e) = schema::validate(tool.parameters(), &args) {
-            return Err(deny(format!("invalid arguments: {e}"), target));
+            let reason = format!("invalid arguments: {e}");
+            let audited = tools::redact(&reason, &args, &target);
+            return Err(deny(reason, audited, target));
         }
         audit.record(event(Kind::ToolAllowed).target(target).outcome(tool.risk().name()));
         Ok((tool, args))
@@ -353,7 +358,10 @@ impl Assistant {
     ) -> Result<Value, String> {
         let target = tool.target(&args);
         let ctx = asker.context();
-        self.bounded(tool.prepare(&ctx, args)).await.map_err(|e| self.tool_error(asker, tool, &target, e, notes))
+        let asked = args.clone();
+        self.bounded(tool.prepare(&ctx, args))
+            .await
+            .map_err(|e| self.tool_error(asker, tool, &asked, &target, e, notes))
     }
 
     /// A tool's work, bounded by the tool timeout.
@@ -369,6 +377,7 @@ impl Assistant {
         &self,
         asker: &Asker,
         tool: &Arc<dyn Tool>,
+        args: &Value,
         target: &str,
         e: ToolError,
         notes: &mut Vec<String>,
@@ -385,14 +394,14 @@ impl Assistant {
                 }
                 Kind::ToolFailed
             }
-            ToolError::Failed(_) => Kind::ToolFailed,
+            ToolError::Failed(_) | ToolError::Reported(_) => Kind::ToolFailed,
         };
         self.parts.audit.record(
             Event::new(kind, &asker.actor, &asker.chat)
                 .tool(tool.name())
                 .target(target.to_owned())
                 .outcome("error")
-                .reason(e.to_string()),
+                .reason(e.audit_reason(args, target)),
         );
         e.to_string()
     }
@@ -410,6 +419,7 @@ impl Assistant {
         let target = tool.target(&args);
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
         let ctx = asker.context();
+        let asked = args.clone();
         let result = self.bounded(tool.execute(&ctx, args)).await;
         match result {
             Ok(outcome) => {
@@ -428,7 +438,7 @@ impl Assistant {
                 }
                 clip(&outcome.text, self.parts.settings.max_tool_output_bytes)
             }
-            Err(e) => self.tool_error(asker, tool, &target, e, notes),
+            Err(e) => self.tool_error(asker, tool, &asked, &target, e, notes),
         }
     }
 

@@ -9,7 +9,11 @@
 //! 5. version — this binary, the running agent's, and whether a previous one is kept to roll
 //!    back to;
 //! 6. tools — one read with each configured backend's account (GitHub, the drive, each CalDAV
-//!    calendar) and each MCP plugin started in its sandbox and asked for its tools.
+//!    calendar) and each MCP plugin started in its sandbox and asked for its tools;
+//! 7. folders — the files tools' roots (where drive downloads land too) and the received-files
+//!    inbox, as the running agent finds them: it checks them when asked over its status socket,
+//!    as its own user in its own mount namespace (systemd's sandbox makes folders read-only
+//!    that are writable out here). Without a running agent, as this process finds them.
 
 use std::{path::Path, time::Duration};
 
@@ -50,7 +54,7 @@ fn step(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Op
 /// Where an earlier release is kept for rolling back (the image's update keeps one there).
 pub const PREVIOUS_BINARY: &str = "/usr/lib/zhuli/previous/zhuli";
 
-/// Run the six steps. `wait` bounds step 3.
+/// Run the seven steps. `wait` bounds step 3.
 pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut endpoints = vec![("DingTalk API", config.dingtalk.api_base.as_str().to_owned())];
@@ -106,7 +110,65 @@ pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<S
     steps.push(recent_errors());
     steps.push(version(status_socket));
     steps.push(tools_step(config).await);
+    steps.push(folders_step(config, status_socket));
     steps
+}
+
+/// Step 7: the folders the files tools use.
+fn folders_step(config: &Config, status_socket: &Path) -> Step {
+    use crate::tools::files::{self, FolderProblem, FolderReport};
+    let asked = super::status::ask(status_socket, "folders");
+    let from_agent = asked.ok().and_then(|text| serde_json::from_str::<FolderReport>(&text).ok());
+    let by_agent = from_agent.is_some();
+    let report = from_agent.unwrap_or_else(|| {
+        // Without an agent the inbox may not be there yet: the agent makes it when it starts.
+        let inbox = config.agent.state_dir.join("media");
+        files::check_folders(&config.tools.files, inbox.exists().then_some(inbox.as_path()))
+    });
+    if report.folders.is_empty() {
+        return step("folders", Verdict::Pass, "no [tools.files.roots] configured", None);
+    }
+    let who = if by_agent {
+        format!("as the running agent finds them (user {}, in its own mount namespace):", report.user)
+    } else {
+        format!("as zhuli doctor finds them (user {}; the agent is not running or not reachable):", report.user)
+    };
+    let mut detail = vec![who];
+    detail.extend(report.folders.iter().map(|c| c.line()));
+    let mut fixes = Vec::new();
+    for c in report.problems() {
+        // What differs between the agent's view and this one is the service's sandbox.
+        let here = by_agent.then(|| files::check_folder(&c.name, &c.path, c.writable));
+        let fix = match (&c.problem, here.as_ref().map(|h| &h.problem)) {
+            (Some(FolderProblem::ReadOnlyFileSystem), Some(None)) => format!(
+                "the service unit does not allow writing there (outside the service the folder is writable; ProtectSystem=strict makes it read-only): add ReadWritePaths={} to zhuli.service (systemctl edit zhuli), then systemctl restart zhuli",
+                c.path.display()
+            ),
+            (Some(FolderProblem::ReadOnlyFileSystem), Some(Some(FolderProblem::ReadOnlyFileSystem))) => {
+                "its file system is mounted read-only out here too: remount it read-write, or choose a folder on a writable disk".into()
+            }
+            (Some(FolderProblem::Missing), Some(None)) => {
+                "the service does not see this folder (its unit hides it, e.g. PrivateTmp= or ProtectHome=): choose a folder under /srv or /var".into()
+            }
+            _ => c.fix(&report.user).unwrap_or_default(),
+        };
+        fixes.push(format!("{}: {fix}", c.name));
+    }
+    let as_root_only = !by_agent && report.uid == 0;
+    let (verdict, fix) = if !fixes.is_empty() {
+        (Verdict::Fail, Some(fixes.join("\n")))
+    } else if as_root_only {
+        (
+            Verdict::Warn,
+            Some(
+                "checked as root outside the service, which may write where the agent may not: start the agent and run zhuli doctor again"
+                    .to_owned(),
+            ),
+        )
+    } else {
+        (Verdict::Pass, None)
+    };
+    Step { name: "folders", verdict, detail: detail.join("\n"), fix }
 }
 
 /// Step 6: the backends and plugins the configuration names.
@@ -371,7 +433,7 @@ pub fn report(steps: &[Step]) -> String {
             s.detail.replace('\n', "\n                       ")
         ));
         if let Some(f) = &s.fix {
-            out.push_str(&format!("                     fix: {f}\n"));
+            out.push_str(&format!("                     fix: {}\n", f.replace('\n', "\n                          ")));
         }
     }
     out

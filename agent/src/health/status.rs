@@ -1,6 +1,8 @@
 //! `zhuli status`: the agent's figures over a Unix socket in its runtime directory, readable
 //! by the agent's user and group only (never a TCP port). The agent writes one JSON snapshot
-//! per connection; the client prints it as a table or passes the JSON on.
+//! per connection; the client prints it as a table or passes the JSON on. A client may instead
+//! send one request line: `folders` has the agent check the folders of the files tools then and
+//! there — as its own user, in its own mount namespace — for `zhuli doctor`.
 
 use std::{
     io::Read,
@@ -11,7 +13,11 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::{io::AsyncWriteExt, net::UnixListener, time::Instant};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixListener,
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{Health, monitor::Sample};
@@ -209,11 +215,31 @@ fn allowed(peer_uid: u32, peer_gid: u32) -> bool {
     peer_uid == 0 || peer_uid == uid || peer_gid == gid
 }
 
-/// Serve snapshots on `path` until `cancel` fires. The socket is owner and group only (0660),
-/// and each peer's credentials are checked as well.
+/// The agent's answer to a `folders` request: a blocking check, as JSON.
+pub type FolderCheck = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The request line a client sends, if any (an older client sends nothing and waits).
+async fn request(stream: &mut tokio::net::UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(n) = stream.read(&mut buf).await {
+            line.extend_from_slice(&buf[..n]);
+            if n == 0 || line.contains(&b'\n') || line.len() > 64 {
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&line).trim().to_owned()
+}
+
+/// Serve snapshots (and folder checks) on `path` until `cancel` fires. The socket is owner and
+/// group only (0660), and each peer's credentials are checked as well.
 pub async fn serve(
     path: PathBuf,
     source: Arc<dyn Fn() -> Snapshot + Send + Sync>,
+    folders: FolderCheck,
     cancel: CancellationToken,
 ) -> Result<(), StatusError> {
     let bind = |source| StatusError::Bind { path: path.clone(), source };
@@ -241,7 +267,14 @@ pub async fn serve(
         };
         let ok = stream.peer_cred().map(|c| allowed(c.uid(), c.gid())).unwrap_or(false);
         let body = if ok {
-            serde_json::to_string(&source()).unwrap_or_default()
+            match request(&mut stream).await.as_str() {
+                "" | "snapshot" => serde_json::to_string(&source()).unwrap_or_default(),
+                "folders" => {
+                    let check = folders.clone();
+                    tokio::task::spawn_blocking(move || check()).await.unwrap_or_default()
+                }
+                other => format!("refused: unknown request {:?}", other.chars().take(32).collect::<String>()),
+            }
         } else {
             log::warn!("status socket: refused a peer that is neither the agent's user nor in its group");
             "refused: you are neither the agent's user nor in its group".to_owned()
@@ -259,15 +292,29 @@ pub async fn serve(
 
 /// Read one snapshot from the agent.
 pub fn fetch(path: &Path) -> Result<Snapshot, StatusError> {
+    let text = ask(path, "")?;
+    serde_json::from_str(&text).map_err(|e| StatusError::Bad(e.to_string()))
+}
+
+/// Send the agent one request line (`""` for the snapshot, `folders`) and read its answer.
+pub fn ask(path: &Path, request: &str) -> Result<String, StatusError> {
+    use std::io::Write;
     let connect = |source| StatusError::Connect { path: path.to_owned(), source };
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(connect)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(connect)?;
+    // A folder check writes a file in each root; a slow disk may take a moment.
+    let wait = if request.is_empty() { 5 } else { 20 };
+    stream.set_read_timeout(Some(Duration::from_secs(wait))).map_err(connect)?;
+    if !request.is_empty() {
+        stream.write_all(format!("{request}\n").as_bytes()).map_err(connect)?;
+    }
+    // Done asking: the agent answers at once instead of waiting for a request line.
+    stream.shutdown(std::net::Shutdown::Write).map_err(connect)?;
     let mut text = String::new();
     stream.read_to_string(&mut text).map_err(connect)?;
     if let Some(why) = text.trim().strip_prefix("refused: ") {
         return Err(StatusError::Refused(why.to_owned()));
     }
-    serde_json::from_str(text.trim()).map_err(|e| StatusError::Bad(e.to_string()))
+    Ok(text.trim().to_owned())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //!
 //! One account for the box (`[tools.drive] username`, the password a sealed credential); paths
 //! are relative to the configured folder and cannot leave it. Never logs or audits file
-//! contents; the audit target is the path.
+//! contents or search words; the audit target is the path (a search: its size).
 
 use std::sync::Arc;
 
@@ -252,7 +252,7 @@ impl Tool for DriveTool {
     fn target(&self, args: &Value) -> String {
         match self.op {
             Op::List => format!("drive:{}", s(args, "path")),
-            Op::Search => format!("drive:{} “{}”", s(args, "path"), s(args, "query")),
+            Op::Search => format!("drive:{} search {}", s(args, "path"), super::size(s(args, "query"))),
             Op::Download => format!("drive:{} to {}", s(args, "path"), s(args, "to")),
             Op::Upload => format!("{} to drive:{}", s(args, "from"), s(args, "to")),
             Op::Move => format!("drive:{} to drive:{}", s(args, "from"), s(args, "to")),

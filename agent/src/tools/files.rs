@@ -7,6 +7,13 @@
 //! to a fresh temporary file and renamed into place. Reads, writes, listings and searches are
 //! capped in size. Writes, moves and deletes keep what they replace (in the state directory) so
 //! `/undo` can put it back.
+//!
+//! The folders themselves are checked when the agent starts and by `zhuli doctor`
+//! ([`check_folders`]): each writable root must exist, be a folder and take a new file — as the
+//! agent's user, in the agent's mount namespace, so the check really creates and removes one
+//! (`access(2)` says yes to root, and knows nothing of a read-only bind mount such as systemd's
+//! `ProtectSystem=strict` makes) — and the read-only inbox must be readable. A root that is
+//! missing or not a folder is left out; calls naming it are refused with the reason.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -46,7 +53,7 @@ impl Default for FilesSettings {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("[tools.files.roots] {name} = {path}: {reason}; create the directory or remove the root")]
+#[error("[tools.files.roots] {name} = {path}: {reason}")]
 pub struct RootError {
     name: String,
     path: PathBuf,
@@ -63,6 +70,8 @@ pub struct Roots {
     inbox: Option<PathBuf>,
     /// Roots the tools may read but not change (the inbox).
     read_only: Vec<String>,
+    /// Configured roots that could not be opened at start, and why.
+    unavailable: Vec<(String, FolderProblem)>,
     keep_dir: PathBuf,
     settings: FilesSettings,
 }
@@ -108,24 +117,30 @@ impl Roots {
             })?),
             None => None,
         };
+        let mut unavailable = Vec::new();
         for (name, path) in &settings.roots {
-            let err = |reason: String| RootError { name: name.clone(), path: path.clone(), reason };
             if name.is_empty() || name.contains('/') || name == ".." || name == "." {
-                return Err(err("a root name must be one plain word".into()));
+                return Err(RootError {
+                    name: name.clone(),
+                    path: path.clone(),
+                    reason: "a root name must be one plain word".into(),
+                });
             }
-            let canon = fs::canonicalize(path).map_err(|e| err(e.to_string()))?;
-            if !canon.is_dir() {
-                return Err(err("not a directory".into()));
+            // A folder that is not there is an operator's mistake [`check_folders`] reports;
+            // it must not keep the agent (and the chat) from starting.
+            match fs::canonicalize(path) {
+                Ok(canon) if canon.is_dir() => roots.push((name.clone(), canon)),
+                Ok(_) => unavailable.push((name.clone(), FolderProblem::NotAFolder)),
+                Err(e) => unavailable.push((name.clone(), FolderProblem::reading(&e))),
             }
-            roots.push((name.clone(), canon));
         }
         let keep_dir = state_dir.join("files-undo");
         fs::create_dir_all(&keep_dir).map_err(|e| RootError {
             name: "(undo area)".into(),
             path: keep_dir.clone(),
-            reason: e.to_string(),
+            reason: format!("{e}; the state directory must be writable"),
         })?;
-        Ok(Arc::new(Roots { roots, inbox, read_only: Vec::new(), keep_dir, settings: settings.clone() }))
+        Ok(Arc::new(Roots { roots, inbox, read_only: Vec::new(), unavailable, keep_dir, settings: settings.clone() }))
     }
 
     /// The roots as `actor` sees them: the configured ones plus their own inbox.
@@ -162,6 +177,11 @@ impl Roots {
         let Some(first) = parts.first() else {
             return Err(refused(format!("name a root first; the roots are: {}", self.names())));
         };
+        if let Some((_, problem)) = self.unavailable.iter().find(|(n, _)| n == first) {
+            return Err(refused(format!(
+                "the root `{first}` cannot be used on this box now: its folder is {problem}; an admin has to fix it (`zhuli doctor` says how)"
+            )));
+        }
         let root =
             self.roots.iter().find(|(n, _)| n == first).ok_or_else(|| {
                 refused(format!("`{first}` is not one of the roots this box may use: {}", self.names()))
@@ -285,6 +305,184 @@ impl Roots {
     fn keep_path(&self) -> PathBuf {
         self.keep_dir.join(format!("{:016x}", rand::random::<u64>()))
     }
+}
+
+/// What is wrong with a folder the files tools use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum FolderProblem {
+    #[error("missing")]
+    Missing,
+    #[error("not a folder")]
+    NotAFolder,
+    #[error("not writable: permission denied")]
+    WriteDenied,
+    #[error("not writable: read-only file system")]
+    ReadOnlyFileSystem,
+    #[error("not readable: permission denied")]
+    ReadDenied,
+    #[error("not usable: {0}")]
+    Other(String),
+}
+
+impl FolderProblem {
+    /// An error finding or reading the folder.
+    fn reading(e: &std::io::Error) -> FolderProblem {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => FolderProblem::Missing,
+            std::io::ErrorKind::NotADirectory => FolderProblem::NotAFolder,
+            std::io::ErrorKind::PermissionDenied => FolderProblem::ReadDenied,
+            _ => FolderProblem::Other(e.to_string()),
+        }
+    }
+
+    /// An error creating a file in it.
+    fn writing(e: &std::io::Error) -> FolderProblem {
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => FolderProblem::WriteDenied,
+            std::io::ErrorKind::ReadOnlyFilesystem => FolderProblem::ReadOnlyFileSystem,
+            _ => FolderProblem::reading(e),
+        }
+    }
+
+    /// The same in Chinese, for the admins' chat.
+    pub fn zh(&self) -> String {
+        match self {
+            FolderProblem::Missing => "不存在".into(),
+            FolderProblem::NotAFolder => "不是文件夹".into(),
+            FolderProblem::WriteDenied => "不可写：权限不足".into(),
+            FolderProblem::ReadOnlyFileSystem => "不可写：只读文件系统".into(),
+            FolderProblem::ReadDenied => "不可读：权限不足".into(),
+            FolderProblem::Other(e) => format!("无法使用：{e}"),
+        }
+    }
+}
+
+/// One folder as [`check_folders`] found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderCheck {
+    /// The root's name; [`INBOX`] for the files people sent.
+    pub name: String,
+    pub path: PathBuf,
+    /// The tools write there (every configured root: files tools and drive downloads); else
+    /// they only read it (the inbox).
+    pub writable: bool,
+    pub problem: Option<FolderProblem>,
+}
+
+impl FolderCheck {
+    /// `share = /srv/share: writable`, `frozen = /srv/frozen: not writable: read-only file system`.
+    pub fn line(&self) -> String {
+        let state = match &self.problem {
+            Some(p) => p.to_string(),
+            None if self.writable => "writable".into(),
+            None => "readable".into(),
+        };
+        format!("{} = {}: {state}", self.label(), self.path.display())
+    }
+
+    fn label(&self) -> String {
+        if self.writable { self.name.clone() } else { format!("{} (received files, read-only)", self.name) }
+    }
+
+    /// What to do about the problem, for `user` (the agent's user); `None` when there is none.
+    pub fn fix(&self, user: &str) -> Option<String> {
+        let (name, path) = (&self.name, self.path.display());
+        Some(match self.problem.as_ref()? {
+            FolderProblem::Missing if !self.writable => {
+                "the agent makes this folder when it starts: check that state_dir is writable".into()
+            }
+            FolderProblem::Missing => format!(
+                "create the folder for the agent's user (mkdir -p {path} && chown {user} {path}), or remove `{name}` from [tools.files.roots]"
+            ),
+            FolderProblem::NotAFolder => format!("point [tools.files.roots] {name} at a folder"),
+            FolderProblem::WriteDenied => {
+                format!(
+                    "let the agent's user write there: chown {user} {path} (or give a group of {user} write access)"
+                )
+            }
+            FolderProblem::ReadOnlyFileSystem => format!(
+                "under the service this usually means the service unit does not allow writing there (ProtectSystem=strict): add ReadWritePaths={path} to zhuli.service (systemctl edit zhuli) and restart it; if the disk itself is mounted read-only, remount it read-write"
+            ),
+            FolderProblem::ReadDenied => format!("let the agent's user read it: chown or chmod {path} for {user}"),
+            FolderProblem::Other(_) => format!("check {path} and the disk it is on"),
+        })
+    }
+
+    /// The same in Chinese, for the admins' chat.
+    pub fn fix_zh(&self, user: &str) -> Option<String> {
+        let (name, path) = (&self.name, self.path.display());
+        Some(match self.problem.as_ref()? {
+            FolderProblem::Missing if !self.writable => "代理启动时会创建此文件夹：请检查 state_dir 是否可写".into(),
+            FolderProblem::Missing => format!(
+                "请为代理用户创建该文件夹（mkdir -p {path} && chown {user} {path}），或从 [tools.files.roots] 中删除 `{name}`"
+            ),
+            FolderProblem::NotAFolder => format!("请把 [tools.files.roots] {name} 指向一个文件夹"),
+            FolderProblem::WriteDenied => format!("请让代理用户可以写入：chown {user} {path}"),
+            FolderProblem::ReadOnlyFileSystem => format!(
+                "在服务中运行时，通常是服务单元不允许写入这里（ProtectSystem=strict）：请在 zhuli.service 中加入 ReadWritePaths={path}（systemctl edit zhuli）并重启；若磁盘本身以只读方式挂载，请改为读写挂载"
+            ),
+            FolderProblem::ReadDenied => format!("请让代理用户可以读取 {path}"),
+            FolderProblem::Other(_) => format!("请检查 {path} 及其所在磁盘"),
+        })
+    }
+}
+
+/// The folders as one user, in one mount namespace, found them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderReport {
+    /// The user who checked (`zhuli`, or `uid 990` without a name).
+    pub user: String,
+    pub uid: u32,
+    pub folders: Vec<FolderCheck>,
+}
+
+impl FolderReport {
+    pub fn problems(&self) -> impl Iterator<Item = &FolderCheck> {
+        self.folders.iter().filter(|f| f.problem.is_some())
+    }
+}
+
+/// Check every configured root (and `inbox`, the received files, when given) as this process
+/// finds it: its user, its mount namespace. A writable root must exist, be a folder, be
+/// readable and take a new file (one is made and removed); the inbox must be readable.
+pub fn check_folders(settings: &FilesSettings, inbox: Option<&Path>) -> FolderReport {
+    let mut folders: Vec<FolderCheck> = settings.roots.iter().map(|(n, p)| check_folder(n, p, true)).collect();
+    if let Some(dir) = inbox {
+        folders.push(check_folder(INBOX, dir, false));
+    }
+    let uid = nix::unistd::getuid();
+    let user = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| format!("uid {uid}"), |u| u.name);
+    FolderReport { user, uid: uid.as_raw(), folders }
+}
+
+/// One folder: see [`check_folders`].
+pub fn check_folder(name: &str, path: &Path, writable: bool) -> FolderCheck {
+    let problem = match fs::metadata(path) {
+        Err(e) => Some(FolderProblem::reading(&e)),
+        Ok(m) if !m.is_dir() => Some(FolderProblem::NotAFolder),
+        Ok(_) => match fs::read_dir(path) {
+            Err(e) => Some(FolderProblem::reading(&e)),
+            Ok(_) if writable => try_write(path).err(),
+            Ok(_) => None,
+        },
+    };
+    FolderCheck { name: name.to_owned(), path: path.to_owned(), writable, problem }
+}
+
+/// Create and remove a file of a name nobody else uses in `dir`: the one way to know this
+/// process may write there. `access(2)` answers yes to root whatever the permissions, and a
+/// read-only bind mount shows only to the processes of its mount namespace.
+pub fn try_write(dir: &Path) -> Result<(), FolderProblem> {
+    let probe = dir.join(format!(".zhuli-write-check-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&probe)
+        .map_err(|e| FolderProblem::writing(&e))?;
+    fs::remove_file(&probe)
+        .map_err(|e| FolderProblem::Other(format!("the check file {} could not be removed: {e}", probe.display())))
 }
 
 /// Open for reading without following a final symbolic link.
@@ -866,6 +1064,98 @@ mod tests {
         let e = read(&other, "inbox/00000001.txt").expect_err("not theirs");
         assert!(e.to_string().contains("inbox is empty"), "{e}");
         assert_eq!(other.inbox_path(&file), None);
+    }
+
+    #[test]
+    fn folders_are_checked_by_making_a_file_and_a_bad_root_does_not_stop_the_rest() {
+        let f = fixture();
+        fs::write(f.dir.join("paper"), "a file").expect("file");
+        let settings = FilesSettings {
+            roots: BTreeMap::from([
+                ("share".to_owned(), f.dir.join("share")),
+                ("gone".to_owned(), f.dir.join("gone")),
+                ("paper".to_owned(), f.dir.join("paper")),
+            ]),
+            ..FilesSettings::default()
+        };
+        let report = check_folders(&settings, Some(&f.dir.join("media")));
+        let state: Vec<(&str, Option<&FolderProblem>)> =
+            report.folders.iter().map(|c| (c.name.as_str(), c.problem.as_ref())).collect();
+        assert_eq!(
+            state,
+            vec![
+                ("gone", Some(&FolderProblem::Missing)),
+                ("paper", Some(&FolderProblem::NotAFolder)),
+                ("share", None),
+                ("inbox", None),
+            ]
+        );
+        assert_eq!(report.problems().count(), 2);
+        let gone = &report.folders[0];
+        assert_eq!(gone.line(), format!("gone = {}: missing", f.dir.join("gone").display()));
+        assert!(gone.fix("zhuli").is_some_and(|t| t.contains("chown zhuli") && t.contains("remove `gone`")));
+        assert!(gone.fix_zh("zhuli").is_some_and(|t| t.contains("创建")));
+        assert_eq!(report.folders[2].fix("zhuli"), None);
+        assert!(report.folders[3].line().ends_with("readable"), "{}", report.folders[3].line());
+        // The file that proved the folder writable is gone again.
+        let left: Vec<_> = fs::read_dir(f.dir.join("share")).expect("share").flatten().map(|e| e.file_name()).collect();
+        assert!(left.iter().all(|n| !n.to_string_lossy().starts_with(".zhuli-write-check")), "{left:?}");
+        let missing_inbox = check_folder(INBOX, &f.dir.join("no-media"), false);
+        assert!(missing_inbox.fix("zhuli").is_some_and(|t| t.contains("state_dir")));
+
+        // The agent starts with the roots it can use; a call naming another says why not.
+        let roots = Roots::open(&settings, &f.dir.join("state"), None).expect("open").scoped("lilei");
+        assert!(list(&roots, "").expect("roots").text.contains("`share`"));
+        let e = read(&roots, "gone/a.txt").expect_err("no folder");
+        assert!(e.to_string().contains("`gone` cannot be used") && e.to_string().contains("missing"), "{e}");
+        let e = read(&roots, "paper/a.txt").expect_err("not a folder");
+        assert!(e.to_string().contains("not a folder"), "{e}");
+    }
+
+    #[test]
+    fn why_a_folder_takes_no_file() {
+        use std::io::{Error, ErrorKind};
+        for (e, expect) in [
+            (Error::from_raw_os_error(nix::libc::EACCES), FolderProblem::WriteDenied),
+            (Error::from_raw_os_error(nix::libc::EPERM), FolderProblem::WriteDenied),
+            (Error::from_raw_os_error(nix::libc::EROFS), FolderProblem::ReadOnlyFileSystem),
+            (Error::from_raw_os_error(nix::libc::ENOENT), FolderProblem::Missing),
+            (Error::from_raw_os_error(nix::libc::ENOTDIR), FolderProblem::NotAFolder),
+            (Error::new(ErrorKind::StorageFull, "full"), FolderProblem::Other("full".into())),
+        ] {
+            assert_eq!(FolderProblem::writing(&e), expect, "{e}");
+        }
+        assert_eq!(FolderProblem::reading(&Error::from_raw_os_error(nix::libc::EACCES)), FolderProblem::ReadDenied);
+        let frozen = FolderCheck {
+            name: "frozen".into(),
+            path: "/srv/frozen".into(),
+            writable: true,
+            problem: Some(FolderProblem::ReadOnlyFileSystem),
+        };
+        assert_eq!(frozen.line(), "frozen = /srv/frozen: not writable: read-only file system");
+        assert!(frozen.fix("zhuli").is_some_and(|t| t.contains("ReadWritePaths=/srv/frozen")));
+        assert!(frozen.fix_zh("zhuli").is_some_and(|t| t.contains("服务单元不允许写入")));
+    }
+
+    /// A read-only mount, where this machine lets the test make one (root, tmpfs): the folder
+    /// looks writable to its permission bits, and only a real file shows it is not.
+    #[test]
+    fn a_read_only_mount_is_found_by_writing() {
+        let f = fixture();
+        let frozen = f.dir.join("frozen");
+        fs::create_dir_all(&frozen).expect("dir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"])
+            .arg(&frozen)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a read-only tmpfs here (needs root)");
+            return;
+        }
+        let check = check_folder("frozen", &frozen, true);
+        let _ = std::process::Command::new("umount").arg(&frozen).status();
+        assert_eq!(check.problem, Some(FolderProblem::ReadOnlyFileSystem));
     }
 
     #[test]

@@ -78,6 +78,131 @@ pub enum ToolError {
     /// the person is told, whatever the model answers.
     #[error("needs an admin: {0}")]
     NeedsAdmin(String),
+    /// A backend's own words about a failure (a plugin's error output or refusal), for the
+    /// model only: they may hold anything the backend read or was sent, so the audit trail
+    /// records their size.
+    #[error("failed: {0}")]
+    Reported(String),
+}
+
+impl ToolError {
+    /// The error as the audit trail records it. Our own refusals may quote what they were
+    /// asked (a name nobody has, a time that does not parse): argument values the call's audit
+    /// target does not show already, and “quoted” phrases, become their size. A backend's own
+    /// words are only counted.
+    pub fn audit_reason(&self, args: &Value, target: &str) -> String {
+        match self {
+            ToolError::Reported(text) => {
+                format!("failed: the backend's own error text, {} (not recorded)", size(text))
+            }
+            e => redact(&e.to_string(), args, target),
+        }
+    }
+}
+
+// What the audit trail may show of a call's arguments (docs/ARCHITECTURE.md: ids, tool names,
+// paths and reasons; never what people wrote). Targets are made of these; anything else a
+// person or the model wrote becomes its size.
+
+/// `(12 chars)`: how much text there was, not what it said.
+pub fn size(text: &str) -> String {
+    format!("({} chars)", text.chars().count())
+}
+
+/// `value` when it looks like an id (a staff id, an event id, `owner/repo`, a calendar's name):
+/// 1 to 64 ASCII letters, digits and `-_.:/@+=#`. Free text does not: it has spaces, or letters
+/// of other scripts. Anything else is shown as its size.
+pub fn id_or_size(value: &str) -> String {
+    let id = !value.is_empty()
+        && value.len() <= 64
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/@+=#".contains(c));
+    if id { value.to_owned() } else { size(value) }
+}
+
+/// `value` when it is a time the tools read ([`when::parse`]), else its size.
+pub fn time_or_size(value: &str) -> String {
+    if when::parse(value, 0).is_ok() { value.trim().to_owned() } else { size(value) }
+}
+
+/// `text` (a reason about a call with `args`) with every “quoted” phrase, and every argument
+/// value and name that `shown` (the call's audit target) does not contain, replaced by its
+/// size. A value is also found cut short (tools quote at most so many characters of it) and
+/// as Rust's `{:?}` writes it.
+pub fn redact(text: &str, args: &Value, shown: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('“') {
+        let inner = &rest[open + '“'.len_utf8()..];
+        let Some(close) = inner.find('”') else { break };
+        let quoted = &inner[..close];
+        out.push_str(&rest[..open + '“'.len_utf8()]);
+        out.push_str(&if shown.contains(quoted) { quoted.to_owned() } else { size(quoted) });
+        rest = &inner[close..];
+    }
+    out.push_str(rest);
+    let mut values = Vec::new();
+    argument_texts(args, &mut values);
+    values.retain(|v| v.chars().count() >= 2 && !shown.contains(v.as_str()));
+    // Each value, and its `{:?}` form, with the size to show for it.
+    let mut patterns: Vec<(String, usize)> = Vec::new();
+    for v in values {
+        let n = v.chars().count();
+        let escaped = format!("{v:?}");
+        let inner = &escaped[1..escaped.len() - 1];
+        if inner != v {
+            patterns.push((inner.to_owned(), n));
+        }
+        patterns.push((v, n));
+    }
+    replace_values(&out, &patterns)
+}
+
+/// The strings of `args` (values at any depth, and names that are not plain identifiers),
+/// trimmed.
+fn argument_texts(args: &Value, out: &mut Vec<String>) {
+    match args {
+        Value::String(s) if !s.trim().is_empty() => out.push(s.trim().to_owned()),
+        Value::Array(items) => items.iter().for_each(|v| argument_texts(v, out)),
+        Value::Object(map) => {
+            for (k, v) in map {
+                if !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    out.push(k.clone());
+                }
+                argument_texts(v, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `text` with each copy of a pattern, whole or cut short after at least its first four
+/// characters, replaced by the size of the value it stands for; where several match, the
+/// longest match wins.
+fn replace_values(text: &str, patterns: &[(String, usize)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let best = patterns
+            .iter()
+            .filter_map(|(p, n)| {
+                let same: usize =
+                    rest.chars().zip(p.chars()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
+                let needed = p.char_indices().nth(4).map_or(p.len(), |(i, _)| i);
+                (same >= needed).then_some((same, std::cmp::Reverse(p.len()), *n))
+            })
+            .max();
+        match best {
+            Some((same, _, n)) => {
+                out.push_str(&format!("({n} chars)"));
+                rest = &rest[same..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
 }
 
 /// Who a call is for: tools act as the asking person, never on their own authority.
@@ -157,5 +282,62 @@ impl Registry {
             .filter(|t| granted(t.name()))
             .map(|t| ToolSpec::function(t.name(), t.description(), t.parameters().clone()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const WORDS: &str = "机密 zq7741 季度预算";
+
+    #[test]
+    fn ids_and_times_are_shown_free_text_is_counted() {
+        for (value, shown) in [
+            ("manager001", "manager001"),
+            ("acme/site", "acme/site"),
+            ("evt_9f2-A", "evt_9f2-A"),
+            ("Li Lei", "(6 chars)"),
+            ("张三", "(2 chars)"),
+            (WORDS, "(14 chars)"),
+            ("", "(0 chars)"),
+        ] {
+            assert_eq!(id_or_size(value), shown, "{value}");
+        }
+        assert_eq!(id_or_size(&"a".repeat(65)), "(65 chars)");
+        assert_eq!(time_or_size("2026-12-04T14:00"), "2026-12-04T14:00");
+        assert_eq!(time_or_size("next friday"), "(11 chars)");
+    }
+
+    #[test]
+    fn reasons_keep_what_the_target_shows_and_count_the_rest() {
+        let args = json!({"path": "share/a.txt", "query": WORDS, "people": [WORDS], "when": format!("{WORDS} \"x\"")});
+        let shown = "share/a.txt";
+        for (reason, expect) in [
+            ("`share/a.txt` does not exist".to_owned(), "`share/a.txt` does not exist".to_owned()),
+            (format!("no one called “{WORDS}”"), "no one called “(14 chars)”".to_owned()),
+            (format!("no one called {WORDS}, sorry"), "no one called (14 chars), sorry".to_owned()),
+            // Cut short by the tool, and as `{:?}` writes it.
+            (format!("no match for {}…", &WORDS[..10]), "no match for (14 chars)…".to_owned()),
+            (format!("{:?} is not a time", format!("{WORDS} \"x\"")), "\"(18 chars)\" is not a time".to_owned()),
+        ] {
+            assert_eq!(redact(&reason, &args, shown), expect);
+        }
+        let odd = json!({WORDS: 1, "path": "share/a.txt"});
+        assert_eq!(
+            redact(&format!("argument `{WORDS}` is not known"), &odd, shown),
+            "argument `(14 chars)` is not known"
+        );
+        let e = ToolError::Refused(format!("there is no department called “{WORDS}”"));
+        assert_eq!(
+            e.audit_reason(&json!({"department": WORDS}), "department (14 chars)"),
+            "refused: there is no department called “(14 chars)”"
+        );
+        let e = ToolError::Reported(format!("Could not find exact match for edit:\n{WORDS}"));
+        assert!(e.to_string().contains(WORDS), "the model is told");
+        let audited = e.audit_reason(&json!({}), "");
+        assert!(audited.starts_with("failed: the backend's own error text, (51 chars)"), "{audited}");
     }
 }

@@ -369,13 +369,24 @@ impl Tool for CaldavTool {
     }
 
     fn target(&self, args: &Value) -> String {
-        let cal = args["calendar"].as_str().unwrap_or("(default)");
+        // Calendar names, event ids and times; titles never (a model may put words anywhere).
+        use super::{id_or_size, time_or_size};
+        let cal = args["calendar"].as_str().map_or_else(|| "(default)".to_owned(), id_or_size);
+        let time = |k: &str| time_or_size(s(args, k));
+        let calendars: Vec<String> = args["calendars"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| id_or_size(c.as_str().unwrap_or_default()))
+            .collect();
         match self.op {
-            Op::List => format!("{cal}: {} – {}", s(args, "from"), s(args, "to")),
-            Op::Free => format!("{}: {} – {}", args["calendars"], s(args, "from"), s(args, "to")),
-            Op::Create => format!("{cal}: new event {} – {}", s(args, "start"), s(args, "end")),
-            Op::Move => format!("{cal}: event {} to {} – {}", s(args, "event_id"), s(args, "start"), s(args, "end")),
-            Op::Cancel => format!("{cal}: event {}", s(args, "event_id")),
+            Op::List => format!("{cal}: {} – {}", time("from"), time("to")),
+            Op::Free => format!("[{}]: {} – {}", calendars.join(", "), time("from"), time("to")),
+            Op::Create => format!("{cal}: new event {} – {}", time("start"), time("end")),
+            Op::Move => {
+                format!("{cal}: event {} to {} – {}", id_or_size(s(args, "event_id")), time("start"), time("end"))
+            }
+            Op::Cancel => format!("{cal}: event {}", id_or_size(s(args, "event_id"))),
         }
         .chars()
         .take(200)

@@ -267,10 +267,12 @@ impl Tool for GithubTool {
     }
 
     fn target(&self, args: &Value) -> String {
-        let repo = s(args, "repo");
+        // Repository and number; titles and bodies never (a model may put words anywhere).
+        let repo = super::id_or_size(s(args, "repo"));
+        let number = args["number"].as_u64().map_or_else(|| "?".to_owned(), |n| n.to_string());
         match self.op {
-            Op::List => format!("{repo} {}", args["kind"].as_str().unwrap_or("issues")),
-            Op::Show | Op::Comment => format!("{repo}#{}", args["number"]),
+            Op::List => format!("{repo} {}", super::id_or_size(args["kind"].as_str().unwrap_or("issues"))),
+            Op::Show | Op::Comment => format!("{repo}#{number}"),
             Op::CreateIssue => format!("new issue in {repo}"),
             Op::Notifications => "notifications".into(),
         }

@@ -699,7 +699,8 @@ use crate::tools::str_arg as s;
 
 fn plugin_error(e: PluginError) -> ToolError {
     match e {
-        e @ PluginError::Rpc { code: -32602, .. } => ToolError::Refused(e.to_string()),
+        // The plugin's own message: for the model, not the audit trail.
+        e @ PluginError::Rpc { .. } => ToolError::Reported(e.to_string()),
         e => ToolError::Failed(e.to_string()),
     }
 }
@@ -762,12 +763,16 @@ impl Tool for McpTool {
     }
 
     fn target(&self, args: &Value) -> String {
-        // A plugin's arguments are its own business; the audit gets their most telling value.
-        let hint = ["path", "source", "destination", "uri", "url", "name", "id"]
-            .iter()
-            .find_map(|k| args[*k].as_str())
-            .map(|v| format!(" {v}"))
-            .unwrap_or_default();
+        // A plugin's arguments are its own business: the audit gets the path the call touches
+        // (as for the built-in tools) or an id, else only how many arguments there were. Names,
+        // queries and texts may be anything a person wrote; URLs may carry tokens.
+        let path = ["path", "source", "destination"].iter().find_map(|k| args[*k].as_str());
+        let hint = match (path, args["id"].as_str(), args.as_object()) {
+            (Some(p), _, _) => format!(" {p}"),
+            (None, Some(id), _) => format!(" {}", super::id_or_size(id)),
+            (None, None, Some(o)) if !o.is_empty() => format!(" ({} arguments)", o.len()),
+            _ => String::new(),
+        };
         format!("{}{hint}", self.remote).chars().take(160).collect()
     }
 
@@ -780,7 +785,7 @@ impl Tool for McpTool {
                 .map_err(plugin_error)?;
             let text = self.plugin.redact(&result_text(&result));
             if result["isError"].as_bool() == Some(true) {
-                return Err(ToolError::Failed(text.chars().take(2000).collect()));
+                return Err(ToolError::Reported(text.chars().take(2000).collect()));
             }
             Ok(Outcome::text(text))
         })

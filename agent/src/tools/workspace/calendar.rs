@@ -296,10 +296,11 @@ pub async fn create(ws: &Workspace, ctx: &Context, args: &Value) -> Result<Outco
         format!(" with {}", attendees.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "))
     };
     let text = format!("created “{title}” on {} – {}{with} (event id {id})", ws.show(start), &ws.show(end)[11..]);
-    let undo = Undo::Created { owner: me.union_id, event: id, summary: title.clone() };
+    let undo = Undo::Created { owner: me.union_id, event: id.clone(), summary: title.clone() };
     Ok(Outcome {
         text,
-        undo: Some((serde_json::to_vec(&undo).unwrap_or_default(), format!("delete the event “{title}”"))),
+        // The undo line is audited: the event's id, never its title.
+        undo: Some((serde_json::to_vec(&undo).unwrap_or_default(), format!("delete event {id}"))),
     })
 }
 
@@ -335,7 +336,7 @@ pub async fn move_event(ws: &Workspace, ctx: &Context, args: &Value) -> Result<O
     };
     Ok(Outcome {
         text: format!("moved “{summary}” from {was} to {} – {}", ws.show(start), &ws.show(end)[11..]),
-        undo: Some((serde_json::to_vec(&undo).unwrap_or_default(), format!("move “{summary}” back to {was}"))),
+        undo: Some((serde_json::to_vec(&undo).unwrap_or_default(), format!("move event {id} back to {was}"))),
     })
 }
 
@@ -358,7 +359,7 @@ pub async fn cancel(ws: &Workspace, ctx: &Context, id: &str) -> Result<Outcome, 
     let undo = Undo::Cancelled { owner: me.union_id, copy };
     Ok(Outcome {
         text: format!("cancelled “{summary}” of {when}"),
-        undo: Some((serde_json::to_vec(&undo).unwrap_or_default(), format!("create “{summary}” of {when} again"))),
+        undo: Some((serde_json::to_vec(&undo).unwrap_or_default(), format!("create event {id} of {when} again"))),
     })
 }
 

@@ -239,7 +239,7 @@ impl WorkspaceTool {
     }
 }
 
-use crate::tools::str_arg as arg;
+use crate::tools::{id_or_size, size, str_arg as arg, time_or_size};
 
 impl Tool for WorkspaceTool {
     fn name(&self) -> &str {
@@ -303,27 +303,44 @@ impl Tool for WorkspaceTool {
     }
 
     fn target(&self, args: &Value) -> String {
+        // Ids, paths and times; names and words people typed only by their size.
+        let (id, time) = (|k: &str| id_or_size(arg(args, k)), |k: &str| time_or_size(arg(args, k)));
         let t = match self.op {
-            Op::PeopleSearch => arg(args, "query").to_owned(),
-            Op::PeopleMembers => arg(args, "department").to_owned(),
-            Op::CalendarList | Op::CalendarFree => format!("{} – {}", arg(args, "from"), arg(args, "to")),
+            Op::PeopleSearch => format!("people search {}", size(arg(args, "query"))),
+            Op::PeopleMembers => match arg(args, "department").trim().parse::<i64>() {
+                Ok(dept) => format!("department {dept}"),
+                Err(_) => format!("department {}", size(arg(args, "department"))),
+            },
+            Op::CalendarList => format!("{} – {}", time("from"), time("to")),
+            Op::CalendarFree => {
+                format!(
+                    "{} – {} for {} people",
+                    time("from"),
+                    time("to"),
+                    args["people"].as_array().map_or(0, Vec::len)
+                )
+            }
             Op::CalendarCreate => {
-                let ids: Vec<&str> =
-                    args["attendees"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                format!("{} – {} with [{}]", arg(args, "start"), arg(args, "end"), ids.join(", "))
+                // Staff ids once `prepare` resolved the names; a name as typed is only counted.
+                let ids: Vec<String> = args["attendees"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| id_or_size(v.as_str().unwrap_or_default()))
+                    .collect();
+                format!("{} – {} with [{}]", time("start"), time("end"), ids.join(", "))
             }
-            Op::CalendarMove => {
-                format!("event {} to {} – {}", arg(args, "event_id"), arg(args, "start"), arg(args, "end"))
-            }
-            Op::CalendarCancel => format!("event {}", arg(args, "event_id")),
+            Op::CalendarMove => format!("event {} to {} – {}", id("event_id"), time("start"), time("end")),
+            Op::CalendarCancel => format!("event {}", id("event_id")),
             Op::TodoCreate => {
-                let due = args["due"].as_str().map(|d| format!(", due {d}")).unwrap_or_default();
-                format!("to-do for {}{due}", args["assignee"].as_str().unwrap_or("the asker"))
+                let due = args.get("due").map(|_| format!(", due {}", time("due"))).unwrap_or_default();
+                let who = args["assignee"].as_str().map_or_else(|| "the asker".to_owned(), id_or_size);
+                format!("to-do for {who}{due}")
             }
             Op::TodoList => "open to-dos".to_owned(),
-            Op::TodoDone => format!("to-do {}", arg(args, "task_id")),
+            Op::TodoDone => format!("to-do {}", id("task_id")),
             Op::ApprovalsPending => "pending approvals".to_owned(),
-            Op::ApprovalsShow => format!("approval {}", arg(args, "instance_id")),
+            Op::ApprovalsShow => format!("approval {}", id("instance_id")),
             Op::ChatSendFile => arg(args, "path").to_owned(),
         };
         t.chars().take(160).collect()

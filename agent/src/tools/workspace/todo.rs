@@ -106,7 +106,8 @@ pub async fn create(ws: &Workspace, ctx: &Context, args: &Value) -> Result<Outco
     let undo = Undo::Created { owner: me.union_id, task: id.clone(), subject: subject.clone() };
     Ok(Outcome {
         text: format!("created the to-do “{subject}” for {for_whom}{due_text} (to-do id {id})"),
-        undo: Some((serde_json::to_vec(&undo).unwrap_or_default(), format!("delete the to-do “{subject}”"))),
+        // The undo line is audited: the to-do's id, never its subject.
+        undo: Some((serde_json::to_vec(&undo).unwrap_or_default(), format!("delete to-do {id}"))),
     })
 }
 
