@@ -217,7 +217,8 @@ impl Guest {
     fn diagnose(&self) -> String {
         let inside = self
             .run(
-                "systemctl --failed --no-pager; journalctl -b --no-pager -o short-monotonic -u 'zhuli*' | tail -n 60",
+                "systemctl --failed --no-pager; ls -lL /var/lib/zhuli-provisioning/current/ 2>&1; \
+                 journalctl -b --no-pager -o short-monotonic -u 'zhuli*' | tail -n 60",
                 Duration::from_secs(30),
             )
             .map(|(_, out)| out)
@@ -436,6 +437,11 @@ async fn the_image_boots_provisions_answers_and_heals() {
     assert!(key.contains('/') && key.contains('-'), "an FSS verification key: {key}");
     let scrubbed = String::from_utf8(stick::read(&stick_img, stick::CONFIG).expect("config")).expect("utf-8");
     assert!(!scrubbed.contains(support::SECRET) && !scrubbed.contains("sk-boot-test-key"), "secrets left the stick");
+
+    // The agent's own user and group, with the ids the image fixes; it reads its configuration
+    // through that group.
+    assert_eq!(guest.must("id zhuli").trim(), "uid=800(zhuli) gid=800(zhuli) groups=800(zhuli)");
+    assert_eq!(guest.must("stat -L -c %G /var/lib/zhuli-provisioning/current/zhuli.toml").trim(), "zhuli");
 
     // The box's identity is the firmware's (stable across reboots), and /var grew to the disk.
     let machine_id = guest.must("cat /etc/machine-id");

@@ -588,6 +588,22 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
 }
 
+/// The agent's user and group, where this system has them (a development machine may not).
+pub(crate) struct Agent {
+    pub uid: Option<nix::unistd::Uid>,
+    pub gid: Option<nix::unistd::Gid>,
+}
+
+impl Agent {
+    fn on_this_box() -> Result<Agent, ProvisionError> {
+        let lookup = |e: nix::Error| ProvisionError::Apply(format!("cannot look up the agent's user and group ({e})"));
+        Ok(Agent {
+            uid: nix::unistd::User::from_name(AGENT_USER).map_err(lookup)?.map(|u| u.uid),
+            gid: nix::unistd::Group::from_name(AGENT_USER).map_err(lookup)?.map(|g| g.gid),
+        })
+    }
+}
+
 /// Make `path` readable through the agent's group (where the box has it).
 fn group_readable(path: &Path) {
     if let Ok(Some(group)) = nix::unistd::Group::from_name(AGENT_USER) {
@@ -636,11 +652,12 @@ fn stage(
         }
         std::os::unix::fs::symlink(&target, dir.join("localtime")).map_err(apply)?;
     }
-    // The agent runs as the `zhuli` user: it reads the configuration through its group.
-    let agent = nix::unistd::User::from_name(AGENT_USER).ok().flatten();
-    if let Some(user) = &agent {
+    // The agent runs as the `zhuli` user and group (`User=`, `Group=`): it reads the
+    // configuration through the group — the group named zhuli, not the user's primary group.
+    let agent = Agent::on_this_box()?;
+    if let Some(gid) = agent.gid {
         for p in [dir.to_path_buf(), dir.join("zhuli.toml")] {
-            nix::unistd::chown(&p, None, Some(user.gid)).map_err(|e| ProvisionError::Apply(e.to_string()))?;
+            nix::unistd::chown(&p, None, Some(gid)).map_err(|e| ProvisionError::Apply(e.to_string()))?;
         }
     }
     // Every fixed credential the unit loads exists, empty when the configuration has no such
@@ -663,7 +680,7 @@ fn stage(
         }
     }
     let encrypted = opts.credentials == Credentials::Systemd;
-    let writable = unit::prepare(config, agent.as_ref())?;
+    let writable = unit::prepare(config, &agent)?;
     let plugin_credentials: Vec<(String, PathBuf)> = values
         .iter()
         .skip(CREDENTIALS.len())

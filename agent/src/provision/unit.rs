@@ -48,7 +48,7 @@ pub fn check(config: &Config) -> Result<(), ProvisionError> {
 
 /// Create the writable folders that do not exist yet (owned by the agent's user, 0750), and
 /// return every writable folder as its canonical path.
-pub fn prepare(config: &Config, agent: Option<&nix::unistd::User>) -> Result<Vec<PathBuf>, ProvisionError> {
+pub(crate) fn prepare(config: &Config, agent: &super::Agent) -> Result<Vec<PathBuf>, ProvisionError> {
     let mut out = Vec::new();
     for (setting, path) in writable(config) {
         let fail = |e: std::io::Error| {
@@ -60,9 +60,7 @@ pub fn prepare(config: &Config, agent: Option<&nix::unistd::User>) -> Result<Vec
         if !path.exists() {
             std::fs::create_dir_all(&path).map_err(fail)?;
             super::set_mode(&path, 0o750).map_err(fail)?;
-            if let Some(user) = agent {
-                nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).map_err(|e| fail(e.into()))?;
-            }
+            nix::unistd::chown(&path, agent.uid, agent.gid).map_err(|e| fail(e.into()))?;
             log::info!("provisioning: made the folder {} for {setting}", path.display());
         }
         let canonical = std::fs::canonicalize(&path).map_err(fail)?;
