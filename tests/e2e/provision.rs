@@ -662,10 +662,15 @@ async fn the_pinned_key_is_durable_before_the_switch_that_relies_on_it() {
     // The first signed import cannot pin its key (something in the way where the pin goes):
     // nothing is switched, so the box never runs a configuration whose signer it forgot.
     std::fs::create_dir_all(b.root.join("org.pub/in-the-way")).expect("an obstacle");
-    let out = b.import(&stick_of("first.img", 1, &org));
+    let first = stick_of("first.img", 1, &org);
+    let out = b.import(&first);
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(b.current_config().is_none(), "switched without a pinned key");
     assert_eq!(provision::current_serial(&b.root), 0);
+    // Nothing else is left behind for an import that did not happen: no scrub is pending, the
+    // stick was not touched.
+    assert!(provision::scrub::unattended(&b.root).is_empty(), "a scrub recorded for a stick not imported");
+    assert_eq!(occurrences(&first, SECRET.as_bytes()), 1, "the stick of a refused import keeps its file");
     std::fs::remove_dir_all(b.root.join("org.pub")).expect("obstacle gone");
     // Then it works, and the key is pinned: a stranger's newer stick is refused.
     assert!(b.import(&stick_of("first-again.img", 1, &org)).status.success());

@@ -319,9 +319,11 @@ fn utc_now() -> String {
     format!("{} UTC", crate::assistant::settings::local_time(ms, 0).0)
 }
 
-/// The serial of the current configuration (0 before the first import).
+/// The serial of the current configuration (0 before the first import): the current
+/// generation's, or the box's record of it (boxes imported before generations held it).
 pub fn current_serial(root: &Path) -> u64 {
-    std::fs::read_to_string(root.join("serial")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    read(root.join("current/serial")).max(read(root.join("serial")))
 }
 
 /// The provisioning root a configuration at `config` was imported into (`<root>/current/zhuli.toml`).
@@ -439,33 +441,50 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     let staged = generations.join(&name);
     let (starred, spans) = scrub::starred(&text, &secrets);
     let pending = scrub::Pending { volume_id: volume, serial: config.serial, starred, spans, started: utc_now() };
+    // Durable before the switch that depends on them: the pinned key, the scrub's record. Any
+    // failure up to the switch undoes them, so nothing is trusted or recorded for a stick that
+    // was not imported.
+    let pin = if trusted.is_none() { signer.as_deref() } else { None };
+    let undo = |held: Option<scrub::Held>| {
+        let _ = std::fs::remove_dir_all(&staged);
+        if pin.is_some() {
+            let _ = std::fs::remove_file(&pinned_path);
+        }
+        if let Some(h) = held {
+            scrub::forget(&opts.root, h);
+        }
+    };
     let prepared = stage(opts, &staged, &text, &config, &secrets).and_then(|()| {
-        // Durable before the switch that depends on them: the pinned key, the scrub's record.
-        if trusted.is_none()
-            && let Some(key) = &signer
-        {
+        if let Some(key) = pin {
             write_file(&pinned_path, format!("zhuli-org-key ed25519 {key}\n").as_bytes(), 0o644).map_err(apply)?;
             sync_dir(&opts.root).map_err(apply)?;
-            log::warn!(
-                "provisioning: trusting the organisation key {} from now on (first signed import)",
-                sign::short(key)
-            );
         }
         scrub::record(&opts.root, &pending, &scrub::patterns(&text, &secrets), opts.credentials)
     });
     let held = match prepared {
         Ok(h) => h,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&staged);
+            undo(None);
             return Err(e);
         }
     };
 
-    // The switch: one rename of a symlink.
+    // The switch: one rename of a symlink (the serial is in the generation, so it switches with it).
     let link_tmp = opts.root.join(format!(".current-{:08x}", rand::random::<u32>()));
-    std::os::unix::fs::symlink(Path::new("generations").join(&name), &link_tmp).map_err(apply)?;
-    std::fs::rename(&link_tmp, opts.root.join("current")).map_err(apply)?;
-    sync_dir(&opts.root).map_err(apply)?;
+    let switched = std::os::unix::fs::symlink(Path::new("generations").join(&name), &link_tmp)
+        .and_then(|()| std::fs::rename(&link_tmp, opts.root.join("current")))
+        .and_then(|()| sync_dir(&opts.root));
+    if let Err(e) = switched {
+        let _ = std::fs::remove_file(&link_tmp);
+        undo(Some(held));
+        return Err(apply(e));
+    }
+    if let Some(key) = pin {
+        log::warn!(
+            "provisioning: trusting the organisation key {} from now on (first signed import)",
+            sign::short(key)
+        );
+    }
     write_file(&opts.root.join("serial"), format!("{}\n", config.serial).as_bytes(), 0o600).map_err(apply)?;
     write_file(
         &opts.root.join(IMPORTED_STICK),
@@ -641,6 +660,7 @@ fn stage(
     set_mode(dir, 0o750).map_err(apply)?;
     let boxed = replace_secrets(text, secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
     write_file(&dir.join("zhuli.toml"), boxed.as_bytes(), 0o640).map_err(apply)?;
+    write_file(&dir.join("serial"), format!("{}\n", config.serial).as_bytes(), 0o644).map_err(apply)?;
     // The box's time zone: /etc/localtime points at `current/localtime` (UTC while it is absent).
     if let Some(zone) = config.agent.time_zone.as_deref() {
         let target = Path::new(ZONEINFO).join(zone);

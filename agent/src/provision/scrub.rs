@@ -195,6 +195,14 @@ fn hold(file: &Path, pending: Pending) -> std::io::Result<Held> {
     Ok(Held { pending, lock })
 }
 
+/// Drop a record made for an import that did not happen after all.
+pub fn forget(root: &Path, held: Held) {
+    let volume = held.pending.volume_id;
+    let _ = std::fs::remove_file(Pending::file(root, volume));
+    let _ = std::fs::remove_file(root.join(PENDING).join(format!("{volume:08x}.cred")));
+    let _ = super::sync_dir(&root.join(PENDING));
+}
+
 /// The pending scrub of the stick with `volume_id` whose configuration file is `on_stick`.
 pub fn find(root: &Path, volume_id: u32, on_stick: &[u8]) -> Option<Held> {
     let file = Pending::file(root, volume_id);
