@@ -73,6 +73,23 @@ fn label_of<T: fatfs::ReadWriteSeek>(fs: &fatfs::FileSystem<T>) -> String {
     fs.volume_label().trim().to_owned()
 }
 
+/// The stick's file system, opened so that nothing can be written.
+fn open_read_only(dev: &Path) -> Result<fatfs::FileSystem<ReadOnly>, StickError> {
+    let f = File::open(dev).map_err(|source| StickError::Open { path: dev.to_owned(), source })?;
+    fatfs::FileSystem::new(ReadOnly(f), fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))
+}
+
+/// The file `name` in the stick's root folder.
+fn file_entry<'a, T: fatfs::ReadWriteSeek>(
+    root: &fatfs::Dir<'a, T>,
+    name: &str,
+) -> Result<fatfs::DirEntry<'a, T>, StickError> {
+    root.iter()
+        .filter_map(Result::ok)
+        .find(|e| e.is_file() && e.file_name() == name)
+        .ok_or_else(|| StickError::Io(format!("{name} is not on the stick")))
+}
+
 /// Create an image file of `size` bytes with a fresh `ZHULI-CFG` file system holding `files`.
 pub fn create_image(path: &Path, size: u64, files: &[(&str, &[u8])]) -> Result<(), StickError> {
     let open = |source| StickError::Open { path: path.to_owned(), source };
@@ -117,8 +134,7 @@ fn write_into(f: &mut File, path: &Path, files: &[(&str, &[u8])]) -> Result<(), 
             let root = fs.root_dir();
             let cluster = u64::from(fs.cluster_size());
             for (name, bytes) in files {
-                let old = root.iter().filter_map(Result::ok).find(|e| e.is_file() && e.file_name() == *name);
-                let old_len = old.map(|e| e.len()).unwrap_or(0);
+                let old_len = file_entry(&root, name).map(|e| e.len()).unwrap_or(0);
                 let mut file = root.create_file(name).map_err(io)?;
                 // The old bytes are overwritten where they lie, up to the end of their last
                 // cluster, before any cluster is freed: a shorter file never leaves its
@@ -148,10 +164,7 @@ fn zeros(out: &mut impl Write, mut n: u64) -> Result<(), StickError> {
 
 /// The stick's volume id (random per format; a cloned stick shares it).
 pub fn volume_id(dev: &Path) -> Result<u32, StickError> {
-    let f = File::open(dev).map_err(|source| StickError::Open { path: dev.to_owned(), source })?;
-    let fs =
-        fatfs::FileSystem::new(ReadOnly(f), fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))?;
-    Ok(fs.volume_id())
+    Ok(open_read_only(dev)?.volume_id())
 }
 
 /// Replace the bytes of file `name` with `bytes` of the same length, where they lie: no cluster
@@ -163,13 +176,12 @@ pub fn overwrite_in_place(dev: &Path, name: &str, bytes: &[u8]) -> Result<(), St
     {
         let fs =
             fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))?;
+        let found = label_of(&fs);
+        if found != LABEL {
+            return Err(StickError::Label { path: dev.to_owned(), found });
+        }
         {
-            let root = fs.root_dir();
-            let entry = root
-                .iter()
-                .filter_map(Result::ok)
-                .find(|e| e.is_file() && e.file_name() == name)
-                .ok_or_else(|| StickError::Io(format!("{name} is not on the stick")))?;
+            let entry = file_entry(&fs.root_dir(), name)?;
             if entry.len() != bytes.len() as u64 {
                 return Err(StickError::Changed { file: name.to_owned() });
             }
@@ -259,9 +271,7 @@ pub struct Contents {
 /// List the stick's root folder, checking its label; `writable` says whether it can be changed.
 pub fn list(dev: &Path) -> Result<Contents, StickError> {
     let writable = OpenOptions::new().read(true).write(true).open(dev).is_ok();
-    let f = File::open(dev).map_err(|source| StickError::Open { path: dev.to_owned(), source })?;
-    let fs =
-        fatfs::FileSystem::new(ReadOnly(f), fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))?;
+    let fs = open_read_only(dev)?;
     let found = label_of(&fs);
     if found != LABEL {
         return Err(StickError::Label { path: dev.to_owned(), found });
@@ -278,15 +288,8 @@ pub fn list(dev: &Path) -> Result<Contents, StickError> {
 
 /// Read one file of the stick (at most [`MAX_FILE`] bytes).
 pub fn read(dev: &Path, name: &str) -> Result<Vec<u8>, StickError> {
-    let f = File::open(dev).map_err(|source| StickError::Open { path: dev.to_owned(), source })?;
-    let fs =
-        fatfs::FileSystem::new(ReadOnly(f), fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))?;
-    let root = fs.root_dir();
-    let entry = root
-        .iter()
-        .filter_map(Result::ok)
-        .find(|e| e.is_file() && e.file_name() == name)
-        .ok_or_else(|| StickError::Io(format!("{name} is not on the stick")))?;
+    let fs = open_read_only(dev)?;
+    let entry = file_entry(&fs.root_dir(), name)?;
     if entry.len() > MAX_FILE {
         return Err(StickError::TooLarge { file: name.to_owned(), size: entry.len() });
     }
