@@ -119,6 +119,11 @@ pub fn id_or_size(value: &str) -> String {
     if id { value.to_owned() } else { size(value) }
 }
 
+/// Each string of a JSON list as [`id_or_size`] shows it.
+pub fn ids_or_sizes(list: &Value) -> Vec<String> {
+    list.as_array().into_iter().flatten().map(|v| id_or_size(v.as_str().unwrap_or_default())).collect()
+}
+
 /// `value` when it is a time the tools read ([`when::parse`]), else its size.
 pub fn time_or_size(value: &str) -> String {
     if when::parse(value, 0).is_ok() { value.trim().to_owned() } else { size(value) }

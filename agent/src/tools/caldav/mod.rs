@@ -370,15 +370,10 @@ impl Tool for CaldavTool {
 
     fn target(&self, args: &Value) -> String {
         // Calendar names, event ids and times; titles never (a model may put words anywhere).
-        use super::{id_or_size, time_or_size};
+        use super::{id_or_size, ids_or_sizes, time_or_size};
         let cal = args["calendar"].as_str().map_or_else(|| "(default)".to_owned(), id_or_size);
         let time = |k: &str| time_or_size(s(args, k));
-        let calendars: Vec<String> = args["calendars"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|c| id_or_size(c.as_str().unwrap_or_default()))
-            .collect();
+        let calendars = ids_or_sizes(&args["calendars"]);
         match self.op {
             Op::List => format!("{cal}: {} – {}", time("from"), time("to")),
             Op::Free => format!("[{}]: {} – {}", calendars.join(", "), time("from"), time("to")),

@@ -322,12 +322,7 @@ impl Tool for WorkspaceTool {
             }
             Op::CalendarCreate => {
                 // Staff ids once `prepare` resolved the names; a name as typed is only counted.
-                let ids: Vec<String> = args["attendees"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|v| id_or_size(v.as_str().unwrap_or_default()))
-                    .collect();
+                let ids = super::ids_or_sizes(&args["attendees"]);
                 format!("{} – {} with [{}]", time("start"), time("end"), ids.join(", "))
             }
             Op::CalendarMove => format!("event {} to {} – {}", id("event_id"), time("start"), time("end")),
