@@ -624,6 +624,20 @@ impl Tool for FileTool {
         }
     }
 
+    /// A change outside the roots (or into a read-only one) is refused before anyone is asked
+    /// to confirm it.
+    fn prepare<'a>(&'a self, ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        let roots = self.roots.scoped(&ctx.actor);
+        let arg = |k: &str| args[k].as_str().unwrap_or_default();
+        let checked = match self.op {
+            Op::List | Op::Read | Op::Search => Ok(()),
+            Op::Write | Op::Delete => roots.writable(arg("path")),
+            Op::Copy => roots.parts(arg("from")).and_then(|_| roots.writable(arg("to"))),
+            Op::Move => roots.writable(arg("from")).and_then(|()| roots.writable(arg("to"))),
+        };
+        Box::pin(async move { checked.map(|()| args) })
+    }
+
     fn execute<'a>(&'a self, ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>> {
         let roots = self.roots.scoped(&ctx.actor);
         let op = self.op;

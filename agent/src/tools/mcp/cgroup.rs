@@ -229,10 +229,11 @@ impl Group {
         }
     }
 
-    /// Kill what is left and remove the group (waits up to a second for the processes to go).
+    /// Kill what is left and remove the group (waits up to 5 s for the processes to go: a
+    /// fork bomb's hundred processes take a while on a slow box).
     pub fn remove(&self) -> std::io::Result<()> {
         self.kill();
-        for _ in 0..100 {
+        for _ in 0..500 {
             let populated = field(&self.dir.join("cgroup.events"), "populated");
             if populated == 0 {
                 break;
