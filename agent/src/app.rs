@@ -152,7 +152,7 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
     tasks.spawn(prune(store, cancel.clone(), health.task("pruner"), every));
     tasks.spawn(monitor(work.clone(), config.clone(), cancel.clone()));
     {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(16);
         for plugin in work.assistant.plugins() {
             plugin.report_stops(tx.clone());
         }
@@ -449,9 +449,13 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
 async fn plugin_stops(
     work: Arc<Work>,
     config: Config,
-    mut stops: mpsc::UnboundedReceiver<tools::mcp::PluginStop>,
+    mut stops: mpsc::Receiver<tools::mcp::PluginStop>,
     cancel: CancellationToken,
 ) {
+    // Every stop is audited; the admins hear of a plugin at most once in this long (anyone may
+    // call a plugin that misbehaves, over and over).
+    const TELL_EVERY: Duration = Duration::from_secs(600);
+    let mut told: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
     loop {
         let stop = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -470,7 +474,10 @@ async fn plugin_stops(
             zh = stop.limit.zh(),
             reason = stop.limit,
         );
-        tell_admins(&work, &config, "zhuli: 插件已停止", &text);
+        if told.get(&stop.plugin).is_none_or(|at| at.elapsed() >= TELL_EVERY) {
+            told.insert(stop.plugin.clone(), Instant::now());
+            tell_admins(&work, &config, "zhuli: 插件已停止", &text);
+        }
     }
 }
 

@@ -214,6 +214,9 @@ fn trust_configured_roots(config: &Config) -> anyhow::Result<()> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Blocking work (store, files) in at most this many threads: the agent's share of the
+        // unit's TasksMax stays its own, whatever plugins use of theirs.
+        .max_blocking_threads(64)
         .enable_all()
         .build()
         .context("starting the async runtime")

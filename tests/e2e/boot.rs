@@ -505,14 +505,20 @@ async fn the_image_boots_provisions_answers_and_heals() {
     assert!(guest.run("test -e /var/lib/zhuli/evil.txt", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0));
 
     // Each plugin in a control group of its own, with its limits.
-    let group = "/sys/fs/cgroup/system.slice/zhuli.service/plugins";
+    let service = "/sys/fs/cgroup/system.slice/zhuli.service";
+    let group = format!("{service}/plugins");
     assert_eq!(
-        guest.must(&format!("cat {group}/bomb/pids.max")).trim(),
+        guest.must("cat /proc/$(systemctl show -P MainPID zhuli.service)/cgroup").trim(),
+        "0::/system.slice/zhuli.service/agent",
+        "the agent moved into agent/"
+    );
+    assert_eq!(
+        guest.must(&format!("cat {group}/bomb.0/pids.max")).trim(),
         "112",
         "{}",
-        guest.must(&format!("ls -R {group} | head -n 40"))
+        guest.must(&format!("ls {service} {group}"))
     );
-    assert_eq!(guest.must(&format!("cat {group}/fill/memory.max")).trim(), (32u64 << 20).to_string());
+    assert_eq!(guest.must(&format!("cat {group}/fill.0/memory.max")).trim(), (32u64 << 20).to_string());
     // A plugin that fork-bombs: stopped whole; /ping is answered meanwhile; admins told; audited.
     // Someone else's /ping, in their own chat, while the admin's turn waits on the plugin.
     let (_, quiet) = ask_as(&sim, "boot-colleague", "/ping").await;
@@ -548,7 +554,7 @@ async fn the_image_boots_provisions_answers_and_heals() {
     let trail = audit("bomb");
     assert!(trail.contains("TOOL=plugin bomb") && trail.contains("112 tasks"), "audit trail:\n{trail}");
     assert_eq!(
-        guest.must(&format!("test -d {group}/bomb && cat {group}/bomb/pids.current || echo gone")).trim(),
+        guest.must(&format!("test -d {group}/bomb.0 && cat {group}/bomb.0/pids.current || echo gone")).trim(),
         "gone"
     );
 
@@ -616,6 +622,11 @@ async fn the_image_boots_provisions_answers_and_heals() {
     assert!(failed.trim().is_empty(), "failed units after the reboot:\n{failed}");
     assert!(stick::read(&stick_img, stick::RECEIPT).is_ok_and(|r| r == receipt.as_bytes()), "the first receipt stays");
     assert_eq!(guest.must("cat /etc/machine-id").trim(), machine_id.trim(), "same machine id after the reboot");
+    // The provisioned unit settings are read at boot too (zhuli-units.service): the shared
+    // folder is writable for the agent, and the plugins are in their groups again.
+    let rw = guest.must("systemctl show -P ReadWritePaths zhuli.service");
+    assert!(rw.contains("/var/srv/share"), "after the reboot, the unit's writable paths: {rw}");
+    assert_eq!(guest.must(&format!("cat {group}/bomb.0/pids.max")).trim(), "112");
     assert!(
         sim.wait_until(Duration::from_secs(120), |s| s.connections().len() > before).await
             || !sim.connections().is_empty()

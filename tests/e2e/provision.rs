@@ -418,6 +418,18 @@ async fn secrets_are_sealed_by_systemd_and_a_factory_reset_trusts_a_new_key() {
     assert_eq!(provision::current_serial(&b.root), 2);
 }
 
+/// Where `needle` first occurs in the raw bytes of `path`.
+fn first_offset(path: &Path, needle: &[u8]) -> Option<u64> {
+    let bytes = std::fs::read(path).expect("read image");
+    memchr::memmem::find(&bytes, needle).map(|at| at as u64)
+}
+
+/// Whether any half of `secret` (as cut in two) is still in the raw bytes of `path`.
+fn halves_left(path: &Path, secret: &str) -> u64 {
+    let (head, tail) = secret.as_bytes().split_at(secret.len() / 2);
+    occurrences(path, head) + occurrences(path, tail)
+}
+
 /// How many times `needle` occurs in the raw bytes of `path` (read in chunks that overlap by
 /// the needle's length, so a copy across two chunks counts).
 fn occurrences(path: &Path, needle: &[u8]) -> u64 {
@@ -462,7 +474,7 @@ fn config_with_every_secret(sim: &Simulator, dir: &Path, serial: u64, note: &str
          [tools.mcp.search]\ncommand = \"/bin/true\"\nwrite = [{share:?}]\nenv = {{ API_KEY = \"{plugin}\", LEVEL = \"info\" }}\n\
          [health]\nadmin_chat = \"cid-admins\"\n",
         config_text(sim, dir, serial),
-        share = s(&dir.join("srv/share")),
+        share = s(&dir.join("srv/office/share")),
     )
 }
 
@@ -506,7 +518,25 @@ fn office_stick(dir: &Path, name: &str, size: u64, how: &str, draft: &str, confi
         assert_eq!(fs.fat_type(), expected, "{how}, {} MiB", size >> 20);
         fs.root_dir().create_file("zhuli.toml~").and_then(|mut f| f.write_all(draft.as_bytes())).expect("backup");
         fs.root_dir().remove("zhuli.toml~").expect("delete backup");
+        // A deleted file whose clusters were not side by side: a marker file shows where a
+        // cluster starts; once it is deleted, a secret's first half ends that cluster and its
+        // second half starts one five clusters on (both free).
+        let cluster = u64::from(fs.cluster_size());
+        fs.root_dir().create_file("marker.tmp").and_then(|mut f| f.write_all(b"CLUSTER-START-MARKER")).expect("marker");
         fs.unmount().expect("unmount");
+        let start = first_offset(&img, b"CLUSTER-START-MARKER").expect("the marker's cluster");
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&img).expect("open stick");
+        let fs = fatfs::FileSystem::new(file, fatfs::FsOptions::new()).expect("FAT");
+        fs.root_dir().remove("marker.tmp").expect("delete marker");
+        fs.unmount().expect("unmount");
+        use std::os::unix::fs::FileExt;
+        let raw = std::fs::OpenOptions::new().write(true).open(&img).expect("open device");
+        for (i, (_, secret)) in EVERY_SECRET.iter().enumerate() {
+            let (head, tail) = secret.as_bytes().split_at(secret.len() / 2);
+            let at = start + (10 * i as u64) * cluster;
+            raw.write_all_at(head, at + cluster - head.len() as u64).expect("first half");
+            raw.write_all_at(tail, at + 5 * cluster).expect("second half");
+        }
     }
     write(config, false);
     img
@@ -532,6 +562,7 @@ async fn no_byte_of_any_secret_is_left_anywhere_on_the_stick() {
         let img = office_stick(&b.dir, name, size, how, &draft, &cfg);
         for (field, value) in EVERY_SECRET {
             assert!(occurrences(&img, value.as_bytes()) >= 2, "{how}: {field} is on the stick before the import");
+            assert!(halves_left(&img, value) >= 6, "{how}: {field} cut in two is on the stick before the import");
         }
 
         let out = b.import(&img);
@@ -539,6 +570,7 @@ async fn no_byte_of_any_secret_is_left_anywhere_on_the_stick() {
         assert!(out.status.success() && stdout.contains(&format!("imported serial {serial}")), "{how}: {stdout}");
         for (field, value) in EVERY_SECRET {
             assert_eq!(occurrences(&img, value.as_bytes()), 0, "{how}: {field} is still on the stick's device");
+            assert_eq!(halves_left(&img, value), 0, "{how}: a piece of {field} is still on the stick's device");
         }
         let receipt = receipt_on(&img);
         let line = receipt.lines().find(|l| l.starts_with("secrets on this stick:")).unwrap_or_default().to_owned();
@@ -559,7 +591,12 @@ async fn no_byte_of_any_secret_is_left_anywhere_on_the_stick() {
             EVERY_SECRET[5].1
         );
         let dropin = std::fs::read_to_string(current.join(provision::unit::DROPIN)).expect("drop-in");
-        let share = std::fs::canonicalize(b.dir.join("srv/share")).expect("the import made the shared folder");
+        let share = std::fs::canonicalize(b.dir.join("srv/office/share")).expect("the import made the shared folder");
+        // Made under the import's umask 077, yet every folder on the way is open to the agent.
+        let mode = |p: &Path| {
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).expect("stat").permissions()) & 0o777
+        };
+        assert_eq!((mode(&b.dir.join("srv/office")), mode(&share)), (0o755, 0o750));
         assert!(dropin.contains(&format!("ReadWritePaths=\"-{}\"", share.display())), "{dropin}");
         assert!(
             dropin.contains(&format!("LoadCredential=mcp-search-API_KEY:{}", s(&current.join("mcp-search-API_KEY")))),
@@ -678,4 +715,25 @@ async fn the_pinned_key_is_durable_before_the_switch_that_relies_on_it() {
     let out = b.import(&stick_of("stranger.img", 2, &stranger));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stdout).contains("trusts only"));
     assert_eq!(provision::current_serial(&b.root), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_stopped_before_its_switch_is_imported_at_the_next_insertion() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let b = Box::new("provision-stopped");
+    let (key, _) = sign::keygen();
+    let text = config_text(&sim, &b.dir, 1);
+    let sig = sign::sign(text.as_bytes(), &key, "k").expect("sign");
+    let img = image(&b.dir, "stick.img", &[(stick::CONFIG, text.as_bytes()), (stick::SIGNATURE, sig.as_bytes())]);
+    // Power lost after the scrub was recorded, before the switch.
+    let out = b.import_command(&img, true).env("ZHULI_TEST_STOP", "before-switch").output().expect("import");
+    assert!(!out.status.success());
+    assert!(b.current_config().is_none());
+    assert_eq!(occurrences(&img, SECRET.as_bytes()), 1, "the stick was not touched");
+    // Plugged in again: imported for real, not mistaken for a stick whose scrub was cut short.
+    let out = b.import(&img);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && stdout.contains("imported serial 1"), "{stdout}");
+    assert_eq!(provision::current_serial(&b.root), 1);
+    assert_eq!(occurrences(&img, SECRET.as_bytes()), 0);
 }

@@ -141,7 +141,7 @@ fn folders_step(config: &Config, status_socket: &Path) -> Step {
         let here = by_agent.then(|| files::check_folder(&c.name, &c.path, c.writable));
         let fix = match (&c.problem, here.as_ref().map(|h| &h.problem)) {
             (Some(FolderProblem::ReadOnlyFileSystem), Some(None)) => format!(
-                "the service unit does not allow writing there (outside the service the folder is writable; ProtectSystem=strict makes it read-only): add ReadWritePaths={} to zhuli.service (systemctl edit zhuli), then systemctl restart zhuli",
+                "the service unit does not allow writing there (outside the service the folder is writable; ProtectSystem=strict makes it read-only, and ReadWritePaths={} is not in the drop-in the import wrote): import the configuration again from its stick, which lists every configured folder (on the box, put shared folders under /srv)",
                 c.path.display()
             ),
             (Some(FolderProblem::ReadOnlyFileSystem), Some(Some(FolderProblem::ReadOnlyFileSystem))) => {

@@ -353,6 +353,11 @@ pub fn import(opts: &ImportOptions) -> Receipt {
 }
 
 fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, ProvisionError> {
+    // One import at a time (two sticks, or one plugged in twice quickly, start two).
+    let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
+    std::fs::create_dir_all(&opts.root).map_err(apply)?;
+    let lock = std::fs::File::open(&opts.root).map_err(apply)?;
+    lock.lock().map_err(apply)?;
     let contents = stick::list(&opts.device)?;
     let configs: Vec<&String> =
         contents.files.iter().map(|(n, _)| n).filter(|n| n.to_ascii_lowercase().ends_with(".toml")).collect();
@@ -366,7 +371,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     receipt.config_hash = Some(sha256_hex(&bytes));
     let volume = stick::volume_id(&opts.device)?;
     // A stick pulled out while its secrets were being removed: finish that first.
-    if let Some(held) = scrub::find(&opts.root, volume, &bytes) {
+    if let Some(held) = scrub::find(&opts.root, volume, &bytes, opts.credentials) {
         if !contents.writable {
             return Err(stick::StickError::ReadOnly(opts.device.clone()).into());
         }
@@ -385,6 +390,14 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
                 "{UNCHANGED}: serial {serial} was imported already; its secrets are still being removed from this stick"
             )
         };
+        // The stick is now as an import leaves it: known again at its next insertion.
+        if outcome.complete()
+            && serial == current_serial(&opts.root)
+            && let Some(hash) = receipt.config_hash.as_ref()
+            && let Err(e) = write_file(&opts.root.join(IMPORTED_STICK), format!("{hash}\n").as_bytes(), 0o600)
+        {
+            log::warn!("provisioning: cannot note the stick as imported: {e}");
+        }
         receipt.result = result.clone();
         receipt.write_to(&opts.device);
         return Ok(result);
@@ -430,7 +443,6 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     }
 
     // Stage the new generation beside the current one.
-    let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
     let generations = opts.root.join("generations");
     if !generations.exists() {
         std::fs::create_dir_all(&generations).map_err(apply)?;
@@ -459,7 +471,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
             write_file(&pinned_path, format!("zhuli-org-key ed25519 {key}\n").as_bytes(), 0o644).map_err(apply)?;
             sync_dir(&opts.root).map_err(apply)?;
         }
-        scrub::record(&opts.root, &pending, &scrub::patterns(&text, &secrets), opts.credentials)
+        scrub::record(&opts.root, &pending, scrub::patterns(&text, &secrets), &text, opts.credentials)
     });
     let held = match prepared {
         Ok(h) => h,
@@ -469,6 +481,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
         }
     };
 
+    stopped_here("before-switch");
     // The switch: one rename of a symlink (the serial is in the generation, so it switches with it).
     let link_tmp = opts.root.join(format!(".current-{:08x}", rand::random::<u32>()));
     let switched = std::os::unix::fs::symlink(Path::new("generations").join(&name), &link_tmp)
@@ -485,14 +498,17 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
             sign::short(key)
         );
     }
-    write_file(&opts.root.join("serial"), format!("{}\n", config.serial).as_bytes(), 0o600).map_err(apply)?;
-    write_file(
-        &opts.root.join(IMPORTED_STICK),
-        format!("{}\n", sha256_hex(pending.starred.as_bytes())).as_bytes(),
-        0o600,
-    )
-    .map_err(apply)?;
-    sync_dir(&opts.root).map_err(apply)?;
+    // Switched: what follows is reported, never a reason to stop before the reload, the
+    // restart and the scrub.
+    let noted = write_file(&opts.root.join("serial"), format!("{}\n", config.serial).as_bytes(), 0o600)
+        .and_then(|()| {
+            let hash = sha256_hex(pending.starred.as_bytes());
+            write_file(&opts.root.join(IMPORTED_STICK), format!("{hash}\n").as_bytes(), 0o600)
+        })
+        .and_then(|()| sync_dir(&opts.root));
+    if let Err(e) = noted {
+        receipt.errors.push(format!("the box could not note the import ({e}); the configuration is switched"));
+    }
     prune_generations(&opts.root, &name);
 
     let mut result = format!("imported serial {} ({} secrets moved into credentials)", config.serial, secrets.len());
@@ -534,6 +550,18 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     receipt.write_to(&opts.device);
     Ok(result)
 }
+
+/// A test build's switch: `ZHULI_TEST_STOP=<point>` ends the import at once at that point, as a
+/// power cut would. Release builds have no such switch.
+#[cfg(debug_assertions)]
+fn stopped_here(point: &str) {
+    if std::env::var("ZHULI_TEST_STOP").is_ok_and(|v| v == point) {
+        std::process::abort();
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn stopped_here(_point: &str) {}
 
 fn device_size(opts: &ImportOptions) -> u64 {
     use std::io::Seek;
@@ -706,9 +734,9 @@ fn stage(
         .skip(CREDENTIALS.len())
         .map(|(name, _)| (name.clone(), unit::credential_path(&opts.root, name, encrypted)))
         .collect();
-    let dropin = unit::dropin(config.serial, &writable, &plugin_credentials, encrypted);
+    let dropin = unit::dropin(config.serial, &writable, &plugin_credentials, encrypted)?;
     write_file(&dir.join(unit::DROPIN), dropin.as_bytes(), 0o644).map_err(apply)?;
-    sync_dir(dir).map_err(apply)
+    sync_dir(dir).and_then(|()| sync_dir(dir.parent().unwrap_or(dir))).map_err(apply)
 }
 
 /// `systemd-creds encrypt` with the secret on standard input (never on a command line).

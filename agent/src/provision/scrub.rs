@@ -48,21 +48,14 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Whether `on_stick` is this configuration with its secrets as they were, starred, or
-    /// anything between (a scrub interrupted while writing).
-    pub fn matches(&self, on_stick: &[u8]) -> bool {
+    /// Whether `on_stick` is `original` (the imported file) with its secrets as they were,
+    /// starred, or anything between (a scrub interrupted while writing): each byte is the
+    /// original's or the starred one's.
+    pub fn matches(&self, on_stick: &[u8], original: &[u8]) -> bool {
         let want = self.starred.as_bytes();
-        if on_stick.len() != want.len() {
-            return false;
-        }
-        let mut from = 0;
-        for &(start, end) in &self.spans {
-            if start < from || end > want.len() || on_stick[from..start] != want[from..start] {
-                return false;
-            }
-            from = end;
-        }
-        on_stick[from..] == want[from..]
+        on_stick.len() == want.len()
+            && original.len() == want.len()
+            && on_stick.iter().zip(want).zip(original).all(|((b, s), o)| b == s || b == o)
     }
 
     fn file(root: &Path, volume_id: u32) -> PathBuf {
@@ -156,6 +149,35 @@ fn size(bytes: u64) -> String {
     }
 }
 
+/// What a record keeps sealed: what to erase, and the file as it was on the stick (to know
+/// that stick again, and no other).
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    patterns: Vec<String>,
+    original: String,
+}
+
+impl Drop for Sealed {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.patterns.iter_mut().for_each(Zeroize::zeroize);
+        self.original.zeroize();
+    }
+}
+
+fn sealed_file(root: &Path, volume_id: u32) -> PathBuf {
+    root.join(PENDING).join(format!("{volume_id:08x}.cred"))
+}
+
+fn open_sealed(root: &Path, volume_id: u32, credentials: Credentials) -> Option<Sealed> {
+    let file = sealed_file(root, volume_id);
+    let bytes = match credentials {
+        Credentials::Plain => std::fs::read(&file).map(zeroize::Zeroizing::new).ok(),
+        Credentials::Systemd => super::decrypt(PATTERNS_CREDENTIAL, &file),
+    }?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// A pending scrub, locked for as long as it is held.
 pub struct Held {
     pub pending: Pending,
@@ -166,7 +188,8 @@ pub struct Held {
 pub fn record(
     root: &Path,
     pending: &Pending,
-    patterns: &[String],
+    patterns: Vec<String>,
+    original: &str,
     credentials: Credentials,
 ) -> Result<Held, ProvisionError> {
     let apply = |e: std::io::Error| ProvisionError::Apply(format!("cannot record the scrub of the stick: {e}"));
@@ -175,8 +198,10 @@ pub fn record(
     // The agent (group zhuli) may see that a scrub is pending, never the patterns.
     super::set_mode(&dir, 0o750).map_err(apply)?;
     super::group_readable(&dir);
-    let json = serde_json::to_string_pretty(patterns).unwrap_or_default();
-    let sealed = dir.join(format!("{:08x}.cred", pending.volume_id));
+    let json = zeroize::Zeroizing::new(
+        serde_json::to_string(&Sealed { patterns, original: original.to_owned() }).unwrap_or_default(),
+    );
+    let sealed = sealed_file(root, pending.volume_id);
     match credentials {
         Credentials::Plain => super::write_file(&sealed, json.as_bytes(), 0o600).map_err(apply)?,
         Credentials::Systemd => super::encrypt(PATTERNS_CREDENTIAL, &json, &sealed)?,
@@ -199,18 +224,27 @@ fn hold(file: &Path, pending: Pending) -> std::io::Result<Held> {
 pub fn forget(root: &Path, held: Held) {
     let volume = held.pending.volume_id;
     let _ = std::fs::remove_file(Pending::file(root, volume));
-    let _ = std::fs::remove_file(root.join(PENDING).join(format!("{volume:08x}.cred")));
+    let _ = std::fs::remove_file(sealed_file(root, volume));
     let _ = super::sync_dir(&root.join(PENDING));
 }
 
-/// The pending scrub of the stick with `volume_id` whose configuration file is `on_stick`.
-pub fn find(root: &Path, volume_id: u32, on_stick: &[u8]) -> Option<Held> {
+/// The pending scrub of the stick with `volume_id` whose configuration file is `on_stick`. A
+/// record of an import that never switched (the box stopped in between) is dropped: that
+/// stick is imported again, not starred.
+pub fn find(root: &Path, volume_id: u32, on_stick: &[u8], credentials: Credentials) -> Option<Held> {
     let file = Pending::file(root, volume_id);
     let pending: Pending = serde_json::from_str(&std::fs::read_to_string(&file).ok()?).ok()?;
-    if pending.volume_id != volume_id || !pending.matches(on_stick) {
+    let held = hold(&file, pending).ok()?;
+    if held.pending.serial > super::current_serial(root) {
+        log::warn!(
+            "provisioning: dropping the scrub record of serial {}, which was never switched to",
+            held.pending.serial
+        );
+        forget(root, held);
         return None;
     }
-    hold(&file, pending).ok()
+    let sealed = open_sealed(root, volume_id, credentials)?;
+    (held.pending.volume_id == volume_id && held.pending.matches(on_stick, sealed.original.as_bytes())).then_some(held)
 }
 
 /// Pending scrubs no import is working on now (the agent's notice to the admins).
@@ -246,25 +280,24 @@ pub fn run(
 ) -> Result<Outcome, ProvisionError> {
     let started = Instant::now();
     let volume = held.pending.volume_id;
-    let sealed = root.join(PENDING).join(format!("{volume:08x}.cred"));
-    let patterns: Vec<String> = {
-        let bytes = match credentials {
-            Credentials::Plain => std::fs::read(&sealed).map(zeroize::Zeroizing::new).ok(),
-            Credentials::Systemd => super::decrypt(PATTERNS_CREDENTIAL, &sealed),
-        };
-        let bytes = bytes.ok_or_else(|| {
-            ProvisionError::Apply(format!(
-                "the record of the secrets to remove from this stick ({}) cannot be opened",
-                sealed.display()
-            ))
-        })?;
-        serde_json::from_slice(&bytes).map_err(|_| ProvisionError::Apply("the scrub record is damaged".into()))?
-    };
+    let sealed = open_sealed(root, volume, credentials).ok_or_else(|| {
+        ProvisionError::Apply(format!(
+            "the record of the secrets to remove from this stick ({}) cannot be opened",
+            sealed_file(root, volume).display()
+        ))
+    })?;
     let interrupted = |e: stick::StickError| Ok(Outcome::Interrupted(e.to_string()));
     if let Err(e) = stick::overwrite_in_place(device, stick::CONFIG, held.pending.starred.as_bytes()) {
         return interrupted(e);
     }
-    let patterns: Vec<Vec<u8>> = patterns.into_iter().map(String::into_bytes).collect();
+    // Each as UTF-8, and as UTF-16 (a copy saved by an editor as "Unicode").
+    let mut patterns: Vec<Vec<u8>> = Vec::new();
+    for p in &sealed.patterns {
+        patterns.push(p.as_bytes().to_vec());
+        patterns.push(p.encode_utf16().flat_map(u16::to_le_bytes).collect());
+        patterns.push(p.encode_utf16().flat_map(u16::to_be_bytes).collect());
+    }
+    let patterns = zeroize::Zeroizing::new(patterns);
     let mut last = Instant::now();
     let erased = stick::erase_everywhere(device, &patterns, |done, total| {
         if fault.is_some_and(|at| done >= at) {
@@ -285,7 +318,7 @@ pub fn run(
         Err(e) => return interrupted(e),
     };
     let file = Pending::file(root, volume);
-    let gone = std::fs::remove_file(&file).and_then(|_| std::fs::remove_file(&sealed));
+    let gone = std::fs::remove_file(&file).and_then(|_| std::fs::remove_file(sealed_file(root, volume)));
     if let Err(e) = gone.and_then(|_| super::sync_dir(&root.join(PENDING))) {
         log::warn!("provisioning: the scrub finished but its record could not be removed: {e}");
     }
@@ -327,12 +360,15 @@ mod tests {
         assert_eq!(s, "a = \"************\"\nb = '********'\n");
         assert_eq!(s.len(), text.len());
         let pending = Pending { volume_id: 1, serial: 1, starred: s.clone(), spans, started: String::new() };
-        assert!(pending.matches(text.as_bytes()), "the original");
-        assert!(pending.matches(s.as_bytes()), "done");
+        let original = text.as_bytes();
+        assert!(pending.matches(original, original), "the original");
+        assert!(pending.matches(s.as_bytes(), original), "done");
         let half = format!("{}{}", &s[..10], &text[10..]);
-        assert!(pending.matches(half.as_bytes()), "interrupted while writing");
-        assert!(!pending.matches(text.replace("a =", "c =").as_bytes()), "another configuration");
-        assert!(!pending.matches(format!("{text}\n").as_bytes()), "another length");
+        assert!(pending.matches(half.as_bytes(), original), "interrupted while writing");
+        assert!(!pending.matches(text.replace("a =", "c =").as_bytes(), original), "another configuration");
+        assert!(!pending.matches(format!("{text}\n").as_bytes(), original), "another length");
+        let rotated = text.replace("sk-live-1234", "sk-live-9999");
+        assert!(!pending.matches(rotated.as_bytes(), original), "the same file with other secrets of the same length");
     }
 
     #[test]

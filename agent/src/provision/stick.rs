@@ -199,16 +199,80 @@ pub fn overwrite_in_place(dev: &Path, name: &str, bytes: &[u8]) -> Result<(), St
 pub struct Erased {
     /// Bytes of the device read.
     pub scanned: u64,
-    /// Copies of a pattern found, and overwritten with zeros.
+    /// Copies of a pattern found, and overwritten with zeros (a piece of one at the edge of a
+    /// free cluster counts as one).
     pub found: u64,
 }
 
 /// How much of the device is read at a time.
 const ERASE_CHUNK: usize = 8 * 1024 * 1024;
+/// A piece of a secret at least this long, at the edge of a free cluster, is erased: a deleted
+/// file's clusters need not lie side by side, so a copy may be cut at any cluster boundary.
+const MIN_PIECE: usize = 4;
+
+/// Where the clusters of a FAT file system are, and which are free.
+struct Clusters {
+    /// Device offset of cluster 2.
+    data_start: u64,
+    size: u64,
+    /// Cluster number − 2 → free.
+    free: Vec<bool>,
+}
+
+impl Clusters {
+    /// Read from the boot sector and the first FAT (12, 16 or 32 bits an entry).
+    fn read(f: &File) -> std::io::Result<Clusters> {
+        use std::os::unix::fs::FileExt;
+        let mut boot = [0u8; 512];
+        f.read_exact_at(&mut boot, 0)?;
+        let u16_at = |i: usize| u64::from(u16::from_le_bytes([boot[i], boot[i + 1]]));
+        let u32_at = |i: usize| u64::from(u32::from_le_bytes([boot[i], boot[i + 1], boot[i + 2], boot[i + 3]]));
+        let sector = u16_at(11);
+        let per_cluster = u64::from(boot[13]);
+        let reserved = u16_at(14);
+        let fats = u64::from(boot[16]);
+        let root_entries = u16_at(17);
+        let total = if u16_at(19) != 0 { u16_at(19) } else { u32_at(32) };
+        let fat_sectors = if u16_at(22) != 0 { u16_at(22) } else { u32_at(36) };
+        if sector == 0 || per_cluster == 0 || fat_sectors == 0 {
+            return Err(std::io::Error::other("not a FAT boot sector"));
+        }
+        let root_sectors = (root_entries * 32).div_ceil(sector);
+        let data_sector = reserved + fats * fat_sectors + root_sectors;
+        let count = total.saturating_sub(data_sector) / per_cluster;
+        let mut fat = vec![0u8; (fat_sectors * sector) as usize];
+        f.read_exact_at(&mut fat, reserved * sector)?;
+        let entry = |n: u64| -> u32 {
+            let n = n as usize;
+            let byte = |i: usize| u32::from(fat.get(i).copied().unwrap_or(0xff));
+            if count < 4085 {
+                let at = n + n / 2;
+                let v = byte(at) | byte(at + 1) << 8;
+                if n.is_multiple_of(2) { v & 0xfff } else { v >> 4 }
+            } else if count < 65525 {
+                byte(2 * n) | byte(2 * n + 1) << 8
+            } else {
+                (byte(4 * n) | byte(4 * n + 1) << 8 | byte(4 * n + 2) << 16 | byte(4 * n + 3) << 24) & 0x0fff_ffff
+            }
+        };
+        Ok(Clusters {
+            data_start: data_sector * sector,
+            size: per_cluster * sector,
+            free: (2..count + 2).map(|n| entry(n) == 0).collect(),
+        })
+    }
+
+    fn free_at(&self, offset: u64) -> bool {
+        offset >= self.data_start
+            && self.free.get(((offset - self.data_start) / self.size) as usize).copied().unwrap_or(false)
+    }
+}
 
 /// Read the whole device and overwrite with zeros every place where one of `patterns` occurs —
-/// in a file, in a file's slack, in free clusters — then flush it to the device. `progress` is
-/// told (bytes read, device size) after each chunk. Empty patterns are ignored.
+/// in a file, in a file's slack, in free clusters — and, at the edges of free clusters, every
+/// piece of one ([`MIN_PIECE`] bytes or more) that a copy cut at a cluster boundary left; then
+/// flush it to the device. `progress` is told (bytes read, device size) after each chunk. Empty
+/// patterns are ignored.
 pub fn erase_everywhere(
     dev: &Path,
     patterns: &[Vec<u8>],
@@ -218,13 +282,18 @@ pub fn erase_everywhere(
     let open = |source| StickError::Open { path: dev.to_owned(), source };
     let mut f = OpenOptions::new().read(true).write(true).open(dev).map_err(open)?;
     let size = f.seek(SeekFrom::End(0)).map_err(io)?;
-    let finders: Vec<memchr::memmem::Finder> =
-        patterns.iter().filter(|p| !p.is_empty()).map(memchr::memmem::Finder::new).collect();
-    let longest = finders.iter().map(|f| f.needle().len()).max().unwrap_or(1);
-    // A chunk's last `longest - 1` bytes are read again at the start of the next one, so a copy
-    // that straddles two chunks is found.
-    let mut buf = vec![0u8; ERASE_CHUNK + longest];
+    let clusters = Clusters::read(&f).map_err(|_| StickError::NotFat(dev.to_owned()))?;
+    let patterns: Vec<&[u8]> = patterns.iter().filter(|p| !p.is_empty()).map(Vec::as_slice).collect();
+    let finders: Vec<memchr::memmem::Finder> = patterns.iter().map(memchr::memmem::Finder::new).collect();
+    let longest = patterns.iter().map(|p| p.len()).max().unwrap_or(1);
+    // A chunk's last `2 × longest` bytes are read again at the start of the next one, so a copy
+    // that straddles two chunks is found, and a cluster boundary near the end is looked at with
+    // the bytes on both sides.
+    let keep = 2 * longest;
+    let mut buf = vec![0u8; ERASE_CHUNK + keep];
     let (mut at, mut carried, mut found) = (0u64, 0usize, 0u64);
+    // The next cluster boundary to look at.
+    let mut boundary = clusters.data_start + clusters.size;
     loop {
         let mut filled = carried;
         while filled < buf.len() {
@@ -234,27 +303,57 @@ pub fn erase_everywhere(
             }
             filled += n;
         }
+        let end = at + filled as u64;
+        let last = end >= size || filled < buf.len();
+        // Ranges (in `buf`) to erase.
         let mut hits: Vec<(usize, usize)> = Vec::new();
         for finder in &finders {
-            hits.extend(finder.find_iter(&buf[..filled]).map(|start| (start, finder.needle().len())));
+            hits.extend(finder.find_iter(&buf[..filled]).map(|start| (start, start + finder.needle().len())));
         }
-        for (start, len) in hits {
-            if buf[start..start + len].iter().all(|b| *b == 0) {
+        while boundary < end && (boundary + longest as u64 <= end || last) {
+            let b = (boundary - at) as usize;
+            let before = &buf[b.saturating_sub(longest)..b];
+            let after = &buf[b..(b + longest).min(filled)];
+            let (free_before, free_after) = (clusters.free_at(boundary - 1), clusters.free_at(boundary));
+            for p in &patterns {
+                // The first k bytes of a pattern ending a free cluster: only where its first byte is.
+                if free_before {
+                    for j in memchr::memchr_iter(p[0], before) {
+                        let k = before.len() - j;
+                        if (MIN_PIECE..p.len()).contains(&k) && before[j..] == p[..k] {
+                            hits.push((b - k, b));
+                        }
+                    }
+                }
+                // The last k bytes of a pattern starting a free cluster: only where the byte
+                // the cluster starts with is.
+                if free_after && let Some(&first) = after.first() {
+                    for i in memchr::memchr_iter(first, p) {
+                        let k = p.len() - i;
+                        if (MIN_PIECE..p.len()).contains(&k) && after.starts_with(&p[i..]) {
+                            hits.push((b, b + k));
+                        }
+                    }
+                }
+            }
+            boundary += clusters.size;
+        }
+        for (start, stop) in hits {
+            if buf[start..stop].iter().all(|b| *b == 0) {
                 continue;
             }
-            buf[start..start + len].fill(0);
-            f.write_all_at(&buf[start..start + len], at + start as u64).map_err(io)?;
+            buf[start..stop].fill(0);
+            f.write_all_at(&buf[start..stop], at + start as u64).map_err(io)?;
             found += 1;
         }
-        let end = at + filled as u64;
         progress(end.min(size), size)?;
-        if end >= size || filled < buf.len() {
+        if last {
             break;
         }
-        let keep = (longest - 1).min(filled);
-        buf.copy_within(filled - keep..filled, 0);
-        at = end - keep as u64;
-        carried = keep;
+        let kept = keep.min(filled);
+        buf.copy_within(filled - kept..filled, 0);
+        at = end - kept as u64;
+        carried = kept;
     }
     f.sync_all().map_err(io)?;
     Ok(Erased { scanned: size, found })

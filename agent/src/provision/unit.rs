@@ -46,8 +46,11 @@ pub fn check(config: &Config) -> Result<(), ProvisionError> {
     Ok(())
 }
 
-/// Create the writable folders that do not exist yet (owned by the agent's user, 0750), and
-/// return every writable folder as its canonical path.
+/// Create the writable folders that do not exist yet (owned by the agent's user, 0750; folders
+/// made on the way 0755, so the agent can reach them whatever the import's umask), and return
+/// every writable folder as its canonical path. A folder reached through a symbolic link
+/// other than the image's `/srv` → `/var/srv` is refused: a plugin allowed to write near a
+/// root could otherwise point the agent's unit anywhere.
 pub(crate) fn prepare(config: &Config, agent: &super::Agent) -> Result<Vec<PathBuf>, ProvisionError> {
     let mut out = Vec::new();
     for (setting, path) in writable(config) {
@@ -58,12 +61,26 @@ pub(crate) fn prepare(config: &Config, agent: &super::Agent) -> Result<Vec<PathB
             ))
         };
         if !path.exists() {
-            std::fs::create_dir_all(&path).map_err(fail)?;
-            super::set_mode(&path, 0o750).map_err(fail)?;
-            nix::unistd::chown(&path, agent.uid, agent.gid).map_err(|e| fail(e.into()))?;
+            let missing: Vec<PathBuf> = path.ancestors().take_while(|p| !p.exists()).map(Path::to_path_buf).collect();
+            for dir in missing.iter().rev() {
+                std::fs::create_dir(dir).map_err(fail)?;
+                let leaf = dir == &path;
+                super::set_mode(dir, if leaf { 0o750 } else { 0o755 }).map_err(fail)?;
+                if leaf {
+                    nix::unistd::chown(dir, agent.uid, agent.gid).map_err(|e| fail(e.into()))?;
+                }
+            }
             log::info!("provisioning: made the folder {} for {setting}", path.display());
         }
         let canonical = std::fs::canonicalize(&path).map_err(fail)?;
+        let through_srv = path.strip_prefix("/srv").ok().map(|rest| Path::new("/var/srv").join(rest));
+        if canonical != path && Some(&canonical) != through_srv.as_ref() {
+            return Err(ProvisionError::Invalid(format!(
+                "{setting}: {} leads through a symbolic link to {}; name the folder itself",
+                path.display(),
+                canonical.display()
+            )));
+        }
         if !out.contains(&canonical) {
             out.push(canonical);
         }
@@ -79,21 +96,37 @@ fn word(text: &str) -> String {
 
 /// The drop-in: `ReadWritePaths=` for `writable` (ignored if missing when the agent starts, so
 /// the agent can say what is wrong), a credential line for each of `credentials` (name, file).
-pub fn dropin(serial: u64, writable: &[PathBuf], credentials: &[(String, PathBuf)], encrypted: bool) -> String {
+/// Refused if a path holds a control character: a line break would start a setting of its own.
+pub fn dropin(
+    serial: u64,
+    writable: &[PathBuf],
+    credentials: &[(String, PathBuf)],
+    encrypted: bool,
+) -> Result<String, ProvisionError> {
     let mut t = format!(
         "# Written by `zhuli provision import` for serial {serial}: what the configuration lets the agent\n\
          # change, and its plugins' credentials. Replaced by the next import; do not edit.\n[Service]\n"
     );
+    let plain = |p: &Path| -> Result<String, ProvisionError> {
+        let text = p.to_str().unwrap_or("\n");
+        if text.chars().any(char::is_control) {
+            return Err(ProvisionError::Invalid(format!(
+                "the folder {} has a control character in its name; rename it",
+                p.display()
+            )));
+        }
+        Ok(text.to_owned())
+    };
     for p in writable {
-        t.push_str(&format!("ReadWritePaths={}\n", word(&format!("-{}", p.display()))));
+        t.push_str(&format!("ReadWritePaths={}\n", word(&format!("-{}", plain(p)?))));
     }
     let setting = if encrypted { "LoadCredentialEncrypted" } else { "LoadCredential" };
     // systemd splits these at the first `:` and takes the rest of the line as the path; only
     // `%` needs escaping (credential names are letters, digits, `-` and `_`).
     for (name, file) in credentials {
-        t.push_str(&format!("{setting}={name}:{}\n", file.display().to_string().replace('%', "%%")));
+        t.push_str(&format!("{setting}={name}:{}\n", plain(file)?.replace('%', "%%")));
     }
-    t
+    Ok(t)
 }
 
 /// Where a generation's credential lives as the unit sees it (through `current`).
@@ -116,7 +149,8 @@ mod tests {
                 PathBuf::from("/var/lib/zhuli-provisioning/current/mcp-search-API_KEY.cred"),
             )],
             true,
-        );
+        )
+        .expect("a drop-in");
         assert!(t.contains("ReadWritePaths=\"-/srv/share\"\n"), "{t}");
         assert!(t.contains("ReadWritePaths=\"-/srv/team files/100%%\\\"q\\\"\"\n"), "{t}");
         assert!(
@@ -124,5 +158,7 @@ mod tests {
             "{t}"
         );
         assert!(t.starts_with("# Written by") && t.contains("serial 7") && t.contains("\n[Service]\n"));
+        let injected = PathBuf::from("/srv/x\n[Service]\nExecStartPre=+/srv/x/run");
+        assert!(dropin(7, &[injected], &[], true).is_err(), "a line break in a folder's name");
     }
 }

@@ -401,7 +401,7 @@ impl FolderCheck {
                 )
             }
             FolderProblem::ReadOnlyFileSystem => format!(
-                "under the service this usually means the service unit does not allow writing there (ProtectSystem=strict): add ReadWritePaths={path} to zhuli.service (systemctl edit zhuli) and restart it; if the disk itself is mounted read-only, remount it read-write"
+                "under the service this usually means the service unit does not allow writing there (ProtectSystem=strict; the configuration's import lists its folders as ReadWritePaths={path} in the unit's drop-in): import the configuration again from its stick (on the box, shared folders belong under /srv); if the disk itself is mounted read-only, remount it read-write"
             ),
             FolderProblem::ReadDenied => format!("let the agent's user read it: chown or chmod {path} for {user}"),
             FolderProblem::Other(_) => format!("check {path} and the disk it is on"),
@@ -419,7 +419,7 @@ impl FolderCheck {
             FolderProblem::NotAFolder => format!("请把 [tools.files.roots] {name} 指向一个文件夹"),
             FolderProblem::WriteDenied => format!("请让代理用户可以写入：chown {user} {path}"),
             FolderProblem::ReadOnlyFileSystem => format!(
-                "在服务中运行时，通常是服务单元不允许写入这里（ProtectSystem=strict）：请在 zhuli.service 中加入 ReadWritePaths={path}（systemctl edit zhuli）并重启；若磁盘本身以只读方式挂载，请改为读写挂载"
+                "在服务中运行时，通常是服务单元不允许写入这里（ProtectSystem=strict；导入配置时会把它的文件夹写入单元的 ReadWritePaths={path}）：请用配置 U 盘重新导入配置（在设备上，共享文件夹应放在 /srv 下）；若磁盘本身以只读方式挂载，请改为读写挂载"
             ),
             FolderProblem::ReadDenied => format!("请让代理用户可以读取 {path}"),
             FolderProblem::Other(_) => format!("请检查 {path} 及其所在磁盘"),

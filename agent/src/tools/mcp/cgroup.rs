@@ -2,8 +2,8 @@
 //! its own task, memory and CPU limits, and everything it started killed at once.
 //!
 //! `zhuli.service` delegates its cgroup to the agent (`Delegate=pids memory cpu`,
-//! `DelegateSubgroup=agent`, `ProtectControlGroups=private`): the agent runs in `agent/`, and
-//! makes beside it
+//! `ProtectControlGroups=private`, so the service's cgroup is the root of the agent's cgroup
+//! namespace): the agent moves itself into `agent/` at its first plugin, and makes beside it
 //!
 //! ```text
 //! <zhuli.service>/        the service's limits (MemoryMax=, TasksMax=), systemd's
@@ -118,13 +118,20 @@ impl Tree {
     /// The delegated tree, set up: `None` when the agent does not run in a delegated `agent/`
     /// group (then plugins get rlimits only).
     pub fn detect() -> Option<Tree> {
+        // Started by systemd (a service has an invocation id) at the root of its own cgroup
+        // namespace (`ProtectControlGroups=private`): the service's cgroup, delegated to us.
+        std::env::var_os("INVOCATION_ID")?;
         let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let path = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim().to_owned();
-        let mine = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
-        if mine.file_name()? != "agent" {
+        let service = match path.as_str() {
+            "/" => PathBuf::from("/sys/fs/cgroup"),
+            // Already moved into agent/ (an earlier start of this process's tree).
+            "/agent" => PathBuf::from("/sys/fs/cgroup"),
+            _ => return None,
+        };
+        if nix::unistd::access(&service.join("cgroup.subtree_control"), nix::unistd::AccessFlags::W_OK).is_err() {
             return None;
         }
-        let service = mine.parent()?.to_owned();
         match Tree::set_up(&service) {
             Ok(tree) => Some(tree),
             Err(e) => {
@@ -144,6 +151,13 @@ impl Tree {
                 return Err(std::io::Error::other(format!("the {c} controller is not delegated")));
             }
         }
+        // The agent leaves the service's own group for agent/ (a group with processes cannot
+        // hand controllers to its children); all its threads go with it.
+        let agent = service.join("agent");
+        if !agent.exists() {
+            std::fs::create_dir(&agent)?;
+        }
+        write(&agent.join("cgroup.procs"), "0")?;
         let enable = CONTROLLERS.map(|c| format!("+{c}")).join(" ");
         write(&service.join("cgroup.subtree_control"), &enable)?;
         let base = service.join("plugins");
@@ -159,7 +173,7 @@ impl Tree {
         // Together, plugins leave the agent its share of the service's limits.
         let share = |file: &str, reserve: u64| -> std::io::Result<()> {
             match read_u64(&service.join(file)) {
-                Some(limit) => write(&base.join(file), &limit.saturating_sub(reserve).max(reserve).to_string()),
+                Some(limit) => write(&base.join(file), &limit.saturating_sub(reserve).max(1).to_string()),
                 None => Ok(()),
             }
         };

@@ -208,7 +208,9 @@ pub struct Plugin {
     tree: Option<Arc<cgroup::Tree>>,
     limits: cgroup::Limits,
     /// Who hears of a stop for a limit.
-    stops: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<PluginStop>>,
+    stops: std::sync::OnceLock<tokio::sync::mpsc::Sender<PluginStop>>,
+    /// Starts attempted, naming each start's control group.
+    runs: AtomicU64,
 }
 
 impl Plugin {
@@ -273,11 +275,12 @@ impl Plugin {
                 cpu_percent: settings.cpu_percent,
             },
             stops: std::sync::OnceLock::new(),
+            runs: AtomicU64::new(0),
         }))
     }
 
     /// Tell `to` whenever this plugin is stopped for reaching a limit.
-    pub fn report_stops(&self, to: tokio::sync::mpsc::UnboundedSender<PluginStop>) {
+    pub fn report_stops(&self, to: tokio::sync::mpsc::Sender<PluginStop>) {
         let _ = self.stops.set(to);
     }
 
@@ -392,11 +395,24 @@ impl Plugin {
         Ok(running)
     }
 
+    /// Start a new process (called with the slot held, so never two at once).
     fn spawn(&self) -> Result<Arc<Running>, PluginError> {
         let start = |m: String| PluginError::Start(self.name.clone(), m);
+        // Its home is scratch space for one run: emptied before each start, so a plugin that
+        // filled it (memory it is charged for) starts clean, and nothing piles up over restarts.
+        if let Ok(entries) = std::fs::read_dir(&self.policy.home) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ =
+                    if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+        // A group of its own per start: the reader of an earlier run removes only its own.
+        let run = self.runs.fetch_add(1, Ordering::Relaxed);
         let group = match &self.tree {
             Some(tree) => Some(Arc::new(
-                tree.group(&self.name, self.limits).map_err(|e| start(format!("its control group: {e}")))?,
+                tree.group(&format!("{}.{run}", self.name), self.limits)
+                    .map_err(|e| start(format!("its control group: {e}")))?,
             )),
             None => None,
         };
@@ -444,7 +460,7 @@ impl Plugin {
         let writer = Arc::downgrade(&running);
         let name = self.name.clone();
         let secrets = self.secrets.clone();
-        let (limits, home, stops) = (self.limits, self.policy.home.clone(), self.stops.get().cloned());
+        let (limits, stops) = (self.limits, self.stops.get().cloned());
         tokio::spawn(async move {
             let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_MESSAGE));
             let ended = loop {
@@ -511,20 +527,13 @@ impl Plugin {
             }
             if let Some(reason) = &over {
                 how = format!("stopped: {reason}; {how}");
-                // Its home is memory it is charged for: emptied, so the next start begins clean.
-                if let Ok(entries) = std::fs::read_dir(&home) {
-                    for e in entries.flatten() {
-                        let p = e.path();
-                        let _ = if p.is_dir() && !p.is_symlink() {
-                            std::fs::remove_dir_all(&p)
-                        } else {
-                            std::fs::remove_file(&p)
-                        };
-                    }
-                }
                 log::warn!("plugin {name} stopped: {reason}");
-                if let Some(to) = &stops {
-                    let _ = to.send(PluginStop { plugin: name.clone(), limit: *reason });
+                // Bounded: a plugin stopped over and over is audited by the receiver, which
+                // tells the admins at most so often; more than that waiting is dropped here.
+                if let Some(to) = &stops
+                    && to.try_send(PluginStop { plugin: name.clone(), limit: *reason }).is_err()
+                {
+                    log::warn!("plugin {name}: its stop was not reported (too many at once)");
                 }
             }
             // The telling line: the last one naming an error (a stack trace follows it), else the last.
@@ -799,6 +808,15 @@ pub async fn start_all(
     state_dir: &std::path::Path,
 ) -> Result<(Vec<Arc<Plugin>>, Vec<Arc<dyn Tool>>), PluginSettingsError> {
     let tree = if settings.is_empty() { None } else { cgroup::Tree::detect().map(Arc::new) };
+    // In its cgroup a plugin runs as the user that owns the delegated tree: only Landlock keeps
+    // it from the tree's files and from signalling the agent (scopes need ABI 6).
+    if tree.is_some() && sandbox::landlock_abi() < 6 {
+        log::error!(
+            "plugins: this kernel's Landlock (ABI {}) cannot keep a plugin from the agent's cgroup tree and signals; no plugin is started (a kernel of 6.12 or later is needed)",
+            sandbox::landlock_abi()
+        );
+        return Ok((Vec::new(), Vec::new()));
+    }
     if !settings.is_empty() && tree.is_none() {
         log::warn!(
             "plugins: no delegated control group (not running as zhuli.service): each plugin is limited by rlimits only, and its home folder is not capped"
