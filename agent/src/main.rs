@@ -488,7 +488,7 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
                     "this forgets the imported configuration and the trusted organisation key; pass --yes to do it"
                 );
             }
-            for name in ["current", "generations", "serial", "org.pub"] {
+            for name in ["current", "generations", "serial", "org.pub", zhuli::provision::scrub::PENDING] {
                 let path = root.join(name);
                 let removed = if path.is_dir() && !path.is_symlink() {
                     std::fs::remove_dir_all(&path)
