@@ -208,7 +208,9 @@ pub struct Plugin {
     tree: Option<Arc<cgroup::Tree>>,
     limits: cgroup::Limits,
     /// Who hears of a stop for a limit.
-    stops: std::sync::OnceLock<tokio::sync::mpsc::Sender<PluginStop>>,
+    /// (Shared with each run's reader, which looks it up when the run ends: the first run
+    /// starts before anyone listens.)
+    stops: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<PluginStop>>>,
     /// Starts attempted, naming each start's control group.
     runs: AtomicU64,
 }
@@ -274,7 +276,7 @@ impl Plugin {
                 memory_bytes: settings.memory_mb * 1024 * 1024,
                 cpu_percent: settings.cpu_percent,
             },
-            stops: std::sync::OnceLock::new(),
+            stops: Arc::default(),
             runs: AtomicU64::new(0),
         }))
     }
@@ -460,7 +462,7 @@ impl Plugin {
         let writer = Arc::downgrade(&running);
         let name = self.name.clone();
         let secrets = self.secrets.clone();
-        let (limits, stops) = (self.limits, self.stops.get().cloned());
+        let (limits, stops) = (self.limits, self.stops.clone());
         tokio::spawn(async move {
             let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_MESSAGE));
             let ended = loop {
@@ -530,7 +532,7 @@ impl Plugin {
                 log::warn!("plugin {name} stopped: {reason}");
                 // Bounded: a plugin stopped over and over is audited by the receiver, which
                 // tells the admins at most so often; more than that waiting is dropped here.
-                if let Some(to) = &stops
+                if let Some(to) = stops.get()
                     && to.try_send(PluginStop { plugin: name.clone(), limit: *reason }).is_err()
                 {
                     log::warn!("plugin {name}: its stop was not reported (too many at once)");
