@@ -211,8 +211,8 @@ pub struct Plugin {
     /// (Shared with each run's reader, which looks it up when the run ends: the first run
     /// starts before anyone listens.)
     stops: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<PluginStop>>>,
-    /// Starts attempted, naming each start's control group.
-    runs: AtomicU64,
+    /// The latest start's number (naming its control group; guarding its home).
+    latest_run: Arc<Mutex<u64>>,
 }
 
 impl Plugin {
@@ -277,7 +277,7 @@ impl Plugin {
                 cpu_percent: settings.cpu_percent,
             },
             stops: Arc::default(),
-            runs: AtomicU64::new(0),
+            latest_run: Arc::default(),
         }))
     }
 
@@ -400,17 +400,17 @@ impl Plugin {
     /// Start a new process (called with the slot held, so never two at once).
     fn spawn(&self) -> Result<Arc<Running>, PluginError> {
         let start = |m: String| PluginError::Start(self.name.clone(), m);
-        // Its home is scratch space for one run: emptied before each start, so a plugin that
-        // filled it (memory it is charged for) starts clean, and nothing piles up over restarts.
-        if let Ok(entries) = std::fs::read_dir(&self.policy.home) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let _ =
-                    if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-            }
-        }
+        // Its home is scratch space for one run: emptied when a run ends and before the next
+        // starts, so a plugin that filled it (memory it is charged for) frees it, and nothing
+        // piles up over restarts. The latest run's number guards it: an ended run's reader
+        // never empties the home of a run started after it.
+        let run = {
+            let mut latest = self.latest_run.lock().unwrap_or_else(|p| p.into_inner());
+            *latest += 1;
+            empty(&self.policy.home);
+            *latest
+        };
         // A group of its own per start: the reader of an earlier run removes only its own.
-        let run = self.runs.fetch_add(1, Ordering::Relaxed);
         let group = match &self.tree {
             Some(tree) => Some(Arc::new(
                 tree.group(&format!("{}.{run}", self.name), self.limits)
@@ -463,6 +463,7 @@ impl Plugin {
         let name = self.name.clone();
         let secrets = self.secrets.clone();
         let (limits, stops) = (self.limits, self.stops.clone());
+        let (latest_run, home) = (self.latest_run.clone(), self.policy.home.clone());
         tokio::spawn(async move {
             let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_MESSAGE));
             let ended = loop {
@@ -526,6 +527,12 @@ impl Plugin {
             };
             if let Some(reason) = ended {
                 how = format!("{reason}; {how}");
+            }
+            {
+                let latest = latest_run.lock().unwrap_or_else(|p| p.into_inner());
+                if *latest == run {
+                    empty(&home);
+                }
             }
             if let Some(reason) = &over {
                 how = format!("stopped: {reason}; {how}");
@@ -666,6 +673,15 @@ impl Plugin {
                 .and_then(|v| v.parse().ok())
         };
         Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+}
+
+/// Remove everything in `dir` (a plugin's home), keeping `dir`.
+fn empty(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        let _ = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
     }
 }
 
