@@ -37,6 +37,9 @@ pub enum Scripted {
 pub struct RecordedRequest {
     pub body: Value,
     pub authorization: Option<String>,
+    /// When the request arrived, and when its answer was sent.
+    pub arrived: tokio::time::Instant,
+    pub answered: Option<tokio::time::Instant>,
 }
 
 #[derive(Default)]
@@ -47,6 +50,10 @@ struct State {
     chunk_delay: std::time::Duration,
     /// Requests are not kept (benchmarks).
     forget: bool,
+    /// Wait this long before answering each request (a model that thinks).
+    answer_delay: std::time::Duration,
+    /// With nothing scripted, answer "回答：" + the last user message's text.
+    echo: bool,
 }
 
 pub struct LlmSim {
@@ -188,6 +195,16 @@ impl LlmSim {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).chunk_delay = d;
     }
 
+    /// Wait `d` before answering each request.
+    pub fn set_answer_delay(&self, d: std::time::Duration) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).answer_delay = d;
+    }
+
+    /// With nothing scripted, answer "回答：" followed by the last user message's text.
+    pub fn set_echo(&self, on: bool) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).echo = on;
+    }
+
     /// Stop keeping requests (a benchmark's memory figures must not count them).
     pub fn stop_recording(&self) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -213,12 +230,36 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
         return full(StatusCode::BAD_REQUEST, json!({"error": {"message": "body is not JSON"}}));
     };
     let stream = body["stream"].as_bool() == Some(true);
-    let (next, delay) = {
+    let arrived = tokio::time::Instant::now();
+    let (next, delay, wait, index) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-        if !st.forget {
-            st.requests.push(RecordedRequest { body, authorization });
-        }
-        (st.script.pop_front().unwrap_or(Scripted::Text("ok".into())), st.chunk_delay)
+        let fallback = if st.echo {
+            let last = body["messages"]
+                .as_array()
+                .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+                .map(|m| match &m["content"] {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .unwrap_or_default();
+            Scripted::Text(format!("回答：{last}"))
+        } else {
+            Scripted::Text("ok".into())
+        };
+        let index = (!st.forget).then(|| {
+            st.requests.push(RecordedRequest { body, authorization, arrived, answered: None });
+            st.requests.len() - 1
+        });
+        (st.script.pop_front().unwrap_or(fallback), st.chunk_delay, st.answer_delay, index)
     };
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    if let Some(i) = index {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = st.requests.get_mut(i) {
+            r.answered = Some(tokio::time::Instant::now());
+        }
+    }
     answer(next, stream, delay)
 }

@@ -50,6 +50,16 @@ pub struct SimConfig {
     pub disconnect_grace: Duration,
     /// An unACKed callback is pushed again after this long.
     pub redeliver_after: Duration,
+    /// A callback not ACKed this long after it was first queued is dropped, never delivered
+    /// again (counted as `expired`): DingTalk holds an undelivered message for about 60 s.
+    /// `None`: held until delivered.
+    pub hold_for: Option<Duration>,
+    /// `false`: a callback pushed once is never pushed again (a gateway that does not resend);
+    /// unACKed callbacks are counted as `expired`.
+    pub resend: bool,
+    /// A write to a connection that does not complete in this long (the client is not reading)
+    /// drops the connection, as the gateway does.
+    pub send_timeout: Duration,
     pub ticket_ttl: Duration,
     pub webhook_ttl: Duration,
     /// The API base the simulator names in the URLs it hands out (session webhooks, downloads)
@@ -70,6 +80,9 @@ impl Default for SimConfig {
             ping_interval: Some(Duration::from_secs(20)),
             disconnect_grace: Duration::from_secs(10),
             redeliver_after: Duration::from_secs(60),
+            hold_for: None,
+            resend: true,
+            send_timeout: Duration::from_secs(5),
             ticket_ttl: Duration::from_secs(90),
             webhook_ttl: Duration::from_secs(90 * 60),
             public_http_base: None,
@@ -219,6 +232,7 @@ struct Pending {
     message_id: String,
     text: String,
     topic: String,
+    first_at: Instant,
 }
 
 struct SimConn {
@@ -250,6 +264,12 @@ pub struct SimCounters {
     pub tokens_issued: u64,
     pub downloads: u64,
     pub client_frames_unparsed: u64,
+    /// Callbacks dropped unACKed (held past `hold_for`, or not resent with `resend: false`).
+    pub expired: u64,
+    /// Callbacks ACKed (first ACK of each).
+    pub acked: u64,
+    /// Connections dropped because a write did not complete within `send_timeout`.
+    pub send_timeouts: u64,
     /// Most connections open at once (2 during a make-before-break handover).
     pub max_concurrent: u64,
 }
@@ -273,6 +293,10 @@ struct State {
     counters: SimCounters,
     pings_outstanding: HashMap<String, String>,
     org: org::OrgState,
+    /// When each callback not yet ACKed was first queued.
+    queued_at: HashMap<String, Instant>,
+    /// Queue-to-ACK times of the ACKed callbacks, in µs.
+    ack_latencies_us: Vec<u32>,
 }
 
 pub(crate) struct Shared {
@@ -320,6 +344,10 @@ impl Shared {
     fn pump(&self, st: &mut State) {
         let mut keep = VecDeque::new();
         while let Some(p) = st.queue.pop_front() {
+            if self.held_too_long(&p) {
+                Self::expire(st, &p);
+                continue;
+            }
             let healthy =
                 st.conns.iter().rev().find(|(_, c)| c.mode == ConnMode::Healthy && c.topics.contains(&p.topic));
             let target = healthy
@@ -352,10 +380,25 @@ impl Shared {
             }
         });
         back.sort_by(|a, b| a.message_id.cmp(&b.message_id));
-        st.counters.redelivered += back.len() as u64;
         for p in back.into_iter().rev() {
+            if !self.cfg.resend || self.held_too_long(&p) {
+                Self::expire(st, &p);
+                continue;
+            }
+            st.counters.redelivered += 1;
             st.queue.push_front(p);
         }
+    }
+
+    fn held_too_long(&self, p: &Pending) -> bool {
+        self.cfg.hold_for.is_some_and(|h| p.first_at.elapsed() >= h)
+    }
+
+    /// Drop an unACKed callback for good.
+    fn expire(st: &mut State, p: &Pending) {
+        st.counters.expired += 1;
+        st.queued_at.remove(&p.message_id);
+        log::debug!("sim: callback {} dropped unACKed", p.message_id);
     }
 
     /// Push raw text to every healthy connection (malformed frames, unknown types).
@@ -463,7 +506,13 @@ impl Shared {
             },
             "data": data.to_string(),
         });
-        st.queue.push_back(Pending { message_id, text: frame.to_string(), topic: TOPIC_ROBOT.into() });
+        st.queued_at.insert(message_id.clone(), Instant::now());
+        st.queue.push_back(Pending {
+            message_id,
+            text: frame.to_string(),
+            topic: TOPIC_ROBOT.into(),
+            first_at: Instant::now(),
+        });
         self.pump(&mut st);
         drop(st);
         self.touch();
@@ -715,6 +764,19 @@ impl Simulator {
         self.shared.lock().counters.clone()
     }
 
+    /// Milliseconds since the simulator started (the clock of `RecordedReply::at_ms`).
+    pub fn now_ms(&self) -> u64 {
+        self.shared.elapsed_ms()
+    }
+
+    /// Queue-to-ACK times of every ACKed callback so far, sorted.
+    pub fn ack_latencies(&self) -> Vec<Duration> {
+        let mut v: Vec<Duration> =
+            self.shared.lock().ack_latencies_us.iter().map(|us| Duration::from_micros(u64::from(*us))).collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Connections and their modes, oldest first.
     pub fn connections(&self) -> Vec<(u64, ConnMode)> {
         self.shared.lock().conns.iter().map(|(id, c)| (*id, c.mode)).collect()
@@ -770,6 +832,10 @@ async fn redeliver_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         for k in stale {
             if let Some((_, p, _)) = st.inflight.remove(&k) {
+                if !shared.cfg.resend || shared.held_too_long(&p) {
+                    Shared::expire(&mut st, &p);
+                    continue;
+                }
                 st.counters.redelivered += 1;
                 st.queue.push_back(p);
             }

@@ -93,7 +93,7 @@ async fn connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationTok
             }
         }
     };
-    let mut ws = match tokio_tungstenite::accept_hdr_async(stream, check).await {
+    let ws = match tokio_tungstenite::accept_hdr_async(stream, check).await {
         Ok(ws) => ws,
         Err(_) => return,
     };
@@ -111,17 +111,42 @@ async fn connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationTok
     };
     shared.touch();
 
+    // Reading and writing are independent, as on the real gateway: a client that is slow to
+    // read does not keep its ACKs from being read.
+    let (mut ws, mut incoming) = ws.split();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
+    let reader = {
+        let (shared, frozen) = (shared.clone(), frozen.clone());
+        tokio::spawn(async move {
+            loop {
+                if frozen.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                match tokio::time::timeout(Duration::from_millis(50), incoming.next()).await {
+                    Err(_) => continue,
+                    Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break,
+                    Ok(Some(Ok(Message::Text(t)))) => client_frame(&shared, id, t.as_str()),
+                    Ok(Some(Ok(_))) => {}
+                }
+            }
+            let _ = closed_tx.send(());
+        })
+    };
     let ping_every = shared.cfg.ping_interval;
     let mut next_ping = ping_every.map(|p| Instant::now() + p);
     let mut close_at: Option<Instant> = None;
     let mut mode = shared.lock().conns.get(&id).map(|c| c.mode).unwrap_or(ConnMode::Healthy);
+    frozen.store(mode == ConnMode::Frozen, std::sync::atomic::Ordering::Relaxed);
     let far = || Instant::now() + Duration::from_secs(86_400);
 
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = sleep_until(close_at.unwrap_or_else(far)), if close_at.is_some() => {
-                let _ = ws.close(None).await;
+                let _ = ws.send(Message::Close(None)).await;
+                let _ = ws.close().await;
                 break;
             }
             _ = sleep_until(next_ping.unwrap_or_else(far)), if next_ping.is_some() && mode == ConnMode::Healthy => {
@@ -139,26 +164,29 @@ async fn connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationTok
                     "headers": {"contentType": "application/json", "messageId": mid, "time": now_ms().to_string(), "topic": "ping"},
                     "data": json!({"opaque": opaque}).to_string(),
                 });
-                if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                if !send_within(&shared, &mut ws, Message::Text(frame.to_string().into())).await {
                     break;
                 }
             }
             cmd = rx.recv() => match cmd {
                 None | Some(Cmd::Drop) => break,
-                Some(Cmd::Mode(m)) => mode = m,
+                Some(Cmd::Mode(m)) => {
+                    mode = m;
+                    frozen.store(m == ConnMode::Frozen, std::sync::atomic::Ordering::Relaxed);
+                }
                 Some(Cmd::Send { text, cut_at }) => {
                     if mode == ConnMode::Healthy {
                         if let Some(n) = cut_at {
                             switch.cut_after(n);
                         }
-                        if ws.send(Message::Text(text.into())).await.is_err() {
+                        if !send_within(&shared, &mut ws, Message::Text(text.into())).await {
                             break;
                         }
                     }
                 }
                 Some(Cmd::SendInvalidUtf8(bytes)) => {
                     let frame = Frame::message(bytes, OpCode::Data(Data::Text), true);
-                    if ws.send(Message::Frame(frame)).await.is_err() {
+                    if !send_within(&shared, &mut ws, Message::Frame(frame)).await {
                         break;
                     }
                 }
@@ -169,19 +197,16 @@ async fn connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationTok
                         "headers": {"contentType": "application/json", "messageId": format!("disc{id}"), "time": now_ms().to_string(), "topic": "disconnect"},
                         "data": json!({"reason": "gateway maintenance"}).to_string(),
                     });
-                    if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                    if !send_within(&shared, &mut ws, Message::Text(frame.to_string().into())).await {
                         break;
                     }
                     close_at = Some(Instant::now() + grace);
                 }
             },
-            incoming = ws.next(), if mode != ConnMode::Frozen => match incoming {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                Some(Ok(Message::Text(t))) => client_frame(&shared, id, t.as_str()),
-                Some(Ok(_)) => {}
-            },
+            _ = &mut closed => break,
         }
     }
+    reader.abort();
     let mut st = shared.lock();
     if let Some(c) = st.conns.remove(&id) {
         log::debug!("sim: connection {id} ended after {:?}", c.opened_at.elapsed());
@@ -190,6 +215,21 @@ async fn connection(tcp: TcpStream, shared: Arc<Shared>, cancel: CancellationTok
     shared.pump(&mut st);
     drop(st);
     shared.touch();
+}
+
+/// Write one frame within the gateway's send timeout; false: the connection is to be dropped.
+async fn send_within<S>(shared: &Shared, ws: &mut S, message: Message) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(shared.cfg.send_timeout, ws.send(message)).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            shared.lock().counters.send_timeouts += 1;
+            log::debug!("sim: a write did not complete within {:?}; dropping the connection", shared.cfg.send_timeout);
+            false
+        }
+    }
 }
 
 /// An upstream frame: an ACK of a callback or the echo of a ping.
@@ -211,6 +251,11 @@ fn client_frame(shared: &Shared, conn: u64, text: &str) {
         }
     } else if code == 200 {
         st.inflight.remove(&mid);
+        if let Some(at) = st.queued_at.remove(&mid) {
+            st.counters.acked += 1;
+            let us = at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            st.ack_latencies_us.push(us);
+        }
     }
     st.acks.push(RecordedAck { conn, message_id: mid, code, data });
     drop(st);
