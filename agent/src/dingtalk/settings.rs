@@ -224,7 +224,10 @@ impl<'de> Deserialize<'de> for Millis {
 #[serde(deny_unknown_fields, default)]
 pub struct StreamSettings {
     /// With no gateway frame of any kind for this long, the connection is dead,
-    /// even if WebSocket pings are still answered.
+    /// even if WebSocket pings are still answered. Once the gateway's own pings show their
+    /// interval `p`, the limit is 1.5 × `p` + 1 s when that is shorter. Either way it stays well
+    /// inside the ~60 s a gateway holds an undelivered message, so what a zombie swallowed is
+    /// delivered again on the next connection.
     pub idle_window_ms: Millis,
     /// Interval between our WebSocket pings.
     pub keepalive_ms: Millis,
@@ -246,7 +249,7 @@ pub struct StreamSettings {
 impl Default for StreamSettings {
     fn default() -> Self {
         StreamSettings {
-            idle_window_ms: Millis(60_000),
+            idle_window_ms: Millis(40_000),
             keepalive_ms: Millis(20_000),
             pong_timeout_ms: Millis(10_000),
             connect_timeout_ms: Millis(10_000),

@@ -56,14 +56,15 @@ pub struct Inbound {
 /// unacknowledged, so the gateway delivers it again.
 #[derive(Debug)]
 pub struct AckHandle {
-    out: mpsc::Sender<String>,
+    out: mpsc::UnboundedSender<String>,
     message_id: String,
 }
 
 impl AckHandle {
     pub fn ack(self) {
-        // A full or closed queue means the connection is gone: the gateway redelivers and dedupe absorbs it.
-        let _ = self.out.try_send(frame::callback_ack(&self.message_id, AckCode::Ok));
+        // The queue holds at most one ACK per frame read; it is closed only when the connection
+        // is gone, and then the gateway redelivers and dedupe absorbs it.
+        let _ = self.out.send(frame::callback_ack(&self.message_id, AckCode::Ok));
     }
 }
 
@@ -80,6 +81,11 @@ pub struct StreamStatus {
     pub pings_answered: AtomicU64,
     pub disconnects: AtomicU64,
     pub idle_kills: AtomicU64,
+    /// Robot frames left unACKed because the store had not recorded the ones before them
+    /// (the recorder's queue was full): the store is failing or far too slow.
+    pub unrecorded: AtomicU64,
+    /// Quiet limit in force on the newest connection, in ms (learned from the gateway's pings).
+    pub quiet_limit_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -311,38 +317,133 @@ async fn connect(
 enum Next {
     Continue,
     Disconnect,
-    /// Write this frame back at once (ping echo, ACK of a frame that needs no processing).
+    /// Write this frame back at once (ACK of a frame that needs no processing).
     Reply(String),
+    /// A gateway ping: echo it at once (and learn the gateway's ping interval).
+    Ping(String),
+    /// A robot message for the recorder.
+    Queue(Box<Inbound>),
+}
+
+/// Longest pause in reading while the store takes no message; the gateway drops a connection
+/// whose writes block for 5 s. A frame the store has not taken by then is left unACKed.
+const STALL_LIMIT: Duration = Duration::from_secs(3);
+
+/// A robot frame the store did not take: left unACKed (the gateway delivers it again), counted,
+/// and logged (the first, then at powers of two); the admins hear of it from the monitor.
+fn unrecorded(id: u64, status: &StreamStatus, inbound: &Inbound, why: &str) {
+    let n = status.unrecorded.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        log::error!(
+            "connection {id}: frame {} left unACKed: {why} ({n} so far); the store is not recording messages",
+            inbound.ack.message_id
+        );
+    }
+}
+
+/// ACKs written with one flush, at most.
+const ACKS_PER_FLUSH: usize = 255;
+
+/// How long a connection may stay quiet before it is taken for a zombie. A gateway that holds an
+/// undelivered message for about 60 s and pings every `p` must be found dead well inside those
+/// 60 s: once two pings have shown `p`, the limit is 1.5 × the longest gap seen + 1 s (31 s for
+/// 20 s pings), never more than the configured `idle_window_ms`.
+struct QuietLimit {
+    configured: Duration,
+    last_ping: Option<Instant>,
+    longest_gap: Option<Duration>,
+}
+
+impl QuietLimit {
+    fn new(configured: Duration) -> Self {
+        QuietLimit { configured, last_ping: None, longest_gap: None }
+    }
+
+    /// A gateway ping arrived; true if the limit changed.
+    fn ping(&mut self, at: Instant) -> bool {
+        let before = self.limit();
+        if let Some(last) = self.last_ping.replace(at) {
+            let gap = at.duration_since(last);
+            self.longest_gap = Some(self.longest_gap.map_or(gap, |g| g.max(gap)));
+        }
+        self.limit() != before
+    }
+
+    fn limit(&self) -> Duration {
+        match self.longest_gap {
+            Some(gap) => (gap * 3 / 2 + Duration::from_secs(1)).min(self.configured),
+            None => self.configured,
+        }
+    }
+
+    fn why(&self) -> String {
+        match self.longest_gap {
+            Some(gap) if self.limit() < self.configured => format!("the gateway pings every {gap:?}"),
+            _ => "idle_window_ms".into(),
+        }
+    }
 }
 
 async fn drive(id: u64, socket: Socket, shared: Arc<Shared>, events: mpsc::Sender<ConnEvent>, stop: CancellationToken) {
     let st = &shared.settings.stream;
     let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<String>(256);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
     let mut last_frame = Instant::now();
     let mut seen_frame = false;
     let mut ping_sent: Option<Instant> = None;
+    // Anything read from the socket (frames, pongs), for the keepalive.
+    let mut last_inbound = Instant::now();
     let mut next_ping = Instant::now() + st.keepalive_ms.get();
     let write_limit = st.connect_timeout_ms.get();
+    let mut quiet = QuietLimit::new(st.idle_window_ms.get());
+    shared.status.quiet_limit_ms.store(quiet.limit().as_millis() as u64, Ordering::Relaxed);
+
+    // A robot message read while the recorder's queue was full: reading pauses (the socket's
+    // buffers and the gateway hold the rest) until the store takes it, for `STALL_LIMIT` at most.
+    let mut held: Option<(Inbound, Instant)> = None;
 
     let reason: String = loop {
-        let idle_deadline = last_frame + st.idle_window_ms.get();
+        let idle_deadline = last_frame + quiet.limit();
         let pong_deadline = ping_sent.map(|t| t + st.pong_timeout_ms.get()).unwrap_or(idle_deadline);
+        let paused = held.is_some();
+        let held_until = held.as_ref().map(|(_, since)| *since + STALL_LIMIT);
         tokio::select! {
+            permit = shared.inbox.reserve(), if paused => {
+                let (inbound, since) = held.take().expect("paused means a frame is held");
+                match permit {
+                    Ok(permit) => permit.send(inbound),
+                    Err(_) => unrecorded(id, &shared.status, &inbound, "the recorder has stopped"),
+                }
+                // Frames and pongs waiting in the socket were not late: we were not reading.
+                let pause = since.elapsed();
+                last_frame += pause;
+                last_inbound += pause;
+                ping_sent = ping_sent.map(|t| t + pause);
+            }
+            _ = sleep_until(held_until.unwrap_or_else(Instant::now)), if paused => {
+                let (inbound, since) = held.take().expect("paused means a frame is held");
+                unrecorded(id, &shared.status, &inbound, "the store has not taken a message for 3 s");
+                let pause = since.elapsed();
+                last_frame += pause;
+                last_inbound += pause;
+                ping_sent = ping_sent.map(|t| t + pause);
+            }
             _ = stop.cancelled() => {
                 let _ = timeout(write_limit, sink.send(Message::Close(None))).await;
                 break "closed by us".into();
             }
-            _ = sleep_until(idle_deadline) => {
+            _ = sleep_until(idle_deadline), if !paused => {
                 shared.status.idle_kills.fetch_add(1, Ordering::Relaxed);
-                break format!("no frame from the gateway for {:?} (zombie connection)", st.idle_window_ms.get());
+                break format!("no frame from the gateway for {:?} (zombie connection; {})", quiet.limit(), quiet.why());
             }
-            _ = sleep_until(pong_deadline), if ping_sent.is_some() => {
+            _ = sleep_until(pong_deadline), if ping_sent.is_some() && !paused => {
                 break format!("no pong within {:?}", st.pong_timeout_ms.get());
             }
             _ = sleep_until(next_ping) => {
-                next_ping = Instant::now() + st.keepalive_ms.get();
-                if ping_sent.is_none() {
+                next_ping = last_inbound.max(Instant::now()) + st.keepalive_ms.get();
+                // Data arriving proves the connection alive; a ping is only needed when it is quiet
+                // (under load our pong would queue behind the frames the gateway already sent).
+                if ping_sent.is_none() && last_inbound.elapsed() >= st.keepalive_ms.get() {
                     if timeout(write_limit, sink.send(Message::Ping(Default::default()))).await.map_or(true, |r| r.is_err()) {
                         break "keepalive ping could not be written".into();
                     }
@@ -350,14 +451,29 @@ async fn drive(id: u64, socket: Socket, shared: Arc<Shared>, events: mpsc::Sende
                 }
             }
             Some(out) = out_rx.recv() => {
-                if timeout(write_limit, sink.send(Message::Text(out.into()))).await.map_or(true, |r| r.is_err()) {
+                // Every ACK queued so far goes out in one flush.
+                let written = timeout(write_limit, async {
+                    sink.feed(Message::Text(out.into())).await?;
+                    for _ in 0..ACKS_PER_FLUSH {
+                        match out_rx.try_recv() {
+                            Ok(more) => sink.feed(Message::Text(more.into())).await?,
+                            Err(_) => break,
+                        }
+                    }
+                    sink.flush().await
+                })
+                .await;
+                if written.map_or(true, |r| r.is_err()) {
                     break "ACK could not be written".into();
                 }
             }
-            msg = stream.next() => match msg {
+            msg = stream.next(), if !paused => match msg.inspect(|m| if m.is_ok() {
+                last_inbound = Instant::now();
+                ping_sent = None;
+            }) {
                 None => break "the gateway closed the socket".into(),
                 Some(Err(e)) => break format!("socket error: {e}"),
-                Some(Ok(Message::Pong(_))) => ping_sent = None,
+                Some(Ok(Message::Pong(_))) => {}
                 Some(Ok(Message::Ping(_))) | Some(Ok(Message::Frame(_))) => {}
                 Some(Ok(Message::Close(c))) => break format!("the gateway sent close {}", c.map(|c| c.code.to_string()).unwrap_or_default()),
                 Some(Ok(Message::Binary(b))) => {
@@ -371,12 +487,28 @@ async fn drive(id: u64, socket: Socket, shared: Arc<Shared>, events: mpsc::Sende
                         seen_frame = true;
                         let _ = events.send(ConnEvent::FirstFrame(id)).await;
                     }
-                    match handle_text(id, text.as_str(), &shared, &out_tx).await {
+                    let next = handle_text(id, text.as_str(), &shared, &out_tx);
+                    if let Next::Ping(_) = &next
+                        && quiet.ping(Instant::now())
+                    {
+                        shared.status.quiet_limit_ms.store(quiet.limit().as_millis() as u64, Ordering::Relaxed);
+                    }
+                    match next {
                         Next::Continue => {}
+                        Next::Queue(inbound) => {
+                            if let Err(e) = shared.inbox.try_send(*inbound) {
+                                match e {
+                                    mpsc::error::TrySendError::Full(inbound) => held = Some((inbound, Instant::now())),
+                                    mpsc::error::TrySendError::Closed(inbound) => {
+                                        unrecorded(id, &shared.status, &inbound, "the recorder has stopped")
+                                    }
+                                }
+                            }
+                        }
                         Next::Disconnect => {
                             let _ = events.send(ConnEvent::Disconnect(id)).await;
                         }
-                        Next::Reply(r) => {
+                        Next::Reply(r) | Next::Ping(r) => {
                             if timeout(write_limit, sink.send(Message::Text(r.into()))).await.map_or(true, |r| r.is_err()) {
                                 break "reply frame could not be written".into();
                             }
@@ -389,8 +521,8 @@ async fn drive(id: u64, socket: Socket, shared: Arc<Shared>, events: mpsc::Sende
     let _ = events.send(ConnEvent::Closed { id, reason }).await;
 }
 
-/// Handle one text frame.
-async fn handle_text(id: u64, text: &str, shared: &Shared, out: &mpsc::Sender<String>) -> Next {
+/// Handle one text frame. Never waits: a robot message is handed back for the recorder.
+fn handle_text(id: u64, text: &str, shared: &Shared, out: &mpsc::UnboundedSender<String>) -> Next {
     let status = &shared.status;
     status.frames.fetch_add(1, Ordering::Relaxed);
     if text.len() > MAX_FRAME_BYTES {
@@ -414,7 +546,7 @@ async fn handle_text(id: u64, text: &str, shared: &Shared, out: &mpsc::Sender<St
     match (&frame.kind, frame.topic.as_str()) {
         (FrameType::System, "ping") => {
             status.pings_answered.fetch_add(1, Ordering::Relaxed);
-            Next::Reply(frame::ping_ack(&frame))
+            Next::Ping(frame::ping_ack(&frame))
         }
         (FrameType::System, "disconnect") => Next::Disconnect,
         (FrameType::System, topic) => {
@@ -435,14 +567,7 @@ async fn handle_text(id: u64, text: &str, shared: &Shared, out: &mpsc::Sender<St
             };
             let inbound =
                 Inbound { message, ack: AckHandle { out: out.clone(), message_id: frame.message_id.clone() } };
-            // Backpressure: wait a bounded time for the pipeline; unACKed frames come back later.
-            if timeout(shared.settings.stream.connect_timeout_ms.get(), shared.inbox.send(inbound))
-                .await
-                .map_or(true, |r| r.is_err())
-            {
-                log::warn!("connection {id}: pipeline busy, frame {} left unACKed for redelivery", frame.message_id);
-            }
-            Next::Continue
+            Next::Queue(Box::new(inbound))
         }
         (FrameType::Callback, topic) => {
             log::warn!("connection {id}: CALLBACK on unsubscribed topic {topic:?}; answered 404");
@@ -474,5 +599,25 @@ mod tests {
     fn message_id_of_large_frames() {
         assert_eq!(message_id_of(r#"{"headers":{"messageId" : "abc"},"data":"..."}"#).as_deref(), Some("abc"));
         assert_eq!(message_id_of(r#"{"headers":{}}"#), None);
+    }
+
+    #[test]
+    fn the_quiet_limit_follows_the_gateways_pings_inside_the_configured_window() {
+        let t0 = Instant::now();
+        let mut q = QuietLimit::new(Duration::from_secs(40));
+        assert_eq!(q.limit(), Duration::from_secs(40), "no ping yet: the configured window");
+        assert!(!q.ping(t0), "one ping shows no interval");
+        assert!(q.ping(t0 + Duration::from_secs(20)));
+        assert_eq!(q.limit(), Duration::from_secs(31), "20 s pings: 1.5 × 20 s + 1 s");
+        assert!(q.why().contains("20s"), "{}", q.why());
+        // A late ping widens the limit; an early one never narrows it again.
+        q.ping(t0 + Duration::from_secs(44));
+        assert_eq!(q.limit(), Duration::from_secs(37));
+        q.ping(t0 + Duration::from_secs(45));
+        assert_eq!(q.limit(), Duration::from_secs(37));
+        // Slow pings: never beyond the configured window.
+        q.ping(t0 + Duration::from_secs(145));
+        assert_eq!(q.limit(), Duration::from_secs(40));
+        assert_eq!(q.why(), "idle_window_ms");
     }
 }
