@@ -48,10 +48,20 @@ pub struct Config {
 pub struct AgentSettings {
     /// Directory of the agent's state (media area now; the encrypted store later).
     pub state_dir: PathBuf,
-    /// Messages accepted but not yet answered, at most.
+    /// Messages read from the gateway but not yet recorded in the store, at most. The store
+    /// records far faster than a gateway sends; a frame beyond this is left unACKed (the gateway
+    /// delivers it again) and the admins are told that the store is not keeping up.
     pub inbox_capacity: usize,
-    /// Messages answered concurrently, at most.
+    /// Turns run at once, at most (across conversations; one conversation runs one at a time).
     pub workers: usize,
+    /// Messages waiting in one conversation at which its person is told, once, that the answers
+    /// come in order and how many wait.
+    pub backlog_notice: usize,
+    /// Messages waiting in one conversation, at most; a message beyond this is not answered and
+    /// its sender is told so (one notice for all such messages).
+    pub backlog_max: usize,
+    /// Texts that queued up during a turn answered together in the next one, at most.
+    pub merge_max: usize,
     /// PEM certificate authorities to trust beside the public roots, for every HTTPS/WSS
     /// connection (an office firewall that inspects TLS; a test gateway). Usually unset.
     pub extra_ca_pem: Option<String>,
@@ -64,8 +74,11 @@ impl Default for AgentSettings {
     fn default() -> Self {
         AgentSettings {
             state_dir: PathBuf::from("/var/lib/zhuli"),
-            inbox_capacity: 256,
+            inbox_capacity: 16_384,
             workers: 32,
+            backlog_notice: 20,
+            backlog_max: 200,
+            merge_max: 20,
             extra_ca_pem: None,
             time_zone: None,
         }
@@ -106,11 +119,15 @@ impl Config {
                 config.digests.insert(name, d.as_ref().iter().map(|b| format!("{b:02x}")).collect());
             }
         }
-        if config.agent.inbox_capacity == 0 || config.agent.workers == 0 {
+        if config.agent.inbox_capacity == 0
+            || config.agent.workers == 0
+            || config.agent.backlog_max == 0
+            || config.agent.merge_max == 0
+        {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
                 location: String::new(),
-                message: "[agent] inbox_capacity and workers must be at least 1".into(),
+                message: "[agent] inbox_capacity, workers, backlog_max and merge_max must be at least 1".into(),
             });
         }
         if let Some(pem) = &config.agent.extra_ca_pem {

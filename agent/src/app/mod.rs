@@ -6,6 +6,8 @@
 //! → deliver → forget. What a crash interrupts is picked up at the next start: inbox items are
 //! answered, outbox items delivered. A redelivered msgId is recognised and only ACKed.
 
+mod chats;
+
 use std::{
     sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -17,6 +19,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use self::chats::{Chats, Job, Step};
 use crate::{
     access::{Access, AccessError},
     assistant::{Assistant, Parts, Progress, StatusView},
@@ -43,7 +46,7 @@ use crate::{
 };
 
 /// Messages recorded in one commit, at most.
-const BATCH: usize = 64;
+const BATCH: usize = 256;
 /// Expired msgIds forgotten per pruning tick, at most.
 const PRUNE_PER_TICK: usize = 500;
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -148,7 +151,17 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
 
     let tasks = TaskTracker::new();
     tasks.spawn(stream.run(cancel.clone(), Some((health.task("stream"), every))));
-    tasks.spawn(pipeline(inbox_rx, work.clone(), config.agent.workers, cancel.clone(), health.task("dispatcher")));
+    let chats = Chats::new(
+        work.clone(),
+        config.agent.workers,
+        chats::Policy {
+            notice_at: config.agent.backlog_notice,
+            max_waiting: config.agent.backlog_max,
+            merge_max: config.agent.merge_max,
+        },
+        cancel.clone(),
+    );
+    tasks.spawn(pipeline(inbox_rx, work.clone(), chats, cancel.clone(), health.task("dispatcher")));
     tasks.spawn(prune(store, cancel.clone(), health.task("pruner"), every));
     tasks.spawn(monitor(work.clone(), config.clone(), cancel.clone()));
     {
@@ -385,7 +398,23 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
     // Configuration sticks pulled out before their secrets were removed, already announced.
     let provisioning = crate::provision::root_of(&config.path);
     let mut told_sticks = std::collections::BTreeSet::new();
+    // Frames the store did not record (left unACKed), and when the admins last heard of it.
+    let (mut unrecorded, mut told_unrecorded): (u64, Option<Instant>) = (0, None);
     while turns.next(&cancel).await {
+        let now_unrecorded = work.assistant.snapshot().frames_unrecorded;
+        if now_unrecorded > unrecorded && told_unrecorded.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
+            told_unrecorded = Some(Instant::now());
+            let n = now_unrecorded - unrecorded;
+            work.assistant.audit().record(Event::new(Kind::Alert, "", "").target("store").outcome("raised").reason(
+                format!("{n} incoming messages could not be recorded and were left for the gateway to deliver again"),
+            ));
+            let text = format!(
+                "⚠️ **zhuli**：存储没有跟上，{n} 条收到的消息未能记录，已留给钉钉稍后重发。请检查磁盘（`zhuli status`、/status）。\n\n\
+                 The store is not keeping up: {n} incoming messages could not be recorded and were left for DingTalk to deliver again. Check the disk (`zhuli status`, /status)."
+            );
+            tell_admins(&work, &config, "zhuli：存储没有跟上 / store not keeping up", &text);
+        }
+        unrecorded = now_unrecorded;
         if let Some(root) = &provisioning {
             for stick in crate::provision::scrub::unattended(root) {
                 if told_sticks.insert(stick.volume_id) {
@@ -626,36 +655,97 @@ impl Progress for CardRun {
 }
 
 impl Work {
-    /// Answer inbox item `seq` and deliver the reply; a costly answer is staged in the outbox
-    /// first, so a crash does not make the agent produce it again.
-    async fn answer(self: Arc<Self>, seq: u64, message: RobotMessage, _slot: OwnedSemaphorePermit) {
-        self.workers.begin();
-        let accepted = Instant::now();
-        self.clone().answer_inner(seq, message, accepted).await;
-        self.workers.end();
+    /// One step of a conversation's queue. `slot` is the worker slot a turn holds; it is let go
+    /// as soon as the answer is known, before the reply waits for the chat's send budget.
+    async fn step(self: Arc<Self>, step: Step, slot: Option<OwnedSemaphorePermit>) {
+        match step {
+            Step::Deliver { seq, entry } => self.deliver(seq, entry, None).await,
+            Step::Answer(items) => {
+                self.workers.begin();
+                self.clone().answer(items, slot).await;
+                self.workers.end();
+            }
+            Step::Backlog { reply, waiting } => {
+                let reply = Reply {
+                    title: "按顺序回答中 · answering in order".into(),
+                    markdown: format!(
+                        "⏳ 我在按顺序回答你的消息，还有 {waiting} 条在排队，请稍候。\n\n\
+                         I'm answering in order; {waiting} messages are waiting."
+                    ),
+                    ..reply
+                };
+                log::info!("conversation {}: told that {waiting} messages are waiting", reply.conversation_id);
+                if let Err(e) = self.sender.send(&reply).await {
+                    log::warn!("the notice that {waiting} messages are waiting was not delivered: {e}");
+                }
+            }
+            Step::LeftOut { reply, seqs, ids, first, last, max } => {
+                let n = seqs.len();
+                let reply = Reply {
+                    title: "消息未处理 · messages not answered".into(),
+                    markdown: format!(
+                        "⚠️ 排队的消息已达上限（{max} 条），你的 {n} 条消息没有处理（从「{first}」到「{last}」）。请等我回答完之前的消息后再发一次。\n\n\
+                         Too many messages were waiting ({max}); {n} of yours were not answered (from “{first}” to “{last}”). \
+                         Please send them again once I have answered the others."
+                    ),
+                    ..reply
+                };
+                let outcome = self.sender.send(&reply).await;
+                for (seq, id) in seqs.into_iter().zip(&ids) {
+                    self.writer.delivered(seq);
+                    log::info!("message {id} left out (its conversation had {max} waiting); the sender was told");
+                }
+                if let Err(e) = outcome {
+                    self.health.set_error(format!("a notice of {n} messages left out was lost: {e}"));
+                    log::error!("the notice of {n} messages left out was not delivered: {e}");
+                }
+            }
+        }
     }
 
-    async fn answer_inner(self: Arc<Self>, seq: u64, message: RobotMessage, accepted: Instant) {
+    /// Answer the inbox items (several texts that queued up are answered in one turn) and
+    /// deliver the reply; a costly answer is staged in the outbox first, so a crash does not make
+    /// the agent produce it again.
+    async fn answer(
+        self: Arc<Self>,
+        items: Vec<(u64, RobotMessage, Option<Instant>)>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) {
+        let message = chats::merge(&items);
+        let n = items.len();
+        let accepted = items.iter().filter_map(|i| i.2).min();
+        let seq = items.last().map(|i| i.0).unwrap_or_default();
+        let also: Vec<u64> = items[..n - 1].iter().map(|i| i.0).collect();
         let card = self.cards.as_ref().map(|c| CardRun::new(c.clone(), message.clone()));
         let answer = self.assistant.answer(&message, card.as_ref().map(|c| c as &dyn Progress)).await;
+        drop(slot);
         let card = match card {
             Some(c) => c.close().await,
             None => None,
         };
+        let markdown = if n > 1 {
+            format!("*（一并回答你刚才的 {n} 条消息 · answering your {n} messages together）*\n\n{}", answer.markdown)
+        } else {
+            answer.markdown
+        };
         let entry = OutboxEntry {
             msg_id: message.msg_id.clone(),
-            reply: Reply::to(&message, answer.title, answer.markdown),
+            reply: Reply::to(&message, answer.title, markdown),
             staged_at_ms: now_ms(),
             card,
         };
         if (answer.costly || entry.card.is_some())
-            && let Err(e) = self.writer.stage(seq, entry.clone()).await
+            && let Err(e) = self.writer.stage(seq, entry.clone(), also.clone()).await
         {
             // Left in the inbox: answered again at the next start.
             log::error!("cannot stage the reply to {}: {e}", message.msg_id);
             return;
         }
-        self.deliver(seq, entry, Some(accepted)).await;
+        self.deliver(seq, entry, accepted).await;
+        for (other, (_, m, _)) in also.into_iter().zip(&items) {
+            self.writer.delivered(other);
+            log::info!("message {} answered together with {}", m.msg_id, message.msg_id);
+        }
     }
 
     /// Deliver outbox item `seq` (finalising its card, or as a message if there is none or the
@@ -712,19 +802,21 @@ async fn acquire(
     }
 }
 
+/// The recorder: each batch of incoming messages is recorded in one durable commit, ACKed, and
+/// queued behind its conversation's earlier work. It never waits for answers or send budgets,
+/// so the socket reader always has room; only a store that cannot commit holds it up.
 async fn pipeline(
     mut inbox: mpsc::Receiver<Inbound>,
     work: Arc<Work>,
-    workers: usize,
+    chats: Arc<Chats>,
     cancel: CancellationToken,
     beat: Arc<Beat>,
 ) {
     let every = work.health.beat_every();
     let started = Instant::now();
-    let slots = Arc::new(Semaphore::new(workers));
-    let running = TaskTracker::new();
 
-    // Work a previous run left unfinished.
+    // Work a previous run left unfinished, in the order it arrived: each conversation's staged
+    // replies first (they answer its oldest messages), then its unanswered messages.
     match blocking(&work.store, |s| s.pending()).await {
         Ok((inbox_items, outbox_items)) => {
             if !inbox_items.is_empty() || !outbox_items.is_empty() {
@@ -735,16 +827,10 @@ async fn pipeline(
                 );
             }
             for (seq, entry) in outbox_items {
-                let Some(slot) = acquire(&slots, &cancel, &beat, every).await else { break };
-                let w = work.clone();
-                running.spawn(async move {
-                    w.deliver(seq, entry, None).await;
-                    drop(slot);
-                });
+                chats.push(Job::Deliver { seq, entry });
             }
             for (seq, entry) in inbox_items {
-                let Some(slot) = acquire(&slots, &cancel, &beat, every).await else { break };
-                running.spawn(work.clone().answer(seq, entry.message, slot));
+                chats.push(Job::Answer { seq, message: entry.message, accepted: None });
             }
         }
         Err(e) => log::error!("cannot read unfinished work from the store: {e}"),
@@ -754,31 +840,28 @@ async fn pipeline(
     loop {
         beat.tick();
         health::test_hang_point("dispatcher", started).await;
-        let first = tokio::select! {
+        let got = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(every) => continue,
-            m = inbox.recv() => match m { Some(m) => m, None => break },
+            n = inbox.recv_many(&mut batch, BATCH) => n,
         };
-        batch.push(first);
-        while batch.len() < BATCH {
-            match inbox.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
+        if got == 0 {
+            break;
         }
         let items: Vec<(RobotMessage, bool)> =
             batch.iter().map(|i| (i.message.clone(), i.message.mentions_robot)).collect();
-        let recorded = work.writer.accept(items, now_ms()).await;
-        let results = match recorded {
+        let results = match work.writer.accept(items, now_ms()).await {
             Ok(r) => r,
             Err(e) => {
                 // Not ACKed: the gateway delivers them again once the store works.
                 log::error!("cannot record {} incoming messages: {e}; left unACKed", batch.len());
+                work.health.set_error(format!("incoming messages cannot be recorded: {e}"));
                 batch.clear();
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
+        let received = Instant::now();
         for (Inbound { message, ack }, result) in batch.drain(..).zip(results) {
             ack.ack();
             match result {
@@ -796,15 +879,13 @@ async fn pipeline(
                         message.kind_name(),
                         message.conversation_id
                     );
-                    let Some(slot) = acquire(&slots, &cancel, &beat, every).await else { break };
-                    running.spawn(work.clone().answer(seq, message, slot));
+                    chats.push(Job::Answer { seq, message, accepted: Some(received) });
                 }
             }
         }
     }
-    running.close();
     // Replies in flight get a moment to finish; the store keeps the rest for the next start.
-    let _ = tokio::time::timeout(Duration::from_secs(5), running.wait()).await;
+    chats.close(Duration::from_secs(5)).await;
 }
 
 /// Forget expired msgIds, a bounded amount per tick.

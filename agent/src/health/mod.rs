@@ -151,6 +151,14 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub answered: AtomicU64,
     pub failed: AtomicU64,
+    /// Messages waiting in the conversations' queues now.
+    pub waiting: AtomicU64,
+    /// Messages answered together with a later one of the same person.
+    pub merged: AtomicU64,
+    /// Messages not answered because their conversation's queue was full (the sender was told).
+    pub left_out: AtomicU64,
+    /// "Answering in order, N waiting" notices sent.
+    pub backlog_notices: AtomicU64,
     latencies: Mutex<VecDeque<u32>>,
 }
 

@@ -38,6 +38,18 @@ pub struct Snapshot {
     pub messages_accepted: u64,
     pub messages_answered: u64,
     pub messages_failed: u64,
+    /// Messages waiting in the conversations' queues.
+    #[serde(default)]
+    pub messages_waiting: u64,
+    /// Messages answered together with a later one of the same person.
+    #[serde(default)]
+    pub messages_merged: u64,
+    /// Messages not answered because their conversation's queue was full (the sender was told).
+    #[serde(default)]
+    pub messages_left_out: u64,
+    /// Robot frames left unACKed because the store was not recording.
+    #[serde(default)]
+    pub frames_unrecorded: u64,
     /// Reply latency (accepted → delivered) over the recent replies: p50, p95, p99 in ms.
     pub latency_ms: Option<(u32, u32, u32)>,
     pub replies_throttled: u64,
@@ -87,6 +99,10 @@ pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health
         messages_accepted: load(&m.accepted),
         messages_answered: load(&m.answered),
         messages_failed: load(&m.failed),
+        messages_waiting: load(&m.waiting),
+        messages_merged: load(&m.merged),
+        messages_left_out: load(&m.left_out),
+        frames_unrecorded: load(&s.unrecorded),
         latency_ms: m.latency_percentiles(),
         replies_throttled: load(&d.throttled),
         reply_retries: load(&d.retries),
@@ -139,6 +155,13 @@ pub fn rows(s: &Snapshot) -> Vec<(&'static str, String)> {
             format!(
                 "{} accepted, {} answered, {} failed, {} refused",
                 s.messages_accepted, s.messages_answered, s.messages_failed, s.messages_refused
+            ),
+        ),
+        (
+            "queues",
+            format!(
+                "{} waiting, {} answered together, {} left out (senders told), {} frames not recorded",
+                s.messages_waiting, s.messages_merged, s.messages_left_out, s.frames_unrecorded
             ),
         ),
         (

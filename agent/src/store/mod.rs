@@ -99,8 +99,9 @@ pub enum Acceptance {
 pub enum WriteOp<'a> {
     /// Record incoming messages (processed msgId, and inbox entry when `bool` says answer).
     Accept { batch: &'a [(RobotMessage, bool)], now_ms: i64 },
-    /// Move an inbox item to the outbox with its reply.
-    Stage { seq: u64, entry: &'a OutboxEntry },
+    /// Move an inbox item to the outbox with its reply; the inbox items in `also` were answered
+    /// by the same reply (messages answered together) and leave the inbox in the same commit.
+    Stage { seq: u64, entry: &'a OutboxEntry, also: &'a [u64] },
     /// Forget a message whose reply was delivered: its outbox item, or its inbox item when the
     /// reply was sent without staging.
     Delivered(u64),
@@ -450,7 +451,7 @@ impl Store {
 
     /// Move inbox item `seq` to the outbox with its reply, atomically.
     pub fn stage_reply(&self, seq: u64, entry: &OutboxEntry) -> Result<(), StoreError> {
-        self.write(&[WriteOp::Stage { seq, entry }]).map(drop)
+        self.write(&[WriteOp::Stage { seq, entry, also: &[] }]).map(drop)
     }
 
     /// The replies of these outbox items were delivered (or given up on): forget them.
@@ -501,8 +502,11 @@ impl Store {
                         }
                         outcomes.push(WriteOutcome::Accepted(results));
                     }
-                    WriteOp::Stage { seq, entry } => {
+                    WriteOp::Stage { seq, entry, also } => {
                         inbox.remove(*seq).map_err(|e| self.err(e))?;
+                        for other in also.iter() {
+                            inbox.remove(*other).map_err(|e| self.err(e))?;
+                        }
                         outbox
                             .insert(*seq, self.seal_value("outbox", &u64_key(*seq), *entry).as_slice())
                             .map_err(|e| self.err(e))?;

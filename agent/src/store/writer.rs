@@ -15,7 +15,7 @@ const MAX_GROUP: usize = 256;
 
 enum Request {
     Accept { batch: Vec<(RobotMessage, bool)>, now_ms: i64, done: oneshot::Sender<Result<Vec<Acceptance>, String>> },
-    Stage { seq: u64, entry: OutboxEntry, done: oneshot::Sender<Result<(), String>> },
+    Stage { seq: u64, entry: OutboxEntry, also: Vec<u64>, done: oneshot::Sender<Result<(), String>> },
     Delivered(u64),
 }
 
@@ -55,9 +55,11 @@ impl StoreWriter {
         rx.await.map_err(|_| WriteError::Stopped)?.map_err(WriteError::Store)
     }
 
-    pub async fn stage(&self, seq: u64, entry: OutboxEntry) -> Result<(), WriteError> {
+    /// Move inbox item `seq` to the outbox with its reply; `also` are inbox items the same reply
+    /// answers (messages answered together), forgotten in the same commit.
+    pub async fn stage(&self, seq: u64, entry: OutboxEntry, also: Vec<u64>) -> Result<(), WriteError> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Request::Stage { seq, entry, done }).map_err(|_| WriteError::Stopped)?;
+        self.tx.send(Request::Stage { seq, entry, also, done }).map_err(|_| WriteError::Stopped)?;
         rx.await.map_err(|_| WriteError::Stopped)?.map_err(WriteError::Store)
     }
 
@@ -98,7 +100,7 @@ async fn run(
                 .iter()
                 .map(|r| match r {
                     Request::Accept { batch, now_ms, .. } => WriteOp::Accept { batch, now_ms: *now_ms },
-                    Request::Stage { seq, entry, .. } => WriteOp::Stage { seq: *seq, entry },
+                    Request::Stage { seq, entry, also, .. } => WriteOp::Stage { seq: *seq, entry, also },
                     Request::Delivered(seq) => WriteOp::Delivered(*seq),
                 })
                 .collect();
