@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use zhuli::dingtalk::sim::{ConnMode, Inject, ReplyRoute, Simulator, ThrottleKind};
+use zhuli::dingtalk::sim::{ConnMode, Inject, ReplyRoute, SimConfig, Simulator, ThrottleKind};
 
 use crate::support::*;
 
@@ -300,4 +300,102 @@ async fn rejected_tickets_and_tls_failures_are_logged_and_retried() {
     );
     assert!(agent.is_running());
     assert_no_secret(&agent);
+}
+
+/// 150 messages at 50 a second from as many people, `fault` struck once a third of the way in,
+/// against a gateway that holds an undelivered message for 60 s as DingTalk does: each is
+/// answered exactly once.
+async fn through_a_fault(tag: &str, fault: impl Fn(&Simulator, &[String])) -> (Simulator, Agent) {
+    let sim =
+        Simulator::start(SimConfig { hold_for: Some(Duration::from_secs(60)), ..sim_config() }).await.expect("sim");
+    let agent = connected_agent(tag, &sim, "").await;
+    let mut ids = Vec::new();
+    let started = std::time::Instant::now();
+    for i in 0..150u32 {
+        if i == 50 {
+            fault(&sim, &ids);
+        }
+        ids.push(sim.inject(Inject::text(format!("/ping {tag} {i}")).from(format!("staff-{tag}-{i}"))));
+        let next = started + Duration::from_millis(20 * u64::from(i + 1));
+        tokio::time::sleep(next.saturating_duration_since(std::time::Instant::now())).await;
+    }
+    assert_each_answered_once(&sim, &agent, &ids, Duration::from_secs(30)).await;
+    let c = sim.counters();
+    assert_eq!(c.expired, 0, "nothing held past the gateway's window: {c:?}");
+    assert_no_secret(&agent);
+    (sim, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_disconnect_loses_none_of_150() {
+    let (sim, _) = through_a_fault("f-disconnect", |s, _| s.disconnect_all()).await;
+    assert!(sim.counters().ws_accepted >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_zombie_loses_none_of_150() {
+    let (sim, agent) = through_a_fault("f-zombie", |s, _| s.degrade_all(ConnMode::Zombie)).await;
+    assert!(sim.counters().ws_accepted >= 2);
+    assert!(agent.log().contains("zombie connection"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_silent_drop_loses_none_of_150() {
+    let (sim, _) = through_a_fault("f-silent", |s, _| s.degrade_all(ConnMode::Frozen)).await;
+    assert!(sim.counters().ws_accepted >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_hard_close_loses_none_of_150() {
+    let (sim, _) = through_a_fault("f-close", |s, _| s.drop_all()).await;
+    assert!(sim.counters().ws_accepted >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_duplicates_are_answered_once_of_150() {
+    let (_, agent) = through_a_fault("f-dup", |s, ids| {
+        // The gateway sends 20 messages again under new frame ids.
+        for id in ids.iter().step_by(2).take(20) {
+            s.inject(Inject::text("/ping again").with_msg_id(id.clone()));
+        }
+    })
+    .await;
+    assert!(agent.log().matches("is a duplicate").count() >= 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_throttle_loses_none_of_150() {
+    let (sim, _) = through_a_fault("f-throttle", |s, _| s.throttle_sends(10, ThrottleKind::Http429)).await;
+    assert!(sim.counters().throttled >= 10);
+}
+
+/// A zombie must be found while the gateway still holds what it swallowed. Scaled down: the
+/// gateway pings every 2 s and holds a message 6 s; the agent runs with its default idle window
+/// (40 s) and must learn from the pings that the connection is dead after 1.5 × 2 s + 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_is_found_inside_the_gateways_hold_window() {
+    let sim = Simulator::start(SimConfig {
+        ping_interval: Some(Duration::from_secs(2)),
+        hold_for: Some(Duration::from_secs(6)),
+        ..sim_config()
+    })
+    .await
+    .expect("sim");
+    let agent = spawn_agent("zombiehold", &config_with(&sim, SECRET, "", "retry_initial_ms = 50\n", ""));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+    // Two gateway pings show their interval.
+    assert!(sim.wait_until(Duration::from_secs(10), |s| s.counters().pings_echoed >= 2).await);
+    let fault = std::time::Instant::now();
+    sim.degrade_all(ConnMode::Zombie);
+    let ids = burst(&sim, 5, "held");
+    assert!(
+        sim.wait_until(Duration::from_secs(10), |s| s.counters().ws_accepted >= 2).await,
+        "zombie not found within 10 s\n{}",
+        agent.log()
+    );
+    let found = fault.elapsed();
+    println!("zombie found {found:?} after the fault (gateway pings every 2 s, holds 6 s)");
+    assert_each_answered_once(&sim, &agent, &ids, Duration::from_secs(10)).await;
+    assert_eq!(sim.counters().expired, 0, "what the zombie swallowed was delivered again: {:?}", sim.counters());
+    assert!(agent.log().contains("the gateway pings every"), "{}", agent.log());
 }

@@ -99,11 +99,23 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// The `[dingtalk]` config for `sim`, with test timings; `extra` is appended verbatim.
 pub fn config_for(sim: &Simulator, secret: &str, extra: &str) -> String {
+    config_with(
+        sim,
+        secret,
+        "idle_window_ms = 1000\n",
+        "retry_initial_ms = 50\nchat_messages_per_minute = 6000\nopenapi_per_second = 500\n",
+        extra,
+    )
+}
+
+/// [`config_for`] with the given idle window line(s) of `[dingtalk.stream]` (empty: the
+/// product's default) and `[dingtalk.limits]` body (empty: the product's defaults).
+pub fn config_with(sim: &Simulator, secret: &str, idle: &str, limits: &str, extra: &str) -> String {
     format!(
         "[dingtalk]\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\nrobot_code = \"{id}\"\napi_base = \"{base}\"\n\
-         [dingtalk.stream]\nidle_window_ms = 1000\nkeepalive_ms = 300\npong_timeout_ms = 600\nconnect_timeout_ms = 2000\n\
+         [dingtalk.stream]\n{idle}keepalive_ms = 300\npong_timeout_ms = 600\nconnect_timeout_ms = 2000\n\
          backoff_initial_ms = 50\nbackoff_max_ms = 400\ndrain_ms = 3000\n\
-         [dingtalk.limits]\nretry_initial_ms = 50\nchat_messages_per_minute = 6000\nopenapi_per_second = 500\n{extra}",
+         [dingtalk.limits]\n{limits}{extra}",
         id = sim.config().client_id,
         base = sim.api_base(),
     )
