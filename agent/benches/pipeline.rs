@@ -854,16 +854,35 @@ fn backend_calls() {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing else is accepted.
-    parse_and_dispatch();
-    store_figures();
-    through_the_agent();
-    assistant_turns();
-    monitoring_sample();
-    workspace_calls();
-    backend_calls();
-    match std::env::var_os("ZHULI_BIN") {
-        Some(bin) => idle_process(PathBuf::from(bin)),
-        None => println!("idle RSS: skipped (set ZHULI_BIN to a built zhuli binary)"),
+    // `cargo bench` passes `--bench`; nothing else is accepted. `ZHULI_BENCH_ONLY=through` (a
+    // section's name) runs one section, for before-and-after figures of one change.
+    let only = std::env::var("ZHULI_BENCH_ONLY").ok();
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if run("parse") {
+        parse_and_dispatch();
+    }
+    if run("store") {
+        store_figures();
+    }
+    if run("through") {
+        through_the_agent();
+    }
+    if run("turns") {
+        assistant_turns();
+    }
+    if run("monitor") {
+        monitoring_sample();
+    }
+    if run("workspace") {
+        workspace_calls();
+    }
+    if run("backends") {
+        backend_calls();
+    }
+    if run("idle") {
+        match std::env::var_os("ZHULI_BIN") {
+            Some(bin) => idle_process(PathBuf::from(bin)),
+            None => println!("idle RSS: skipped (set ZHULI_BIN to a built zhuli binary)"),
+        }
     }
 }
