@@ -122,12 +122,15 @@ impl Config {
         if config.agent.inbox_capacity == 0
             || config.agent.workers == 0
             || config.agent.backlog_max == 0
+            || config.agent.backlog_notice == 0
             || config.agent.merge_max == 0
         {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
                 location: String::new(),
-                message: "[agent] inbox_capacity, workers, backlog_max and merge_max must be at least 1".into(),
+                message:
+                    "[agent] inbox_capacity, workers, backlog_notice, backlog_max and merge_max must be at least 1"
+                        .into(),
             });
         }
         if let Some(pem) = &config.agent.extra_ca_pem {

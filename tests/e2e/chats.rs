@@ -235,7 +235,7 @@ async fn turns_of_one_conversation_run_in_order_and_chats_overlap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_texts_are_answered_together_in_order_even_across_kill_9() {
+async fn order_survives_kill_9_and_texts_queued_during_a_turn_are_answered_together() {
     let sim = Simulator::start(sim_config()).await.expect("sim");
     let llm = slow_model().await;
     let mut agent = connected_agent("resume", &sim, &llm_config(&llm)).await;
@@ -252,26 +252,44 @@ async fn queued_texts_are_answered_together_in_order_even_across_kill_9() {
     assert!(sim.wait_until(Duration::from_secs(5), |s| s.unacked() == 0).await, "B and C are recorded and ACKed");
     agent.restart();
 
-    // After the restart B and C queued up together: one turn answers both, in arrival order,
-    // with A's exchange in the history before them.
+    // After the restart the inbox resumes in order: B, then C, each with the exchanges before
+    // it in the history.
     assert!(
-        sim.wait_until(Duration::from_secs(40), |s| !replies_to(s, &c).is_empty()).await,
+        sim.wait_until(Duration::from_secs(40), |s| !replies_to(s, &b).is_empty() && !replies_to(s, &c).is_empty())
+            .await,
         "{:?}\n{}",
         sim.counters(),
         agent.log()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(replies_to(&sim, &b).is_empty(), "B is answered by the reply to C");
-    let reply = replies_to(&sim, &c).remove(0);
-    assert!(reply.text.contains("一并回答你刚才的 2 条消息"), "the reply says so: {}", reply.text);
-    let last = llm.requests().pop().expect("a request");
-    let t = transcript(&last.body);
-    let joined = t.last().cloned().unwrap_or_default();
+    let (rb, rc) = (replies_to(&sim, &b).remove(0), replies_to(&sim, &c).remove(0));
+    assert!(rb.at_ms <= rc.at_ms && rb.text.contains("问题乙") && rc.text.contains("问题丙"), "{rb:?} {rc:?}");
+    let last = transcript(&llm.requests().pop().expect("a request").body);
+    let pos = |needle: &str| last.iter().position(|t| t.contains(needle));
     assert!(
-        joined.find("问题乙").is_some_and(|i| joined.find("问题丙").is_some_and(|j| i < j)),
-        "B before C: {joined}"
+        pos("问题甲").is_some() && pos("问题甲") < pos("问题乙") && pos("问题乙") < pos("问题丙"),
+        "C's request holds A's and B's exchanges, in order: {last:?}"
     );
-    assert!(t.iter().any(|m| m.contains("问题甲")), "A's exchange is in the history: {t:?}");
     assert_eq!(replies_to(&sim, &a).len(), 1, "A is not answered again");
+
+    // Texts sent while a turn runs are answered together in the next turn, and the reply says so.
+    let d = sim.inject(Inject::text("问题丁：今天几点下班？").conversation("resume-chat").from("asker"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let asked = llm.requests().len();
+    while llm.requests().len() == asked && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = sim.inject(Inject::text("问题戊：明天呢？").conversation("resume-chat").from("asker"));
+    let f = sim.inject(Inject::text("问题己：后天呢？").conversation("resume-chat").from("asker"));
+    assert!(sim.wait_until(Duration::from_secs(30), |s| !replies_to(s, &f).is_empty()).await, "{}", agent.log());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(replies_to(&sim, &d).len(), 1, "D has a turn of its own");
+    assert!(replies_to(&sim, &e).is_empty(), "E is answered by the reply to F");
+    let together = replies_to(&sim, &f).remove(0);
+    assert!(together.text.contains("一并回答你刚才的 2 条消息"), "the reply says so: {}", together.text);
+    let joined = transcript(&llm.requests().pop().expect("a request").body).pop().unwrap_or_default();
+    assert!(
+        joined.find("问题戊").is_some_and(|i| joined.find("问题己").is_some_and(|j| i < j)),
+        "E before F in one turn: {joined}"
+    );
     assert_no_secret(&agent);
 }

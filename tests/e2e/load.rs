@@ -45,7 +45,8 @@ async fn a_hundred_thousand_messages_at_full_rate_lose_nothing() {
     assert_eq!(c.expired, 0, "no frame lost: {c:?}");
     assert_eq!(c.ws_accepted, 1, "the connection was never dropped: {c:?}");
     assert_eq!(c.send_timeouts, 0, "{c:?}");
-    assert!(c.pings_echoed > 0, "pings were answered throughout: {c:?}");
+    // Every gateway ping was answered, the last one perhaps still in flight.
+    assert!(c.pings_sent > 0 && c.pings_echoed + 1 >= c.pings_sent, "pings were answered throughout: {c:?}");
 
     // Each one answered (several together) or its sender told it was left out.
     let all = sim

@@ -22,7 +22,7 @@ use std::{
 use tokio::{sync::Semaphore, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Work, acquire};
+use super::Work;
 use crate::{
     dingtalk::{
         message::{Content, RobotMessage},
@@ -53,10 +53,11 @@ pub enum Job {
 impl Job {
     fn key(&self) -> String {
         match self {
-            Job::Answer { message, .. } => conversation_key(
-                &message.conversation_id,
-                message.sender_staff_id.as_deref().unwrap_or(&message.sender_id),
-            ),
+            // The staff id, as a staged reply keeps it (a sender without one shares the chat's
+            // queue with others like it; texts are merged only with the same sender's).
+            Job::Answer { message, .. } => {
+                conversation_key(&message.conversation_id, message.sender_staff_id.as_deref().unwrap_or_default())
+            }
             Job::Deliver { entry, .. } => {
                 conversation_key(&entry.reply.conversation_id, entry.reply.to_staff_id.as_deref().unwrap_or_default())
             }
@@ -84,6 +85,8 @@ struct Queue {
     running: bool,
     /// The backlog notice was sent in this busy spell.
     noticed: bool,
+    /// A turn has run in this busy spell: texts waiting now queued up during it.
+    turned: bool,
 }
 
 impl Queue {
@@ -193,17 +196,23 @@ impl Chats {
                 }
                 Step::Deliver { .. } => {}
             }
+            // Waiting for a slot is not working: the workers' beat shows only finished turns, so
+            // turns that never end are found hung even while others wait.
             let slot = match &step {
-                Step::Answer(_) => {
-                    let every = self.work.health.beat_every();
-                    match acquire(&self.slots, &self.cancel, &self.work.workers, every).await {
-                        Some(slot) => Some(slot),
-                        None => return,
-                    }
-                }
+                Step::Answer(_) => tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    slot = self.slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => Some(slot),
+                        Err(_) => return,
+                    },
+                },
                 _ => None,
             };
+            let answered = matches!(step, Step::Answer(_));
             self.work.clone().step(step, slot).await;
+            if answered && let Some(q) = self.lock().get_mut(&key) {
+                q.turned = true;
+            }
         }
         // Stopping: what is left stays in the store for the next start.
         if let Some(q) = self.lock().get_mut(&key) {
@@ -215,9 +224,11 @@ impl Chats {
     fn next_step(&self, key: &str) -> Option<Step> {
         let mut queues = self.lock();
         let q = queues.get_mut(key)?;
-        if !q.left_out.is_empty() {
+        // Every message left out or waiting set the address; a queue of staged replies only has none.
+        if !q.left_out.is_empty()
+            && let Some(reply) = q.address.clone()
+        {
             let left: Vec<LeftOut> = std::mem::take(&mut q.left_out);
-            let reply = q.address.clone()?;
             return Some(Step::LeftOut {
                 reply,
                 seqs: left.iter().map(|l| l.seq).collect(),
@@ -228,9 +239,11 @@ impl Chats {
             });
         }
         let waiting = q.waiting();
-        if !q.noticed && waiting >= self.policy.notice_at {
+        if !q.noticed
+            && waiting >= self.policy.notice_at
+            && let Some(reply) = q.address.clone()
+        {
             q.noticed = true;
-            let reply = q.address.clone()?;
             return Some(Step::Backlog { reply, waiting });
         }
         let Some(job) = q.jobs.pop_front() else {
@@ -242,12 +255,15 @@ impl Chats {
             Job::Answer { seq, message, accepted } => (seq, message, accepted),
         };
         let mut items = vec![(seq, message, accepted)];
-        if mergeable(&items[0].1) {
+        // Only texts that queued up while a turn ran are merged: the first message of a quiet
+        // conversation, and the first after a restart, get a turn of their own.
+        if q.turned && mergeable(&items[0].1) {
+            let sender = items[0].1.sender_id.clone();
             let mut chars = items[0].1.text().map_or(0, |t| t.chars().count());
             while items.len() < self.policy.merge_max {
                 let Some(Job::Answer { message, .. }) = q.jobs.front() else { break };
                 let more = message.text().map_or(0, |t| t.chars().count());
-                if !mergeable(message) || chars + more > MERGE_MAX_CHARS {
+                if !mergeable(message) || message.sender_id != sender || chars + more > MERGE_MAX_CHARS {
                     break;
                 }
                 chars += more;

@@ -14,7 +14,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    sync::{OwnedSemaphorePermit, mpsc, watch},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -416,8 +416,8 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
                  The store is not keeping up: {n} incoming messages could not be recorded and were left for DingTalk to deliver again. Check the disk (`zhuli status`, /status)."
             );
             tell_admins(&work, &config, "zhuli：存储没有跟上 / store not keeping up", &text);
+            unrecorded = now_unrecorded;
         }
-        unrecorded = now_unrecorded;
         if let Some(root) = &provisioning {
             for stick in crate::provision::scrub::unattended(root) {
                 if told_sticks.insert(stick.volume_id) {
@@ -662,7 +662,7 @@ impl Work {
     /// as soon as the answer is known, before the reply waits for the chat's send budget.
     async fn step(self: Arc<Self>, step: Step, slot: Option<OwnedSemaphorePermit>) {
         match step {
-            Step::Deliver { seq, entry } => self.deliver(seq, entry, None).await,
+            Step::Deliver { seq, entry } => self.deliver(seq, entry, None, &[]).await,
             Step::Answer(items) => {
                 self.workers.begin();
                 self.clone().answer(items, slot).await;
@@ -694,8 +694,8 @@ impl Work {
                     ..reply
                 };
                 let outcome = self.sender.send(&reply).await;
-                for (seq, id) in seqs.into_iter().zip(&ids) {
-                    self.writer.delivered(seq);
+                self.writer.delivered_all(seqs);
+                for id in &ids {
                     log::info!("message {id} left out (its conversation had {max} waiting); the sender was told");
                 }
                 if let Err(e) = outcome {
@@ -744,16 +744,21 @@ impl Work {
             log::error!("cannot stage the reply to {}: {e}", message.msg_id);
             return;
         }
-        self.deliver(seq, entry, accepted).await;
-        for (other, (_, m, _)) in also.into_iter().zip(&items) {
-            self.writer.delivered(other);
+        self.deliver(seq, entry, accepted, &also).await;
+        for (_, m, _) in &items[..n - 1] {
             log::info!("message {} answered together with {}", m.msg_id, message.msg_id);
         }
     }
 
     /// Deliver outbox item `seq` (finalising its card, or as a message if there is none or the
     /// card fails), then forget it.
-    async fn deliver(&self, seq: u64, entry: OutboxEntry, accepted: Option<Instant>) {
+    /// `also`: messages the same reply answers, forgotten in the same commit.
+    async fn deliver(&self, seq: u64, entry: OutboxEntry, accepted: Option<Instant>, also: &[u64]) {
+        let forget = || {
+            let mut seqs = also.to_vec();
+            seqs.push(seq);
+            self.writer.delivered_all(seqs);
+        };
         let metrics = &self.health.metrics;
         let done = |route: &str| {
             log::info!("reply to {} delivered {route}", entry.msg_id);
@@ -769,7 +774,7 @@ impl Work {
                 Ok(()) => {
                     done(&format!("in AI card {id}"));
                     self.sender.status().delivered.fetch_add(1, Ordering::Relaxed);
-                    self.writer.delivered(seq);
+                    forget();
                     return;
                 }
                 Err(e) => log::warn!("AI card {id} could not be finalised ({e}); sending the answer as a message"),
@@ -783,25 +788,7 @@ impl Work {
                 log::error!("reply to {} lost: {e}", entry.msg_id);
             }
         }
-        self.writer.delivered(seq);
-    }
-}
-
-/// A worker slot; the dispatcher keeps checking in while it waits for one (waiting for busy
-/// workers is not hanging).
-async fn acquire(
-    slots: &Arc<Semaphore>,
-    cancel: &CancellationToken,
-    beat: &Beat,
-    every: Duration,
-) -> Option<OwnedSemaphorePermit> {
-    loop {
-        beat.tick();
-        tokio::select! {
-            _ = cancel.cancelled() => return None,
-            p = slots.clone().acquire_owned() => return p.ok(),
-            _ = tokio::time::sleep(every) => {}
-        }
+        forget();
     }
 }
 

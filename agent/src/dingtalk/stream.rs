@@ -348,15 +348,25 @@ const ACKS_PER_FLUSH: usize = 255;
 /// undelivered message for about 60 s and pings every `p` must be found dead well inside those
 /// 60 s: once two pings have shown `p`, the limit is 1.5 × the longest gap seen + 1 s (31 s for
 /// 20 s pings), never more than the configured `idle_window_ms`.
+/// A learned limit is never below `floor` (our own keepalive plus its pong timeout), so a first
+/// ping read late cannot make a healthy connection look dead.
 struct QuietLimit {
     configured: Duration,
+    floor: Duration,
     last_ping: Option<Instant>,
     longest_gap: Option<Duration>,
 }
 
 impl QuietLimit {
-    fn new(configured: Duration) -> Self {
-        QuietLimit { configured, last_ping: None, longest_gap: None }
+    fn new(configured: Duration, floor: Duration) -> Self {
+        QuietLimit { configured, floor, last_ping: None, longest_gap: None }
+    }
+
+    /// Reading paused this long (the store was not taking messages): not part of any gap.
+    fn paused(&mut self, pause: Duration) {
+        if let Some(last) = &mut self.last_ping {
+            *last += pause;
+        }
     }
 
     /// A gateway ping arrived; true if the limit changed.
@@ -371,7 +381,7 @@ impl QuietLimit {
 
     fn limit(&self) -> Duration {
         match self.longest_gap {
-            Some(gap) => (gap * 3 / 2 + Duration::from_secs(1)).min(self.configured),
+            Some(gap) => (gap * 3 / 2 + Duration::from_secs(1)).max(self.floor).min(self.configured),
             None => self.configured,
         }
     }
@@ -395,7 +405,7 @@ async fn drive(id: u64, socket: Socket, shared: Arc<Shared>, events: mpsc::Sende
     let mut last_inbound = Instant::now();
     let mut next_ping = Instant::now() + st.keepalive_ms.get();
     let write_limit = st.connect_timeout_ms.get();
-    let mut quiet = QuietLimit::new(st.idle_window_ms.get());
+    let mut quiet = QuietLimit::new(st.idle_window_ms.get(), st.keepalive_ms.get() + st.pong_timeout_ms.get());
     shared.status.quiet_limit_ms.store(quiet.limit().as_millis() as u64, Ordering::Relaxed);
 
     // A robot message read while the recorder's queue was full: reading pauses (the socket's
@@ -418,6 +428,7 @@ async fn drive(id: u64, socket: Socket, shared: Arc<Shared>, events: mpsc::Sende
                 let pause = since.elapsed();
                 last_frame += pause;
                 last_inbound += pause;
+                quiet.paused(pause);
                 ping_sent = ping_sent.map(|t| t + pause);
             }
             _ = sleep_until(held_until.unwrap_or_else(Instant::now)), if paused => {
@@ -426,6 +437,7 @@ async fn drive(id: u64, socket: Socket, shared: Arc<Shared>, events: mpsc::Sende
                 let pause = since.elapsed();
                 last_frame += pause;
                 last_inbound += pause;
+                quiet.paused(pause);
                 ping_sent = ping_sent.map(|t| t + pause);
             }
             _ = stop.cancelled() => {
@@ -518,6 +530,9 @@ async fn drive(id: u64, socket: Socket, shared: Arc<Shared>, events: mpsc::Sende
             }
         }
     };
+    if let Some((inbound, _)) = held.take() {
+        unrecorded(id, &shared.status, &inbound, "the connection ended while the store was not taking messages");
+    }
     let _ = events.send(ConnEvent::Closed { id, reason }).await;
 }
 
@@ -604,7 +619,7 @@ mod tests {
     #[test]
     fn the_quiet_limit_follows_the_gateways_pings_inside_the_configured_window() {
         let t0 = Instant::now();
-        let mut q = QuietLimit::new(Duration::from_secs(40));
+        let mut q = QuietLimit::new(Duration::from_secs(40), Duration::from_secs(30));
         assert_eq!(q.limit(), Duration::from_secs(40), "no ping yet: the configured window");
         assert!(!q.ping(t0), "one ping shows no interval");
         assert!(q.ping(t0 + Duration::from_secs(20)));
@@ -615,8 +630,17 @@ mod tests {
         assert_eq!(q.limit(), Duration::from_secs(37));
         q.ping(t0 + Duration::from_secs(45));
         assert_eq!(q.limit(), Duration::from_secs(37));
+        // A pause in reading is not part of a gap.
+        q.paused(Duration::from_secs(100));
+        q.ping(t0 + Duration::from_secs(146));
+        assert_eq!(q.limit(), Duration::from_secs(37));
+        // A first gap that looks short never sets the limit below the floor.
+        let mut early = QuietLimit::new(Duration::from_secs(40), Duration::from_secs(30));
+        early.ping(t0);
+        early.ping(t0 + Duration::from_secs(5));
+        assert_eq!(early.limit(), Duration::from_secs(30));
         // Slow pings: never beyond the configured window.
-        q.ping(t0 + Duration::from_secs(145));
+        q.ping(t0 + Duration::from_secs(246));
         assert_eq!(q.limit(), Duration::from_secs(40));
         assert_eq!(q.why(), "idle_window_ms");
     }

@@ -640,3 +640,24 @@ fn snapshots_are_numbered_per_store_and_a_good_one_verifies_and_restores() {
     let e = backup::restore(&first, &t.path(), &key).expect_err("an old-format snapshot is not restored");
     assert!(matches!(e, backup::BackupError::Legacy(_)), "{e}");
 }
+
+#[test]
+fn a_reply_that_answers_several_messages_forgets_them_all_in_its_commit() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    let (a, b, c) = (message("m1", "one"), message("m2", "two"), message("m3", "three"));
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        let got = s.accept_batch(&[(&a, true), (&b, true), (&c, true)], 1_000).expect("accept");
+        let seqs: Vec<u64> =
+            got.iter().map(|g| if let Acceptance::Queued(s) = g { *s } else { panic!("{got:?}") }).collect();
+        // The reply to m2 answers m1 too; m3 still waits.
+        let entry = outbox(&b, "both");
+        s.write(&[WriteOp::Stage { seq: seqs[1], entry: &entry, also: &seqs[..1] }]).expect("stage");
+    }
+    // As a restart finds it: one staged reply, only m3 to answer.
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("reopen");
+    let (inbox, out) = s.pending().expect("pending");
+    assert_eq!(inbox.iter().map(|(_, e)| e.message.msg_id.as_str()).collect::<Vec<_>>(), vec!["m3"]);
+    assert_eq!(out.iter().map(|(_, e)| e.msg_id.as_str()).collect::<Vec<_>>(), vec!["m2"]);
+}

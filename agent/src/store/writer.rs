@@ -14,9 +14,19 @@ use crate::dingtalk::message::RobotMessage;
 const MAX_GROUP: usize = 256;
 
 enum Request {
-    Accept { batch: Vec<(RobotMessage, bool)>, now_ms: i64, done: oneshot::Sender<Result<Vec<Acceptance>, String>> },
-    Stage { seq: u64, entry: OutboxEntry, also: Vec<u64>, done: oneshot::Sender<Result<(), String>> },
-    Delivered(u64),
+    Accept {
+        batch: Vec<(RobotMessage, bool)>,
+        now_ms: i64,
+        done: oneshot::Sender<Result<Vec<Acceptance>, String>>,
+    },
+    Stage {
+        seq: u64,
+        entry: OutboxEntry,
+        also: Vec<u64>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Replies delivered; the seqs are forgotten in one commit.
+    Delivered(Vec<u64>),
 }
 
 /// Handle to the writer task. Cloning is cheap; the task ends when every handle is gone.
@@ -65,7 +75,12 @@ impl StoreWriter {
 
     /// Mark a delivered reply; durable with the next commit (fire and forget).
     pub fn delivered(&self, seq: u64) {
-        let _ = self.tx.send(Request::Delivered(seq));
+        self.delivered_all(vec![seq]);
+    }
+
+    /// Mark delivered replies (or messages one reply answered), forgotten in the same commit.
+    pub fn delivered_all(&self, seqs: Vec<u64>) {
+        let _ = self.tx.send(Request::Delivered(seqs));
     }
 }
 
@@ -92,16 +107,19 @@ async fn run(
         if got == 0 {
             break;
         }
-        let mut requests: Vec<Request> = carried.drain(..).map(Request::Delivered).collect();
+        let mut requests: Vec<Request> = Vec::new();
+        if !carried.is_empty() {
+            requests.push(Request::Delivered(std::mem::take(&mut carried)));
+        }
         requests.append(&mut group);
         let store = store.clone();
         let result = tokio::task::spawn_blocking(move || {
             let ops: Vec<WriteOp<'_>> = requests
                 .iter()
-                .map(|r| match r {
-                    Request::Accept { batch, now_ms, .. } => WriteOp::Accept { batch, now_ms: *now_ms },
-                    Request::Stage { seq, entry, also, .. } => WriteOp::Stage { seq: *seq, entry, also },
-                    Request::Delivered(seq) => WriteOp::Delivered(*seq),
+                .flat_map(|r| match r {
+                    Request::Accept { batch, now_ms, .. } => vec![WriteOp::Accept { batch, now_ms: *now_ms }],
+                    Request::Stage { seq, entry, also, .. } => vec![WriteOp::Stage { seq: *seq, entry, also }],
+                    Request::Delivered(seqs) => seqs.iter().map(|s| WriteOp::Delivered(*s)).collect(),
                 })
                 .collect();
             let outcome: Result<Vec<WriteOutcome>, StoreError> = store.write(&ops);
@@ -114,15 +132,25 @@ async fn run(
         };
         match outcome {
             Ok(outcomes) => {
-                for (r, o) in requests.into_iter().zip(outcomes) {
-                    match (r, o) {
-                        (Request::Accept { done, .. }, WriteOutcome::Accepted(a)) => {
-                            let _ = done.send(Ok(a));
+                // One outcome per operation: a request of several seqs has several.
+                let mut outcomes = outcomes.into_iter();
+                for r in requests {
+                    match r {
+                        Request::Accept { done, .. } => {
+                            let _ = done.send(match outcomes.next() {
+                                Some(WriteOutcome::Accepted(a)) => Ok(a),
+                                _ => Err("the store gave no acceptance for a batch".into()),
+                            });
                         }
-                        (Request::Stage { done, .. }, _) => {
+                        Request::Stage { done, .. } => {
+                            outcomes.next();
                             let _ = done.send(Ok(()));
                         }
-                        _ => {}
+                        Request::Delivered(seqs) => {
+                            for _ in &seqs {
+                                outcomes.next();
+                            }
+                        }
                     }
                 }
             }
@@ -137,7 +165,7 @@ async fn run(
                         Request::Stage { done, .. } => {
                             let _ = done.send(Err(msg.clone()));
                         }
-                        Request::Delivered(seq) => carried.push(seq),
+                        Request::Delivered(seqs) => carried.extend(seqs),
                     }
                 }
             }
