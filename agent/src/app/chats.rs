@@ -280,10 +280,7 @@ impl Chats {
 fn mergeable(message: &RobotMessage) -> bool {
     match &message.content {
         Content::Text(t) => {
-            let mut rest = t.trim_start();
-            while let Some(after) = rest.strip_prefix('@') {
-                rest = after.split_once(char::is_whitespace).map(|(_, r)| r.trim_start()).unwrap_or("");
-            }
+            let rest = crate::assistant::strip_mentions(t);
             !rest.is_empty() && !rest.starts_with('/')
         }
         _ => false,

@@ -184,7 +184,7 @@ fn base64(data: &[u8]) -> String {
 }
 
 /// Drop leading `@name` mentions from group text.
-fn strip_mentions(text: &str) -> &str {
+pub(crate) fn strip_mentions(text: &str) -> &str {
     let mut rest = text.trim_start();
     while let Some(after) = rest.strip_prefix('@') {
         rest = after.split_once(char::is_whitespace).map(|(_, r)| r.trim_start()).unwrap_or("");
