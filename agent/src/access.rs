@@ -100,6 +100,38 @@ fn matches(grant: &str, tool: &str) -> bool {
     grant == "*" || grant == tool || tool.strip_prefix(grant).is_some_and(|rest| rest.starts_with('_'))
 }
 
+/// Every role the settings name is defined, every grant names a tool of this box (`tools`).
+pub fn check<'a>(settings: &AccessSettings, tools: impl Iterator<Item = &'a str> + Clone) -> Vec<AccessError> {
+    let mut out = Vec::new();
+    let referenced: BTreeSet<&String> =
+        settings.default_roles.iter().chain(settings.users.values().flatten()).collect();
+    for role in referenced {
+        if !settings.roles.contains_key(role) {
+            out.push(AccessError::UnknownRole { role: role.clone() });
+        }
+    }
+    for (role, r) in &settings.roles {
+        for grant in &r.tools {
+            if !tools.clone().any(|t| matches(grant, t)) {
+                let family = grant.split('_').next().unwrap_or_default();
+                let hint = match family {
+                    "github" => " (configure [tools.github] with a token and repos to have them)",
+                    "drive" => " (configure [tools.drive] with a url to have them)",
+                    "caldav" => " (configure [tools.caldav.calendars] to have them)",
+                    _ => "",
+                };
+                out.push(AccessError::UnknownTool {
+                    role: role.clone(),
+                    tool: grant.clone(),
+                    known: tools.clone().collect::<Vec<_>>().join(", "),
+                    hint: hint.to_owned(),
+                });
+            }
+        }
+    }
+    out
+}
+
 impl Access {
     /// Check the settings against the tools of this box; `paired` is the approved set kept in
     /// the store.
@@ -108,30 +140,8 @@ impl Access {
         tools: impl Iterator<Item = &'a str> + Clone,
         paired: BTreeSet<String>,
     ) -> Result<Self, AccessError> {
-        let referenced = settings.default_roles.iter().chain(settings.users.values().flatten());
-        for role in referenced {
-            if !settings.roles.contains_key(role) {
-                return Err(AccessError::UnknownRole { role: role.clone() });
-            }
-        }
-        for (role, r) in &settings.roles {
-            for grant in &r.tools {
-                if !tools.clone().any(|t| matches(grant, t)) {
-                    let family = grant.split('_').next().unwrap_or_default();
-                    let hint = match family {
-                        "github" => " (configure [tools.github] with a token and repos to have them)",
-                        "drive" => " (configure [tools.drive] with a url to have them)",
-                        "caldav" => " (configure [tools.caldav.calendars] to have them)",
-                        _ => "",
-                    };
-                    return Err(AccessError::UnknownTool {
-                        role: role.clone(),
-                        tool: grant.clone(),
-                        known: tools.clone().collect::<Vec<_>>().join(", "),
-                        hint: hint.to_owned(),
-                    });
-                }
-            }
+        if let Some(e) = check(&settings, tools).into_iter().next() {
+            return Err(e);
         }
         Ok(Access { settings, paired: Mutex::new(paired), pairing: Mutex::default() })
     }

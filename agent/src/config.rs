@@ -106,12 +106,19 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
             // toml's Display quotes the offending source line, which may hold a secret:
-            // report the line number and the message only.
+            // report the line, the setting and the message only.
             let location = e
                 .span()
-                .map(|s| format!(", line {}", text[..s.start.min(text.len())].matches('\n').count() + 1))
+                .map(|s| {
+                    let at = s.start.min(text.len());
+                    let line = text[..at].matches('\n').count() + 1;
+                    match setting_at(text, at) {
+                        Some(field) => format!(", line {line}, {field}"),
+                        None => format!(", line {line}"),
+                    }
+                })
                 .unwrap_or_default();
-            ConfigError::Invalid { path: path.to_owned(), location, message: e.message().to_owned() }
+            ConfigError::Invalid { path: path.to_owned(), location, message: plain(e.message()) }
         })?;
         if let Ok(table) = toml::from_str::<toml::Table>(text) {
             for (name, value) in table {
@@ -177,6 +184,70 @@ impl Config {
     }
 }
 
+/// The setting written at byte `at`: `[table] key` (or `[table]` on a header line, `key` before
+/// any table), from the text as written.
+fn setting_at(text: &str, at: usize) -> Option<String> {
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let header = |l: &str| {
+        let l = l.trim();
+        (l.starts_with('[') && !l.starts_with("[[")).then(|| l.split(']').next().unwrap_or(l).to_owned() + "]")
+    };
+    if let Some(h) = header(line) {
+        return Some(h);
+    }
+    let key =
+        line.split('=').next().map(str::trim).filter(|k| !k.is_empty() && !k.starts_with('#') && line.contains('='));
+    let table = text[..line_start].lines().rev().find_map(header);
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t} {k}")),
+        (None, Some(k)) => Some(k.to_owned()),
+        (Some(t), None) => Some(t),
+        (None, None) => None,
+    }
+}
+
+/// A parser's message in the words of the file's reader: "a whole number", "a list", "text in
+/// quotes" rather than the program's type names. A quoted string value is left out (it may be a
+/// secret written in the wrong place).
+fn plain(message: &str) -> String {
+    let mut m = message.to_owned();
+    if let Some(start) = m.find("invalid type: string \"") {
+        let rest = &m[start + "invalid type: string \"".len()..];
+        if let Some(end) = rest.find("\", expected") {
+            m = format!("{}invalid type: text{}", &m[..start], &rest[end + 1..]);
+        }
+    }
+    for int in ["u64", "u32", "u16", "u8", "usize", "i64", "i32", "i16", "i8", "isize"] {
+        m = m.replace(&format!("expected {int}"), "expected a whole number");
+        m = m.replace(&format!("expected an {int}"), "expected a whole number");
+        m = m.replace(&format!("expected a {int}"), "expected a whole number");
+    }
+    for (jargon, plain) in [
+        ("invalid type: integer", "invalid type: a whole number"),
+        ("invalid type: floating point", "invalid type: a number with a fraction"),
+        ("invalid type: sequence", "invalid type: a list"),
+        ("invalid type: map", "invalid type: a table"),
+        ("invalid type: boolean", "invalid type: true/false"),
+        ("expected a sequence", "expected a list, like [\"a\", \"b\"]"),
+        ("expected a string", "expected text in quotes"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a map", "expected a table"),
+        ("expected f64", "expected a number"),
+        ("invalid type: ", "this is "),
+        ("missing field", "missing setting"),
+        ("unknown field", "unknown setting"),
+        ("number too large to fit in target type", "the number is too large"),
+    ] {
+        m = m.replace(jargon, plain);
+    }
+    while let Some(start) = m.find("expected struct ") {
+        let end = m[start..].find([',', '\n']).map_or(m.len(), |e| start + e);
+        m.replace_range(start..end, "expected a table");
+    }
+    m
+}
+
 /// An IANA zone name: letters, digits, `_+-` in `/`-separated parts, never `.` or `..`.
 pub fn valid_zone_name(zone: &str) -> bool {
     !zone.is_empty()
@@ -232,14 +303,39 @@ idle_window_ms = 1000
             (GOOD.replace("api_base = \"http://127.0.0.1:8080\"", "api_base = \"http://example.com\""), "loopback"),
             (GOOD.replace("client_id = \"dingabc\"", "client_id = \"\""), "must not be empty"),
             (GOOD.replace("idle_window_ms = 1000", "idle_window_ms = 1"), "out of range"),
-            (GOOD.replace("robot_code", "robot_kode"), "unknown field"),
-            (GOOD.replace("client_secret = \"s3cr3t-value-xyz\"", "client_secret = 42 # s3cr3t-value-xyz"), "string"),
+            (GOOD.replace("robot_code", "robot_kode"), "unknown setting `robot_kode`"),
+            (
+                GOOD.replace("client_secret = \"s3cr3t-value-xyz\"", "client_secret = 42 # s3cr3t-value-xyz"),
+                "text in quotes",
+            ),
         ];
         for (text, expect) in cases {
             let e = Config::parse(&text, Path::new("z.toml")).expect_err("invalid config").to_string();
             assert!(e.contains(expect), "{e}");
             assert!(e.contains("line "), "{e}");
             assert!(!e.contains("s3cr3t"), "secret leaked into: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_setting_in_plain_words() {
+        let cases = [
+            (format!("[agent]\nworkers = \"many\"\n{GOOD}"), "line 2, [agent] workers", "expected a whole number"),
+            (format!("[access]\nadmins = \"boss\"\n{GOOD}"), "line 2, [access] admins", "expected a list"),
+            (format!("{GOOD}[health]\nsample_ms = true\n"), "[health] sample_ms", "true/false"),
+            (
+                GOOD.replace("[dingtalk.stream]", "[dingtalk.stream]\nkeepalive_ms = -5"),
+                "[dingtalk.stream] keepalive_ms",
+                "line",
+            ),
+        ];
+        for (text, setting, words) in cases {
+            let e = Config::parse(&text, Path::new("/etc/zhuli/office.toml")).expect_err("invalid").to_string();
+            assert!(e.starts_with("config file /etc/zhuli/office.toml, line"), "{e}");
+            assert!(e.contains(setting) && e.contains(words), "{setting} / {words}: {e}");
+            for jargon in ["u64", "u32", "usize", "i64", "sequence", "struct", "invalid type"] {
+                assert!(!e.contains(jargon), "{jargon} in: {e}");
+            }
         }
     }
 }

@@ -15,3 +15,4 @@ pub mod secret;
 pub mod sim_http;
 pub mod store;
 pub mod tools;
+pub mod validate;

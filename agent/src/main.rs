@@ -25,6 +25,7 @@ struct Cli {
 enum Command {
     /// Run the agent with a configuration file.
     Run {
+        /// The configuration file (on the box: /var/lib/zhuli-provisioning/current/zhuli.toml).
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
     },
@@ -61,6 +62,7 @@ enum Command {
     },
     /// Check the channel step by step (network, credentials, Stream API, recent errors, version).
     Doctor {
+        /// The agent's configuration file.
         #[arg(long, value_name = "PATH", default_value = "/var/lib/zhuli-provisioning/current/zhuli.toml")]
         config: PathBuf,
         /// How long to wait for the gateway's first frame.
@@ -79,6 +81,7 @@ enum Command {
     },
     /// Snapshot the store (still encrypted) into a new directory under DIR, or verify a snapshot.
     Backup {
+        /// The agent's configuration file (it names the store and its key).
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
         /// Directory to create the snapshot in.
@@ -90,8 +93,10 @@ enum Command {
     },
     /// Replace the store with a verified snapshot (the agent must be stopped).
     Restore {
+        /// The agent's configuration file (it names the store and its key).
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
+        /// The snapshot directory, as `zhuli backup` made it.
         #[arg(long, value_name = "SNAPSHOT")]
         from: PathBuf,
     },
@@ -102,30 +107,40 @@ enum ProvisionCommand {
     /// Make the organisation's signing key pair: DIR/org.key (keep it safe, off the box) and
     /// DIR/org.pub.
     Keygen {
+        /// The folder to write org.key and org.pub into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
     /// Write a commented configuration template.
     Init {
+        /// The new file (it must not exist yet).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Validate a configuration as the box will.
-    Check { file: PathBuf },
+    Check {
+        /// The configuration file to check.
+        file: PathBuf,
+    },
     /// Sign a configuration: writes FILE.sig.
     Sign {
+        /// The organisation's private key (org.key from `provision keygen`).
         #[arg(long, value_name = "PATH")]
         key: PathBuf,
+        /// The configuration file to sign.
         file: PathBuf,
     },
     /// Check FILE.sig against the organisation's public key.
     Verify {
+        /// The organisation's public key (org.pub).
         #[arg(long, value_name = "PATH")]
         org_key: PathBuf,
+        /// The configuration file; its signature is FILE.sig beside it.
         file: PathBuf,
     },
     /// Write a checked, signed configuration onto a stick (a block device) or a new image file.
     Write {
+        /// The checked configuration file; its signature FILE.sig is written beside it.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Create this image file (no root or mounting needed).
@@ -143,17 +158,23 @@ enum ProvisionCommand {
         /// Write without a signature (only a development image accepts it).
         #[arg(long)]
         unsigned: bool,
+        /// Write it even though some values are still the template's examples (a test stick).
+        #[arg(long)]
+        force: bool,
     },
     /// Forget the imported configuration and the pinned organisation key (trust on first use
     /// starts again with the next stick).
     FactoryReset {
+        /// Where imported configurations live.
         #[arg(long, value_name = "DIR", default_value = zhuli::provision::DEFAULT_ROOT)]
         root: PathBuf,
+        /// Confirm: this cannot be undone.
         #[arg(long)]
         yes: bool,
     },
     /// Import the configuration from a ZHULI-CFG stick or image (on the box, run by a unit).
     Import {
+        /// The stick's block device (or an image file).
         #[arg(long, value_name = "PATH")]
         device: PathBuf,
         /// Where imported configurations live.
@@ -181,11 +202,16 @@ enum ProvisionCommand {
 #[derive(Subcommand)]
 enum StoreCommand {
     /// Write a new random store key to PATH (for development; the box uses a systemd credential).
-    NewKey { path: PathBuf },
+    NewKey {
+        /// The file to create (it must not exist yet).
+        path: PathBuf,
+    },
     /// Re-seal every value of the store under the key in NEW_KEY, in one transaction.
     Rekey {
+        /// The agent's configuration file (it names the store and its key).
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
+        /// The file holding the new key (from `zhuli store new-key`).
         #[arg(long, value_name = "NEW_KEY")]
         new_key: PathBuf,
     },
@@ -239,12 +265,46 @@ async fn until_signal(cancel: CancellationToken) {
     cancel.cancel();
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// An error a person can cause is said in one paragraph: each cause once, never a backtrace
+/// (whatever `RUST_BACKTRACE` says; a panic still prints its own).
+fn main() -> std::process::ExitCode {
+    match run_command(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", said_once(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, each said once: a cause whose text the message already holds
+/// is left out.
+fn said_once(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             logging::init(log::LevelFilter::Info);
             let config = Config::load(&config)?;
+            let found = zhuli::validate::config(&config);
+            if !found.errors.is_empty() {
+                anyhow::bail!("{} cannot run:\n{}", config.path.display(), zhuli::validate::lines(&found.errors));
+            }
+            for p in &found.examples {
+                log::warn!("{}: {p}", config.path.display());
+            }
             trust_configured_roots(&config)?;
             runtime()?.block_on(async {
                 let cancel = CancellationToken::new();
@@ -433,7 +493,17 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
         }
         ProvisionCommand::Check { file } => {
             let config = p::check(&read_text(&file)?, &file)?;
-            println!("{}: valid, serial {}", file.display(), config.serial);
+            let examples = zhuli::validate::config(&config).examples;
+            if examples.is_empty() {
+                println!("{}: valid, serial {}", file.display(), config.serial);
+            } else {
+                println!(
+                    "{}: valid, serial {}, but these are still the template's examples (`provision write` refuses them without --force):\n{}",
+                    file.display(),
+                    config.serial,
+                    zhuli::validate::lines(&examples)
+                );
+            }
         }
         ProvisionCommand::Sign { key, file } => {
             let data = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -452,11 +522,22 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             sign::verify(&data, &read_text(&sig_path)?, Some(&trusted))?;
             println!("{}: signed by the organisation key {}", file.display(), sign::short(&trusted));
         }
-        ProvisionCommand::Write { config, image, size_mb, device, format, unsigned } => {
+        ProvisionCommand::Write { config, image, size_mb, device, format, unsigned, force } => {
             let data = std::fs::read(&config).with_context(|| format!("cannot read {}", config.display()))?;
             let text =
                 String::from_utf8(data.clone()).map_err(|_| anyhow::anyhow!("{} is not UTF-8", config.display()))?;
             let parsed = p::check(&text, &config)?;
+            let examples = zhuli::validate::config(&parsed).examples;
+            if !examples.is_empty() {
+                let lines = zhuli::validate::lines(&examples);
+                if !force {
+                    anyhow::bail!(
+                        "{} still holds the template's examples:\n{lines}\nwrite the real values in (then sign again), or pass --force to write it as it is",
+                        config.display()
+                    );
+                }
+                eprintln!("warning: written with the template's examples (--force):\n{lines}");
+            }
             let sig_path = PathBuf::from(format!("{}.sig", config.display()));
             let sig = match std::fs::read(&sig_path) {
                 Ok(s) => Some(s),
@@ -466,6 +547,17 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
                     sig_path.display()
                 ),
             };
+            // The box refuses a file changed after signing: so does the laptop, before the stick.
+            if let Some(sig) = &sig {
+                let signer = sign::verify(&data, &String::from_utf8_lossy(sig), None).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {e}; sign it again with `zhuli provision sign --key org.key {}`",
+                        sig_path.display(),
+                        config.display()
+                    )
+                })?;
+                println!("signature good (organisation key {})", sign::short(&signer));
+            }
             let mut files: Vec<(&str, &[u8])> = vec![(stick::CONFIG, &data)];
             if let Some(s) = &sig {
                 files.push((stick::SIGNATURE, s));
@@ -488,7 +580,7 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
                     "this forgets the imported configuration and the trusted organisation key; pass --yes to do it"
                 );
             }
-            for name in ["current", "generations", "serial", "org.pub", zhuli::provision::scrub::PENDING] {
+            for name in zhuli::provision::FORGOTTEN_AT_RESET {
                 let path = root.join(name);
                 let removed = if path.is_dir() && !path.is_symlink() {
                     std::fs::remove_dir_all(&path)
@@ -551,4 +643,45 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every subcommand and every option of `--help` says what it is for.
+    #[test]
+    fn every_help_line_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "zhuli", &mut missing);
+        assert!(missing.is_empty(), "no description: {missing:?}");
+    }
+
+    #[test]
+    fn a_cause_already_said_is_not_said_again() {
+        let inner = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(inner).context("cannot read z.toml: no such file");
+        assert_eq!(said_once(&e), "cannot read z.toml: no such file");
+        let e = anyhow::anyhow!("disk full").context("cannot write the receipt");
+        assert_eq!(said_once(&e), "cannot write the receipt: disk full");
+    }
 }

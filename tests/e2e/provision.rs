@@ -109,7 +109,13 @@ async fn a_signed_stick_configures_the_box_and_its_secrets_leave_the_stick() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let template = laptop.join("template.toml");
     assert!(zhuli(&["provision", "init", "--out", &s(&template)]).status.success());
-    assert!(zhuli(&["provision", "check", &s(&template)]).status.success(), "the template checks");
+    // The untouched template is refused for its placeholders, each named.
+    let untouched = zhuli(&["provision", "check", &s(&template)]);
+    let said = String::from_utf8_lossy(&untouched.stderr).into_owned();
+    assert!(
+        !untouched.status.success() && said.contains("[dingtalk] client_secret: is still the template's placeholder"),
+        "{said}"
+    );
     let cfg = laptop.join("zhuli.toml");
     std::fs::write(&cfg, config_text(&sim, &b.dir, 1)).expect("config");
     let check = zhuli(&["provision", "check", &s(&cfg)]);
@@ -234,7 +240,7 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
                 &config_text(&sim, &b.dir, 6).replace("[agent]", "[agent]\ncolour = \"red\""),
                 &org_private,
             ),
-            "unknown field `colour`",
+            "unknown setting `colour`",
         ),
         (
             "missing secret",
@@ -243,7 +249,7 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
                 &config_text(&sim, &b.dir, 6).replace(&format!("client_secret = \"{SECRET}\"\n"), ""),
                 &org_private,
             ),
-            "client_secret is missing",
+            "[dingtalk] client_secret: is missing",
         ),
         (
             "wrong type",
@@ -290,6 +296,61 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
             },
             "does not match",
         ),
+        // What `zhuli run` would refuse at every start, refused before the switch instead.
+        (
+            "a grant of a tool that does not exist",
+            stick_of(
+                "typo.img",
+                &format!("{}\n[access.roles.member]\ntools = [\"files_reed\"]\n", config_text(&sim, &b.dir, 6)),
+                &org_private,
+            ),
+            "did you mean `files_read`?",
+        ),
+        (
+            "an undefined role",
+            stick_of(
+                "role.img",
+                &format!("{}\n[access]\ndefault_roles = [\"ghost\"]\n", config_text(&sim, &b.dir, 6)),
+                &org_private,
+            ),
+            "the role `ghost`",
+        ),
+        (
+            "a model on the LAN over plain http",
+            stick_of(
+                "lan.img",
+                &format!(
+                    "{}\n[llm]\nbase_url = \"http://192.168.1.5:11434/v1\"\nmodel = \"qwen2.5\"\n",
+                    config_text(&sim, &b.dir, 6)
+                ),
+                &org_private,
+            ),
+            "[llm] base_url",
+        ),
+        (
+            "the template's placeholder credentials",
+            stick_of("template.img", &config_text(&sim, &b.dir, 6).replace(SECRET, "paste-the-secret"), &org_private),
+            "[dingtalk] client_secret: is still the template's placeholder",
+        ),
+        // What only the box can tell.
+        (
+            "a plugin whose program is not on the box",
+            stick_of(
+                "plugin.img",
+                &format!("{}\n[tools.mcp.search]\ncommand = \"/opt/none/node\"\n", config_text(&sim, &b.dir, 6)),
+                &org_private,
+            ),
+            "/opt/none/node must be the absolute path of a program that exists on the box",
+        ),
+        (
+            "a time zone the box does not know",
+            stick_of(
+                "zone.img",
+                &config_text(&sim, &b.dir, 6).replace("[agent]", "[agent]\ntime_zone = \"Mars/Olympus_Mons\""),
+                &org_private,
+            ),
+            "[agent] time_zone",
+        ),
         (
             "not a config stick",
             {
@@ -312,6 +373,9 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
         if what != "not a config stick" {
             let receipt = receipt_on(&img);
             assert!(receipt.contains("refused") && receipt.contains(expect), "{what}: receipt\n{receipt}");
+            // The admin chat hears the same reasons (the agent reads them at its next sample).
+            let refusal = provision::Refusal::last(&b.root).expect("the refusal is noted for the agent");
+            assert!(refusal.reasons.iter().any(|r| r.contains(expect)), "{what}: {refusal:?}");
         }
         assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET), "{what}: secret leaked");
     }
@@ -467,10 +531,10 @@ fn config_with_every_secret(sim: &Simulator, dir: &Path, serial: u64, note: &str
     format!(
         "# {note}\n{}\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\napi_key = \"{llm}\"\n\
          [tools.files.roots]\nshare = {share:?}\n\
-         [tools.github]\ntoken = \"{github}\"\nrepos = [\"acme/website\"]\n\
-         [tools.drive]\nurl = \"https://dav.example.com/remote.php/dav/files/zhuli/\"\nusername = \"zhuli\"\npassword = \"{drive}\"\n\
+         [tools.github]\ntoken = \"{github}\"\nrepos = [\"office/website\"]\n\
+         [tools.drive]\nurl = \"https://dav.office.test/remote.php/dav/files/zhuli/\"\nusername = \"zhuli\"\npassword = \"{drive}\"\n\
          [tools.caldav]\nusername = \"zhuli\"\npassword = \"{caldav}\"\ndefault_calendar = \"team\"\n\
-         [tools.caldav.calendars]\nteam = \"https://dav.example.com/remote.php/dav/calendars/zhuli/team/\"\n\
+         [tools.caldav.calendars]\nteam = \"https://dav.office.test/remote.php/dav/calendars/zhuli/team/\"\n\
          [tools.mcp.search]\ncommand = \"/bin/true\"\nwrite = [{share:?}]\nenv = {{ API_KEY = \"{plugin}\", LEVEL = \"info\" }}\n\
          [health]\nadmin_chat = \"cid-admins\"\n",
         config_text(sim, dir, serial),
@@ -736,4 +800,113 @@ async fn an_import_stopped_before_its_switch_is_imported_at_the_next_insertion()
     assert!(out.status.success() && stdout.contains("imported serial 1"), "{stdout}");
     assert_eq!(provision::current_serial(&b.root), 1);
     assert_eq!(occurrences(&img, SECRET.as_bytes()), 0);
+}
+
+/// The laptop refuses what the box would, with the same words; a stick signed anyway is refused
+/// by the box with the previous configuration kept, and the admin chat hears why, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explained_in_the_admin_chat() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let b = Box::new("provision-refused");
+    let laptop = b.dir.join("laptop");
+    std::fs::create_dir_all(&laptop).expect("laptop");
+    let (org, _) = sign::keygen();
+    let admins = "[health]\nadmin_chat = \"cid-admins\"\nsample_ms = 200\n";
+    let good = format!("{}{admins}", config_text(&sim, &b.dir, 1));
+    let sig = sign::sign(good.as_bytes(), &org, "k").expect("sign");
+    let img = image(&b.dir, "good.img", &[(stick::CONFIG, good.as_bytes()), (stick::SIGNATURE, sig.as_bytes())]);
+    assert!(b.import(&img).status.success());
+    let before = b.current_config().expect("imported");
+
+    // On the laptop: `check` and `sign` refuse it, naming the setting and a guess.
+    let bad = format!("{}{admins}[access.roles.member]\ntools = [\"files_reed\"]\n", config_text(&sim, &b.dir, 2));
+    let file = laptop.join("office.toml");
+    std::fs::write(&file, &bad).expect("file");
+    for args in [vec!["provision", "check", &s(&file)], vec!["provision", "sign", "--key", "/nonexistent", &s(&file)]] {
+        let out = zhuli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains("office.toml cannot run on a box"), "{args:?}: {stderr}");
+        assert!(stderr.contains("[access.roles.member] grants `files_reed`"), "{stderr}");
+        assert!(stderr.contains("did you mean `files_read`?"), "{stderr}");
+        assert!(!stderr.contains("Caused by") && !stderr.contains("backtrace"), "{stderr}");
+    }
+    // Signed anyway (by hand): the box refuses it the same way and keeps serial 1.
+    let sig = sign::sign(bad.as_bytes(), &org, "k").expect("sign");
+    let bad_img = image(&b.dir, "bad.img", &[(stick::CONFIG, bad.as_bytes()), (stick::SIGNATURE, sig.as_bytes())]);
+    let out = b.import(&bad_img);
+    assert!(!out.status.success());
+    assert_eq!(b.current_config().as_deref(), Some(before.as_str()));
+    let receipt = receipt_on(&bad_img);
+    assert!(receipt.contains("result: refused: the previous configuration is unchanged"), "{receipt}");
+    assert!(receipt.contains("error: [access.roles.member] grants `files_reed`"), "{receipt}");
+
+    // The agent, running on the previous configuration, tells the admin chat why, once.
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+        .args(["run", "--config", &s(&b.root.join("current/zhuli.toml"))])
+        .env("CREDENTIALS_DIRECTORY", b.root.join("current"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent");
+    let refusals = |s: &Simulator| {
+        s.replies()
+            .into_iter()
+            .filter(|r| r.conversation_id.as_deref() == Some("cid-admins") && r.text.contains("未被导入"))
+            .collect::<Vec<_>>()
+    };
+    let told = sim.wait_until(Duration::from_secs(20), |s| !refusals(s).is_empty()).await;
+    // Many samples later (200 ms apart), still said once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(told, "the admins were told: {:?}", sim.replies());
+    let said = refusals(&sim);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].text.contains("files_reed") && said[0].text.contains("A configuration stick (serial 2"),
+        "{}",
+        said[0].text
+    );
+    assert!(!said[0].text.contains(SECRET));
+
+    // `provision write` checks the signature and the template's examples before the stick.
+    let ok = format!("{}{admins}", config_text(&sim, &b.dir, 3));
+    std::fs::write(&file, &ok).expect("file");
+    let key = laptop.join("org.key");
+    std::fs::write(&key, &org).expect("key");
+    assert!(zhuli(&["provision", "sign", "--key", &s(&key), &s(&file)]).status.success());
+    std::fs::write(&file, format!("{ok}[access]\nadmins = [\"intruder\"]\n")).expect("changed after signing");
+    let out = zhuli(&["provision", "write", "--config", &s(&file), "--image", &s(&laptop.join("t.img"))]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && stderr.contains("does not match") && stderr.contains("provision sign"),
+        "{stderr}"
+    );
+    assert!(!laptop.join("t.img").exists(), "no stick written");
+    let example = format!("{ok}[access]\nadmins = [\"manager001\"]\n");
+    std::fs::write(&file, &example).expect("example");
+    assert!(zhuli(&["provision", "sign", "--key", &s(&key), &s(&file)]).status.success());
+    let out = zhuli(&["provision", "write", "--config", &s(&file), "--image", &s(&laptop.join("e.img"))]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && stderr.contains("\"manager001\" is the template's example"), "{stderr}");
+    let out = zhuli(&["provision", "write", "--config", &s(&file), "--image", &s(&laptop.join("e.img")), "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A good stick clears the refusal; after a factory reset, the last stick (its secrets
+    // removed at its import) is refused with what to do, and written again it is imported.
+    let img3 = laptop.join("e.img");
+    assert!(b.import(&img3).status.success());
+    assert!(provision::Refusal::last(&b.root).is_none(), "a good import clears the refusal");
+    let out = zhuli(&["provision", "factory-reset", "--root", &s(&b.root), "--yes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = b.import(&img3);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success() && stdout.contains("holds only `*`"), "{stdout}");
+    let again = laptop.join("again.img");
+    let out = zhuli(&["provision", "write", "--config", &s(&file), "--image", &s(&again), "--force"]);
+    assert!(out.status.success());
+    let out = b.import(&again);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(provision::current_serial(&b.root), 3);
 }

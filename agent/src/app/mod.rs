@@ -380,6 +380,34 @@ fn status_line(s: &Snapshot, since: &str) -> String {
     line
 }
 
+/// A stick the box refused (the import keeps the previous configuration running): the admins
+/// hear why, once per refusal, across restarts.
+async fn tell_refused_import(work: &Arc<Work>, config: &Config, root: &std::path::Path) {
+    const TOLD: &str = "provision-refusal-told";
+    let Some(refusal) = crate::provision::Refusal::last(root) else { return };
+    let id = refusal.id();
+    if blocking(&work.store, |s| s.setting(TOLD)).await.ok().flatten().as_deref() == Some(id.as_str()) {
+        return;
+    }
+    let serial = refusal.serial.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+    // The receipt's heading lines ("… cannot run on this box:") are the message's own.
+    let reasons: String = refusal.reasons.iter().filter(|r| !r.ends_with(':')).map(|r| format!("\n- {r}")).collect();
+    work.assistant.audit().record(
+        Event::new(Kind::Alert, "", "")
+            .target(format!("stick serial {serial}"))
+            .outcome("refused")
+            .reason(refusal.reasons.join("; ")),
+    );
+    let text = format!(
+        "⚠️ **zhuli**：配置 U 盘（第 {serial} 号配置，{time}）未被导入，设备继续使用原来的配置运行。原因如下，修改后重新签名、写入 U 盘再插入即可（U 盘上的 zhuli-receipt.txt 也写明了原因）：\n\n\
+         A configuration stick (serial {serial}, {time}) was refused; the box keeps running its previous configuration. \
+         Fix the following, sign and write the stick again, and plug it in (the stick's zhuli-receipt.txt says the same):{reasons}",
+        time = refusal.time
+    );
+    tell_admins(work, config, "zhuli：配置 U 盘未导入 / configuration stick refused", &text);
+    let _ = blocking(&work.store, move |s| s.set_setting(TOLD, &id)).await;
+}
+
 /// Sample the box's resources and the security counters; tell the admins (and the audit
 /// trail) when a threshold is crossed and when it clears.
 async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
@@ -419,6 +447,7 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
             unrecorded = now_unrecorded;
         }
         if let Some(root) = &provisioning {
+            tell_refused_import(&work, &config, root).await;
             for stick in crate::provision::scrub::unattended(root) {
                 if told_sticks.insert(stick.volume_id) {
                     work.assistant.audit().record(

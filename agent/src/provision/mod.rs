@@ -44,6 +44,11 @@ pub const DEFAULT_ROOT: &str = "/var/lib/zhuli-provisioning";
 /// The sha256 of the configuration as left on the last imported stick (secrets removed): that
 /// stick, plugged in again or left in at a reboot, is recognised and left alone.
 const IMPORTED_STICK: &str = "imported-stick.sha256";
+/// What `zhuli provision factory-reset` forgets: the configuration, its generations, the serial,
+/// the pinned organisation key, the scrubs waiting for a stick, the last stick imported and the
+/// last refusal. After it the box trusts the next signed stick it sees, as a new box does.
+pub const FORGOTTEN_AT_RESET: [&str; 7] =
+    ["current", "generations", "serial", "org.pub", scrub::PENDING, IMPORTED_STICK, REFUSED];
 /// The start of an import's result when the stick was already imported.
 pub const UNCHANGED: &str = "unchanged";
 /// Where time zone files live (package tzdata).
@@ -71,6 +76,8 @@ pub enum ProvisionError {
     Unsigned,
     #[error("{0}")]
     Invalid(String),
+    #[error("{0} cannot run on a box:\n{lines}", lines = crate::validate::lines(.1))]
+    Problems(String, Vec<crate::validate::Problem>),
     #[error("serial {new} is not newer than the box's current serial {current}; raise `serial` and sign again")]
     OldSerial { new: u64, current: u64 },
     #[error("cannot store the imported configuration: {0}")]
@@ -142,7 +149,7 @@ fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
     let spans: SecretSpans = toml::from_str(text).map_err(|e| {
         // Like the configuration's own errors: the line and the message, never the line's text.
         let line = e.span().map(|s| format!(", line {}", text[..s.start.min(text.len())].matches('\n').count() + 1));
-        ProvisionError::Invalid(format!("zhuli.toml{}: {}", line.unwrap_or_default(), e.message()))
+        ProvisionError::Invalid(format!("the configuration{}: {}", line.unwrap_or_default(), e.message()))
     })?;
     let (github, drive, caldav, mcp) = match spans.tools {
         Some(t) => {
@@ -198,38 +205,52 @@ fn replace_secrets(text: &str, secrets: &[FoundSecret], with: impl Fn(&FoundSecr
     out
 }
 
-/// Validate a configuration for provisioning: strict parsing (errors name the line and the
-/// field), a serial, the secrets written out (and not the stars an import leaves), folders the
-/// unit can name.
+/// Validate a configuration for provisioning: the one validation the agent's start uses
+/// ([`crate::validate::config`]), and what only a stick's text shows: a serial, the secrets
+/// written out (and not the stars an import leaves), folders the unit can name. Syntax errors
+/// stop at the first; every other problem is listed.
 pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
-    let secrets = secrets_in(text)?;
+    use crate::validate::Problem;
+    let invalid = |e: crate::config::ConfigError| ProvisionError::Invalid(e.to_string());
+    // A syntax error is said by the parser, with the file's name, the line and the setting.
+    if toml::from_str::<toml::Table>(text).is_err() {
+        Config::parse(text, path).map_err(invalid)?;
+    }
+    // Secrets first: on a stick they are written out, never a credential of this machine.
+    let secrets = secrets_in(text).map_err(|e| match e {
+        ProvisionError::Invalid(m) => ProvisionError::Problems(path.display().to_string(), vec![Problem::new("", m)]),
+        e => e,
+    })?;
     if !secrets.iter().any(|s| s.credential == CRED_DINGTALK) {
-        return Err(ProvisionError::Invalid(
-            "[dingtalk] client_secret is missing; copy it from the developer console".into(),
+        let missing = Problem::new("[dingtalk] client_secret", "is missing; copy it from DingTalk's developer console");
+        return Err(ProvisionError::Problems(path.display().to_string(), vec![missing]));
+    }
+    let config = Config::parse(text, path).map_err(invalid)?;
+    let mut problems: Vec<Problem> = Vec::new();
+    if config.serial == 0 {
+        problems.push(Problem::new(
+            "serial",
+            "is missing or 0: give the file a serial (1 for the first, larger for each new one)",
         ));
     }
     for s in &secrets {
         if !s.value.is_empty() && s.value.chars().all(|c| c == '*') {
-            return Err(ProvisionError::Invalid(format!(
-                "{} holds only `*`: this stick was imported and its secrets were removed; write them in again and sign the file",
-                s.field
-            )));
-        }
-        if !s.is_plugin_env() && s.value.chars().count() < MIN_SECRET {
-            return Err(ProvisionError::Invalid(format!(
-                "{} is shorter than {MIN_SECRET} characters; copy the whole secret (a secret this short is guessed quickly and cannot be told apart from other data on the stick)",
-                s.field
-            )));
+            problems.push(Problem::new(
+                &s.field,
+                "holds only `*`: this stick was imported and its secrets were removed; write them in again and sign the file",
+            ));
+        } else if !s.is_plugin_env() && s.value.chars().count() < MIN_SECRET {
+            problems.push(Problem::new(
+                &s.field,
+                format!("is shorter than {MIN_SECRET} characters; copy the whole secret (a secret this short is guessed quickly and cannot be told apart from other data on the stick)"),
+            ));
         }
     }
-    let config = Config::parse(text, path).map_err(|e| ProvisionError::Invalid(e.to_string()))?;
-    if config.serial == 0 {
-        return Err(ProvisionError::Invalid(
-            "`serial` is missing or 0: give the file a serial (1 for the first, larger for each new one)".into(),
-        ));
+    if let Err(ProvisionError::Invalid(m)) = unit::check(&config) {
+        problems.push(Problem::new("", m));
     }
-    unit::check(&config)?;
-    Ok(config)
+    problems.extend(crate::validate::config(&config).errors);
+    if problems.is_empty() { Ok(config) } else { Err(ProvisionError::Problems(path.display().to_string(), problems)) }
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -343,13 +364,65 @@ pub fn import(opts: &ImportOptions) -> Receipt {
         }
         Err(e) => {
             receipt.result = "refused: the previous configuration is unchanged".into();
-            receipt.errors.push(e.to_string());
+            match &e {
+                ProvisionError::Problems(file, problems) => {
+                    receipt.errors.push(format!("{file} cannot run on this box:"));
+                    receipt.errors.extend(problems.iter().map(ToString::to_string));
+                }
+                e => receipt.errors.push(e.to_string()),
+            }
             log::error!("provisioning refused: {e}; the previous configuration is unchanged");
             // Best effort: the stick may be the problem.
             receipt.write_to(&opts.device);
+            Refusal::of(&receipt).record(&opts.root);
         }
     }
     receipt
+}
+
+/// The last refused import, for the agent to tell the admin chat (`refused.json` in the
+/// provisioning root, readable by the agent's group). A successful import removes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Refusal {
+    pub time: String,
+    pub serial: Option<u64>,
+    pub config_sha256: Option<String>,
+    pub reasons: Vec<String>,
+}
+
+/// Where [`Refusal`] is kept.
+const REFUSED: &str = "refused.json";
+
+impl Refusal {
+    fn of(receipt: &Receipt) -> Refusal {
+        Refusal {
+            time: receipt.time.clone(),
+            serial: receipt.serial,
+            config_sha256: receipt.config_hash.clone(),
+            reasons: receipt.errors.clone(),
+        }
+    }
+
+    /// What tells this refusal apart from another.
+    pub fn id(&self) -> String {
+        sha256_hex(format!("{}|{:?}|{:?}", self.time, self.serial, self.config_sha256).as_bytes())[..16].to_owned()
+    }
+
+    fn record(&self, root: &Path) {
+        let path = root.join(REFUSED);
+        let written = serde_json::to_vec_pretty(self)
+            .map_err(std::io::Error::other)
+            .and_then(|json| write_file(&path, &json, 0o640));
+        match written {
+            Ok(()) => group_readable(&path),
+            Err(e) => log::warn!("provisioning: cannot note the refusal for the admin chat: {e}"),
+        }
+    }
+
+    /// The last refusal, if the import since has not succeeded.
+    pub fn last(root: &Path) -> Option<Refusal> {
+        serde_json::from_slice(&std::fs::read(root.join(REFUSED)).ok()?).ok()
+    }
 }
 
 fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, ProvisionError> {
@@ -410,7 +483,22 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
         ));
     }
     let text = String::from_utf8(bytes.clone()).map_err(|_| ProvisionError::NotUtf8)?;
+    // Said on the receipt even when the file is refused.
+    receipt.serial = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|t| t.get("serial").and_then(toml::Value::as_integer))
+        .and_then(|n| u64::try_from(n).ok());
 
+    // A stick an import has already emptied of its secrets (its signature no longer matches,
+    // which would be the less useful reason).
+    if let Ok(secrets) = secrets_in(&text)
+        && let Some(s) = secrets.iter().find(|s| !s.value.is_empty() && s.value.chars().all(|c| c == '*'))
+    {
+        return Err(ProvisionError::Invalid(format!(
+            "{} holds only `*`: this stick was imported before and its secrets were removed from it; write the configuration to it again (`zhuli provision write`) and plug it in",
+            s.field
+        )));
+    }
     // Who signed it, and whether this box trusts them.
     let pinned_path = opts.root.join("org.pub");
     let trusted = match opts.baked_key.as_deref().filter(|p| p.exists()) {
@@ -432,6 +520,10 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
 
     let config = check(&text, Path::new("zhuli.toml (on the stick)"))?;
     receipt.serial = Some(config.serial);
+    let on_box = crate::validate::on_box(&config, Path::new(ZONEINFO));
+    if !on_box.is_empty() {
+        return Err(ProvisionError::Problems("zhuli.toml (on the stick)".into(), on_box));
+    }
     let current = current_serial(&opts.root);
     if config.serial <= current {
         return Err(ProvisionError::OldSerial { new: config.serial, current });
@@ -510,6 +602,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
         receipt.errors.push(format!("the box could not note the import ({e}); the configuration is switched"));
     }
     prune_generations(&opts.root, &name);
+    let _ = std::fs::remove_file(opts.root.join(REFUSED));
 
     let mut result = format!("imported serial {} ({} secrets moved into credentials)", config.serial, secrets.len());
     // Said on the stick until the scrub is done: what to do if it is pulled out before that.
@@ -692,6 +785,7 @@ fn stage(
     // The box's time zone: /etc/localtime points at `current/localtime` (UTC while it is absent).
     if let Some(zone) = config.agent.time_zone.as_deref() {
         let target = Path::new(ZONEINFO).join(zone);
+        // Checked by `validate::on_box` before staging; a zone removed since is still refused.
         if !target.is_file() {
             return Err(ProvisionError::Invalid(format!(
                 "[agent] time_zone {zone:?} is not a time zone this box knows ({} is missing); use a name such as \"Asia/Shanghai\"",
@@ -724,7 +818,17 @@ fn stage(
                 log::warn!("provisioning: credential {name} stored UNENCRYPTED (development mode)");
                 write_file(&dir.join(name), value.as_bytes(), 0o600).map_err(apply)?;
             }
-            Credentials::Systemd => encrypt(name, value, &dir.join(format!("{name}.cred")))?,
+            Credentials::Systemd => {
+                let file = dir.join(format!("{name}.cred"));
+                encrypt(name, value, &file)?;
+                // What the agent will open at its start, opened now: a credential this box
+                // cannot unseal is found before the switch, not at every start after it.
+                if decrypt(name, &file).is_none_or(|d| d.as_slice() != value.as_bytes()) {
+                    return Err(ProvisionError::Apply(format!(
+                        "the sealed credential {name} does not unseal on this box (systemd-creds); the previous configuration keeps running — check the TPM and the host key, then insert the stick again"
+                    )));
+                }
+            }
         }
     }
     let encrypted = opts.credentials == Credentials::Systemd;
@@ -795,8 +899,11 @@ robot_code = "dingxxxxxxxxxxxx"      # usually the Client ID
 # api_key = "sk-..."                 # removed from the stick on import
 # daily_tokens = 2000000
 
+[agent]
+time_zone = "Asia/Shanghai"          # the office's time zone (IANA name): times in chat and logs
+
 [assistant]
-utc_offset_minutes = 480             # Asia/Shanghai
+utc_offset_minutes = 480             # Asia/Shanghai, as minutes east of UTC
 
 [access]
 admins = ["manager001"]              # staff ids of the box's admins
@@ -835,19 +942,39 @@ tools = ["files_list", "files_read", "files_search", "system"]
 mod tests {
     use super::*;
 
+    /// The template with its placeholders filled in, as an installer leaves it.
+    fn filled() -> String {
+        TEMPLATE
+            .replace("dingxxxxxxxxxxxx", "dingq7rkzdd3ldvnvwdu")
+            .replace("\"paste-the-secret\"", "\"Qx7-secret-from-console\"")
+            .replace("\"manager001\"", "\"0151234\"")
+    }
+
+    #[test]
+    fn the_untouched_template_is_refused_for_its_placeholders_and_filled_in_it_checks() {
+        let e = check(TEMPLATE, Path::new("zhuli.toml")).expect_err("placeholders").to_string();
+        assert!(e.starts_with("zhuli.toml cannot run on a box:"), "{e}");
+        assert!(e.contains("[dingtalk] client_id") && e.contains("[dingtalk] client_secret"), "{e}");
+        assert!(!e.contains("paste-the-secret"), "{e}");
+        check(&filled(), Path::new("zhuli.toml")).expect("filled in, the template checks");
+    }
+
     #[test]
     fn the_template_checks_and_secrets_become_credential_references() {
-        let config = check(TEMPLATE, Path::new("template")).expect("the template is valid");
+        let config = check(&filled(), Path::new("template")).expect("the template is valid");
         assert_eq!(config.serial, 1);
-        let secrets = secrets_in(TEMPLATE).expect("secrets");
+        let secrets = secrets_in(&filled()).expect("secrets");
         assert_eq!(secrets.len(), 1);
-        let boxed = replace_secrets(TEMPLATE, &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
-        assert!(!boxed.contains("paste-the-secret"));
+        let boxed = replace_secrets(&filled(), &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
+        assert!(!boxed.contains("Qx7-secret-from-console"));
         assert!(boxed.contains("client_secret = { credential = \"dingtalk-client-secret\" }"));
         assert!(boxed.contains("# removed from the stick on import"), "comments are kept");
-        let (starred, _) = scrub::starred(TEMPLATE, &secrets);
-        assert!(!starred.contains("paste-the-secret") && starred.contains("client_secret = \"****************\""));
-        assert_eq!(starred.len(), TEMPLATE.len(), "the stick's file keeps its length");
+        let (starred, _) = scrub::starred(&filled(), &secrets);
+        assert!(
+            !starred.contains("Qx7-secret-from-console")
+                && starred.contains("client_secret = \"***********************\"")
+        );
+        assert_eq!(starred.len(), filled().len(), "the stick's file keeps its length");
     }
 
     #[test]
@@ -884,7 +1011,7 @@ mod tests {
 
     #[test]
     fn tool_secrets_become_credentials_too() {
-        let text = TEMPLATE
+        let text = filled()
             .replace("# [tools.github]", "[tools.github]")
             .replace("# token = \"github_pat_...\"", "token = \"github_pat_abc\"")
             .replace("# repos = [\"acme/website\"]", "repos = [\"acme/website\"]");
@@ -902,7 +1029,8 @@ mod tests {
     #[test]
     fn plugin_environment_values_become_credentials_and_leave_the_stick() {
         let text = format!(
-            "{TEMPLATE}\n[tools.mcp.search]\ncommand = \"/usr/bin/node\"\nenv = {{ API_KEY = \"sk-search-4Lq9zP\", LOG = \"info\" }}\n"
+            "{}\n[tools.mcp.search]\ncommand = \"/usr/bin/node\"\nenv = {{ API_KEY = \"sk-search-4Lq9zP\", LOG = \"info\" }}\n",
+            filled()
         );
         check(&text, Path::new("x")).expect("valid with plugin env");
         let secrets = secrets_in(&text).expect("secrets");
@@ -914,7 +1042,7 @@ mod tests {
         assert!(!starred.contains("sk-search-4Lq9zP") && starred.contains("LOG = \"****\""), "{starred}");
         assert_eq!(
             scrub::patterns(&text, &secrets),
-            ["paste-the-secret", "sk-search-4Lq9zP"],
+            ["Qx7-secret-from-console", "sk-search-4Lq9zP"],
             "short values are not secrets"
         );
         let bad = text.replace("LOG =", "2LOG =");
@@ -923,21 +1051,21 @@ mod tests {
 
     #[test]
     fn a_stick_whose_secrets_were_removed_or_are_too_short_is_refused_with_the_reason() {
-        let starred = TEMPLATE.replace("\"paste-the-secret\"", "\"****************\"");
+        let starred = filled().replace("\"Qx7-secret-from-console\"", "\"****************\"");
         let e = check(&starred, Path::new("x")).expect_err("starred").to_string();
         assert!(e.contains("[dingtalk] client_secret") && e.contains("imported"), "{e}");
-        let short = TEMPLATE.replace("\"paste-the-secret\"", "\"abc\"");
+        let short = filled().replace("\"Qx7-secret-from-console\"", "\"abc\"");
         let e = check(&short, Path::new("x")).expect_err("short").to_string();
         assert!(e.contains("shorter than 8"), "{e}");
     }
 
     #[test]
     fn provisioning_needs_a_serial_and_written_out_secrets() {
-        let no_serial = TEMPLATE.replace("serial = 1", "");
+        let no_serial = filled().replace("serial = 1", "");
         assert!(check(&no_serial, Path::new("x")).expect_err("no serial").to_string().contains("serial"));
-        let reference = TEMPLATE.replace("\"paste-the-secret\"", "{ credential = \"x\" }");
+        let reference = filled().replace("\"Qx7-secret-from-console\"", "{ credential = \"x\" }");
         assert!(check(&reference, Path::new("x")).expect_err("reference").to_string().contains("written out"));
-        let unknown = TEMPLATE.replace("[assistant]", "[assistant]\ncolour = 1");
+        let unknown = filled().replace("[assistant]", "[assistant]\ncolour = 1");
         let e = check(&unknown, Path::new("x")).expect_err("unknown field").to_string();
         assert!(e.contains("line") && e.contains("colour"), "{e}");
     }

@@ -27,9 +27,13 @@ pub const MAX_FILE: u64 = 1024 * 1024;
 pub enum StickError {
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
-    #[error("{0} holds no FAT file system; write the stick with `zhuli provision write`")]
+    #[error(
+        "{0} holds no FAT file system; format it as a configuration stick with `zhuli provision write --device … --format` (this erases it)"
+    )]
     NotFat(PathBuf),
-    #[error("{path} is labelled `{found}`, not `{LABEL}`; this is not a zhuli configuration stick")]
+    #[error(
+        "{path} is labelled `{found}`, not `{LABEL}`; this is not a zhuli configuration stick (`zhuli provision write --device … --format` makes it one, erasing it)"
+    )]
     Label { path: PathBuf, found: String },
     #[error(
         "{0} is read-only (a lock switch?): its secrets could not be removed after the import, so nothing was imported; unlock it and plug it in again"

@@ -24,7 +24,9 @@ pub enum KeyError {
         "no store key: the service needs the credential {CREDENTIAL:?} (LoadCredentialEncrypted=store-key:… in zhuli.service), or [store] key_file for development"
     )]
     Missing,
-    #[error("cannot read the store key from {path}: {source}")]
+    #[error(
+        "cannot read the store key from {path}: {source}; check [store] key_file, or make a development key with `zhuli store new-key {path}`"
+    )]
     Read { path: PathBuf, source: std::io::Error },
     #[error("the store key in {path} is not a key: expected 32 raw bytes or 64 hex characters, found {len} bytes")]
     Malformed { path: PathBuf, len: usize },

@@ -79,6 +79,25 @@ pub struct Drive {
 
 impl Drive {
     pub fn new(settings: &DriveSettings, roots: Arc<Roots>) -> Result<Option<Arc<Drive>>, DriveSettingsError> {
+        let Some((url, ocs)) = Self::checked(settings)? else {
+            return Ok(None);
+        };
+        let http =
+            crate::dingtalk::http::HttpClient::new(crate::dingtalk::http::tls_config(), settings.timeout_ms.get());
+        let dav = Dav::new(http, url, &settings.username, settings.password.as_ref(), "drive");
+        Ok(Some(Arc::new(Drive { dav, settings: settings.clone(), roots, ocs })))
+    }
+
+    /// The names of the tools these settings offer (none without a url).
+    pub fn tool_names(settings: &DriveSettings) -> Result<Vec<&'static str>, DriveSettingsError> {
+        let Some((_, ocs)) = Self::checked(settings)? else {
+            return Ok(Vec::new());
+        };
+        Ok(ops(ocs.is_some()).into_iter().map(Op::name).collect())
+    }
+
+    /// The settings checked: the url and the sharing endpoint, or `None` when there is no drive.
+    fn checked(settings: &DriveSettings) -> Result<Option<(&str, Option<String>)>, DriveSettingsError> {
         let Some(url) = settings.url.as_deref() else {
             return Ok(None);
         };
@@ -100,10 +119,7 @@ impl Drive {
                 Some(format!("{}/ocs/v2.php/apps/files_sharing/api/v1/shares", &url[..at]))
             }
         };
-        let http =
-            crate::dingtalk::http::HttpClient::new(crate::dingtalk::http::tls_config(), settings.timeout_ms.get());
-        let dav = Dav::new(http, url, &settings.username, settings.password.as_ref(), "drive");
-        Ok(Some(Arc::new(Drive { dav, settings: settings.clone(), roots, ocs })))
+        Ok(Some((url, ocs)))
     }
 }
 
@@ -167,18 +183,39 @@ pub enum Op {
     Share,
 }
 
+impl Op {
+    /// The tool's name, as the model and the grants in `[access.roles]` see it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::List => "drive_list",
+            Op::Search => "drive_search",
+            Op::Download => "drive_download",
+            Op::Upload => "drive_upload",
+            Op::Move => "drive_move",
+            Op::Share => "drive_share",
+        }
+    }
+}
+
 pub struct DriveTool {
     op: Op,
     drive: Arc<Drive>,
     parameters: Value,
 }
 
-pub fn tools(drive: &Arc<Drive>) -> Vec<Arc<dyn Tool>> {
+fn ops(share: bool) -> Vec<Op> {
     let mut ops = vec![Op::List, Op::Search, Op::Download, Op::Upload, Op::Move];
-    if drive.ocs.is_some() {
+    if share {
         ops.push(Op::Share);
     }
-    ops.into_iter().map(|op| Arc::new(DriveTool::new(op, drive.clone())) as Arc<dyn Tool>).collect()
+    ops
+}
+
+pub fn tools(drive: &Arc<Drive>) -> Vec<Arc<dyn Tool>> {
+    ops(drive.ocs.is_some())
+        .into_iter()
+        .map(|op| Arc::new(DriveTool::new(op, drive.clone())) as Arc<dyn Tool>)
+        .collect()
 }
 
 impl DriveTool {
@@ -211,14 +248,7 @@ impl DriveTool {
 
 impl Tool for DriveTool {
     fn name(&self) -> &str {
-        match self.op {
-            Op::List => "drive_list",
-            Op::Search => "drive_search",
-            Op::Download => "drive_download",
-            Op::Upload => "drive_upload",
-            Op::Move => "drive_move",
-            Op::Share => "drive_share",
-        }
+        self.op.name()
     }
 
     fn description(&self) -> &str {

@@ -512,6 +512,21 @@ pub enum Op {
     Delete,
 }
 
+impl Op {
+    /// The tool's name, as the model and the grants in `[access.roles]` see it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::List => "files_list",
+            Op::Read => "files_read",
+            Op::Search => "files_search",
+            Op::Write => "files_write",
+            Op::Copy => "files_copy",
+            Op::Move => "files_move",
+            Op::Delete => "files_delete",
+        }
+    }
+}
+
 /// How to reverse a change.
 #[derive(Debug, Serialize, Deserialize)]
 enum Undo {
@@ -537,11 +552,15 @@ pub struct FileTool {
 }
 
 /// All the files tools over `roots`.
+const OPS: [Op; 7] = [Op::List, Op::Read, Op::Search, Op::Write, Op::Copy, Op::Move, Op::Delete];
+
+/// The names of the files tools (always offered: a box without roots has the inbox).
+pub fn tool_names() -> impl Iterator<Item = &'static str> {
+    OPS.into_iter().map(Op::name)
+}
+
 pub fn tools(roots: &Arc<Roots>) -> Vec<Arc<dyn Tool>> {
-    [Op::List, Op::Read, Op::Search, Op::Write, Op::Copy, Op::Move, Op::Delete]
-        .into_iter()
-        .map(|op| Arc::new(FileTool::new(op, roots.clone())) as Arc<dyn Tool>)
-        .collect()
+    OPS.into_iter().map(|op| Arc::new(FileTool::new(op, roots.clone())) as Arc<dyn Tool>).collect()
 }
 
 fn path_param(what: &str) -> Value {
@@ -580,15 +599,7 @@ use crate::tools::str_arg as arg;
 
 impl Tool for FileTool {
     fn name(&self) -> &str {
-        match self.op {
-            Op::List => "files_list",
-            Op::Read => "files_read",
-            Op::Search => "files_search",
-            Op::Write => "files_write",
-            Op::Copy => "files_copy",
-            Op::Move => "files_move",
-            Op::Delete => "files_delete",
-        }
+        self.op.name()
     }
 
     fn description(&self) -> &str {

@@ -84,6 +84,37 @@ impl Caldav {
         offset: i32,
         zone: Option<&str>,
     ) -> Result<Option<Arc<Caldav>>, CaldavSettingsError> {
+        let Some((start, end)) = Self::checked(settings)? else {
+            return Ok(None);
+        };
+        let http =
+            crate::dingtalk::http::HttpClient::new(crate::dingtalk::http::tls_config(), settings.timeout_ms.get());
+        let calendars = settings
+            .calendars
+            .iter()
+            .map(|(name, url)| {
+                (name.clone(), Dav::new(http.clone(), url, &settings.username, settings.password.as_ref(), "caldav"))
+            })
+            .collect();
+        Ok(Some(Arc::new(Caldav {
+            calendars,
+            settings: settings.clone(),
+            offset,
+            zone: zone.unwrap_or("Asia/Shanghai").to_owned(),
+            day: (start, end),
+        })))
+    }
+
+    /// The names of the tools these settings offer (none without calendars).
+    pub fn tool_names(settings: &CaldavSettings) -> Result<Vec<&'static str>, CaldavSettingsError> {
+        Ok(match Self::checked(settings)? {
+            Some(_) => OPS.into_iter().map(Op::name).collect(),
+            None => Vec::new(),
+        })
+    }
+
+    /// The settings checked: the working day, or `None` when there are no calendars.
+    fn checked(settings: &CaldavSettings) -> Result<Option<(i64, i64)>, CaldavSettingsError> {
         if settings.calendars.is_empty() {
             return Ok(None);
         }
@@ -101,24 +132,11 @@ impl Caldav {
                 return Err(err(format!("{name:?} is not one of [tools.caldav.calendars]")));
             }
         }
-        let http =
-            crate::dingtalk::http::HttpClient::new(crate::dingtalk::http::tls_config(), settings.timeout_ms.get());
-        let mut calendars = BTreeMap::new();
         for (name, url) in &settings.calendars {
             crate::dingtalk::settings::check_url(url, "https", "http")
                 .map_err(|e| err(format!("calendars.{name}: {e}")))?;
-            calendars.insert(
-                name.clone(),
-                Dav::new(http.clone(), url, &settings.username, settings.password.as_ref(), "caldav"),
-            );
         }
-        Ok(Some(Arc::new(Caldav {
-            calendars,
-            settings: settings.clone(),
-            offset,
-            zone: zone.unwrap_or("Asia/Shanghai").to_owned(),
-            day: (start, end),
-        })))
+        Ok(Some((start, end)))
     }
 
     /// For `zhuli doctor`: each calendar answers and is a calendar collection.
@@ -285,17 +303,29 @@ pub enum Op {
     Cancel,
 }
 
+impl Op {
+    /// The tool's name, as the model and the grants in `[access.roles]` see it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::List => "caldav_list",
+            Op::Free => "caldav_free",
+            Op::Create => "caldav_create",
+            Op::Move => "caldav_move",
+            Op::Cancel => "caldav_cancel",
+        }
+    }
+}
+
 pub struct CaldavTool {
     op: Op,
     cal: Arc<Caldav>,
     parameters: Value,
 }
 
+const OPS: [Op; 5] = [Op::List, Op::Free, Op::Create, Op::Move, Op::Cancel];
+
 pub fn tools(cal: &Arc<Caldav>) -> Vec<Arc<dyn Tool>> {
-    [Op::List, Op::Free, Op::Create, Op::Move, Op::Cancel]
-        .into_iter()
-        .map(|op| Arc::new(CaldavTool::new(op, cal.clone())) as Arc<dyn Tool>)
-        .collect()
+    OPS.into_iter().map(|op| Arc::new(CaldavTool::new(op, cal.clone())) as Arc<dyn Tool>).collect()
 }
 
 const TIME: &str = "local time YYYY-MM-DDTHH:MM, or RFC 3339 with an offset";
@@ -335,13 +365,7 @@ impl CaldavTool {
 
 impl Tool for CaldavTool {
     fn name(&self) -> &str {
-        match self.op {
-            Op::List => "caldav_list",
-            Op::Free => "caldav_free",
-            Op::Create => "caldav_create",
-            Op::Move => "caldav_move",
-            Op::Cancel => "caldav_cancel",
-        }
+        self.op.name()
     }
 
     fn description(&self) -> &str {

@@ -72,6 +72,29 @@ pub struct GithubTools {
 impl GithubTools {
     /// `None` when no token is configured (the tools are then not offered).
     pub fn new(settings: &GithubSettings, offset_minutes: i32) -> Result<Option<Arc<Self>>, GithubSettingsError> {
+        let Some(token) = Self::checked(settings)? else {
+            return Ok(None);
+        };
+        let http =
+            crate::dingtalk::http::HttpClient::new(crate::dingtalk::http::tls_config(), settings.timeout_ms.get());
+        Ok(Some(Arc::new(GithubTools {
+            api: Github::new(http, &settings.api_base, token, offset_minutes),
+            repos: settings.repos.iter().map(|r| r.to_ascii_lowercase()).collect(),
+            max_results: settings.max_results,
+            offset_minutes,
+        })))
+    }
+
+    /// The names of the tools these settings offer (none without a token).
+    pub fn tool_names(settings: &GithubSettings) -> Result<Vec<&'static str>, GithubSettingsError> {
+        Ok(match Self::checked(settings)? {
+            Some(_) => OPS.into_iter().map(Op::name).collect(),
+            None => Vec::new(),
+        })
+    }
+
+    /// The settings checked; the token, or `None` when there is none.
+    fn checked(settings: &GithubSettings) -> Result<Option<Secret>, GithubSettingsError> {
         let Some(token) = settings.token.clone().filter(|t| !t.is_empty()) else {
             return Ok(None);
         };
@@ -93,14 +116,7 @@ impl GithubTools {
         if settings.max_results == 0 {
             return Err(GithubSettingsError("max_results must be at least 1".into()));
         }
-        let http =
-            crate::dingtalk::http::HttpClient::new(crate::dingtalk::http::tls_config(), settings.timeout_ms.get());
-        Ok(Some(Arc::new(GithubTools {
-            api: Github::new(http, &settings.api_base, token, offset_minutes),
-            repos: settings.repos.iter().map(|r| r.to_ascii_lowercase()).collect(),
-            max_results: settings.max_results,
-            offset_minutes,
-        })))
+        Ok(Some(token))
     }
 
     /// For `zhuli doctor`: is the token accepted, and how much of the hour's limit is left
@@ -179,17 +195,29 @@ pub enum Op {
     Notifications,
 }
 
+impl Op {
+    /// The tool's name, as the model and the grants in `[access.roles]` see it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::List => "github_list",
+            Op::Show => "github_show",
+            Op::Comment => "github_comment",
+            Op::CreateIssue => "github_create_issue",
+            Op::Notifications => "github_notifications",
+        }
+    }
+}
+
 pub struct GithubTool {
     op: Op,
     gh: Arc<GithubTools>,
     parameters: Value,
 }
 
+const OPS: [Op; 5] = [Op::List, Op::Show, Op::Comment, Op::CreateIssue, Op::Notifications];
+
 pub fn tools(gh: &Arc<GithubTools>) -> Vec<Arc<dyn Tool>> {
-    [Op::List, Op::Show, Op::Comment, Op::CreateIssue, Op::Notifications]
-        .into_iter()
-        .map(|op| Arc::new(GithubTool::new(op, gh.clone())) as Arc<dyn Tool>)
-        .collect()
+    OPS.into_iter().map(|op| Arc::new(GithubTool::new(op, gh.clone())) as Arc<dyn Tool>).collect()
 }
 
 impl GithubTool {
@@ -234,13 +262,7 @@ impl GithubTool {
 
 impl Tool for GithubTool {
     fn name(&self) -> &str {
-        match self.op {
-            Op::List => "github_list",
-            Op::Show => "github_show",
-            Op::Comment => "github_comment",
-            Op::CreateIssue => "github_create_issue",
-            Op::Notifications => "github_notifications",
-        }
+        self.op.name()
     }
 
     fn description(&self) -> &str {

@@ -215,6 +215,50 @@ pub struct Plugin {
     latest_run: Arc<Mutex<u64>>,
 }
 
+/// What can be checked of a plugin's settings anywhere: its name and its limits.
+pub fn check_settings(name: &str, settings: &PluginSettings) -> Result<(), PluginSettingsError> {
+    let err = |m: String| PluginSettingsError { name: name.to_owned(), message: m };
+    if name.is_empty() || name.len() > 24 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        return Err(err("a plugin's name is up to 24 lowercase letters and digits".into()));
+    }
+    if RESERVED.contains(&name) {
+        return Err(err(format!("`{name}` is the name of built-in tools; choose another")));
+    }
+    if !settings.command.is_absolute() {
+        return Err(err(format!("command {} must be an absolute path", settings.command.display())));
+    }
+    for p in settings.read.iter().chain(&settings.write) {
+        if !p.is_absolute() {
+            return Err(err(format!("{} must be an absolute path", p.display())));
+        }
+    }
+    if settings.memory_mb < 16 || settings.open_files < 16 || settings.cpu_seconds == 0 {
+        return Err(err("memory_mb and open_files must be at least 16, cpu_seconds at least 1".into()));
+    }
+    if !(1..=800).contains(&settings.cpu_percent) {
+        return Err(err("cpu_percent must be between 1 and 800 (100 is one whole CPU)".into()));
+    }
+    Ok(())
+}
+
+/// What only the box can check: the program and the folders a plugin reads exist there (the
+/// folders it writes, the import makes).
+pub fn check_paths(name: &str, settings: &PluginSettings) -> Result<(), PluginSettingsError> {
+    let err = |m: String| PluginSettingsError { name: name.to_owned(), message: m };
+    if !settings.command.is_file() {
+        return Err(err(format!(
+            "command {} must be the absolute path of a program that exists on the box",
+            settings.command.display()
+        )));
+    }
+    for p in &settings.read {
+        if !p.exists() {
+            return Err(err(format!("{} must be an absolute path that exists on the box", p.display())));
+        }
+    }
+    Ok(())
+}
+
 impl Plugin {
     pub fn new(
         name: &str,
@@ -222,29 +266,11 @@ impl Plugin {
         state_dir: &std::path::Path,
         tree: Option<Arc<cgroup::Tree>>,
     ) -> Result<Arc<Plugin>, PluginSettingsError> {
+        check_settings(name, settings)?;
+        check_paths(name, settings)?;
         let err = |m: String| PluginSettingsError { name: name.to_owned(), message: m };
-        if name.is_empty() || name.len() > 24 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
-            return Err(err("a plugin's name is up to 24 lowercase letters and digits".into()));
-        }
-        if RESERVED.contains(&name) {
-            return Err(err(format!("`{name}` is the name of built-in tools; choose another")));
-        }
-        if !settings.command.is_absolute() || !settings.command.is_file() {
-            return Err(err(format!(
-                "command {} must be the absolute path of a program that exists",
-                settings.command.display()
-            )));
-        }
-        for p in settings.read.iter().chain(&settings.write) {
-            if !p.is_absolute() || !p.exists() {
-                return Err(err(format!("{} must be an absolute path that exists", p.display())));
-            }
-        }
-        if settings.memory_mb < 16 || settings.open_files < 16 || settings.cpu_seconds == 0 {
-            return Err(err("memory_mb and open_files must be at least 16, cpu_seconds at least 1".into()));
-        }
-        if !(1..=800).contains(&settings.cpu_percent) {
-            return Err(err("cpu_percent must be between 1 and 800 (100 is one whole CPU)".into()));
+        if let Some(p) = settings.write.iter().find(|p| !p.exists()) {
+            return Err(err(format!("{} must be an absolute path that exists", p.display())));
         }
         let home = state_dir.join("plugins").join(name);
         std::fs::create_dir_all(&home).map_err(|e| err(format!("cannot create its folder {}: {e}", home.display())))?;

@@ -149,6 +149,27 @@ pub enum Op {
     ChatSendFile,
 }
 
+impl Op {
+    /// The tool's name, as the model and the grants in `[access.roles]` see it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::PeopleSearch => "people_search",
+            Op::PeopleMembers => "people_members",
+            Op::CalendarList => "calendar_list",
+            Op::CalendarFree => "calendar_free",
+            Op::CalendarCreate => "calendar_create",
+            Op::CalendarMove => "calendar_move",
+            Op::CalendarCancel => "calendar_cancel",
+            Op::TodoCreate => "todo_create",
+            Op::TodoList => "todo_list",
+            Op::TodoDone => "todo_done",
+            Op::ApprovalsPending => "approvals_pending",
+            Op::ApprovalsShow => "approvals_show",
+            Op::ChatSendFile => "chat_send_file",
+        }
+    }
+}
+
 const OPS: [Op; 13] = [
     Op::PeopleSearch,
     Op::PeopleMembers,
@@ -169,6 +190,11 @@ pub struct WorkspaceTool {
     op: Op,
     ws: Arc<Workspace>,
     parameters: Value,
+}
+
+/// The names of the workspace tools (always offered).
+pub fn tool_names() -> impl Iterator<Item = &'static str> {
+    OPS.into_iter().map(Op::name)
 }
 
 /// Every workspace tool.
@@ -243,21 +269,7 @@ use crate::tools::{id_or_size, size, str_arg as arg, time_or_size};
 
 impl Tool for WorkspaceTool {
     fn name(&self) -> &str {
-        match self.op {
-            Op::PeopleSearch => "people_search",
-            Op::PeopleMembers => "people_members",
-            Op::CalendarList => "calendar_list",
-            Op::CalendarFree => "calendar_free",
-            Op::CalendarCreate => "calendar_create",
-            Op::CalendarMove => "calendar_move",
-            Op::CalendarCancel => "calendar_cancel",
-            Op::TodoCreate => "todo_create",
-            Op::TodoList => "todo_list",
-            Op::TodoDone => "todo_done",
-            Op::ApprovalsPending => "approvals_pending",
-            Op::ApprovalsShow => "approvals_show",
-            Op::ChatSendFile => "chat_send_file",
-        }
+        self.op.name()
     }
 
     fn description(&self) -> &str {

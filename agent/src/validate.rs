@@ -1,0 +1,301 @@
+//! One validation of a configuration, the same code wherever a configuration is judged:
+//! `zhuli provision check` and `provision write` on the installer's laptop, the box's import
+//! before it switches generation, and the agent's start. What the text alone decides is in
+//! [`config`]; what only the box can tell (a folder exists, a plugin's program is installed, a
+//! time zone is known) is in [`on_box`], which the import runs before the switch.
+//!
+//! A problem names the setting it is about and says what to do; never a secret's value.
+
+use std::path::Path;
+
+use crate::{access, config::Config, dingtalk::settings::check_url, tools};
+
+/// One thing wrong with a configuration: the setting, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `[section] field`, as written in the file.
+    pub field: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem { field: field.into(), message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.field, self.message) }
+    }
+}
+
+/// What [`config`] found.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// The box cannot run this configuration.
+    pub errors: Vec<Problem>,
+    /// Values still as the template's examples have them: it may run, but not as meant.
+    /// `provision write` refuses them unless `--force`.
+    pub examples: Vec<Problem>,
+}
+
+/// The lines of a list of problems, one `- ` item each.
+pub fn lines(problems: &[Problem]) -> String {
+    problems.iter().map(|p| format!("- {p}")).collect::<Vec<_>>().join("\n")
+}
+
+/// The template's placeholder credentials: a box can never log in with them.
+const PLACEHOLDER_SECRETS: [&str; 4] = ["paste-the-secret", "app-password", "sk-...", "github_pat_..."];
+
+/// Everything the text decides: the tools the grants name exist, the roles are defined, every
+/// URL is reachable the way the agent will reach it, no template placeholder is left.
+pub fn config(config: &Config) -> Findings {
+    let mut f = Findings::default();
+    let mut names: Vec<String> = Vec::new();
+    names.extend(tools::files::tool_names().map(str::to_owned));
+    names.extend(tools::workspace::tool_names().map(str::to_owned));
+    names.push("system".into());
+    match tools::drive::Drive::tool_names(&config.tools.drive) {
+        Ok(n) => names.extend(n.into_iter().map(str::to_owned)),
+        Err(e) => f.errors.push(Problem::new("", e.to_string())),
+    }
+    match tools::github::GithubTools::tool_names(&config.tools.github) {
+        Ok(n) => names.extend(n.into_iter().map(str::to_owned)),
+        Err(e) => f.errors.push(Problem::new("", e.to_string())),
+    }
+    match tools::caldav::Caldav::tool_names(&config.tools.caldav) {
+        Ok(n) => names.extend(n.into_iter().map(str::to_owned)),
+        Err(e) => f.errors.push(Problem::new("", e.to_string())),
+    }
+    for (name, plugin) in &config.tools.mcp {
+        match tools::mcp::check_settings(name, plugin) {
+            Ok(()) => names.push(name.clone()),
+            Err(e) => f.errors.push(Problem::new("", e.to_string())),
+        }
+    }
+    for e in access::check(&config.access, names.iter().map(String::as_str)) {
+        // A plugin's tools are known only once it runs: `fs_read_file` is granted if `fs` is a plugin.
+        if let access::AccessError::UnknownTool { tool, .. } = &e
+            && config.tools.mcp.keys().any(|p| tool.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('_')))
+        {
+            continue;
+        }
+        let e = match e {
+            access::AccessError::UnknownTool { role, tool, known, hint } => {
+                let guess = closest(&tool, names.iter().map(String::as_str));
+                let hint = match guess {
+                    Some(g) if hint.is_empty() => format!("; did you mean `{g}`?"),
+                    _ => hint,
+                };
+                access::AccessError::UnknownTool { role, tool, known, hint }
+            }
+            other => other,
+        };
+        f.errors.push(Problem::new("", e.to_string()));
+    }
+    if let Some(llm) = &config.llm {
+        if let Err(e) = check_url(&llm.base_url, "https", "http") {
+            f.errors.push(Problem::new(
+                "[llm] base_url",
+                format!(
+                    "{e}. A model on the office network needs https:// (put a reverse proxy with a certificate in front of it); plain http:// is for a model on the box itself"
+                ),
+            ));
+        }
+        if llm.model.trim().is_empty() {
+            f.errors.push(Problem::new("[llm] model", "is empty; name the model, e.g. \"deepseek-chat\""));
+        }
+    }
+    let d = &config.dingtalk;
+    for (field, value) in
+        [("[dingtalk] client_id", d.client_id.as_str()), ("[dingtalk] robot_code", d.robot_code.as_str())]
+    {
+        if value.contains("xxxxxxxx") {
+            f.errors.push(Problem::new(
+                field,
+                "is still the template's placeholder; copy the app's Client ID from DingTalk's developer console",
+            ));
+        }
+    }
+    let secrets = [
+        ("[dingtalk] client_secret", Some(&d.client_secret)),
+        ("[llm] api_key", config.llm.as_ref().and_then(|l| l.api_key.as_ref())),
+        ("[tools.github] token", config.tools.github.token.as_ref()),
+        ("[tools.drive] password", config.tools.drive.password.as_ref()),
+        ("[tools.caldav] password", config.tools.caldav.password.as_ref()),
+    ];
+    for (field, secret) in secrets {
+        if secret.is_some_and(|s| PLACEHOLDER_SECRETS.contains(&s.expose())) {
+            f.errors.push(Problem::new(field, "is still the template's placeholder; write the real secret in"));
+        }
+    }
+    for admin in &config.access.admins {
+        if admin == "manager001" {
+            f.examples.push(Problem::new(
+                "[access] admins",
+                "\"manager001\" is the template's example; write your admins' staff ids (the box tells an unknown sender their id)",
+            ));
+        }
+    }
+    if config.health.admin_chat.as_deref().is_some_and(|c| c.contains("XXXX")) {
+        f.examples.push(Problem::new(
+            "[health] admin_chat",
+            "is the template's example; write the admin group's conversation id or remove the line",
+        ));
+    }
+    let urls = config
+        .tools
+        .drive
+        .url
+        .iter()
+        .map(|u| ("[tools.drive] url", u))
+        .chain(config.tools.caldav.calendars.values().map(|u| ("[tools.caldav.calendars]", u)));
+    for (field, url) in urls {
+        if url.contains("example.com") {
+            f.examples
+                .push(Problem::new(field, format!("{url:?} is the template's example; write your server's address")));
+        }
+    }
+    if config.tools.github.repos.iter().any(|r| r == "acme/website") {
+        f.examples.push(Problem::new(
+            "[tools.github] repos",
+            "\"acme/website\" is the template's example; list your repositories",
+        ));
+    }
+    f
+}
+
+/// What only the box can check, before an import switches to the configuration: the time zone
+/// is known, every plugin's program and folders exist. (The import makes the folders the agent
+/// may change and checks that each credential unseals.)
+pub fn on_box(config: &Config, zoneinfo: &Path) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if let Some(zone) = config.agent.time_zone.as_deref()
+        && !zoneinfo.join(zone).is_file()
+    {
+        out.push(Problem::new(
+            "[agent] time_zone",
+            format!(
+                "{zone:?} is not a time zone this box knows ({} is missing); use a name such as \"Asia/Shanghai\"",
+                zoneinfo.join(zone).display()
+            ),
+        ));
+    }
+    for (name, plugin) in &config.tools.mcp {
+        if let Err(e) = tools::mcp::check_paths(name, plugin) {
+            out.push(Problem::new("", e.to_string()));
+        }
+    }
+    out
+}
+
+/// The known name closest to `word`, if it is a near miss (a typo of at most two letters).
+fn closest<'a>(word: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known.map(|k| (distance(word, k), k)).filter(|(d, _)| *d <= 2).min_by_key(|(d, _)| *d).map(|(_, k)| k)
+}
+
+/// Levenshtein distance between two short names.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Config {
+        let text = format!(
+            "[dingtalk]\nclient_id = \"dingabc\"\nclient_secret = \"s3cr3t-value-xyz\"\nrobot_code = \"dingabc\"\n{extra}"
+        );
+        Config::parse(&text, Path::new("z.toml")).expect("parses")
+    }
+
+    fn errors(extra: &str) -> Vec<String> {
+        config(&parse(extra)).errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_configuration_the_agent_runs_has_no_problems() {
+        let f = config(&parse(
+            "[access]\ndefault_roles = [\"member\"]\n[access.roles.member]\ntools = [\"files_read\", \"calendar\", \"system\"]\n[llm]\nbase_url = \"https://api.deepseek.com/v1\"\nmodel = \"deepseek-chat\"\n",
+        ));
+        assert!(f.errors.is_empty() && f.examples.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn a_grant_of_a_tool_that_does_not_exist_is_named_with_a_guess() {
+        let e = errors("[access.roles.member]\ntools = [\"files_reed\"]\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("[access.roles.member]") && e[0].contains("`files_reed`"), "{e:?}");
+        assert!(e[0].contains("did you mean `files_read`?"), "{e:?}");
+        // A family the configuration does not enable says how to enable it.
+        let e = errors("[access.roles.member]\ntools = [\"github\"]\n");
+        assert!(e[0].contains("configure [tools.github]"), "{e:?}");
+    }
+
+    #[test]
+    fn every_undefined_role_is_named() {
+        let e = errors("[access]\ndefault_roles = [\"ghost\"]\n[access.users]\nmanager9 = [\"boss\"]\n");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e.iter().any(|l| l.contains("`ghost`")) && e.iter().any(|l| l.contains("`boss`")), "{e:?}");
+    }
+
+    #[test]
+    fn a_model_on_the_lan_over_plain_http_is_refused_and_loopback_is_not() {
+        let e = errors("[llm]\nbase_url = \"http://192.168.1.5:11434/v1\"\nmodel = \"qwen2.5\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("[llm] base_url:") && e[0].contains("https://"), "{e:?}");
+        assert!(errors("[llm]\nbase_url = \"http://127.0.0.1:11434/v1\"\nmodel = \"qwen2.5\"\n").is_empty());
+    }
+
+    #[test]
+    fn the_untouched_template_is_refused_for_its_placeholders() {
+        let config = Config::parse(crate::provision::TEMPLATE, Path::new("zhuli.toml")).expect("the template parses");
+        let f = super::config(&config);
+        let errors: Vec<String> = f.errors.iter().map(ToString::to_string).collect();
+        for field in ["[dingtalk] client_id", "[dingtalk] robot_code", "[dingtalk] client_secret"] {
+            assert!(errors.iter().any(|e| e.starts_with(field)), "{field} missing from {errors:?}");
+        }
+        assert!(f.examples.iter().any(|p| p.field == "[access] admins"), "{f:?}");
+        for e in &errors {
+            assert!(!e.contains("paste-the-secret"), "a secret's value in: {e}");
+        }
+    }
+
+    #[test]
+    fn a_plugin_grant_is_valid_before_its_tools_are_known() {
+        let e = errors(
+            "[access.roles.member]\ntools = [\"fs_read_file\", \"fs\"]\n[tools.mcp.fs]\ncommand = \"/usr/bin/node\"\n",
+        );
+        assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn on_the_box_a_missing_program_and_an_unknown_zone_are_problems() {
+        let c = parse("[agent]\ntime_zone = \"Mars/Olympus\"\n[tools.mcp.fs]\ncommand = \"/nonexistent/node\"\n");
+        let dir = std::env::temp_dir();
+        let p: Vec<String> = on_box(&c, &dir).iter().map(ToString::to_string).collect();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("[agent] time_zone") && p[1].contains("/nonexistent/node"), "{p:?}");
+    }
+
+    #[test]
+    fn near_misses_are_guessed_and_far_ones_are_not() {
+        let known = ["files_read", "files_write", "system"];
+        assert_eq!(closest("files_reed", known.into_iter()), Some("files_read"));
+        assert_eq!(closest("sytem", known.into_iter()), Some("system"));
+        assert_eq!(closest("calendar_zap", known.into_iter()), None);
+    }
+}
