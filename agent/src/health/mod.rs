@@ -4,6 +4,7 @@
 //! restarts the service. Also the business figures (messages, latency, errors) that `/status`,
 //! `zhuli status` and the monitor report.
 
+pub mod diagnostics;
 pub mod doctor;
 pub mod monitor;
 pub mod notify;

@@ -334,7 +334,7 @@ fn box_id() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn utc_now() -> String {
+pub fn utc_now() -> String {
     let ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     format!("{} UTC", crate::assistant::settings::local_time(ms, 0).0)
