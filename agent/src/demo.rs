@@ -2,11 +2,25 @@
 //! plays DingTalk on loopback, the real agent connects to it over the Stream protocol, and the
 //! terminal is a DingTalk chat: each line you type is a message from a user, each answer is
 //! what the agent posted back through the session webhook or the OpenAPI.
+//!
+//! The demo owns the terminal: the agent's log lines reach it through a queue and are printed on
+//! lines of their own, never on the prompt. Its state lives in a private temporary folder that
+//! holds a store key; the folder is removed however the demo ends — `!quit`, end of input,
+//! Ctrl-C or SIGTERM, an error.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    future::Future,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Stdout},
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -25,8 +39,19 @@ e.g. \"what is in the shared folder?\"; changes ask for /confirm, and /undo reve
   !file NAME      send a file;  !picture  send a picture;  !voice TEXT  a voice message
   !disconnect     the gateway asks to reconnect (nothing is lost)
   !zombie         the connection goes silent (the agent notices and reconnects)
-  !quit           leave (or Ctrl-D)
+  !quit           leave (or Ctrl-D, Ctrl-C)
 ";
+
+/// Printed after an answer that needed a model when the demo has none: the agent's own answer
+/// is written for a box, where an administrator adds the model.
+const NEEDS_LLM_URL: &str = "(the demo has no model: to have questions answered, start it with --llm-url, \
+e.g. `zhuli demo --llm-url http://127.0.0.1:11434/v1 --llm-model qwen2.5` for a local Ollama)\n";
+
+/// How long the agent has to reconnect after `!disconnect` before the demo says it has not.
+const RECONNECT_WAIT: Duration = Duration::from_secs(15);
+
+/// How long the agent has to stop when the demo ends; a second Ctrl-C does not wait.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// A model for the demo to ask.
 pub struct Llm {
@@ -39,8 +64,154 @@ fn random_hex(n: usize) -> String {
     (0..n).map(|_| format!("{:x}", rand::random::<u8>() & 0xf)).collect()
 }
 
-/// Run the demo on stdin/stdout until EOF or `!quit`.
-pub async fn run(llm: Option<Llm>) -> anyhow::Result<()> {
+/// The demo's state directory, removed when dropped (so also on an error or a panic): it holds
+/// the store key.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A new folder only this user can enter, under a name nobody could have prepared for us.
+    fn create() -> anyhow::Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("zhuli-demo-{}-{}", std::process::id(), random_hex(8)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating the demo's state directory {}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM: they end the demo as `!quit` does.
+struct Stops {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Stops {
+    fn catch() -> anyhow::Result<Stops> {
+        Ok(Stops {
+            interrupt: signal(SignalKind::interrupt()).context("catching Ctrl-C")?,
+            terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+        })
+    }
+
+    /// The next signal's number.
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => nix::libc::SIGINT,
+            _ = self.terminate.recv() => nix::libc::SIGTERM,
+        }
+    }
+}
+
+/// The terminal: the demo's lines, the agent's log lines, and the prompt.
+struct Screen {
+    out: Stdout,
+    logs: mpsc::Receiver<String>,
+    /// "you> " is the last thing printed: anything else must start on a new line.
+    at_prompt: bool,
+}
+
+impl Screen {
+    async fn write(&mut self, text: &str) -> std::io::Result<()> {
+        self.out.write_all(text.as_bytes()).await?;
+        self.out.flush().await
+    }
+
+    async fn prompt(&mut self) -> std::io::Result<()> {
+        self.write("you> ").await?;
+        self.at_prompt = true;
+        Ok(())
+    }
+
+    /// Whole lines of the demo's own.
+    async fn say(&mut self, text: &str) -> std::io::Result<()> {
+        if std::mem::take(&mut self.at_prompt) {
+            self.write("\n").await?;
+        }
+        self.write(text).await
+    }
+
+    /// One log line on a line of its own, and the prompt again if it was showing (what someone
+    /// had typed stays on the line above and is sent with the rest).
+    async fn log(&mut self, line: &str) -> std::io::Result<()> {
+        if self.at_prompt {
+            self.write(&format!("\n{line}\nyou> ")).await
+        } else {
+            self.write(&format!("{line}\n")).await
+        }
+    }
+
+    /// Wait for `work`, printing the agent's log lines as they come.
+    async fn during<F: Future>(&mut self, work: F) -> std::io::Result<F::Output> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut work => return Ok(done),
+                Some(line) = self.logs.recv() => self.log(&line).await?,
+            }
+        }
+    }
+
+    /// The log lines still queued.
+    async fn drain(&mut self) -> std::io::Result<()> {
+        while let Ok(line) = self.logs.try_recv() {
+            self.log(&line).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Run the demo on stdin/stdout until end of input, `!quit`, or a signal, whose number is
+/// returned. `logs` are the agent's log lines, printed between the demo's own.
+pub async fn run(llm: Option<Llm>, logs: mpsc::Receiver<String>) -> anyhow::Result<Option<i32>> {
+    // Caught before the folder with the key exists, so no signal can leave it behind.
+    let mut stops = Stops::catch()?;
+    let scratch = Scratch::create()?;
+    let mut screen = Screen { out: tokio::io::stdout(), logs, at_prompt: false };
+    let has_llm = llm.is_some();
+    let (sim, config) = set_up(llm, scratch.path()).await?;
+    let cancel = CancellationToken::new();
+    let mut agent = tokio::spawn(app::run(config, cancel.clone()));
+
+    let ended = tokio::select! {
+        done = chat(&sim, has_llm, &mut screen) => done.map(|()| None),
+        signo = stops.next() => Ok(Some(signo)),
+    };
+    // However the chat ended (a closed terminal too), the agent stops before its folder goes;
+    // its last log lines wait in the queue meanwhile.
+    cancel.cancel();
+    let hurried = tokio::select! {
+        _ = tokio::time::timeout(STOP_WAIT, &mut agent) => false,
+        _ = stops.next() => true,
+    };
+    if hurried {
+        agent.abort();
+    }
+    sim.shutdown().await;
+    let dir = scratch.path().display().to_string();
+    drop(scratch);
+    // Off the prompt's line: nobody is asked for anything any more.
+    let _ = screen.say("").await;
+    let _ = screen.drain().await;
+    if let Ok(Some(_)) = ended {
+        let _ = screen.say(&format!("(stopped; the demo's folder {dir} and its key are removed)\n")).await;
+    }
+    ended
+}
+
+/// The simulator, with a small organisation, and the agent's configuration in `state_dir`.
+async fn set_up(llm: Option<Llm>, state_dir: &Path) -> anyhow::Result<(Simulator, Config)> {
     let client_id = format!("dingdemo{}", random_hex(8));
     let sim_cfg = SimConfig {
         client_id: client_id.clone(),
@@ -60,8 +231,6 @@ pub async fn run(llm: Option<Llm>) -> anyhow::Result<()> {
             .person("lilei", "Li Lei", "Engineer", &[2])
             .person("wangfang", "Wang Fang", "Accountant", &[2]),
     );
-    let state_dir: PathBuf = std::env::temp_dir().join(format!("zhuli-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&state_dir).context("creating the demo's state directory")?;
     let key_file = state_dir.join("store-key");
     StoreKey::generate().write_new(&key_file).context("writing the demo's store key")?;
     let toml = format!(
@@ -92,25 +261,34 @@ pub async fn run(llm: Option<Llm>) -> anyhow::Result<()> {
             key = llm.key.as_ref().map(|k| format!("api_key = {k:?}\n")).unwrap_or_default()
         ));
     }
-    let config = Config::parse(&toml, std::path::Path::new("(demo)")).context("building the demo configuration")?;
-    let cancel = CancellationToken::new();
-    let agent = tokio::spawn(app::run(config, cancel.clone()));
+    let config = Config::parse(&toml, Path::new("(demo)")).context("building the demo configuration")?;
+    Ok((sim, config))
+}
 
-    let mut out = tokio::io::stdout();
-    out.write_all(INTRO.as_bytes()).await?;
-    let connected = sim.wait_until(Duration::from_secs(10), |s| !s.connections().is_empty()).await;
-    out.write_all(if connected {
-        b"(agent connected to the simulated gateway)\n"
-    } else {
-        b"(agent not connected yet; messages will wait)\n"
-    })
-    .await?;
+/// The chat on stdin/stdout, until end of input or `!quit`.
+async fn chat(sim: &Simulator, has_llm: bool, screen: &mut Screen) -> anyhow::Result<()> {
+    screen.say(INTRO).await?;
+    let connected = screen.during(sim.wait_until(Duration::from_secs(10), |s| !s.connections().is_empty())).await?;
+    screen
+        .say(if connected {
+            "(agent connected to the simulated gateway)\n"
+        } else {
+            "(agent not connected yet; messages will wait)\n"
+        })
+        .await?;
 
+    // A terminal echoes what is typed; input from a pipe is echoed here, so the transcript reads
+    // the same and nothing is printed after the prompt on its line.
+    let echo = !std::io::IsTerminal::is_terminal(&std::io::stdin());
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     loop {
-        out.write_all(b"you> ").await?;
-        out.flush().await?;
-        let Some(line) = lines.next_line().await? else { break };
+        screen.prompt().await?;
+        let Some(line) = screen.during(lines.next_line()).await?? else { break };
+        if echo {
+            screen.write(&format!("{line}\n")).await?;
+        }
+        // Enter was pressed: the terminal has moved to the next line.
+        screen.at_prompt = false;
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -119,13 +297,12 @@ pub async fn run(llm: Option<Llm>) -> anyhow::Result<()> {
         let inject = match cmd {
             "!quit" | "!exit" => break,
             "!disconnect" => {
-                sim.disconnect_all();
-                out.write_all(b"(gateway sent SYSTEM disconnect)\n").await?;
+                disconnect(sim, screen).await?;
                 continue;
             }
             "!zombie" => {
                 sim.degrade_all(ConnMode::Zombie);
-                out.write_all(b"(connection is now a zombie: pings answered, nothing delivered)\n").await?;
+                screen.say("(connection is now a zombie: pings answered, nothing delivered)\n").await?;
                 continue;
             }
             "!group" => Inject::text(arg).in_group(true),
@@ -135,30 +312,62 @@ pub async fn run(llm: Option<Llm>) -> anyhow::Result<()> {
             "!voice" => Inject::of("audio", arg),
             _ => Inject::text(line),
         };
+        // Everything but a command is for the model.
+        let for_the_model = match cmd {
+            "!group" | "!quiet" => !arg.starts_with('/'),
+            _ => !line.starts_with('/'),
+        };
         let expect_reply = inject.mentioned;
         let before = sim.replies().len();
         sim.inject(inject);
         if !expect_reply {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            screen.during(tokio::time::sleep(Duration::from_millis(500))).await?;
             let note = if sim.replies().len() == before {
                 "(no reply: the robot was not @mentioned)\n"
             } else {
                 "(unexpected reply)\n"
             };
-            out.write_all(note.as_bytes()).await?;
+            screen.say(note).await?;
             continue;
         }
-        if sim.wait_until(Duration::from_secs(30), |s| s.replies().len() > before).await {
+        if screen.during(sim.wait_until(Duration::from_secs(30), |s| s.replies().len() > before)).await? {
             for r in sim.replies().into_iter().skip(before) {
-                out.write_all(format!("zhuli> {}\n", r.text.replace('\n', "\n       ")).as_bytes()).await?;
+                screen.say(&format!("zhuli> {}\n", r.text.replace('\n', "\n       "))).await?;
+            }
+            if for_the_model && !has_llm {
+                screen.say(NEEDS_LLM_URL).await?;
             }
         } else {
-            out.write_all(b"(no reply within 30 s; see the log above)\n").await?;
+            screen.say("(no reply within 30 s; see the log above)\n").await?;
         }
     }
-    cancel.cancel();
-    let _ = agent.await;
-    sim.shutdown().await;
-    let _ = tokio::fs::remove_dir_all(&state_dir).await;
+    Ok(())
+}
+
+/// `!disconnect`: the gateway ends the connection; show the agent's new one, and whether any
+/// message was left behind.
+async fn disconnect(sim: &Simulator, screen: &mut Screen) -> anyhow::Result<()> {
+    let newest = |s: &Simulator| s.connections().iter().map(|(id, _)| *id).max().unwrap_or(0);
+    let before = newest(sim);
+    let dropped_before = sim.counters().expired;
+    let started = Instant::now();
+    sim.disconnect_all();
+    screen.say("(gateway sent SYSTEM disconnect)\n").await?;
+    if !screen.during(sim.wait_until(RECONNECT_WAIT, |s| newest(s) > before)).await? {
+        screen.say(&format!("(not reconnected within {} s; see the log above)\n", RECONNECT_WAIT.as_secs())).await?;
+        return Ok(());
+    }
+    let took = match started.elapsed() {
+        t if t < Duration::from_secs(1) => format!("{} ms", t.as_millis()),
+        t => format!("{:.1} s", t.as_secs_f32()),
+    };
+    let lost = sim.counters().expired.saturating_sub(dropped_before);
+    let waiting = sim.unacked();
+    let fate = match (lost, waiting) {
+        (0, 0) => "nothing lost".to_owned(),
+        (0, n) => format!("{n} messages on their way to the new connection"),
+        (n, _) => format!("{n} messages dropped by the gateway"),
+    };
+    screen.say(&format!("— connection closed by the gateway; reconnected in {took}, {fate} —\n")).await?;
     Ok(())
 }

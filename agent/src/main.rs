@@ -448,13 +448,20 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Demo { llm_url, llm_model, llm_key_env } => {
-            logging::init(log::LevelFilter::Warn);
+            // The demo prints the agent's log lines itself, between its own.
+            let logs = logging::init_queue(log::LevelFilter::Warn, 256);
             let key = match llm_key_env {
                 Some(var) => Some(std::env::var(&var).with_context(|| format!("--llm-key-env: {var} is not set"))?),
                 None => None,
             };
             let llm = llm_url.map(|url| demo::Llm { url, model: llm_model, key });
-            runtime()?.block_on(demo::run(llm))?;
+            let rt = runtime()?;
+            let stopped = rt.block_on(demo::run(llm, logs));
+            // A read of the terminal cannot be cancelled: after Ctrl-C, do not wait for Enter.
+            rt.shutdown_background();
+            if let Some(signo) = stopped? {
+                std::process::exit(128 + signo);
+            }
         }
     }
     Ok(())

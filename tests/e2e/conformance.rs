@@ -2,7 +2,7 @@
 //! Stream SDK (npm `dingtalk-stream`, pinned in tests/sdk-conformance) connects to it, receives
 //! a robot message, ACKs it, answers through the session webhook, and echoes SYSTEM pings.
 //!
-//! Needs Node.js and npm (`.ci/run` installs them); the SDK is installed from the lock file.
+//! Needs Node.js and npm (`tests/run` installs them); the SDK is installed from the lock file.
 
 use std::{
     io::{BufRead, BufReader},

@@ -228,7 +228,7 @@ const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
 async fn wall_clock_jumps_do_not_strand_the_connection() {
     assert!(
         std::path::Path::new(LIBFAKETIME).exists(),
-        "this test fakes the agent's wall clock with libfaketime: apt-get install libfaketime (or run .ci/run)"
+        "this test fakes the agent's wall clock with libfaketime: apt-get install libfaketime (or run tests/run)"
     );
     let sim = Simulator::start(sim_config()).await.expect("sim");
     let clock = temp_dir("clock").join("faketime");

@@ -1,6 +1,6 @@
 //! MCP plugins end to end: the real agent runs third-party MCP servers over stdio in its
 //! sandbox — the reference filesystem server from npm (`@modelcontextprotocol/server-filesystem`,
-//! installed under tests/mcp by `.ci/run`) and a probe server (tests/mcp/probe.mjs) that tries
+//! installed under tests/mcp by `tests/run`) and a probe server (tests/mcp/probe.mjs) that tries
 //! what a plugin must not manage. Each escape attempt is stopped, and the agent keeps serving.
 
 use std::{

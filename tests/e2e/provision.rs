@@ -438,7 +438,7 @@ async fn secrets_are_sealed_by_systemd_and_a_factory_reset_trusts_a_new_key() {
     let img = image(&b.dir, "stick.img", &[(stick::CONFIG, text.as_bytes()), (stick::SIGNATURE, sig.as_bytes())]);
 
     let sealed = Command::new("systemd-creds").arg("--version").output().is_ok_and(|o| o.status.success());
-    assert!(sealed, "systemd-creds is needed for this test: apt-get install systemd (or run .ci/run)");
+    assert!(sealed, "systemd-creds is needed for this test: apt-get install systemd (or run tests/run)");
     let out = b.import_command(&img, false).output().expect("import");
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let cred = b.root.join("current/dingtalk-client-secret.cred");
@@ -566,7 +566,9 @@ fn office_stick(dir: &Path, name: &str, size: u64, how: &str, draft: &str, confi
         "mkfs.vfat" => {
             let out =
                 Command::new("mkfs.vfat").args(["-F", "32", "-n", stick::LABEL]).arg(&img).output().unwrap_or_else(
-                    |e| panic!("mkfs.vfat is needed for this test ({e}): apt-get install dosfstools (or run .ci/run)"),
+                    |e| {
+                        panic!("mkfs.vfat is needed for this test ({e}): apt-get install dosfstools (or run tests/run)")
+                    },
                 );
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             write(&draft_path, false);

@@ -405,7 +405,7 @@ impl Server {
 /// process at a time (nextest runs tests in parallel processes).
 pub fn npm_install(dir: &std::path::Path, marker: &str) {
     if Command::new("node").arg("--version").output().is_err() {
-        panic!("Node.js is needed for this test: apt-get install nodejs npm (or run .ci/run)");
+        panic!("Node.js is needed for this test: apt-get install nodejs npm (or run tests/run)");
     }
     let lock = std::fs::File::create(dir.join(".npm-install.lock")).expect("lock file");
     lock.lock().expect("lock");

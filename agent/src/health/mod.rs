@@ -45,6 +45,11 @@ pub struct HealthSettings {
     /// Load average (1 min) per CPU core.
     pub load_per_core: f32,
     pub temperature_c: f32,
+    /// A resource reading (CPU, memory, disk, load, temperature) alerts only when every sample
+    /// for this long is past its threshold, and clears only when every sample for this long is
+    /// back below it: a spike, such as the agent's own start-up, is not a condition worth an
+    /// admin's attention. The first sample after start is never counted.
+    pub sustain_ms: Millis,
     /// Security signals in `signal_window_ms` that raise an alert: refused messages (unknown
     /// senders) and denied tool calls.
     pub refused_messages: u32,
@@ -70,6 +75,7 @@ impl Default for HealthSettings {
             disk_percent: 90.0,
             load_per_core: 2.0,
             temperature_c: 85.0,
+            sustain_ms: Millis::from_ms(300_000),
             refused_messages: 20,
             denied_tools: 10,
             signal_window_ms: Millis::from_ms(600_000),
@@ -370,6 +376,15 @@ mod tests {
         assert_eq!(health.hung().iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec!["workers"]);
         workers.end();
         assert!(health.hung().is_empty());
+    }
+
+    #[test]
+    fn the_alert_window_is_at_least_a_few_milliseconds() {
+        let parse = |text: &str| toml::from_str::<HealthSettings>(text).map_err(|e| e.to_string());
+        assert_eq!(parse("").map(|h| h.sustain_ms.get()), Ok(Duration::from_secs(300)));
+        assert_eq!(parse("sustain_ms = 60000").map(|h| h.sustain_ms.get()), Ok(Duration::from_secs(60)));
+        let zero = parse("sustain_ms = 0").map(|_| ()).expect_err("a zero window is refused");
+        assert!(zero.contains("sustain_ms") && zero.contains("between 10 and 86400000"), "{zero}");
     }
 
     #[test]

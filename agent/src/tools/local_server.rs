@@ -1,7 +1,7 @@
 //! A server program started on loopback for the tests and benchmarks of the tools that talk to
 //! real servers (Radicale, rclone's WebDAV): a free port, the process, and a wait until it
 //! accepts connections. Killed when dropped. The programs come from Debian packages that
-//! `.ci/run` installs.
+//! `tests/run` installs.
 
 use std::{
     io::{BufRead, BufReader, Read},
