@@ -196,6 +196,9 @@ enum ProvisionCommand {
         /// receipt (the box's import unit passes it).
         #[arg(long)]
         seal_journal: bool,
+        /// Do not write the box's diagnostics report onto the stick.
+        #[arg(long)]
+        no_diagnostics: bool,
     },
 }
 
@@ -610,6 +613,7 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             plain_credentials,
             no_restart,
             seal_journal,
+            no_diagnostics,
         } => {
             let opts = p::ImportOptions {
                 device,
@@ -619,6 +623,7 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
                 credentials: if plain_credentials { p::Credentials::Plain } else { p::Credentials::Systemd },
                 restart: !no_restart,
                 seal_journal,
+                diagnostics: !no_diagnostics,
             };
             let receipt = p::import(&opts);
             print!("{}", receipt.text());
@@ -631,6 +636,8 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
                         "refused"
                     } else if receipt.result.starts_with(p::UNCHANGED) {
                         "unchanged"
+                    } else if receipt.result.starts_with(p::DIAGNOSTICS_ONLY) {
+                        "diagnostics"
                     } else {
                         "imported"
                     })

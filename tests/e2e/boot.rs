@@ -443,6 +443,21 @@ async fn the_image_boots_provisions_answers_and_heals() {
         .unwrap_or_else(|| panic!("no journal key on the receipt:\n{receipt}"))
         .to_owned();
     assert!(key.contains('/') && key.contains('-'), "an FSS verification key: {key}");
+    // Then the box's diagnostics, for a box without a shell: the journal read as root on the box.
+    let waited = Instant::now();
+    while stick::read(&stick_img, stick::DIAGNOSTICS_JSON).is_err() && waited.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let report: zhuli::health::diagnostics::Report =
+        serde_json::from_slice(&stick::read(&stick_img, stick::DIAGNOSTICS_JSON).expect("diagnostics on the stick"))
+            .expect("a diagnostics report");
+    assert!(
+        matches!(report.journal, zhuli::health::diagnostics::Section::Found(_)),
+        "the journal in the diagnostics: {:?}",
+        report.journal
+    );
+    assert!(matches!(report.configuration, zhuli::health::diagnostics::Section::Found(ref c) if c.serial == 1));
+    assert!(report.disks.iter().any(|d| d.path == "/var" && d.free_bytes > 0), "{:?}", report.disks);
     let scrubbed = String::from_utf8(stick::read(&stick_img, stick::CONFIG).expect("config")).expect("utf-8");
     assert!(!scrubbed.contains(support::SECRET) && !scrubbed.contains("sk-boot-test-key"), "secrets left the stick");
 

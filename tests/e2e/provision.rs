@@ -860,8 +860,47 @@ async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explain
     let told = sim.wait_until(Duration::from_secs(20), |s| !refusals(s).is_empty()).await;
     // Many samples later (200 ms apart), still said once.
     tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // An empty stick labelled for the box, plugged in while the agent runs: the agent's full
+    // diagnostics are written onto it, readable on any laptop.
+    let empty = image(&b.dir, "empty.img", &[]);
+    let out = b.import_command(&empty, true).output().expect("import");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && stdout.contains("result: diagnostics only"), "{stdout}");
     let _ = agent.kill();
     let _ = agent.wait();
+    let text = String::from_utf8(stick::read(&empty, stick::DIAGNOSTICS_TEXT).expect("diagnostics on the stick"))
+        .expect("utf-8");
+    for part in [
+        "zhuli diagnostics",
+        "running agent: 0.",
+        "== configuration\nserial 1\nno problems found",
+        "[PASS] network",
+        "[PASS] credentials",
+        "== status",
+        "connected",
+        "== warnings and errors of the last 24 hours (redacted)",
+        "== disks\n/: ",
+        "no backup yet",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from\n{text}");
+    }
+    assert!(!text.contains(SECRET), "a secret in the diagnostics");
+    let json: zhuli::health::diagnostics::Report =
+        serde_json::from_slice(&stick::read(&empty, stick::DIAGNOSTICS_JSON).expect("json")).expect("a report");
+    assert!(
+        matches!(json.doctor, zhuli::health::diagnostics::Section::Found(ref s) if s.len() >= 5),
+        "{:?}",
+        json.doctor
+    );
+    // The refused stick got the diagnostics too (made without the agent's help: it was not running).
+    let refused = String::from_utf8(stick::read(&bad_img, stick::DIAGNOSTICS_TEXT).expect("on the refused stick"))
+        .expect("utf-8");
+    assert!(refused.contains("not run: the agent did not answer"), "{refused}");
+    assert!(
+        refused.contains("== configuration\nserial 1"),
+        "the running configuration, not the refused one\n{refused}"
+    );
     assert!(told, "the admins were told: {:?}", sim.replies());
     let said = refusals(&sim);
     assert_eq!(said.len(), 1, "{said:?}");

@@ -184,8 +184,9 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
                 serde_json::to_string(&tools::files::check_folders(&settings, Some(&inbox))).unwrap_or_default()
             })
         };
+        let diagnose = diagnose(&config, &socket, snapshot.clone());
         tasks.spawn(async move {
-            if let Err(e) = status::serve(socket, snapshot, folders, cancel).await {
+            if let Err(e) = status::serve(socket, snapshot, folders, diagnose, cancel).await {
                 log::error!("{e}; `zhuli status` will not work until this is fixed");
             }
         });
@@ -378,6 +379,26 @@ fn status_line(s: &Snapshot, since: &str) -> String {
         line.push_str(&format!(" · last error: {}", e.chars().take(120).collect::<String>()));
     }
     line
+}
+
+/// How long `/doctor` and a stick's diagnostics wait for the gateway's first frame.
+const DOCTOR_WAIT: Duration = Duration::from_secs(15);
+
+/// The full diagnostics report, made by this agent: for a stick (over the status socket) and
+/// for `/doctor`.
+fn diagnose(
+    config: &Config,
+    socket: &std::path::Path,
+    snapshot: Arc<dyn Fn() -> Snapshot + Send + Sync>,
+) -> status::Diagnose {
+    let (config, socket) = (Arc::new(config.clone()), socket.to_owned());
+    Arc::new(move || {
+        let (config, socket, snapshot) = (config.clone(), socket.clone(), snapshot.clone());
+        Box::pin(async move {
+            let report = health::diagnostics::full(&config, &socket, snapshot(), DOCTOR_WAIT).await;
+            serde_json::to_string(&report).unwrap_or_default()
+        })
+    })
 }
 
 /// A stick the box refused (the import keeps the previous configuration running): the admins

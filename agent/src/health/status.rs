@@ -241,6 +241,13 @@ fn allowed(peer_uid: u32, peer_gid: u32) -> bool {
 /// The agent's answer to a `folders` request: a blocking check, as JSON.
 pub type FolderCheck = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// The agent's answer to a `diagnostics` request: the full report, as JSON.
+pub type Diagnose = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, String> + Send + Sync>;
+
+/// Clients answered at once; one more waits for a place (a diagnostics run takes a while and
+/// asks this socket itself).
+const AT_ONCE: usize = 4;
+
 /// The request line a client sends, if any (an older client sends nothing and waits).
 async fn request(stream: &mut tokio::net::UnixStream) -> String {
     let mut line = Vec::new();
@@ -257,12 +264,14 @@ async fn request(stream: &mut tokio::net::UnixStream) -> String {
     String::from_utf8_lossy(&line).trim().to_owned()
 }
 
-/// Serve snapshots (and folder checks) on `path` until `cancel` fires. The socket is owner and
-/// group only (0660), and each peer's credentials are checked as well.
+/// Serve snapshots, folder checks and diagnostics on `path` until `cancel` fires, a few clients
+/// at once. The socket is owner and group only (0660), and each peer's credentials are checked
+/// as well.
 pub async fn serve(
     path: PathBuf,
     source: Arc<dyn Fn() -> Snapshot + Send + Sync>,
     folders: FolderCheck,
+    diagnose: Diagnose,
     cancel: CancellationToken,
 ) -> Result<(), StatusError> {
     let bind = |source| StatusError::Bind { path: path.clone(), source };
@@ -276,6 +285,7 @@ pub async fn serve(
     let listener = UnixListener::bind(&path).map_err(bind)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(bind)?;
     log::info!("status socket at {}", path.display());
+    let places = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
     loop {
         let (mut stream, _) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -288,26 +298,32 @@ pub async fn serve(
                 }
             },
         };
-        let ok = stream.peer_cred().map(|c| allowed(c.uid(), c.gid())).unwrap_or(false);
-        let body = if ok {
-            match request(&mut stream).await.as_str() {
-                "" | "snapshot" => serde_json::to_string(&source()).unwrap_or_default(),
-                "folders" => {
-                    let check = folders.clone();
-                    tokio::task::spawn_blocking(move || check()).await.unwrap_or_default()
+        let Ok(place) = places.clone().acquire_owned().await else { break };
+        let (source, folders, diagnose) = (source.clone(), folders.clone(), diagnose.clone());
+        tokio::spawn(async move {
+            let _place = place;
+            let ok = stream.peer_cred().map(|c| allowed(c.uid(), c.gid())).unwrap_or(false);
+            let body = if ok {
+                match request(&mut stream).await.as_str() {
+                    "" | "snapshot" => serde_json::to_string(&source()).unwrap_or_default(),
+                    "folders" => {
+                        let check = folders.clone();
+                        tokio::task::spawn_blocking(move || check()).await.unwrap_or_default()
+                    }
+                    "diagnostics" => diagnose().await,
+                    other => format!("refused: unknown request {:?}", other.chars().take(32).collect::<String>()),
                 }
-                other => format!("refused: unknown request {:?}", other.chars().take(32).collect::<String>()),
-            }
-        } else {
-            log::warn!("status socket: refused a peer that is neither the agent's user nor in its group");
-            "refused: you are neither the agent's user nor in its group".to_owned()
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.write_all(b"\n").await;
-            let _ = stream.shutdown().await;
-        })
-        .await;
+            } else {
+                log::warn!("status socket: refused a peer that is neither the agent's user nor in its group");
+                "refused: you are neither the agent's user nor in its group".to_owned()
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = stream.write_all(body.as_bytes()).await;
+                let _ = stream.write_all(b"\n").await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
+        });
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
@@ -324,8 +340,13 @@ pub fn ask(path: &Path, request: &str) -> Result<String, StatusError> {
     use std::io::Write;
     let connect = |source| StatusError::Connect { path: path.to_owned(), source };
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(connect)?;
-    // A folder check writes a file in each root; a slow disk may take a moment.
-    let wait = if request.is_empty() { 5 } else { 20 };
+    // A folder check writes a file in each root; a slow disk may take a moment; diagnostics run
+    // the doctor, which waits for the gateway.
+    let wait = match request {
+        "" => 5,
+        "diagnostics" => 120,
+        _ => 20,
+    };
     stream.set_read_timeout(Some(Duration::from_secs(wait))).map_err(connect)?;
     if !request.is_empty() {
         stream.write_all(format!("{request}\n").as_bytes()).map_err(connect)?;

@@ -22,6 +22,7 @@ use std::{
     collections::BTreeMap,
     io::Write,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -49,6 +50,8 @@ const IMPORTED_STICK: &str = "imported-stick.sha256";
 /// last refusal. After it the box trusts the next signed stick it sees, as a new box does.
 pub const FORGOTTEN_AT_RESET: [&str; 7] =
     ["current", "generations", "serial", "org.pub", scrub::PENDING, IMPORTED_STICK, REFUSED];
+/// The start of an import's result when the stick held no configuration.
+pub const DIAGNOSTICS_ONLY: &str = "diagnostics only";
 /// The start of an import's result when the stick was already imported.
 pub const UNCHANGED: &str = "unchanged";
 /// Where time zone files live (package tzdata).
@@ -276,6 +279,8 @@ pub struct ImportOptions {
     /// Reload systemd's units (the generation's drop-in) and (re)start the agent after the
     /// switch.
     pub restart: bool,
+    /// Write the box's diagnostics report onto the stick afterwards.
+    pub diagnostics: bool,
     /// Set up journald's Forward Secure Sealing on the first import (`journalctl --setup-keys`)
     /// and put the verification key on the receipt, so it leaves the box with the stick.
     pub seal_journal: bool,
@@ -377,7 +382,71 @@ pub fn import(opts: &ImportOptions) -> Receipt {
             Refusal::of(&receipt).record(&opts.root);
         }
     }
+    if opts.diagnostics {
+        write_diagnostics(opts, !receipt.result.starts_with("refused") && receipt.result.contains("restarted"));
+    }
     receipt
+}
+
+/// Write the box's diagnostics report onto the stick (every insertion): the running agent's
+/// full report over its status socket, or what the import can tell without it. `restarted`:
+/// the agent was just restarted, so it is given a moment to answer.
+fn write_diagnostics(opts: &ImportOptions, restarted: bool) {
+    use crate::health::diagnostics;
+    let path = opts.root.join("current").join("zhuli.toml");
+    // The imported configuration names its secrets as sealed credentials the import cannot
+    // (and need not) open: read it with a stand-in for each.
+    let config = match std::fs::read_to_string(&path) {
+        Ok(text) => Config::parse(&unsealed(&text), &path).map_err(|e| e.to_string()),
+        Err(_) => Err("no configuration has been imported yet".to_owned()),
+    };
+    let socket = match &config {
+        Ok(c) => c.health.socket_path(&c.agent.state_dir),
+        Err(_) => {
+            crate::health::HealthSettings::default().socket_path(&crate::config::AgentSettings::default().state_dir)
+        }
+    };
+    let mut asked = crate::health::status::ask(&socket, "diagnostics");
+    let deadline = std::time::Instant::now() + Duration::from_secs(if restarted { 30 } else { 0 });
+    while asked.is_err() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        asked = crate::health::status::ask(&socket, "diagnostics");
+    }
+    let report = match asked.map_err(|e| e.to_string()).and_then(|json| {
+        serde_json::from_str::<diagnostics::Report>(&json).map_err(|e| format!("its answer was not a report ({e})"))
+    }) {
+        Ok(r) => r,
+        Err(why) => diagnostics::without_agent(config.as_ref().map_err(Clone::clone), &why),
+    };
+    let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+    let text = report.text();
+    match stick::write(
+        &opts.device,
+        &[(stick::DIAGNOSTICS_TEXT, text.as_bytes()), (stick::DIAGNOSTICS_JSON, &json)],
+        false,
+    ) {
+        Ok(()) => log::info!("provisioning: diagnostics written to the stick"),
+        Err(e) => log::warn!("provisioning: the diagnostics could not be written to the stick: {e}"),
+    }
+}
+
+/// An imported configuration's text with each `{ credential = "…" }` replaced by a stand-in.
+fn unsealed(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("{ credential = \"") {
+        let after = &rest[start..];
+        match after.find("\" }") {
+            Some(end) => {
+                out.push_str(&rest[..start]);
+                out.push_str("\"(sealed credential)\"");
+                rest = &after[end + 3..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The last refused import, for the agent to tell the admin chat (`refused.json` in the
@@ -436,6 +505,17 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
         contents.files.iter().map(|(n, _)| n).filter(|n| n.to_ascii_lowercase().ends_with(".toml")).collect();
     if configs.len() > 1 {
         return Err(ProvisionError::TwoConfigs(configs.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
+    }
+    if configs.is_empty() {
+        // An empty stick labelled for the box: it comes for the diagnostics.
+        let result = format!(
+            "{DIAGNOSTICS_ONLY}: this stick holds no configuration; the box's diagnostics are beside this receipt ({}, {})",
+            stick::DIAGNOSTICS_TEXT,
+            stick::DIAGNOSTICS_JSON
+        );
+        receipt.result = result.clone();
+        receipt.write_to(&opts.device);
+        return Ok(result);
     }
     if !contents.files.iter().any(|(n, _)| n == stick::CONFIG) {
         return Err(ProvisionError::Missing("zhuli.toml"));

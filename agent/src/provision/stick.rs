@@ -20,6 +20,9 @@ pub const LABEL: &str = "ZHULI-CFG";
 pub const CONFIG: &str = "zhuli.toml";
 pub const SIGNATURE: &str = "zhuli.toml.sig";
 pub const RECEIPT: &str = "zhuli-receipt.txt";
+/// The box's diagnostics report, written at every insertion (text for people, JSON for tools).
+pub const DIAGNOSTICS_TEXT: &str = "zhuli-diagnostics.txt";
+pub const DIAGNOSTICS_JSON: &str = "zhuli-diagnostics.json";
 /// Files on the stick larger than this are refused unread.
 pub const MAX_FILE: u64 = 1024 * 1024;
 
