@@ -356,7 +356,16 @@ async fn the_image_boots_provisions_answers_and_heals() {
         let out = Command::new(env!("CARGO_BIN_EXE_zhuli")).args(args).output().expect("run zhuli");
         assert!(out.status.success(), "zhuli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
-    zhuli(&["provision", "keygen", "--out", &s(&dir.join("keys"))]);
+    // The organisation key baked into the image (`.ci/image` builds it with ZHULI_ORG_KEY), or
+    // one made now and pinned by the box at its first import.
+    let baked = std::env::var("ZHULI_BOOT_ORG_KEY").ok().map(PathBuf::from);
+    match &baked {
+        Some(key) => {
+            std::fs::create_dir_all(dir.join("keys")).expect("keys");
+            std::fs::copy(key, dir.join("keys/org.key")).expect("the baked key's private half");
+        }
+        None => zhuli(&["provision", "keygen", "--out", &s(&dir.join("keys"))]),
+    }
     let llm_path = llm.base_url().split_once("//").and_then(|(_, r)| r.split_once('/')).map(|(_, p)| p.to_owned());
     // A shared folder the import makes under /srv, and two hostile plugins (their script is put
     // on the box before the stick comes; see below).
@@ -465,6 +474,11 @@ async fn the_image_boots_provisions_answers_and_heals() {
     // through that group.
     assert_eq!(guest.must("id zhuli").trim(), "uid=800(zhuli) gid=800(zhuli) groups=800(zhuli)");
     assert_eq!(guest.must("stat -L -c %G /var/lib/zhuli-provisioning/current/zhuli.toml").trim(), "zhuli");
+    if baked.is_some() {
+        // Trusted through the image's key: nothing pinned, the key is the one baked in.
+        assert!(guest.must("test -e /var/lib/zhuli-provisioning/org.pub && echo pinned || echo none").trim() == "none");
+        assert!(guest.must("cat /usr/share/zhuli/org.pub").starts_with("zhuli-org-key ed25519 "));
+    }
 
     // The box's identity is the firmware's (stable across reboots), and /var grew to the disk.
     let machine_id = guest.must("cat /etc/machine-id");
