@@ -1,11 +1,15 @@
 //! A small logger for the `log` facade: one line per record on stderr, which systemd puts in the
 //! journal with the unit's name. Level from `ZHULI_LOG` (error, warn, info, debug, trace).
 //!
+//! The last warnings and errors are also kept in memory ([`recent`]): the agent cannot read the
+//! system journal (it is not in the journal's group, on purpose), and `/logs` and `/doctor` show
+//! them in the admin chat.
+//!
 //! `zhuli demo` owns the terminal instead: its records go into a bounded queue that the demo
 //! prints between its own lines, so a log line never lands on its prompt. Logging never blocks
 //! the agent: when the queue is full, lines are dropped.
 
-use std::io::Write;
+use std::{collections::VecDeque, io::Write, sync::Mutex};
 
 use tokio::sync::mpsc;
 
@@ -28,6 +32,21 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        if record.level() <= log::Level::Warn {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == KEPT {
+                recent.pop_front();
+            }
+            recent.push_back(Recent {
+                at_ms: now,
+                error: record.level() == log::Level::Error,
+                text: record.args().to_string(),
+            });
+        }
         match &self.sink {
             Sink::Stderr => {
                 let mut err = std::io::stderr().lock();
@@ -40,6 +59,24 @@ impl log::Log for Logger {
     }
 
     fn flush(&self) {}
+}
+
+/// Warnings and errors kept in memory, at most.
+const KEPT: usize = 200;
+
+static RECENT: Mutex<VecDeque<Recent>> = Mutex::new(VecDeque::new());
+
+/// A warning or error logged since the process started.
+#[derive(Debug, Clone)]
+pub struct Recent {
+    pub at_ms: i64,
+    pub error: bool,
+    pub text: String,
+}
+
+/// The last warnings and errors (up to 200), oldest first.
+pub fn recent() -> Vec<Recent> {
+    RECENT.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
 }
 
 fn level(default: log::LevelFilter) -> log::LevelFilter {

@@ -879,7 +879,7 @@ async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explain
         "[PASS] credentials",
         "== status",
         "connected",
-        "== warnings and errors of the last 24 hours (redacted)",
+        "== warnings and errors of the last 24 hours (redacted; from ",
         "== disks\n/: ",
         "no backup yet",
     ] {

@@ -34,6 +34,9 @@ pub struct Report {
     pub status: Section<Snapshot>,
     /// Warnings and errors of the agent in the last 24 hours, oldest first, redacted.
     pub journal: Section<Vec<String>>,
+    /// Where they come from: the system journal (read by the import, as root), or the agent's
+    /// memory since it started (it may not read the journal).
+    pub journal_from: String,
     pub disks: Vec<Disk>,
     pub last_backup: Section<Backup>,
 }
@@ -105,8 +108,23 @@ pub async fn full(config: &Config, socket: &Path, snapshot: Snapshot, doctor_wai
     r.versions.agent = Some(snapshot.version.clone());
     r.doctor = Section::Found(steps.iter().map(step_of).collect());
     r.status = Section::Found(snapshot);
-    r.journal = journal(&secrets_of(config));
+    let secrets = secrets_of(config);
+    (r.journal, r.journal_from) = match journal(&secrets) {
+        Section::Found(lines) => (Section::Found(lines), "the journal".into()),
+        Section::Missing(_) => (Section::Found(remembered(&secrets)), "the agent's memory, since it started".into()),
+    };
     r
+}
+
+/// The warnings and errors this process logged, redacted (for `/logs`).
+pub fn remembered(secrets: &[String]) -> Vec<String> {
+    crate::logging::recent()
+        .into_iter()
+        .map(|l| {
+            let (time, _) = crate::assistant::settings::local_time(l.at_ms, 0);
+            format!("{time} UTC {}: {}", if l.error { "error" } else { "warning" }, redact(&l.text, secrets))
+        })
+        .collect()
 }
 
 /// What can be known without the agent: `config` is the configuration (or why it could not be
@@ -122,6 +140,7 @@ pub fn without_agent(config: Result<&Config, String>, why: &str) -> Report {
     r.doctor = Section::Missing(missing.clone());
     r.status = Section::Missing(missing);
     r.journal = journal(&secrets);
+    r.journal_from = "the journal".into();
     r
 }
 
@@ -224,7 +243,7 @@ fn last_backup(dir: &Path) -> Section<Backup> {
 }
 
 /// The configuration's secret values (long enough to be told apart), to take out of log lines.
-fn secrets_of(config: &Config) -> Vec<String> {
+pub fn secrets_of(config: &Config) -> Vec<String> {
     let mut out: Vec<String> = [
         Some(&config.dingtalk.client_secret),
         config.llm.as_ref().and_then(|l| l.api_key.as_ref()),
@@ -390,7 +409,7 @@ impl Report {
             Section::Found(s) => t.push_str(&super::status::table(s)),
             Section::Missing(why) => t.push_str(&format!("not available: {why}\n")),
         }
-        t.push_str("\n== warnings and errors of the last 24 hours (redacted)\n");
+        t.push_str(&format!("\n== warnings and errors of the last 24 hours (redacted; from {})\n", self.journal_from));
         match &self.journal {
             Section::Found(lines) if lines.is_empty() => t.push_str("none\n"),
             Section::Found(lines) => lines.iter().for_each(|l| t.push_str(&format!("{l}\n"))),

@@ -392,7 +392,7 @@ pub fn import(opts: &ImportOptions) -> Receipt {
 /// full report over its status socket, or what the import can tell without it. `restarted`:
 /// the agent was just restarted, so it is given a moment to answer.
 fn write_diagnostics(opts: &ImportOptions, restarted: bool) {
-    use crate::health::diagnostics;
+    use crate::health::diagnostics::{self, Section};
     let path = opts.root.join("current").join("zhuli.toml");
     // The imported configuration names its secrets as sealed credentials the import cannot
     // (and need not) open: read it with a stand-in for each.
@@ -418,6 +418,12 @@ fn write_diagnostics(opts: &ImportOptions, restarted: bool) {
         Ok(r) => r,
         Err(why) => diagnostics::without_agent(config.as_ref().map_err(Clone::clone), &why),
     };
+    // The import reads the whole journal (as root); the agent knows only its own memory.
+    let mut report = report;
+    if let Section::Found(lines) = diagnostics::journal(&[]) {
+        report.journal = Section::Found(lines);
+        report.journal_from = "the journal".into();
+    }
     let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
     let text = report.text();
     match stick::write(
