@@ -89,6 +89,11 @@ pub fn local(ms: i64, offset_minutes: i32) -> String {
     crate::assistant::settings::local_time(ms, offset_minutes).0
 }
 
+/// `2026-12-04 14:00 (UTC+8)`: a local time as people are shown it, with its zone.
+pub fn shown(ms: i64, offset_minutes: i32) -> String {
+    format!("{} ({})", local(ms, offset_minutes), crate::assistant::settings::zone_label(offset_minutes))
+}
+
 /// Day of the week of a local day number (0 = Monday).
 pub fn weekday(day: i64) -> i64 {
     (day + 3).rem_euclid(7)
