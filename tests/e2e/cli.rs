@@ -106,10 +106,10 @@ fn demo_answers_a_chat_from_a_pipe() {
     assert!(status.success(), "{out}\n{err}");
     for expect in [
         "zhuli> pong",
-        "zhuli> **zhuli status**",
+        "zhuli> **zhuli 助理状态**",
         "(no reply: the robot was not @mentioned)",
         "(gateway sent SYSTEM disconnect)",
-        "need an LLM",
+        "需要大模型",
         "notes.txt",
     ] {
         assert!(out.contains(expect), "demo output lacks {expect:?}:\n{out}\n{err}");
