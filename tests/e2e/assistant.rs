@@ -198,7 +198,7 @@ async fn a_write_waits_for_the_askers_confirmation_and_undo_reverses_it() {
     assert!(rig.ask(in_team("/撤销", "wang")).await.contains("没有可以撤销的修改"));
     assert!(notes.exists());
     let undone = rig.ask(in_team("/撤销", "lilei")).await;
-    assert!(undone.contains("removed share/notes.txt"), "{undone}");
+    assert_eq!(undone, "已撤销：删除了 share/notes.txt。");
     assert!(!notes.exists());
     rig.journal.expect(1, Kind::ToolUndone, &[("ACTOR", "lilei"), ("OUTCOME", "ok")]);
 
@@ -298,7 +298,7 @@ async fn what_people_wrote_stays_out_of_the_audit_trail() {
     rig.llm.push(Scripted::Text("Saved.".into()));
     rig.ask(Inject::text(format!("/confirm {}", code_in(&question))).from("lilei")).await;
     assert_eq!(std::fs::read_to_string(rig.share.join("notes.txt")).expect("written"), PRIVATE_TEXT);
-    assert!(rig.ask(Inject::text("/undo").from("lilei")).await.contains("removed share/notes.txt"));
+    assert!(rig.ask(Inject::text("/undo").from("lilei")).await.contains("删除了 share/notes.txt"));
 
     let who = [("ACTOR", "lilei")];
     rig.journal.expect(1, Kind::ToolExecuted, &[("ACTOR", "lilei"), ("TOOL", "files_search"), ("TARGET", "share")]);

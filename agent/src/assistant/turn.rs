@@ -272,7 +272,8 @@ impl Assistant {
         for note in &state.notes {
             let key = note.split('`').nth(1).unwrap_or(note);
             if !text.contains(key) {
-                text.push_str(&format!("\n\n> ⚙️ {note}"));
+                // The note names what to fix (a permission, a setting) in the backend's terms.
+                text.push_str(&format!("\n\n{}", t!("turn.admin_note", note = note)));
             }
         }
         let conv = state.asker.conversation.clone();

@@ -948,7 +948,7 @@ fn undo(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
     match undo {
         Undo::Write { path, kept: Some(kept) } => {
             move_file(&kept, &path).map_err(|e| failed("cannot restore the previous version", e))?;
-            Ok(format!("restored the previous version of {}", roots.display(&path)))
+            Ok(t!("undo.previous_version", path = roots.display(&path)).into_owned())
         }
         Undo::Write { path, kept: None } => {
             match fs::remove_file(&path) {
@@ -956,21 +956,21 @@ fn undo(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(failed("cannot remove the written file", e)),
             }
-            Ok(format!("removed {}", roots.display(&path)))
+            Ok(t!("undo.removed", path = roots.display(&path)).into_owned())
         }
         Undo::Move { from, to } => {
             if from.exists() {
                 return Err(refused(format!("{} exists again; not moving over it", roots.display(&from))));
             }
             fs::rename(&to, &from).map_err(|e| failed("cannot move the file back", e))?;
-            Ok(format!("moved {} back to {}", roots.display(&to), roots.display(&from)))
+            Ok(t!("undo.moved_back", from = roots.display(&to), to = roots.display(&from)).into_owned())
         }
         Undo::Delete { path, kept } => {
             if path.exists() {
                 return Err(refused(format!("{} exists again; not restoring over it", roots.display(&path))));
             }
             move_file(&kept, &path).map_err(|e| failed("cannot restore the file", e))?;
-            Ok(format!("restored {}", roots.display(&path)))
+            Ok(t!("undo.restored", path = roots.display(&path)).into_owned())
         }
     }
 }
