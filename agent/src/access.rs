@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rust_i18n::t;
 use serde::Deserialize;
 
 use crate::dingtalk::{ConversationKind, RobotMessage};
@@ -73,9 +74,41 @@ pub enum AccessError {
 pub enum Admission {
     Allowed,
     /// Not admitted; the reason is said in chat.
-    Refused(String),
+    Refused(Refusal),
     /// A 1:1 newcomer under the pairing policy: this code awaits an admin's `/approve`.
     Pairing(String),
+}
+
+/// Why a sender is not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A group chat not in `group_allow`.
+    GroupNotEnabled,
+    /// A 1:1 sender without a staff id under the `org` policy.
+    NotInOrganisation,
+    /// A 1:1 sender not on the allow-list.
+    NotListed,
+}
+
+impl Refusal {
+    /// For the audit trail (English, like every audit field).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::GroupNotEnabled => "this group chat is not in group_allow",
+            Refusal::NotInOrganisation => "the sender is not a member of the organisation",
+            Refusal::NotListed => "the sender is not on the allow-list",
+        }
+    }
+
+    /// For the chat, in the box's language.
+    pub fn said(self) -> String {
+        match self {
+            Refusal::GroupNotEnabled => t!("access.group"),
+            Refusal::NotInOrganisation => t!("access.org_only"),
+            Refusal::NotListed => t!("access.not_listed"),
+        }
+        .into_owned()
+    }
 }
 
 const PAIRING_VALID: Duration = Duration::from_secs(24 * 3600);
@@ -168,20 +201,15 @@ impl Access {
                 GroupPolicy::Allowlist if self.settings.group_allow.contains(&message.conversation_id) => {
                     Admission::Allowed
                 }
-                GroupPolicy::Allowlist => Admission::Refused(
-                    "This group chat is not enabled for zhuli. An admin can add its conversation id to `group_allow`."
-                        .into(),
-                ),
+                GroupPolicy::Allowlist => Admission::Refused(Refusal::GroupNotEnabled),
             },
             ConversationKind::Single => {
                 let staff = message.sender_staff_id.as_deref().is_some_and(|s| !s.is_empty());
                 match self.settings.direct_chats {
                     _ if self.listed(&actor) => Admission::Allowed,
                     DirectPolicy::Org if staff => Admission::Allowed,
-                    DirectPolicy::Org => Admission::Refused("zhuli answers members of this organisation only.".into()),
-                    DirectPolicy::Allowlist => {
-                        Admission::Refused("You are not on this box's list of users. Ask an admin to add you.".into())
-                    }
+                    DirectPolicy::Org => Admission::Refused(Refusal::NotInOrganisation),
+                    DirectPolicy::Allowlist => Admission::Refused(Refusal::NotListed),
                     DirectPolicy::Pairing => {
                         if self.paired.lock().unwrap_or_else(|p| p.into_inner()).contains(&actor) {
                             Admission::Allowed

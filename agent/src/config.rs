@@ -68,6 +68,8 @@ pub struct AgentSettings {
     /// The box's time zone, an IANA name such as "Asia/Shanghai" (the provisioning import points
     /// `/etc/localtime` at it; journal and log times follow). Unset: UTC.
     pub time_zone: Option<String>,
+    /// The language of everything said in chat: "zh-CN" (Simplified Chinese) or "en".
+    pub language: crate::i18n::Language,
 }
 
 impl Default for AgentSettings {
@@ -81,6 +83,7 @@ impl Default for AgentSettings {
             merge_max: 20,
             extra_ca_pem: None,
             time_zone: None,
+            language: crate::i18n::Language::ZhCn,
         }
     }
 }
@@ -287,6 +290,16 @@ idle_window_ms = 1000
         let e = Config::parse(&format!("[agent]\ntime_zone = \"../x\"\n{GOOD}"), Path::new("z.toml"))
             .expect_err("bad zone");
         assert!(e.to_string().contains("Asia/Shanghai"), "{e}");
+    }
+
+    #[test]
+    fn the_language_is_checked() {
+        assert_eq!(Config::parse(GOOD, Path::new("z.toml")).expect("valid").agent.language.code(), "zh-CN");
+        let en = Config::parse(&format!("[agent]\nlanguage = \"en\"\n{GOOD}"), Path::new("z.toml")).expect("valid");
+        assert_eq!(en.agent.language.code(), "en");
+        let e = Config::parse(&format!("[agent]\nlanguage = \"fr\"\n{GOOD}"), Path::new("z.toml")).expect_err("fr");
+        let e = e.to_string();
+        assert!(e.contains("line 2") && e.contains("[agent] language") && e.contains("\"zh-CN\""), "{e}");
     }
 
     #[test]

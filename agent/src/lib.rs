@@ -1,5 +1,8 @@
 //! zhuli: an office assistant that answers in DingTalk. See docs/ARCHITECTURE.md.
 
+// The chat texts of both languages (`agent/locales/`), compiled in; see `i18n`.
+rust_i18n::i18n!("locales", fallback = "en");
+
 pub mod access;
 pub mod app;
 pub mod assistant;
@@ -8,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod dingtalk;
 pub mod health;
+pub mod i18n;
 pub mod llm;
 pub mod logging;
 pub mod provision;

@@ -41,6 +41,11 @@ async fn rig(tag: &str, llm_extra: &str) -> Rig {
 
 /// [`rig`] with more tables (`tables` is appended to the configuration).
 async fn rig_with(tag: &str, llm_extra: &str, tables: &str) -> Rig {
+    rig_in(tag, "", llm_extra, tables).await
+}
+
+/// [`rig_with`] with lines for the `[agent]` table (`language = "en"\n`).
+async fn rig_in(tag: &str, agent_lines: &str, llm_extra: &str, tables: &str) -> Rig {
     let scratch = support::temp_dir(&format!("{tag}-files"));
     let share = scratch.join("share");
     let outside = scratch.join("outside");
@@ -67,7 +72,7 @@ async fn rig_with(tag: &str, llm_extra: &str, tables: &str) -> Rig {
         share = share.display().to_string(),
         journal = journal.path.display().to_string(),
     );
-    let agent = support::connected_agent(tag, &sim, &config).await;
+    let agent = support::connected_agent_in(tag, &sim, agent_lines, &config, &[]).await;
     Rig { sim, llm, agent, journal, share, outside, _scratch: Scratch(scratch) }
 }
 
@@ -104,11 +109,7 @@ fn calls(list: &[(&str, Value)]) -> Scripted {
     Scripted::ToolCalls(list.iter().map(|(n, a)| ((*n).to_owned(), a.to_string())).collect())
 }
 
-/// The 4-digit code in a confirmation question.
-fn code_in(text: &str) -> String {
-    let at = text.find("/confirm ").unwrap_or_else(|| panic!("no confirmation asked: {text}"));
-    text[at + 9..].chars().take_while(char::is_ascii_digit).collect()
-}
+use support::code_in;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_question_is_answered_through_a_tool_and_audited() {
@@ -137,7 +138,7 @@ async fn a_question_is_answered_through_a_tool_and_audited() {
     rig.ask(Inject::text("Is that good?").from("lilei")).await;
     let history = rig.llm.requests()[2].body["messages"].as_array().map(Vec::len).unwrap_or(0);
     assert_eq!(history, 4, "system + earlier question and answer + new question");
-    assert!(rig.ask(Inject::text("/new").from("lilei")).await.contains("afresh"));
+    assert!(rig.ask(Inject::text("/新对话").from("lilei")).await.contains("重新开始"));
     rig.llm.push(Scripted::Text("Hello.".into()));
     rig.ask(Inject::text("Hi").from("lilei")).await;
     assert_eq!(rig.llm.requests()[3].body["messages"].as_array().map(Vec::len), Some(2));
@@ -178,13 +179,13 @@ async fn a_write_waits_for_the_askers_confirmation_and_undo_reverses_it() {
     assert!(!notes.exists(), "nothing is written before the confirmation");
 
     // Someone else in the group cannot confirm it.
-    let refused = rig.ask(in_team(&format!("/confirm {code}"), "wang")).await;
-    assert!(refused.contains("Only"), "{refused}");
+    let refused = rig.ask(in_team(&format!("/确认 {code}"), "wang")).await;
+    assert!(refused.contains("只有提出请求的"), "{refused}");
     assert!(!notes.exists());
     rig.journal.expect(1, Kind::ToolDenied, &[("ACTOR", "wang"), ("TOOL", "files_write")]);
 
     rig.llm.push(Scripted::Text("Saved the minutes to share/notes.txt.".into()));
-    let done = rig.ask(in_team(&format!("/confirm {code}"), "lilei")).await;
+    let done = rig.ask(in_team(&format!("／确认{code}"), "lilei")).await;
     assert_eq!(done, "Saved the minutes to share/notes.txt.");
     assert_eq!(std::fs::read_to_string(&notes).expect("written"), "minutes of Monday");
     assert_eq!(rig.tool_results(1), vec!["wrote 17 bytes to share/notes.txt".to_owned()]);
@@ -192,12 +193,12 @@ async fn a_write_waits_for_the_askers_confirmation_and_undo_reverses_it() {
     rig.journal.expect(1, Kind::ToolExecuted, &[("ACTOR", "lilei"), ("TOOL", "files_write")]);
 
     // The code is used up.
-    assert!(rig.ask(in_team(&format!("/confirm {code}"), "lilei")).await.contains("no pending action"));
+    assert!(rig.ask(in_team(&format!("/confirm {code}"), "lilei")).await.contains("没有使用这个验证码"));
     // wang has nothing to undo; lilei's undo removes the new file.
-    assert!(rig.ask(in_team("/undo", "wang")).await.contains("no change"));
+    assert!(rig.ask(in_team("/撤销", "wang")).await.contains("没有可以撤销的修改"));
     assert!(notes.exists());
-    let undone = rig.ask(in_team("/undo", "lilei")).await;
-    assert!(undone.contains("removed share/notes.txt"), "{undone}");
+    let undone = rig.ask(in_team("/撤销", "lilei")).await;
+    assert_eq!(undone, "已撤销：删除了 share/notes.txt。");
     assert!(!notes.exists());
     rig.journal.expect(1, Kind::ToolUndone, &[("ACTOR", "lilei"), ("OUTCOME", "ok")]);
 
@@ -207,13 +208,13 @@ async fn a_write_waits_for_the_askers_confirmation_and_undo_reverses_it() {
     assert!(question.contains("⚠️"), "{question}");
     tokio::time::sleep(Duration::from_millis(2300)).await;
     let late = rig.ask(in_team(&format!("/confirm {}", code_in(&question)), "lilei")).await;
-    assert!(late.contains("expired") || late.contains("no pending action"), "{late}");
+    assert!(late.contains("过期"), "{late}");
     assert!(rig.share.join("reports/q3.txt").exists());
 
     // /cancel drops a pending question.
     rig.llm.push(calls(&[("files_move", json!({"from": "share/reports/q3.txt", "to": "share/q3.txt"}))]));
     rig.ask(in_team("move q3 up", "lilei")).await;
-    assert!(rig.ask(in_team("/cancel", "lilei")).await.contains("nothing was changed"));
+    assert!(rig.ask(in_team("／取消", "lilei")).await.contains("没有做任何修改"));
     assert!(rig.share.join("reports/q3.txt").exists());
     rig.assert_nothing_leaked();
 }
@@ -297,7 +298,7 @@ async fn what_people_wrote_stays_out_of_the_audit_trail() {
     rig.llm.push(Scripted::Text("Saved.".into()));
     rig.ask(Inject::text(format!("/confirm {}", code_in(&question))).from("lilei")).await;
     assert_eq!(std::fs::read_to_string(rig.share.join("notes.txt")).expect("written"), PRIVATE_TEXT);
-    assert!(rig.ask(Inject::text("/undo").from("lilei")).await.contains("removed share/notes.txt"));
+    assert!(rig.ask(Inject::text("/undo").from("lilei")).await.contains("删除了 share/notes.txt"));
 
     let who = [("ACTOR", "lilei")];
     rig.journal.expect(1, Kind::ToolExecuted, &[("ACTOR", "lilei"), ("TOOL", "files_search"), ("TARGET", "share")]);
@@ -318,19 +319,20 @@ async fn pairing_admins_and_the_audit_command() {
     let rig = rig("turn-pairing", "").await;
     let hello = rig.ask(Inject::text("hello").from("newcomer")).await;
     let code: String =
-        hello.split("/approve ").nth(1).unwrap_or_default().chars().take_while(char::is_ascii_digit).collect();
+        hello.split("/批准 ").nth(1).unwrap_or_default().chars().take_while(char::is_ascii_digit).collect();
     assert_eq!(code.len(), 6, "{hello}");
     assert!(rig.llm.requests().is_empty(), "a newcomer does not reach the model");
-    assert!(rig.ask(Inject::text(format!("/approve {code}")).from("zhang")).await.contains("Only an admin"));
-    assert!(rig.ask(Inject::text(format!("/approve {code}")).from("boss")).await.contains("newcomer"));
+    assert!(rig.ask(Inject::text(format!("/批准 {code}")).from("zhang")).await.contains("只有这台设备的管理员"));
+    assert!(rig.ask(Inject::text(format!("/approve {code}")).from("boss")).await.contains("已批准"));
     rig.llm.push(Scripted::Text("Welcome!".into()));
     assert_eq!(rig.ask(Inject::text("hello again").from("newcomer")).await, "Welcome!");
     rig.journal.expect(1, Kind::PermissionChanged, &[("ACTOR", "boss"), ("TARGET", "newcomer")]);
     rig.journal.expect(1, Kind::MessageRefused, &[("ACTOR", "newcomer")]);
 
-    assert!(rig.ask(Inject::text("/audit").from("zhang")).await.contains("Only an admin"));
-    let trail = rig.ask(Inject::text("/audit 50").from("boss")).await;
+    assert!(rig.ask(Inject::text("/审计").from("zhang")).await.contains("只有这台设备的管理员"));
+    let trail = rig.ask(Inject::text("/审计 50").from("boss")).await;
     assert!(trail.contains("permission-changed by boss") && trail.contains("message-refused by newcomer"), "{trail}");
+    assert!(trail.contains("时间为 UTC+8"), "the times' zone is said: {trail}");
 
     // The approval survives a restart (kept in the store); a changed [access] table is audited.
     assert!(rig.journal.find(Kind::ConfigChanged, &[]).is_empty(), "nothing changed at the first start");
@@ -350,7 +352,7 @@ async fn pairing_admins_and_the_audit_command() {
     rig.journal.expect(1, Kind::ConfigChanged, &[("TARGET", "[access]"), ("OUTCOME", "changed")]);
     rig.journal.expect(1, Kind::PermissionChanged, &[("TARGET", "[access]")]);
     let told = rig.sim.wait_until(Duration::from_secs(5), |s| {
-        s.replies().iter().any(|r| r.to_user.as_deref() == Some("boss") && r.text.contains("[access] changed"))
+        s.replies().iter().any(|r| r.to_user.as_deref() == Some("boss") && r.text.contains("修改了 [access]"))
     });
     assert!(told.await, "the admin is told of the configuration change: {:?}", rig.sim.replies());
     assert!(rig.journal.find(Kind::ConfigChanged, &[("TARGET", "[llm]")]).is_empty());
@@ -363,7 +365,7 @@ async fn llm_trouble_and_budgets_get_clear_answers() {
     rig.llm.push(Scripted::Status { code: 503, retry_after: Some(0) });
     rig.llm.push(Scripted::Status { code: 503, retry_after: Some(0) });
     let down = rig.ask(Inject::text("hi").from("lilei")).await;
-    assert!(down.contains("not answering right now"), "{down}");
+    assert!(down.contains("大模型暂时没有响应"), "{down}");
     rig.llm.push(Scripted::Status { code: 401, retry_after: None });
     let key = rig.ask(Inject::text("hi").from("lilei")).await;
     assert!(key.contains("api_key"), "{key}");
@@ -376,7 +378,7 @@ async fn llm_trouble_and_budgets_get_clear_answers() {
     tight.llm.push(Scripted::Text("two".into()));
     assert_eq!(tight.ask(Inject::text("q2").from("lilei")).await, "two");
     let over = tight.ask(Inject::text("q3").from("lilei")).await;
-    assert!(over.contains("your language-model budget"), "{over}");
+    assert!(over.contains("你今天的大模型用量已经用完"), "{over}");
     tight.llm.push(Scripted::Text("three".into()));
     assert_eq!(tight.ask(Inject::text("q1").from("zhang")).await, "three", "others keep their own budget");
     assert_eq!(tight.llm.requests().len(), 3);
@@ -389,8 +391,63 @@ async fn llm_trouble_and_budgets_get_clear_answers() {
     let back = tight.sim.wait_until(Duration::from_secs(15), |s| s.connections().iter().any(|(id, _)| *id > before));
     assert!(back.await);
     let over = tight.ask(Inject::text("q4").from("lilei")).await;
-    assert!(over.contains("your language-model budget"), "{over}");
+    assert!(over.contains("你今天的大模型用量已经用完"), "{over}");
     assert_eq!(tight.llm.requests().len(), 3);
+}
+
+/// The same commands in each language: the box says everything in the one it is set to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_box_speaks_its_configured_language() {
+    struct Said {
+        help: &'static [&'static str],
+        unknown: &'static str,
+        refused: &'static str,
+        question: &'static str,
+        cancelled: &'static str,
+        not_in: &'static [&'static str],
+    }
+    let chinese = Said {
+        help: &["/新对话", "/撤销", "/确认", "/取消", "/状态", "/帮助", "/批准", "/审计", "全角"],
+        unknown: "没有 `/部署` 这个命令",
+        refused: "需要这台设备的管理员批准",
+        question: "这会修改内容。如要继续，请在 2 秒内回复 `/确认 ",
+        cancelled: "已取消，没有做任何修改。",
+        not_in: &["Unknown command", "Reply `/confirm", "Hello!"],
+    };
+    let english = Said {
+        help: &["/new", "/undo", "/confirm CODE", "/cancel", "/status", "/help", "/approve CODE", "/audit"],
+        unknown: "Unknown command `/部署`",
+        refused: "an admin of this box needs to approve you",
+        question: "This changes something. Reply `/confirm ",
+        cancelled: "Cancelled; nothing was changed.",
+        not_in: &["没有", "请", "管理员批准"],
+    };
+    for (tag, lines, said) in [("lang-zh", "", chinese), ("lang-en", "language = \"en\"\n", english)] {
+        let rig = rig_in(tag, lines, "", "").await;
+        let mut replies = Vec::new();
+        // The full-width slash and the Chinese names work whatever the language.
+        for help in ["/help", "／帮助"] {
+            let text = rig.ask(Inject::text(help).from("lilei")).await;
+            assert!(said.help.iter().all(|c| text.contains(c)), "{tag} {help}: {text}");
+            replies.push(text);
+        }
+        let unknown = rig.ask(Inject::text("／部署 now").from("lilei")).await;
+        assert!(unknown.contains(said.unknown), "{tag}: {unknown}");
+        let refused = rig.ask(Inject::text("hello").from("newcomer")).await;
+        assert!(refused.contains(said.refused), "{tag}: {refused}");
+        rig.llm.push(calls(&[("files_write", json!({"path": "share/notes.txt", "content": "x"}))]));
+        let question = rig.ask(Inject::text("save x").from("lilei")).await;
+        assert!(question.contains(said.question) && question.contains("share/notes.txt"), "{tag}: {question}");
+        code_in(&question);
+        let cancelled = rig.ask(Inject::text("/取消").from("lilei")).await;
+        assert_eq!(cancelled, said.cancelled, "{tag}");
+        replies.extend([unknown, refused, question, cancelled]);
+        for text in &replies {
+            assert!(said.not_in.iter().all(|w| !text.contains(w)), "{tag}: the other language in {text}");
+        }
+        assert!(!rig.share.join("notes.txt").exists());
+        rig.assert_nothing_leaked();
+    }
 }
 
 const CARD: &str = "[dingtalk.card]\ntemplate_id = \"tpl-ai.schema\"\nupdate_ms = 20\n";

@@ -524,7 +524,7 @@ async fn the_image_boots_provisions_answers_and_heals() {
     assert!(rw.contains("/var/srv/share"), "the unit's writable paths: {rw}");
     llm.push(calls(&[("files_write", serde_json::json!({"path": "share/周会纪要.txt", "content": "预算已批准\n"}))]));
     let (question, _) = ask(&sim, "把周会纪要写进共享文件夹").await;
-    assert!(question.contains("/confirm"), "{question}");
+    assert!(question.contains("/确认"), "{question}");
     assert!(guest.run("test -e /srv/share/周会纪要.txt", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0));
     llm.push(Scripted::Text("写好了。".into()));
     ask(&sim, &format!("/confirm {}", code_in(&question))).await;

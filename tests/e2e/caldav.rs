@@ -223,7 +223,7 @@ async fn create_move_cancel_each_confirmed_and_undone() {
     let (question, made) = rig
         .confirmed("caldav_create", json!({"title": "Budget, Q3; final", "start": t(at(day, 16, 0)), "end": t(at(day, 16, 30)), "location": "Room 1"}))
         .await;
-    assert!(question.contains("“Budget, Q3; final” in team"), "{question}");
+    assert!(question.contains("在 team 中新建“Budget, Q3; final”"), "{question}");
     let id: String = made.split("[id ").nth(1).expect("id").trim_end_matches(']').to_owned();
     let objects = stored(&rig.store, "team");
     let (_, text) = objects.iter().find(|(f, _)| *f == id).unwrap_or_else(|| panic!("{id} stored: {objects:?}"));
@@ -239,7 +239,10 @@ async fn create_move_cancel_each_confirmed_and_undone() {
             json!({"event_id": "review.ics", "start": t(at(day, 17, 0)), "end": t(at(day, 18, 0))}),
         )
         .await;
-    assert!(question.contains("move “Design review” in team"), "{question}");
+    assert!(
+        question.contains("把 team 中的“Design review”改到 ") && question.contains(" 17:00 – 18:00 (UTC+8)"),
+        "{question}"
+    );
     assert!(moved.contains("moved “Design review”"), "{moved}");
     let review = || stored(&rig.store, "team").into_iter().find(|(f, _)| f == "review.ics").map(|(_, t)| t);
     let after = review().expect("review");
@@ -247,7 +250,8 @@ async fn create_move_cancel_each_confirmed_and_undone() {
         after.contains(&ics_local(at(day, 17, 0))) && after.contains("SEQUENCE:1") && !after.contains("DURATION"),
         "{after}"
     );
-    assert!(rig.ask("/undo").await.contains("back to"));
+    let undone = rig.ask("/undo").await;
+    assert!(undone.contains("把 team 中的日程改回了 ") && undone.contains(" 10:00 – "), "{undone}");
     assert!(review().expect("review").contains(&ics_local(at(day, 10, 0))));
 
     let repeats = rig
@@ -256,10 +260,10 @@ async fn create_move_cancel_each_confirmed_and_undone() {
     assert!(repeats.contains("this event repeats"), "{repeats}");
 
     let (question, _) = rig.confirmed("caldav_cancel", json!({"event_id": "standup.ics"})).await;
-    assert!(question.contains("cancel “Standup” in team (every date it repeats on)"), "{question}");
+    assert!(question.contains("取消 team 中的“Standup”（包括所有重复的日期）"), "{question}");
     let before: Vec<String> = stored(&rig.store, "team").into_iter().map(|(f, _)| f).collect();
     assert!(!before.contains(&"standup.ics".to_owned()), "{before:?}");
-    assert!(rig.ask("/undo").await.contains("back into team"));
+    assert!(rig.ask("/undo").await.contains("把日程放回了 team"));
     let back = stored(&rig.store, "team").into_iter().find(|(f, _)| f == "standup.ics").expect("standup back");
     assert!(back.1.contains("UID:standup") && back.1.contains("RRULE:FREQ=WEEKLY"), "{back:?}");
 

@@ -109,12 +109,12 @@ fn demo_answers_a_chat_from_a_pipe() {
     assert!(status.success(), "{out}\n{err}");
     for expect in [
         "zhuli> pong",
-        "zhuli> **zhuli status**",
+        "zhuli> **zhuli 助理状态**",
         "(no reply: the robot was not @mentioned)",
         "(gateway sent SYSTEM disconnect)",
         "— connection closed by the gateway; reconnected in ",
         ", nothing lost —",
-        "need an LLM",
+        "需要大模型",
         "(the demo has no model: to have questions answered, start it with --llm-url",
         "notes.txt",
     ] {

@@ -207,7 +207,7 @@ async fn lists_searches_and_downloads_into_a_local_root() {
     let again = rig.confirmed("drive_download", json!({"path": "photos/team.jpg", "to": "share/q3.pdf"})).await;
     assert!(again.contains("already exists"), "never over a local file: {again}");
     assert_eq!(std::fs::read(rig.share.join("q3.pdf")).expect("kept"), b"%PDF-1.7 Q3 report");
-    assert!(rig.ask("/undo").await.contains("removed share/q3.pdf"));
+    assert!(rig.ask("/undo").await.contains("删除了 share/q3.pdf"));
     assert!(!rig.share.join("q3.pdf").exists());
     let missing = rig.call("drive_list", json!({"path": "nope"})).await;
     assert!(missing.contains("nope does not exist"), "{missing}");
@@ -255,11 +255,11 @@ async fn a_file_sent_in_chat_is_uploaded_moved_and_both_undone() {
     assert!(rig.drive.join("archive/2025/q3-old.pdf").exists());
 
     // Undo, newest first: the folder, the file, the upload.
-    assert!(rig.ask("/undo").await.contains("back to drive:reports/2025"));
+    assert!(rig.ask("/undo").await.contains("移回了 drive:reports/2025"));
     assert!(rig.drive.join("reports/2025/q3-old.pdf").exists());
-    assert!(rig.ask("/undo").await.contains("back to drive:reports/q3.pdf"));
+    assert!(rig.ask("/undo").await.contains("移回了 drive:reports/q3.pdf"));
     assert!(rig.drive.join("reports/q3.pdf").exists() && !rig.drive.join("archive/q3-2026.pdf").exists());
-    assert!(rig.ask("/undo").await.contains("removed drive:reports/budget.csv"));
+    assert!(rig.ask("/undo").await.contains("删除了 drive:reports/budget.csv"));
     assert!(!rig.drive.join("reports/budget.csv").exists());
     rig.journal.expect(3, Kind::ToolUndone, &[("ACTOR", "hanmei"), ("OUTCOME", "ok")]);
     rig.assert_password_kept();
@@ -284,7 +284,7 @@ async fn nextcloud_share_links_are_made_and_undone() {
     let link = rig.confirmed("drive_share", json!({"path": "reports/q3.pdf"})).await;
     assert!(link.contains("read-only link to drive:reports/q3.pdf: https://cloud.example.com/s/tok40"), "{link}");
     assert_eq!(rig.shares.lock().expect("shares").clone(), [("40".to_owned(), "/reports/q3.pdf".to_owned())]);
-    assert!(rig.ask("/undo").await.contains("removed the link to drive:reports/q3.pdf"));
+    assert!(rig.ask("/undo").await.contains("删除了 drive:reports/q3.pdf 的分享链接"));
     assert!(rig.shares.lock().expect("shares").is_empty());
     // Moves go through the same front: rclone sees the front's host in Destination and Host.
     let moved = rig.confirmed("drive_move", json!({"from": "photos/team.jpg", "to": "archive/team.jpg"})).await;

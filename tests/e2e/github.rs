@@ -120,7 +120,7 @@ async fn comments_and_new_issues_are_confirmed_audited_and_undone() {
         assert!(e.iter().all(|(_, v)| !v.contains("staging")), "the comment's text reached the audit trail: {e:?}");
     }
     let undone = rig.ask("/undo").await;
-    assert!(undone.contains("deleted the comment on acme/site#3"), "{undone}");
+    assert!(undone.contains("删除了 acme/site#3 上的评论"), "{undone}");
     assert_eq!(rig.gh.issue("acme/site", 3).expect("issue 3").comments.len(), 3);
 
     rig.llm.push(calls(&[(
@@ -136,7 +136,7 @@ async fn comments_and_new_issues_are_confirmed_audited_and_undone() {
         (made.title.as_str(), made.labels.clone(), made.state.as_str()),
         ("Footer overlaps on mobile", vec!["bug".to_owned()], "open")
     );
-    assert!(rig.ask("/undo").await.contains("closed acme/site#66"));
+    assert!(rig.ask("/undo").await.contains("已将 acme/site#66 关闭"));
     let closed = rig.gh.issue("acme/site", 66).expect("issue 66");
     assert_eq!((closed.state.as_str(), closed.state_reason.as_deref()), ("closed", Some("not_planned")));
     rig.journal.expect(2, Kind::ToolUndone, &[("ACTOR", "hanmei"), ("OUTCOME", "ok")]);
@@ -228,8 +228,8 @@ async fn titles_bodies_and_odd_arguments_stay_out_of_the_audit_trail() {
     )
     .await;
     assert!(question.contains(PRIVATE_TEXT), "{question}");
-    assert!(rig.ask("/undo").await.contains("closed acme/site#66"));
-    assert!(rig.ask("/undo").await.contains("deleted the comment on acme/site#3"));
+    assert!(rig.ask("/undo").await.contains("已将 acme/site#66 关闭"));
+    assert!(rig.ask("/undo").await.contains("删除了 acme/site#3 上的评论"));
 
     rig.journal.expect(2, Kind::ToolUndone, &[("ACTOR", "hanmei"), ("OUTCOME", "ok")]);
     rig.journal.assert_no_private_text();

@@ -124,11 +124,11 @@ async fn alerts_reach_the_admin_chat_once_per_crossing() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let alerts = to_admins(&sim);
     assert_eq!(alerts.len(), 1, "{alerts:?}");
-    assert!(alerts[0].text.contains("state disk 97% full"), "{}", alerts[0].text);
+    assert!(alerts[0].text.contains("数据盘已用 97%（阈值 90）"), "{}", alerts[0].text);
 
     disk(20);
     assert!(sim.wait_until(Duration::from_secs(5), |s| to_admins(s).len() == 2).await);
-    assert!(to_admins(&sim)[1].text.contains("back below"), "{:?}", to_admins(&sim));
+    assert!(to_admins(&sim)[1].text.contains("已回落到 90 以下"), "{:?}", to_admins(&sim));
     disk(98);
     assert!(sim.wait_until(Duration::from_secs(5), |s| to_admins(s).len() == 3).await);
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -147,17 +147,20 @@ async fn alerts_go_to_each_admin_without_an_admin_chat() {
     let readings = "memory_percent=99\ncpu_percent=5\ndisk_percent=5\nload_per_core=0.1\ntemperature_c=40\n";
     std::fs::write(&metrics, readings).expect("metrics");
     let extra = format!("{FAST}{SUSTAIN}[access]\nadmins = [\"boss\", \"ops\"]\n");
-    let _agent = support::spawn_agent_with_env(
+    // A box set to English tells its admins in English.
+    let _agent = support::spawn_agent_configured(
         "alerts-1to1",
+        "language = \"en\"\n",
         &support::config_for(&sim, SECRET, &extra),
         &[("ZHULI_TEST_METRICS", metrics.display().to_string())],
+        &[],
     );
     let got = sim.wait_until(Duration::from_secs(10), |s| s.replies().len() >= 2).await;
     assert!(got);
     let mut to: Vec<String> = sim.replies().into_iter().filter_map(|r| r.to_user).collect();
     to.sort();
     assert_eq!(to, vec!["boss".to_owned(), "ops".to_owned()]);
-    assert!(sim.replies().iter().all(|r| r.text.contains("memory 99% used")));
+    assert!(sim.replies().iter().all(|r| r.text.contains("zhuli alert**: memory 99% used (threshold 90)")));
     let _ = std::fs::remove_dir_all(&scratch);
 }
 
@@ -324,10 +327,10 @@ async fn unusable_roots_are_named_in_the_log_the_admin_chat_and_by_doctor() {
     };
     assert!(sim.wait_until(Duration::from_secs(10), |s| !to_admins(s).is_empty()).await, "{}", agent.log());
     let notice = to_admins(&sim).remove(0).text;
-    for expect in [s(&frozen), "只读文件系统".into(), "read-only file system".into(), s(&gone), "paper".into()] {
+    for expect in [s(&frozen), "只读文件系统".into(), "重新导入配置".into(), s(&gone), "paper".into()] {
         assert!(notice.contains(&expect), "{expect} in the admins' notice:\n{notice}");
     }
-    assert!(notice.find("只读").unwrap_or(usize::MAX) < notice.find("read-only").unwrap_or(0), "zh-CN first: {notice}");
+    assert!(!notice.contains("read-only file system"), "the box's language only: {notice}");
     assert!(!notice.contains(&format!("share = {}", s(&share))), "a usable root is not reported: {notice}");
     let log = agent.log();
     for expect in [

@@ -112,7 +112,7 @@ async fn a_real_mcp_server_becomes_tools_granted_confirmed_and_audited() {
     let path = format!("{share}/minutes/2026-12-07.md");
     rig.llm.push(calls(&[("fs_write_file", json!({"path": path, "content": "# Weekly\n- hiring\n"}))]));
     let question = rig.ask("write next week's minutes").await;
-    assert!(question.contains("/confirm") && question.contains("write_file"), "{question}");
+    assert!(question.contains("/确认") && question.contains("write_file"), "{question}");
     assert!(!Path::new(&path).exists(), "nothing written before the confirmation");
     rig.llm.push(Scripted::Text("Written.".into()));
     rig.ask(&format!("/confirm {}", code_in(&question))).await;
@@ -181,7 +181,7 @@ async fn the_sandbox_stops_what_a_plugin_was_not_granted() {
     // `fds` is not configured read-only and says it is destructive: asked as such.
     rig.llm.push(calls(&[("probe_fds", json!({}))]));
     let question = rig.ask("list your descriptors").await;
-    assert!(question.contains("removes or overwrites"), "the server's destructiveHint raises the risk: {question}");
+    assert!(question.contains("删除或覆盖"), "the server's destructiveHint raises the risk: {question}");
     rig.llm.push(Scripted::Text("done".into()));
     rig.ask(&format!("/confirm {}", code_in(&question))).await;
     let fds = support::tool_results(&rig.llm.requests().last().expect("request").body).remove(0);

@@ -12,13 +12,13 @@ async fn each_msgtype_gets_its_answer() {
     let cases = [
         (Inject::text("/ping"), "pong"),
         (Inject::text("/help"), "/status"),
-        (Inject::text("what is on my calendar tomorrow?"), "need an LLM"),
-        (Inject::of("richText", "summarise this"), "need an LLM"),
-        (Inject::of("picture", ""), "received your picture"),
+        (Inject::text("what is on my calendar tomorrow?"), "需要大模型"),
+        (Inject::of("richText", "summarise this"), "需要大模型"),
+        (Inject::of("picture", ""), "收到你的图片"),
         (Inject::of("audio", "/ping"), "pong"),
-        (Inject::of("video", ""), "received your video"),
+        (Inject::of("video", ""), "收到你的视频"),
         (Inject::of("file", "Q3 report.pdf"), "Q3 report.pdf"),
-        (Inject::of("interactiveCard", ""), "cannot read messages of type `interactiveCard`"),
+        (Inject::of("interactiveCard", ""), "读不了 `interactiveCard` 类型的消息"),
     ];
     let mut ids = Vec::new();
     for (inject, _) in &cases {

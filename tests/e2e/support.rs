@@ -134,11 +134,22 @@ pub fn spawn_agent_with_env(tag: &str, dingtalk_toml: &str, env: &[(&str, String
 /// [`spawn_agent_with_env`] started through `launcher`: a program and its arguments that end by
 /// running the rest of the command line (`unshare … sh -c '…; exec "$@"'`).
 pub fn spawn_agent_launched(tag: &str, dingtalk_toml: &str, env: &[(&str, String)], launcher: &[String]) -> Agent {
+    spawn_agent_configured(tag, "", dingtalk_toml, env, launcher)
+}
+
+/// [`spawn_agent_launched`] with more lines for the `[agent]` table (`language = "en"\n`).
+pub fn spawn_agent_configured(
+    tag: &str,
+    agent_lines: &str,
+    dingtalk_toml: &str,
+    env: &[(&str, String)],
+    launcher: &[String],
+) -> Agent {
     let dir = temp_dir(tag);
     let key = dir.join("store-key");
     zhuli::store::key::StoreKey::generate().write_new(&key).expect("store key");
     let config = format!(
-        "[agent]\nstate_dir = {:?}\n[store]\nkey_file = {:?}\n{dingtalk_toml}",
+        "[agent]\n{agent_lines}state_dir = {:?}\n[store]\nkey_file = {:?}\n{dingtalk_toml}",
         dir.join("state").display().to_string(),
         key.display().to_string()
     );
@@ -202,7 +213,18 @@ pub async fn connected_agent(tag: &str, sim: &Simulator, config: &str) -> Agent 
 
 /// [`connected_agent`] with extra environment variables.
 pub async fn connected_agent_with_env(tag: &str, sim: &Simulator, config: &str, env: &[(&str, String)]) -> Agent {
-    let agent = spawn_agent_with_env(tag, &config_for(sim, SECRET, config), env);
+    connected_agent_in(tag, sim, "", config, env).await
+}
+
+/// [`connected_agent_with_env`] with more lines for the `[agent]` table (`language = "en"\n`).
+pub async fn connected_agent_in(
+    tag: &str,
+    sim: &Simulator,
+    agent_lines: &str,
+    config: &str,
+    env: &[(&str, String)],
+) -> Agent {
+    let agent = spawn_agent_configured(tag, agent_lines, &config_for(sim, SECRET, config), env, &[]);
     assert!(
         sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await,
         "agent did not connect; log:\n{}",
@@ -224,10 +246,13 @@ pub fn calls(list: &[(&str, serde_json::Value)]) -> zhuli::llm::sim::Scripted {
     zhuli::llm::sim::Scripted::ToolCalls(list.iter().map(|(n, a)| ((*n).to_owned(), a.to_string())).collect())
 }
 
-/// The code of the `/confirm NNNN` a confirmation question asks for.
+/// The code of the `/确认 NNNN` (`/confirm NNNN` in English) a confirmation question asks for.
 pub fn code_in(text: &str) -> String {
-    let at = text.find("/confirm ").unwrap_or_else(|| panic!("no confirmation asked: {text}"));
-    text[at + 9..].chars().take_while(char::is_ascii_digit).collect()
+    let rest = ["/确认 ", "/confirm "]
+        .iter()
+        .find_map(|c| text.split_once(c).map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no confirmation asked: {text}"));
+    rest.chars().take_while(char::is_ascii_digit).collect()
 }
 
 /// One tool call, asked by `hanmei` through the scripted model; the tool's result.

@@ -191,7 +191,9 @@ async fn book_thirty_minutes_with_li_lei_on_friday_then_undo() {
     assert!(free.contains(&format!("{} – 18:00", when::local(fri + (10 * 60 + 30) * 60_000, OFFSET))), "{free}");
     assert!(free.contains("Li Lei = lilei"), "{free}");
     assert!(
-        question.contains("calendar_create") && question.contains("Sync with Li Lei") && question.contains("Li Lei"),
+        question.contains("calendar_create")
+            && question.contains("“Sync with Li Lei”，")
+            && question.contains(" 10:30 – 11:00 (UTC+8)，参加人：Li Lei"),
         "{question}"
     );
     assert_eq!(rig.sim.org().events.len(), 1, "nothing is created before the confirmation");
@@ -212,7 +214,7 @@ async fn book_thirty_minutes_with_li_lei_on_friday_then_undo() {
     assert!(target.contains("[lilei]") && !target.contains("Sync"), "ids in the audit trail, not the title: {target}");
 
     let undone = rig.ask_han("/undo").await;
-    assert!(undone.contains("deleted the event “Sync with Li Lei”"), "{undone}");
+    assert!(undone.contains("删除了日程“Sync with Li Lei”"), "{undone}");
     assert_eq!(rig.sim.org().events.len(), 1, "only Li Lei's own event is left");
     rig.journal.expect(1, Kind::ToolUndone, &[("ACTOR", "hanmei"), ("OUTCOME", "ok")]);
     support::assert_no_secret(&rig.agent);
@@ -262,7 +264,7 @@ async fn remind_wang_asks_which_wang_then_creates_the_todo_for_her() {
     rig.llm.push(Scripted::Text("Marked done.".into()));
     rig.ask_han(&format!("/confirm {}", code_in(&q))).await;
     assert!(rig.sim.org().todos[0].done);
-    assert!(rig.ask_han("/undo").await.contains("reopened"));
+    assert!(rig.ask_han("/undo").await.contains("重新打开了待办"));
     assert!(!rig.sim.org().todos[0].done);
     rig.journal.expect(1, Kind::ToolDenied, &[("ACTOR", "hanmei"), ("TOOL", "todo_create")]);
     rig.journal.expect(1, Kind::ToolExecuted, &[("ACTOR", "hanmei"), ("TOOL", "todo_create")]);
@@ -307,7 +309,7 @@ async fn files_go_into_the_chat_and_received_files_are_saved() {
     rig.llm.push(Scripted::Text("Saved.".into()));
     rig.ask_han(&format!("/confirm {}", code_in(&q))).await;
     assert_eq!(std::fs::read(rig.share.join("budget.csv")).expect("saved"), b"budget,2027\nrent,100\n");
-    assert!(rig.ask_han("/undo").await.contains("removed share/budget.csv"));
+    assert!(rig.ask_han("/undo").await.contains("删除了 share/budget.csv"));
     assert!(!rig.share.join("budget.csv").exists());
     support::assert_no_secret(&rig.agent);
 }
@@ -459,8 +461,8 @@ async fn names_titles_and_subjects_stay_out_of_the_audit_trail() {
     )
     .await;
     assert!(todo.contains("to-do id"), "{todo}");
-    assert!(rig.ask_han("/undo").await.contains("deleted the to-do"));
-    assert!(rig.ask_han("/undo").await.contains("deleted the event"));
+    assert!(rig.ask_han("/undo").await.contains("删除了待办"));
+    assert!(rig.ask_han("/undo").await.contains("删除了日程"));
 
     let undone = rig.journal.expect(2, Kind::ToolUndone, &[("ACTOR", "hanmei"), ("OUTCOME", "ok")]);
     rig.journal.assert_no_private_text();

@@ -281,7 +281,7 @@ fn mergeable(message: &RobotMessage) -> bool {
     match &message.content {
         Content::Text(t) => {
             let rest = crate::assistant::strip_mentions(t);
-            !rest.is_empty() && !rest.starts_with('/')
+            !rest.is_empty() && !crate::assistant::command::is_command(rest)
         }
         _ => false,
     }
@@ -326,6 +326,7 @@ mod tests {
         assert!(mergeable(&text("a", "@助理 明天的会几点？")));
         assert!(!mergeable(&text("a", "/ping")));
         assert!(!mergeable(&text("a", "@助理 /confirm 1234")));
+        assert!(!mergeable(&text("a", "／确认 1234")), "a full-width slash starts a command too");
         assert!(!mergeable(&text("a", "  ")));
         let merged = merge(&[(1, text("a", "第一条"), None), (2, text("b", "第二条"), None)]);
         assert_eq!(merged.msg_id, "b", "the newest message's id and address");

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use rust_i18n::t;
 use tokio::{
     sync::{OwnedSemaphorePermit, mpsc, watch},
     time::Instant,
@@ -112,6 +113,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentE
 }
 
 pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentHandles) -> Result<(), AgentError> {
+    // One language per box, from before anything can be said.
+    config.agent.language.apply();
     let store = {
         let config = config.clone();
         Arc::new(
@@ -437,8 +440,9 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
     // A configuration changed since the last run is a security signal the admins hear about.
     let changes = std::mem::take(&mut *work.health.config_changes.lock().unwrap_or_else(|p| p.into_inner()));
     if !changes.is_empty() {
-        let text = format!("🔧 **zhuli**: the configuration changed since the last start: {}", changes.join(", "));
-        tell_admins(&work, &config, "zhuli configuration changed", &text);
+        let said: Vec<String> = changes.iter().map(|c| said_change(c)).collect();
+        let text = t!("alert.config", changes = said.join("、"));
+        tell_admins(&work, &config, &t!("alert.config_title"), &text);
     }
     let mut turns = health::Periodic::new(
         "monitor",
@@ -460,11 +464,7 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
             work.assistant.audit().record(Event::new(Kind::Alert, "", "").target("store").outcome("raised").reason(
                 format!("{n} incoming messages could not be recorded and were left for the gateway to deliver again"),
             ));
-            let text = format!(
-                "⚠️ **zhuli**：存储没有跟上，{n} 条收到的消息未能记录，已留给钉钉稍后重发。请检查磁盘（`zhuli status`、/status）。\n\n\
-                 The store is not keeping up: {n} incoming messages could not be recorded and were left for DingTalk to deliver again. Check the disk (`zhuli status`, /status)."
-            );
-            tell_admins(&work, &config, "zhuli：存储没有跟上 / store not keeping up", &text);
+            tell_admins(&work, &config, &t!("alert.store_title"), &t!("alert.store", n = n));
             unrecorded = now_unrecorded;
         }
         if let Some(root) = &provisioning {
@@ -482,13 +482,8 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
                         stick.volume_id,
                         stick.serial
                     );
-                    let text = format!(
-                        "⚠️ **zhuli**：第 {serial} 号配置的 U 盘在擦除密钥时被拔出，U 盘上仍留有密钥。请把它重新插入这台设备，擦除会自动完成；在此之前请妥善保管这个 U 盘。\n\n\
-                         The configuration stick of serial {serial} was pulled out while its secrets were being removed, so it still holds them. \
-                         Plug it into this box again and the removal finishes by itself; keep the stick safe until then.",
-                        serial = stick.serial
-                    );
-                    tell_admins(&work, &config, "zhuli: 配置 U 盘仍有密钥", &text);
+                    let text = t!("alert.stick", serial = stick.serial);
+                    tell_admins(&work, &config, &t!("alert.stick_title"), &text);
                 }
             }
         }
@@ -513,11 +508,11 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
                 .audit()
                 .record(Event::new(Kind::Alert, "", "").target(alarm.name).outcome(kind).reason(alarm.text.clone()));
             let (title, text) = if alarm.raised {
-                ("zhuli alert", format!("⚠️ **zhuli alert**: {}", alarm.text))
+                (t!("alert.raised_title"), t!("alert.raised", alarm = alarm.chat))
             } else {
-                ("zhuli recovered", format!("✅ **zhuli**: {}", alarm.text))
+                (t!("alert.cleared_title"), t!("alert.cleared", alarm = alarm.chat))
             };
-            tell_admins(&work, &config, title, &text);
+            tell_admins(&work, &config, &title, &text);
             if alarm.raised {
                 log::warn!("alert: {}", alarm.text);
             } else {
@@ -549,16 +544,10 @@ async fn plugin_stops(
                 .outcome("stopped")
                 .reason(stop.limit.to_string()),
         );
-        let text = format!(
-            "⚠️ **zhuli**：插件 {name} 已被停止——{zh}。它在下一次被调用时会重新启动；若反复发生，请检查它的配置（[tools.mcp.{name}]）。\n\n\
-             The plugin {name} was stopped: {reason}. It starts again on its next call; if this repeats, check its configuration ([tools.mcp.{name}]).",
-            name = stop.plugin,
-            zh = stop.limit.zh(),
-            reason = stop.limit,
-        );
+        let text = t!("alert.plugin", name = stop.plugin, reason = stop.limit.said());
         if told.get(&stop.plugin).is_none_or(|at| at.elapsed() >= TELL_EVERY) {
             told.insert(stop.plugin.clone(), Instant::now());
-            tell_admins(&work, &config, "zhuli: 插件已停止", &text);
+            tell_admins(&work, &config, &t!("alert.plugin_title"), &text);
         }
     }
 }
@@ -579,22 +568,32 @@ async fn check_folders(work: Arc<Work>, config: Config, inbox: std::path::PathBu
         log::info!("folders checked as {}: {}", report.user, lines.join("; "));
         return;
     }
-    let (mut zh, mut en) = (Vec::new(), Vec::new());
+    let mut lines = Vec::new();
     for c in &problems {
         let fix = c.fix(&report.user).unwrap_or_default();
         log::error!("folder {}; {fix}", c.line());
-        let problem = c.problem.as_ref().map(|p| p.zh()).unwrap_or_default();
-        let fix_zh = c.fix_zh(&report.user).unwrap_or_default();
-        zh.push(format!("- **{}**（{}）：{problem}。{fix_zh}", c.name, c.path.display()));
-        en.push(format!("- {}. Fix: {fix}", c.line()));
+        lines.push(t!(
+            "alert.folder",
+            name = c.name,
+            path = c.path.display(),
+            problem = c.problem.as_ref().map(|p| p.said()).unwrap_or_default(),
+            fix = c.fix_said(&report.user).unwrap_or_default()
+        ));
     }
-    let text = format!(
-        "⚠️ **zhuli**：以下文件夹无法使用，文件工具和网盘下载用到它们时会失败（助理照常运行）：\n{}\n\n\
-         ⚠️ **zhuli**: these folders cannot be used; the files tools and drive downloads fail there (the assistant keeps running):\n{}",
-        zh.join("\n"),
-        en.join("\n")
-    );
-    tell_admins(&work, &config, "zhuli：文件夹无法使用 / folders cannot be used", &text);
+    let text = t!("alert.folders", list = lines.join("\n"));
+    tell_admins(&work, &config, &t!("alert.folders_title"), &text);
+}
+
+/// One line of `record_config`'s changes (`[access] changed`) as the admins are told it.
+fn said_change(change: &str) -> String {
+    let (table, how) = change.rsplit_once(' ').unwrap_or((change, ""));
+    let table = table.trim_start_matches('[').trim_end_matches(']');
+    match how {
+        "added" => t!("alert.table_added", table = table),
+        "removed" => t!("alert.table_removed", table = table),
+        _ => t!("alert.table_changed", table = table),
+    }
+    .into_owned()
 }
 
 /// Send a message to the admins in the background (alerts and notices).
@@ -720,11 +719,8 @@ impl Work {
             }
             Step::Backlog { reply, waiting } => {
                 let reply = Reply {
-                    title: "按顺序回答中 · answering in order".into(),
-                    markdown: format!(
-                        "⏳ 我在按顺序回答你的消息，还有 {waiting} 条在排队，请稍候。\n\n\
-                         I'm answering in order; {waiting} messages are waiting."
-                    ),
+                    title: t!("queue.backlog_title").into_owned(),
+                    markdown: t!("queue.backlog", waiting = waiting).into_owned(),
                     ..reply
                 };
                 log::info!("conversation {}: told that {waiting} messages are waiting", reply.conversation_id);
@@ -735,12 +731,8 @@ impl Work {
             Step::LeftOut { reply, seqs, ids, first, last, max } => {
                 let n = seqs.len();
                 let reply = Reply {
-                    title: "消息未处理 · messages not answered".into(),
-                    markdown: format!(
-                        "⚠️ 排队的消息已达上限（{max} 条），你的 {n} 条消息没有处理（从「{first}」到「{last}」）。请等我回答完之前的消息后再发一次。\n\n\
-                         Too many messages were waiting ({max}); {n} of yours were not answered (from “{first}” to “{last}”). \
-                         Please send them again once I have answered the others."
-                    ),
+                    title: t!("queue.left_out_title").into_owned(),
+                    markdown: t!("queue.left_out", max = max, n = n, first = first, last = last).into_owned(),
                     ..reply
                 };
                 let outcome = self.sender.send(&reply).await;
@@ -776,11 +768,8 @@ impl Work {
             Some(c) => c.close().await,
             None => None,
         };
-        let markdown = if n > 1 {
-            format!("*（一并回答你刚才的 {n} 条消息 · answering your {n} messages together）*\n\n{}", answer.markdown)
-        } else {
-            answer.markdown
-        };
+        let markdown =
+            if n > 1 { format!("{}\n\n{}", t!("queue.together", n = n), answer.markdown) } else { answer.markdown };
         let entry = OutboxEntry {
             msg_id: message.msg_id.clone(),
             reply: Reply::to(&message, answer.title, markdown),

@@ -1,11 +1,14 @@
 //! The turn: what the agent answers to one accepted message.
 //!
 //! First admission (who may talk here, pairing), then the slash commands (`/help`, `/ping`,
-//! `/status`, `/new`, `/undo`, `/confirm`, `/cancel`, and for admins `/approve` and `/audit`),
-//! then the LLM turn loop with tools (`turn`). Every admission decision and tool call is audited.
+//! `/status`, `/new`, `/undo`, `/confirm`, `/cancel`, and for admins `/approve` and `/audit`;
+//! each also by its Chinese name, see `command`), then the LLM turn loop with tools (`turn`).
+//! Every admission decision and tool call is audited. What it says comes in the box's language
+//! (`crate::i18n`).
 //!
 //! Never logs message text.
 
+pub mod command;
 pub mod settings;
 pub mod turn;
 
@@ -18,6 +21,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use rust_i18n::t;
 use tokio::time::Instant;
 
 use crate::{
@@ -32,6 +36,7 @@ use crate::{
     store::{Store, StoreError},
     tools::{Registry, files::Roots},
 };
+use command::Command;
 pub use settings::AssistantSettings;
 use turn::{Asker, Budget, Pending};
 
@@ -101,19 +106,12 @@ impl Answer {
     fn fixed(title: impl Into<String>, markdown: impl Into<String>) -> Self {
         Answer { title: title.into(), markdown: markdown.into(), costly: false }
     }
+
+    /// The answer when no model is configured.
+    pub(crate) fn no_llm() -> Self {
+        Answer::fixed(t!("llm.none_title"), t!("llm.none"))
+    }
 }
-
-const HELP: &str = "**zhuli** — ask in plain language, or use a command:\n\n\
-- `/new` — start a new conversation (forget the earlier messages)\n\
-- `/undo` — reverse your last change\n\
-- `/confirm CODE` / `/cancel` — answer a confirmation question\n\
-- `/status` — connection and delivery figures (admins)\n\
-- `/ping` — check that I am listening\n\
-- `/help` — this list\n\n\
-Admins also have `/approve CODE` (let a newcomer talk to me) and `/audit` (recent audit events).";
-
-pub(crate) const NO_LLM: &str = "I received your message, but natural-language answers need an LLM, and none is configured on this box yet. \
-Ask your administrator to add one; until then I answer `/help`, `/ping` and `/status`.";
 
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -261,8 +259,8 @@ impl Assistant {
             Admission::Allowed => {}
             Admission::Refused(reason) => {
                 self.parts.refusals.fetch_add(1, Ordering::Relaxed);
-                audit.record(Event::new(Kind::MessageRefused, &who, &chat).reason(reason.clone()));
-                return Answer::fixed("not available here", reason);
+                audit.record(Event::new(Kind::MessageRefused, &who, &chat).reason(reason.reason()));
+                return Answer::fixed(t!("access.refused_title"), reason.said());
             }
             Admission::Pairing(code) => {
                 self.parts.refusals.fetch_add(1, Ordering::Relaxed);
@@ -271,13 +269,7 @@ impl Assistant {
                         .target(code.clone())
                         .reason("awaiting pairing approval"),
                 );
-                return Answer::fixed(
-                    "pairing needed",
-                    format!(
-                        "Hello! Before I can help you, an admin of this box needs to approve you. \
-                         Ask one to send me `/approve {code}`."
-                    ),
-                );
+                return Answer::fixed(t!("pairing.title"), t!("pairing.text", code = code));
             }
         }
         audit.record(Event::new(Kind::MessageAccepted, &who, &chat).outcome(message.kind_name().to_owned()));
@@ -296,39 +288,35 @@ impl Assistant {
             return self.media_answer(message);
         };
         let text = strip_mentions(&text);
-        let mut words = text.split_whitespace();
-        let command = words.next().unwrap_or_default().to_ascii_lowercase();
-        let arg = words.next().unwrap_or_default();
-        match command.as_str() {
-            "/help" | "/?" => Answer::fixed("zhuli help", HELP),
-            "/ping" => Answer::fixed("pong", "pong"),
-            "/status" if self.parts.access.admins().is_empty() || self.parts.access.is_admin(&asker.actor) => {
-                Answer::fixed("zhuli status", status::markdown(&self.snapshot()))
+        let Some(command) = command::parse(text) else {
+            if self.parts.llm.is_none() {
+                return Answer::no_llm();
             }
-            "/status" => Answer::fixed("admins only", "Only an admin of this box can see its status."),
-            "/new" => {
+            return self.start_turn(asker, text.to_owned(), Vec::new(), progress).await;
+        };
+        match command {
+            Command::Help => Answer::fixed(t!("help.title"), t!("help.text")),
+            Command::Ping => Answer::fixed("pong", "pong"),
+            Command::Status if self.parts.access.admins().is_empty() || self.parts.access.is_admin(&asker.actor) => {
+                Answer::fixed(t!("status.title"), status::markdown(&self.snapshot()))
+            }
+            Command::Status => Answer::fixed(t!("command.admins_only_title"), t!("status.admins_only")),
+            Command::New => {
                 let conv = asker.conversation.clone();
                 match self.store_call(move |s| s.clear_history(&conv)).await {
-                    Ok(_) => {
-                        Answer::fixed("new conversation", "Starting afresh: I have forgotten our earlier messages.")
-                    }
+                    Ok(_) => Answer::fixed(t!("new.title"), t!("new.done")),
                     Err(e) => {
                         log::warn!("cannot clear a conversation: {e}");
-                        Answer::fixed("error", "I could not clear our conversation; please try again.")
+                        Answer::fixed(t!("command.error_title"), t!("new.failed"))
                     }
                 }
             }
-            "/undo" => self.undo(&asker).await,
-            "/confirm" => self.confirm(&asker, arg, progress).await,
-            "/cancel" => self.cancel(&asker).await,
-            "/approve" => self.approve(&asker, arg).await,
-            "/audit" => self.audit_text(&asker, arg),
-            c if c.starts_with('/') => Answer::fixed(
-                "unknown command",
-                format!("Unknown command `{}`. Send `/help` for the list.", c.chars().take(32).collect::<String>()),
-            ),
-            _ if self.parts.llm.is_none() => Answer::fixed("LLM not configured", NO_LLM),
-            _ => self.start_turn(asker, text.to_owned(), Vec::new(), progress).await,
+            Command::Undo => self.undo(&asker).await,
+            Command::Confirm(code) => self.confirm(&asker, &code, progress).await,
+            Command::Cancel => self.cancel(&asker).await,
+            Command::Approve(code) => self.approve(&asker, &code).await,
+            Command::Audit(n) => self.audit_text(&asker, &n),
+            Command::Unknown(name) => Answer::fixed(t!("command.unknown_title"), t!("command.unknown", command = name)),
         }
     }
 
@@ -382,14 +370,14 @@ impl Assistant {
         let user = asker.actor.clone();
         let entry = match self.store_call(move |s| s.pop_undo_of(&user)).await {
             Ok(Some((_, e))) => e,
-            Ok(None) => return Answer::fixed("nothing to undo", "You have no change I can undo."),
+            Ok(None) => return Answer::fixed(t!("undo.nothing_title"), t!("undo.nothing")),
             Err(e) => {
                 log::warn!("cannot read the undo journal: {e}");
-                return Answer::fixed("error", "I could not read the undo journal; please try again.");
+                return Answer::fixed(t!("command.error_title"), t!("undo.journal_failed"));
             }
         };
         let Some(tool) = self.parts.tools.get(&entry.tool).cloned() else {
-            return Answer::fixed("cannot undo", format!("The tool `{}` is no longer available.", entry.tool));
+            return Answer::fixed(t!("undo.cannot_title"), t!("undo.tool_gone", tool = entry.tool));
         };
         // Undo lines name ids and paths; one journalled before they did may quote a title.
         let target = crate::tools::redact(&entry.description, &serde_json::Value::Null, "");
@@ -398,11 +386,11 @@ impl Assistant {
         match tool.undo(&ctx, &entry.payload).await {
             Ok(done) => {
                 self.parts.audit.record(event.outcome("ok"));
-                Answer::fixed("undone", format!("Undone: {done}."))
+                Answer::fixed(t!("undo.done_title"), t!("undo.done", what = done))
             }
             Err(e) => {
                 self.parts.audit.record(event.outcome("error").reason(e.audit_reason(&serde_json::Value::Null, "")));
-                Answer::fixed("cannot undo", format!("I could not undo “{}”: {e}", entry.description))
+                Answer::fixed(t!("undo.cannot_title"), t!("undo.failed", what = entry.description, error = e))
             }
         }
     }
@@ -412,13 +400,10 @@ impl Assistant {
             self.parts.audit.record(
                 Event::new(Kind::ToolDenied, &asker.actor, &asker.chat).tool("/approve").reason("not an admin"),
             );
-            return Answer::fixed("admins only", "Only an admin of this box can approve newcomers.");
+            return Answer::fixed(t!("command.admins_only_title"), t!("approve.admins_only"));
         }
         let Some((who, nick)) = self.parts.access.approve(code) else {
-            return Answer::fixed(
-                "unknown code",
-                "No one is waiting with that code (codes last a day). Ask them to message me again for a new one.",
-            );
+            return Answer::fixed(t!("approve.unknown_title"), t!("approve.unknown"));
         };
         let paired = serde_json::to_string(&self.parts.access.paired()).unwrap_or_default();
         if let Err(e) = self.store_call(move |s| s.set_setting("paired-users", &paired)).await {
@@ -434,7 +419,7 @@ impl Assistant {
                 .outcome("paired")
                 .reason(format!("approved with code {code}")),
         );
-        Answer::fixed("approved", format!("Approved: {nick} ({who}) can now talk to me."))
+        Answer::fixed(t!("approve.done_title"), t!("approve.done", nick = nick, who = who))
     }
 
     fn audit_text(&self, asker: &Asker, arg: &str) -> Answer {
@@ -442,45 +427,39 @@ impl Assistant {
             self.parts
                 .audit
                 .record(Event::new(Kind::ToolDenied, &asker.actor, &asker.chat).tool("/audit").reason("not an admin"));
-            return Answer::fixed("admins only", "Only an admin of this box can read the audit trail.");
+            return Answer::fixed(t!("command.admins_only_title"), t!("audit.admins_only"));
         }
         let n = arg.parse::<usize>().unwrap_or(20).clamp(1, 100);
         let events = self.parts.audit.recent(n);
-        let mut text = format!(
-            "**Recent audit events** (newest last, {} shown; all are in the journal: `journalctl -t zhuli-audit`)\n\n",
-            events.len()
-        );
+        let offset = self.parts.settings.utc_offset_minutes;
+        // The events' own words stay English, as in the journal.
+        let heading = t!("audit.heading", n = events.len(), zone = settings::zone_label(offset));
+        let mut text = format!("{heading}\n\n");
         for e in events {
-            let (when, _) = settings::local_time(e.at_ms, self.parts.settings.utc_offset_minutes);
+            let (when, _) = settings::local_time(e.at_ms, offset);
             text.push_str(&format!("- {when} {}\n", e.summary()));
         }
-        Answer::fixed("audit", text)
+        Answer::fixed(t!("audit.title"), text)
     }
 
     fn media_answer(&self, message: &RobotMessage) -> Answer {
         let what = match &message.content {
-            Content::Picture { .. } => "picture".to_owned(),
-            Content::Video { .. } => "video".to_owned(),
-            Content::Audio { .. } => "voice message (no speech was recognised)".to_owned(),
-            Content::File { file_name, .. } => format!("file “{}”", file_name.chars().take(120).collect::<String>()),
-            Content::RichText(_) => "message".to_owned(),
+            Content::Picture { .. } => t!("media.picture"),
+            Content::Video { .. } => t!("media.video"),
+            Content::Audio { .. } => t!("media.voice"),
+            Content::File { file_name, .. } => {
+                t!("media.file", name = file_name.chars().take(120).collect::<String>())
+            }
+            Content::RichText(_) | Content::Text(_) => t!("media.message"),
             Content::Unsupported { msgtype } => {
                 return Answer::fixed(
-                    "unsupported message",
-                    format!(
-                        "I cannot read messages of type `{}` yet. Send text, or `/help`.",
-                        msgtype.chars().take(40).collect::<String>()
-                    ),
+                    t!("media.unsupported_title"),
+                    t!("media.unsupported", kind = msgtype.chars().take(40).collect::<String>()),
                 );
             }
-            Content::Text(_) => "message".to_owned(),
         };
-        let tail = if self.parts.llm.is_some() {
-            "I cannot work with its content yet; tell me in words what you need."
-        } else {
-            "Working with its content needs an LLM, which is not configured on this box yet."
-        };
-        Answer::fixed("received", format!("I received your {what}. {tail}"))
+        let then = if self.parts.llm.is_some() { t!("media.with_llm") } else { t!("media.without_llm") };
+        Answer::fixed(t!("media.title"), t!("media.received", what = what, then = then))
     }
 }
 

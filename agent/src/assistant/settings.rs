@@ -75,9 +75,28 @@ pub fn local_time(ms: i64, offset_minutes: i32) -> (String, i64) {
     (format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem / 60 % 60), days)
 }
 
+/// The zone of times at `offset_minutes` from UTC, as shown beside them: `UTC+8`, `UTC-3:30`, `UTC`.
+pub fn zone_label(offset_minutes: i32) -> String {
+    let (sign, o) = (if offset_minutes < 0 { '-' } else { '+' }, offset_minutes.unsigned_abs());
+    match (o / 60, o % 60) {
+        (0, 0) => "UTC".to_owned(),
+        (h, 0) => format!("UTC{sign}{h}"),
+        (h, m) => format!("UTC{sign}{h}:{m:02}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zones_are_named_by_their_offset() {
+        assert_eq!(zone_label(480), "UTC+8");
+        assert_eq!(zone_label(0), "UTC");
+        assert_eq!(zone_label(-180), "UTC-3");
+        assert_eq!(zone_label(330), "UTC+5:30");
+        assert_eq!(zone_label(-570), "UTC-9:30");
+    }
 
     #[test]
     fn local_time_is_civil_time() {

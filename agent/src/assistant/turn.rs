@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use rust_i18n::t;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -69,35 +70,42 @@ pub struct Budget {
 
 const BUDGET_SETTING: &str = "llm-token-use";
 
-/// Cut `s` to `max` bytes on a character boundary, saying so.
+/// Cut `s` to `max` bytes on a character boundary, saying so (in English: for the model).
 pub fn clip(s: &str, max: usize) -> String {
+    match cut(s, max) {
+        None => s.to_owned(),
+        Some(end) => format!("{}\n…(cut: {} more bytes not shown)", &s[..end], s.len() - end),
+    }
+}
+
+/// [`clip`] for an answer people read: the note in the box's language.
+fn clip_answer(s: &str, max: usize) -> String {
+    match cut(s, max) {
+        None => s.to_owned(),
+        Some(end) => format!("{}\n{}", &s[..end], t!("turn.cut", bytes = s.len() - end)),
+    }
+}
+
+/// Where to cut `s` to keep at most `max` bytes, if it is longer.
+fn cut(s: &str, max: usize) -> Option<usize> {
     if s.len() <= max {
-        return s.to_owned();
+        return None;
     }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}\n…(cut: {} more bytes not shown)", &s[..end], s.len() - end)
+    Some(end)
 }
 
 fn llm_trouble(e: &LlmError) -> String {
     match e {
-        LlmError::Unauthorised(_) => {
-            "The language model refused this box's credentials, so I cannot answer questions right now. \
-             An admin needs to check `[llm] api_key`."
-                .into()
-        }
-        LlmError::BaseUrl(_) => {
-            "The language model's address is misconfigured; an admin needs to check `[llm] base_url`.".into()
-        }
-        LlmError::GaveUp { .. } | LlmError::Stalled(_) => {
-            "The language model is not answering right now. Please try again in a few minutes.".into()
-        }
-        LlmError::Refused { .. } | LlmError::BadAnswer(_) => {
-            "The language model could not handle this request. Please rephrase it or try again later.".into()
-        }
+        LlmError::Unauthorised(_) => t!("llm.unauthorised"),
+        LlmError::BaseUrl(_) => t!("llm.base_url"),
+        LlmError::GaveUp { .. } | LlmError::Stalled(_) => t!("llm.not_answering"),
+        LlmError::Refused { .. } | LlmError::BadAnswer(_) => t!("llm.cannot_handle"),
     }
+    .into_owned()
 }
 
 impl Assistant {
@@ -152,7 +160,7 @@ impl Assistant {
     /// answer is streamed and shown as it grows, with the tool steps before it.
     pub(super) async fn drive(&self, mut state: TurnState, progress: Option<&dyn Progress>) -> Answer {
         let Some(llm) = &self.parts.llm else {
-            return Answer::fixed("LLM not configured", super::NO_LLM);
+            return Answer::no_llm();
         };
         let settings = &self.parts.settings;
         if let Some(p) = progress {
@@ -186,15 +194,7 @@ impl Assistant {
                     Event::new(Kind::LimitHit, &state.asker.actor, &state.asker.chat)
                         .reason(format!("turn stopped after {} model steps", state.steps)),
                 );
-                return self
-                    .finish(
-                        state,
-                        format!(
-                            "I stopped after {} steps without a final answer. Please ask a narrower question.",
-                            settings.max_steps
-                        ),
-                    )
-                    .await;
+                return self.finish(state, t!("turn.max_steps", steps = settings.max_steps).into_owned()).await;
             }
             if let Some(refusal) = self.over_budget(&state.asker).await {
                 return self.finish(state, refusal).await;
@@ -226,7 +226,7 @@ impl Assistant {
                 Ok(Err(e)) => {
                     log::warn!("LLM request failed: {e}");
                     self.parts.llm_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Answer::fixed("LLM unavailable", llm_trouble(&e));
+                    return Answer::fixed(t!("llm.unavailable_title"), llm_trouble(&e));
                 }
                 Ok(Ok(c)) => c,
             };
@@ -237,7 +237,7 @@ impl Assistant {
             let message = completion.message;
             if message.tool_calls.is_empty() {
                 let text = message.content.unwrap_or_default();
-                let text = if text.trim().is_empty() { "(the model gave an empty answer)".to_owned() } else { text };
+                let text = if text.trim().is_empty() { t!("turn.empty").into_owned() } else { text };
                 return self.finish(state, text).await;
             }
             state.queue.extend(message.tool_calls.iter().cloned());
@@ -262,12 +262,7 @@ impl Assistant {
         self.parts.audit.record(
             Event::new(Kind::LimitHit, &state.asker.actor, &state.asker.chat).reason("turn took longer than allowed"),
         );
-        self.finish(
-            state,
-            "This took longer than I am allowed to work on one question. Please ask again, perhaps in smaller parts."
-                .into(),
-        )
-        .await
+        self.finish(state, t!("turn.timed_out").into_owned()).await
     }
 
     /// The final answer: kept in the conversation history, cut to size. What only an admin can
@@ -277,7 +272,8 @@ impl Assistant {
         for note in &state.notes {
             let key = note.split('`').nth(1).unwrap_or(note);
             if !text.contains(key) {
-                text.push_str(&format!("\n\n> ⚙️ {note}"));
+                // The note names what to fix (a permission, a setting) in the backend's terms.
+                text.push_str(&format!("\n\n{}", t!("turn.admin_note", note = note)));
             }
         }
         let conv = state.asker.conversation.clone();
@@ -291,7 +287,11 @@ impl Assistant {
         {
             log::warn!("cannot keep the conversation history: {e}");
         }
-        Answer { title: "zhuli".into(), markdown: clip(&text, self.parts.settings.max_answer_bytes), costly: true }
+        Answer {
+            title: t!("turn.title").into_owned(),
+            markdown: clip_answer(&text, self.parts.settings.max_answer_bytes),
+            costly: true,
+        }
     }
 
     /// Is the call acceptable? The tool and its parsed arguments, or the refusal fed back to the
@@ -462,19 +462,19 @@ impl Assistant {
             pending.insert(code.clone(), Pending { state, call: call.clone(), args, expires: now + timeout });
             code
         };
-        let what = match risk {
-            Risk::Destructive => "⚠️ This removes or overwrites something.",
-            _ => "This changes something.",
+        let effect = match risk {
+            Risk::Destructive => t!("confirm.destructive"),
+            _ => t!("confirm.change"),
         };
-        Answer {
-            title: "please confirm".into(),
-            markdown: format!(
-                "**Confirm**: `{}` on `{target}`\n\n{what} Reply `/confirm {code}` within {} to go ahead, or `/cancel`.",
-                tool.name(),
-                human(timeout)
-            ),
-            costly: true,
-        }
+        let question = t!(
+            "confirm.question",
+            tool = tool.name(),
+            target = target,
+            effect = effect,
+            code = code,
+            within = said(timeout)
+        );
+        Answer { title: t!("confirm.title").into_owned(), markdown: question.into_owned(), costly: true }
     }
 
     /// `/confirm CODE` from `asker`.
@@ -482,10 +482,10 @@ impl Assistant {
         let taken = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             match pending.get(code) {
-                None => Err("There is no pending action with that code. It may have expired; ask again.".to_owned()),
+                None => Err(t!("confirm.no_such_code")),
                 Some(p) if p.expires <= Instant::now() => {
                     pending.remove(code);
-                    Err("That confirmation has expired; nothing was changed. Ask again if you still want it.".into())
+                    Err(t!("confirm.expired"))
                 }
                 Some(p) if p.state.asker.actor != asker.actor || p.state.asker.chat != asker.chat => {
                     let owner = p.state.asker.nick.clone();
@@ -498,22 +498,19 @@ impl Assistant {
                             .reason("confirmation from someone other than the asker"),
                     );
                     self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Answer::fixed(
-                        "not yours to confirm",
-                        format!("Only {owner}, who asked for it, can confirm this action in this chat."),
-                    );
+                    return Answer::fixed(t!("confirm.not_yours_title"), t!("confirm.not_yours", owner = owner));
                 }
                 Some(_) => Ok(pending.remove(code)),
             }
         };
         let pending = match taken {
-            Err(text) => return Answer::fixed("nothing to confirm", text),
+            Err(text) => return Answer::fixed(t!("confirm.nothing_title"), text),
             Ok(Some(p)) => p,
-            Ok(None) => return Answer::fixed("nothing to confirm", "There is no pending action with that code."),
+            Ok(None) => return Answer::fixed(t!("confirm.nothing_title"), t!("confirm.no_such_code")),
         };
         let Pending { mut state, call, args, .. } = pending;
         let Some(tool) = self.parts.tools.get(&call.function.name).cloned() else {
-            return Answer::fixed("nothing to confirm", "That tool is no longer available.");
+            return Answer::fixed(t!("confirm.nothing_title"), t!("confirm.tool_gone"));
         };
         self.parts.audit.record(
             Event::new(Kind::ToolConfirmed, &asker.actor, &asker.chat).tool(tool.name()).target(tool.target(&args)),
@@ -537,7 +534,7 @@ impl Assistant {
             codes.iter().filter_map(|c| pending.remove(c)).collect()
         };
         if removed.is_empty() {
-            return Answer::fixed("nothing to cancel", "You have no action waiting for confirmation here.");
+            return Answer::fixed(t!("confirm.nothing_to_cancel_title"), t!("confirm.nothing_to_cancel"));
         }
         for p in &removed {
             self.parts.audit.record(
@@ -547,10 +544,10 @@ impl Assistant {
             );
         }
         let state = removed.into_iter().next().map(|p| p.state);
-        let text = "Cancelled; nothing was changed.".to_owned();
+        let text = t!("confirm.cancelled").into_owned();
         match state {
             Some(s) => Answer { costly: false, ..self.finish(s, text).await },
-            None => Answer::fixed("cancelled", text),
+            None => Answer::fixed(t!("confirm.cancelled_title"), text),
         }
     }
 
@@ -562,9 +559,9 @@ impl Assistant {
             if b.day != day { (0, 0) } else { (b.total, b.users.get(&asker.actor).copied().unwrap_or(0)) }
         };
         let reason = if per_box > 0 && total >= per_box {
-            "This box has used its language-model budget for today. It resets at midnight; an admin can raise `[llm] daily_tokens`."
+            t!("llm.box_budget")
         } else if per_user > 0 && mine >= per_user {
-            "You have used your language-model budget for today. It resets at midnight; an admin can raise `[llm] daily_tokens_per_user`."
+            t!("llm.user_budget")
         } else {
             return None;
         };
@@ -605,6 +602,20 @@ pub fn recent_conversation(turns: Vec<StoredTurn>, now_ms: i64, idle: i64) -> Ve
     turns.into_iter().skip(start).collect()
 }
 
+/// A duration as people are told it, in the box's language.
+fn said(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 120 && s.is_multiple_of(60) {
+        t!("duration.minutes", n = s / 60)
+    } else if s >= 1 {
+        t!("duration.seconds", n = s)
+    } else {
+        t!("duration.milliseconds", n = d.as_millis())
+    }
+    .into_owned()
+}
+
+/// A duration in English, for the model and the audit trail.
 pub fn human(d: Duration) -> String {
     let s = d.as_secs();
     if s >= 120 && s.is_multiple_of(60) {

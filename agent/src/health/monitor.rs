@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use rust_i18n::t;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -36,7 +37,10 @@ pub struct Sample {
 pub struct Alarm {
     pub name: &'static str,
     pub raised: bool,
+    /// For the audit trail and the log (English).
     pub text: String,
+    /// The same for the admins' chat, in the box's language.
+    pub chat: String,
 }
 
 #[derive(Default)]
@@ -197,12 +201,14 @@ impl Monitor {
                 if !quiet {
                     state.announced = true;
                     state.last_announced = Some(now);
-                    out.push(Alarm { name, raised: true, text: format!("{text} (threshold {threshold})") });
+                    let chat = said(name, value, threshold, minutes, true);
+                    out.push(Alarm { name, raised: true, text: format!("{text} (threshold {threshold})"), chat });
                 }
             } else {
                 state.active = false;
                 if std::mem::take(&mut state.announced) {
-                    out.push(Alarm { name, raised: false, text: format!("{text}: back below {threshold}") });
+                    let chat = said(name, value, threshold, minutes, false);
+                    out.push(Alarm { name, raised: false, text: format!("{text}: back below {threshold}"), chat });
                 }
             }
         }
@@ -215,6 +221,25 @@ impl Monitor {
         v.sort_unstable();
         v
     }
+}
+
+/// An alarm as the admins are told it, in the box's language.
+fn said(name: &str, value: f32, threshold: f32, minutes: u64, raised: bool) -> String {
+    let what = match name {
+        "cpu" => t!("alarm.cpu", value = format!("{value:.0}")),
+        "memory" => t!("alarm.memory", value = format!("{value:.0}")),
+        "disk" => t!("alarm.disk", value = format!("{value:.0}")),
+        "load" => t!("alarm.load", value = format!("{value:.2}")),
+        "temperature" => t!("alarm.temperature", value = format!("{value:.0}")),
+        "unknown-senders" => t!("alarm.unknown_senders", value = format!("{value:.0}"), minutes = minutes),
+        _ => t!("alarm.denied_tools", value = format!("{value:.0}"), minutes = minutes),
+    };
+    if raised {
+        t!("alarm.raised", what = what, threshold = threshold)
+    } else {
+        t!("alarm.cleared", what = what, threshold = threshold)
+    }
+    .into_owned()
 }
 
 /// A test build reads `ZHULI_TEST_METRICS` (a file of `name=value` lines) over the sample, so

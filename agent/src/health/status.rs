@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use rust_i18n::t;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -126,94 +127,139 @@ pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health
     }
 }
 
-fn uptime(s: u64) -> String {
-    format!("{}d {}h {}m", s / 86_400, s / 3600 % 24, s / 60 % 60)
-}
-
-/// Rows of (label, value), shared by the table and the chat rendering.
-pub fn rows(s: &Snapshot) -> Vec<(&'static str, String)> {
+/// Rows of (label, value) in `locale`: English for the table operators read, the box's
+/// language for the chat.
+pub fn rows(s: &Snapshot, locale: &str) -> Vec<(String, String)> {
+    let none = || t!("status.none", locale = locale).into_owned();
+    let u = s.uptime_s;
     let mut rows = vec![
-        ("version", s.version.clone()),
-        ("uptime", uptime(s.uptime_s)),
+        (t!("status.version", locale = locale).into_owned(), s.version.clone()),
         (
-            "DingTalk",
+            t!("status.uptime", locale = locale).into_owned(),
+            t!("status.uptime_value", locale = locale, days = u / 86_400, hours = u / 3600 % 24, minutes = u / 60 % 60)
+                .into_owned(),
+        ),
+        (
+            t!("status.dingtalk", locale = locale).into_owned(),
             format!(
                 "{}{}",
-                if s.connected { "connected" } else { "reconnecting" },
-                if s.reconnect_storm { " (reconnect storm)" } else { "" }
+                if s.connected {
+                    t!("status.connected", locale = locale).into_owned()
+                } else {
+                    t!("status.reconnecting", locale = locale).into_owned()
+                },
+                if s.reconnect_storm { t!("status.storm", locale = locale).into_owned() } else { String::new() }
             ),
         ),
         (
-            "connections",
-            format!(
-                "{} opened, {} failed, {} gateway disconnects, {} zombies dropped",
-                s.connections_opened, s.connect_failures, s.gateway_disconnects, s.zombie_connections_dropped
-            ),
+            t!("status.connections", locale = locale).into_owned(),
+            t!(
+                "status.connections_value",
+                locale = locale,
+                opened = s.connections_opened,
+                failed = s.connect_failures,
+                disconnects = s.gateway_disconnects,
+                zombies = s.zombie_connections_dropped
+            )
+            .into_owned(),
         ),
         (
-            "messages",
-            format!(
-                "{} accepted, {} answered, {} failed, {} refused",
-                s.messages_accepted, s.messages_answered, s.messages_failed, s.messages_refused
-            ),
+            t!("status.messages", locale = locale).into_owned(),
+            t!(
+                "status.messages_value",
+                locale = locale,
+                accepted = s.messages_accepted,
+                answered = s.messages_answered,
+                failed = s.messages_failed,
+                refused = s.messages_refused
+            )
+            .into_owned(),
         ),
         (
-            "queues",
-            format!(
-                "{} waiting, {} answered together, {} left out (senders told), {} frames not recorded",
-                s.messages_waiting, s.messages_merged, s.messages_left_out, s.frames_unrecorded
-            ),
+            t!("status.queues", locale = locale).into_owned(),
+            t!(
+                "status.queues_value",
+                locale = locale,
+                waiting = s.messages_waiting,
+                merged = s.messages_merged,
+                left_out = s.messages_left_out,
+                unrecorded = s.frames_unrecorded
+            )
+            .into_owned(),
         ),
         (
-            "reply latency",
+            t!("status.latency", locale = locale).into_owned(),
             s.latency_ms.map(|(a, b, c)| format!("p50 {a} ms, p95 {b} ms, p99 {c} ms")).unwrap_or_else(|| "-".into()),
         ),
-        ("throttling", format!("{} replies throttled, {} retries", s.replies_throttled, s.reply_retries)),
         (
-            "LLM",
+            t!("status.throttling", locale = locale).into_owned(),
+            t!("status.throttling_value", locale = locale, throttled = s.replies_throttled, retries = s.reply_retries)
+                .into_owned(),
+        ),
+        (
+            t!("status.llm", locale = locale).into_owned(),
             match &s.llm_model {
-                Some(m) => format!("{m}: {} tokens, {} errors", s.llm_tokens, s.llm_errors),
-                None => "not configured".into(),
+                Some(m) => {
+                    t!("status.llm_value", locale = locale, model = m, tokens = s.llm_tokens, errors = s.llm_errors)
+                        .into_owned()
+                }
+                None => t!("status.not_configured", locale = locale).into_owned(),
             },
         ),
-        ("tool calls denied", s.tool_calls_denied.to_string()),
+        (t!("status.denied", locale = locale).into_owned(), s.tool_calls_denied.to_string()),
     ];
     for p in &s.plugins {
-        rows.push(("plugin", p.clone()));
+        rows.push((t!("status.plugin", locale = locale).into_owned(), p.clone()));
     }
     if let Some(r) = &s.resources {
+        let temperature = r
+            .temperature_c
+            .map(|t| t!("status.temperature", locale = locale, degrees = format!("{t:.0}")).into_owned())
+            .unwrap_or_default();
         rows.push((
-            "resources",
-            format!(
-                "CPU {:.0}%, memory {:.0}%, disk {:.0}%, load {:.2}/core{}",
-                r.cpu_percent,
-                r.memory_percent,
-                r.disk_percent,
-                r.load_per_core,
-                r.temperature_c.map(|t| format!(", {t:.0} °C")).unwrap_or_default()
-            ),
+            t!("status.resources", locale = locale).into_owned(),
+            t!(
+                "status.resources_value",
+                locale = locale,
+                cpu = format!("{:.0}", r.cpu_percent),
+                memory = format!("{:.0}", r.memory_percent),
+                disk = format!("{:.0}", r.disk_percent),
+                load = format!("{:.2}", r.load_per_core),
+                temperature = temperature
+            )
+            .into_owned(),
         ));
     }
-    rows.push(("alarms", if s.alarms.is_empty() { "none".into() } else { s.alarms.join(", ") }));
-    rows.push(("hung tasks", if s.hung_tasks.is_empty() { "none".into() } else { s.hung_tasks.join(", ") }));
+    rows.push((
+        t!("status.alarms", locale = locale).into_owned(),
+        if s.alarms.is_empty() { none() } else { s.alarms.join(", ") },
+    ));
+    rows.push((
+        t!("status.hung", locale = locale).into_owned(),
+        if s.hung_tasks.is_empty() { none() } else { s.hung_tasks.join(", ") },
+    ));
     if s.audit_events_not_journaled > 0 {
         rows.push((
-            "audit",
-            format!("{} events went to the log: the journal could not be reached", s.audit_events_not_journaled),
+            t!("status.audit", locale = locale).into_owned(),
+            t!("status.audit_value", locale = locale, n = s.audit_events_not_journaled).into_owned(),
         ));
     }
-    rows.push(("last error", s.last_error.clone().unwrap_or_else(|| "none".into())));
+    rows.push((t!("status.last_error", locale = locale).into_owned(), s.last_error.clone().unwrap_or_else(none)));
     rows
 }
 
+/// The table `zhuli status` prints (English, for the operators).
 pub fn table(s: &Snapshot) -> String {
-    rows(s).into_iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
+    rows(s, "en").into_iter().map(|(k, v)| format!("{k:<18} {v}\n")).collect()
 }
 
+/// The `/status` reply, in the box's language.
 pub fn markdown(s: &Snapshot) -> String {
-    let mut out = "**zhuli status**\n\n".to_owned();
-    for (k, v) in rows(s) {
-        out.push_str(&format!("- {k}: {v}\n"));
+    let locale = rust_i18n::locale();
+    let mut out = format!("{}\n\n", t!("status.heading", locale = &locale));
+    for (k, v) in rows(s, &locale) {
+        out.push_str(&t!("status.row", locale = &locale, label = k, value = v));
+        out.push('\n');
     }
     out
 }
@@ -385,6 +431,12 @@ mod tests {
         for expect in ["connected", "12 accepted", "p95 90 ms", "disk 93%", "51 °C", "alarms             disk"] {
             assert!(t.contains(expect), "{expect} in\n{t}");
         }
-        assert!(markdown(&s).starts_with("**zhuli status**"));
+        let chat = |l| crate::i18n::tests::in_language(l, || markdown(&s));
+        assert!(chat(crate::i18n::Language::En).starts_with("**zhuli status**"));
+        let zh = chat(crate::i18n::Language::ZhCn);
+        assert!(
+            zh.starts_with("**zhuli 助理状态**") && zh.contains("钉钉：已连接") && zh.contains("收到 12 条"),
+            "{zh}"
+        );
     }
 }

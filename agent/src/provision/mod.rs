@@ -971,6 +971,9 @@ pub const TEMPLATE: &str = r#"# zhuli configuration, written to a USB stick by `
 # Raise this for every new version of this file: the box refuses a serial that is not newer.
 serial = 1
 
+# [agent]
+# language = "en"                    # what the box says in chat: "zh-CN" (the default) or "en"
+
 [dingtalk]
 client_id = "dingxxxxxxxxxxxx"       # the app's Client ID (AppKey), developer console
 client_secret = "paste-the-secret"    # the app's Client Secret; removed from the stick on import

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::Method;
+use rust_i18n::t;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -349,7 +350,7 @@ impl Tool for DriveTool {
                 Some("local") => {
                     let file = std::path::PathBuf::from(p["file"].as_str().ok_or_else(bad)?);
                     let shown = self.drive.roots.scoped(&ctx.actor).remove_saved(&file)?;
-                    Ok(format!("removed {shown}"))
+                    Ok(t!("undo.removed", path = shown).into_owned())
                 }
                 Some("uploaded") => {
                     let path = clean(s(&p, "path"))?;
@@ -358,12 +359,12 @@ impl Tool for DriveTool {
                     let etag = p["etag"].as_str();
                     let headers: Vec<(&str, &str)> = etag.map(|e| vec![("if-match", e)]).unwrap_or_default();
                     d.send(Method::DELETE, &url, &headers, Bytes::new(), 64 * 1024).await.map_err(dav_error)?;
-                    Ok(format!("removed drive:{path}"))
+                    Ok(t!("undo.removed", path = format!("drive:{path}")).into_owned())
                 }
                 Some("moved") => {
                     let (from, to) = (clean(s(&p, "from"))?, clean(s(&p, "to"))?);
                     self.dav_move(&to, &from, p["dir"].as_bool().unwrap_or(false)).await?;
-                    Ok(format!("moved drive:{to} back to drive:{from}"))
+                    Ok(t!("undo.moved_back", from = format!("drive:{to}"), to = format!("drive:{from}")).into_owned())
                 }
                 Some("shared") => {
                     let id = s(&p, "id");
@@ -376,7 +377,7 @@ impl Tool for DriveTool {
                     d.send(Method::DELETE, &url, &[("ocs-apirequest", "true")], Bytes::new(), 64 * 1024)
                         .await
                         .map_err(dav_error)?;
-                    Ok(format!("removed the link to drive:{}", s(&p, "path")))
+                    Ok(t!("undo.unshared", path = format!("drive:{}", s(&p, "path"))).into_owned())
                 }
                 _ => Err(bad()),
             }

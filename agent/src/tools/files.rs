@@ -24,6 +24,7 @@ use std::{
     sync::Arc,
 };
 
+use rust_i18n::t;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -344,16 +345,17 @@ impl FolderProblem {
         }
     }
 
-    /// The same in Chinese, for the admins' chat.
-    pub fn zh(&self) -> String {
+    /// The same for the admins' chat, in the box's language.
+    pub fn said(&self) -> String {
         match self {
-            FolderProblem::Missing => "不存在".into(),
-            FolderProblem::NotAFolder => "不是文件夹".into(),
-            FolderProblem::WriteDenied => "不可写：权限不足".into(),
-            FolderProblem::ReadOnlyFileSystem => "不可写：只读文件系统".into(),
-            FolderProblem::ReadDenied => "不可读：权限不足".into(),
-            FolderProblem::Other(e) => format!("无法使用：{e}"),
+            FolderProblem::Missing => t!("folder.missing"),
+            FolderProblem::NotAFolder => t!("folder.not_a_folder"),
+            FolderProblem::WriteDenied => t!("folder.write_denied"),
+            FolderProblem::ReadOnlyFileSystem => t!("folder.read_only"),
+            FolderProblem::ReadDenied => t!("folder.read_denied"),
+            FolderProblem::Other(e) => t!("folder.other", error = e),
         }
+        .into_owned()
     }
 }
 
@@ -408,22 +410,21 @@ impl FolderCheck {
         })
     }
 
-    /// The same in Chinese, for the admins' chat.
-    pub fn fix_zh(&self, user: &str) -> Option<String> {
+    /// [`FolderCheck::fix`] for the admins' chat, in the box's language.
+    pub fn fix_said(&self, user: &str) -> Option<String> {
         let (name, path) = (&self.name, self.path.display());
-        Some(match self.problem.as_ref()? {
-            FolderProblem::Missing if !self.writable => "代理启动时会创建此文件夹：请检查 state_dir 是否可写".into(),
-            FolderProblem::Missing => format!(
-                "请为代理用户创建该文件夹（mkdir -p {path} && chown {user} {path}），或从 [tools.files.roots] 中删除 `{name}`"
-            ),
-            FolderProblem::NotAFolder => format!("请把 [tools.files.roots] {name} 指向一个文件夹"),
-            FolderProblem::WriteDenied => format!("请让代理用户可以写入：chown {user} {path}"),
-            FolderProblem::ReadOnlyFileSystem => format!(
-                "在服务中运行时，通常是服务单元不允许写入这里（ProtectSystem=strict；导入配置时会把它的文件夹写入单元的 ReadWritePaths={path}）：请用配置 U 盘重新导入配置（在设备上，共享文件夹应放在 /srv 下）；若磁盘本身以只读方式挂载，请改为读写挂载"
-            ),
-            FolderProblem::ReadDenied => format!("请让代理用户可以读取 {path}"),
-            FolderProblem::Other(_) => format!("请检查 {path} 及其所在磁盘"),
-        })
+        Some(
+            match self.problem.as_ref()? {
+                FolderProblem::Missing if !self.writable => t!("folder.fix_inbox"),
+                FolderProblem::Missing => t!("folder.fix_missing", path = path, user = user, name = name),
+                FolderProblem::NotAFolder => t!("folder.fix_not_a_folder", name = name),
+                FolderProblem::WriteDenied => t!("folder.fix_write_denied", user = user, path = path),
+                FolderProblem::ReadOnlyFileSystem => t!("folder.fix_read_only", path = path),
+                FolderProblem::ReadDenied => t!("folder.fix_read_denied", path = path, user = user),
+                FolderProblem::Other(_) => t!("folder.fix_other", path = path),
+            }
+            .into_owned(),
+        )
     }
 }
 
@@ -958,7 +959,7 @@ fn undo(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
     match undo {
         Undo::Write { path, kept: Some(kept) } => {
             move_file(&kept, &path).map_err(|e| failed("cannot restore the previous version", e))?;
-            Ok(format!("restored the previous version of {}", roots.display(&path)))
+            Ok(t!("undo.previous_version", path = roots.display(&path)).into_owned())
         }
         Undo::Write { path, kept: None } => {
             match fs::remove_file(&path) {
@@ -966,21 +967,21 @@ fn undo(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(failed("cannot remove the written file", e)),
             }
-            Ok(format!("removed {}", roots.display(&path)))
+            Ok(t!("undo.removed", path = roots.display(&path)).into_owned())
         }
         Undo::Move { from, to } => {
             if from.exists() {
                 return Err(refused(format!("{} exists again; not moving over it", roots.display(&from))));
             }
             fs::rename(&to, &from).map_err(|e| failed("cannot move the file back", e))?;
-            Ok(format!("moved {} back to {}", roots.display(&to), roots.display(&from)))
+            Ok(t!("undo.moved_back", from = roots.display(&to), to = roots.display(&from)).into_owned())
         }
         Undo::Delete { path, kept } => {
             if path.exists() {
                 return Err(refused(format!("{} exists again; not restoring over it", roots.display(&path))));
             }
             move_file(&kept, &path).map_err(|e| failed("cannot restore the file", e))?;
-            Ok(format!("restored {}", roots.display(&path)))
+            Ok(t!("undo.restored", path = roots.display(&path)).into_owned())
         }
     }
 }
@@ -1119,7 +1120,8 @@ mod tests {
         let gone = &report.folders[0];
         assert_eq!(gone.line(), format!("gone = {}: missing", f.dir.join("gone").display()));
         assert!(gone.fix("zhuli").is_some_and(|t| t.contains("chown zhuli") && t.contains("remove `gone`")));
-        assert!(gone.fix_zh("zhuli").is_some_and(|t| t.contains("创建")));
+        let said = crate::i18n::tests::in_language(crate::i18n::Language::ZhCn, || gone.fix_said("zhuli"));
+        assert!(said.is_some_and(|t| t.contains("创建")));
         assert_eq!(report.folders[2].fix("zhuli"), None);
         assert!(report.folders[3].line().ends_with("readable"), "{}", report.folders[3].line());
         // The file that proved the folder writable is gone again.
@@ -1159,7 +1161,10 @@ mod tests {
         };
         assert_eq!(frozen.line(), "frozen = /srv/frozen: not writable: read-only file system");
         assert!(frozen.fix("zhuli").is_some_and(|t| t.contains("ReadWritePaths=/srv/frozen")));
-        assert!(frozen.fix_zh("zhuli").is_some_and(|t| t.contains("服务单元不允许写入")));
+        let said = crate::i18n::tests::in_language(crate::i18n::Language::ZhCn, || frozen.fix_said("zhuli"));
+        assert!(said.is_some_and(|t| t.contains("服务单元不允许写入")));
+        let said = crate::i18n::tests::in_language(crate::i18n::Language::En, || frozen.fix_said("zhuli"));
+        assert_eq!(said, frozen.fix("zhuli"), "the English chat text is the log's");
     }
 
     /// A read-only mount, where this machine lets the test make one (root, tmpfs): the folder

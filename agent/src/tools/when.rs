@@ -89,6 +89,32 @@ pub fn local(ms: i64, offset_minutes: i32) -> String {
     crate::assistant::settings::local_time(ms, offset_minutes).0
 }
 
+/// `2026-12-04 14:00 (UTC+8)`: a local time as people are shown it, with its zone.
+pub fn shown(ms: i64, offset_minutes: i32) -> String {
+    format!("{} ({})", local(ms, offset_minutes), crate::assistant::settings::zone_label(offset_minutes))
+}
+
+/// `2026-12-04 14:00 – 15:00 (UTC+8)`: a start and an end, as people are shown them.
+pub fn span_shown(start_ms: i64, end_ms: i64, offset_minutes: i32) -> String {
+    let (a, b) = (local(start_ms, offset_minutes), local(end_ms, offset_minutes));
+    let b = if a[..10] == b[..10] { &b[11..] } else { b.as_str() };
+    format!("{a} – {b} ({})", crate::assistant::settings::zone_label(offset_minutes))
+}
+
+/// [`span_shown`] of times as a tool was given them (local, or RFC 3339 with an offset); as
+/// written when they are not times.
+pub fn span_of(start: &str, end: &str, offset_minutes: i32) -> String {
+    match (parse(start, offset_minutes), parse(end, offset_minutes)) {
+        (Ok(s), Ok(e)) => span_shown(s, e, offset_minutes),
+        _ => format!("{start} – {end}"),
+    }
+}
+
+/// [`shown`] of a time as a tool was given it; as written when it is not a time.
+pub fn shown_of(text: &str, offset_minutes: i32) -> String {
+    parse(text, offset_minutes).map(|ms| shown(ms, offset_minutes)).unwrap_or_else(|_| text.to_owned())
+}
+
 /// Day of the week of a local day number (0 = Monday).
 pub fn weekday(day: i64) -> i64 {
     (day + 3).rem_euclid(7)
@@ -155,6 +181,16 @@ pub fn free_windows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_people_see_carry_their_zone() {
+        let at = parse("2026-12-04T14:00", 480).expect("time");
+        assert_eq!(shown(at, 480), "2026-12-04 14:00 (UTC+8)");
+        assert_eq!(span_of("2026-12-04T14:00", "2026-12-04T06:30:00Z", 480), "2026-12-04 14:00 – 14:30 (UTC+8)");
+        assert_eq!(span_of("2026-12-04T23:00", "2026-12-05T01:00", 480), "2026-12-04 23:00 – 2026-12-05 01:00 (UTC+8)");
+        assert_eq!(span_of("tomorrow", "later", 480), "tomorrow – later");
+        assert_eq!(shown_of("2026-12-04T14:00:00+09:00", 480), "2026-12-04 13:00 (UTC+8)");
+    }
 
     #[test]
     fn times_parse_with_and_without_offsets() {

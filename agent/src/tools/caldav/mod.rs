@@ -15,6 +15,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use bytes::Bytes;
 use http::Method;
+use rust_i18n::t;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -415,11 +416,19 @@ impl Tool for CaldavTool {
     fn question(&self, args: &Value) -> String {
         let cal = args["calendar"].as_str().unwrap_or("(default)");
         match self.op {
-            Op::Create => format!("“{}” in {cal}, {} – {}", s(args, "title"), s(args, "start"), s(args, "end")),
-            Op::Move => format!("move “{}” in {cal} to {} – {}", s(args, "title"), s(args, "start"), s(args, "end")),
+            Op::Create | Op::Move => {
+                let when = when::span_of(s(args, "start"), s(args, "end"), self.cal.offset);
+                let title = s(args, "title");
+                if self.op == Op::Create {
+                    t!("question.caldav_create", title = title, calendar = cal, when = when)
+                } else {
+                    t!("question.caldav_move", title = title, calendar = cal, when = when)
+                }
+                .into_owned()
+            }
             Op::Cancel => {
-                let all = if args["repeats"].as_bool() == Some(true) { " (every date it repeats on)" } else { "" };
-                format!("cancel “{}” in {cal}{all}", s(args, "title"))
+                let all = if args["repeats"].as_bool() == Some(true) { t!("question.every_date") } else { "".into() };
+                t!("question.caldav_cancel", title = s(args, "title"), calendar = cal, all = all).into_owned()
             }
             _ => self.target(args),
         }
@@ -491,7 +500,7 @@ impl Tool for CaldavTool {
                     let etag = s(&p, "etag");
                     let headers: Vec<(&str, &str)> = if etag.is_empty() { vec![] } else { vec![("if-match", etag)] };
                     dav.send(Method::DELETE, &url, &headers, Bytes::new(), 64 * 1024).await.map_err(dav_error)?;
-                    Ok(format!("removed the event from {name}"))
+                    Ok(t!("undo.caldav_created", calendar = name).into_owned())
                 }
                 Some("moved") => {
                     let (_, etag, mut cal) = c.fetch(dav, id).await?;
@@ -499,11 +508,12 @@ impl Tool for CaldavTool {
                     let m = master(&mut cal).ok_or_else(bad)?;
                     set_times(m, from, to, c);
                     c.put(dav, id, cal.to_text(), ("if-match", &etag)).await?;
-                    Ok(format!("moved the event in {name} back to {} – {}", c.show(from), &c.show(to)[11..]))
+                    let when = when::span_shown(from, to, c.offset);
+                    Ok(t!("undo.caldav_moved", calendar = name, when = when).into_owned())
                 }
                 Some("cancelled") => {
                     c.put(dav, id, s(&p, "object").to_owned(), ("if-none-match", "*")).await?;
-                    Ok(format!("put the event back into {name}"))
+                    Ok(t!("undo.caldav_cancelled", calendar = name).into_owned())
                 }
                 _ => Err(bad()),
             }

@@ -13,6 +13,7 @@ pub mod sim;
 use std::sync::Arc;
 
 use http::Method;
+use rust_i18n::t;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -306,9 +307,12 @@ impl Tool for GithubTool {
     fn question(&self, args: &Value) -> String {
         match self.op {
             Op::Comment => {
-                format!("comment on {}#{}: “{}”", s(args, "repo"), args["number"], clip(s(args, "body"), 200))
+                let issue = format!("{}#{}", s(args, "repo"), args["number"]);
+                t!("question.github_comment", issue = issue, body = clip(s(args, "body"), 200)).into_owned()
             }
-            Op::CreateIssue => format!("open an issue in {}: “{}”", s(args, "repo"), clip(s(args, "title"), 200)),
+            Op::CreateIssue => {
+                t!("question.github_issue", repo = s(args, "repo"), title = clip(s(args, "title"), 200)).into_owned()
+            }
             _ => self.target(args),
         }
     }
@@ -353,7 +357,7 @@ impl Tool for GithubTool {
                         .call(Method::DELETE, &format!("/repos/{repo}/issues/comments/{id}"), None)
                         .await
                         .map_err(github_error)?;
-                    Ok(format!("deleted the comment on {repo}#{}", p["number"]))
+                    Ok(t!("undo.github_comment", issue = format!("{repo}#{}", p["number"])).into_owned())
                 }
                 Some("issue") => {
                     let n = p["number"].as_u64().ok_or_else(|| ToolError::Failed("unreadable undo record".into()))?;
@@ -363,7 +367,7 @@ impl Tool for GithubTool {
                         .json(Method::PATCH, &format!("/repos/{repo}/issues/{n}"), Some(&body))
                         .await
                         .map_err(github_error)?;
-                    Ok(format!("closed {repo}#{n} as not planned (GitHub keeps closed issues)"))
+                    Ok(t!("undo.github_issue", issue = format!("{repo}#{n}")).into_owned())
                 }
                 _ => Err(ToolError::Failed("unreadable undo record".into())),
             }

@@ -73,12 +73,13 @@ impl std::fmt::Display for Limit {
 }
 
 impl Limit {
-    /// The same, in Chinese, for the chat.
-    pub fn zh(&self) -> String {
+    /// The same for the admins' chat, in the box's language.
+    pub fn said(&self) -> String {
         match self {
-            Limit::Tasks(n) => format!("它试图运行超过 {n} 个任务（线程和进程）"),
-            Limit::Memory(b) => format!("它用完了 {} MB 的内存上限（其主目录也计入内存）", b >> 20),
+            Limit::Tasks(n) => rust_i18n::t!("plugin.tasks", n = n),
+            Limit::Memory(b) => rust_i18n::t!("plugin.memory", mb = b >> 20),
         }
+        .into_owned()
     }
 }
 
@@ -267,7 +268,8 @@ mod tests {
         let limits = Limits { tasks: 112, memory_bytes: 64 << 20, cpu_percent: 50 };
         assert_eq!(Events::default().limit(&limits), None);
         let tasks = Events { tasks_refused: 3, oom_kills: 0 }.limit(&limits).expect("tasks");
-        assert!(tasks.to_string().contains("112 tasks") && tasks.zh().contains("112"), "{tasks}");
+        let said = crate::i18n::tests::in_language(crate::i18n::Language::ZhCn, || tasks.said());
+        assert!(tasks.to_string().contains("112 tasks") && said.contains("112 个任务"), "{tasks}");
         let memory = Events { tasks_refused: 3, oom_kills: 1 }.limit(&limits).expect("memory");
         assert!(memory.to_string().contains("64 MB") && memory.to_string().contains("home folder"), "{memory}");
     }

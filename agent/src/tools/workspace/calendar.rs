@@ -2,6 +2,7 @@
 //! create, move and cancel events. Changes are confirmed first (the turn loop) and undoable:
 //! a created event is deleted, a moved one moved back, a cancelled one created again.
 
+use rust_i18n::t;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -385,7 +386,7 @@ pub async fn undo(ws: &Workspace, ctx: &Context, payload: &[u8]) -> Result<Strin
                 )
                 .await
                 .map_err(api_error)?;
-            Ok(format!("deleted the event “{summary}”"))
+            Ok(t!("undo.event_deleted", title = summary).into_owned())
         }
         Undo::Moved { owner, event, summary, start, end } => {
             let body = json!({"id": event, "start": start, "end": end});
@@ -393,8 +394,8 @@ pub async fn undo(ws: &Workspace, ctx: &Context, payload: &[u8]) -> Result<Strin
                 .request(&EVENT_WRITE, http::Method::PUT, &event_path(&owner, &event), &[], Payload::Json(&body))
                 .await
                 .map_err(api_error)?;
-            let at = event_time(ws, &start).map(|t| ws.show(t)).unwrap_or_default();
-            Ok(format!("moved “{summary}” back to {at}"))
+            let at = event_time(ws, &start).map(|t| when::shown(t, ws.offset_minutes)).unwrap_or_default();
+            Ok(t!("undo.event_moved", title = summary, when = at).into_owned())
         }
         Undo::Cancelled { owner, copy } => {
             let v = ws
@@ -402,7 +403,8 @@ pub async fn undo(ws: &Workspace, ctx: &Context, payload: &[u8]) -> Result<Strin
                 .request(&EVENTS_WRITE, http::Method::POST, &events_path(&owner), &[], Payload::Json(&copy.body()))
                 .await
                 .map_err(api_error)?;
-            Ok(format!("created “{}” again (event id {})", copy.summary, v["id"].as_str().unwrap_or_default()))
+            let id = v["id"].as_str().unwrap_or_default();
+            Ok(t!("undo.event_restored", title = copy.summary, id = id).into_owned())
         }
     }
 }

@@ -20,6 +20,7 @@ pub use super::when;
 
 use std::sync::Arc;
 
+use rust_i18n::t;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -354,19 +355,32 @@ impl Tool for WorkspaceTool {
     }
 
     fn question(&self, args: &Value) -> String {
+        let offset = self.ws.offset_minutes;
         let names = |k: &str| -> Vec<String> {
             args[k].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect()
         };
         match self.op {
             Op::CalendarCreate => {
                 let who = names("attendee_names");
-                let with = if who.is_empty() { String::new() } else { format!(" with {}", who.join(", ")) };
-                format!("“{}” {} – {}{with}", arg(args, "title"), arg(args, "start"), arg(args, "end"))
+                let (title, when) = (arg(args, "title"), when::span_of(arg(args, "start"), arg(args, "end"), offset));
+                if who.is_empty() {
+                    t!("question.event", title = title, when = when)
+                } else {
+                    t!("question.event_with", title = title, when = when, people = who.join(", "))
+                }
+                .into_owned()
             }
             Op::TodoCreate => {
-                let who = args["assignee_name"].as_str().or(args["assignee"].as_str()).unwrap_or("the asker");
-                let due = args["due"].as_str().map(|d| format!(", due {d}")).unwrap_or_default();
-                format!("to-do “{}” for {who}{due}", arg(args, "subject"))
+                let due = args["due"]
+                    .as_str()
+                    .map(|d| t!("question.due", when = when::shown_of(d, offset)).into_owned())
+                    .unwrap_or_default();
+                let subject = arg(args, "subject");
+                match args["assignee_name"].as_str().or(args["assignee"].as_str()) {
+                    Some(who) => t!("question.todo", subject = subject, who = who, due = due),
+                    None => t!("question.todo_mine", subject = subject, due = due),
+                }
+                .into_owned()
             }
             _ => self.target(args),
         }

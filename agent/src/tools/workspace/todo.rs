@@ -1,6 +1,7 @@
 //! DingTalk to-dos: create one for the asker or a colleague (due time, priority), list the
 //! asker's open ones, mark one done. Creating and finishing are confirmed first and undoable.
 
+use rust_i18n::t;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -196,11 +197,11 @@ pub async fn undo(ws: &Workspace, ctx: &Context, payload: &[u8]) -> Result<Strin
                 )
                 .await
                 .map_err(api_error)?;
-            Ok(format!("deleted the to-do “{subject}”"))
+            Ok(t!("undo.todo_deleted", subject = subject).into_owned())
         }
         Undo::Done { owner, task } if owner == me.union_id => {
             set_done(ws, &owner, &task, false).await?;
-            Ok(format!("reopened to-do {task}"))
+            Ok(t!("undo.todo_reopened", id = task).into_owned())
         }
         _ => Err(ToolError::Refused("that change was made for someone else".into())),
     }

@@ -1,0 +1,139 @@
+//! Slash commands as people type them: `/help`, or `/帮助` in Chinese, with a half-width `/` or
+//! the full-width `／` a Chinese keyboard gives; full-width letters and digits (`／ｐｉｎｇ`,
+//! `/确认 １２３４`) read as their ASCII twins; a Chinese name may run straight into its argument
+//! (`/确认1234`, Chinese needs no space).
+
+/// A command the assistant answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Help,
+    Ping,
+    Status,
+    New,
+    Undo,
+    Confirm(String),
+    Cancel,
+    Approve(String),
+    Audit(String),
+    /// Starts with a slash but is none of these (the name as typed, cut to 32 characters).
+    Unknown(String),
+}
+
+/// The Chinese names and the English names they stand for.
+const CHINESE: [(&str, &str); 9] = [
+    ("帮助", "help"),
+    ("在吗", "ping"),
+    ("状态", "status"),
+    ("新对话", "new"),
+    ("撤销", "undo"),
+    ("确认", "confirm"),
+    ("取消", "cancel"),
+    ("批准", "approve"),
+    ("审计", "audit"),
+];
+
+/// Full-width ASCII (`！`…`～`) as ASCII, and the ideographic space as a space.
+fn half_width(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\u{ff01}'..='\u{ff5e}' => char::from_u32(c as u32 - 0xfee0).unwrap_or(c),
+            '\u{3000}' => ' ',
+            c => c,
+        })
+        .collect()
+}
+
+/// The command in `text` (mentions already stripped), or `None` for a message to answer in words.
+pub fn parse(text: &str) -> Option<Command> {
+    let text = half_width(text.trim());
+    let rest = text.strip_prefix('/')?;
+    let mut words = rest.split_whitespace();
+    let typed = words.next().unwrap_or_default();
+    let mut arg = words.next().unwrap_or_default().to_owned();
+    let name = typed.to_ascii_lowercase();
+    let english = match CHINESE.iter().find(|(zh, _)| name.starts_with(zh)) {
+        Some((zh, en)) => {
+            let glued = &name[zh.len()..];
+            if !glued.is_empty() {
+                if !matches!(*en, "confirm" | "approve" | "audit") {
+                    return Some(Command::Unknown(format!("/{}", typed.chars().take(31).collect::<String>())));
+                }
+                arg = glued.to_owned();
+            }
+            *en
+        }
+        None => name.as_str(),
+    };
+    Some(match english {
+        "help" | "?" => Command::Help,
+        "ping" => Command::Ping,
+        "status" => Command::Status,
+        "new" => Command::New,
+        "undo" => Command::Undo,
+        "confirm" => Command::Confirm(arg),
+        "cancel" => Command::Cancel,
+        "approve" => Command::Approve(arg),
+        "audit" => Command::Audit(arg),
+        _ => Command::Unknown(format!("/{}", typed.chars().take(31).collect::<String>())),
+    })
+}
+
+/// Does `text` (mentions stripped) start like a command? Such messages are never merged with others.
+pub fn is_command(text: &str) -> bool {
+    text.trim_start().starts_with(['/', '\u{ff0f}'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn english_names_with_either_slash() {
+        assert_eq!(parse("/help"), Some(Command::Help));
+        assert_eq!(parse("/HELP"), Some(Command::Help));
+        assert_eq!(parse("/?"), Some(Command::Help));
+        assert_eq!(parse("／help"), Some(Command::Help));
+        assert_eq!(parse("／ｐｉｎｇ"), Some(Command::Ping));
+        assert_eq!(parse("/ping burst 7"), Some(Command::Ping));
+        assert_eq!(parse("/confirm 1234"), Some(Command::Confirm("1234".into())));
+        assert_eq!(parse("／confirm　１２３４"), Some(Command::Confirm("1234".into())));
+        assert_eq!(parse("/approve"), Some(Command::Approve(String::new())));
+        assert_eq!(parse("/audit 5"), Some(Command::Audit("5".into())));
+    }
+
+    #[test]
+    fn chinese_names() {
+        let cases = [
+            ("/帮助", Command::Help),
+            ("／帮助", Command::Help),
+            ("/？", Command::Help),
+            ("／？", Command::Help),
+            ("/在吗", Command::Ping),
+            ("/状态", Command::Status),
+            ("/新对话", Command::New),
+            ("/撤销", Command::Undo),
+            ("/取消", Command::Cancel),
+            ("/确认 1234", Command::Confirm("1234".into())),
+            ("／确认　１２３４", Command::Confirm("1234".into())),
+            ("/确认1234", Command::Confirm("1234".into())),
+            ("/批准 012345", Command::Approve("012345".into())),
+            ("/审计 10", Command::Audit("10".into())),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse(text), Some(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn words_and_unknown_commands() {
+        assert_eq!(parse("明天的会几点？"), None);
+        assert_eq!(parse("what is 2/3"), None);
+        assert_eq!(parse("/帮助我"), Some(Command::Unknown("/帮助我".into())));
+        assert_eq!(parse("/deploy now"), Some(Command::Unknown("/deploy".into())));
+        assert_eq!(parse("／部署"), Some(Command::Unknown("/部署".into())));
+        assert_eq!(parse("/"), Some(Command::Unknown("/".into())));
+        let long = format!("/{}", "x".repeat(100));
+        assert_eq!(parse(&long), Some(Command::Unknown(format!("/{}", "x".repeat(31)))));
+        assert!(is_command("／帮助") && is_command(" /ping") && !is_command("你好 /ping"));
+    }
+}
