@@ -364,3 +364,56 @@ async fn unusable_roots_are_named_in_the_log_the_admin_chat_and_by_doctor() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// `/诊断`, `/日志`, `/备份 now` and `/备份` in the admin's chat, refused to anyone else: the
+/// box's upkeep without a shell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_diagnose_read_logs_and_back_up_from_the_chat() {
+    use zhuli::dingtalk::sim::Inject;
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let extra = "[access]\nadmins = [\"boss\"]\ndirect_chats = \"org\"\n";
+    let agent = support::spawn_agent("upkeep", &support::config_for(&sim, SECRET, extra));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await);
+    let ask = |text: &str, who: &str| sim.inject(Inject { sender_staff_id: who.into(), ..Inject::text(text) });
+    let sim = &sim;
+    let answer = |id: String| async move {
+        assert!(
+            sim.wait_until(Duration::from_secs(90), |s| !support::replies_to(s, &id).is_empty()).await,
+            "no answer"
+        );
+        support::replies_to(sim, &id).into_iter().map(|r| r.text).collect::<Vec<_>>().join("\n")
+    };
+
+    // Anyone else is refused, and the refusal is audited.
+    let refused = answer(ask("/诊断", "intern")).await;
+    assert!(refused.contains("只有这台设备的管理员"), "{refused}");
+
+    let doctor = answer(ask("/诊断", "boss")).await;
+    for part in ["zhuli 助理诊断", "✅ **network**", "✅ **credentials**", "MiB", "还没有做过备份"] {
+        assert!(doctor.contains(part), "{part:?} missing from\n{doctor}");
+    }
+    assert!(!doctor.contains(SECRET));
+
+    let backup = answer(ask("/备份 now", "boss")).await;
+    assert!(backup.contains("备份已完成并通过校验"), "{backup}");
+    let snapshots: Vec<_> = std::fs::read_dir(agent.dir.join("state/backups"))
+        .expect("the backups folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    let verify = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+        .args(["backup", "--config", &agent.config_path().display().to_string(), "--verify"])
+        .arg(&snapshots[0])
+        .output()
+        .expect("zhuli backup --verify");
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let last = answer(ask("／备份", "boss")).await;
+    assert!(last.contains("上次备份时间") && last.contains("UTC+8"), "{last}");
+
+    // The agent's own warnings and errors since it started, redacted (the intern's refusal is
+    // audited, not logged; what the run logged at warning level, if anything, is listed).
+    let logs = answer(ask("/logs", "boss")).await;
+    assert!(logs.contains("助理启动以来"), "{logs}");
+    assert!(!logs.contains(SECRET), "{logs}");
+}

@@ -904,11 +904,7 @@ async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explain
     assert!(told, "the admins were told: {:?}", sim.replies());
     let said = refusals(&sim);
     assert_eq!(said.len(), 1, "{said:?}");
-    assert!(
-        said[0].text.contains("files_reed") && said[0].text.contains("A configuration stick (serial 2"),
-        "{}",
-        said[0].text
-    );
+    assert!(said[0].text.contains("files_reed") && said[0].text.contains("第 2 号配置"), "{}", said[0].text);
     assert!(!said[0].text.contains(SECRET));
 
     // `provision write` checks the signature and the template's examples before the stick.

@@ -7,6 +7,7 @@
 //! answered, outbox items delivered. A redelivered msgId is recognised and only ACKed.
 
 mod chats;
+pub mod maintenance;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -325,6 +326,7 @@ pub async fn build_assistant(
         llm_errors: Default::default(),
         denials: Default::default(),
         plugins,
+        maintenance: Some(maintenance::Upkeep::new(config)),
     }))
 }
 
@@ -422,13 +424,8 @@ async fn tell_refused_import(work: &Arc<Work>, config: &Config, root: &std::path
             .outcome("refused")
             .reason(refusal.reasons.join("; ")),
     );
-    let text = format!(
-        "⚠️ **zhuli**：配置 U 盘（第 {serial} 号配置，{time}）未被导入，设备继续使用原来的配置运行。原因如下，修改后重新签名、写入 U 盘再插入即可（U 盘上的 zhuli-receipt.txt 也写明了原因）：\n\n\
-         A configuration stick (serial {serial}, {time}) was refused; the box keeps running its previous configuration. \
-         Fix the following, sign and write the stick again, and plug it in (the stick's zhuli-receipt.txt says the same):{reasons}",
-        time = refusal.time
-    );
-    tell_admins(work, config, "zhuli：配置 U 盘未导入 / configuration stick refused", &text);
+    let text = t!("alert.refused", serial = serial, time = refusal.time.as_str(), reasons = reasons);
+    tell_admins(work, config, &t!("alert.refused_title"), &text);
     let _ = blocking(&work.store, move |s| s.set_setting(TOLD, &id)).await;
 }
 

@@ -15,12 +15,19 @@ pub enum Command {
     Cancel,
     Approve(String),
     Audit(String),
+    /// The box's diagnostics (admins).
+    Doctor,
+    /// The agent's recent warnings and errors, redacted (admins).
+    Logs,
+    /// `/backup now` takes a snapshot of the store; `/backup` alone says when the last was taken
+    /// (admins).
+    Backup(String),
     /// Starts with a slash but is none of these (the name as typed, cut to 32 characters).
     Unknown(String),
 }
 
 /// The Chinese names and the English names they stand for.
-const CHINESE: [(&str, &str); 9] = [
+const CHINESE: [(&str, &str); 12] = [
     ("帮助", "help"),
     ("在吗", "ping"),
     ("状态", "status"),
@@ -30,6 +37,9 @@ const CHINESE: [(&str, &str); 9] = [
     ("取消", "cancel"),
     ("批准", "approve"),
     ("审计", "audit"),
+    ("诊断", "doctor"),
+    ("日志", "logs"),
+    ("备份", "backup"),
 ];
 
 /// Full-width ASCII (`！`…`～`) as ASCII, and the ideographic space as a space.
@@ -74,6 +84,9 @@ pub fn parse(text: &str) -> Option<Command> {
         "cancel" => Command::Cancel,
         "approve" => Command::Approve(arg),
         "audit" => Command::Audit(arg),
+        "doctor" => Command::Doctor,
+        "logs" => Command::Logs,
+        "backup" => Command::Backup(arg),
         _ => Command::Unknown(format!("/{}", typed.chars().take(31).collect::<String>())),
     })
 }
@@ -118,6 +131,13 @@ mod tests {
             ("/确认1234", Command::Confirm("1234".into())),
             ("/批准 012345", Command::Approve("012345".into())),
             ("/审计 10", Command::Audit("10".into())),
+            ("/诊断", Command::Doctor),
+            ("/doctor", Command::Doctor),
+            ("／日志", Command::Logs),
+            ("/logs", Command::Logs),
+            ("/备份 now", Command::Backup("now".into())),
+            ("/backup now", Command::Backup("now".into())),
+            ("/备份", Command::Backup(String::new())),
         ];
         for (text, expected) in cases {
             assert_eq!(parse(text), Some(expected), "{text}");

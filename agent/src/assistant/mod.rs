@@ -21,6 +21,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use futures_util::future::BoxFuture;
 use rust_i18n::t;
 use tokio::time::Instant;
 
@@ -76,6 +77,31 @@ pub struct Parts {
     pub health: Arc<Health>,
     /// The MCP plugins, for `/status`.
     pub plugins: Vec<Arc<crate::tools::mcp::Plugin>>,
+    /// What `/doctor`, `/logs` and `/backup` do; `None` where there is no box to look after
+    /// (benchmarks).
+    pub maintenance: Option<Arc<dyn Maintenance>>,
+}
+
+/// The box's upkeep, as admins ask for it in chat (the agent's application layer does it).
+pub trait Maintenance: Send + Sync {
+    /// The full diagnostics report; `snapshot` is the agent's status now.
+    fn doctor(&self, snapshot: status::Snapshot) -> BoxFuture<'static, crate::health::diagnostics::Report>;
+    /// The agent's recent warnings and errors, redacted, oldest first.
+    fn logs(&self) -> Vec<String>;
+    /// Take a snapshot of the store now, verify it, keep the newest few.
+    fn backup_now(&self) -> BoxFuture<'static, Result<BackupTaken, String>>;
+    /// The newest snapshot kept, if any.
+    fn last_backup(&self) -> Option<crate::health::diagnostics::Backup>;
+}
+
+/// A snapshot `/backup now` took.
+#[derive(Debug, Clone)]
+pub struct BackupTaken {
+    pub path: String,
+    pub bytes: u64,
+    pub values: u64,
+    /// Snapshots kept, this one included.
+    pub kept: usize,
 }
 
 pub struct Assistant {
@@ -316,6 +342,7 @@ impl Assistant {
             Command::Cancel => self.cancel(&asker).await,
             Command::Approve(code) => self.approve(&asker, &code).await,
             Command::Audit(n) => self.audit_text(&asker, &n),
+            Command::Doctor | Command::Logs | Command::Backup(_) => self.upkeep(&asker, command, progress).await,
             Command::Unknown(name) => Answer::fixed(t!("command.unknown_title"), t!("command.unknown", command = name)),
         }
     }
@@ -422,6 +449,74 @@ impl Assistant {
         Answer::fixed(t!("approve.done_title"), t!("approve.done", nick = nick, who = who))
     }
 
+    /// `/doctor`, `/logs`, `/backup`: admins only.
+    async fn upkeep(&self, asker: &Asker, command: Command, progress: Option<&dyn Progress>) -> Answer {
+        let name = match &command {
+            Command::Doctor => "/doctor",
+            Command::Logs => "/logs",
+            _ => "/backup",
+        };
+        if !self.parts.access.is_admin(&asker.actor) {
+            self.parts
+                .audit
+                .record(Event::new(Kind::ToolDenied, &asker.actor, &asker.chat).tool(name).reason("not an admin"));
+            return Answer::fixed(t!("command.admins_only_title"), t!("upkeep.admins_only"));
+        }
+        let Some(m) = self.parts.maintenance.clone() else {
+            return Answer::fixed(t!("command.error_title"), t!("upkeep.unavailable"));
+        };
+        self.parts.audit.record(Event::new(Kind::ToolExecuted, &asker.actor, &asker.chat).tool(name));
+        match command {
+            Command::Doctor => {
+                if let Some(p) = progress {
+                    p.show(&t!("upkeep.doctor_running"));
+                }
+                let report = m.doctor(self.snapshot()).await;
+                Answer::fixed(t!("upkeep.doctor_title"), doctor_markdown(&report))
+            }
+            Command::Logs => {
+                let lines = m.logs();
+                let shown: Vec<&String> = lines.iter().rev().take(30).rev().collect();
+                let text = if shown.is_empty() {
+                    t!("upkeep.logs_none").to_string()
+                } else {
+                    let body: String = shown.iter().map(|l| format!("{l}\n")).collect();
+                    format!("{}\n\n{}", t!("upkeep.logs_heading", n = shown.len(), all = lines.len()), fenced(&body))
+                };
+                Answer::fixed(t!("upkeep.logs_title"), text)
+            }
+            Command::Backup(arg) if matches!(arg.as_str(), "now" | "立即" | "现在") => {
+                if let Some(p) = progress {
+                    p.show(&t!("upkeep.backup_running"));
+                }
+                match m.backup_now().await {
+                    Ok(b) => Answer::fixed(
+                        t!("upkeep.backup_title"),
+                        t!(
+                            "upkeep.backup_done",
+                            path = b.path,
+                            mib = format!("{:.1}", b.bytes as f64 / 1048576.0),
+                            values = b.values,
+                            kept = b.kept
+                        ),
+                    ),
+                    Err(e) => Answer::fixed(t!("upkeep.backup_title"), t!("upkeep.backup_failed", error = e)),
+                }
+            }
+            _ => {
+                let offset = self.parts.settings.utc_offset_minutes;
+                let text = match m.last_backup() {
+                    Some(b) => {
+                        let (when, _) = settings::local_time(b.created_at_ms as i64, offset);
+                        t!("upkeep.backup_last", time = when, zone = settings::zone_label(offset), path = b.path)
+                    }
+                    None => t!("upkeep.backup_never"),
+                };
+                Answer::fixed(t!("upkeep.backup_title"), text)
+            }
+        }
+    }
+
     fn audit_text(&self, asker: &Asker, arg: &str) -> Answer {
         if !self.parts.access.is_admin(&asker.actor) {
             self.parts
@@ -461,6 +556,57 @@ impl Assistant {
         let then = if self.parts.llm.is_some() { t!("media.with_llm") } else { t!("media.without_llm") };
         Answer::fixed(t!("media.title"), t!("media.received", what = what, then = then))
     }
+}
+
+/// Text in a Markdown code block whose fence is longer than any run of backticks inside.
+fn fenced(text: &str) -> String {
+    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest.max(2) + 1);
+    format!("{fence}\n{text}{fence}")
+}
+
+/// The diagnostics for the admin chat: each doctor step with its verdict and, when not a pass,
+/// its fix; the configuration's problems; free space; the last backup. The steps' details stay
+/// in the doctor's words (technical, as in `zhuli doctor`).
+fn doctor_markdown(r: &crate::health::diagnostics::Report) -> String {
+    use crate::health::diagnostics::Section;
+    let mut t = format!("{}\n\n", t!("upkeep.doctor_heading", time = r.generated.as_str()));
+    match &r.doctor {
+        Section::Found(steps) => {
+            for s in steps {
+                let mark = match s.verdict.as_str() {
+                    "pass" => "✅",
+                    "warn" => "⚠️",
+                    _ => "❌",
+                };
+                let first = s.detail.lines().next().unwrap_or_default();
+                t.push_str(&format!("- {mark} **{}**：{first}\n", s.name));
+                if let (Some(fix), false) = (&s.fix, s.verdict == "pass") {
+                    t.push_str(&format!("  - {}\n", t!("upkeep.fix", fix = fix.as_str())));
+                }
+            }
+        }
+        Section::Missing(why) => t.push_str(&format!("- {}\n", t!("upkeep.not_run", why = why.as_str()))),
+    }
+    if let Section::Found(c) = &r.configuration {
+        for e in c.errors.iter().chain(&c.examples) {
+            t.push_str(&format!("- ⚠️ {e}\n"));
+        }
+    }
+    for d in &r.disks {
+        t.push_str(&format!(
+            "- {}\n",
+            t!("upkeep.disk", path = d.path.as_str(), free = d.free_bytes / 1048576, total = d.total_bytes / 1048576)
+        ));
+    }
+    match &r.last_backup {
+        Section::Found(b) => {
+            let (when, _) = settings::local_time(b.created_at_ms as i64, 0);
+            t.push_str(&format!("- {}\n", t!("upkeep.doctor_backup", time = when)));
+        }
+        Section::Missing(_) => t.push_str(&format!("- {}\n", t!("upkeep.backup_never"))),
+    }
+    t
 }
 
 #[cfg(test)]

@@ -215,10 +215,10 @@ fn os_release() -> String {
 
 /// The newest snapshot under `dir`, by its manifest (read, not verified: `zhuli backup --verify`
 /// does that).
-fn last_backup(dir: &Path) -> Section<Backup> {
+pub fn last_backup(dir: &Path) -> Section<Backup> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Section::Missing(format!(
-            "no backup yet (none in {}); send /backup now in the admin chat",
+            "no backup yet (none in {}); send `/备份 now` (/backup now) in the admin chat",
             dir.display()
         ));
     };
@@ -236,9 +236,10 @@ fn last_backup(dir: &Path) -> Section<Backup> {
         .max_by_key(|b| b.created_at_ms);
     match newest {
         Some(b) => Section::Found(b),
-        None => {
-            Section::Missing(format!("no backup yet (none in {}); send /backup now in the admin chat", dir.display()))
-        }
+        None => Section::Missing(format!(
+            "no backup yet (none in {}); send `/备份 now` (/backup now) in the admin chat",
+            dir.display()
+        )),
     }
 }
 

@@ -1,0 +1,103 @@
+//! The box's upkeep as admins ask for it in chat: `/doctor` (the diagnostics report a stick
+//! gets), `/logs` (the agent's recent warnings and errors, redacted), `/backup now` (a verified
+//! snapshot of the store under the state directory, the newest [`KEEP`] kept).
+
+use std::{path::PathBuf, sync::Arc};
+
+use futures_util::future::BoxFuture;
+
+use crate::{
+    assistant::{BackupTaken, Maintenance},
+    config::Config,
+    health::{
+        diagnostics::{self, BACKUPS, Backup, Report, Section},
+        status::Snapshot,
+    },
+    store::{self, backup, key::StoreKey},
+};
+
+/// Snapshots `/backup now` keeps in the state directory (older ones are removed after a new one
+/// is verified).
+pub const KEEP: usize = 7;
+
+pub struct Upkeep {
+    config: Arc<Config>,
+    socket: PathBuf,
+}
+
+impl Upkeep {
+    pub fn new(config: &Config) -> Arc<Upkeep> {
+        Arc::new(Upkeep {
+            config: Arc::new(config.clone()),
+            socket: config.health.socket_path(&config.agent.state_dir),
+        })
+    }
+
+    fn backups(&self) -> PathBuf {
+        self.config.agent.state_dir.join(BACKUPS)
+    }
+}
+
+impl Maintenance for Upkeep {
+    fn doctor(&self, snapshot: Snapshot) -> BoxFuture<'static, Report> {
+        let (config, socket) = (self.config.clone(), self.socket.clone());
+        Box::pin(async move { diagnostics::full(&config, &socket, snapshot, super::DOCTOR_WAIT).await })
+    }
+
+    fn logs(&self) -> Vec<String> {
+        diagnostics::remembered(&diagnostics::secrets_of(&self.config))
+    }
+
+    fn backup_now(&self) -> BoxFuture<'static, Result<BackupTaken, String>> {
+        let (config, dir) = (self.config.clone(), self.backups());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || take(&config, &dir))
+                .await
+                .unwrap_or_else(|e| Err(format!("the backup stopped ({e})")))
+        })
+    }
+
+    fn last_backup(&self) -> Option<Backup> {
+        match diagnostics::last_backup(&self.backups()) {
+            Section::Found(b) => Some(b),
+            Section::Missing(_) => None,
+        }
+    }
+}
+
+/// Snapshot the store (the agent keeps running: redb lets a reader see a consistent state),
+/// verify the snapshot with the key, then keep the newest [`KEEP`].
+fn take(config: &Config, dir: &std::path::Path) -> Result<BackupTaken, String> {
+    let key = StoreKey::load(config.store.key_file.as_deref()).map_err(|e| e.to_string())?;
+    let file = store::file_in(&config.agent.state_dir);
+    let (snapshot, manifest) = backup::backup(&file, &key, dir).map_err(|e| e.to_string())?;
+    if let Err(e) = backup::verify(&snapshot, &key) {
+        let _ = std::fs::remove_dir_all(&snapshot);
+        return Err(format!("the new snapshot did not verify ({e}); it was removed"));
+    }
+    let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.join(backup::MANIFEST).is_file()).collect())
+        .unwrap_or_default();
+    // Named zhuli-snapshot-<ms>-<seq>: the time orders them.
+    all.sort_by_key(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("zhuli-snapshot-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .unwrap_or(0)
+    });
+    let excess = all.len().saturating_sub(KEEP);
+    for old in &all[..excess] {
+        if let Err(e) = std::fs::remove_dir_all(old) {
+            log::warn!("cannot remove the old snapshot {}: {e}", old.display());
+        }
+    }
+    log::info!("backup {} taken and verified: {}", manifest.seq, snapshot.display());
+    Ok(BackupTaken {
+        path: snapshot.display().to_string(),
+        bytes: manifest.bytes,
+        values: manifest.values,
+        kept: all.len() - excess,
+    })
+}
