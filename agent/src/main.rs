@@ -82,23 +82,51 @@ enum Command {
     /// Snapshot the store (still encrypted) into a new directory under DIR, or verify a snapshot.
     Backup {
         /// The agent's configuration file (it names the store and its key).
-        #[arg(long, value_name = "PATH")]
-        config: PathBuf,
+        #[arg(long, value_name = "PATH", required_unless_present_any = ["recovery", "key_file"])]
+        config: Option<PathBuf>,
         /// Directory to create the snapshot in.
         #[arg(long, value_name = "DIR", conflicts_with = "verify", required_unless_present = "verify")]
         to: Option<PathBuf>,
         /// Snapshot directory to check (checksums, key, every sealed value).
         #[arg(long, value_name = "SNAPSHOT")]
         verify: Option<PathBuf>,
+        /// Check the snapshot with the store key in this recovery copy (a box's provisioning
+        /// receipt, or a file holding its `zhuli-store-key-recovery` line) instead of a
+        /// configuration's key; needs --org-key.
+        #[arg(long, value_name = "FILE", requires_all = ["org_key", "verify"], conflicts_with_all = ["config", "key_file"])]
+        recovery: Option<PathBuf>,
+        /// The organisation's private key (org.key) that opens the recovery copy.
+        #[arg(long, value_name = "PATH", requires = "recovery")]
+        org_key: Option<PathBuf>,
+        /// Check the snapshot with the store key in this file (from `zhuli store recover-key`)
+        /// instead of a configuration's key.
+        #[arg(long, value_name = "PATH", requires = "verify", conflicts_with = "config")]
+        key_file: Option<PathBuf>,
     },
     /// Replace the store with a verified snapshot (the agent must be stopped).
     Restore {
         /// The agent's configuration file (it names the store and its key).
-        #[arg(long, value_name = "PATH")]
-        config: PathBuf,
+        #[arg(long, value_name = "PATH", required_unless_present = "store")]
+        config: Option<PathBuf>,
         /// The snapshot directory, as `zhuli backup` made it.
         #[arg(long, value_name = "SNAPSHOT")]
         from: PathBuf,
+        /// Restore into this store file instead of a configuration's (on a laptop); the key comes
+        /// from --recovery or --key-file.
+        #[arg(long, value_name = "FILE", conflicts_with = "config")]
+        store: Option<PathBuf>,
+        /// Open the snapshot with the store key in this recovery copy (a box's provisioning
+        /// receipt, or a file holding its `zhuli-store-key-recovery` line); needs --org-key.
+        /// With --config, the restored store is then re-sealed under the configuration's key.
+        #[arg(long, value_name = "FILE", requires = "org_key", conflicts_with = "key_file")]
+        recovery: Option<PathBuf>,
+        /// The organisation's private key (org.key) that opens the recovery copy.
+        #[arg(long, value_name = "PATH", requires = "recovery")]
+        org_key: Option<PathBuf>,
+        /// Open the snapshot with the store key in this file (from `zhuli store recover-key`).
+        /// With --config, the restored store is then re-sealed under the configuration's key.
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -218,6 +246,20 @@ enum StoreCommand {
         #[arg(long, value_name = "NEW_KEY")]
         new_key: PathBuf,
     },
+    /// Open a box's store key recovery copy with the organisation's private key and write the
+    /// store key to a new file: it opens that box's backups on a laptop or a new box.
+    RecoverKey {
+        /// The recovery copy: the box's provisioning receipt, or a file holding its
+        /// `zhuli-store-key-recovery` line.
+        #[arg(long, value_name = "FILE")]
+        recovery: PathBuf,
+        /// The organisation's private key (org.key).
+        #[arg(long, value_name = "PATH")]
+        org_key: PathBuf,
+        /// The key file to create (readable by its owner only; it must not exist yet).
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
 }
 
 /// The store file and its key, as the agent would find them.
@@ -225,6 +267,24 @@ fn store_of(config: &std::path::Path) -> anyhow::Result<(PathBuf, StoreKey)> {
     let config = Config::load(config)?;
     let key = StoreKey::load(config.store.key_file.as_deref())?;
     Ok((zhuli::store::file_in(&config.agent.state_dir), key))
+}
+
+/// A store key given instead of a configuration's: opened from a recovery copy with org.key,
+/// or read from a key file.
+fn given_key(
+    recovery: Option<&std::path::Path>,
+    org_key: Option<&std::path::Path>,
+    key_file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<StoreKey>> {
+    match (recovery, org_key, key_file) {
+        (Some(recovery), Some(org_key), _) => {
+            let r = zhuli::provision::recovery::recover(recovery, org_key)?;
+            println!("the recovery copy opened: the store key of box {}", r.box_id);
+            Ok(Some(r.key))
+        }
+        (_, _, Some(file)) => Ok(Some(StoreKey::read(file)?)),
+        _ => Ok(None),
+    }
 }
 
 /// `[agent] extra_ca_pem`: trusted for every connection from here on.
@@ -343,6 +403,16 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             StoreKey::generate().write_new(&path)?;
             println!("wrote a new store key to {}", path.display());
         }
+        Command::Store { command: StoreCommand::RecoverKey { recovery, org_key, out } } => {
+            let r = zhuli::provision::recovery::recover(&recovery, &org_key)?;
+            r.key.write_new(&out)?;
+            println!(
+                "wrote the store key of box {} (opened with the organisation key {}…) to {}; it opens that box's backups: zhuli backup --verify SNAPSHOT --key-file {0}",
+                r.box_id,
+                r.org_key,
+                out.display()
+            );
+        }
         Command::Store { command: StoreCommand::Rekey { config, new_key } } => {
             let (file, key) = store_of(&config)?;
             let new = StoreKey::read(&new_key)?;
@@ -369,8 +439,12 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 "Install that key now (the store-key credential, or [store] key_file); the old key no longer opens the store."
             );
         }
-        Command::Backup { config, to, verify } => {
-            let (file, key) = store_of(&config)?;
+        Command::Backup { config, to, verify, recovery, org_key, key_file } => {
+            let (file, key) = match (given_key(recovery.as_deref(), org_key.as_deref(), key_file.as_deref())?, config) {
+                (Some(key), _) => (None, key),
+                (None, Some(config)) => store_of(&config).map(|(file, key)| (Some(file), key))?,
+                (None, None) => anyhow::bail!("give --config, or the key: --recovery with --org-key, or --key-file"),
+            };
             if let Some(snapshot) = verify {
                 match backup::verify(&snapshot, &key)? {
                     backup::Verified::Bound(m) => println!(
@@ -390,6 +464,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                     ),
                 }
             } else if let Some(to) = to {
+                let file = file.context("--to takes the store a configuration names: give --config")?;
                 let (dir, m) = backup::backup(&file, &key, &to)?;
                 println!(
                     "snapshot {} of store {} written to {} ({} bytes, {} values, sha256 {})",
@@ -402,8 +477,19 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Restore { config, from } => {
-            let (file, key) = store_of(&config)?;
+        Command::Restore { config, from, store, recovery, org_key, key_file } => {
+            let given = given_key(recovery.as_deref(), org_key.as_deref(), key_file.as_deref())?;
+            // With a given key and a configuration: the configuration's key is the one the agent
+            // opens the store with afterwards.
+            let (file, key, own) = match (config, store, given) {
+                (Some(config), _, None) => store_of(&config).map(|(file, key)| (file, key, None))?,
+                (Some(config), _, Some(given)) => store_of(&config).map(|(file, own)| (file, given, Some(own)))?,
+                (None, Some(store), Some(given)) => (store, given, None),
+                (None, _, None) => anyhow::bail!(
+                    "--store restores without a configuration: give the snapshot's key with --recovery and --org-key, or --key-file"
+                ),
+                (None, None, Some(_)) => anyhow::bail!("give --config or --store: where to restore to"),
+            };
             let (m, kept) = backup::restore(&from, &file, &key)?;
             println!(
                 "restored {} from {} (backup {} of store {}, taken at {} ms since 1970)",
@@ -415,6 +501,19 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             );
             if let Some(kept) = kept {
                 println!("the replaced store is kept at {}", kept.display());
+            }
+            if let Some(own) = own.filter(|own| own.bytes() != key.bytes()) {
+                let r = Store::open(&file, &key, Retention::default())?.rekey(&own)?;
+                println!(
+                    "re-sealed its {} values under the configuration's store key, the one the agent opens it with",
+                    r.resealed
+                );
+                if r.processed_dropped > 0 || r.history_dropped > 0 {
+                    println!(
+                        "dropped what was written before the schema 4 upgrade: {} processed msgIds and {} history turns",
+                        r.processed_dropped, r.history_dropped
+                    );
+                }
             }
         }
         Command::Provision { command } => {

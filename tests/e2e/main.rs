@@ -16,6 +16,7 @@ mod load;
 mod media;
 mod plugins;
 mod provision;
+mod recovery;
 mod roundtrip;
 mod sandbox;
 mod store;

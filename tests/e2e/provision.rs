@@ -15,17 +15,17 @@ use zhuli::{
 
 use crate::support::{self, SECRET};
 
-fn zhuli(args: &[&str]) -> Output {
+pub(crate) fn zhuli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_zhuli")).args(args).env("ZHULI_LOG", "info").output().expect("run zhuli")
 }
 
-fn s(p: &Path) -> String {
+pub(crate) fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-struct Box {
-    dir: PathBuf,
-    root: PathBuf,
+pub(crate) struct Box {
+    pub dir: PathBuf,
+    pub root: PathBuf,
 }
 
 impl Drop for Box {
@@ -37,7 +37,7 @@ impl Drop for Box {
 impl Box {
     /// `zhuli provision import` of `image` into this box, to adjust before running;
     /// `plain` keeps the secrets as plain files instead of sealed credentials.
-    fn import_command(&self, image: &Path, plain: bool) -> Command {
+    pub fn import_command(&self, image: &Path, plain: bool) -> Command {
         self.import_command_with(Path::new(env!("CARGO_BIN_EXE_zhuli")), image, plain)
     }
 
@@ -56,7 +56,7 @@ impl Box {
         c
     }
 
-    fn new(tag: &str) -> Box {
+    pub fn new(tag: &str) -> Box {
         let dir = support::temp_dir(tag);
         let root = dir.join("provisioning");
         Box { dir, root }
@@ -73,7 +73,7 @@ impl Box {
 }
 
 /// A configuration for `sim` with `serial`, its store key and state in `dir`.
-fn config_text(sim: &Simulator, dir: &Path, serial: u64) -> String {
+pub(crate) fn config_text(sim: &Simulator, dir: &Path, serial: u64) -> String {
     let key = dir.join("store-key");
     if !key.exists() {
         zhuli::store::key::StoreKey::generate().write_new(&key).expect("store key");
@@ -93,7 +93,7 @@ fn image(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
     path
 }
 
-fn receipt_on(image: &Path) -> String {
+pub(crate) fn receipt_on(image: &Path) -> String {
     String::from_utf8(stick::read(image, stick::RECEIPT).expect("receipt on the stick")).expect("utf-8")
 }
 

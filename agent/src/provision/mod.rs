@@ -13,6 +13,7 @@
 //! receipt is written next to the file. Anything wrong before the switch leaves the current
 //! configuration as it was.
 
+pub mod recovery;
 pub mod scrub;
 pub mod sign;
 pub mod stick;
@@ -299,6 +300,8 @@ pub struct Receipt {
     pub errors: Vec<String>,
     /// The journal's verification key, when this import set up sealing.
     pub journal_key: Option<String>,
+    /// The store key sealed to the organisation key ([`recovery`]), after a switch.
+    pub recovery: Option<String>,
 }
 
 impl Receipt {
@@ -318,6 +321,9 @@ impl Receipt {
             t.push_str(&format!(
                 "journal verification key: {key}\n  (keep it safe and off the box, then delete it from this stick; check the journal with: journalctl --verify --verify-key=KEY)\n"
             ));
+        }
+        if let Some(line) = &self.recovery {
+            t.push_str(&recovery::receipt_lines(line));
         }
         for e in &self.errors {
             t.push_str(&format!("error: {e}\n"));
@@ -689,6 +695,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     }
     prune_generations(&opts.root, &name);
     let _ = std::fs::remove_file(opts.root.join(REFUSED));
+    recovery::add_to(receipt, opts, &config, trusted.as_deref().or(pin));
 
     let mut result = format!("imported serial {} ({} secrets moved into credentials)", config.serial, secrets.len());
     // Said on the stick until the scrub is done: what to do if it is pulled out before that.

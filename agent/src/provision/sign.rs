@@ -6,6 +6,7 @@
 //! - signature `zhuli.toml.sig`: `zhuli-signature ed25519 <public key hex> <signature hex>`.
 
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use zeroize::Zeroizing;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignError {
@@ -60,6 +61,30 @@ pub fn sign(data: &[u8], key_text: &str, what: &str) -> Result<String, SignError
     Ok(format!("zhuli-signature ed25519 {} {}\n", hex(pair.public_key().as_ref()), hex(pair.sign(data).as_ref())))
 }
 
+/// How `keygen`'s PKCS#8 v2 document (ring's template) begins: the version, the ed25519
+/// algorithm, and the 32-byte seed's header. The public key follows the seed.
+const PKCS8_V2_SEED_AT: [u8; 16] =
+    [0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+
+/// The seed and public key of the private key file `key_text`, for the store key's recovery
+/// copy, which derives the organisation's X25519 key from the same seed. The seed is wiped on
+/// drop.
+pub(crate) fn seed(key_text: &str, what: &str) -> Result<(Zeroizing<[u8; 32]>, [u8; 32]), SignError> {
+    let bad = || SignError::Format { what: what.into(), expected: "private key", prefix: "zhuli-org-private-key" };
+    let words: Vec<&str> = key_text.split_whitespace().collect();
+    let ["zhuli-org-private-key", doc] = words.as_slice() else { return Err(bad()) };
+    let pkcs8 = Zeroizing::new(unhex(doc).ok_or_else(bad)?);
+    // ring checks the document, and that its public key is its seed's.
+    let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| bad())?;
+    let found = pkcs8.strip_prefix(&PKCS8_V2_SEED_AT[..]).and_then(|rest| rest.get(..32)).ok_or_else(bad)?;
+    let mut seed = Zeroizing::new([0u8; 32]);
+    seed.copy_from_slice(found);
+    let public: [u8; 32] = pair.public_key().as_ref().try_into().map_err(|_| bad())?;
+    // The bytes read as the seed are the key ring checked.
+    Ed25519KeyPair::from_seed_and_public_key(&seed[..], &public).map_err(|_| bad())?;
+    Ok((seed, public))
+}
+
 /// Check the signature file `sig_text` over `data`; with `trusted`, the signer must be that key.
 /// The signer's public key (hex).
 pub fn verify(data: &[u8], sig_text: &str, trusted: Option<&str>) -> Result<String, SignError> {
@@ -103,5 +128,11 @@ mod tests {
         assert!(matches!(verify(data, "garbage", None), Err(SignError::Format { .. })));
         assert!(matches!(sign(data, &public, "org.pub"), Err(SignError::Format { .. })));
         assert!(public_key(&other_public, "x").is_ok());
+        // The seed read back makes the same public key.
+        let (seed, public) = super::seed(&private, "org.key").expect("seed");
+        assert_eq!(hex(&public), pubkey);
+        let again = Ed25519KeyPair::from_seed_unchecked(&seed[..]).expect("seed");
+        assert_eq!(again.public_key().as_ref(), public);
+        assert!(matches!(super::seed(&other_public, "org.pub"), Err(SignError::Format { .. })));
     }
 }

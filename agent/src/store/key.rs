@@ -78,7 +78,7 @@ impl StoreKey {
     }
 
     /// A key from its bytes (`path` names where they came from, in errors).
-    fn parse(raw: Zeroizing<Vec<u8>>, path: &Path) -> Result<Self, KeyError> {
+    pub(crate) fn parse(raw: Zeroizing<Vec<u8>>, path: &Path) -> Result<Self, KeyError> {
         let malformed = || KeyError::Malformed { path: path.to_owned(), len: raw.len() };
         let mut key = Zeroizing::new([0u8; 32]);
         if raw.len() == 32 {
