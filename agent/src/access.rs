@@ -100,12 +100,13 @@ impl Refusal {
         }
     }
 
-    /// For the chat, in the box's language.
-    pub fn said(self) -> String {
+    /// For the chat, in the box's language: with the sender's id (`who`) or the group's
+    /// (`chat`), which is what an admin needs to let them in.
+    pub fn said(self, who: &str, chat: &str) -> String {
         match self {
-            Refusal::GroupNotEnabled => t!("access.group"),
-            Refusal::NotInOrganisation => t!("access.org_only"),
-            Refusal::NotListed => t!("access.not_listed"),
+            Refusal::GroupNotEnabled => t!("access.group", chat = chat),
+            Refusal::NotInOrganisation => t!("access.org_only", id = who),
+            Refusal::NotListed => t!("access.not_listed", id = who),
         }
         .into_owned()
     }

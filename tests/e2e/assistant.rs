@@ -435,6 +435,8 @@ async fn the_box_speaks_its_configured_language() {
         assert!(unknown.contains(said.unknown), "{tag}: {unknown}");
         let refused = rig.ask(Inject::text("hello").from("newcomer")).await;
         assert!(refused.contains(said.refused), "{tag}: {refused}");
+        // The newcomer learns the id an admin needs (to approve them, or to make them an admin).
+        assert!(refused.contains("`newcomer`"), "{tag}: {refused}");
         rig.llm.push(calls(&[("files_write", json!({"path": "share/notes.txt", "content": "x"}))]));
         let question = rig.ask(Inject::text("save x").from("lilei")).await;
         assert!(question.contains(said.question) && question.contains("share/notes.txt"), "{tag}: {question}");

@@ -286,7 +286,7 @@ impl Assistant {
             Admission::Refused(reason) => {
                 self.parts.refusals.fetch_add(1, Ordering::Relaxed);
                 audit.record(Event::new(Kind::MessageRefused, &who, &chat).reason(reason.reason()));
-                return Answer::fixed(t!("access.refused_title"), reason.said());
+                return Answer::fixed(t!("access.refused_title"), reason.said(&who, &chat));
             }
             Admission::Pairing(code) => {
                 self.parts.refusals.fetch_add(1, Ordering::Relaxed);
@@ -295,7 +295,7 @@ impl Assistant {
                         .target(code.clone())
                         .reason("awaiting pairing approval"),
                 );
-                return Answer::fixed(t!("pairing.title"), t!("pairing.text", code = code));
+                return Answer::fixed(t!("pairing.title"), t!("pairing.text", code = code, id = who.as_str()));
             }
         }
         audit.record(Event::new(Kind::MessageAccepted, &who, &chat).outcome(message.kind_name().to_owned()));
