@@ -253,3 +253,90 @@ fn demo_removes_its_folder_and_key_on_ctrl_c_and_sigterm() {
         let _ = std::fs::remove_dir_all(tmp);
     }
 }
+
+/// Ordinary mistakes, said as one plain paragraph that names the file and the setting and says
+/// what to do; never a backtrace (whatever RUST_BACKTRACE says), never the same cause twice.
+#[test]
+fn mistakes_are_said_plainly_with_what_to_do() {
+    let dir = temp_dir("cli-errors");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+            .args(args)
+            .env("RUST_BACKTRACE", "full")
+            .env("RUST_LIB_BACKTRACE", "1")
+            .output()
+            .expect("run zhuli");
+        assert!(!out.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let bad = dir.join("office.toml");
+    std::fs::write(&bad, "serial = 1\n[dingtalk]\nclient_secret = \"s3cr3t-value-xyz\"\nclient_id = 5\n")
+        .expect("file");
+    let syntax = dir.join("broken.toml");
+    std::fs::write(&syntax, "serial = 1\n[dingtalk\n").expect("file");
+    let key = dir.join("missing-key");
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nstate_dir = {:?}\n[store]\nkey_file = {:?}\n[dingtalk]\nclient_id = \"dingabcdefg\"\nclient_secret = \"s3cr3t-value-xyz\"\nrobot_code = \"dingabcdefg\"\n",
+            dir.join("state").display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .expect("config");
+    let blank = dir.join("blank.img");
+    std::fs::write(&blank, vec![0u8; 1024 * 1024]).expect("blank");
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            vec!["provision".into(), "check".into(), bad.display().to_string()],
+            vec!["office.toml, line 4, [dingtalk] client_id", "a whole number", "text in quotes"],
+        ),
+        (vec!["provision".into(), "check".into(), syntax.display().to_string()], vec!["broken.toml, line 2"]),
+        (
+            vec![
+                "backup".into(),
+                "--config".into(),
+                cfg.display().to_string(),
+                "--to".into(),
+                dir.join("b").display().to_string(),
+            ],
+            vec!["missing-key", "zhuli store new-key"],
+        ),
+        (
+            vec![
+                "provision".into(),
+                "write".into(),
+                "--config".into(),
+                cfg.display().to_string(),
+                "--device".into(),
+                blank.display().to_string(),
+                "--unsigned".into(),
+            ],
+            vec![],
+        ),
+    ];
+    for (args, expect) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let said = run(&args);
+        assert!(said.starts_with("error: "), "{args:?}: {said}");
+        for e in expect {
+            assert!(said.contains(e), "{args:?}: {e:?} missing from {said}");
+        }
+        for never in ["backtrace", "Caused by", "u64", "sequence", "invalid type", "s3cr3t"] {
+            assert!(!said.contains(never), "{args:?}: {never:?} in {said}");
+        }
+    }
+    // A device that is not a stick: the fix is named (a serial makes the file valid to write).
+    std::fs::write(&cfg, format!("serial = 1\n{}", std::fs::read_to_string(&cfg).expect("cfg"))).expect("cfg");
+    let said = run(&[
+        "provision",
+        "write",
+        "--config",
+        &cfg.display().to_string(),
+        "--device",
+        &blank.display().to_string(),
+        "--unsigned",
+    ]);
+    assert!(said.contains("no FAT file system") && said.contains("--format"), "{said}");
+}
