@@ -435,44 +435,6 @@ impl Report {
         }
         t
     }
-
-    /// A short Markdown summary for the admin chat: failures and warnings with their fixes.
-    pub fn markdown(&self) -> String {
-        let mut t = format!("**zhuli doctor** ({})\n\n", self.generated);
-        match &self.doctor {
-            Section::Found(steps) => {
-                for s in steps {
-                    let mark = match s.verdict.as_str() {
-                        "pass" => "✅",
-                        "warn" => "⚠️",
-                        _ => "❌",
-                    };
-                    let first = s.detail.lines().next().unwrap_or_default();
-                    t.push_str(&format!("- {mark} {}: {first}\n", s.name));
-                    if let (Some(fix), false) = (&s.fix, s.verdict == "pass") {
-                        t.push_str(&format!("  - {fix}\n"));
-                    }
-                }
-            }
-            Section::Missing(why) => t.push_str(&format!("- not run: {why}\n")),
-        }
-        if let Section::Found(c) = &self.configuration {
-            for e in c.errors.iter().chain(&c.examples) {
-                t.push_str(&format!("- ⚠️ {e}\n"));
-            }
-        }
-        for d in &self.disks {
-            t.push_str(&format!("- {}: {} MiB free\n", d.path, d.free_bytes / (1024 * 1024)));
-        }
-        match &self.last_backup {
-            Section::Found(b) => {
-                let (time, _) = crate::assistant::settings::local_time(b.created_at_ms as i64, 0);
-                t.push_str(&format!("- last backup: {time} UTC\n"));
-            }
-            Section::Missing(why) => t.push_str(&format!("- {why}\n")),
-        }
-        t
-    }
 }
 
 #[cfg(test)]

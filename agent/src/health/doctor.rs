@@ -349,47 +349,27 @@ async fn stream_step(config: &Config, http: &HttpClient, wait: Duration) -> Step
 }
 
 fn recent_errors() -> Step {
-    let out = std::process::Command::new("journalctl")
-        .args([
-            "-u",
-            "zhuli.service",
-            "-p",
-            "warning",
-            "--since",
-            "-24h",
-            "-n",
-            "10",
-            "-o",
-            "short-iso",
-            "--no-pager",
-            "-q",
-        ])
-        .output();
-    match out {
-        Err(_) => step(
+    use super::diagnostics::{Section, journal};
+    match journal(&[]) {
+        Section::Missing(why) => step(
             "recent errors",
             Verdict::Warn,
-            "journalctl is not available on this machine",
-            Some("run zhuli doctor on the box itself"),
+            why,
+            Some(
+                "run zhuli doctor on the box as root (or in the systemd-journal group); in the admin chat, /日志 (/logs) shows the agent's own",
+            ),
         ),
-        Ok(o) if !o.status.success() => step(
-            "recent errors",
-            Verdict::Warn,
-            format!("journalctl failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
-            Some("run as root or as a member of the systemd-journal group"),
-        ),
-        Ok(o) => {
-            let text = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-            if text.is_empty() {
-                step("recent errors", Verdict::Pass, "no warnings or errors in the last 24 hours", None)
-            } else {
-                step(
-                    "recent errors",
-                    Verdict::Warn,
-                    format!("last warnings and errors (24 h):\n{text}"),
-                    Some("see OPERATIONS.md for what each means"),
-                )
-            }
+        Section::Found(lines) if lines.is_empty() => {
+            step("recent errors", Verdict::Pass, "no warnings or errors in the last 24 hours", None)
+        }
+        Section::Found(lines) => {
+            let last: Vec<&str> = lines.iter().rev().take(10).rev().map(String::as_str).collect();
+            step(
+                "recent errors",
+                Verdict::Warn,
+                format!("last warnings and errors (24 h, redacted):\n{}", last.join("\n")),
+                Some("see OPERATIONS.md for what each means"),
+            )
         }
     }
 }
