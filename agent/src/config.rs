@@ -107,22 +107,7 @@ impl Config {
 
     /// Parse config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| {
-            // toml's Display quotes the offending source line, which may hold a secret:
-            // report the line, the setting and the message only.
-            let location = e
-                .span()
-                .map(|s| {
-                    let at = s.start.min(text.len());
-                    let line = text[..at].matches('\n').count() + 1;
-                    match setting_at(text, at) {
-                        Some(field) => format!(", line {line}, {field}"),
-                        None => format!(", line {line}"),
-                    }
-                })
-                .unwrap_or_default();
-            ConfigError::Invalid { path: path.to_owned(), location, message: plain(e.message()) }
-        })?;
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(text, path, &e))?;
         if let Ok(table) = toml::from_str::<toml::Table>(text) {
             for (name, value) in table {
                 let d = ring::digest::digest(&ring::digest::SHA256, format!("{value:?}").as_bytes());
@@ -185,6 +170,23 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// A parser's error in the reader's words: the file, the line, the setting, plain words for
+/// types. toml's Display quotes the offending source line, which may hold a secret: never used.
+pub(crate) fn parse_error(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
+    let location = e
+        .span()
+        .map(|s| {
+            let at = s.start.min(text.len());
+            let line = text[..at].matches('\n').count() + 1;
+            match setting_at(text, at) {
+                Some(field) => format!(", line {line}, {field}"),
+                None => format!(", line {line}"),
+            }
+        })
+        .unwrap_or_default();
+    ConfigError::Invalid { path: path.to_owned(), location, message: plain(e.message()) }
 }
 
 /// The setting written at byte `at`: `[table] key` (or `[table]` on a header line, `key` before

@@ -41,11 +41,16 @@ impl log::Log for Logger {
             if recent.len() == KEPT {
                 recent.pop_front();
             }
-            recent.push_back(Recent {
-                at_ms: now,
-                error: record.level() == log::Level::Error,
-                text: record.args().to_string(),
-            });
+            let mut text = record.args().to_string();
+            if text.len() > MAX_TEXT {
+                let mut cut = MAX_TEXT;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push('…');
+            }
+            recent.push_back(Recent { at_ms: now, error: record.level() == log::Level::Error, text });
         }
         match &self.sink {
             Sink::Stderr => {
@@ -63,6 +68,8 @@ impl log::Log for Logger {
 
 /// Warnings and errors kept in memory, at most.
 const KEPT: usize = 200;
+/// Bytes of one kept line, at most.
+const MAX_TEXT: usize = 1000;
 
 static RECENT: Mutex<VecDeque<Recent>> = Mutex::new(VecDeque::new());
 

@@ -22,6 +22,24 @@ impl Problem {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Problem { field: field.into(), message: message.into() }
     }
+
+    /// A module's error that starts with the table it is about (`[tools.drive] url: …`): that
+    /// table becomes the field.
+    pub fn said(text: impl Into<String>) -> Self {
+        let text = text.into();
+        match text.strip_prefix('[').and_then(|rest| rest.split_once("] ")) {
+            // `[dingtalk] client_secret: …`: the setting is the table and the key.
+            Some((table, message)) => match message.split_once(": ") {
+                Some((key, rest))
+                    if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || "_.".contains(c)) =>
+                {
+                    Problem::new(format!("[{table}] {key}"), rest)
+                }
+                _ => Problem::new(format!("[{table}]"), message),
+            },
+            None => Problem::new("", text),
+        }
+    }
 }
 
 impl std::fmt::Display for Problem {
@@ -58,20 +76,20 @@ pub fn config(config: &Config) -> Findings {
     names.push("system".into());
     match tools::drive::Drive::tool_names(&config.tools.drive) {
         Ok(n) => names.extend(n.into_iter().map(str::to_owned)),
-        Err(e) => f.errors.push(Problem::new("", e.to_string())),
+        Err(e) => f.errors.push(Problem::said(e.to_string())),
     }
     match tools::github::GithubTools::tool_names(&config.tools.github) {
         Ok(n) => names.extend(n.into_iter().map(str::to_owned)),
-        Err(e) => f.errors.push(Problem::new("", e.to_string())),
+        Err(e) => f.errors.push(Problem::said(e.to_string())),
     }
     match tools::caldav::Caldav::tool_names(&config.tools.caldav) {
         Ok(n) => names.extend(n.into_iter().map(str::to_owned)),
-        Err(e) => f.errors.push(Problem::new("", e.to_string())),
+        Err(e) => f.errors.push(Problem::said(e.to_string())),
     }
     for (name, plugin) in &config.tools.mcp {
         match tools::mcp::check_settings(name, plugin) {
             Ok(()) => names.push(name.clone()),
-            Err(e) => f.errors.push(Problem::new("", e.to_string())),
+            Err(e) => f.errors.push(Problem::said(e.to_string())),
         }
     }
     for e in access::check(&config.access, names.iter().map(String::as_str)) {
@@ -92,7 +110,7 @@ pub fn config(config: &Config) -> Findings {
             }
             other => other,
         };
-        f.errors.push(Problem::new("", e.to_string()));
+        f.errors.push(Problem::said(e.to_string()));
     }
     if let Some(llm) = &config.llm {
         if let Err(e) = check_url(&llm.base_url, "https", "http") {
@@ -184,7 +202,7 @@ pub fn on_box(config: &Config, zoneinfo: &Path) -> Vec<Problem> {
     }
     for (name, plugin) in &config.tools.mcp {
         if let Err(e) = tools::mcp::check_paths(name, plugin) {
-            out.push(Problem::new("", e.to_string()));
+            out.push(Problem::said(e.to_string()));
         }
     }
     out
@@ -297,5 +315,25 @@ mod tests {
         assert_eq!(closest("files_reed", known.into_iter()), Some("files_read"));
         assert_eq!(closest("sytem", known.into_iter()), Some("system"));
         assert_eq!(closest("calendar_zap", known.into_iter()), None);
+    }
+
+    #[test]
+    fn every_problem_names_its_setting() {
+        let bad = [
+            "[access.roles.member]\ntools = [\"files_reed\"]\n",
+            "[access]\ndefault_roles = [\"ghost\"]\n",
+            "[tools.drive]\nurl = \"ftp://x\"\n",
+            "[tools.github]\ntoken = \"github_pat_0123456789\"\nrepos = []\n",
+            "[tools.caldav.calendars]\nteam = \"http://10.0.0.2/cal/\"\n",
+            "[tools.mcp.Bad]\ncommand = \"node\"\n",
+            "[llm]\nbase_url = \"http://10.0.0.9/v1\"\nmodel = \" \"\n",
+        ];
+        for extra in bad {
+            let found = config(&parse(extra));
+            assert!(!found.errors.is_empty(), "{extra}");
+            for p in &found.errors {
+                assert!(p.field.starts_with('['), "{extra}: no setting named in {p:?}");
+            }
+        }
     }
 }

@@ -66,10 +66,25 @@ impl Maintenance for Upkeep {
 }
 
 /// Snapshot the store (the agent keeps running: redb lets a reader see a consistent state),
-/// verify the snapshot with the key, then keep the newest [`KEEP`].
+/// verify the snapshot with the key, then keep the newest [`KEEP`]. Refused when the disk
+/// has less free space than twice the store and 64 MiB.
 fn take(config: &Config, dir: &std::path::Path) -> Result<BackupTaken, String> {
     let key = StoreKey::load(config.store.key_file.as_deref()).map_err(|e| e.to_string())?;
     let file = store::file_in(&config.agent.state_dir);
+    // Room for the snapshot and to spare: a backup never fills the disk the agent runs on.
+    let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
+    if let Ok(s) = nix::sys::statvfs::statvfs(dir) {
+        let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+        if free < 2 * size + 64 * 1024 * 1024 {
+            return Err(format!(
+                "only {} MiB are free for a {} MiB store; free space first (old snapshots in {} can go once copied off the box)",
+                free / 1048576,
+                size.div_ceil(1048576),
+                dir.display()
+            ));
+        }
+    }
     let (snapshot, manifest) = backup::backup(&file, &key, dir).map_err(|e| e.to_string())?;
     if let Err(e) = backup::verify(&snapshot, &key) {
         let _ = std::fs::remove_dir_all(&snapshot);

@@ -397,9 +397,13 @@ fn diagnose(
     snapshot: Arc<dyn Fn() -> Snapshot + Send + Sync>,
 ) -> status::Diagnose {
     let (config, socket) = (Arc::new(config.clone()), socket.to_owned());
+    // One run at a time: the doctor asks this socket itself, and a second stick plugged in
+    // meanwhile gets the next report rather than a second run beside the first.
+    let one = Arc::new(tokio::sync::Mutex::new(()));
     Arc::new(move || {
-        let (config, socket, snapshot) = (config.clone(), socket.clone(), snapshot.clone());
+        let (config, socket, snapshot, one) = (config.clone(), socket.clone(), snapshot.clone(), one.clone());
         Box::pin(async move {
+            let _turn = one.lock().await;
             let report = health::diagnostics::full(&config, &socket, snapshot(), DOCTOR_WAIT).await;
             serde_json::to_string(&report).unwrap_or_default()
         })

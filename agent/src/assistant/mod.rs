@@ -472,7 +472,10 @@ impl Assistant {
                     p.show(&t!("upkeep.doctor_running"));
                 }
                 let report = m.doctor(self.snapshot()).await;
-                Answer::fixed(t!("upkeep.doctor_title"), doctor_markdown(&report))
+                Answer::fixed(
+                    t!("upkeep.doctor_title"),
+                    doctor_markdown(&report, self.parts.settings.utc_offset_minutes),
+                )
             }
             Command::Logs => {
                 let lines = m.logs();
@@ -485,7 +488,7 @@ impl Assistant {
                 };
                 Answer::fixed(t!("upkeep.logs_title"), text)
             }
-            Command::Backup(arg) if matches!(arg.as_str(), "now" | "立即" | "现在") => {
+            Command::Backup(arg) if matches!(arg.to_lowercase().as_str(), "now" | "立即" | "现在") => {
                 if let Some(p) = progress {
                     p.show(&t!("upkeep.backup_running"));
                 }
@@ -568,7 +571,7 @@ fn fenced(text: &str) -> String {
 /// The diagnostics for the admin chat: each doctor step with its verdict and, when not a pass,
 /// its fix; the configuration's problems; free space; the last backup. The steps' details stay
 /// in the doctor's words (technical, as in `zhuli doctor`).
-fn doctor_markdown(r: &crate::health::diagnostics::Report) -> String {
+fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> String {
     use crate::health::diagnostics::Section;
     let mut t = format!("{}\n\n", t!("upkeep.doctor_heading", time = r.generated.as_str()));
     match &r.doctor {
@@ -601,8 +604,11 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report) -> String {
     }
     match &r.last_backup {
         Section::Found(b) => {
-            let (when, _) = settings::local_time(b.created_at_ms as i64, 0);
-            t.push_str(&format!("- {}\n", t!("upkeep.doctor_backup", time = when)));
+            let (when, _) = settings::local_time(b.created_at_ms as i64, offset);
+            t.push_str(&format!(
+                "- {}\n",
+                t!("upkeep.doctor_backup", time = when, zone = settings::zone_label(offset))
+            ));
         }
         Section::Missing(_) => t.push_str(&format!("- {}\n", t!("upkeep.backup_never"))),
     }

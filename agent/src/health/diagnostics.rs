@@ -103,7 +103,8 @@ pub const BACKUPS: &str = "backups";
 /// The full report, made by the running agent: `snapshot` is its own status, `socket` its
 /// status socket (the doctor asks it for the folders' check).
 pub async fn full(config: &Config, socket: &Path, snapshot: Snapshot, doctor_wait: Duration) -> Report {
-    let steps = doctor::run(config, socket, doctor_wait).await;
+    let runner = doctor::Runner::Agent { connected: snapshot.connected, frames: snapshot.frames };
+    let steps = doctor::run_as(config, socket, doctor_wait, runner).await;
     let mut r = local_parts(Section::Found(config));
     r.versions.agent = Some(snapshot.version.clone());
     r.doctor = Section::Found(steps.iter().map(step_of).collect());
@@ -128,9 +129,8 @@ pub fn remembered(secrets: &[String]) -> Vec<String> {
 }
 
 /// What can be known without the agent: `config` is the configuration (or why it could not be
-/// read), `why` why the agent did not answer.
-pub fn without_agent(config: Result<&Config, String>, why: &str) -> Report {
-    let secrets = config.as_ref().map(|c| secrets_of(c)).unwrap_or_default();
+/// read), `why` why the agent did not answer, `secrets` the values to take out of log lines.
+pub fn without_agent(config: Result<&Config, String>, why: &str, secrets: &[String]) -> Report {
     let section = match config {
         Ok(c) => Section::Found(c),
         Err(e) => Section::Missing(e),
@@ -139,7 +139,7 @@ pub fn without_agent(config: Result<&Config, String>, why: &str) -> Report {
     let missing = format!("the agent did not answer ({why}); it makes this part when it runs");
     r.doctor = Section::Missing(missing.clone());
     r.status = Section::Missing(missing);
-    r.journal = journal(&secrets);
+    r.journal = journal(secrets);
     r.journal_from = "the journal".into();
     r
 }
@@ -334,16 +334,19 @@ pub fn redact(line: &str, secrets: &[String]) -> String {
         out.push_str(rest);
         text = out;
     }
-    // Word by word: e-mail addresses, long tokens, long digit runs (phone, ID, card numbers).
+    let text = numbers_out(&url_secrets_out(&text));
+    // Word by word: e-mail addresses, long tokens.
     let mut out = String::with_capacity(text.len());
     let mut word = String::new();
     let flush = |word: &mut String, out: &mut String| {
         let digits = word.chars().filter(char::is_ascii_digit).count();
         let token = word.chars().all(|c| c.is_ascii_alphanumeric() || "-_+/=.".contains(c));
-        let replaced = if word.contains('@') && word.contains('.') {
+        let email = !word.contains("://")
+            && word
+                .split_once('@')
+                .is_some_and(|(user, host)| !user.is_empty() && !user.contains(']') && host.contains('.'));
+        let replaced = if email {
             "[email]"
-        } else if digits >= 11 && word.chars().all(|c| c.is_ascii_digit() || c == 'X' || c == 'x' || c == '-') {
-            "[number]"
         } else if token && word.len() >= 24 && digits > 0 && word.chars().any(|c| c.is_ascii_alphabetic()) {
             "[token]"
         } else {
@@ -361,6 +364,84 @@ pub fn redact(line: &str, secrets: &[String]) -> String {
         }
     }
     flush(&mut word, &mut out);
+    out
+}
+
+/// A URL's password (`//user:pass@`) and the values of query parameters that carry keys.
+fn url_secrets_out(text: &str) -> String {
+    let mut out = text.to_owned();
+    // `scheme://user:password@host`
+    let mut from = 0;
+    while let Some(at) = out[from..].find("://").map(|i| from + i + 3) {
+        let end = out[at..].find(|c: char| c.is_whitespace() || "/\"'".contains(c)).map_or(out.len(), |e| at + e);
+        if let Some(amp) = out[at..end].rfind('@') {
+            out.replace_range(at..at + amp, "[secret]");
+            from = at + "[secret]".len();
+        } else {
+            from = end;
+        }
+    }
+    // `?access_token=…&sign=…`
+    const KEYS: [&str; 8] = ["token", "key", "secret", "password", "sign", "signature", "code", "ticket"];
+    let mut result = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(eq) = rest.find('=') {
+        let name_start =
+            rest[..eq].rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')).map_or(0, |i| i + 1);
+        let name = rest[name_start..eq].to_ascii_lowercase();
+        let value_end =
+            rest[eq + 1..].find(|c: char| c == '&' || c.is_whitespace() || c == '"').map_or(rest.len(), |e| eq + 1 + e);
+        result.push_str(&rest[..=eq]);
+        if KEYS.iter().any(|k| name.ends_with(k)) && value_end > eq + 1 {
+            result.push_str("[secret]");
+        } else {
+            result.push_str(&rest[eq + 1..value_end]);
+        }
+        rest = &rest[value_end..];
+    }
+    result.push_str(rest);
+    result
+}
+
+/// Runs of 11 or more digits — phone numbers (`+86 138 1234 5678`), resident ID numbers (with
+/// their final `X`), bank cards (`6222 0212 3456 7890`) — wherever they stand, even inside
+/// Chinese text.
+fn numbers_out(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let starts =
+            chars[i].is_ascii_digit() || (chars[i] == '+' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+        if !starts {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        // Digits, with single spaces or hyphens between groups.
+        let (mut j, mut digits, mut last_digit) = (i + usize::from(chars[i] == '+'), 0, i);
+        while j < chars.len() {
+            if chars[j].is_ascii_digit() {
+                digits += 1;
+                last_digit = j;
+                j += 1;
+            } else if (chars[j] == ' ' || chars[j] == '-') && chars.get(j + 1).is_some_and(char::is_ascii_digit) {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        let mut end = last_digit + 1;
+        if digits >= 17 && chars.get(end).is_some_and(|c| *c == 'X' || *c == 'x') {
+            end += 1;
+        }
+        if digits >= 11 {
+            out.push_str("[number]");
+        } else {
+            out.extend(&chars[i..end]);
+        }
+        i = end;
+    }
     out
 }
 
@@ -455,13 +536,23 @@ mod tests {
         // Ordinary words, short quotes, paths and figures are left alone.
         let plain = "stream reconnected after 1200 ms to \"wss://gw\" (attempt 3)";
         assert_eq!(redact(plain, &secrets), plain);
+        // Inside Chinese text, with a country code, in groups; keys in URLs.
+        let mixed = "用户13812345678发送，+86 138 1234 5678，卡号 6222 0212 3456 7890，GET https://bot:pa55word@oapi.example/x?access_token=abc123&page=2 ok";
+        let r = redact(mixed, &[]);
+        for gone in ["13812345678", "138 1234", "6222", "pa55word", "abc123"] {
+            assert!(!r.contains(gone), "{gone} in {r}");
+        }
+        assert!(r.contains("用户[number]发送") && r.contains("page=2") && r.contains("access_token=[secret]"), "{r}");
+        // Times and ordinary figures stay.
+        let times = "2026-12-03 14:00:05 reconnect 3 of 10, 15000 ms";
+        assert_eq!(redact(times, &[]), times);
         let jwt = "bearer eyJhbGciOiJIUzI1NiJ9abcdef0123456789 refused";
         assert!(redact(jwt, &[]).contains("[token]"), "{}", redact(jwt, &[]));
     }
 
     #[test]
     fn a_report_without_the_agent_says_what_is_missing_and_reads_back() {
-        let r = without_agent(Err("no configuration imported yet".into()), "no status socket");
+        let r = without_agent(Err("no configuration imported yet".into()), "no status socket", &[]);
         let text = r.text();
         assert!(text.contains("not read: no configuration imported yet"), "{text}");
         assert!(text.contains("not run: the agent did not answer (no status socket)"), "{text}");

@@ -54,8 +54,26 @@ fn step(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Op
 /// Where an earlier release is kept for rolling back (the image's update keeps one there).
 pub const PREVIOUS_BINARY: &str = "/usr/lib/zhuli/previous/zhuli";
 
+/// Who runs the doctor: an operator's command, or the running agent itself (`/doctor`, a stick's
+/// diagnostics), which reports its own Stream connection instead of opening a second one (the
+/// gateway could hand that one a person's message, left unACKed until it gives up on it).
+#[derive(Debug, Clone, Copy)]
+pub enum Runner {
+    Command,
+    /// The agent, and whether its connection is up now, with the frames it has read.
+    Agent {
+        connected: bool,
+        frames: u64,
+    },
+}
+
 /// Run the seven steps. `wait` bounds step 3.
 pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<Step> {
+    run_as(config, status_socket, wait, Runner::Command).await
+}
+
+/// [`run`], by `runner`.
+pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runner: Runner) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut endpoints = vec![("DingTalk API", config.dingtalk.api_base.as_str().to_owned())];
     if let Some(llm) = &config.llm {
@@ -96,7 +114,23 @@ pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<S
     let creds_ok = creds.verdict == Verdict::Pass;
     steps.push(creds);
 
-    steps.push(if creds_ok || net_ok {
+    steps.push(if let Runner::Agent { connected, frames } = runner {
+        if connected {
+            step(
+                "basic API",
+                Verdict::Pass,
+                format!("the agent's Stream connection is up ({frames} frames read)"),
+                None,
+            )
+        } else {
+            step(
+                "basic API",
+                Verdict::Fail,
+                "the agent has no Stream connection now",
+                Some("see the credentials and network steps; the agent reconnects by itself"),
+            )
+        }
+    } else if creds_ok || net_ok {
         stream_step(config, &http, wait).await
     } else {
         step(
@@ -107,7 +141,7 @@ pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<S
         )
     });
 
-    steps.push(recent_errors());
+    steps.push(recent_errors(&super::diagnostics::secrets_of(config)));
     steps.push(version(status_socket));
     steps.push(tools_step(config).await);
     steps.push(folders_step(config, status_socket));
@@ -348,9 +382,9 @@ async fn stream_step(config: &Config, http: &HttpClient, wait: Duration) -> Step
     verdict
 }
 
-fn recent_errors() -> Step {
+fn recent_errors(secrets: &[String]) -> Step {
     use super::diagnostics::{Section, journal};
-    match journal(&[]) {
+    match journal(secrets) {
         Section::Missing(why) => step(
             "recent errors",
             Verdict::Warn,

@@ -333,6 +333,15 @@ pub async fn serve(
     log::info!("status socket at {}", path.display());
     let places = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
     loop {
+        // A place first, then a client: while every place is taken the next client waits in the
+        // listen queue, and a shutdown is never held up by either wait.
+        let place = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = places.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (mut stream, _) = tokio::select! {
             _ = cancel.cancelled() => break,
             a = listener.accept() => match a {
@@ -344,7 +353,6 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(place) = places.clone().acquire_owned().await else { break };
         let (source, folders, diagnose) = (source.clone(), folders.clone(), diagnose.clone());
         tokio::spawn(async move {
             let _place = place;

@@ -149,12 +149,11 @@ fn env_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
-    let spans: SecretSpans = toml::from_str(text).map_err(|e| {
-        // Like the configuration's own errors: the line and the message, never the line's text.
-        let line = e.span().map(|s| format!(", line {}", text[..s.start.min(text.len())].matches('\n').count() + 1));
-        ProvisionError::Invalid(format!("the configuration{}: {}", line.unwrap_or_default(), e.message()))
-    })?;
+fn secrets_in(text: &str, path: &Path) -> Result<Vec<FoundSecret>, ProvisionError> {
+    // Like the configuration's own errors: the file, the line, the setting, plain words; never
+    // the line's text or a value.
+    let spans: SecretSpans = toml::from_str(text)
+        .map_err(|e| ProvisionError::Invalid(crate::config::parse_error(text, path, &e).to_string()))?;
     let (github, drive, caldav, mcp) = match spans.tools {
         Some(t) => {
             (t.github.and_then(|g| g.token), t.drive.and_then(|d| d.password), t.caldav.and_then(|c| c.password), t.mcp)
@@ -188,11 +187,12 @@ fn secrets_in(text: &str) -> Result<Vec<FoundSecret>, ProvisionError> {
         let span = v.span();
         match v.into_inner() {
             toml::Value::String(value) => found.push(FoundSecret { credential, field: name, value, span }),
-            _ => {
+            toml::Value::Table(t) if t.contains_key("credential") => {
                 return Err(ProvisionError::Invalid(format!(
-                    "{name} must be written out on the stick (the box turns it into a credential itself)"
+                    "{name}: must be written out on the stick (the box turns it into a credential itself)"
                 )));
             }
+            _ => return Err(ProvisionError::Invalid(format!("{name}: write the secret as text in quotes"))),
         }
     }
     Ok(found)
@@ -221,8 +221,8 @@ pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
         Config::parse(text, path).map_err(invalid)?;
     }
     // Secrets first: on a stick they are written out, never a credential of this machine.
-    let secrets = secrets_in(text).map_err(|e| match e {
-        ProvisionError::Invalid(m) => ProvisionError::Problems(path.display().to_string(), vec![Problem::new("", m)]),
+    let secrets = secrets_in(text, path).map_err(|e| match e {
+        ProvisionError::Invalid(m) => ProvisionError::Problems(path.display().to_string(), vec![Problem::said(m)]),
         e => e,
     })?;
     if !secrets.iter().any(|s| s.credential == CRED_DINGTALK) {
@@ -251,7 +251,7 @@ pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
         }
     }
     if let Err(ProvisionError::Invalid(m)) = unit::check(&config) {
-        problems.push(Problem::new("", m));
+        problems.push(Problem::said(m));
     }
     problems.extend(crate::validate::config(&config).errors);
     if problems.is_empty() { Ok(config) } else { Err(ProvisionError::Problems(path.display().to_string(), problems)) }
@@ -298,6 +298,8 @@ pub struct Receipt {
     /// Whether the secrets are gone from the stick.
     pub scrub: Option<String>,
     pub errors: Vec<String>,
+    /// The agent was restarted on the new configuration (not printed).
+    pub restarted: bool,
     /// The journal's verification key, when this import set up sealing.
     pub journal_key: Option<String>,
     /// The store key sealed to the organisation key ([`recovery`]), after a switch.
@@ -368,7 +370,17 @@ pub fn root_of(config: &Path) -> Option<PathBuf> {
 /// stick where the stick is writable.
 pub fn import(opts: &ImportOptions) -> Receipt {
     let mut receipt = Receipt { box_id: box_id(), time: utc_now(), ..Receipt::default() };
-    match import_inner(opts, &mut receipt) {
+    // One import at a time (two sticks, or one plugged in twice quickly, start two), its
+    // diagnostics included.
+    let lock = std::fs::create_dir_all(&opts.root).and_then(|()| std::fs::File::open(&opts.root)).and_then(|f| {
+        f.lock()?;
+        Ok(f)
+    });
+    let imported = match &lock {
+        Ok(_) => import_inner(opts, &mut receipt),
+        Err(e) => Err(ProvisionError::Apply(e.to_string())),
+    };
+    match imported {
         Ok(done) => {
             receipt.result = done;
             log::info!("provisioning: {}", receipt.result);
@@ -389,8 +401,9 @@ pub fn import(opts: &ImportOptions) -> Receipt {
         }
     }
     if opts.diagnostics {
-        write_diagnostics(opts, !receipt.result.starts_with("refused") && receipt.result.contains("restarted"));
+        write_diagnostics(opts, receipt.restarted);
     }
+    drop(lock);
     receipt
 }
 
@@ -406,6 +419,9 @@ fn write_diagnostics(opts: &ImportOptions, restarted: bool) {
         Ok(text) => Config::parse(&unsealed(&text), &path).map_err(|e| e.to_string()),
         Err(_) => Err("no configuration has been imported yet".to_owned()),
     };
+    // The values to take out of log lines: the current generation's credentials, opened as the
+    // agent's unit would.
+    let secrets = current_secrets(&opts.root.join("current"));
     let socket = match &config {
         Ok(c) => c.health.socket_path(&c.agent.state_dir),
         Err(_) => {
@@ -422,11 +438,11 @@ fn write_diagnostics(opts: &ImportOptions, restarted: bool) {
         serde_json::from_str::<diagnostics::Report>(&json).map_err(|e| format!("its answer was not a report ({e})"))
     }) {
         Ok(r) => r,
-        Err(why) => diagnostics::without_agent(config.as_ref().map_err(Clone::clone), &why),
+        Err(why) => diagnostics::without_agent(config.as_ref().map_err(Clone::clone), &why, &secrets),
     };
     // The import reads the whole journal (as root); the agent knows only its own memory.
     let mut report = report;
-    if let Section::Found(lines) = diagnostics::journal(&[]) {
+    if let Section::Found(lines) = diagnostics::journal(&secrets) {
         report.journal = Section::Found(lines);
         report.journal_from = "the journal".into();
     }
@@ -440,6 +456,28 @@ fn write_diagnostics(opts: &ImportOptions, restarted: bool) {
         Ok(()) => log::info!("provisioning: diagnostics written to the stick"),
         Err(e) => log::warn!("provisioning: the diagnostics could not be written to the stick: {e}"),
     }
+}
+
+/// The secret values of the generation in `dir` (sealed credentials opened, plain ones read), for
+/// redaction; longest first.
+fn current_secrets(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let bytes = match name.strip_suffix(".cred") {
+                Some(cred) => decrypt(cred, &e.path())?.to_vec(),
+                None if CREDENTIALS.contains(&name.as_str()) || name.starts_with("mcp-") => {
+                    std::fs::read(e.path()).ok()?
+                }
+                None => return None,
+            };
+            String::from_utf8(bytes).ok().filter(|v| v.len() >= 6)
+        })
+        .collect();
+    out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    out
 }
 
 /// An imported configuration's text with each `{ credential = "…" }` replaced by a stand-in.
@@ -507,11 +545,7 @@ impl Refusal {
 }
 
 fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, ProvisionError> {
-    // One import at a time (two sticks, or one plugged in twice quickly, start two).
     let apply = |e: std::io::Error| ProvisionError::Apply(e.to_string());
-    std::fs::create_dir_all(&opts.root).map_err(apply)?;
-    let lock = std::fs::File::open(&opts.root).map_err(apply)?;
-    lock.lock().map_err(apply)?;
     let contents = stick::list(&opts.device)?;
     let configs: Vec<&String> =
         contents.files.iter().map(|(n, _)| n).filter(|n| n.to_ascii_lowercase().ends_with(".toml")).collect();
@@ -583,7 +617,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
 
     // A stick an import has already emptied of its secrets (its signature no longer matches,
     // which would be the less useful reason).
-    if let Ok(secrets) = secrets_in(&text)
+    if let Ok(secrets) = secrets_in(&text, Path::new("zhuli.toml (on the stick)"))
         && let Some(s) = secrets.iter().find(|s| !s.value.is_empty() && s.value.chars().all(|c| c == '*'))
     {
         return Err(ProvisionError::Invalid(format!(
@@ -620,7 +654,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     if config.serial <= current {
         return Err(ProvisionError::OldSerial { new: config.serial, current });
     }
-    let secrets = secrets_in(&text)?;
+    let secrets = secrets_in(&text, Path::new("zhuli.toml (on the stick)"))?;
     // Its secrets must be removable from the stick, or nothing is imported.
     if !contents.writable {
         return Err(stick::StickError::ReadOnly(opts.device.clone()).into());
@@ -718,7 +752,10 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     if opts.restart {
         // The drop-in is read at a reload; the agent starts while the stick is being checked.
         match systemctl(&["daemon-reload"]).and_then(|()| systemctl(&["restart", "zhuli.service"])) {
-            Ok(()) => result.push_str("; the agent was restarted"),
+            Ok(()) => {
+                result.push_str("; the agent was restarted");
+                receipt.restarted = true;
+            }
             Err(e) => receipt.errors.push(e),
         }
     }
@@ -1059,7 +1096,7 @@ mod tests {
     fn the_template_checks_and_secrets_become_credential_references() {
         let config = check(&filled(), Path::new("template")).expect("the template is valid");
         assert_eq!(config.serial, 1);
-        let secrets = secrets_in(&filled()).expect("secrets");
+        let secrets = secrets_in(&filled(), Path::new("t")).expect("secrets");
         assert_eq!(secrets.len(), 1);
         let boxed = replace_secrets(&filled(), &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
         assert!(!boxed.contains("Qx7-secret-from-console"));
@@ -1112,7 +1149,7 @@ mod tests {
             .replace("# token = \"github_pat_...\"", "token = \"github_pat_abc\"")
             .replace("# repos = [\"acme/website\"]", "repos = [\"acme/website\"]");
         check(&text, Path::new("x")).expect("valid with a github token");
-        let secrets = secrets_in(&text).expect("secrets");
+        let secrets = secrets_in(&text, Path::new("t")).expect("secrets");
         let names: Vec<&str> = secrets.iter().map(|s| s.credential.as_str()).collect();
         assert_eq!(names, [CRED_DINGTALK, CRED_GITHUB]);
         let boxed = replace_secrets(&text, &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
@@ -1129,7 +1166,7 @@ mod tests {
             filled()
         );
         check(&text, Path::new("x")).expect("valid with plugin env");
-        let secrets = secrets_in(&text).expect("secrets");
+        let secrets = secrets_in(&text, Path::new("t")).expect("secrets");
         let names: Vec<&str> = secrets.iter().map(|s| s.credential.as_str()).collect();
         assert_eq!(names, [CRED_DINGTALK, "mcp-search-API_KEY", "mcp-search-LOG"]);
         let boxed = replace_secrets(&text, &secrets, |s| format!("{{ credential = \"{}\" }}", s.credential));
@@ -1164,5 +1201,30 @@ mod tests {
         let unknown = filled().replace("[assistant]", "[assistant]\ncolour = 1");
         let e = check(&unknown, Path::new("x")).expect_err("unknown field").to_string();
         assert!(e.contains("line") && e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn a_misplaced_secret_is_never_quoted_in_the_error() {
+        let text = filled().replace("[assistant]", "[tools]\ngithub = \"ghp_SECRETVALUE1234567890\"\n\n[assistant]");
+        let e = check(&text, Path::new("office.toml")).expect_err("a table, not text").to_string();
+        assert!(!e.contains("ghp_SECRET"), "{e}");
+        assert!(e.contains("office.toml, line") && e.contains("[tools] github"), "{e}");
+        assert!(!e.contains("struct") && !e.contains("invalid type"), "{e}");
+        let number = filled().replace("\"Qx7-secret-from-console\"", "12345678");
+        let e = check(&number, Path::new("office.toml")).expect_err("a number").to_string();
+        assert!(e.contains("[dingtalk] client_secret: write the secret as text in quotes"), "{e}");
+    }
+
+    #[test]
+    fn the_current_generations_secrets_are_known_for_redaction() {
+        let dir = std::env::temp_dir().join(format!("zhuli-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join(CRED_DINGTALK), "Qx7-secret-from-console").expect("plain");
+        std::fs::write(dir.join("mcp-search-API_KEY"), "sk-search-4Lq9zP").expect("plain");
+        std::fs::write(dir.join(CRED_LLM), "").expect("empty");
+        std::fs::write(dir.join("zhuli.toml"), "serial = 1").expect("config");
+        let found = current_secrets(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(found, ["Qx7-secret-from-console", "sk-search-4Lq9zP"]);
     }
 }
