@@ -1015,9 +1015,6 @@ pub const TEMPLATE: &str = r#"# zhuli configuration, written to a USB stick by `
 # Raise this for every new version of this file: the box refuses a serial that is not newer.
 serial = 1
 
-# [agent]
-# language = "en"                    # what the box says in chat: "zh-CN" (the default) or "en"
-
 [dingtalk]
 client_id = "dingxxxxxxxxxxxx"       # the app's Client ID (AppKey), developer console
 client_secret = "paste-the-secret"    # the app's Client Secret; removed from the stick on import
@@ -1034,6 +1031,7 @@ robot_code = "dingxxxxxxxxxxxx"      # usually the Client ID
 
 [agent]
 time_zone = "Asia/Shanghai"          # the office's time zone (IANA name): times in chat and logs
+# language = "en"                    # what the box says in chat: "zh-CN" (the default) or "en"
 
 [assistant]
 utc_offset_minutes = 480             # Asia/Shanghai, as minutes east of UTC
