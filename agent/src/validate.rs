@@ -44,7 +44,12 @@ impl Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.field.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.field, self.message) }
+        match self.field.as_str() {
+            "" => f.write_str(&self.message),
+            // `[access.roles.member] grants …`: a table reads on without a colon.
+            table if table.ends_with(']') => write!(f, "{table} {}", self.message),
+            field => write!(f, "{field}: {}", self.message),
+        }
     }
 }
 

@@ -83,6 +83,12 @@ impl Agent {
         let deadline = std::time::Instant::now() + limit;
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                // Its last lines are still being read: the reader thread holds the other
+                // reference to the log until it reaches the end of the output.
+                let read = std::time::Instant::now() + Duration::from_secs(5);
+                while Arc::strong_count(&self.log) > 1 && std::time::Instant::now() < read {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -75,7 +75,7 @@ fn take(config: &Config, dir: &std::path::Path) -> Result<BackupTaken, String> {
     let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
     if let Ok(s) = nix::sys::statvfs::statvfs(dir) {
-        let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+        let free = s.blocks_available() * s.fragment_size();
         if free < 2 * size + 64 * 1024 * 1024 {
             return Err(format!(
                 "only {} MiB are free for a {} MiB store; free space first (old snapshots in {} can go once copied off the box)",
