@@ -67,6 +67,18 @@ impl Box {
         self.import_command(image, true).output().expect("run zhuli")
     }
 
+    /// `zhuli run` on the current generation, its secrets handed over as credentials (output
+    /// discarded).
+    fn run_agent(&self) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_zhuli"))
+            .args(["run", "--config", &s(&self.root.join("current/zhuli.toml"))])
+            .env("CREDENTIALS_DIRECTORY", self.root.join("current"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("agent")
+    }
+
     fn current_config(&self) -> Option<String> {
         std::fs::read_to_string(self.root.join("current/zhuli.toml")).ok()
     }
@@ -171,12 +183,7 @@ async fn a_signed_stick_configures_the_box_and_its_secrets_leave_the_stick() {
     assert_eq!(provision::current_serial(&b.root), 1);
 
     // The agent runs on it, with the secret handed over as a credential.
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_zhuli"))
-        .args(["run", "--config", &s(&b.root.join("current/zhuli.toml"))])
-        .env("CREDENTIALS_DIRECTORY", b.root.join("current"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("agent");
+    let mut agent = b.run_agent();
     assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "agent connects");
     let id = sim.inject(Inject::text("/ping"));
     assert!(sim.wait_until(Duration::from_secs(10), |s| !support::replies_to(s, &id).is_empty()).await);
@@ -717,13 +724,7 @@ async fn a_stick_pulled_out_during_the_removal_is_finished_at_its_next_insertion
     }
 
     // The agent, started on that configuration, tells the admins the stick still holds secrets.
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_zhuli"))
-        .args(["run", "--config", &s(&b.root.join("current/zhuli.toml"))])
-        .env("CREDENTIALS_DIRECTORY", b.root.join("current"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("agent");
+    let mut agent = b.run_agent();
     let told = sim
         .wait_until(Duration::from_secs(20), |s| {
             s.replies().iter().any(|r| r.conversation_id.as_deref() == Some("cid-admins") && r.text.contains("U 盘"))
@@ -844,13 +845,7 @@ async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explain
     assert!(receipt.contains("error: [access.roles.member] grants `files_reed`"), "{receipt}");
 
     // The agent, running on the previous configuration, tells the admin chat why, once.
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_zhuli"))
-        .args(["run", "--config", &s(&b.root.join("current/zhuli.toml"))])
-        .env("CREDENTIALS_DIRECTORY", b.root.join("current"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("agent");
+    let mut agent = b.run_agent();
     let refusals = |s: &Simulator| {
         s.replies()
             .into_iter()
