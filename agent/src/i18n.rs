@@ -50,6 +50,40 @@ impl TryFrom<String> for Language {
     }
 }
 
+/// A text to be said later, perhaps by another process, in the language of whoever says it: a
+/// locale key and its values. The import (as root, on the laptop's words) records why it refused
+/// a stick; the agent tells the admins in the box's language; the command line prints English.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Said {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<(String, String)>,
+}
+
+impl Said {
+    /// `key` is a literal the locale files hold (the tests check every `Said::new(` key).
+    pub fn new(key: &'static str, args: &[(&str, &dyn std::fmt::Display)]) -> Self {
+        Said { key: key.to_owned(), args: args.iter().map(|(n, v)| ((*n).to_owned(), v.to_string())).collect() }
+    }
+
+    /// In the box's language.
+    pub fn text(&self) -> String {
+        self.in_locale(&rust_i18n::locale())
+    }
+
+    /// In English: for the command line, the receipt and the logs.
+    pub fn english(&self) -> String {
+        self.in_locale(Language::En.code())
+    }
+
+    fn in_locale(&self, locale: &str) -> String {
+        let template = rust_i18n::t!(self.key.as_str(), locale = locale);
+        let names: Vec<&str> = self.args.iter().map(|(n, _)| n.as_str()).collect();
+        let values: Vec<String> = self.args.iter().map(|(_, v)| v.clone()).collect();
+        rust_i18n::replace_patterns(&template, &names, &values)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::collections::BTreeMap;
@@ -108,9 +142,12 @@ pub(crate) mod tests {
                 } else if path.extension().is_some_and(|e| e == "rs") {
                     let text = std::fs::read_to_string(&path).expect("source file");
                     // The key of each `t!` call (never a `format!` string).
-                    for (at, _) in text.match_indices("t!(") {
+                    // `said(…)` is the doctor's shorthand for a text without values.
+                    let calls = ["t!(", "Said::new(", "said("].into_iter().flat_map(|m| text.match_indices(m));
+                    for (at, marker) in calls {
                         let before = text[..at].chars().next_back().unwrap_or(' ');
-                        let Some(call) = text[at + 3..].trim_start().strip_prefix('"') else { continue };
+                        let after = &text[at + marker.len()..];
+                        let Some(call) = after.trim_start().strip_prefix('"') else { continue };
                         if before.is_alphanumeric() || before == '_' || before == '"' {
                             continue;
                         }

@@ -189,6 +189,10 @@ enum ProvisionCommand {
         /// Write it even though some values are still the template's examples (a test stick).
         #[arg(long)]
         force: bool,
+        /// The organisation's public key (org.pub): refuse a file signed with another key, which
+        /// the box would refuse.
+        #[arg(long, value_name = "PATH", conflicts_with = "unsigned")]
+        org_key: Option<PathBuf>,
     },
     /// Forget the imported configuration and the pinned organisation key (trust on first use
     /// starts again with the next stick).
@@ -631,7 +635,11 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             sign::verify(&data, &read_text(&sig_path)?, Some(&trusted))?;
             println!("{}: signed by the organisation key {}", file.display(), sign::short(&trusted));
         }
-        ProvisionCommand::Write { config, image, size_mb, device, format, unsigned, force } => {
+        ProvisionCommand::Write { config, image, size_mb, device, format, unsigned, force, org_key } => {
+            let trusted = match &org_key {
+                Some(k) => Some(sign::public_key(&read_text(k)?, &k.display().to_string())?),
+                None => None,
+            };
             let data = std::fs::read(&config).with_context(|| format!("cannot read {}", config.display()))?;
             let text =
                 String::from_utf8(data.clone()).map_err(|_| anyhow::anyhow!("{} is not UTF-8", config.display()))?;
@@ -658,7 +666,7 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             };
             // The box refuses a file changed after signing: so does the laptop, before the stick.
             if let Some(sig) = &sig {
-                let signer = sign::verify(&data, &String::from_utf8_lossy(sig), None).map_err(|e| {
+                let signer = sign::verify(&data, &String::from_utf8_lossy(sig), trusted.as_deref()).map_err(|e| {
                     anyhow::anyhow!(
                         "{}: {e}; sign it again with `zhuli provision sign --key org.key {}`",
                         sig_path.display(),

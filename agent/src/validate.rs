@@ -8,19 +8,39 @@
 
 use std::path::Path;
 
-use crate::{access, config::Config, dingtalk::settings::check_url, tools};
+use crate::{access, config::Config, dingtalk::settings::check_url, i18n::Said, tools};
 
 /// One thing wrong with a configuration: the setting, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Problem {
     /// `[section] field`, as written in the file.
     pub field: String,
+    /// In English: the command line, the receipt, the logs.
     pub message: String,
+    /// The same, to say in the box's language (the admin chat). None for a module's own
+    /// English words, which are said as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub said: Option<Said>,
 }
 
 impl Problem {
+    /// A problem in English words only.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Problem { field: field.into(), message: message.into() }
+        Problem { field: field.into(), message: message.into(), said: None }
+    }
+
+    /// A problem said from the locale files: English here, the box's language in chat.
+    pub fn keyed(field: impl Into<String>, said: Said) -> Self {
+        Problem { field: field.into(), message: said.english(), said: Some(said) }
+    }
+
+    /// The problem in the box's language, its setting named as the file writes it.
+    pub fn text(&self) -> String {
+        let message = self.said.as_ref().map_or_else(|| self.message.clone(), Said::text);
+        match self.field.as_str() {
+            "" => message,
+            field => rust_i18n::t!("problem.line", field = field, message = message).into_owned(),
+        }
     }
 
     /// A module's error that starts with the table it is about (`[tools.drive] url: …`): that
@@ -104,30 +124,34 @@ pub fn config(config: &Config) -> Findings {
         {
             continue;
         }
-        let e = match e {
-            access::AccessError::UnknownTool { role, tool, known, hint } => {
-                let guess = closest(&tool, names.iter().map(String::as_str));
-                let hint = match guess {
-                    Some(g) if hint.is_empty() => format!("; did you mean `{g}`?"),
-                    _ => hint,
-                };
-                access::AccessError::UnknownTool { role, tool, known, hint }
+        f.errors.push(match e {
+            access::AccessError::UnknownRole { role } => {
+                Problem::keyed("[access]", Said::new("problem.unknown_role", &[("role", &role)]))
             }
-            other => other,
-        };
-        f.errors.push(Problem::said(e.to_string()));
+            access::AccessError::UnknownTool { role, tool, known, hint } => {
+                let field = format!("[access.roles.{role}]");
+                let family = ["github", "drive", "caldav"].into_iter().find(|f| tool.split('_').next() == Some(*f));
+                let said = match (closest(&tool, names.iter().map(String::as_str)), family) {
+                    (Some(guess), _) if hint.is_empty() => Said::new(
+                        "problem.unknown_tool_guess",
+                        &[("tool", &tool), ("guess", &guess), ("known", &known)],
+                    ),
+                    (_, Some(family)) => Said::new(
+                        "problem.unknown_tool_family",
+                        &[("tool", &tool), ("table", &format!("[tools.{family}]")), ("known", &known)],
+                    ),
+                    _ => Said::new("problem.unknown_tool", &[("tool", &tool), ("known", &known)]),
+                };
+                Problem::keyed(field, said)
+            }
+        });
     }
     if let Some(llm) = &config.llm {
         if let Err(e) = check_url(&llm.base_url, "https", "http") {
-            f.errors.push(Problem::new(
-                "[llm] base_url",
-                format!(
-                    "{e}. A model on the office network needs https:// (put a reverse proxy with a certificate in front of it); plain http:// is for a model on the box itself"
-                ),
-            ));
+            f.errors.push(Problem::keyed("[llm] base_url", Said::new("problem.llm_url", &[("error", &e)])));
         }
         if llm.model.trim().is_empty() {
-            f.errors.push(Problem::new("[llm] model", "is empty; name the model, e.g. \"deepseek-chat\""));
+            f.errors.push(Problem::keyed("[llm] model", Said::new("problem.llm_model", &[])));
         }
     }
     let d = &config.dingtalk;
@@ -135,10 +159,7 @@ pub fn config(config: &Config) -> Findings {
         [("[dingtalk] client_id", d.client_id.as_str()), ("[dingtalk] robot_code", d.robot_code.as_str())]
     {
         if value.contains("xxxxxxxx") {
-            f.errors.push(Problem::new(
-                field,
-                "is still the template's placeholder; copy the app's Client ID from DingTalk's developer console",
-            ));
+            f.errors.push(Problem::keyed(field, Said::new("problem.placeholder_id", &[])));
         }
     }
     let secrets = [
@@ -150,22 +171,16 @@ pub fn config(config: &Config) -> Findings {
     ];
     for (field, secret) in secrets {
         if secret.is_some_and(|s| PLACEHOLDER_SECRETS.contains(&s.expose())) {
-            f.errors.push(Problem::new(field, "is still the template's placeholder; write the real secret in"));
+            f.errors.push(Problem::keyed(field, Said::new("problem.placeholder_secret", &[])));
         }
     }
     for admin in &config.access.admins {
         if admin == "manager001" {
-            f.examples.push(Problem::new(
-                "[access] admins",
-                "\"manager001\" is the template's example; write your admins' staff ids (the box tells an unknown sender their id)",
-            ));
+            f.examples.push(Problem::keyed("[access] admins", Said::new("problem.example_admins", &[])));
         }
     }
     if config.health.admin_chat.as_deref().is_some_and(|c| c.contains("XXXX")) {
-        f.examples.push(Problem::new(
-            "[health] admin_chat",
-            "is the template's example; write the admin group's conversation id or remove the line",
-        ));
+        f.examples.push(Problem::keyed("[health] admin_chat", Said::new("problem.example_admin_chat", &[])));
     }
     let urls = config
         .tools
@@ -176,15 +191,11 @@ pub fn config(config: &Config) -> Findings {
         .chain(config.tools.caldav.calendars.values().map(|u| ("[tools.caldav.calendars]", u)));
     for (field, url) in urls {
         if url.contains("example.com") {
-            f.examples
-                .push(Problem::new(field, format!("{url:?} is the template's example; write your server's address")));
+            f.examples.push(Problem::keyed(field, Said::new("problem.example_url", &[("url", &url)])));
         }
     }
     if config.tools.github.repos.iter().any(|r| r == "acme/website") {
-        f.examples.push(Problem::new(
-            "[tools.github] repos",
-            "\"acme/website\" is the template's example; list your repositories",
-        ));
+        f.examples.push(Problem::keyed("[tools.github] repos", Said::new("problem.example_repos", &[])));
     }
     f
 }
@@ -197,18 +208,24 @@ pub fn on_box(config: &Config, zoneinfo: &Path) -> Vec<Problem> {
     if let Some(zone) = config.agent.time_zone.as_deref()
         && !zoneinfo.join(zone).is_file()
     {
-        out.push(Problem::new(
+        let missing = zoneinfo.join(zone);
+        out.push(Problem::keyed(
             "[agent] time_zone",
-            format!(
-                "{zone:?} is not a time zone this box knows ({} is missing); use a name such as \"Asia/Shanghai\"",
-                zoneinfo.join(zone).display()
-            ),
+            Said::new("problem.unknown_zone", &[("zone", &zone), ("path", &missing.display())]),
         ));
     }
     for (name, plugin) in &config.tools.mcp {
-        if let Err(e) = tools::mcp::check_paths(name, plugin) {
-            out.push(Problem::said(e.to_string()));
-        }
+        out.push(match tools::mcp::missing_path(plugin) {
+            None => continue,
+            Some(tools::mcp::MissingPath::Command(p)) => Problem::keyed(
+                format!("[tools.mcp.{name}] command"),
+                Said::new("problem.plugin_program", &[("path", &p.display())]),
+            ),
+            Some(tools::mcp::MissingPath::Read(p)) => Problem::keyed(
+                format!("[tools.mcp.{name}] read"),
+                Said::new("problem.plugin_folder", &[("path", &p.display())]),
+            ),
+        });
     }
     out
 }
@@ -312,6 +329,39 @@ mod tests {
         let p: Vec<String> = on_box(&c, &dir).iter().map(ToString::to_string).collect();
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with("[agent] time_zone") && p[1].contains("/nonexistent/node"), "{p:?}");
+    }
+
+    #[test]
+    fn problems_are_said_in_the_boxs_language_with_the_setting_as_written() {
+        use crate::i18n::{Language, tests::in_language};
+        let template = Config::parse(crate::provision::TEMPLATE, Path::new("zhuli.toml")).expect("the template parses");
+        let mut all: Vec<Problem> = Vec::new();
+        for found in [
+            config(&template),
+            config(&parse(
+                "[access]\ndefault_roles = [\"ghost\"]\n[access.roles.m]\ntools = [\"files_reed\", \"github\", \"zap\"]\n",
+            )),
+            config(&parse("[llm]\nbase_url = \"http://10.0.0.9/v1\"\nmodel = \" \"\n")),
+        ] {
+            all.extend(found.errors);
+            all.extend(found.examples);
+        }
+        let c = parse("[agent]\ntime_zone = \"Mars/Olympus\"\n[tools.mcp.fs]\ncommand = \"/nonexistent/node\"\n");
+        all.extend(on_box(&c, &std::env::temp_dir()));
+        assert!(all.len() >= 12, "{all:?}");
+        for p in &all {
+            let said = p.said.as_ref().unwrap_or_else(|| panic!("not said from the locale: {p:?}"));
+            let zh = in_language(Language::ZhCn, || p.text());
+            let en = in_language(Language::En, || p.text());
+            assert!(zh.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)), "not Chinese: {zh}");
+            assert!(!zh.contains(&said.key) && !zh.contains("%{"), "a key or a hole in: {zh}");
+            assert!(zh.starts_with(&format!("`{}`：", p.field)), "{zh}");
+            // In English the chat says what the command line says.
+            assert!(en.ends_with(&p.message), "{en} / {p}");
+        }
+        let guess = all.iter().find(|p| p.message.contains("files_reed")).expect("the typo");
+        let zh = in_language(Language::ZhCn, || guess.text());
+        assert!(zh.contains("是不是想写 `files_read`？"), "{zh}");
     }
 
     #[test]

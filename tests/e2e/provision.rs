@@ -813,7 +813,7 @@ async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explain
     let b = Box::new("provision-refused");
     let laptop = b.dir.join("laptop");
     std::fs::create_dir_all(&laptop).expect("laptop");
-    let (org, _) = sign::keygen();
+    let (org, org_public) = sign::keygen();
     let admins = "[health]\nadmin_chat = \"cid-admins\"\nsample_ms = 200\n";
     let good = format!("{}{admins}", config_text(&sim, &b.dir, 1));
     let sig = sign::sign(good.as_bytes(), &org, "k").expect("sign");
@@ -900,6 +900,13 @@ async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explain
     let said = refusals(&sim);
     assert_eq!(said.len(), 1, "{said:?}");
     assert!(said[0].text.contains("files_reed") && said[0].text.contains("第 2 号配置"), "{}", said[0].text);
+    // The reason in the box's language, the setting named as the file writes it.
+    assert!(
+        said[0].text.contains("`[access.roles.member]`：授予了 `files_reed`")
+            && said[0].text.contains("`files_read`？"),
+        "{}",
+        said[0].text
+    );
     assert!(!said[0].text.contains(SECRET));
 
     // `provision write` checks the signature and the template's examples before the stick.
@@ -922,7 +929,25 @@ async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explain
     let out = zhuli(&["provision", "write", "--config", &s(&file), "--image", &s(&laptop.join("e.img"))]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success() && stderr.contains("\"manager001\" is the template's example"), "{stderr}");
-    let out = zhuli(&["provision", "write", "--config", &s(&file), "--image", &s(&laptop.join("e.img")), "--force"]);
+    // With the organisation's public key, `write` refuses a file signed with another key.
+    let (stranger, stranger_pub) = sign::keygen();
+    let (stranger_key, stranger_pub_file) = (laptop.join("stranger.key"), laptop.join("stranger.pub"));
+    std::fs::write(&stranger_key, &stranger).expect("key");
+    std::fs::write(&stranger_pub_file, &stranger_pub).expect("pub");
+    let org_pub = laptop.join("org.pub");
+    std::fs::write(&org_pub, &org_public).expect("org.pub");
+    assert!(zhuli(&["provision", "sign", "--key", &s(&stranger_key), &s(&file)]).status.success());
+    let write = |org_key: &std::path::Path, img: &str| {
+        let (org_key, img) = (s(org_key), s(&laptop.join(img)));
+        zhuli(&["provision", "write", "--config", &s(&file), "--image", &img, "--force", "--org-key", &org_key])
+    };
+    let out = write(&org_pub, "x.img");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && stderr.contains("this box trusts only"), "{stderr}");
+    assert!(!laptop.join("x.img").exists(), "no stick written");
+    assert!(write(&stranger_pub_file, "x.img").status.success(), "the stranger's own key accepts it");
+    assert!(zhuli(&["provision", "sign", "--key", &s(&key), &s(&file)]).status.success());
+    let out = write(&org_pub, "e.img");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // A good stick clears the refusal; after a factory reset, the last stick (its secrets

@@ -420,8 +420,13 @@ async fn tell_refused_import(work: &Arc<Work>, config: &Config, root: &std::path
         return;
     }
     let serial = refusal.serial.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
-    // The receipt's heading lines ("… cannot run on this box:") are the message's own.
-    let reasons: String = refusal.reasons.iter().filter(|r| !r.ends_with(':')).map(|r| format!("\n- {r}")).collect();
+    // In the box's language; a refusal recorded by an older import has its English lines only
+    // (their heading, "… cannot run on this box:", is the message's own).
+    let reasons: String = if refusal.problems.is_empty() {
+        refusal.reasons.iter().filter(|r| !r.ends_with(':')).map(|r| format!("\n- {r}")).collect()
+    } else {
+        refusal.problems.iter().map(|p| format!("\n- {}", p.text())).collect()
+    };
     work.assistant.audit().record(
         Event::new(Kind::Alert, "", "")
             .target(format!("stick serial {serial}"))

@@ -569,8 +569,8 @@ fn fenced(text: &str) -> String {
 }
 
 /// The diagnostics for the admin chat: each doctor step with its verdict and, when not a pass,
-/// its fix; the configuration's problems; free space; the last backup. The steps' details stay
-/// in the doctor's words (technical, as in `zhuli doctor`).
+/// what an admin can do about it; the configuration's problems; free space; the last backup. The
+/// steps' details stay in the doctor's words (figures and names, as in `zhuli doctor`).
 fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> String {
     use crate::health::diagnostics::Section;
     let mut t = format!("{}\n\n", t!("upkeep.doctor_heading", time = r.generated.as_str()));
@@ -583,9 +583,24 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
                     _ => "❌",
                 };
                 let first = s.detail.lines().next().unwrap_or_default();
-                t.push_str(&format!("- {mark} **{}**：{first}\n", s.name));
-                if let (Some(fix), false) = (&s.fix, s.verdict == "pass") {
-                    t.push_str(&format!("  - {}\n", t!("upkeep.fix", fix = fix.as_str())));
+                let name = match s.name.as_str() {
+                    "network" => t!("doctor.network"),
+                    "credentials" => t!("doctor.credentials"),
+                    "basic API" => t!("doctor.basic_api"),
+                    "recent errors" => t!("doctor.recent_errors"),
+                    "version" => t!("doctor.version"),
+                    "tools" => t!("doctor.tools"),
+                    "folders" => t!("doctor.folders"),
+                    other => other.to_owned().into(),
+                };
+                t.push_str(&format!("- {mark} **{name}**：{first}\n"));
+                // What an admin can do from here; a report from an older agent has the console's.
+                let fix = s.chat_fix.as_ref().map(|f| f.text()).or_else(|| s.fix.clone());
+                if let (Some(fix), false) = (fix, s.verdict == "pass") {
+                    for (i, line) in fix.lines().enumerate() {
+                        let line = if i == 0 { t!("upkeep.fix", fix = line).into_owned() } else { line.to_owned() };
+                        t.push_str(&format!("  - {line}\n"));
+                    }
                 }
             }
         }
@@ -593,7 +608,7 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
     }
     if let Section::Found(c) = &r.configuration {
         for e in c.errors.iter().chain(&c.examples) {
-            t.push_str(&format!("- ⚠️ {e}\n"));
+            t.push_str(&format!("- ⚠️ {}\n", e.text()));
         }
     }
     for d in &r.disks {

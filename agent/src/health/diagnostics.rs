@@ -70,8 +70,8 @@ pub struct Versions {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConfigPart {
     pub serial: u64,
-    pub errors: Vec<String>,
-    pub examples: Vec<String>,
+    pub errors: Vec<crate::validate::Problem>,
+    pub examples: Vec<crate::validate::Problem>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,7 +80,11 @@ pub struct Step {
     /// `pass`, `warn` or `fail`.
     pub verdict: String,
     pub detail: String,
+    /// At a console (English).
     pub fix: Option<String>,
+    /// For the admin chat, in the box's language, without a shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_fix: Option<crate::i18n::Said>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,11 +166,8 @@ fn local_parts(config: Section<&Config>) -> Report {
     match config {
         Section::Found(c) => {
             let found = crate::validate::config(c);
-            r.configuration = Section::Found(ConfigPart {
-                serial: c.serial,
-                errors: found.errors.iter().map(ToString::to_string).collect(),
-                examples: found.examples.iter().map(ToString::to_string).collect(),
-            });
+            r.configuration =
+                Section::Found(ConfigPart { serial: c.serial, errors: found.errors, examples: found.examples });
             disks.push(c.agent.state_dir.display().to_string());
             r.last_backup = last_backup(&c.agent.state_dir.join(BACKUPS));
         }
@@ -198,6 +199,7 @@ fn step_of(s: &doctor::Step) -> Step {
         .into(),
         detail: s.detail.clone(),
         fix: s.fix.clone(),
+        chat_fix: s.chat_fix.clone(),
     }
 }
 

@@ -29,6 +29,7 @@ use crate::{
         http::{HttpClient, tls_config},
         openapi::OpenApi,
     },
+    i18n::Said,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,12 +44,27 @@ pub struct Step {
     pub name: &'static str,
     pub verdict: Verdict,
     pub detail: String,
-    /// What to try when it is not a pass.
+    /// What to try when it is not a pass, at the box's console (English).
     pub fix: Option<String>,
+    /// The same for the admin chat, in the box's language: what an admin can do without a
+    /// shell (the stick, the chat, the developer console).
+    pub chat_fix: Option<Said>,
 }
 
-fn step(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Option<&str>) -> Step {
-    Step { name, verdict, detail: detail.into(), fix: fix.map(str::to_owned) }
+/// What to try: at a console, and in the admin chat.
+type Fix = (String, Said);
+
+fn fix(console: impl Into<String>, chat: Said) -> Option<Fix> {
+    Some((console.into(), chat))
+}
+
+fn said(key: &'static str) -> Said {
+    Said::new(key, &[])
+}
+
+fn step(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Option<Fix>) -> Step {
+    let (fix, chat_fix) = fix.map_or((None, None), |(f, c)| (Some(f), Some(c)));
+    Step { name, verdict, detail: detail.into(), fix, chat_fix }
 }
 
 /// Where an earlier release is kept for rolling back (the image's update keeps one there).
@@ -81,18 +97,18 @@ pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runne
     }
     let mut net_ok = true;
     let mut details = Vec::new();
-    let mut fix = None;
+    let mut net_fix = None;
     for (label, url) in &endpoints {
         match reach(url).await {
             Ok(d) => details.push(format!("{label} {d}")),
-            Err((d, f)) => {
+            Err((d, f, chat)) => {
                 net_ok = false;
                 details.push(format!("{label} {d}"));
-                fix.get_or_insert(f);
+                net_fix.get_or_insert((f.to_owned(), chat));
             }
         }
     }
-    steps.push(step("network", if net_ok { Verdict::Pass } else { Verdict::Fail }, details.join("; "), fix));
+    steps.push(step("network", if net_ok { Verdict::Pass } else { Verdict::Fail }, details.join("; "), net_fix));
 
     let http = HttpClient::new(tls_config(), config.dingtalk.stream.connect_timeout_ms.get());
     let api = OpenApi::new(config.dingtalk.clone(), http.clone());
@@ -102,13 +118,16 @@ pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runne
             "credentials",
             Verdict::Fail,
             e.to_string(),
-            Some("copy Client ID and Client Secret again from the DingTalk developer console into [dingtalk]"),
+            fix(
+                "copy Client ID and Client Secret again from the DingTalk developer console into [dingtalk]",
+                said("doctor.fix_credentials"),
+            ),
         ),
         Err(e) => step(
             "credentials",
             Verdict::Fail,
             e.to_string(),
-            Some("the token request did not get through: fix the network step first"),
+            fix("the token request did not get through: fix the network step first", said("doctor.fix_network_first")),
         ),
     };
     let creds_ok = creds.verdict == Verdict::Pass;
@@ -127,7 +146,10 @@ pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runne
                 "basic API",
                 Verdict::Fail,
                 "the agent has no Stream connection now",
-                Some("see the credentials and network steps; the agent reconnects by itself"),
+                fix(
+                    "see the credentials and network steps; the agent reconnects by itself",
+                    said("doctor.fix_reconnects"),
+                ),
             )
         }
     } else if creds_ok || net_ok {
@@ -137,28 +159,33 @@ pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runne
             "basic API",
             Verdict::Fail,
             "skipped: the network or the credentials failed",
-            Some("fix the steps above first"),
+            fix("fix the steps above first", said("doctor.fix_above")),
         )
     });
 
     steps.push(recent_errors(&super::diagnostics::secrets_of(config)));
-    steps.push(version(status_socket));
+    // The running agent answers for itself: it does not ask its own status socket.
+    let by_agent = matches!(runner, Runner::Agent { .. });
+    steps.push(version(status_socket, by_agent));
     steps.push(tools_step(config).await);
-    steps.push(folders_step(config, status_socket));
+    steps.push(folders_step(config, status_socket, by_agent));
     steps
 }
 
-/// Step 7: the folders the files tools use.
-fn folders_step(config: &Config, status_socket: &Path) -> Step {
+/// Step 7: the folders the files tools use. `in_agent`: this is the running agent.
+fn folders_step(config: &Config, status_socket: &Path, in_agent: bool) -> Step {
     use crate::tools::files::{self, FolderProblem, FolderReport};
-    let asked = super::status::ask(status_socket, "folders");
-    let from_agent = asked.ok().and_then(|text| serde_json::from_str::<FolderReport>(&text).ok());
+    let inbox = config.agent.state_dir.join("media");
+    let from_agent = if in_agent {
+        Some(files::check_folders(&config.tools.files, Some(&inbox)))
+    } else {
+        let asked = super::status::ask(status_socket, "folders");
+        asked.ok().and_then(|text| serde_json::from_str::<FolderReport>(&text).ok())
+    };
     let by_agent = from_agent.is_some();
-    let report = from_agent.unwrap_or_else(|| {
-        // Without an agent the inbox may not be there yet: the agent makes it when it starts.
-        let inbox = config.agent.state_dir.join("media");
-        files::check_folders(&config.tools.files, inbox.exists().then_some(inbox.as_path()))
-    });
+    // Without an agent the inbox may not be there yet: the agent makes it when it starts.
+    let report = from_agent
+        .unwrap_or_else(|| files::check_folders(&config.tools.files, inbox.exists().then_some(inbox.as_path())));
     if report.folders.is_empty() {
         return step("folders", Verdict::Pass, "no [tools.files.roots] configured", None);
     }
@@ -172,7 +199,7 @@ fn folders_step(config: &Config, status_socket: &Path) -> Step {
     let mut fixes = Vec::new();
     for c in report.problems() {
         // What differs between the agent's view and this one is the service's sandbox.
-        let here = by_agent.then(|| files::check_folder(&c.name, &c.path, c.writable));
+        let here = (by_agent && !in_agent).then(|| files::check_folder(&c.name, &c.path, c.writable));
         let fix = match (&c.problem, here.as_ref().map(|h| &h.problem)) {
             (Some(FolderProblem::ReadOnlyFileSystem), Some(None)) => format!(
                 "the service unit does not allow writing there (outside the service the folder is writable; ProtectSystem=strict makes it read-only, and ReadWritePaths={} is not in the drop-in the import wrote): import the configuration again from its stick, which lists every configured folder (on the box, put shared folders under /srv)",
@@ -186,23 +213,28 @@ fn folders_step(config: &Config, status_socket: &Path) -> Step {
             }
             _ => c.fix(&report.user).unwrap_or_default(),
         };
-        fixes.push(format!("{}: {fix}", c.name));
+        let chat = match (&c.problem, here.as_ref().map(|h| &h.problem)) {
+            (Some(FolderProblem::Missing), Some(None)) => Said::new("doctor.fix_hidden", &[]).text(),
+            _ => c.fix_said(&report.user).unwrap_or_default(),
+        };
+        fixes.push((format!("{}: {fix}", c.name), format!("{}: {chat}", c.name)));
     }
     let as_root_only = !by_agent && report.uid == 0;
     let (verdict, fix) = if !fixes.is_empty() {
-        (Verdict::Fail, Some(fixes.join("\n")))
+        let (console, chat): (Vec<String>, Vec<String>) = fixes.into_iter().unzip();
+        (Verdict::Fail, fix(console.join("\n"), Said::new("doctor.fix_folders", &[("lines", &chat.join("\n"))])))
     } else if as_root_only {
         (
             Verdict::Warn,
-            Some(
-                "checked as root outside the service, which may write where the agent may not: start the agent and run zhuli doctor again"
-                    .to_owned(),
+            fix(
+                "checked as root outside the service, which may write where the agent may not: start the agent and run zhuli doctor again",
+                said("doctor.fix_as_root"),
             ),
         )
     } else {
         (Verdict::Pass, None)
     };
-    Step { name: "folders", verdict, detail: detail.join("\n"), fix }
+    step("folders", verdict, detail.join("\n"), fix)
 }
 
 /// Step 6: the backends and plugins the configuration names.
@@ -253,13 +285,23 @@ async fn tools_step(config: &Config) -> Step {
     }
     let failed = results.iter().any(Result::is_err);
     let detail: Vec<String> = results.into_iter().map(|r| r.unwrap_or_else(|e| format!("FAILED: {e}"))).collect();
-    let fix = failed.then_some("each failure says what to fix; docs/OPERATIONS.md has the settings of every backend");
+    let fix = failed
+        .then(|| {
+            fix(
+                "each failure says what to fix; docs/OPERATIONS.md has the settings of every backend",
+                said("doctor.fix_tools"),
+            )
+        })
+        .flatten();
     step("tools", if failed { Verdict::Fail } else { Verdict::Pass }, detail.join("\n"), fix)
 }
 
-/// DNS, TCP and TLS to `url`'s host.
-async fn reach(url: &str) -> Result<String, (String, &'static str)> {
-    let uri: http::Uri = url.parse().map_err(|_| (format!("{url}: not a URL"), "fix the URL in the configuration"))?;
+/// DNS, TCP and TLS to `url`'s host; when it fails, what failed and what to try at a console
+/// and in the chat (a locale key).
+async fn reach(url: &str) -> Result<String, (String, &'static str, Said)> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| (format!("{url}: not a URL"), "fix the URL in the configuration", said("doctor.fix_url")))?;
     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
     let tls = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
@@ -271,12 +313,19 @@ async fn reach(url: &str) -> Result<String, (String, &'static str)> {
                 return Err((
                     format!("{host}: DNS failed ({e})"),
                     "check the box's DNS (the router's DHCP, or the resolver given at provisioning)",
+                    said("doctor.fix_dns"),
                 ));
             }
-            Err(_) => return Err((format!("{host}: DNS timed out"), "check the box's DNS and its network cable")),
+            Err(_) => {
+                return Err((
+                    format!("{host}: DNS timed out"),
+                    "check the box's DNS and its network cable",
+                    said("doctor.fix_dns"),
+                ));
+            }
         };
     let Some(addr) = addrs.first().copied() else {
-        return Err((format!("{host}: DNS gave no address"), "check the box's DNS"));
+        return Err((format!("{host}: DNS gave no address"), "check the box's DNS", said("doctor.fix_dns")));
     };
     let dns = t.elapsed();
     let t = Instant::now();
@@ -286,12 +335,14 @@ async fn reach(url: &str) -> Result<String, (String, &'static str)> {
             return Err((
                 format!("{host}:{port} ({addr}): TCP failed ({e})"),
                 "the office firewall must allow outbound TCP 443 (HTTPS) from the box",
+                said("doctor.fix_firewall"),
             ));
         }
         Err(_) => {
             return Err((
                 format!("{host}:{port} ({addr}): TCP timed out"),
                 "the office firewall must allow outbound TCP 443 (HTTPS) from the box",
+                said("doctor.fix_firewall"),
             ));
         }
     };
@@ -299,8 +350,9 @@ async fn reach(url: &str) -> Result<String, (String, &'static str)> {
     if !tls {
         return Ok(format!("{host}:{port}: DNS {dns:?}, TCP {connect:?} (plain HTTP, loopback only)"));
     }
-    let name = rustls::pki_types::ServerName::try_from(host.clone())
-        .map_err(|_| (format!("{host}: not a valid TLS name"), "fix the URL in the configuration"))?;
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+        (format!("{host}: not a valid TLS name"), "fix the URL in the configuration", said("doctor.fix_url"))
+    })?;
     let t = Instant::now();
     match tokio::time::timeout(
         Duration::from_secs(10),
@@ -315,10 +367,12 @@ async fn reach(url: &str) -> Result<String, (String, &'static str)> {
         Ok(Err(e)) => Err((
             format!("{host}:{port}: TLS failed ({e})"),
             "is the box's clock right (timedatectl)? is a proxy intercepting HTTPS? the box must reach the server directly",
+            said("doctor.fix_tls"),
         )),
         Err(_) => Err((
             format!("{host}:{port}: TLS timed out"),
             "something on the path holds HTTPS connections; check the firewall",
+            said("doctor.fix_firewall"),
         )),
     }
 }
@@ -333,7 +387,10 @@ async fn stream_step(config: &Config, http: &HttpClient, wait: Duration) -> Step
                 "basic API",
                 Verdict::Fail,
                 e.to_string(),
-                Some("enable Stream mode for the app's robot in the developer console, and check the steps above"),
+                fix(
+                    "enable Stream mode for the app's robot in the developer console, and check the steps above",
+                    said("doctor.fix_stream"),
+                ),
             );
         }
     };
@@ -347,7 +404,10 @@ async fn stream_step(config: &Config, http: &HttpClient, wait: Duration) -> Step
                     "basic API",
                     Verdict::Warn,
                     format!("connection opened in {opened:?}, but no frame from the gateway within {wait:?}"),
-                    Some("wait longer (--wait-ms); if the agent's log shows zombie connections, see OPERATIONS.md"),
+                    fix(
+                        "wait longer (--wait-ms); if the agent's log shows zombie connections, see OPERATIONS.md",
+                        said("doctor.fix_wait"),
+                    ),
                 );
             }
             Ok(None) | Ok(Some(Err(_))) => {
@@ -355,7 +415,7 @@ async fn stream_step(config: &Config, http: &HttpClient, wait: Duration) -> Step
                     "basic API",
                     Verdict::Fail,
                     format!("the gateway closed the connection after {:?}", t.elapsed()),
-                    Some("check that the app is published and Stream mode is on"),
+                    fix("check that the app is published and Stream mode is on", said("doctor.fix_published")),
                 );
             }
             Ok(Some(Ok(Message::Text(text)))) => {
@@ -389,8 +449,9 @@ fn recent_errors(secrets: &[String]) -> Step {
             "recent errors",
             Verdict::Warn,
             why,
-            Some(
+            fix(
                 "run zhuli doctor on the box as root (or in the systemd-journal group); in the admin chat, /日志 (/logs) shows the agent's own",
+                said("doctor.fix_journal"),
             ),
         ),
         Section::Found(lines) if lines.is_empty() => {
@@ -402,15 +463,15 @@ fn recent_errors(secrets: &[String]) -> Step {
                 "recent errors",
                 Verdict::Warn,
                 format!("last warnings and errors (24 h, redacted):\n{}", last.join("\n")),
-                Some("see OPERATIONS.md for what each means"),
+                fix("see OPERATIONS.md for what each means", said("doctor.fix_operations")),
             )
         }
     }
 }
 
-fn version(status_socket: &Path) -> Step {
+fn version(status_socket: &Path, in_agent: bool) -> Step {
     let mine = env!("CARGO_PKG_VERSION");
-    let running = super::status::fetch(status_socket).map(|s| s.version);
+    let running = if in_agent { Ok(mine.to_owned()) } else { super::status::fetch(status_socket).map(|s| s.version) };
     let previous = Path::new(PREVIOUS_BINARY).exists();
     let detail = format!(
         "this binary {mine}; running agent {}; previous version to roll back to: {}",
@@ -418,14 +479,24 @@ fn version(status_socket: &Path) -> Step {
         if previous { PREVIOUS_BINARY } else { "none kept" }
     );
     let (verdict, fix) = match (&running, previous) {
-        (Ok(v), _) if v != mine => {
-            (Verdict::Warn, Some("the running agent is another version: restart it (systemctl restart zhuli)"))
-        }
+        (Ok(v), _) if v != mine => (
+            Verdict::Warn,
+            fix(
+                "the running agent is another version: restart it (systemctl restart zhuli)",
+                said("doctor.fix_version"),
+            ),
+        ),
         (Err(_), _) => (
             Verdict::Warn,
-            Some("the agent is not running or its status socket is not reachable: systemctl status zhuli"),
+            fix(
+                "the agent is not running or its status socket is not reachable: systemctl status zhuli",
+                said("doctor.fix_not_running"),
+            ),
         ),
-        (Ok(_), false) => (Verdict::Warn, Some("no previous version is kept; an image update keeps one for rollback")),
+        (Ok(_), false) => (
+            Verdict::Warn,
+            fix("no previous version is kept; an image update keeps one for rollback", said("doctor.fix_no_previous")),
+        ),
         (Ok(_), true) => (Verdict::Pass, None),
     };
     step("version", verdict, detail, fix)

@@ -88,6 +88,30 @@ pub enum ProvisionError {
     Apply(String),
 }
 
+impl ProvisionError {
+    /// What went wrong, one problem per line, to say in the box's language (the admin chat).
+    pub fn problems(&self) -> Vec<crate::validate::Problem> {
+        use crate::{i18n::Said, validate::Problem};
+        let said = |s: Said| vec![Problem::keyed("", s)];
+        match self {
+            ProvisionError::Problems(_, problems) => problems.clone(),
+            ProvisionError::OldSerial { new, current } => {
+                vec![Problem::keyed("serial", Said::new("refusal.old_serial", &[("new", new), ("current", current)]))]
+            }
+            ProvisionError::Unsigned => said(Said::new("refusal.unsigned", &[])),
+            ProvisionError::Signature(sign::SignError::Mismatch) => said(Said::new("refusal.mismatch", &[])),
+            ProvisionError::Signature(sign::SignError::Untrusted { found, trusted }) => {
+                said(Said::new("refusal.untrusted", &[("found", found), ("trusted", trusted)]))
+            }
+            ProvisionError::TwoConfigs(names) => said(Said::new("refusal.two_configs", &[("names", names)])),
+            ProvisionError::NotUtf8 => said(Said::new("refusal.not_utf8", &[])),
+            ProvisionError::Stick(stick::StickError::ReadOnly(_)) => said(Said::new("refusal.read_only", &[])),
+            ProvisionError::Invalid(m) => vec![Problem::said(m.clone())],
+            e => said(Said::new("refusal.other", &[("error", e)])),
+        }
+    }
+}
+
 /// Where the secrets are in a configuration's text, to replace them.
 #[derive(Deserialize)]
 struct SecretSpans {
@@ -214,7 +238,7 @@ fn replace_secrets(text: &str, secrets: &[FoundSecret], with: impl Fn(&FoundSecr
 /// written out (and not the stars an import leaves), folders the unit can name. Syntax errors
 /// stop at the first; every other problem is listed.
 pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
-    use crate::validate::Problem;
+    use crate::{i18n::Said, validate::Problem};
     let invalid = |e: crate::config::ConfigError| ProvisionError::Invalid(e.to_string());
     // A syntax error is said by the parser, with the file's name, the line and the setting.
     if toml::from_str::<toml::Table>(text).is_err() {
@@ -226,28 +250,19 @@ pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
         e => e,
     })?;
     if !secrets.iter().any(|s| s.credential == CRED_DINGTALK) {
-        let missing = Problem::new("[dingtalk] client_secret", "is missing; copy it from DingTalk's developer console");
+        let missing = Problem::keyed("[dingtalk] client_secret", Said::new("problem.secret_missing", &[]));
         return Err(ProvisionError::Problems(path.display().to_string(), vec![missing]));
     }
     let config = Config::parse(text, path).map_err(invalid)?;
     let mut problems: Vec<Problem> = Vec::new();
     if config.serial == 0 {
-        problems.push(Problem::new(
-            "serial",
-            "is missing or 0: give the file a serial (1 for the first, larger for each new one)",
-        ));
+        problems.push(Problem::keyed("serial", Said::new("problem.serial_missing", &[])));
     }
     for s in &secrets {
         if !s.value.is_empty() && s.value.chars().all(|c| c == '*') {
-            problems.push(Problem::new(
-                &s.field,
-                "holds only `*`: this stick was imported and its secrets were removed; write them in again and sign the file",
-            ));
+            problems.push(Problem::keyed(&s.field, Said::new("problem.secret_starred", &[])));
         } else if !s.is_plugin_env() && s.value.chars().count() < MIN_SECRET {
-            problems.push(Problem::new(
-                &s.field,
-                format!("is shorter than {MIN_SECRET} characters; copy the whole secret (a secret this short is guessed quickly and cannot be told apart from other data on the stick)"),
-            ));
+            problems.push(Problem::keyed(&s.field, Said::new("problem.secret_short", &[("min", &MIN_SECRET)])));
         }
     }
     if let Err(ProvisionError::Invalid(m)) = unit::check(&config) {
@@ -397,7 +412,7 @@ pub fn import(opts: &ImportOptions) -> Receipt {
             log::error!("provisioning refused: {e}; the previous configuration is unchanged");
             // Best effort: the stick may be the problem.
             receipt.write_to(&opts.device);
-            Refusal::of(&receipt).record(&opts.root);
+            Refusal::of(&receipt, &e).record(&opts.root);
         }
     }
     if opts.diagnostics {
@@ -506,19 +521,24 @@ pub struct Refusal {
     pub time: String,
     pub serial: Option<u64>,
     pub config_sha256: Option<String>,
+    /// In English, as the receipt says them.
     pub reasons: Vec<String>,
+    /// The same, to say in the box's language.
+    #[serde(default)]
+    pub problems: Vec<crate::validate::Problem>,
 }
 
 /// Where [`Refusal`] is kept.
 const REFUSED: &str = "refused.json";
 
 impl Refusal {
-    fn of(receipt: &Receipt) -> Refusal {
+    fn of(receipt: &Receipt, e: &ProvisionError) -> Refusal {
         Refusal {
             time: receipt.time.clone(),
             serial: receipt.serial,
             config_sha256: receipt.config_hash.clone(),
             reasons: receipt.errors.clone(),
+            problems: e.problems(),
         }
     }
 
@@ -620,10 +640,9 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     if let Ok(secrets) = secrets_in(&text, Path::new("zhuli.toml (on the stick)"))
         && let Some(s) = secrets.iter().find(|s| !s.value.is_empty() && s.value.chars().all(|c| c == '*'))
     {
-        return Err(ProvisionError::Invalid(format!(
-            "{} holds only `*`: this stick was imported before and its secrets were removed from it; write the configuration to it again (`zhuli provision write`) and plug it in",
-            s.field
-        )));
+        let said = crate::i18n::Said::new("problem.stick_imported_before", &[]);
+        let problem = crate::validate::Problem::keyed(&s.field, said);
+        return Err(ProvisionError::Problems("zhuli.toml (on the stick)".into(), vec![problem]));
     }
     // Who signed it, and whether this box trusts them.
     let pinned_path = opts.root.join("org.pub");
@@ -1188,6 +1207,36 @@ mod tests {
         let short = filled().replace("\"Qx7-secret-from-console\"", "\"abc\"");
         let e = check(&short, Path::new("x")).expect_err("short").to_string();
         assert!(e.contains("shorter than 8"), "{e}");
+    }
+
+    #[test]
+    fn a_refusal_is_said_in_the_boxs_language() {
+        use crate::i18n::{Language, tests::in_language};
+        let refusals = [
+            ProvisionError::OldSerial { new: 3, current: 5 },
+            ProvisionError::Unsigned,
+            ProvisionError::Signature(sign::SignError::Mismatch),
+            ProvisionError::Signature(sign::SignError::Untrusted {
+                found: "ab12…".into(), trusted: "cd34…".into()
+            }),
+            ProvisionError::TwoConfigs("a.toml, b.toml".into()),
+            ProvisionError::NotUtf8,
+            ProvisionError::Stick(stick::StickError::ReadOnly("/dev/sdb1".into())),
+            ProvisionError::Apply("disk full".into()),
+        ];
+        for e in &refusals {
+            let problems = e.problems();
+            assert_eq!(problems.len(), 1, "{e}");
+            let zh = in_language(Language::ZhCn, || problems[0].text());
+            assert!(zh.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)) && !zh.contains("%{"), "{e}: {zh}");
+        }
+        let zh = in_language(Language::ZhCn, || refusals[0].problems()[0].text());
+        assert!(zh.contains('3') && zh.contains('5') && zh.starts_with("`serial`："), "{zh}");
+        let zh = in_language(Language::ZhCn, || refusals[3].problems()[0].text());
+        assert!(zh.contains("ab12…") && zh.contains("cd34…"), "{zh}");
+        // A configuration's problems are its own, each said from the locale.
+        let e = check(TEMPLATE, Path::new("zhuli.toml")).expect_err("the template's placeholders");
+        assert!(e.problems().iter().all(|p| p.said.is_some()), "{:?}", e.problems());
     }
 
     #[test]

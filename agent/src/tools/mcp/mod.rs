@@ -21,7 +21,7 @@ pub mod sandbox;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -244,19 +244,30 @@ pub fn check_settings(name: &str, settings: &PluginSettings) -> Result<(), Plugi
 /// What only the box can check: the program and the folders a plugin reads exist there (the
 /// folders it writes, the import makes).
 pub fn check_paths(name: &str, settings: &PluginSettings) -> Result<(), PluginSettingsError> {
-    let err = |m: String| PluginSettingsError { name: name.to_owned(), message: m };
-    if !settings.command.is_file() {
-        return Err(err(format!(
-            "command {} must be the absolute path of a program that exists on the box",
-            settings.command.display()
-        )));
-    }
-    for p in &settings.read {
-        if !p.exists() {
-            return Err(err(format!("{} must be an absolute path that exists on the box", p.display())));
+    let message = match missing_path(settings) {
+        None => return Ok(()),
+        Some(MissingPath::Command(p)) => {
+            format!("command {} must be the absolute path of a program that exists on the box", p.display())
         }
+        Some(MissingPath::Read(p)) => format!("{} must be an absolute path that exists on the box", p.display()),
+    };
+    Err(PluginSettingsError { name: name.to_owned(), message })
+}
+
+/// A path of a plugin's settings that is not on this machine.
+pub enum MissingPath<'a> {
+    /// `command`: no such program.
+    Command(&'a Path),
+    /// One of the folders in `read`.
+    Read(&'a Path),
+}
+
+/// The first path of `settings` that is not on this machine.
+pub fn missing_path(settings: &PluginSettings) -> Option<MissingPath<'_>> {
+    if !settings.command.is_file() {
+        return Some(MissingPath::Command(&settings.command));
     }
-    Ok(())
+    settings.read.iter().find(|p| !p.exists()).map(|p| MissingPath::Read(p))
 }
 
 impl Plugin {
