@@ -214,6 +214,19 @@ pub fn on_box(config: &Config, zoneinfo: &Path) -> Vec<Problem> {
             Said::new("problem.unknown_zone", &[("zone", &zone), ("path", &missing.display())]),
         ));
     }
+    // The zone and the offset times in chat are shown in must agree (summer time counts).
+    if let Some(zone) = config.agent.time_zone.as_deref()
+        && let Ok(tzif) = std::fs::read(zoneinfo.join(zone))
+        && let Some((standard, summer)) = tzif_footer(&tzif).and_then(posix_offsets)
+    {
+        let offset = config.assistant.utc_offset_minutes;
+        if offset != standard && Some(offset) != summer {
+            out.push(Problem::keyed(
+                "[assistant] utc_offset_minutes",
+                Said::new("problem.offset_zone", &[("offset", &offset), ("zone", &zone), ("minutes", &standard)]),
+            ));
+        }
+    }
     for (name, plugin) in &config.tools.mcp {
         out.push(match tools::mcp::missing_path(plugin) {
             None => continue,
@@ -228,6 +241,54 @@ pub fn on_box(config: &Config, zoneinfo: &Path) -> Vec<Problem> {
         });
     }
     out
+}
+
+/// The POSIX TZ rule at the end of a TZif file (version 2 and later): `CST-8`, `CET-1CEST,M3.5.0,M10.5.0/3`.
+fn tzif_footer(tzif: &[u8]) -> Option<&str> {
+    let body = tzif.strip_prefix(b"TZif")?.strip_suffix(b"\n")?;
+    let start = body.iter().rposition(|b| *b == b'\n')? + 1;
+    std::str::from_utf8(&body[start..]).ok().filter(|rule| !rule.is_empty())
+}
+
+/// The offsets east of UTC, in minutes, of a POSIX TZ rule: standard time, and summer time if
+/// the zone has one.
+fn posix_offsets(rule: &str) -> Option<(i32, Option<i32>)> {
+    fn name(rest: &mut &str) -> Option<()> {
+        if let Some(quoted) = rest.strip_prefix('<') {
+            *rest = &quoted[quoted.find('>')? + 1..];
+        } else {
+            let letters = rest.chars().take_while(char::is_ascii_alphabetic).count();
+            if letters < 3 {
+                return None;
+            }
+            *rest = &rest[letters..];
+        }
+        Some(())
+    }
+    // `[+-]hh[:mm[:ss]]`, counted west of Greenwich as POSIX does.
+    fn offset(rest: &mut &str) -> Option<i32> {
+        let (west, digits) = match rest.as_bytes().first()? {
+            b'-' => (false, &rest[1..]),
+            b'+' => (true, &rest[1..]),
+            _ => (true, *rest),
+        };
+        let len = digits.find(|c: char| !c.is_ascii_digit() && c != ':').unwrap_or(digits.len());
+        let mut parts = digits[..len].split(':');
+        let hours: i32 = parts.next()?.parse().ok()?;
+        let minutes: i32 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
+        *rest = &digits[len..];
+        let east = hours * 60 + minutes;
+        Some(if west { -east } else { east })
+    }
+    let mut rest = rule;
+    name(&mut rest)?;
+    let standard = offset(&mut rest)?;
+    if rest.is_empty() {
+        return Some((standard, None));
+    }
+    name(&mut rest)?;
+    let summer = if rest.is_empty() || rest.starts_with(',') { standard + 60 } else { offset(&mut rest)? };
+    Some((standard, Some(summer)))
 }
 
 /// The known name closest to `word`, if it is a near miss (a typo of at most two letters).
@@ -362,6 +423,42 @@ mod tests {
         let guess = all.iter().find(|p| p.message.contains("files_reed")).expect("the typo");
         let zh = in_language(Language::ZhCn, || guess.text());
         assert!(zh.contains("是不是想写 `files_read`？"), "{zh}");
+    }
+
+    #[test]
+    fn posix_rules_give_the_offsets_east_of_utc() {
+        assert_eq!(posix_offsets("CST-8"), Some((480, None)));
+        assert_eq!(posix_offsets("<+0545>-5:45"), Some((345, None)));
+        assert_eq!(posix_offsets("CET-1CEST,M3.5.0,M10.5.0/3"), Some((60, Some(120))));
+        assert_eq!(posix_offsets("EST5EDT,M3.2.0,M11.1.0"), Some((-300, Some(-240))));
+        assert_eq!(posix_offsets("<-03>3"), Some((-180, None)));
+        assert_eq!(posix_offsets("UTC0"), Some((0, None)));
+        for bad in ["", "8", "X-8", "CST"] {
+            assert_eq!(posix_offsets(bad), None, "{bad:?}");
+        }
+        assert_eq!(tzif_footer(b"TZif2...binary...\nCST-8\n"), Some("CST-8"));
+        assert_eq!(tzif_footer(b"TZif1 without a footer"), None);
+        // This machine's own tzdata, where it has it (the box's image always does).
+        if let Ok(berlin) = std::fs::read("/usr/share/zoneinfo/Europe/Berlin") {
+            assert_eq!(tzif_footer(&berlin).and_then(posix_offsets), Some((60, Some(120))));
+        }
+    }
+
+    #[test]
+    fn the_offset_times_are_shown_in_must_agree_with_the_zone() {
+        let zoneinfo = std::env::temp_dir().join(format!("zhuli-zoneinfo-{}", std::process::id()));
+        std::fs::create_dir_all(zoneinfo.join("Asia")).expect("zoneinfo");
+        std::fs::create_dir_all(zoneinfo.join("Europe")).expect("zoneinfo");
+        std::fs::write(zoneinfo.join("Asia/Shanghai"), b"TZif2\0\0binary\nCST-8\n").expect("zone");
+        std::fs::write(zoneinfo.join("Europe/Berlin"), b"TZif2\0\0binary\nCET-1CEST,M3.5.0,M10.5.0/3\n").expect("zone");
+        let problems = |text: &str| on_box(&parse(text), &zoneinfo);
+        assert!(problems("[agent]\ntime_zone = \"Asia/Shanghai\"\n").is_empty(), "480 is the default");
+        assert!(problems("[agent]\ntime_zone = \"Europe/Berlin\"\n[assistant]\nutc_offset_minutes = 120\n").is_empty());
+        let p = problems("[agent]\ntime_zone = \"Europe/Berlin\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].field, "[assistant] utc_offset_minutes");
+        assert!(p[0].message.contains("480") && p[0].message.contains("Europe/Berlin") && p[0].message.contains("60"));
+        let _ = std::fs::remove_dir_all(&zoneinfo);
     }
 
     #[test]

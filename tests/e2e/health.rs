@@ -327,7 +327,7 @@ async fn unusable_roots_are_named_in_the_log_the_admin_chat_and_by_doctor() {
     };
     assert!(sim.wait_until(Duration::from_secs(10), |s| !to_admins(s).is_empty()).await, "{}", agent.log());
     let notice = to_admins(&sim).remove(0).text;
-    for expect in [s(&frozen), "只读文件系统".into(), "重新导入配置".into(), s(&gone), "paper".into()] {
+    for expect in [s(&frozen), "只读文件系统".into(), "重新写入 U 盘".into(), s(&gone), "paper".into()] {
         assert!(notice.contains(&expect), "{expect} in the admins' notice:\n{notice}");
     }
     assert!(!notice.contains("read-only file system"), "the box's language only: {notice}");
@@ -362,6 +362,43 @@ async fn unusable_roots_are_named_in_the_log_the_admin_chat_and_by_doctor() {
     }
     assert!(!out.contains(SECRET));
     drop(agent);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// A reconnect storm reaches the admin chat when it starts and when it ends, once each; the
+/// replies go over HTTPS while the Stream connection cannot open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_is_told_to_the_admins_when_it_starts_and_ends() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let scratch = support::temp_dir("storm");
+    let metrics = scratch.join("metrics");
+    // Resources pinned low: only the storm is an alert here.
+    let readings = "disk_percent=10\ncpu_percent=5\nmemory_percent=5\nload_per_core=0.1\ntemperature_c=40\n";
+    std::fs::write(&metrics, readings).expect("metrics");
+    let extra = format!("{FAST}admin_chat = \"cid-admins\"\n");
+    let agent = support::spawn_agent_with_env(
+        "storm",
+        &support::config_for(&sim, SECRET, &extra),
+        &[("ZHULI_TEST_METRICS", metrics.display().to_string())],
+    );
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+    let told = |s: &Simulator, what: &str| {
+        s.replies()
+            .into_iter()
+            .filter(|r| r.conversation_id.as_deref() == Some("cid-admins") && r.text.contains(what))
+            .count()
+    };
+    assert_eq!(told(&sim, "钉钉连接"), 0, "a steady connection is not an alert");
+    // Fifteen refused openings in a row: ten within the window is a storm.
+    sim.fail_opens(15);
+    sim.drop_all();
+    let started = sim.wait_until(Duration::from_secs(30), |s| told(s, "钉钉连接反复失败") > 0).await;
+    assert!(started, "the storm was not told; log:\n{}", agent.log());
+    let ended = sim.wait_until(Duration::from_secs(30), |s| told(s, "钉钉连接已恢复稳定") > 0).await;
+    assert!(ended, "its end was not told; log:\n{}", agent.log());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(told(&sim, "钉钉连接反复失败"), 1, "once per storm");
+    assert_eq!(told(&sim, "钉钉连接已恢复稳定"), 1);
     let _ = std::fs::remove_dir_all(&scratch);
 }
 

@@ -46,6 +46,13 @@ async fn group_messages_need_an_at_mention() {
     assert!(replies_to(&sim, &ignored).is_empty(), "a group message without @ must not be answered");
     assert_eq!(sim.unacked(), 0, "the ignored message is still ACKed, so it is not redelivered");
     assert_eq!(sim.replies().len(), 1);
+    // `/status` in a group says the group's id, which `[health] admin_chat` takes; not in 1:1.
+    let in_group = sim.inject(Inject::text("@zhuli /status").in_group(true).conversation("cidG"));
+    let direct = sim.inject(Inject::text("/status"));
+    assert_each_answered_once(&sim, &agent, &[in_group.clone(), direct.clone()], Duration::from_secs(10)).await;
+    let said = &replies_to(&sim, &in_group)[0].text;
+    assert!(said.contains("本群的会话 ID 是 `cidG`") && said.contains("admin_chat"), "{said}");
+    assert!(!replies_to(&sim, &direct)[0].text.contains("会话 ID"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

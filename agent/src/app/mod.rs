@@ -462,8 +462,15 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
     let mut told_sticks = std::collections::BTreeSet::new();
     // Frames the store did not record (left unACKed), and when the admins last heard of it.
     let (mut unrecorded, mut told_unrecorded): (u64, Option<Instant>) = (0, None);
+    // A reconnect storm, as the stream counts it, told when it starts and when it ends.
+    let mut storm = false;
     while turns.next(&cancel).await {
-        let now_unrecorded = work.assistant.snapshot().frames_unrecorded;
+        let snapshot = work.assistant.snapshot();
+        if snapshot.reconnect_storm != storm {
+            storm = snapshot.reconnect_storm;
+            tell_storm(&work, &config, storm);
+        }
+        let now_unrecorded = snapshot.frames_unrecorded;
         if now_unrecorded > unrecorded && told_unrecorded.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
             told_unrecorded = Some(Instant::now());
             let n = now_unrecorded - unrecorded;
@@ -526,6 +533,32 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
             }
         }
     }
+}
+
+/// A reconnect storm began (`raised`) or ended: in the audit trail, and the admins are told (the
+/// replies go over HTTPS, which may work while the Stream connection does not).
+fn tell_storm(work: &Arc<Work>, config: &Config, raised: bool) {
+    let st = &config.dingtalk.stream;
+    let minutes = st.storm_window_ms.get().as_secs().div_ceil(60);
+    let (kind, reason, title, text) = if raised {
+        (
+            "raised",
+            format!("reconnect storm: {} connection attempts within {minutes} min", st.storm_attempts),
+            t!("alert.raised_title"),
+            t!("alert.raised", alarm = t!("alarm.storm", attempts = st.storm_attempts, minutes = minutes)),
+        )
+    } else {
+        (
+            "cleared",
+            "reconnect storm over: the connection receives frames again".to_owned(),
+            t!("alert.cleared_title"),
+            t!("alert.cleared", alarm = t!("alarm.storm_over")),
+        )
+    };
+    work.assistant
+        .audit()
+        .record(Event::new(Kind::Alert, "", "").target("dingtalk stream").outcome(kind).reason(reason));
+    tell_admins(work, config, &title, &text);
 }
 
 /// A plugin stopped for reaching a limit: in the audit trail, and the admins are told.

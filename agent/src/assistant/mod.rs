@@ -324,7 +324,12 @@ impl Assistant {
             Command::Help => Answer::fixed(t!("help.title"), t!("help.text")),
             Command::Ping => Answer::fixed("pong", "pong"),
             Command::Status if self.parts.access.admins().is_empty() || self.parts.access.is_admin(&asker.actor) => {
-                Answer::fixed(t!("status.title"), status::markdown(&self.snapshot()))
+                let mut text = status::markdown(&self.snapshot());
+                // A group's id is what `[health] admin_chat` and `group_allow` take.
+                if asker.group {
+                    text.push_str(&format!("\n{}\n", t!("status.this_group", chat = asker.chat.as_str())));
+                }
+                Answer::fixed(t!("status.title"), text)
             }
             Command::Status => Answer::fixed(t!("command.admins_only_title"), t!("status.admins_only")),
             Command::New => {
