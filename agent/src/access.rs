@@ -1,9 +1,11 @@
 //! Who may talk to the robot, who is an admin, and which tools each person may use.
 //!
-//! Admission is a policy per kind of chat: 1:1 chats are open to the organisation, to an
-//! allow-list, or by pairing (a newcomer gets a code an admin approves with `/approve CODE`);
-//! group chats are open or allow-listed by conversation id. Tools are granted per role and
-//! roles per user (DingTalk staff ids); nothing is granted unless the configuration says so.
+//! Admission is decided for the person first, the same in every chat: the organisation, an
+//! allow-list, or pairing (a newcomer gets a code in a 1:1 chat that an admin approves with
+//! `/approve CODE`). A group chat must then be open or allow-listed by conversation id; it
+//! never lets in someone their standing refuses. Tools are granted per role and roles per user
+//! (DingTalk staff ids), plus what `[access.groups]` grants in one group; nothing is granted
+//! unless the configuration says so.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -59,6 +61,8 @@ pub struct AccessSettings {
     pub roles: BTreeMap<String, RoleSettings>,
     /// Staff id → extra roles.
     pub users: BTreeMap<String, Vec<String>>,
+    /// Group conversation id → extra roles for everyone admitted, in that group only.
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -84,10 +88,13 @@ pub enum Admission {
 pub enum Refusal {
     /// A group chat not in `group_allow`.
     GroupNotEnabled,
-    /// A 1:1 sender without a staff id under the `org` policy.
+    /// A sender without a staff id under the `org` policy.
     NotInOrganisation,
-    /// A 1:1 sender not on the allow-list.
+    /// A sender not on the allow-list.
     NotListed,
+    /// Under pairing, a sender not approved yet, writing in a group: the code is given only in
+    /// a 1:1 chat.
+    NotPaired,
 }
 
 impl Refusal {
@@ -97,6 +104,7 @@ impl Refusal {
             Refusal::GroupNotEnabled => "this group chat is not in group_allow",
             Refusal::NotInOrganisation => "the sender is not a member of the organisation",
             Refusal::NotListed => "the sender is not on the allow-list",
+            Refusal::NotPaired => "the sender is not approved yet (pairing), writing in a group",
         }
     }
 
@@ -107,6 +115,7 @@ impl Refusal {
             Refusal::GroupNotEnabled => t!("access.group", chat = chat),
             Refusal::NotInOrganisation => t!("access.org_only", id = who),
             Refusal::NotListed => t!("access.not_listed", id = who),
+            Refusal::NotPaired => t!("access.not_paired", id = who),
         }
         .into_owned()
     }
@@ -137,8 +146,12 @@ fn matches(grant: &str, tool: &str) -> bool {
 /// Every role the settings name is defined, every grant names a tool of this box (`tools`).
 pub fn check<'a>(settings: &AccessSettings, tools: impl Iterator<Item = &'a str> + Clone) -> Vec<AccessError> {
     let mut out = Vec::new();
-    let referenced: BTreeSet<&String> =
-        settings.default_roles.iter().chain(settings.users.values().flatten()).collect();
+    let referenced: BTreeSet<&String> = settings
+        .default_roles
+        .iter()
+        .chain(settings.users.values().flatten())
+        .chain(settings.groups.values().flatten())
+        .collect();
     for role in referenced {
         if !settings.roles.contains_key(role) {
             out.push(AccessError::UnknownRole { role: role.clone() });
@@ -194,32 +207,30 @@ impl Access {
             || self.settings.users.contains_key(actor)
     }
 
+    /// May this message's sender speak here? The person's standing is decided first and is the
+    /// same in every chat (`direct_chats` is the policy for people); a group must also be
+    /// enabled, and lets in no one their standing refuses.
     pub fn admit(&self, message: &RobotMessage) -> Admission {
         let actor = actor(message);
-        match message.conversation_kind {
-            ConversationKind::Group => match self.settings.group_chats {
-                GroupPolicy::Open => Admission::Allowed,
-                GroupPolicy::Allowlist if self.settings.group_allow.contains(&message.conversation_id) => {
-                    Admission::Allowed
-                }
-                GroupPolicy::Allowlist => Admission::Refused(Refusal::GroupNotEnabled),
-            },
-            ConversationKind::Single => {
-                let staff = message.sender_staff_id.as_deref().is_some_and(|s| !s.is_empty());
-                match self.settings.direct_chats {
-                    _ if self.listed(&actor) => Admission::Allowed,
-                    DirectPolicy::Org if staff => Admission::Allowed,
-                    DirectPolicy::Org => Admission::Refused(Refusal::NotInOrganisation),
-                    DirectPolicy::Allowlist => Admission::Refused(Refusal::NotListed),
-                    DirectPolicy::Pairing => {
-                        if self.paired.lock().unwrap_or_else(|p| p.into_inner()).contains(&actor) {
-                            Admission::Allowed
-                        } else {
-                            Admission::Pairing(self.pairing_code(&actor, &message.sender_nick))
-                        }
-                    }
-                }
+        let group = message.conversation_kind == ConversationKind::Group;
+        if group
+            && self.settings.group_chats == GroupPolicy::Allowlist
+            && !self.settings.group_allow.contains(&message.conversation_id)
+        {
+            return Admission::Refused(Refusal::GroupNotEnabled);
+        }
+        let staff = message.sender_staff_id.as_deref().is_some_and(|s| !s.is_empty());
+        match self.settings.direct_chats {
+            _ if self.listed(&actor) => Admission::Allowed,
+            DirectPolicy::Org if staff => Admission::Allowed,
+            DirectPolicy::Org => Admission::Refused(Refusal::NotInOrganisation),
+            DirectPolicy::Allowlist => Admission::Refused(Refusal::NotListed),
+            DirectPolicy::Pairing if self.paired.lock().unwrap_or_else(|p| p.into_inner()).contains(&actor) => {
+                Admission::Allowed
             }
+            // A code is a private matter: in a group, the person is sent to a 1:1 chat for it.
+            DirectPolicy::Pairing if group => Admission::Refused(Refusal::NotPaired),
+            DirectPolicy::Pairing => Admission::Pairing(self.pairing_code(&actor, &message.sender_nick)),
         }
     }
 
@@ -256,13 +267,16 @@ impl Access {
         self.paired.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// May `actor` use `tool`?
-    pub fn granted(&self, actor: &str, tool: &str) -> bool {
+    /// May `actor` use `tool` in the chat `chat`? Their own roles, and in a group what
+    /// `[access.groups]` grants that group.
+    pub fn granted(&self, actor: &str, chat: &str, tool: &str) -> bool {
         let extra = self.settings.users.get(actor).into_iter().flatten();
+        let group = self.settings.groups.get(chat).into_iter().flatten();
         self.settings
             .default_roles
             .iter()
             .chain(extra)
+            .chain(group)
             .filter_map(|r| self.settings.roles.get(r))
             .any(|r| r.tools.iter().any(|g| matches(g, tool)))
     }
@@ -309,12 +323,12 @@ mod tests {
             lilei = ["editor"]"#,
         )
         .expect("valid");
-        assert!(a.granted("anyone", "files_read"));
-        assert!(!a.granted("anyone", "files_write"));
-        assert!(a.granted("lilei", "files_write"));
-        assert!(!a.granted("lilei", "filesystem_x"), "a family grant covers `files_…` only");
+        assert!(a.granted("anyone", "c", "files_read"));
+        assert!(!a.granted("anyone", "c", "files_write"));
+        assert!(a.granted("lilei", "c", "files_write"));
+        assert!(!a.granted("lilei", "c", "filesystem_x"), "a family grant covers `files_…` only");
         let none = access("").expect("empty");
-        assert!(!none.granted("anyone", "system"));
+        assert!(!none.granted("anyone", "c", "system"));
     }
 
     #[test]
@@ -334,7 +348,7 @@ mod tests {
         let open = access("").expect("defaults");
         assert_eq!(open.admit(&message(ConversationKind::Single, Some("s1"), "c")), Admission::Allowed);
         assert!(matches!(open.admit(&message(ConversationKind::Single, None, "c")), Admission::Refused(_)));
-        assert_eq!(open.admit(&message(ConversationKind::Group, None, "g")), Admission::Allowed);
+        assert_eq!(open.admit(&message(ConversationKind::Group, Some("s1"), "g")), Admission::Allowed);
 
         let strict = access(
             r#"direct_chats = "pairing"
@@ -343,7 +357,12 @@ mod tests {
             group_allow = ["g-ok"]"#,
         )
         .expect("valid");
-        assert_eq!(strict.admit(&message(ConversationKind::Group, Some("x"), "g-ok")), Admission::Allowed);
+        assert_eq!(strict.admit(&message(ConversationKind::Group, Some("boss"), "g-ok")), Admission::Allowed);
+        assert_eq!(
+            strict.admit(&message(ConversationKind::Group, Some("x"), "g-ok")),
+            Admission::Refused(Refusal::NotPaired),
+            "an allowed group admits no one still waiting for approval"
+        );
         assert!(matches!(strict.admit(&message(ConversationKind::Group, Some("x"), "g-no")), Admission::Refused(_)));
         assert_eq!(strict.admit(&message(ConversationKind::Single, Some("boss"), "c")), Admission::Allowed);
         let Admission::Pairing(code) = strict.admit(&message(ConversationKind::Single, Some("new"), "c")) else {
@@ -357,5 +376,93 @@ mod tests {
         assert_eq!(strict.approve(&code), Some(("new".into(), "Li Lei".into())));
         assert_eq!(strict.admit(&message(ConversationKind::Single, Some("new"), "c")), Admission::Allowed);
         assert_eq!(strict.approve(&code), None, "a code is used once");
+    }
+
+    /// The table of docs/CONFIGURATION.md ("Who may speak where"), row by row: a person's
+    /// standing is the same in a 1:1 chat, an open group and an allowed group; a group that is
+    /// not allowed refuses everyone.
+    #[test]
+    fn a_persons_standing_is_the_same_in_every_chat() {
+        use Admission::{Allowed, Refused};
+        use ConversationKind::{Group, Single};
+        const PAIRING_CODE: &str = "code";
+        let outcome = |a: &Access, kind, staff: Option<&str>, cid: &str| match a.admit(&message(kind, staff, cid)) {
+            Admission::Pairing(_) => Admission::Pairing(PAIRING_CODE.into()),
+            other => other,
+        };
+        let pairing = Admission::Pairing(PAIRING_CODE.into());
+        // policy, approved by pairing, sender; then the outcome in 1:1, an open group, an allowed group
+        type Row<'a> = (&'a str, &'a str, Option<&'a str>, Admission, Admission, Admission);
+        let rows: [Row; 9] = [
+            ("org", "", Some("staff1"), Allowed, Allowed, Allowed),
+            (
+                "org",
+                "",
+                None,
+                Refused(Refusal::NotInOrganisation),
+                Refused(Refusal::NotInOrganisation),
+                Refused(Refusal::NotInOrganisation),
+            ),
+            ("org", "", Some("listed"), Allowed, Allowed, Allowed),
+            ("allowlist", "", Some("listed"), Allowed, Allowed, Allowed),
+            (
+                "allowlist",
+                "",
+                Some("staff1"),
+                Refused(Refusal::NotListed),
+                Refused(Refusal::NotListed),
+                Refused(Refusal::NotListed),
+            ),
+            (
+                "allowlist",
+                "",
+                None,
+                Refused(Refusal::NotListed),
+                Refused(Refusal::NotListed),
+                Refused(Refusal::NotListed),
+            ),
+            ("pairing", "", Some("staff1"), pairing.clone(), Refused(Refusal::NotPaired), Refused(Refusal::NotPaired)),
+            ("pairing", "staff1", Some("staff1"), Allowed, Allowed, Allowed),
+            ("pairing", "", Some("listed"), Allowed, Allowed, Allowed),
+        ];
+        for (policy, paired, staff, direct, open_group, allowed_group) in rows {
+            for groups in ["open", "allowlist"] {
+                let settings: AccessSettings = toml::from_str(&format!(
+                    "direct_chats = \"{policy}\"\ndirect_allow = [\"listed\"]\ngroup_chats = \"{groups}\"\ngroup_allow = [\"g-ok\"]"
+                ))
+                .expect("toml");
+                let paired: BTreeSet<String> =
+                    [paired].into_iter().filter(|p| !p.is_empty()).map(str::to_owned).collect();
+                let a = Access::new(settings, TOOLS.iter().copied(), paired).expect("valid");
+                let row = format!("{policy} {staff:?} groups {groups}");
+                assert_eq!(outcome(&a, Single, staff, "c"), direct, "{row}: 1:1");
+                let group = if groups == "open" { &open_group } else { &allowed_group };
+                assert_eq!(&outcome(&a, Group, staff, "g-ok"), group, "{row}: group");
+                if groups == "allowlist" {
+                    let other = outcome(&a, Group, staff, "g-other");
+                    assert_eq!(other, Refused(Refusal::GroupNotEnabled), "{row}: a group not allowed");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_adds_only_what_the_configuration_grants_it() {
+        let a = access(
+            r#"default_roles = ["member"]
+            [roles.member]
+            tools = ["files_read"]
+            [roles.writer]
+            tools = ["files_write"]
+            [groups]
+            "g-team" = ["writer"]"#,
+        )
+        .expect("valid");
+        assert!(a.granted("anyone", "g-team", "files_write"), "the team's group grants writing there");
+        assert!(!a.granted("anyone", "g-other", "files_write"), "only there");
+        assert!(!a.granted("anyone", "c-direct", "files_write"), "not in 1:1");
+        assert!(a.granted("anyone", "g-other", "files_read"), "the person's own roles everywhere");
+        let e = access("[groups]\n\"g\" = [\"ghost\"]").err().expect("an undefined role");
+        assert_eq!(e, AccessError::UnknownRole { role: "ghost".into() });
     }
 }

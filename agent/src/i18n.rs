@@ -66,21 +66,22 @@ impl Said {
         Said { key: key.to_owned(), args: args.iter().map(|(n, v)| ((*n).to_owned(), v.to_string())).collect() }
     }
 
-    /// In the box's language.
-    pub fn text(&self) -> String {
+    /// In the box's language; `None` for a key this binary does not know (said by another
+    /// version of it), for the caller to say its own words instead.
+    pub fn text(&self) -> Option<String> {
         self.in_locale(&rust_i18n::locale())
     }
 
     /// In English: for the command line, the receipt and the logs.
     pub fn english(&self) -> String {
-        self.in_locale(Language::En.code())
+        self.in_locale(Language::En.code()).unwrap_or_else(|| self.key.clone())
     }
 
-    fn in_locale(&self, locale: &str) -> String {
-        let template = rust_i18n::t!(self.key.as_str(), locale = locale);
+    fn in_locale(&self, locale: &str) -> Option<String> {
+        let template = crate::_rust_i18n_try_translate(locale, &self.key)?;
         let names: Vec<&str> = self.args.iter().map(|(n, _)| n.as_str()).collect();
         let values: Vec<String> = self.args.iter().map(|(_, v)| v.clone()).collect();
-        rust_i18n::replace_patterns(&template, &names, &values)
+        Some(rust_i18n::replace_patterns(&template, &names, &values))
     }
 }
 

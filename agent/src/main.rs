@@ -666,13 +666,18 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             };
             // The box refuses a file changed after signing: so does the laptop, before the stick.
             if let Some(sig) = &sig {
-                let signer = sign::verify(&data, &String::from_utf8_lossy(sig), trusted.as_deref()).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: {e}; sign it again with `zhuli provision sign --key org.key {}`",
-                        sig_path.display(),
-                        config.display()
-                    )
-                })?;
+                let signer =
+                    sign::verify(&data, &String::from_utf8_lossy(sig), trusted.as_deref()).map_err(|e| match e {
+                        sign::SignError::Untrusted { found, trusted } => anyhow::anyhow!(
+                            "{} is signed by the key {found}, not by {trusted} that --org-key names: sign it with the organisation's org.key, or name its org.pub",
+                            sig_path.display()
+                        ),
+                        e => anyhow::anyhow!(
+                            "{}: {e}; sign it again with `zhuli provision sign --key org.key {}`",
+                            sig_path.display(),
+                            config.display()
+                        ),
+                    })?;
                 println!("signature good (organisation key {})", sign::short(&signer));
             }
             let mut files: Vec<(&str, &[u8])> = vec![(stick::CONFIG, &data)];

@@ -275,9 +275,13 @@ async fn remind_wang_asks_which_wang_then_creates_the_todo_for_her() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_go_into_the_chat_and_received_files_are_saved() {
     let rig = rig("ws-files").await;
+    // A file into a chat is a share: it waits for the asker's confirmation.
     rig.llm.push(calls(&[("chat_send_file", json!({"path": "share/reports/q3.pdf"}))]));
+    let q = rig.ask_han("send me the Q3 report").await;
+    assert!(q.contains("发送出去") && q.contains("chat_send_file"), "{q}");
+    assert!(rig.sim.org().uploads.is_empty(), "nothing leaves before the confirmation");
     rig.llm.push(Scripted::Text("Here is the Q3 report.".into()));
-    assert_eq!(rig.ask_han("send me the Q3 report").await, "Here is the Q3 report.");
+    assert_eq!(rig.ask_han(&format!("/confirm {}", code_in(&q))).await, "Here is the Q3 report.");
     let uploads = rig.sim.org().uploads;
     assert_eq!(uploads.len(), 1);
     assert_eq!(uploads[0].file_name, "q3.pdf");
@@ -288,10 +292,15 @@ async fn files_go_into_the_chat_and_received_files_are_saved() {
     assert_eq!(sent[0].to_user.as_deref(), Some("hanmei"));
     assert_eq!(sent[0].media_id.as_deref(), Some(uploads[0].media_id.as_str()));
 
-    // In a group chat the file goes to the group.
+    // In a group chat the file goes to the group, once the asker — no one else — confirms.
     rig.llm.push(calls(&[("chat_send_file", json!({"path": "share/reports/q3.pdf"}))]));
+    let in_team = |text: &str, who: &str| Inject::text(text).in_group(true).conversation("cid-team").from(who);
+    let q = rig.ask(in_team("@zhuli share the Q3 report", "hanmei")).await;
+    let other = rig.ask(in_team(&format!("@zhuli /confirm {}", code_in(&q)), "lilei")).await;
+    assert!(other.contains("只有提出请求的"), "{other}");
+    assert_eq!(rig.sim.org().uploads.len(), 1, "someone else's confirmation sends nothing");
     rig.llm.push(Scripted::Text("Shared.".into()));
-    rig.ask(Inject::text("@zhuli share the Q3 report").in_group(true).conversation("cid-team").from("hanmei")).await;
+    rig.ask(in_team(&format!("@zhuli /confirm {}", code_in(&q)), "hanmei")).await;
     let group: Vec<_> =
         rig.sim.replies().into_iter().filter(|r| r.media_id.is_some() && r.route == ReplyRoute::GroupSend).collect();
     assert_eq!(group.len(), 1);
@@ -337,11 +346,12 @@ async fn bad_requests_get_clear_answers_and_change_nothing() {
     }
     assert!(rig.sim.org().events.is_empty());
 
-    // Someone outside the organisation (no staff id) gets no calendar.
-    rig.llm.push(calls(&[("calendar_list", json!({"from": at(fri, 0, 0), "to": at(fri, 23, 0)}))]));
-    rig.llm.push(Scripted::Text("Sorry.".into()));
-    rig.ask(Inject::text("@zhuli my calendar").in_group(true).from("")).await;
-    assert!(rig.last_tool_results()[0].contains("not a member of this organisation"));
+    // Someone outside the organisation (no staff id) is not admitted, in a group as in 1:1: the
+    // model is never asked.
+    let asked = rig.llm.requests().len();
+    let refused = rig.ask(Inject::text("@zhuli my calendar").in_group(true).from("")).await;
+    assert!(refused.contains("只为本组织的成员服务"), "{refused}");
+    assert_eq!(rig.llm.requests().len(), asked);
 
     // A missing app permission is named in the chat, whatever the model says.
     rig.sim.deny_api("/v1.0/calendar/", "Calendar.Event.Read");

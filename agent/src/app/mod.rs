@@ -397,8 +397,8 @@ fn diagnose(
     snapshot: Arc<dyn Fn() -> Snapshot + Send + Sync>,
 ) -> status::Diagnose {
     let (config, socket) = (Arc::new(config.clone()), socket.to_owned());
-    // One run at a time: the doctor asks this socket itself, and a second stick plugged in
-    // meanwhile gets the next report rather than a second run beside the first.
+    // One run at a time: a second stick plugged in, or `/诊断` asked, meanwhile gets the next
+    // report rather than a second run beside the first.
     let one = Arc::new(tokio::sync::Mutex::new(()));
     Arc::new(move || {
         let (config, socket, snapshot, one) = (config.clone(), socket.clone(), snapshot.clone(), one.clone());
@@ -462,13 +462,23 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
     let mut told_sticks = std::collections::BTreeSet::new();
     // Frames the store did not record (left unACKed), and when the admins last heard of it.
     let (mut unrecorded, mut told_unrecorded): (u64, Option<Instant>) = (0, None);
-    // A reconnect storm, as the stream counts it, told when it starts and when it ends.
-    let mut storm = false;
+    // A reconnect storm, as the stream counts it: told when it starts, and its end only once
+    // no connection has been opened or failed for a whole storm window (a connection that reads
+    // one frame and drops is not the end of it).
+    let window = config.dingtalk.stream.storm_window_ms.get();
+    let (mut storm_told, mut attempts, mut steady_since) = (false, 0, Instant::now());
     while turns.next(&cancel).await {
         let snapshot = work.assistant.snapshot();
-        if snapshot.reconnect_storm != storm {
-            storm = snapshot.reconnect_storm;
-            tell_storm(&work, &config, storm);
+        let now_attempts = snapshot.connections_opened + snapshot.connect_failures;
+        if now_attempts != attempts {
+            (attempts, steady_since) = (now_attempts, Instant::now());
+        }
+        if snapshot.reconnect_storm && !storm_told {
+            storm_told = true;
+            tell_storm(&work, &config, true);
+        } else if storm_told && !snapshot.reconnect_storm && steady_since.elapsed() >= window {
+            storm_told = false;
+            tell_storm(&work, &config, false);
         }
         let now_unrecorded = snapshot.frames_unrecorded;
         if now_unrecorded > unrecorded && told_unrecorded.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {

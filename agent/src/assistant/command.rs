@@ -12,6 +12,8 @@ pub enum Command {
     New,
     Undo,
     Confirm(String),
+    /// All of what a pending confirmation would do, where the question shows only the start.
+    Show(String),
     Cancel,
     Approve(String),
     Audit(String),
@@ -27,13 +29,14 @@ pub enum Command {
 }
 
 /// The Chinese names and the English names they stand for.
-const CHINESE: [(&str, &str); 12] = [
+const CHINESE: [(&str, &str); 13] = [
     ("帮助", "help"),
     ("在吗", "ping"),
     ("状态", "status"),
     ("新对话", "new"),
     ("撤销", "undo"),
     ("确认", "confirm"),
+    ("查看", "show"),
     ("取消", "cancel"),
     ("批准", "approve"),
     ("审计", "audit"),
@@ -65,7 +68,7 @@ pub fn parse(text: &str) -> Option<Command> {
         Some((zh, en)) => {
             let glued = &name[zh.len()..];
             if !glued.is_empty() {
-                if !matches!(*en, "confirm" | "approve" | "audit") {
+                if !matches!(*en, "confirm" | "show" | "approve" | "audit") {
                     return Some(Command::Unknown(format!("/{}", typed.chars().take(31).collect::<String>())));
                 }
                 arg = glued.to_owned();
@@ -81,6 +84,7 @@ pub fn parse(text: &str) -> Option<Command> {
         "new" => Command::New,
         "undo" => Command::Undo,
         "confirm" => Command::Confirm(arg),
+        "show" => Command::Show(arg),
         "cancel" => Command::Cancel,
         "approve" => Command::Approve(arg),
         "audit" => Command::Audit(arg),
@@ -129,6 +133,8 @@ mod tests {
             ("/确认 1234", Command::Confirm("1234".into())),
             ("／确认　１２３４", Command::Confirm("1234".into())),
             ("/确认1234", Command::Confirm("1234".into())),
+            ("/查看 1234", Command::Show("1234".into())),
+            ("/show 1234", Command::Show("1234".into())),
             ("/批准 012345", Command::Approve("012345".into())),
             ("/审计 10", Command::Audit("10".into())),
             ("/诊断", Command::Doctor),

@@ -344,6 +344,7 @@ impl Assistant {
             }
             Command::Undo => self.undo(&asker).await,
             Command::Confirm(code) => self.confirm(&asker, &code, progress).await,
+            Command::Show(code) => self.show(&asker, &code),
             Command::Cancel => self.cancel(&asker).await,
             Command::Approve(code) => self.approve(&asker, &code).await,
             Command::Audit(n) => self.audit_text(&asker, &n),
@@ -570,7 +571,8 @@ impl Assistant {
 fn fenced(text: &str) -> String {
     let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
     let fence = "`".repeat(longest.max(2) + 1);
-    format!("{fence}\n{text}{fence}")
+    let end = if text.ends_with('\n') { "" } else { "\n" };
+    format!("{fence}\n{text}{end}{fence}")
 }
 
 /// The diagnostics for the admin chat: each doctor step with its verdict and, when not a pass,
@@ -587,7 +589,12 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
                     "warn" => "⚠️",
                     _ => "❌",
                 };
-                let first = s.detail.lines().next().unwrap_or_default();
+                // The first line, or under a heading ("…finds them:") the lines it introduces.
+                let mut lines = s.detail.lines();
+                let first = match lines.next().unwrap_or_default() {
+                    heading if heading.ends_with(':') => lines.collect::<Vec<_>>().join("; "),
+                    line => line.to_owned(),
+                };
                 let name = match s.name.as_str() {
                     "network" => t!("doctor.network"),
                     "credentials" => t!("doctor.credentials"),
@@ -600,7 +607,7 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
                 };
                 t.push_str(&format!("- {mark} **{name}**：{first}\n"));
                 // What an admin can do from here; a report from an older agent has the console's.
-                let fix = s.chat_fix.as_ref().map(|f| f.text()).or_else(|| s.fix.clone());
+                let fix = s.chat_fix.as_ref().and_then(|f| f.text()).or_else(|| s.fix.clone());
                 if let (Some(fix), false) = (fix, s.verdict == "pass") {
                     for (i, line) in fix.lines().enumerate() {
                         let line = if i == 0 { t!("upkeep.fix", fix = line).into_owned() } else { line.to_owned() };

@@ -203,7 +203,7 @@ impl Assistant {
             if left.is_zero() {
                 return self.timed_out(state).await;
             }
-            let granted = |name: &str| self.parts.access.granted(&state.asker.actor, name);
+            let granted = |name: &str| self.parts.access.granted(&state.asker.actor, &state.asker.chat, name);
             let specs = self.parts.tools.specs(granted);
             let asked = async {
                 match progress {
@@ -314,7 +314,7 @@ impl Assistant {
             let named = |n: &str| format!("there is no tool named `{n}`");
             return Err(deny(named(&name.chars().take(64).collect::<String>()), named(&audited_name), String::new()));
         };
-        if !self.parts.access.granted(&asker.actor, name) {
+        if !self.parts.access.granted(&asker.actor, &asker.chat, name) {
             // The audit trail has the asker's id; their display name is theirs to choose.
             let grant = format!("may not use `{name}`; an admin can grant it to one of their roles");
             return Err(deny(format!("{} {grant}", asker.nick), format!("the asker {grant}"), String::new()));
@@ -464,17 +464,42 @@ impl Assistant {
         };
         let effect = match risk {
             Risk::Destructive => t!("confirm.destructive"),
+            Risk::Share => t!("confirm.share"),
             _ => t!("confirm.change"),
+        };
+        let details = {
+            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.get(&code).map(|p| shown(&target, &p.args, &code, false)).unwrap_or_default()
         };
         let question = t!(
             "confirm.question",
             tool = tool.name(),
-            target = target,
+            details = details,
             effect = effect,
             code = code,
             within = said(timeout)
         );
         Answer { title: t!("confirm.title").into_owned(), markdown: question.into_owned(), costly: true }
+    }
+
+    /// `/show CODE` from `asker`: everything the pending call would do, whole.
+    pub(super) fn show(&self, asker: &Asker, code: &str) -> Answer {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = pending.get(code).filter(|p| p.expires > Instant::now()) else {
+            return Answer::fixed(t!("confirm.nothing_title"), t!("confirm.no_such_code"));
+        };
+        // Only the asker, where they asked: the content may be theirs alone.
+        if p.state.asker.actor != asker.actor || p.state.asker.chat != asker.chat {
+            return Answer::fixed(
+                t!("confirm.not_yours_title"),
+                t!("confirm.not_yours", owner = p.state.asker.nick.as_str()),
+            );
+        }
+        let Some(tool) = self.parts.tools.get(&p.call.function.name) else {
+            return Answer::fixed(t!("confirm.nothing_title"), t!("confirm.tool_gone"));
+        };
+        let whole = shown(&tool.question(&p.args), &p.args, code, true);
+        Answer::fixed(t!("confirm.show_title"), t!("confirm.show", tool = tool.name(), details = whole, code = code))
     }
 
     /// `/confirm CODE` from `asker`.
@@ -627,9 +652,104 @@ pub fn human(d: Duration) -> String {
     }
 }
 
+/// An argument longer than this (characters or lines) is shown in a confirmation by its size,
+/// sha256 and first lines; `/show CODE` shows it whole.
+const SHOWN_CHARS: usize = 800;
+const SHOWN_LINES: usize = 15;
+/// Lines of a long argument a confirmation shows.
+const HEAD_LINES: usize = 8;
+
+/// What a pending call will do: its target, then every argument as it will be executed. Each
+/// value sits in a code block whose fence is longer than any run of backticks inside, so no
+/// content can change the message's formatting, and links and mentions in it are not live.
+fn shown(target: &str, args: &Value, code: &str, whole: bool) -> String {
+    let mut short = vec![format!("→ {target}")];
+    let mut long = String::new();
+    let empty = serde_json::Map::new();
+    let map = args.as_object().unwrap_or(&empty);
+    for (name, value) in map {
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => serde_json::to_string_pretty(other).unwrap_or_default(),
+        };
+        let (chars, lines) = (text.chars().count(), text.lines().count());
+        if !text.contains('\n') && chars <= 120 {
+            short.push(format!("{name}: {text}"));
+        } else if whole || (chars <= SHOWN_CHARS && lines <= SHOWN_LINES) {
+            let label = t!("confirm.argument", name = name, bytes = text.len());
+            long.push_str(&format!("\n{label}\n{}\n", super::fenced(&text)));
+        } else {
+            let head: String =
+                text.lines().take(HEAD_LINES).collect::<Vec<_>>().join("\n").chars().take(SHOWN_CHARS).collect();
+            let label = t!(
+                "confirm.argument_long",
+                name = name,
+                bytes = text.len(),
+                lines = lines,
+                sha256 = sha256_hex(text.as_bytes()),
+                shown = HEAD_LINES,
+                code = code
+            );
+            long.push_str(&format!("\n{label}\n{}\n", super::fenced(&head)));
+        }
+    }
+    format!("{}\n{long}", super::fenced(&short.join("\n")))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The code blocks of a Markdown text: (fence, content) in order.
+    fn blocks(text: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            if line.starts_with("```") && line.chars().all(|c| c == '`') {
+                let body: Vec<&str> = lines.by_ref().take_while(|l| *l != line).collect();
+                out.push((line.to_owned(), body.join("\n")));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_confirmation_shows_every_argument_and_no_content_breaks_out() {
+        let hostile = "line one\n```\n**bold** [click](https://evil.example) @all\n````` done";
+        let args = serde_json::json!({"path": "share/notes.txt", "content": hostile, "labels": ["a", "b"]});
+        let text = shown("share/notes.txt", &args, "1234", false);
+        let found = blocks(&text);
+        // The content sits whole inside one block whose fence outruns its longest backtick run.
+        let content = found.iter().find(|(_, body)| body.contains("**bold**")).expect("content shown");
+        assert_eq!(content.1, hostile);
+        assert!(content.0.len() > 5, "fence {:?}", content.0);
+        assert!(found[0].1.contains("→ share/notes.txt") && found[0].1.contains("path: share/notes.txt"));
+        assert!(text.contains("labels"), "{text}");
+        // Nothing outside a block comes from the content.
+        let mut outside = text.clone();
+        for (fence, body) in &found {
+            outside = outside.replacen(&format!("{fence}\n{body}\n{fence}"), "", 1);
+        }
+        assert!(!outside.contains("evil") && !outside.contains("@all") && !outside.contains("**bold**"), "{outside}");
+    }
+
+    #[test]
+    fn long_content_is_shown_by_size_hash_and_head_and_whole_on_request() {
+        let long: String = (1..=200).map(|i| format!("row {i}\n")).collect();
+        let args = serde_json::json!({"path": "share/big.csv", "content": long});
+        let text = crate::i18n::tests::in_language(crate::i18n::Language::ZhCn, || {
+            shown("share/big.csv", &args, "4321", false)
+        });
+        let sha = sha256_hex(long.as_bytes());
+        assert!(text.contains(&sha) && text.contains("/查看 4321") && text.contains("200 行"), "{text}");
+        assert!(text.contains("row 8\n") && !text.contains("row 9\n"), "the first lines only: {text}");
+        let whole = shown("share/big.csv", &args, "4321", true);
+        assert!(whole.contains("row 200"), "the whole of it on /show");
+    }
 
     fn t(at_ms: i64) -> StoredTurn {
         StoredTurn { role: TurnRole::User, text: at_ms.to_string(), at_ms }

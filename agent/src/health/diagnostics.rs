@@ -70,8 +70,29 @@ pub struct Versions {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConfigPart {
     pub serial: u64,
+    #[serde(deserialize_with = "problems")]
     pub errors: Vec<crate::validate::Problem>,
+    #[serde(deserialize_with = "problems")]
     pub examples: Vec<crate::validate::Problem>,
+}
+
+/// Problems as this version writes them, or as lines of text (a report of an earlier version,
+/// read by the import while the agent still runs it).
+fn problems<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<crate::validate::Problem>, D::Error> {
+    use crate::validate::Problem;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Line(String),
+        Problem(Problem),
+    }
+    Ok(Vec::<Either>::deserialize(d)?
+        .into_iter()
+        .map(|e| match e {
+            Either::Line(line) => Problem::said(line),
+            Either::Problem(p) => p,
+        })
+        .collect())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,7 +126,7 @@ pub struct Backup {
 pub const BACKUPS: &str = "backups";
 
 /// The full report, made by the running agent: `snapshot` is its own status, `socket` its
-/// status socket (the doctor asks it for the folders' check).
+/// status socket (the agent's doctor checks the folders and its version itself).
 pub async fn full(config: &Config, socket: &Path, snapshot: Snapshot, doctor_wait: Duration) -> Report {
     let runner = doctor::Runner::Agent { connected: snapshot.connected, frames: snapshot.frames };
     let steps = doctor::run_as(config, socket, doctor_wait, runner).await;
@@ -523,6 +544,17 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_of_an_earlier_version_still_reads() {
+        let old = r#"{"serial": 3, "errors": ["[llm] model: is empty"], "examples": []}"#;
+        let part: ConfigPart = serde_json::from_str(old).expect("lines of text");
+        assert_eq!(part.errors[0].field, "[llm] model");
+        assert_eq!(part.errors[0].message, "is empty");
+        let new = serde_json::to_string(&part).expect("json");
+        let again: ConfigPart = serde_json::from_str(&new).expect("problems");
+        assert_eq!(again.errors, part.errors);
+    }
 
     #[test]
     fn redaction_takes_out_secrets_people_and_their_words() {

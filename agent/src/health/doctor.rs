@@ -163,9 +163,10 @@ pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runne
         )
     });
 
-    steps.push(recent_errors(&super::diagnostics::secrets_of(config)));
-    // The running agent answers for itself: it does not ask its own status socket.
+    // The running agent answers for itself: it does not ask its own status socket, and it
+    // says its own warnings (it may not read the journal).
     let by_agent = matches!(runner, Runner::Agent { .. });
+    steps.push(recent_errors(&super::diagnostics::secrets_of(config), by_agent));
     steps.push(version(status_socket, by_agent));
     steps.push(tools_step(config).await);
     steps.push(folders_step(config, status_socket, by_agent));
@@ -214,7 +215,9 @@ fn folders_step(config: &Config, status_socket: &Path, in_agent: bool) -> Step {
             _ => c.fix(&report.user).unwrap_or_default(),
         };
         let chat = match (&c.problem, here.as_ref().map(|h| &h.problem)) {
-            (Some(FolderProblem::Missing), Some(None)) => Said::new("doctor.fix_hidden", &[]).text(),
+            (Some(FolderProblem::Missing), Some(None)) => {
+                Said::new("doctor.fix_hidden", &[]).text().unwrap_or_default()
+            }
             _ => c.fix_said(&report.user).unwrap_or_default(),
         };
         fixes.push((format!("{}: {fix}", c.name), format!("{}: {chat}", c.name)));
@@ -442,8 +445,26 @@ async fn stream_step(config: &Config, http: &HttpClient, wait: Duration) -> Step
     verdict
 }
 
-fn recent_errors(secrets: &[String]) -> Step {
-    use super::diagnostics::{Section, journal};
+fn recent_errors(secrets: &[String], in_agent: bool) -> Step {
+    use super::diagnostics::{Section, journal, remembered};
+    if in_agent {
+        let lines = remembered(secrets);
+        return match lines.len() {
+            0 => step("recent errors", Verdict::Pass, "no warnings or errors since the agent started", None),
+            n => {
+                let last: Vec<&str> = lines.iter().rev().take(10).rev().map(String::as_str).collect();
+                step(
+                    "recent errors",
+                    Verdict::Warn,
+                    format!(
+                        "{n} warnings and errors since the agent started (redacted), the last:\n{}",
+                        last.join("\n")
+                    ),
+                    fix("see OPERATIONS.md for what each means", said("doctor.fix_operations")),
+                )
+            }
+        };
+    }
     match journal(secrets) {
         Section::Missing(why) => step(
             "recent errors",

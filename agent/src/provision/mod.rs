@@ -84,6 +84,10 @@ pub enum ProvisionError {
     Problems(String, Vec<crate::validate::Problem>),
     #[error("serial {new} is not newer than the box's current serial {current}; raise `serial` and sign again")]
     OldSerial { new: u64, current: u64 },
+    #[error(
+        "{field} holds only `*`: this stick was imported before and its secrets were removed from it; write the configuration to it again (`zhuli provision write`) and plug it in"
+    )]
+    ImportedBefore { field: String },
     #[error("cannot store the imported configuration: {0}")]
     Apply(String),
 }
@@ -97,6 +101,9 @@ impl ProvisionError {
             ProvisionError::Problems(_, problems) => problems.clone(),
             ProvisionError::OldSerial { new, current } => {
                 vec![Problem::keyed("serial", Said::new("refusal.old_serial", &[("new", new), ("current", current)]))]
+            }
+            ProvisionError::ImportedBefore { field } => {
+                vec![Problem::keyed(field, Said::new("problem.stick_imported_before", &[]))]
             }
             ProvisionError::Unsigned => said(Said::new("refusal.unsigned", &[])),
             ProvisionError::Signature(sign::SignError::Mismatch) => said(Said::new("refusal.mismatch", &[])),
@@ -640,9 +647,7 @@ fn import_inner(opts: &ImportOptions, receipt: &mut Receipt) -> Result<String, P
     if let Ok(secrets) = secrets_in(&text, Path::new("zhuli.toml (on the stick)"))
         && let Some(s) = secrets.iter().find(|s| !s.value.is_empty() && s.value.chars().all(|c| c == '*'))
     {
-        let said = crate::i18n::Said::new("problem.stick_imported_before", &[]);
-        let problem = crate::validate::Problem::keyed(&s.field, said);
-        return Err(ProvisionError::Problems("zhuli.toml (on the stick)".into(), vec![problem]));
+        return Err(ProvisionError::ImportedBefore { field: s.field.clone() });
     }
     // Who signed it, and whether this box trusts them.
     let pinned_path = opts.root.join("org.pub");
@@ -1207,6 +1212,17 @@ mod tests {
         let short = filled().replace("\"Qx7-secret-from-console\"", "\"abc\"");
         let e = check(&short, Path::new("x")).expect_err("short").to_string();
         assert!(e.contains("shorter than 8"), "{e}");
+    }
+
+    #[test]
+    fn a_refusal_noted_by_an_earlier_version_still_reads() {
+        let dir = std::env::temp_dir().join(format!("zhuli-refused-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let old = r#"{"time": "2026-12-01 10:00 UTC", "serial": 4, "config_sha256": null, "reasons": ["x"]}"#;
+        std::fs::write(dir.join(REFUSED), old).expect("refused.json");
+        let r = Refusal::last(&dir).expect("read");
+        assert_eq!((r.serial, r.reasons.len(), r.problems.len()), (Some(4), 1, 0));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

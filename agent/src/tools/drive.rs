@@ -276,7 +276,9 @@ impl Tool for DriveTool {
     fn risk(&self) -> Risk {
         match self.op {
             Op::List | Op::Search => Risk::Read,
-            _ => Risk::Write,
+            // Out of the box and onto the drive, or a link anyone holding it can follow.
+            Op::Upload | Op::Share => Risk::Share,
+            Op::Download | Op::Move => Risk::Write,
         }
     }
 

@@ -3,8 +3,8 @@
 //! A tool has a name, a description and JSON-schema parameters (all shown to the model), a risk
 //! level, an `execute` and optionally an `undo`. The turn loop checks every call before it runs:
 //! the tool exists and is granted to the asking user, the arguments are JSON no larger than the
-//! limit and valid against the schema, and a `write` or `destructive` call has been confirmed in
-//! chat. Tools themselves enforce their own confinement (the files tool's roots).
+//! limit and valid against the schema, and every call but a read (a share, a write, a
+//! destructive call) has been confirmed in chat by the person who asked. Tools themselves enforce their own confinement (the files tool's roots).
 
 pub mod caldav;
 pub mod dav;
@@ -32,10 +32,13 @@ pub fn str_arg<'a>(args: &'a Value, name: &str) -> &'a str {
     args.get(name).and_then(Value::as_str).unwrap_or_default()
 }
 
-/// How much harm a call can do; `write` and `destructive` need a confirmation in chat.
+/// What a call does, by its effect; everything but a read needs the asker's confirmation in chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Risk {
+    /// Reads, whose result stays in the conversation.
     Read,
+    /// Sends data somewhere new: a file to a chat, to the drive, to GitHub.
+    Share,
     Write,
     Destructive,
 }
@@ -44,6 +47,7 @@ impl Risk {
     pub fn name(self) -> &'static str {
         match self {
             Risk::Read => "read",
+            Risk::Share => "share",
             Risk::Write => "write",
             Risk::Destructive => "destructive",
         }

@@ -284,7 +284,8 @@ impl Tool for GithubTool {
 
     fn risk(&self) -> Risk {
         match self.op {
-            Op::Comment | Op::CreateIssue => Risk::Write,
+            // What is posted leaves the box for everyone who sees the repository.
+            Op::Comment | Op::CreateIssue => Risk::Share,
             _ => Risk::Read,
         }
     }

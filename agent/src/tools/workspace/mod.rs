@@ -311,6 +311,8 @@ impl Tool for WorkspaceTool {
         match self.op {
             Op::CalendarCreate | Op::CalendarMove | Op::TodoCreate | Op::TodoDone => Risk::Write,
             Op::CalendarCancel => Risk::Destructive,
+            // A file into a chat: its members may read it, whatever the file was.
+            Op::ChatSendFile => Risk::Share,
             _ => Risk::Read,
         }
     }
