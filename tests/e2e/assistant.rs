@@ -233,6 +233,63 @@ async fn a_write_waits_for_the_askers_confirmation_and_undo_reverses_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_never_destroys_later_work_and_a_failed_undo_can_be_tried_again() {
+    let rig = rig("turn-undo", "").await;
+    let q3 = rig.share.join("reports/q3.txt");
+    let original = std::fs::read_to_string(&q3).expect("q3");
+    let overwrite = |content: &str| {
+        calls(&[("files_write", json!({"path": "share/reports/q3.txt", "content": content, "overwrite": true}))])
+    };
+    let lilei = |text: &str| Inject::text(text).from("lilei");
+
+    // lilei's confirmed write, then a colleague's edit: /撤销 refuses and keeps the edit.
+    rig.llm.push(overwrite("the assistant's summary"));
+    let question = rig.ask(lilei("rewrite q3")).await;
+    rig.llm.push(Scripted::Text("Done.".into()));
+    rig.ask(lilei(&format!("/确认 {}", code_in(&question)))).await;
+    std::fs::write(&q3, "a colleague's later edit").expect("edit");
+    for _ in 0..2 {
+        let refused = rig.ask(lilei("/撤销")).await;
+        assert!(refused.contains("又被改过") && refused.contains("/撤销 副本"), "{refused}");
+        assert_eq!(std::fs::read_to_string(&q3).expect("q3"), "a colleague's later edit");
+    }
+    // Kept as a copy instead: the edit stays, the version before lilei's write comes back beside it.
+    let copied = rig.ask(lilei("/撤销 副本")).await;
+    assert!(copied.contains("q3.previous.txt"), "{copied}");
+    assert_eq!(std::fs::read_to_string(&q3).expect("q3"), "a colleague's later edit");
+    assert_eq!(std::fs::read_to_string(rig.share.join("reports/q3.previous.txt")).expect("copy"), original);
+    assert!(rig.ask(lilei("/撤销")).await.contains("没有可以撤销的修改"), "done, the entry is gone");
+
+    // An undo that fails keeps its entry: it can be tried again, or dropped.
+    rig.llm.push(overwrite("second summary"));
+    let question = rig.ask(lilei("rewrite q3 again")).await;
+    rig.llm.push(Scripted::Text("Done.".into()));
+    rig.ask(lilei(&format!("/确认 {}", code_in(&question)))).await;
+    let kept = rig.agent.dir.join("state/files-undo");
+    let copies: Vec<_> = std::fs::read_dir(&kept).expect("undo area").flatten().map(|e| e.path()).collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    std::fs::rename(&copies[0], rig.agent.dir.join("aside")).expect("take the kept copy away");
+    let failed = rig.ask(lilei("/撤销")).await;
+    assert!(failed.contains("仍然可以撤销"), "{failed}");
+    std::fs::rename(rig.agent.dir.join("aside"), &copies[0]).expect("put it back");
+    let undone = rig.ask(lilei("/撤销")).await;
+    assert!(undone.contains("恢复了 share/reports/q3.txt 的上一个版本"), "{undone}");
+    assert_eq!(std::fs::read_to_string(&q3).expect("q3"), "a colleague's later edit");
+    rig.journal.expect(2, Kind::ToolUndone, &[("ACTOR", "lilei"), ("OUTCOME", "ok")]);
+    rig.journal.expect(3, Kind::ToolUndone, &[("ACTOR", "lilei"), ("OUTCOME", "error")]);
+
+    // /撤销 放弃 drops the newest change without touching anything.
+    rig.llm.push(overwrite("third summary"));
+    let question = rig.ask(lilei("rewrite q3 once more")).await;
+    rig.llm.push(Scripted::Text("Done.".into()));
+    rig.ask(lilei(&format!("/确认 {}", code_in(&question)))).await;
+    assert!(rig.ask(lilei("/撤销 放弃")).await.contains("不再撤销"));
+    assert_eq!(std::fs::read_to_string(&q3).expect("q3"), "third summary");
+    assert!(rig.ask(lilei("/撤销")).await.contains("没有可以撤销的修改"));
+    rig.assert_nothing_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_tool_calls_are_refused_audited_and_answered() {
     let rig = rig("turn-hostile", "").await;
     let big = "x".repeat(10 * 1024 * 1024);

@@ -10,7 +10,9 @@ pub enum Command {
     Ping,
     Status,
     New,
-    Undo,
+    /// `/undo`; `/undo copy` keeps what a change replaced beside later work; `/undo drop` stops
+    /// undoing a change.
+    Undo(String),
     Confirm(String),
     /// All of what a pending confirmation would do, where the question shows only the start.
     Show(String),
@@ -68,7 +70,7 @@ pub fn parse(text: &str) -> Option<Command> {
         Some((zh, en)) => {
             let glued = &name[zh.len()..];
             if !glued.is_empty() {
-                if !matches!(*en, "confirm" | "show" | "approve" | "audit") {
+                if !matches!(*en, "confirm" | "show" | "approve" | "audit" | "undo") {
                     return Some(Command::Unknown(format!("/{}", typed.chars().take(31).collect::<String>())));
                 }
                 arg = glued.to_owned();
@@ -82,7 +84,7 @@ pub fn parse(text: &str) -> Option<Command> {
         "ping" => Command::Ping,
         "status" => Command::Status,
         "new" => Command::New,
-        "undo" => Command::Undo,
+        "undo" => Command::Undo(arg),
         "confirm" => Command::Confirm(arg),
         "show" => Command::Show(arg),
         "cancel" => Command::Cancel,
@@ -128,7 +130,9 @@ mod tests {
             ("/在吗", Command::Ping),
             ("/状态", Command::Status),
             ("/新对话", Command::New),
-            ("/撤销", Command::Undo),
+            ("/撤销", Command::Undo(String::new())),
+            ("/撤销 副本", Command::Undo("副本".into())),
+            ("/撤销放弃", Command::Undo("放弃".into())),
             ("/取消", Command::Cancel),
             ("/确认 1234", Command::Confirm("1234".into())),
             ("／确认　１２３４", Command::Confirm("1234".into())),

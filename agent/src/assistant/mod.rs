@@ -342,7 +342,7 @@ impl Assistant {
                     }
                 }
             }
-            Command::Undo => self.undo(&asker).await,
+            Command::Undo(how) => self.undo(&asker, &how).await,
             Command::Confirm(code) => self.confirm(&asker, &code, progress).await,
             Command::Show(code) => self.show(&asker, &code),
             Command::Cancel => self.cancel(&asker).await,
@@ -399,31 +399,66 @@ impl Assistant {
         self.start_turn(asker, text, images, progress).await
     }
 
-    async fn undo(&self, asker: &Asker) -> Answer {
+    /// `/undo` (`how` empty), `/undo copy` or `/undo drop`, on the asker's newest change. Its
+    /// entry leaves the journal only once it is undone or dropped: a failed undo can be tried
+    /// again.
+    async fn undo(&self, asker: &Asker, how: &str) -> Answer {
+        enum How {
+            Undo,
+            Copy,
+            Drop,
+        }
+        let how = match how.to_lowercase().as_str() {
+            "" => How::Undo,
+            "copy" | "副本" => How::Copy,
+            "drop" | "放弃" => How::Drop,
+            _ => return Answer::fixed(t!("undo.cannot_title"), t!("undo.unknown_mode")),
+        };
         let user = asker.actor.clone();
-        let entry = match self.store_call(move |s| s.pop_undo_of(&user)).await {
-            Ok(Some((_, e))) => e,
+        let (seq, entry) = match self.store_call(move |s| s.last_undo_of(&user)).await {
+            Ok(Some(found)) => found,
             Ok(None) => return Answer::fixed(t!("undo.nothing_title"), t!("undo.nothing")),
             Err(e) => {
                 log::warn!("cannot read the undo journal: {e}");
                 return Answer::fixed(t!("command.error_title"), t!("undo.journal_failed"));
             }
         };
-        let Some(tool) = self.parts.tools.get(&entry.tool).cloned() else {
-            return Answer::fixed(t!("undo.cannot_title"), t!("undo.tool_gone", tool = entry.tool));
-        };
         // Undo lines name ids and paths; one journalled before they did may quote a title.
         let target = crate::tools::redact(&entry.description, &serde_json::Value::Null, "");
         let event = Event::new(Kind::ToolUndone, &asker.actor, &asker.chat).tool(entry.tool.clone()).target(target);
-        let ctx = asker.context();
-        match tool.undo(&ctx, &entry.payload).await {
+        let forget = |seq: u64| async move {
+            if let Err(e) = self.store_call(move |s| s.remove_undo(seq)).await {
+                log::warn!("cannot update the undo journal: {e}");
+            }
+        };
+        if let How::Drop = how {
+            forget(seq).await;
+            self.parts.audit.record(event.outcome("dropped"));
+            return Answer::fixed(t!("undo.dropped_title"), t!("undo.dropped", what = entry.description));
+        }
+        let Some(tool) = self.parts.tools.get(&entry.tool).cloned() else {
+            return Answer::fixed(t!("undo.cannot_title"), t!("undo.tool_gone", tool = entry.tool));
+        };
+        let ctx = asker.context(self.parts.settings.utc_offset_minutes);
+        let done = match how {
+            How::Copy => tool.undo_as_copy(&ctx, &entry.payload).await,
+            _ => tool.undo(&ctx, &entry.payload).await,
+        };
+        match done {
             Ok(done) => {
+                forget(seq).await;
                 self.parts.audit.record(event.outcome("ok"));
                 Answer::fixed(t!("undo.done_title"), t!("undo.done", what = done))
             }
             Err(e) => {
                 self.parts.audit.record(event.outcome("error").reason(e.audit_reason(&serde_json::Value::Null, "")));
-                Answer::fixed(t!("undo.cannot_title"), t!("undo.failed", what = entry.description, error = e))
+                let kept = if matches!(e, crate::tools::ToolError::Refused(_)) {
+                    String::new()
+                } else {
+                    t!("undo.kept").into_owned()
+                };
+                let text = t!("undo.failed", what = entry.description, error = e);
+                Answer::fixed(t!("undo.cannot_title"), format!("{text}{kept}"))
             }
         }
     }

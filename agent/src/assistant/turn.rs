@@ -34,9 +34,9 @@ pub struct Asker {
 }
 
 impl Asker {
-    /// Who a tool call is for.
-    pub fn context(&self) -> Context {
-        Context { actor: self.actor.clone(), chat: self.chat.clone(), group: self.group }
+    /// Who a tool call is for; `offset_minutes` is the office's offset from UTC.
+    pub fn context(&self, offset_minutes: i32) -> Context {
+        Context { actor: self.actor.clone(), chat: self.chat.clone(), group: self.group, offset_minutes }
     }
 }
 
@@ -357,7 +357,7 @@ impl Assistant {
         notes: &mut Vec<String>,
     ) -> Result<Value, String> {
         let target = tool.target(&args);
-        let ctx = asker.context();
+        let ctx = asker.context(self.parts.settings.utc_offset_minutes);
         let asked = args.clone();
         self.bounded(tool.prepare(&ctx, args))
             .await
@@ -418,7 +418,7 @@ impl Assistant {
     ) -> String {
         let target = tool.target(&args);
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
-        let ctx = asker.context();
+        let ctx = asker.context(self.parts.settings.utc_offset_minutes);
         let asked = args.clone();
         let result = self.bounded(tool.execute(&ctx, args)).await;
         match result {

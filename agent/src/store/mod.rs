@@ -857,28 +857,30 @@ impl Store {
         Ok(seq)
     }
 
-    /// Take the newest undo entry of `user` (removing it), if any.
-    pub fn pop_undo_of(&self, user: &str) -> Result<Option<(u64, UndoEntry)>, StoreError> {
+    /// The newest undo entry of `user`, if any, left in the journal: it is removed
+    /// ([`Store::remove_undo`]) only once the undo is done, so a failed one can be tried again.
+    pub fn last_undo_of(&self, user: &str) -> Result<Option<(u64, UndoEntry)>, StoreError> {
+        let txn = self.handle()?.begin_read().map_err(|e| self.err(e))?;
+        let undo = txn.open_table(UNDO).map_err(|e| self.err(e))?;
+        for row in undo.iter().map_err(|e| self.err(e))?.rev() {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let seq = k.value();
+            let entry: UndoEntry = self.open_value("undo", &u64_key(seq), v.value())?;
+            if entry.user == user {
+                return Ok(Some((seq, entry)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Remove the undo entry `seq` (done, or given up).
+    pub fn remove_undo(&self, seq: u64) -> Result<(), StoreError> {
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
-        let found = {
+        {
             let mut undo = txn.open_table(UNDO).map_err(|e| self.err(e))?;
-            let mut found = None;
-            for row in undo.iter().map_err(|e| self.err(e))?.rev() {
-                let (k, v) = row.map_err(|e| self.err(e))?;
-                let seq = k.value();
-                let entry: UndoEntry = self.open_value("undo", &u64_key(seq), v.value())?;
-                if entry.user == user {
-                    found = Some((seq, entry));
-                    break;
-                }
-            }
-            if let Some((seq, _)) = &found {
-                undo.remove(*seq).map_err(|e| self.err(e))?;
-            }
-            found
-        };
-        txn.commit().map_err(|e| self.err(e))?;
-        Ok(found)
+            undo.remove(seq).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
     }
 
     /// Take the newest undo entry (removing it), if any.

@@ -531,10 +531,13 @@ impl Op {
 /// How to reverse a change.
 #[derive(Debug, Serialize, Deserialize)]
 enum Undo {
-    /// A write: put the kept copy back, or remove the file if it was new.
+    /// A write: put the kept copy back, or remove the file if it was new — only while the file
+    /// is still what the write left (`sha256`; none in entries of earlier versions).
     Write {
         path: PathBuf,
         kept: Option<PathBuf>,
+        #[serde(default)]
+        sha256: Option<String>,
     },
     Move {
         from: PathBuf,
@@ -662,9 +665,19 @@ impl Tool for FileTool {
 
     fn undo<'a>(&'a self, ctx: &'a Context, payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
         let roots = self.roots.scoped(&ctx.actor);
+        let (payload, offset) = (payload.to_vec(), ctx.offset_minutes);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || undo(&roots, &payload, offset))
+                .await
+                .unwrap_or_else(|_| Err(ToolError::Failed("the undo stopped unexpectedly".into())))
+        })
+    }
+
+    fn undo_as_copy<'a>(&'a self, ctx: &'a Context, payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
+        let roots = self.roots.scoped(&ctx.actor);
         let payload = payload.to_vec();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || undo(&roots, &payload))
+            tokio::task::spawn_blocking(move || undo_as_copy(&roots, &payload))
                 .await
                 .unwrap_or_else(|_| Err(ToolError::Failed("the undo stopped unexpectedly".into())))
         })
@@ -855,7 +868,8 @@ fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Ou
         return Err(failed("cannot put the file in place", e));
     }
     let shown = roots.display(&target);
-    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: kept.clone() }).unwrap_or_default();
+    let sha256 = Some(sha256_hex(content.as_bytes()));
+    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: kept.clone(), sha256 }).unwrap_or_default();
     let how = if kept.is_some() { "restore the previous version of" } else { "remove" };
     Ok(Outcome {
         text: format!("wrote {} bytes to {shown}", content.len()),
@@ -885,7 +899,9 @@ fn copy(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {
         std::io::copy(&mut (&mut src).take(MAX_COPY_BYTES), dst)
     })?;
     let (a, b) = (roots.display(&source), roots.display(&target));
-    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: None }).unwrap_or_default();
+    // What the copy left, so that its undo never removes a file edited since.
+    let sha256 = sha256_of_file(&target).ok();
+    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: None, sha256 }).unwrap_or_default();
     Ok(Outcome { text: format!("copied {a} to {b} ({n} bytes)"), undo: Some((undo, format!("remove {b}"))) })
 }
 
@@ -953,15 +969,88 @@ fn delete(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
     Ok(Outcome { text: format!("deleted {shown}"), undo: Some((undo, format!("restore {shown}"))) })
 }
 
-fn undo(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
+fn sha256_hex(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sha256 of a file's bytes, read in pieces.
+fn sha256_of_file(path: &Path) -> std::io::Result<String> {
+    let mut file = open_nofollow(path)?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(hex(digest.finish().as_ref())),
+            n => digest.update(&buf[..n]),
+        }
+    }
+}
+
+/// Why undoing a write would lose later work: the file is no longer what the write left. The
+/// words say when it changed and what the person can do instead.
+fn changed_since(roots: &Roots, path: &Path, written: &str, kept: bool, offset: i32) -> Option<String> {
+    if sha256_of_file(path).ok()? == written {
+        return None;
+    }
+    let bytes = fs::metadata(path).map(|m| m.len()).unwrap_or_default();
+    let when = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| super::when::shown(d.as_millis() as i64, offset))
+        .unwrap_or_default();
+    let shown = roots.display(path);
+    let said = t!("undo.changed", path = shown, when = when, bytes = bytes);
+    let offer =
+        if kept { t!("undo.offer_copy", copy = roots.display(&copy_path(path))) } else { t!("undo.offer_drop") };
+    Some(format!("{said}{offer}"))
+}
+
+/// Beside `path`, a name for what a change replaced: `notes.previous.txt`, then
+/// `notes.previous-2.txt`, … whichever is free.
+fn copy_path(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    (1..)
+        .map(|n| {
+            let tail = if n == 1 { String::new() } else { format!("-{n}") };
+            path.with_file_name(format!("{stem}.previous{tail}{ext}"))
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| path.with_extension("previous"))
+}
+
+/// Put back what a write replaced beside the file, as a copy, leaving the file as it is.
+fn undo_as_copy(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
     let undo: Undo =
         serde_json::from_slice(payload).map_err(|_| ToolError::Failed("the undo record is not readable".into()))?;
+    let Undo::Write { path, kept: Some(kept), .. } = undo else {
+        return Err(ToolError::Refused(t!("undo.no_copy").into_owned()));
+    };
+    let copy = copy_path(&path);
+    move_file(&kept, &copy).map_err(|e| failed("cannot put the previous version beside the file", e))?;
+    Ok(t!("undo.copied", copy = roots.display(&copy), path = roots.display(&path)).into_owned())
+}
+
+fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError> {
+    let undo: Undo =
+        serde_json::from_slice(payload).map_err(|_| ToolError::Failed("the undo record is not readable".into()))?;
+    // Later work is never overwritten: a file changed since the write stays as it is.
+    if let Undo::Write { path, kept, sha256: Some(written) } = &undo
+        && let Some(why) = changed_since(roots, path, written, kept.is_some(), offset)
+    {
+        return Err(ToolError::Refused(why));
+    }
     match undo {
-        Undo::Write { path, kept: Some(kept) } => {
+        Undo::Write { path, kept: Some(kept), .. } => {
             move_file(&kept, &path).map_err(|e| failed("cannot restore the previous version", e))?;
             Ok(t!("undo.previous_version", path = roots.display(&path)).into_owned())
         }
-        Undo::Write { path, kept: None } => {
+        Undo::Write { path, kept: None, .. } => {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1052,7 +1141,7 @@ mod tests {
         let q3 = f.dir.join("share/reports/q3.txt");
         let out = write(&f.roots, "share/reports/q3.txt", "new text", true).expect("overwrite");
         assert_eq!(fs::read_to_string(&q3).expect("read"), "new text");
-        undo(&f.roots, &out.undo.expect("undo").0).expect("undo write");
+        undo(&f.roots, &out.undo.expect("undo").0, 480).expect("undo write");
         assert_eq!(fs::read_to_string(&q3).expect("read"), "Q3 revenue up 12%");
 
         let e = write(&f.roots, "share/reports/q3.txt", "x", false).expect_err("exists");
@@ -1062,13 +1151,49 @@ mod tests {
 
         let out = move_op(&f.roots, "share/reports/q3.txt", "share/q3-final.txt").expect("move");
         assert!(!q3.exists());
-        undo(&f.roots, &out.undo.expect("undo").0).expect("undo move");
+        undo(&f.roots, &out.undo.expect("undo").0, 480).expect("undo move");
         assert!(q3.exists());
 
         let out = delete(&f.roots, "share/reports/q3.txt").expect("delete");
         assert!(!q3.exists());
-        undo(&f.roots, &out.undo.expect("undo").0).expect("undo delete");
+        undo(&f.roots, &out.undo.expect("undo").0, 480).expect("undo delete");
         assert_eq!(fs::read_to_string(&q3).expect("read"), "Q3 revenue up 12%");
+    }
+
+    #[test]
+    fn undo_never_overwrites_later_work() {
+        let f = fixture();
+        let q3 = f.dir.join("share/reports/q3.txt");
+        // A write, then someone else's edit: undoing the write would lose the edit.
+        let out = write(&f.roots, "share/reports/q3.txt", "the assistant's text", true).expect("overwrite");
+        let payload = out.undo.expect("undo").0;
+        fs::write(&q3, "a colleague's later edit").expect("edit");
+        let e = crate::i18n::tests::in_language(crate::i18n::Language::ZhCn, || {
+            undo(&f.roots, &payload, 480).expect_err("refused")
+        });
+        let said = e.to_string();
+        assert!(matches!(e, ToolError::Refused(_)), "{said}");
+        assert!(said.contains("share/reports/q3.txt") && said.contains("UTC+8") && said.contains("24 字节"), "{said}");
+        assert!(said.contains("/撤销 副本") && said.contains("q3.previous.txt"), "{said}");
+        assert_eq!(fs::read_to_string(&q3).expect("read"), "a colleague's later edit", "the edit stays");
+        // Kept as a copy instead: the file stays, the version before the write comes back beside it.
+        undo_as_copy(&f.roots, &payload).expect("copy");
+        assert_eq!(fs::read_to_string(&q3).expect("read"), "a colleague's later edit");
+        let copy = f.dir.join("share/reports/q3.previous.txt");
+        assert_eq!(fs::read_to_string(&copy).expect("copy"), "Q3 revenue up 12%");
+        assert_eq!(copy_path(&q3), f.dir.join("share/reports/q3.previous-2.txt"), "the next copy takes a new name");
+
+        // A new file edited later is not removed either; there is no earlier version to copy.
+        let out = write(&f.roots, "share/new.txt", "draft", false).expect("new");
+        let payload = out.undo.expect("undo").0;
+        fs::write(f.dir.join("share/new.txt"), "draft, finished by hand").expect("edit");
+        assert!(matches!(undo(&f.roots, &payload, 480), Err(ToolError::Refused(_))));
+        assert!(f.dir.join("share/new.txt").exists());
+        assert!(matches!(undo_as_copy(&f.roots, &payload), Err(ToolError::Refused(_))));
+        // Unchanged, it is undone as before.
+        let out = write(&f.roots, "share/other.txt", "draft", false).expect("new");
+        undo(&f.roots, &out.undo.expect("undo").0, 480).expect("undone");
+        assert!(!f.dir.join("share/other.txt").exists());
     }
 
     #[test]

@@ -223,6 +223,8 @@ pub struct Context {
     pub chat: String,
     /// That conversation is a group chat (else a 1:1 chat with the asker).
     pub group: bool,
+    /// The office's offset from UTC, for the times a tool tells people.
+    pub offset_minutes: i32,
 }
 
 /// The plugin contract.
@@ -249,6 +251,11 @@ pub trait Tool: Send + Sync {
     /// Reverse an earlier call from its undo payload. Tools without undo keep the default.
     fn undo<'a>(&'a self, _ctx: &'a Context, _payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
         Box::pin(async { Err(ToolError::Failed("this tool cannot undo".into())) })
+    }
+    /// Where an undo was refused because later work would be lost: put back what the change
+    /// replaced beside the later work, as a copy, and touch nothing else.
+    fn undo_as_copy<'a>(&'a self, _ctx: &'a Context, _payload: &'a [u8]) -> BoxFuture<'a, Result<String, ToolError>> {
+        Box::pin(async { Err(ToolError::Refused(rust_i18n::t!("undo.no_copy").into_owned())) })
     }
 }
 
