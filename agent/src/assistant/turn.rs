@@ -19,7 +19,7 @@ use crate::{
     audit::{Event, Kind},
     llm::{ChatMessage, LlmError, Role, ToolCall},
     store::{Role as TurnRole, Turn as StoredTurn, UndoEntry},
-    tools::{self, Context, Risk, Tool, ToolError, schema},
+    tools::{self, Context, Risk, Tool, ToolError, schema, sha256_hex},
 };
 
 /// Who is asking, where.
@@ -694,10 +694,6 @@ fn shown(target: &str, args: &Value, code: &str, whole: bool) -> String {
         }
     }
     format!("{}\n{long}", super::fenced(&short.join("\n")))
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use rust_i18n::t;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{BoxFuture, Context, Outcome, Risk, Tool, ToolError};
+use super::{BoxFuture, Context, Outcome, Risk, Tool, ToolError, hex, sha256_hex};
 
 /// `[tools.files]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -967,14 +967,6 @@ fn delete(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
     let shown = roots.display(&file);
     let undo = serde_json::to_vec(&Undo::Delete { path: file, kept: keep }).unwrap_or_default();
     Ok(Outcome { text: format!("deleted {shown}"), undo: Some((undo, format!("restore {shown}"))) })
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The sha256 of a file's bytes, read in pieces.
