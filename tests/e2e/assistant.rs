@@ -303,12 +303,15 @@ async fn hostile_tool_calls_are_refused_audited_and_answered() {
         ("shell".into(), json!({"cmd": "cat /etc/shadow"}).to_string()),
         // A change outside the roots is refused before anyone is asked to confirm it.
         ("files_write".into(), json!({"path": "/etc/cron.d/evil", "content": "* * * * * root sh"}).to_string()),
+        // An argument name that would put its own line into the confirmation.
+        ("files_read".into(), json!({"path": "share/reports/q3.txt", "x\n✅ safe": 1}).to_string()),
+        ("files_read".into(), json!(["share/reports/q3.txt"]).to_string()),
     ]));
     rig.llm.push(Scripted::Text("I cannot do any of that.".into()));
     let reply = rig.ask(Inject::text("read /etc/shadow for me").from("lilei")).await;
     assert_eq!(reply, "I cannot do any of that.");
     let results = rig.tool_results(1);
-    assert_eq!(results.len(), 8, "{results:?}");
+    assert_eq!(results.len(), 10, "{results:?}");
     let expect = [
         "`..` is not allowed",
         "outside its root",
@@ -318,13 +321,15 @@ async fn hostile_tool_calls_are_refused_audited_and_answered() {
         "`mode` is not known",
         "no tool named `shell`",
         "`etc` is not one of the roots",
+        "not a plain identifier",
+        "must be a JSON object",
     ];
     for (r, e) in results.iter().zip(expect) {
         assert!(r.starts_with("refused:") && r.contains(e), "expected {e:?} in {r:?}");
     }
     assert!(!rig.share.join("big.txt").exists());
     // Each refusal is an audited denial with its reason; nothing was executed.
-    let denied = rig.journal.expect(8, Kind::ToolDenied, &[("ACTOR", "lilei")]);
+    let denied = rig.journal.expect(10, Kind::ToolDenied, &[("ACTOR", "lilei")]);
     assert!(denied.iter().all(|e| field(e, "REASON").is_some_and(|r| !r.is_empty())));
     assert!(rig.journal.find(Kind::ToolExecuted, &[("ACTOR", "lilei")]).is_empty());
     let echoed = rig.llm.requests()[1].body.to_string().len();

@@ -437,7 +437,8 @@ impl Assistant {
             return Answer::fixed(t!("undo.dropped_title"), t!("undo.dropped", what = entry.description));
         }
         let Some(tool) = self.parts.tools.get(&entry.tool).cloned() else {
-            return Answer::fixed(t!("undo.cannot_title"), t!("undo.tool_gone", tool = entry.tool));
+            let text = format!("{}\n\n{}", t!("undo.tool_gone", tool = entry.tool), t!("undo.offer_drop"));
+            return Answer::fixed(t!("undo.cannot_title"), text);
         };
         let ctx = asker.context(self.parts.settings.utc_offset_minutes);
         let done = match how {
@@ -452,13 +453,13 @@ impl Assistant {
             }
             Err(e) => {
                 self.parts.audit.record(event.outcome("error").reason(e.audit_reason(&serde_json::Value::Null, "")));
-                let kept = if matches!(e, crate::tools::ToolError::Refused(_)) {
-                    String::new()
-                } else {
-                    t!("undo.kept").into_owned()
+                // The entry stays; how to try again or give up is always said.
+                let then = match e {
+                    crate::tools::ToolError::Refused(_) => t!("undo.offer_drop"),
+                    _ => t!("undo.kept"),
                 };
                 let text = t!("undo.failed", what = entry.description, error = e);
-                Answer::fixed(t!("undo.cannot_title"), format!("{text}{kept}"))
+                Answer::fixed(t!("undo.cannot_title"), format!("{text}\n\n{then}"))
             }
         }
     }

@@ -337,6 +337,22 @@ impl Assistant {
                 }
             }
         };
+        // Argument names are shown in a confirmation beside their values: the model chooses
+        // them too (a plugin's schema may take any), so they are plain identifiers or nothing.
+        let plain = |k: &str| {
+            !k.is_empty() && k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+        };
+        if let Some(bad) = args.as_object().and_then(|m| m.keys().find(|k| !plain(k))) {
+            let reason = format!(
+                "an argument name is not a plain identifier ({} bytes); use letters, digits, _ and -",
+                bad.len()
+            );
+            return Err(deny(reason.clone(), reason, String::new()));
+        }
+        if !args.is_object() {
+            let reason = "the arguments must be a JSON object".to_owned();
+            return Err(deny(reason.clone(), reason, String::new()));
+        }
         let target = tool.target(&args);
         if let Err(e) = schema::validate(tool.parameters(), &args) {
             let reason = format!("invalid arguments: {e}");
@@ -658,23 +674,39 @@ const SHOWN_CHARS: usize = 800;
 const SHOWN_LINES: usize = 15;
 /// Lines of a long argument a confirmation shows.
 const HEAD_LINES: usize = 8;
+/// Most of one argument `/show` puts in chat (one message holds about 14 KB): what lies beyond
+/// is named by its size, never sent in a hundred messages.
+const SHOW_MAX_BYTES: usize = 10 * 1024;
 
 /// What a pending call will do: its target, then every argument as it will be executed. Each
 /// value sits in a code block whose fence is longer than any run of backticks inside, so no
 /// content can change the message's formatting, and links and mentions in it are not live.
 fn shown(target: &str, args: &Value, code: &str, whole: bool) -> String {
-    let mut short = vec![format!("→ {target}")];
+    let mut short = vec![format!("→ {}", visible(target))];
     let mut long = String::new();
     let empty = serde_json::Map::new();
     let map = args.as_object().unwrap_or(&empty);
     for (name, value) in map {
-        let text = match value {
+        let text = visible(&match value {
             Value::String(s) => s.clone(),
             other => serde_json::to_string_pretty(other).unwrap_or_default(),
-        };
+        });
         let (chars, lines) = (text.chars().count(), text.lines().count());
         if !text.contains('\n') && chars <= 120 {
             short.push(format!("{name}: {text}"));
+        } else if whole && text.len() > SHOW_MAX_BYTES {
+            let mut end = SHOW_MAX_BYTES;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let label = t!(
+                "confirm.argument_cut",
+                name = name,
+                bytes = text.len(),
+                shown = end,
+                sha256 = sha256_hex(text.as_bytes())
+            );
+            long.push_str(&format!("\n{label}\n{}\n", super::fenced(&text[..end])));
         } else if whole || (chars <= SHOWN_CHARS && lines <= SHOWN_LINES) {
             let label = t!("confirm.argument", name = name, bytes = text.len());
             long.push_str(&format!("\n{label}\n{}\n", super::fenced(&text)));
@@ -694,6 +726,20 @@ fn shown(target: &str, args: &Value, code: &str, whole: bool) -> String {
         }
     }
     format!("{}\n{long}", super::fenced(&short.join("\n")))
+}
+
+/// `text` with every character that could move or hide what is shown written out as `\u{…}`:
+/// control characters other than a line break and a tab (a carriage return could forge a line),
+/// Unicode line and paragraph separators, and the marks that reorder or hide text (bidi
+/// overrides, zero-width characters).
+fn visible(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let hidden = (c.is_control() && c != '\n' && c != '\t')
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}');
+            if hidden { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -731,6 +777,28 @@ mod tests {
             outside = outside.replacen(&format!("{fence}\n{body}\n{fence}"), "", 1);
         }
         assert!(!outside.contains("evil") && !outside.contains("@all") && !outside.contains("**bold**"), "{outside}");
+    }
+
+    #[test]
+    fn characters_that_move_or_hide_text_are_written_out() {
+        let forged = "share/a.txt\r→ share/harmless.txt\u{202e}txt.exe\u{2028}x\u{200b}y";
+        let args = serde_json::json!({"path": forged, "note": "tab\tand\nline"});
+        let text = shown(forged, &args, "1", false);
+        for hidden in ['\r', '\u{202e}', '\u{2028}', '\u{200b}'] {
+            assert!(!text.contains(hidden), "{hidden:?} left in {text:?}");
+        }
+        assert!(text.contains("\\u{d}") && text.contains("\\u{202e}"), "{text}");
+        assert!(text.contains("tab\tand\nline"), "tabs and line breaks stay");
+    }
+
+    #[test]
+    fn show_puts_at_most_one_message_of_an_argument_in_chat() {
+        let huge = "y".repeat(2 * 1024 * 1024);
+        let args = serde_json::json!({"path": "share/huge.txt", "content": huge});
+        let text =
+            crate::i18n::tests::in_language(crate::i18n::Language::ZhCn, || shown("share/huge.txt", &args, "1", true));
+        assert!(text.len() < 12 * 1024, "{} bytes", text.len());
+        assert!(text.contains("请不要确认") && text.contains(&sha256_hex(huge.as_bytes())), "{}", &text[..300]);
     }
 
     #[test]

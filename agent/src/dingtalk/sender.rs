@@ -105,7 +105,9 @@ pub fn split_markdown(text: &str, max: usize) -> Vec<String> {
     }
     let mut parts: Vec<String> = Vec::new();
     let mut current = String::new();
-    let mut in_code = false;
+    // The fence of the code block open at this point: a block opened with five backticks is
+    // closed only by a line of five or more, and is reopened with the same five.
+    let mut fence: Option<String> = None;
     let mut pieces: Vec<String> = Vec::new();
     for line in text.split_inclusive('\n') {
         if escaped(line) <= max / 2 {
@@ -127,19 +129,24 @@ pub fn split_markdown(text: &str, max: usize) -> Vec<String> {
     let mut size = 2;
     for piece in pieces {
         let add = escaped(&piece) - 2;
-        if !current.is_empty() && size + add + 8 > max {
-            if in_code {
-                current.push_str("\n```\n");
+        let reserve = fence.as_ref().map_or(0, |f| 2 * f.len() + 4);
+        if !current.is_empty() && size + add + reserve + 8 > max {
+            if let Some(f) = &fence {
+                current.push_str(&format!("\n{f}\n"));
             }
             parts.push(std::mem::take(&mut current));
             size = 2;
-            if in_code {
-                current.push_str("```\n");
-                size += 5;
+            if let Some(f) = &fence {
+                current.push_str(&format!("{f}\n"));
+                size += f.len() + 2;
             }
         }
-        if piece.trim_start().starts_with("```") {
-            in_code = !in_code;
+        let line = piece.trim();
+        let ticks = line.chars().take_while(|c| *c == '`').count();
+        match &fence {
+            None if ticks >= 3 => fence = Some("`".repeat(ticks)),
+            Some(f) if ticks >= f.len() && ticks == line.len() => fence = None,
+            _ => {}
         }
         current.push_str(&piece);
         size += add;
@@ -333,6 +340,26 @@ mod tests {
         let one_line = "x".repeat(50_000);
         let parts = split_markdown(&one_line, 14_000);
         assert_eq!(parts.concat(), one_line);
+    }
+
+    #[test]
+    fn a_longer_fence_is_kept_across_parts_and_a_shorter_run_inside_does_not_close_it() {
+        // Content holding a line of three backticks, shown in a five-backtick block (as a
+        // confirmation shows it), then a link after the block.
+        let inner = "row\n```\n[click](https://evil.example)\n".repeat(700);
+        let text = format!("**content**:\n`````\n{inner}`````\nafter");
+        let parts = split_markdown(&text, 14_000);
+        assert!(parts.len() >= 2, "{}", parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            // Each part but the first opens with the five-backtick fence, each but the last closes it.
+            if i > 0 {
+                assert!(p.starts_with("`````\n"), "part {i} reopens the block: {:?}", &p[..40.min(p.len())]);
+            }
+            if i + 1 < parts.len() {
+                assert!(p.ends_with("\n`````\n"), "part {i} closes the block");
+            }
+        }
+        assert!(parts.last().expect("parts").ends_with("`````\nafter"));
     }
 
     #[test]

@@ -492,13 +492,38 @@ fn open_nofollow(path: &Path) -> std::io::Result<fs::File> {
 }
 
 /// Move `from` to `to`; across filesystems by copying.
-fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    match fs::rename(from, to) {
+/// Move a file to `to`, replacing what is there when `replace`, else failing if anything is
+/// (a file, a folder, a symbolic link: never followed). Across file systems (the undo area is
+/// on `/var`, shared folders may not be) the bytes go to a temporary file beside `to` first,
+/// which then takes its name at once.
+fn move_file(from: &Path, to: &Path, replace: bool) -> std::io::Result<()> {
+    let placed = if replace { fs::rename(from, to) } else { fs::hard_link(from, to) };
+    match placed {
+        Ok(()) if replace => Ok(()),
+        Ok(()) => fs::remove_file(from),
         Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-            fs::copy(from, to)?;
-            fs::remove_file(from)
+            let temp = to.with_file_name(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
+            let copied = (|| {
+                let mut src = open_nofollow(from)?;
+                let mut dst = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                    .open(&temp)?;
+                std::io::copy(&mut src, &mut dst)?;
+                dst.sync_all()?;
+                if replace {
+                    fs::rename(&temp, to)
+                } else {
+                    fs::hard_link(&temp, to).and_then(|()| fs::remove_file(&temp))
+                }
+            })();
+            if copied.is_err() {
+                let _ = fs::remove_file(&temp);
+            }
+            copied.and_then(|()| fs::remove_file(from))
         }
-        other => other,
+        Err(e) => Err(e),
     }
 }
 
@@ -963,7 +988,7 @@ fn delete(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
         return Err(refused(format!("`{path}` is a folder; only files can be deleted")));
     }
     let keep = roots.keep_path();
-    move_file(&file, &keep).map_err(|e| failed("cannot delete the file", e))?;
+    move_file(&file, &keep, false).map_err(|e| failed("cannot delete the file", e))?;
     let shown = roots.display(&file);
     let undo = serde_json::to_vec(&Undo::Delete { path: file, kept: keep }).unwrap_or_default();
     Ok(Outcome { text: format!("deleted {shown}"), undo: Some((undo, format!("restore {shown}"))) })
@@ -985,8 +1010,15 @@ fn sha256_of_file(path: &Path) -> std::io::Result<String> {
 /// Why undoing a write would lose later work: the file is no longer what the write left. The
 /// words say when it changed and what the person can do instead.
 fn changed_since(roots: &Roots, path: &Path, written: &str, kept: bool, offset: i32) -> Option<String> {
-    if sha256_of_file(path).ok()? == written {
-        return None;
+    match sha256_of_file(path) {
+        Ok(now) if now == written => return None,
+        // Gone since: no later work to lose.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Ok(_) => {}
+        // Not readable as a plain file (a symbolic link put there, a permission): not undone.
+        Err(e) => {
+            return Some(t!("undo.unreadable", path = roots.display(path), error = e).into_owned());
+        }
     }
     let bytes = fs::metadata(path).map(|m| m.len()).unwrap_or_default();
     let when = fs::metadata(path)
@@ -998,7 +1030,7 @@ fn changed_since(roots: &Roots, path: &Path, written: &str, kept: bool, offset: 
     let shown = roots.display(path);
     let said = t!("undo.changed", path = shown, when = when, bytes = bytes);
     let offer =
-        if kept { t!("undo.offer_copy", copy = roots.display(&copy_path(path))) } else { t!("undo.offer_drop") };
+        if kept { t!("undo.offer_copy", copy = roots.display(&copy_path(path))).into_owned() } else { String::new() };
     Some(format!("{said}{offer}"))
 }
 
@@ -1012,7 +1044,8 @@ fn copy_path(path: &Path) -> PathBuf {
             let tail = if n == 1 { String::new() } else { format!("-{n}") };
             path.with_file_name(format!("{stem}.previous{tail}{ext}"))
         })
-        .find(|p| !p.exists())
+        // Free means nothing there at all, a dangling link included.
+        .find(|p| p.symlink_metadata().is_err())
         .unwrap_or_else(|| path.with_extension("previous"))
 }
 
@@ -1024,7 +1057,7 @@ fn undo_as_copy(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
         return Err(ToolError::Refused(t!("undo.no_copy").into_owned()));
     };
     let copy = copy_path(&path);
-    move_file(&kept, &copy).map_err(|e| failed("cannot put the previous version beside the file", e))?;
+    move_file(&kept, &copy, false).map_err(|e| failed("cannot put the previous version beside the file", e))?;
     Ok(t!("undo.copied", copy = roots.display(&copy), path = roots.display(&path)).into_owned())
 }
 
@@ -1039,7 +1072,7 @@ fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError>
     }
     match undo {
         Undo::Write { path, kept: Some(kept), .. } => {
-            move_file(&kept, &path).map_err(|e| failed("cannot restore the previous version", e))?;
+            move_file(&kept, &path, true).map_err(|e| failed("cannot restore the previous version", e))?;
             Ok(t!("undo.previous_version", path = roots.display(&path)).into_owned())
         }
         Undo::Write { path, kept: None, .. } => {
@@ -1051,17 +1084,17 @@ fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError>
             Ok(t!("undo.removed", path = roots.display(&path)).into_owned())
         }
         Undo::Move { from, to } => {
-            if from.exists() {
+            if from.symlink_metadata().is_ok() {
                 return Err(refused(format!("{} exists again; not moving over it", roots.display(&from))));
             }
             fs::rename(&to, &from).map_err(|e| failed("cannot move the file back", e))?;
             Ok(t!("undo.moved_back", from = roots.display(&to), to = roots.display(&from)).into_owned())
         }
         Undo::Delete { path, kept } => {
-            if path.exists() {
+            if path.symlink_metadata().is_ok() {
                 return Err(refused(format!("{} exists again; not restoring over it", roots.display(&path))));
             }
-            move_file(&kept, &path).map_err(|e| failed("cannot restore the file", e))?;
+            move_file(&kept, &path, false).map_err(|e| failed("cannot restore the file", e))?;
             Ok(t!("undo.restored", path = roots.display(&path)).into_owned())
         }
     }
@@ -1182,6 +1215,16 @@ mod tests {
         assert!(matches!(undo(&f.roots, &payload, 480), Err(ToolError::Refused(_))));
         assert!(f.dir.join("share/new.txt").exists());
         assert!(matches!(undo_as_copy(&f.roots, &payload), Err(ToolError::Refused(_))));
+        // A symbolic link put where the file was is never followed: the undo is refused, and
+        // a dangling link is no free name for a copy.
+        let out = write(&f.roots, "share/reports/q3.txt", "third", true).expect("overwrite");
+        fs::remove_file(&q3).expect("rm");
+        std::os::unix::fs::symlink(f.dir.join("outside/secret.txt"), &q3).expect("link");
+        assert!(matches!(undo(&f.roots, &out.undo.expect("undo").0, 480), Err(ToolError::Refused(_))));
+        assert_eq!(fs::read_to_string(f.dir.join("outside/secret.txt")).expect("outside"), "do not read");
+        std::os::unix::fs::symlink(f.dir.join("outside/nothing.txt"), f.dir.join("share/reports/q3.previous-2.txt"))
+            .expect("dangling link");
+        assert_eq!(copy_path(&q3), f.dir.join("share/reports/q3.previous-3.txt"));
         // Unchanged, it is undone as before.
         let out = write(&f.roots, "share/other.txt", "draft", false).expect("new");
         undo(&f.roots, &out.undo.expect("undo").0, 480).expect("undone");
