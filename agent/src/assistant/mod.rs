@@ -107,6 +107,9 @@ pub struct BackupTaken {
 pub struct Assistant {
     parts: Parts,
     pending: Mutex<HashMap<String, Pending>>,
+    /// Held while the pending confirmations are written to the store, so that the last
+    /// written is the newest.
+    pending_saved: tokio::sync::Mutex<()>,
     budget: Mutex<Budget>,
 }
 
@@ -219,7 +222,8 @@ pub(crate) fn strip_mentions(text: &str) -> &str {
 impl Assistant {
     pub fn new(parts: Parts) -> Self {
         let budget = Self::load_budget(&parts.store);
-        Assistant { parts, pending: Mutex::default(), budget: Mutex::new(budget) }
+        let pending = Mutex::new(turn::load_pending(&parts.store));
+        Assistant { parts, pending, pending_saved: tokio::sync::Mutex::new(()), budget: Mutex::new(budget) }
     }
 
     pub fn audit(&self) -> &Arc<Audit> {

@@ -186,7 +186,7 @@ impl Assistant {
                         let result = self.run_tool(&state.asker, &tool, &call, args, &mut state.notes).await;
                         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
                     }
-                    Ok((tool, args)) => return self.ask_confirmation(state, tool, call, args),
+                    Ok((tool, args)) => return self.ask_confirmation(state, tool, call, args).await,
                 }
             }
             if state.steps >= settings.max_steps {
@@ -458,7 +458,7 @@ impl Assistant {
         }
     }
 
-    fn ask_confirmation(&self, state: TurnState, tool: Arc<dyn Tool>, call: ToolCall, args: Value) -> Answer {
+    async fn ask_confirmation(&self, state: TurnState, tool: Arc<dyn Tool>, call: ToolCall, args: Value) -> Answer {
         let target = tool.question(&args);
         let risk = tool.risk();
         let timeout = self.parts.settings.confirm_timeout_ms.get();
@@ -487,6 +487,8 @@ impl Assistant {
             let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.get(&code).map(|p| shown(&target, &p.args, &code, false)).unwrap_or_default()
         };
+        // Kept in the store before the question goes out: `/confirm` works after a restart.
+        self.save_pending().await;
         let question = t!(
             "confirm.question",
             tool = tool.name(),
@@ -549,6 +551,7 @@ impl Assistant {
             Ok(Some(p)) => p,
             Ok(None) => return Answer::fixed(t!("confirm.nothing_title"), t!("confirm.no_such_code")),
         };
+        self.save_pending().await;
         let Pending { mut state, call, args, .. } = pending;
         let Some(tool) = self.parts.tools.get(&call.function.name).cloned() else {
             return Answer::fixed(t!("confirm.nothing_title"), t!("confirm.tool_gone"));
@@ -577,6 +580,7 @@ impl Assistant {
         if removed.is_empty() {
             return Answer::fixed(t!("confirm.nothing_to_cancel_title"), t!("confirm.nothing_to_cancel"));
         }
+        self.save_pending().await;
         for p in &removed {
             self.parts.audit.record(
                 Event::new(Kind::ToolDenied, &asker.actor, &asker.chat)
@@ -628,6 +632,25 @@ impl Assistant {
     }
 
     /// Today's use as kept in the store (at start).
+    /// Write the pending confirmations to the store (sealed, with their expiry as wall-clock
+    /// time). A failure is logged: the confirmations still work until the agent restarts.
+    async fn save_pending(&self) {
+        let _one_at_a_time = self.pending_saved.lock().await;
+        let text = {
+            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let (now, now_ms) = (Instant::now(), now_ms());
+            let records: Vec<PendingRecord> = pending
+                .iter()
+                .filter(|(_, p)| p.expires > now)
+                .map(|(code, p)| PendingRecord::of(code, p, now, now_ms))
+                .collect();
+            serde_json::to_string(&records).unwrap_or_default()
+        };
+        if let Err(e) = self.store_call(move |s| s.set_setting(PENDING_SETTING, &text)).await {
+            log::warn!("cannot keep the pending confirmations: {e}; they are forgotten if the agent restarts");
+        }
+    }
+
     pub(super) fn load_budget(store: &crate::store::Store) -> Budget {
         store.setting(BUDGET_SETTING).ok().flatten().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
     }
@@ -666,6 +689,122 @@ pub fn human(d: Duration) -> String {
     } else {
         format!("{} ms", d.as_millis())
     }
+}
+
+/// Where the pending confirmations are kept, so that `/confirm` works across a restart.
+const PENDING_SETTING: &str = "pending-confirmations";
+
+/// A pending confirmation as the store keeps it (sealed, like every value there).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PendingRecord {
+    code: String,
+    actor: String,
+    nick: String,
+    chat: String,
+    conversation: String,
+    group: bool,
+    user_text: String,
+    messages: Vec<KeptMessage>,
+    queue: Vec<ToolCall>,
+    steps: u32,
+    notes: Vec<String>,
+    call: ToolCall,
+    args: Value,
+    /// Wall-clock expiry (milliseconds since the epoch): a restart does not extend it.
+    expires_at_ms: i64,
+}
+
+/// A message of a paused turn (pictures are not kept: after a restart the model sees the text).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptMessage {
+    role: Role,
+    content: Option<String>,
+    tool_calls: Vec<ToolCall>,
+    tool_call_id: Option<String>,
+}
+
+impl PendingRecord {
+    fn of(code: &str, p: &Pending, now: Instant, now_ms: i64) -> Self {
+        let s = &p.state;
+        PendingRecord {
+            code: code.to_owned(),
+            actor: s.asker.actor.clone(),
+            nick: s.asker.nick.clone(),
+            chat: s.asker.chat.clone(),
+            conversation: s.asker.conversation.clone(),
+            group: s.asker.group,
+            user_text: s.user_text.clone(),
+            messages: s
+                .messages
+                .iter()
+                .map(|m| KeptMessage {
+                    role: m.role,
+                    content: m.content.clone(),
+                    tool_calls: m.tool_calls.clone(),
+                    tool_call_id: m.tool_call_id.clone(),
+                })
+                .collect(),
+            queue: s.queue.iter().cloned().collect(),
+            steps: s.steps,
+            notes: s.notes.clone(),
+            call: p.call.clone(),
+            args: p.args.clone(),
+            expires_at_ms: now_ms + p.expires.saturating_duration_since(now).as_millis() as i64,
+        }
+    }
+
+    /// The pending confirmation again, if it has not expired; its turn gets a fresh deadline
+    /// when confirmed, as always.
+    fn pending(self, now: Instant, now_ms: i64) -> Option<(String, Pending)> {
+        let left = u64::try_from(self.expires_at_ms - now_ms).ok().filter(|ms| *ms > 0)?;
+        let asker = Asker {
+            actor: self.actor,
+            nick: self.nick,
+            chat: self.chat,
+            conversation: self.conversation,
+            group: self.group,
+        };
+        let messages = self
+            .messages
+            .into_iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+                tool_calls: m.tool_calls,
+                tool_call_id: m.tool_call_id,
+                images: Vec::new(),
+            })
+            .collect();
+        let state = TurnState {
+            asker,
+            user_text: self.user_text,
+            messages,
+            queue: self.queue.into(),
+            steps: self.steps,
+            deadline: now,
+            notes: self.notes,
+        };
+        let expires = now + Duration::from_millis(left);
+        Some((self.code, Pending { state, call: self.call, args: self.args, expires }))
+    }
+}
+
+/// The pending confirmations the store keeps, those not expired.
+pub(super) fn load_pending(store: &crate::store::Store) -> HashMap<String, Pending> {
+    let records: Vec<PendingRecord> = match store.setting(PENDING_SETTING) {
+        Ok(Some(text)) => serde_json::from_str(&text).unwrap_or_default(),
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            log::warn!("cannot read the pending confirmations: {e}");
+            Vec::new()
+        }
+    };
+    let (now, now_ms) = (Instant::now(), now_ms());
+    let pending: HashMap<String, Pending> = records.into_iter().filter_map(|r| r.pending(now, now_ms)).collect();
+    if !pending.is_empty() {
+        log::info!("{} pending confirmations kept from before the restart", pending.len());
+    }
+    pending
 }
 
 /// An argument longer than this (characters or lines) is shown in a confirmation by its size,
