@@ -40,6 +40,11 @@ pub struct FilesSettings {
     pub max_write_bytes: usize,
     /// Entries a listing or search returns, at most.
     pub max_results: usize,
+    /// Copies kept for undo (what a write replaced, what a delete removed) are removed after
+    /// this many days…
+    pub undo_keep_days: u32,
+    /// …and, oldest first, while together they take more than this many MiB.
+    pub undo_keep_mib: u64,
 }
 
 impl Default for FilesSettings {
@@ -49,6 +54,8 @@ impl Default for FilesSettings {
             max_read_bytes: 256 * 1024,
             max_write_bytes: 1024 * 1024,
             max_results: 200,
+            undo_keep_days: 30,
+            undo_keep_mib: 1024,
         }
     }
 }
@@ -141,7 +148,9 @@ impl Roots {
             path: keep_dir.clone(),
             reason: format!("{e}; the state directory must be writable"),
         })?;
-        Ok(Arc::new(Roots { roots, inbox, read_only: Vec::new(), unavailable, keep_dir, settings: settings.clone() }))
+        let roots = Roots { roots, inbox, read_only: Vec::new(), unavailable, keep_dir, settings: settings.clone() };
+        roots.prune_kept();
+        Ok(Arc::new(roots))
     }
 
     /// The roots as `actor` sees them: the configured ones plus their own inbox.
@@ -304,7 +313,44 @@ impl Roots {
     }
 
     fn keep_path(&self) -> PathBuf {
+        self.prune_kept();
         self.keep_dir.join(format!("{:016x}", rand::random::<u64>()))
+    }
+
+    /// Keep the undo area within `undo_keep_days` and `undo_keep_mib`: older copies go first.
+    /// An undo that needed a removed copy says so, and can be dropped. Returns how many went.
+    fn prune_kept(&self) -> usize {
+        let Ok(entries) = fs::read_dir(&self.keep_dir) else { return 0 };
+        let mut kept: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                m.is_file().then(|| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), e.path()))
+            })
+            .collect();
+        kept.sort();
+        let max_age = std::time::Duration::from_secs(u64::from(self.settings.undo_keep_days) * 86_400);
+        let mut total: u64 = kept.iter().map(|(_, len, _)| len).sum();
+        let budget = self.settings.undo_keep_mib.saturating_mul(1024 * 1024);
+        let mut removed = 0;
+        for (at, len, path) in kept {
+            let old = at.elapsed().is_ok_and(|age| age > max_age);
+            if !old && total <= budget {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                total = total.saturating_sub(len);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            log::info!(
+                "undo area: removed {removed} copies older than {} days or beyond {} MiB",
+                self.settings.undo_keep_days,
+                self.settings.undo_keep_mib
+            );
+        }
+        removed
     }
 }
 
@@ -1049,6 +1095,16 @@ fn copy_path(path: &Path) -> PathBuf {
         .unwrap_or_else(|| path.with_extension("previous"))
 }
 
+/// The copy an undo needs is still in the undo area (it is removed after `undo_keep_days`, or
+/// when the area outgrows `undo_keep_mib`).
+fn copy_still_kept(roots: &Roots, kept: &Path) -> Result<(), ToolError> {
+    if kept.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    let s = &roots.settings;
+    Err(ToolError::Refused(t!("undo.copy_gone", days = s.undo_keep_days, mib = s.undo_keep_mib).into_owned()))
+}
+
 /// Put back what a write replaced beside the file, as a copy, leaving the file as it is.
 fn undo_as_copy(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
     let undo: Undo =
@@ -1056,6 +1112,7 @@ fn undo_as_copy(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
     let Undo::Write { path, kept: Some(kept), .. } = undo else {
         return Err(ToolError::Refused(t!("undo.no_copy").into_owned()));
     };
+    copy_still_kept(roots, &kept)?;
     let copy = copy_path(&path);
     move_file(&kept, &copy, false).map_err(|e| failed("cannot put the previous version beside the file", e))?;
     Ok(t!("undo.copied", copy = roots.display(&copy), path = roots.display(&path)).into_owned())
@@ -1072,6 +1129,7 @@ fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError>
     }
     match undo {
         Undo::Write { path, kept: Some(kept), .. } => {
+            copy_still_kept(roots, &kept)?;
             move_file(&kept, &path, true).map_err(|e| failed("cannot restore the previous version", e))?;
             Ok(t!("undo.previous_version", path = roots.display(&path)).into_owned())
         }
@@ -1094,6 +1152,7 @@ fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError>
             if path.symlink_metadata().is_ok() {
                 return Err(refused(format!("{} exists again; not restoring over it", roots.display(&path))));
             }
+            copy_still_kept(roots, &kept)?;
             move_file(&kept, &path, false).map_err(|e| failed("cannot restore the file", e))?;
             Ok(t!("undo.restored", path = roots.display(&path)).into_owned())
         }
@@ -1229,6 +1288,38 @@ mod tests {
         let out = write(&f.roots, "share/other.txt", "draft", false).expect("new");
         undo(&f.roots, &out.undo.expect("undo").0, 480).expect("undone");
         assert!(!f.dir.join("share/other.txt").exists());
+    }
+
+    #[test]
+    fn the_undo_area_is_kept_within_its_age_and_size() {
+        let f = fixture();
+        let roots = Roots {
+            settings: FilesSettings { undo_keep_days: 30, undo_keep_mib: 1, ..f.roots.settings.clone() },
+            ..(*f.roots).clone()
+        };
+        let day = std::time::Duration::from_secs(86_400);
+        let now = std::time::SystemTime::now();
+        let put = |name: &str, kib: usize, age_days: u32| {
+            let path = roots.keep_dir.join(name);
+            fs::write(&path, vec![b'x'; kib * 1024]).expect("copy");
+            let file = fs::File::options().write(true).open(&path).expect("open");
+            file.set_modified(now - day * age_days).expect("mtime");
+            path
+        };
+        let ancient = put("ancient", 1, 40);
+        let older = put("older", 600, 3);
+        let newer = put("newer", 600, 1);
+        let newest = put("newest", 300, 0);
+        assert_eq!(roots.prune_kept(), 2, "the one past 30 days, then the oldest while over 1 MiB");
+        assert!(!ancient.exists() && !older.exists() && newer.exists() && newest.exists());
+        // An undo whose copy is gone says so, and leaves the file as it is.
+        let out = write(&f.roots, "share/reports/q3.txt", "new", true).expect("write");
+        for e in fs::read_dir(&roots.keep_dir).expect("area").flatten() {
+            fs::remove_file(e.path()).expect("prune");
+        }
+        let e = undo(&f.roots, &out.undo.expect("undo").0, 480).expect_err("gone");
+        assert!(matches!(e, ToolError::Refused(_)) && e.to_string().contains("30"), "{e}");
+        assert_eq!(fs::read_to_string(f.dir.join("share/reports/q3.txt")).expect("q3"), "new");
     }
 
     #[test]
