@@ -28,7 +28,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::config::Config;
+use crate::{config::Config, tools::sha256_hex};
 
 /// Credential names the imported configuration refers to.
 pub const CRED_DINGTALK: &str = "dingtalk-client-secret";
@@ -277,10 +277,6 @@ pub fn check(text: &str, path: &Path) -> Result<Config, ProvisionError> {
     }
     problems.extend(crate::validate::config(&config).errors);
     if problems.is_empty() { Ok(config) } else { Err(ProvisionError::Problems(path.display().to_string(), problems)) }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How secrets become credentials on the box.

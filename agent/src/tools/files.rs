@@ -1066,10 +1066,10 @@ fn changed_since(roots: &Roots, path: &Path, written: &str, kept: bool, offset: 
             return Some(t!("undo.unreadable", path = roots.display(path), error = e).into_owned());
         }
     }
-    let bytes = fs::metadata(path).map(|m| m.len()).unwrap_or_default();
-    let when = fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
+    let meta = fs::metadata(path).ok();
+    let bytes = meta.as_ref().map(|m| m.len()).unwrap_or_default();
+    let when = meta
+        .and_then(|m| m.modified().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| super::when::shown(d.as_millis() as i64, offset))
         .unwrap_or_default();
