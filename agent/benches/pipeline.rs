@@ -608,7 +608,8 @@ fn workspace_calls() {
     let store = Arc::new(app::open_store(&config).expect("store"));
     let http = zhuli::dingtalk::http::HttpClient::new(zhuli::dingtalk::http::tls_config(), Duration::from_secs(5));
     let api = Arc::new(zhuli::dingtalk::openapi::OpenApi::new(config.dingtalk.clone(), http));
-    let roots = zhuli::tools::files::Roots::open(&config.tools.files, &dir.join("state"), None).expect("roots");
+    let roots = zhuli::tools::files::Roots::open(&config.tools.files, &dir.join("state"), None, store.file_sealer())
+        .expect("roots");
     let ws = workspace::Workspace::new(api, store, config.tools.dingtalk.clone(), 480, None, roots).expect("workspace");
     let tools = workspace::tools(&ws);
     let tool = |name: &str| tools.iter().find(|t| t.name() == name).expect("tool").clone();
@@ -733,7 +734,9 @@ fn backend_calls() {
         Ok(dav) => {
             let settings: drive::DriveSettings =
                 toml::from_str(&format!("url = \"http://{}/\"\n", dav.addr)).expect("drive settings");
-            let roots = zhuli::tools::files::Roots::open(&Default::default(), &dir.join("state"), None).expect("roots");
+            let sealer = Arc::new(zhuli::store::seal::FileSealer::new(&StoreKey::generate()));
+            let roots =
+                zhuli::tools::files::Roots::open(&Default::default(), &dir.join("state"), None, sealer).expect("roots");
             let tools = drive::tools(&drive::Drive::new(&settings, roots).expect("drive").expect("configured"));
             time_calls(
                 &rt,

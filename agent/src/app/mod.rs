@@ -241,7 +241,8 @@ pub async fn build_assistant(
     let started = Instant::now();
     let mut registry = Registry::default();
     let inbox = media.as_ref().map(|m| m.dir().to_owned());
-    let roots = tools::files::Roots::open(&config.tools.files, &config.agent.state_dir, inbox.as_deref())?;
+    let roots =
+        tools::files::Roots::open(&config.tools.files, &config.agent.state_dir, inbox.as_deref(), store.file_sealer())?;
     for tool in tools::files::tools(&roots) {
         registry.add(tool);
     }

@@ -252,7 +252,9 @@ async fn tools_step(config: &Config) -> Step {
     }
     if t.drive.url.is_some() {
         let scratch = std::env::temp_dir().join(format!("zhuli-doctor-{}", std::process::id()));
-        let roots = Roots::open(&Default::default(), &scratch, None);
+        // The drive check writes nothing: a throw-away key seals nothing here.
+        let sealer = std::sync::Arc::new(crate::store::seal::FileSealer::new(&crate::store::key::StoreKey::generate()));
+        let roots = Roots::open(&Default::default(), &scratch, None, sealer);
         match roots.map_err(|e| e.to_string()).and_then(|r| Drive::new(&t.drive, r).map_err(|e| e.to_string())) {
             Ok(Some(d)) => results.push(d.check().await),
             Ok(None) => {}

@@ -259,6 +259,8 @@ pub struct Store {
     db: std::sync::RwLock<Option<Database>>,
     needs_reopen: std::sync::atomic::AtomicBool,
     sealer: Sealer,
+    /// For files kept outside the store (undo copies), under a key derived from the store's.
+    files: std::sync::Arc<seal::FileSealer>,
     index: ring::hmac::Key,
     path: PathBuf,
     retention: Retention,
@@ -286,6 +288,11 @@ pub(crate) fn pair_key(h: &Hashed, seq: u64) -> [u8; 24] {
 }
 
 impl Store {
+    /// The sealer for files kept outside the store (the files tools' undo copies).
+    pub fn file_sealer(&self) -> std::sync::Arc<seal::FileSealer> {
+        self.files.clone()
+    }
+
     /// Open (or create) the store at `path` with `key`. A wrong key fails before any write.
     pub fn open(path: &Path, key: &StoreKey, retention: Retention) -> Result<Store, StoreError> {
         let sealer = Sealer::new(key);
@@ -350,6 +357,7 @@ impl Store {
             db: std::sync::RwLock::new(Some(db)),
             needs_reopen: std::sync::atomic::AtomicBool::new(false),
             sealer,
+            files: std::sync::Arc::new(seal::FileSealer::new(key)),
             index,
             path: path.to_owned(),
             retention,

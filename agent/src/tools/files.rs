@@ -19,7 +19,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     fs,
     io::{Read, Write},
-    os::unix::fs::OpenOptionsExt,
+    os::unix::{ffi::OsStrExt, fs::OpenOptionsExt},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{BoxFuture, Context, Outcome, Risk, Tool, ToolError, hex, sha256_hex};
+use crate::store::seal::FileSealer;
 
 /// `[tools.files]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -81,7 +82,60 @@ pub struct Roots {
     /// Configured roots that could not be opened at start, and why.
     unavailable: Vec<(String, FolderProblem)>,
     keep_dir: PathBuf,
+    /// Undo copies are sealed: what a change replaced or removed is not left readable on `/var`.
+    sealer: Arc<FileSealer>,
     settings: FilesSettings,
+}
+
+/// After the store key changed from `old` to `new` (`zhuli store rekey`): seal every undo copy
+/// in `state_dir` under the new key, each through a temporary file that then takes its name, so
+/// no copy is ever on disk in plaintext. How many were re-sealed, and how many did not open
+/// under the old key (left as they are; their undo says the copy cannot be opened).
+pub fn reseal_undo_copies(
+    state_dir: &Path,
+    old: &crate::store::key::StoreKey,
+    new: &crate::store::key::StoreKey,
+) -> std::io::Result<(usize, usize)> {
+    let (old, new) = (FileSealer::new(old), FileSealer::new(new));
+    let dir = state_dir.join("files-undo");
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(e),
+    };
+    let (mut done, mut failed) = (0, 0);
+    for path in entries.flatten().map(|e| e.path()).filter(|p| p.is_file()) {
+        let name = kept_name(&path).to_vec();
+        let temp = dir.join(format!(".resealing-{:016x}", rand::random::<u64>()));
+        let resealed = std::thread::scope(|scope| {
+            let (mut reader, mut writer) = std::io::pipe()?;
+            let mut src = open_nofollow(&path)?;
+            let (old, name) = (&old, &name);
+            let opening = scope.spawn(move || old.open(name, &mut src, &mut writer).map(|_| drop(writer)));
+            let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+            let sealed = new.seal(name, &mut reader, &mut dst);
+            drop(reader);
+            let opened = opening.join().unwrap_or_else(|_| Err(std::io::Error::other("opening panicked")));
+            opened?;
+            sealed?;
+            dst.sync_all()?;
+            fs::rename(&temp, &path)
+        });
+        match resealed {
+            Ok(()) => done += 1,
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                log::warn!("undo area: {} not re-sealed: {e}", path.display());
+                failed += 1;
+            }
+        }
+    }
+    Ok((done, failed))
+}
+
+/// The name a sealed copy is bound to: its own file name in the undo area.
+fn kept_name(kept: &Path) -> &[u8] {
+    kept.file_name().map(|n| n.as_bytes()).unwrap_or_default()
 }
 
 /// The read-only root of files users sent the robot.
@@ -108,7 +162,12 @@ fn failed(what: &str, e: std::io::Error) -> ToolError {
 impl Roots {
     /// The configured roots, plus `inbox` (read-only) when given: where files users send the
     /// robot are kept.
-    pub fn open(settings: &FilesSettings, state_dir: &Path, inbox: Option<&Path>) -> Result<Arc<Roots>, RootError> {
+    pub fn open(
+        settings: &FilesSettings,
+        state_dir: &Path,
+        inbox: Option<&Path>,
+        sealer: Arc<FileSealer>,
+    ) -> Result<Arc<Roots>, RootError> {
         let mut roots = Vec::new();
         let inbox = match inbox {
             Some(dir) if settings.roots.contains_key(INBOX) => {
@@ -148,7 +207,9 @@ impl Roots {
             path: keep_dir.clone(),
             reason: format!("{e}; the state directory must be writable"),
         })?;
-        let roots = Roots { roots, inbox, read_only: Vec::new(), unavailable, keep_dir, settings: settings.clone() };
+        let roots =
+            Roots { roots, inbox, read_only: Vec::new(), unavailable, keep_dir, sealer, settings: settings.clone() };
+        roots.seal_plain_copies();
         roots.prune_kept();
         Ok(Arc::new(roots))
     }
@@ -315,6 +376,83 @@ impl Roots {
     fn keep_path(&self) -> PathBuf {
         self.prune_kept();
         self.keep_dir.join(format!("{:016x}", rand::random::<u64>()))
+    }
+
+    /// Keep a sealed copy of `file` in the undo area; where. On failure (a full disk) nothing is
+    /// left behind and the caller changes nothing.
+    fn keep_sealed(&self, file: &Path) -> std::io::Result<PathBuf> {
+        let keep = self.keep_path();
+        let sealed = (|| {
+            let mut src = open_nofollow(file)?;
+            let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&keep)?;
+            self.sealer.seal(kept_name(&keep), &mut src, &mut dst)?;
+            dst.sync_all()
+        })();
+        match sealed {
+            Ok(()) => Ok(keep),
+            Err(e) => {
+                let _ = fs::remove_file(&keep);
+                Err(e)
+            }
+        }
+    }
+
+    /// Put what the sealed copy `kept` holds at `to` (over what is there when `replace`, else
+    /// only where nothing is), then drop the copy. The bytes go to a temporary file beside `to`
+    /// first and take its name at once; a copy that fails to open changes nothing.
+    fn restore_kept(&self, kept: &Path, to: &Path, replace: bool) -> std::io::Result<()> {
+        let temp = to.with_file_name(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
+        let placed = (|| {
+            let mut src = open_nofollow(kept)?;
+            let mut dst = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&temp)?;
+            self.sealer.open(kept_name(kept), &mut src, &mut dst)?;
+            dst.sync_all()?;
+            if replace { fs::rename(&temp, to) } else { fs::hard_link(&temp, to).and_then(|()| fs::remove_file(&temp)) }
+        })();
+        if placed.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        placed?;
+        // A copy left behind by a failed removal goes with the undo area's bounds.
+        let _ = fs::remove_file(kept);
+        Ok(())
+    }
+
+    /// Seal the undo copies an earlier release kept in plaintext, each in place under its name.
+    fn seal_plain_copies(&self) {
+        let Ok(entries) = fs::read_dir(&self.keep_dir) else { return };
+        let mut sealed = 0;
+        for path in entries.flatten().map(|e| e.path()) {
+            let mut head = [0u8; 4];
+            let plain = open_nofollow(&path)
+                .and_then(|mut f| f.read(&mut head))
+                .is_ok_and(|n| !FileSealer::is_sealed(&head[..n]));
+            if !plain || !path.is_file() {
+                continue;
+            }
+            let temp = self.keep_dir.join(format!(".sealing-{:016x}", rand::random::<u64>()));
+            let done = (|| {
+                let mut src = open_nofollow(&path)?;
+                let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+                self.sealer.seal(kept_name(&path), &mut src, &mut dst)?;
+                dst.sync_all()?;
+                fs::rename(&temp, &path)
+            })();
+            match done {
+                Ok(()) => sealed += 1,
+                Err(e) => {
+                    let _ = fs::remove_file(&temp);
+                    log::warn!("undo area: cannot seal a copy kept by an earlier release: {e}");
+                }
+            }
+        }
+        if sealed > 0 {
+            log::info!("undo area: sealed {sealed} copies an earlier release kept in plaintext");
+        }
     }
 
     /// Keep the undo area within `undo_keep_days` and `undo_keep_mib`: older copies go first.
@@ -535,42 +673,6 @@ pub fn try_write(dir: &Path) -> Result<(), FolderProblem> {
 /// Open for reading without following a final symbolic link.
 fn open_nofollow(path: &Path) -> std::io::Result<fs::File> {
     fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(path)
-}
-
-/// Move `from` to `to`; across filesystems by copying.
-/// Move a file to `to`, replacing what is there when `replace`, else failing if anything is
-/// (a file, a folder, a symbolic link: never followed). Across file systems (the undo area is
-/// on `/var`, shared folders may not be) the bytes go to a temporary file beside `to` first,
-/// which then takes its name at once.
-fn move_file(from: &Path, to: &Path, replace: bool) -> std::io::Result<()> {
-    let placed = if replace { fs::rename(from, to) } else { fs::hard_link(from, to) };
-    match placed {
-        Ok(()) if replace => Ok(()),
-        Ok(()) => fs::remove_file(from),
-        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-            let temp = to.with_file_name(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
-            let copied = (|| {
-                let mut src = open_nofollow(from)?;
-                let mut dst = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-                    .open(&temp)?;
-                std::io::copy(&mut src, &mut dst)?;
-                dst.sync_all()?;
-                if replace {
-                    fs::rename(&temp, to)
-                } else {
-                    fs::hard_link(&temp, to).and_then(|()| fs::remove_file(&temp))
-                }
-            })();
-            if copied.is_err() {
-                let _ = fs::remove_file(&temp);
-            }
-            copied.and_then(|()| fs::remove_file(from))
-        }
-        Err(e) => Err(e),
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -925,12 +1027,13 @@ fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Ou
         return Err(failed("cannot write the file", e));
     }
     let kept = if exists {
-        let keep = roots.keep_path();
-        if let Err(e) = fs::copy(&target, &keep) {
-            let _ = fs::remove_file(&temp);
-            return Err(failed("cannot keep the old version for undo", e));
+        match roots.keep_sealed(&target) {
+            Ok(keep) => Some(keep),
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(failed("cannot keep the old version for undo", e));
+            }
         }
-        Some(keep)
     } else {
         None
     };
@@ -1033,8 +1136,21 @@ fn delete(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
     if file.is_dir() {
         return Err(refused(format!("`{path}` is a folder; only files can be deleted")));
     }
-    let keep = roots.keep_path();
-    move_file(&file, &keep, false).map_err(|e| failed("cannot delete the file", e))?;
+    // Removed only once a sealed copy is kept: a file larger than the whole undo area would be
+    // pruned at once, so it is not deleted through the chat at all.
+    let size = fs::symlink_metadata(&file).map(|m| m.len()).unwrap_or_default();
+    let budget = roots.settings.undo_keep_mib.saturating_mul(1024 * 1024);
+    if size > budget {
+        return Err(refused(format!(
+            "`{path}` is {size} bytes, more than the undo area keeps ({} MiB): it could not be restored, so it is not deleted here; an admin can delete it on the file server",
+            roots.settings.undo_keep_mib
+        )));
+    }
+    let keep = roots.keep_sealed(&file).map_err(|e| failed("cannot keep a copy for undo; nothing deleted", e))?;
+    if let Err(e) = fs::remove_file(&file) {
+        let _ = fs::remove_file(&keep);
+        return Err(failed("cannot delete the file", e));
+    }
     let shown = roots.display(&file);
     let undo = serde_json::to_vec(&Undo::Delete { path: file, kept: keep }).unwrap_or_default();
     Ok(Outcome { text: format!("deleted {shown}"), undo: Some((undo, format!("restore {shown}"))) })
@@ -1114,7 +1230,9 @@ fn undo_as_copy(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
     };
     copy_still_kept(roots, &kept)?;
     let copy = copy_path(&path);
-    move_file(&kept, &copy, false).map_err(|e| failed("cannot put the previous version beside the file", e))?;
+    roots
+        .restore_kept(&kept, &copy, false)
+        .map_err(|e| failed("cannot put the previous version beside the file", e))?;
     Ok(t!("undo.copied", copy = roots.display(&copy), path = roots.display(&path)).into_owned())
 }
 
@@ -1130,7 +1248,7 @@ fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError>
     match undo {
         Undo::Write { path, kept: Some(kept), .. } => {
             copy_still_kept(roots, &kept)?;
-            move_file(&kept, &path, true).map_err(|e| failed("cannot restore the previous version", e))?;
+            roots.restore_kept(&kept, &path, true).map_err(|e| failed("cannot restore the previous version", e))?;
             Ok(t!("undo.previous_version", path = roots.display(&path)).into_owned())
         }
         Undo::Write { path, kept: None, .. } => {
@@ -1153,7 +1271,7 @@ fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError>
                 return Err(refused(format!("{} exists again; not restoring over it", roots.display(&path))));
             }
             copy_still_kept(roots, &kept)?;
-            move_file(&kept, &path, false).map_err(|e| failed("cannot restore the file", e))?;
+            roots.restore_kept(&kept, &path, false).map_err(|e| failed("cannot restore the file", e))?;
             Ok(t!("undo.restored", path = roots.display(&path)).into_owned())
         }
     }
@@ -1162,6 +1280,10 @@ fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_sealer() -> Arc<FileSealer> {
+        Arc::new(FileSealer::new(&crate::store::key::StoreKey::generate()))
+    }
 
     struct Fixture {
         dir: PathBuf,
@@ -1190,7 +1312,9 @@ mod tests {
         fs::create_dir_all(dir.join("media").join(owner_dir("lilei"))).expect("inbox");
         fs::write(dir.join("media").join(owner_dir("lilei")).join("00000001.txt"), "sent by a user").expect("inbox");
         let roots = Arc::new(
-            Roots::open(&settings, &dir.join("state"), Some(&dir.join("media"))).expect("roots").scoped("lilei"),
+            Roots::open(&settings, &dir.join("state"), Some(&dir.join("media")), test_sealer())
+                .expect("roots")
+                .scoped("lilei"),
         );
         Fixture { dir, roots }
     }
@@ -1242,6 +1366,75 @@ mod tests {
         assert!(!q3.exists());
         undo(&f.roots, &out.undo.expect("undo").0, 480).expect("undo delete");
         assert_eq!(fs::read_to_string(&q3).expect("read"), "Q3 revenue up 12%");
+    }
+
+    /// The copies in the undo area.
+    fn kept(roots: &Roots) -> Vec<PathBuf> {
+        fs::read_dir(&roots.keep_dir).expect("undo area").flatten().map(|e| e.path()).collect()
+    }
+
+    #[test]
+    fn undo_copies_are_sealed_and_a_changed_copy_restores_nothing() {
+        let f = fixture();
+        let q3 = f.dir.join("share/reports/q3.txt");
+        let out = delete(&f.roots, "share/reports/q3.txt").expect("delete");
+        let copies = kept(&f.roots);
+        assert_eq!(copies.len(), 1);
+        let sealed = fs::read(&copies[0]).expect("copy");
+        assert!(FileSealer::is_sealed(&sealed), "sealed");
+        assert!(!sealed.windows(7).any(|w| w == b"revenue"), "the deleted text is not readable in the copy");
+        // A byte changed in the copy: nothing is restored, and no temporary file is left.
+        let mut changed = sealed.clone();
+        *changed.last_mut().expect("bytes") ^= 1;
+        fs::write(&copies[0], &changed).expect("tamper");
+        let payload = out.undo.expect("undo").0;
+        let e = undo(&f.roots, &payload, 480).expect_err("a changed copy");
+        assert!(matches!(e, ToolError::Failed(_)), "{e}");
+        assert!(!q3.exists());
+        let left: Vec<_> = fs::read_dir(f.dir.join("share/reports")).expect("dir").flatten().collect();
+        assert!(left.is_empty(), "nothing left beside it: {left:?}");
+        // The copy as it was restores the file.
+        fs::write(&copies[0], &sealed).expect("put back");
+        undo(&f.roots, &payload, 480).expect("undo");
+        assert_eq!(fs::read_to_string(&q3).expect("read"), "Q3 revenue up 12%");
+        assert!(kept(&f.roots).is_empty(), "the copy goes with the undo");
+        // A file larger than the whole undo area is not deleted: its copy could not be kept.
+        let settings = FilesSettings {
+            roots: BTreeMap::from([("share".to_owned(), f.dir.join("share"))]),
+            undo_keep_mib: 0,
+            ..FilesSettings::default()
+        };
+        let tight = Roots::open(&settings, &f.dir.join("state"), None, test_sealer()).expect("roots");
+        let e = delete(&tight, "share/reports/q3.txt").expect_err("too large to keep");
+        assert!(e.to_string().contains("not deleted here"), "{e}");
+        assert!(q3.exists());
+    }
+
+    #[test]
+    fn plaintext_copies_of_an_earlier_release_are_sealed_at_start_and_follow_a_rekey() {
+        let f = fixture();
+        let (old, new) = (crate::store::key::StoreKey::generate(), crate::store::key::StoreKey::generate());
+        let area = f.dir.join("state2/files-undo");
+        fs::create_dir_all(&area).expect("area");
+        let copy = area.join("00000000000000aa");
+        fs::write(&copy, "kept in plaintext by an earlier release").expect("copy");
+        let settings = FilesSettings {
+            roots: BTreeMap::from([("share".to_owned(), f.dir.join("share"))]),
+            ..FilesSettings::default()
+        };
+        let roots =
+            Roots::open(&settings, &f.dir.join("state2"), None, Arc::new(FileSealer::new(&old))).expect("roots");
+        let sealed = fs::read(&copy).expect("copy");
+        assert!(FileSealer::is_sealed(&sealed) && !sealed.windows(9).any(|w| w == b"plaintext"), "sealed in place");
+        let target = f.dir.join("share/restored.txt");
+        let payload = serde_json::to_vec(&Undo::Delete { path: target.clone(), kept: copy.clone() }).expect("json");
+        // Re-sealed under a new key: the old key no longer opens it, the new one does.
+        assert_eq!(reseal_undo_copies(&f.dir.join("state2"), &old, &new).expect("reseal"), (1, 0));
+        assert!(undo(&roots, &payload, 480).is_err(), "the old key no longer opens the copy");
+        let roots =
+            Roots::open(&settings, &f.dir.join("state2"), None, Arc::new(FileSealer::new(&new))).expect("roots");
+        undo(&roots, &payload, 480).expect("undo under the new key");
+        assert_eq!(fs::read_to_string(&target).expect("restored"), "kept in plaintext by an earlier release");
     }
 
     #[test]
@@ -1382,7 +1575,7 @@ mod tests {
         assert!(missing_inbox.fix("zhuli").is_some_and(|t| t.contains("state_dir")));
 
         // The agent starts with the roots it can use; a call naming another says why not.
-        let roots = Roots::open(&settings, &f.dir.join("state"), None).expect("open").scoped("lilei");
+        let roots = Roots::open(&settings, &f.dir.join("state"), None, test_sealer()).expect("open").scoped("lilei");
         assert!(list(&roots, "").expect("roots").text.contains("`share`"));
         let e = read(&roots, "gone/a.txt").expect_err("no folder");
         assert!(e.to_string().contains("`gone` cannot be used") && e.to_string().contains("missing"), "{e}");
