@@ -114,11 +114,21 @@ impl Refusal {
         match self {
             Refusal::GroupNotEnabled => t!("access.group", chat = chat),
             Refusal::NotInOrganisation => t!("access.org_only", id = who),
-            Refusal::NotListed => t!("access.not_listed", id = who),
-            Refusal::NotPaired => t!("access.not_paired", id = who),
+            Refusal::NotListed => t!("access.not_listed", your_id = your_id(who)),
+            Refusal::NotPaired => t!("access.not_paired", your_id = your_id(who)),
         }
         .into_owned()
     }
+}
+
+/// “Your staff id is …”, or for a sender outside the organisation (an [`actor`] of
+/// `dingtalk:…`), their DingTalk user id named as such: they have no staff id to give.
+pub fn your_id(who: &str) -> String {
+    match who.strip_prefix("dingtalk:") {
+        Some(_) => t!("access.your_user_id", id = who),
+        None => t!("access.your_staff_id", id = who),
+    }
+    .into_owned()
 }
 
 const PAIRING_VALID: Duration = Duration::from_secs(24 * 3600);

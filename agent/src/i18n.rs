@@ -203,7 +203,8 @@ pub(crate) mod tests {
         let help = |l| in_language(l, || rust_i18n::t!("help.text").into_owned());
         assert!(help(Language::ZhCn).contains("/帮助"), "{}", help(Language::ZhCn));
         assert!(help(Language::En).contains("/help"), "{}", help(Language::En));
-        let code = |l| in_language(l, || rust_i18n::t!("pairing.text", code = "123456", id = "0151234").into_owned());
+        let code =
+            |l| in_language(l, || rust_i18n::t!("pairing.text", code = "123456", your_id = "0151234").into_owned());
         assert!(code(Language::ZhCn).contains("管理员") && code(Language::ZhCn).contains("123456"));
         assert!(code(Language::En).contains("admin") && code(Language::En).contains("123456"));
     }

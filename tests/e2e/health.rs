@@ -214,7 +214,7 @@ async fn status_socket_serves_the_agents_user_and_refuses_others() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("is `zhuli run` running"));
 }
 
-fn nix_is_root() -> bool {
+pub fn nix_is_root() -> bool {
     // SAFETY-free check: the effective uid as the kernel reports it for this process.
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `zhuli` binary against the gateway simulator on loopback.
 
 mod assistant;
+mod attacks;
 mod backup;
 mod boot;
 mod caldav;

@@ -340,7 +340,10 @@ async fn bad_requests_get_clear_answers_and_change_nothing() {
     for (script, expect) in cases {
         rig.llm.push(script);
         rig.llm.push(Scripted::Text("I could not book that.".into()));
-        assert_eq!(rig.ask_han("book it").await, "I could not book that.", "no confirmation is asked for {expect}");
+        let reply = rig.ask_han("book it").await;
+        // No confirmation is asked; the person is told why, in the agent's words.
+        assert!(reply.starts_with("I could not book that.\n\n⚠️"), "{expect}: {reply}");
+        assert!(reply.contains("- `calendar_create`：") && !reply.contains("/确认"), "{expect}: {reply}");
         let r = rig.last_tool_results().remove(0);
         assert!(r.starts_with("refused:") && r.contains(expect), "expected {expect:?} in {r:?}");
     }

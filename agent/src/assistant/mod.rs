@@ -299,7 +299,10 @@ impl Assistant {
                         .target(code.clone())
                         .reason("awaiting pairing approval"),
                 );
-                return Answer::fixed(t!("pairing.title"), t!("pairing.text", code = code, id = who.as_str()));
+                return Answer::fixed(
+                    t!("pairing.title"),
+                    t!("pairing.text", code = code, your_id = crate::access::your_id(&who)),
+                );
             }
         }
         audit.record(Event::new(Kind::MessageAccepted, &who, &chat).outcome(message.kind_name().to_owned()));

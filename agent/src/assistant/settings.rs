@@ -21,6 +21,8 @@ pub struct AssistantSettings {
     pub group_prompts: BTreeMap<String, String>,
     /// Model requests in one turn, at most.
     pub max_steps: u32,
+    /// Tool calls run from one model request, at most; the rest are refused.
+    pub max_calls_per_step: u32,
     pub tool_timeout_ms: Millis,
     /// A whole turn (model requests and tools) ends after this.
     pub turn_timeout_ms: Millis,
@@ -45,6 +47,7 @@ impl Default for AssistantSettings {
             system_prompt: DEFAULT_PROMPT.to_owned(),
             group_prompts: BTreeMap::new(),
             max_steps: 8,
+            max_calls_per_step: 16,
             tool_timeout_ms: Millis::from_ms(30_000),
             turn_timeout_ms: Millis::from_ms(300_000),
             max_tool_output_bytes: 16 * 1024,

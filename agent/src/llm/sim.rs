@@ -2,6 +2,12 @@
 //! request with the next scripted reply (text, tool calls, an error status, a stream that breaks,
 //! a malformed chunk), streamed as server-sent events when the request asks for `stream`, and
 //! records every request it received.
+//!
+//! As an attacker ([`LlmSim::set_attacker`]) it is the model fully on the attacker's side: with
+//! nothing scripted it obeys the newest instruction it finds in what it was just given — the
+//! person's message or a tool's result (a file, a calendar entry, an issue body, a plugin's
+//! output) — whoever wrote it. An instruction is JSON between `⟪` and `⟫`, e.g.
+//! `⟪{"call": "files_write", "args": {"path": "share/a.txt", "content": "x"}}⟫`; see [`attack`].
 
 use std::{
     collections::VecDeque,
@@ -54,6 +60,8 @@ struct State {
     answer_delay: std::time::Duration,
     /// With nothing scripted, answer "回答：" + the last user message's text.
     echo: bool,
+    /// With nothing scripted, obey the newest instruction in the new input ([`attack`]).
+    attacker: bool,
 }
 
 pub struct LlmSim {
@@ -205,6 +213,11 @@ impl LlmSim {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).echo = on;
     }
 
+    /// With nothing scripted, obey the newest instruction found in the new input ([`attack`]).
+    pub fn set_attacker(&self, on: bool) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).attacker = on;
+    }
+
     /// Stop keeping requests (a benchmark's memory figures must not count them).
     pub fn stop_recording(&self) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -233,7 +246,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
     let arrived = tokio::time::Instant::now();
     let (next, delay, wait, index) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-        let fallback = if st.echo {
+        let fallback = if st.attacker {
+            attack(&body)
+        } else if st.echo {
             let last = body["messages"]
                 .as_array()
                 .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
@@ -262,4 +277,92 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
         }
     }
     answer(next, stream, delay)
+}
+
+/// What the attacker does with a request: the newest instruction in the messages that came after
+/// its own last turn (the person's message, the tool results), or, with none, an answer that
+/// repeats the newest of them (a model leaking what it read into the chat).
+///
+/// An instruction is a JSON object between `⟪` and `⟫` (found also when the text carrying it was
+/// JSON-escaped by a tool):
+/// - `{"call": NAME, "args": {…}}` or `{"calls": [[NAME, {…}], …]}`: call these tools;
+/// - `"repeat": N`: the calls N times over, in one answer;
+/// - `"pad": BYTES`: each call's arguments gain a `padding` of that many bytes;
+/// - `"raw": true`: each `args` is a string sent as the arguments as it is (not JSON);
+/// - `{"say": TEXT}`: answer TEXT.
+pub fn attack(body: &Value) -> Scripted {
+    let messages = body["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let fresh: Vec<String> = messages
+        .iter()
+        .rev()
+        .take_while(|m| m["role"] != "assistant")
+        .map(|m| match &m["content"] {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join("\n"),
+            _ => String::new(),
+        })
+        .collect();
+    for text in &fresh {
+        if let Some(order) = instruction(text) {
+            return obey(&order);
+        }
+    }
+    let newest: String = fresh.first().map(|t| t.chars().take(300).collect()).unwrap_or_default();
+    Scripted::Text(format!("好的。{newest}"))
+}
+
+/// The newest instruction in `text`.
+fn instruction(text: &str) -> Option<Value> {
+    let mut rest = text;
+    let mut found = None;
+    while let Some(start) = rest.find('⟪') {
+        let after = &rest[start + '⟪'.len_utf8()..];
+        let Some(end) = after.find('⟫') else { break };
+        let inner = &after[..end];
+        let parsed = serde_json::from_str::<Value>(inner).ok().or_else(|| {
+            // Carried inside a JSON string: undo its escapes first.
+            let unescaped: String = serde_json::from_str(&format!("\"{inner}\"")).ok()?;
+            serde_json::from_str(&unescaped).ok()
+        });
+        if let Some(v) = parsed.filter(Value::is_object) {
+            found = Some(v);
+        }
+        rest = &after[end + '⟫'.len_utf8()..];
+    }
+    found
+}
+
+fn obey(order: &Value) -> Scripted {
+    if let Some(text) = order["say"].as_str() {
+        return Scripted::Text(text.to_owned());
+    }
+    let mut calls: Vec<(String, Value)> = Vec::new();
+    if let Some(name) = order["call"].as_str() {
+        calls.push((name.to_owned(), order["args"].clone()));
+    }
+    for c in order["calls"].as_array().into_iter().flatten() {
+        if let Some(name) = c[0].as_str() {
+            calls.push((name.to_owned(), c[1].clone()));
+        }
+    }
+    let pad = order["pad"].as_u64().unwrap_or(0) as usize;
+    let raw = order["raw"].as_bool() == Some(true);
+    let repeat = order["repeat"].as_u64().unwrap_or(1).max(1) as usize;
+    let one: Vec<(String, String)> = calls
+        .into_iter()
+        .map(|(name, mut args)| {
+            if pad > 0
+                && let Some(o) = args.as_object_mut()
+            {
+                o.insert("padding".into(), Value::String("A".repeat(pad)));
+            }
+            let args = match (&args, raw) {
+                (Value::String(s), true) => s.clone(),
+                (Value::Null, _) => "{}".to_owned(),
+                _ => args.to_string(),
+            };
+            (name, args)
+        })
+        .collect();
+    Scripted::ToolCalls((0..repeat).flat_map(|_| one.iter().cloned()).collect())
 }
