@@ -641,6 +641,11 @@ async fn the_image_boots_provisions_answers_and_heals() {
 
     // Reboot: the store keeps the conversation, so the next question comes with it.
     let before = sim.connections().len();
+    // What the imports did in this boot, for the checks after the reboot.
+    let imports_before = guest.must(
+        "ls -lA /var/lib/zhuli-provisioning/scrub-pending 2>&1; \
+         journalctl -b --no-pager -o short-monotonic -u 'zhuli-provision@*' | tail -n 40",
+    );
     let _ = guest.run("systemctl reboot", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(5));
     let rebooted = Instant::now();
@@ -654,7 +659,13 @@ async fn the_image_boots_provisions_answers_and_heals() {
     // The stick is still in: recognised as imported already, nothing failed, its receipt kept.
     let failed = guest.must("systemctl --failed --no-legend --plain");
     assert!(failed.trim().is_empty(), "failed units after the reboot:\n{failed}");
-    assert!(stick::read(&stick_img, stick::RECEIPT).is_ok_and(|r| r == receipt.as_bytes()), "the first receipt stays");
+    let receipt_after = receipt_now();
+    if receipt_after != receipt {
+        let imports = guest.must("journalctl -b --no-pager -o short-monotonic -u 'zhuli-provision@*' | tail -n 40");
+        panic!(
+            "the first receipt did not stay:\n{receipt_after}\nbefore the reboot:\n{imports_before}\nafter it:\n{imports}"
+        );
+    }
     assert_eq!(guest.must("cat /etc/machine-id").trim(), machine_id.trim(), "same machine id after the reboot");
     // The provisioned unit settings are read at boot too (zhuli-units.service): the shared
     // folder is writable for the agent, and the plugins are in their groups again.
