@@ -421,13 +421,15 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             let (file, key) = store_of(&config)?;
             let new = StoreKey::read(&new_key)?;
             let store = Store::open(&file, &key, Retention::default())?;
-            let r = store.rekey(&new)?;
+            // The undo copies first: a run cut short is run again with the same keys (copies
+            // already under the new key are skipped); the store then follows in one transaction.
             let state_dir = file.parent().unwrap_or(std::path::Path::new("."));
             let (copies, unopened) = zhuli::tools::files::reseal_undo_copies(state_dir, &key, &new)?;
             println!("re-sealed {copies} undo copies of the files tools under the new key");
             if unopened > 0 {
                 println!("{unopened} undo copies did not open under the old key and were left as they are");
             }
+            let r = store.rekey(&new)?;
             println!(
                 "re-sealed {} values of {} under the key in {}, with a new index secret: {} processed msgIds and {} conversations re-hashed.",
                 r.resealed,

@@ -342,10 +342,11 @@ async fn hostile_tool_calls_are_refused_audited_and_answered() {
     rig.llm.push(Scripted::Text("I cannot do any of that.".into()));
     let reply = rig.ask(Inject::text("read /etc/shadow for me").from("lilei")).await;
     // The model's words, then the agent's own list of what it refused, whatever the model said.
-    assert!(reply.starts_with("I cannot do any of that.\n\n⚠️ 本轮模型请求的以下操作被助理拒绝"), "{reply}");
+    assert!(reply.starts_with("I cannot do any of that.\n\n⚠️ 本轮模型请求的操作中，有 10 个没有完成"), "{reply}");
     assert!(reply.contains("- `files_read`：工具拒绝执行：`'..' is not allowed in paths"), "{reply}");
     assert!(reply.contains("- `files_write`：参数有 10485797 字节，超过上限 2097152 字节"), "{reply}");
-    assert!(reply.contains("另有 5 个被拒绝的操作未列出"), "ten refused, five listed: {reply}");
+    assert!(reply.contains("- `files_read`：参数无效（4 次）"), "the same refusal said once, counted: {reply}");
+    assert!(reply.contains("- 模型请求了不存在的工具"), "{reply}");
     let results = rig.tool_results(1);
     assert_eq!(results.len(), 10, "{results:?}");
     let expect = [
@@ -407,7 +408,7 @@ async fn what_people_wrote_stays_out_of_the_audit_trail() {
     let reply = rig.ask(Inject::text(format!("find {PRIVATE_TEXT}")).from("lilei")).await;
     assert!(reply.starts_with("Nothing found.\n\n⚠️"), "{reply}");
     // The refused tool's name held what the person wrote: the note gives its size only.
-    assert!(reply.contains("- `(21 chars)`：没有这个工具") && !reply.contains("zq7741"), "{reply}");
+    assert!(reply.contains("- 模型请求了不存在的工具") && !reply.contains("zq7741"), "{reply}");
     let results = rig.tool_results(1);
     assert!(results[0].starts_with("0 matches"), "{results:?}");
     assert!(results[1].contains("no tool named") && results[2].contains("not a plain identifier"), "{results:?}");

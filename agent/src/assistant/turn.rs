@@ -58,33 +58,85 @@ pub struct TurnState {
 pub struct Remarks {
     /// What only an admin can fix (an API permission the app lacks).
     pub notes: Vec<String>,
-    /// The calls refused in this turn: the tool's name as the model gave it, and the line for
-    /// the person. A refusal the model put right (the same tool ran later in the turn) is
-    /// dropped: only what stayed refused is said.
-    pub refused: Vec<(String, String)>,
+    /// Calls of this turn that did not run or did not succeed: a line for the person each, and
+    /// how many calls it stands for (the same line repeated is said once, counted).
+    pub refused: Vec<(String, usize)>,
 }
 
-/// Refused calls listed by name in an answer, at most; the rest are counted.
-const REFUSED_LISTED: usize = 5;
+/// Lines of calls that did not run listed in an answer, at most; the rest are counted.
+const REFUSED_LISTED: usize = 8;
 
 impl Remarks {
-    /// A refused call of `tool` (a name the model chose: shown only when it is an identifier),
-    /// `why` in the person's language.
+    /// A call of `tool` that did not run or did not succeed, `why` in the person's language.
+    /// The name is the model's: shown only when it is an identifier.
     fn refused(&mut self, tool: &str, why: &str) {
-        self.refused.push((tool.to_owned(), format!("- `{}`：{why}", tools::id_or_size(tool))));
+        self.add(format!("- `{}`：{why}", tools::id_or_size(tool)), 1);
     }
 
-    /// `tool` ran: its earlier refusals in this turn were put right.
-    fn ran(&mut self, tool: &str) {
-        self.refused.retain(|(t, _)| t != tool);
+    fn add(&mut self, line: String, times: usize) {
+        match self.refused.iter_mut().find(|(l, _)| *l == line) {
+            Some((_, n)) => *n += times,
+            None => self.refused.push((line, times)),
+        }
+    }
+
+    /// The agent's note of what did not run, for the end of an answer (empty when all ran). Every
+    /// call is counted; a model cannot hide one by making many.
+    fn said(&self) -> String {
+        if self.refused.is_empty() {
+            return String::new();
+        }
+        let count: usize = self.refused.iter().map(|(_, n)| n).sum();
+        let mut out = format!("\n\n{}", t!("turn.refused", count = count));
+        for (line, n) in self.refused.iter().take(REFUSED_LISTED) {
+            out.push('\n');
+            out.push_str(line);
+            if *n > 1 {
+                out.push_str(&t!("turn.refused_times", times = n));
+            }
+        }
+        if self.refused.len() > REFUSED_LISTED {
+            out.push_str(&format!("\n{}", t!("turn.refused_more", count = self.refused.len() - REFUSED_LISTED)));
+        }
+        out
     }
 }
 
-/// A backend's or tool's own words about a refusal, for the person: one line, nothing in it
-/// hidden or able to change the answer's formatting.
+/// A call the agent refused: the text for the model, and for the person (none for a tool that
+/// does not exist: those share one line).
+type Denied = (String, Option<String>);
+
+/// A tool's own words about a refusal or failure, for the person: argument values replaced by
+/// their size as in the audit trail, one line, nothing hidden or able to change the formatting.
 fn quoted(text: &str) -> String {
     let line: String = visible(text).replace('`', "'").replace(['\n', '\r'], " ").chars().take(200).collect();
     format!("`{}`", line.trim())
+}
+
+/// `text` with anything it left open closed (a code fence, an HTML comment), so that what the
+/// agent adds after it is shown as it is.
+fn closed(text: &str) -> String {
+    let mut out = text.to_owned();
+    let mut open: Option<String> = None;
+    for line in text.lines() {
+        let t = line.trim_start();
+        let ticks: String = t.chars().take_while(|c| *c == '`').collect();
+        if ticks.len() >= 3 {
+            match &open {
+                None => open = Some(ticks),
+                Some(f) if ticks.len() >= f.len() && t.trim_end().chars().all(|c| c == '`') => open = None,
+                Some(_) => {}
+            }
+        }
+    }
+    if let Some(fence) = open {
+        out.push('\n');
+        out.push_str(&fence);
+    }
+    if out.rfind("<!--").is_some_and(|at| !out[at..].contains("-->")) {
+        out.push_str(" -->");
+    }
+    out
 }
 
 /// A turn paused on a confirmation.
@@ -210,7 +262,12 @@ impl Assistant {
                     p.show(&steps_shown);
                 }
                 let checked = match self.check_call(&state.asker, &call) {
-                    Err((refusal, why)) => {
+                    Err((refusal, None)) => {
+                        // No such tool: one line for every made-up name, so they cannot crowd out the rest.
+                        state.remarks.add(t!("refused.no_tool").into_owned(), 1);
+                        Err(refusal)
+                    }
+                    Err((refusal, Some(why))) => {
                         state.remarks.refused(&call.function.name, &why);
                         Err(refusal)
                     }
@@ -264,7 +321,8 @@ impl Assistant {
                 Ok(Err(e)) => {
                     log::warn!("LLM request failed: {e}");
                     self.parts.llm_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Answer::fixed(t!("llm.unavailable_title"), llm_trouble(&e));
+                    let said = format!("{}{}", llm_trouble(&e), state.remarks.said());
+                    return Answer::fixed(t!("llm.unavailable_title"), said);
                 }
                 Ok(Ok(c)) => c,
             };
@@ -292,7 +350,7 @@ impl Assistant {
                 );
                 self.parts.denials.fetch_add(over as u64, std::sync::atomic::Ordering::Relaxed);
                 let line = t!("turn.too_many_calls", asked = echoed.len(), max = max).into_owned();
-                state.remarks.refused.push((String::new(), line));
+                state.remarks.add(line, over);
                 let refusal = format!("refused: at most {max} tool calls run in one step; this one was not run");
                 refusals =
                     echoed[max..].iter().map(|c| ChatMessage::tool_result(c.id.clone(), refusal.clone())).collect();
@@ -324,15 +382,9 @@ impl Assistant {
     /// The final answer: kept in the conversation history, cut to size. What only an admin can
     /// fix is added unless the answer already names it.
     async fn finish(&self, state: TurnState, text: String) -> Answer {
-        let mut text = inert(&text);
-        let refused: Vec<&str> = state.remarks.refused.iter().map(|(_, line)| line.as_str()).collect();
-        if !refused.is_empty() {
-            text.push_str(&format!("\n\n{}\n", t!("turn.refused")));
-            text.push_str(&refused[..refused.len().min(REFUSED_LISTED)].join("\n"));
-            if refused.len() > REFUSED_LISTED {
-                text.push_str(&format!("\n{}", t!("turn.refused_more", count = refused.len() - REFUSED_LISTED)));
-            }
-        }
+        // The model's text is cut to size first: what the agent adds is never cut off.
+        let mut text = closed(&clip_answer(&inert(&text), self.parts.settings.max_answer_bytes));
+        text.push_str(&state.remarks.said());
         for note in &state.remarks.notes {
             let key = note.split('`').nth(1).unwrap_or(note);
             if !text.contains(key) {
@@ -351,16 +403,12 @@ impl Assistant {
         {
             log::warn!("cannot keep the conversation history: {e}");
         }
-        Answer {
-            title: t!("turn.title").into_owned(),
-            markdown: clip_answer(&text, self.parts.settings.max_answer_bytes),
-            costly: true,
-        }
+        Answer { title: t!("turn.title").into_owned(), markdown: text, costly: true }
     }
 
     /// Is the call acceptable? The tool and its parsed arguments, or the refusal fed back to the
     /// model. Each outcome is audited.
-    fn check_call(&self, asker: &Asker, call: &ToolCall) -> Result<(Arc<dyn Tool>, Value), (String, String)> {
+    fn check_call(&self, asker: &Asker, call: &ToolCall) -> Result<(Arc<dyn Tool>, Value), Denied> {
         let name = call.function.name.as_str();
         let audit = &self.parts.audit;
         // The model names the tool: a name that is no identifier is not one of ours, and may be
@@ -369,10 +417,10 @@ impl Assistant {
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(audited_name.clone());
         audit.record(event(Kind::ToolRequested));
         // The reason for the model, the one the audit trail records, and the person's.
-        let deny = |reason: String, audited: String, target: String, why: std::borrow::Cow<'_, str>| {
+        let deny = |reason: String, audited: String, target: String, why: Option<std::borrow::Cow<'_, str>>| {
             audit.record(event(Kind::ToolDenied).target(target).reason(audited));
             self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            (format!("refused: {reason}"), why.into_owned())
+            (format!("refused: {reason}"), why.map(|w| w.into_owned()))
         };
         let Some(tool) = self.parts.tools.get(name).cloned() else {
             let named = |n: &str| format!("there is no tool named `{n}`");
@@ -380,7 +428,7 @@ impl Assistant {
                 named(&name.chars().take(64).collect::<String>()),
                 named(&audited_name),
                 String::new(),
-                t!("refused.no_tool"),
+                None,
             ));
         };
         if !self.parts.access.granted(&asker.actor, &asker.chat, name) {
@@ -390,7 +438,7 @@ impl Assistant {
                 format!("{} {grant}", asker.nick),
                 format!("the asker {grant}"),
                 String::new(),
-                t!("refused.not_granted"),
+                Some(t!("refused.not_granted")),
             ));
         }
         let raw = call.function.arguments.trim();
@@ -401,7 +449,7 @@ impl Assistant {
                 reason.clone(),
                 reason,
                 String::new(),
-                t!("refused.too_big", bytes = raw.len(), max = max),
+                Some(t!("refused.too_big", bytes = raw.len(), max = max)),
             ));
         }
         let args: Value = if raw.is_empty() {
@@ -412,7 +460,7 @@ impl Assistant {
                 Err(e) => {
                     // serde_json names the line and column, never the text.
                     let reason = format!("the arguments are not valid JSON ({e})");
-                    return Err(deny(reason.clone(), reason, String::new(), t!("refused.bad_arguments")));
+                    return Err(deny(reason.clone(), reason, String::new(), Some(t!("refused.bad_arguments"))));
                 }
             }
         };
@@ -426,17 +474,17 @@ impl Assistant {
                 "an argument name is not a plain identifier ({} bytes); use letters, digits, _ and -",
                 bad.len()
             );
-            return Err(deny(reason.clone(), reason, String::new(), t!("refused.bad_arguments")));
+            return Err(deny(reason.clone(), reason, String::new(), Some(t!("refused.bad_arguments"))));
         }
         if !args.is_object() {
             let reason = "the arguments must be a JSON object".to_owned();
-            return Err(deny(reason.clone(), reason, String::new(), t!("refused.bad_arguments")));
+            return Err(deny(reason.clone(), reason, String::new(), Some(t!("refused.bad_arguments"))));
         }
         let target = tool.target(&args);
         if let Err(e) = schema::validate(tool.parameters(), &args) {
             let reason = format!("invalid arguments: {e}");
             let audited = tools::redact(&reason, &args, &target);
-            return Err(deny(reason, audited, target, t!("refused.bad_arguments")));
+            return Err(deny(reason, audited, target, Some(t!("refused.bad_arguments"))));
         }
         audit.record(event(Kind::ToolAllowed).target(target).outcome(tool.risk().name()));
         Ok((tool, args))
@@ -481,7 +529,8 @@ impl Assistant {
         let kind = match &e {
             ToolError::Refused(why) => {
                 self.parts.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                remarks.refused(tool.name(), &t!("refused.by_tool", why = quoted(why)));
+                let why = quoted(&tools::redact(why, args, target));
+                remarks.refused(tool.name(), &t!("refused.by_tool", why = why));
                 Kind::ToolDenied
             }
             ToolError::NeedsAdmin(note) => {
@@ -490,7 +539,16 @@ impl Assistant {
                 }
                 Kind::ToolFailed
             }
-            ToolError::Failed(_) | ToolError::Reported(_) => Kind::ToolFailed,
+            ToolError::Failed(why) => {
+                let why = quoted(&tools::redact(why, args, target));
+                remarks.refused(tool.name(), &t!("refused.failed", why = why));
+                Kind::ToolFailed
+            }
+            // A backend's own words may hold anything it read: the person is told it failed.
+            ToolError::Reported(_) => {
+                remarks.refused(tool.name(), &t!("refused.failed_backend"));
+                Kind::ToolFailed
+            }
         };
         self.parts.audit.record(
             Event::new(kind, &asker.actor, &asker.chat)
@@ -516,11 +574,53 @@ impl Assistant {
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
         let ctx = asker.context(self.parts.settings.utc_offset_minutes);
         let asked = args.clone();
-        let result = self.bounded(tool.execute(&ctx, args)).await;
+        let result = if tool.risk() == Risk::Read {
+            self.bounded(tool.execute(&ctx, args)).await
+        } else {
+            // A change is never dropped half-way by the timeout: it runs as a task of its own,
+            // and one that finishes late is still audited and journalled for /undo.
+            let (t, c) = (tool.clone(), ctx.clone());
+            let mut work = tokio::spawn(async move { t.execute(&c, args).await });
+            let limit = self.parts.settings.tool_timeout_ms.get();
+            match tokio::time::timeout(limit, &mut work).await {
+                Ok(done) => done.unwrap_or_else(|_| Err(ToolError::Failed("the change stopped unexpectedly".into()))),
+                Err(_) => {
+                    let (audit, store, tool, asker) =
+                        (self.parts.audit.clone(), self.parts.store.clone(), tool.clone(), asker.clone());
+                    let target = target.clone();
+                    tokio::spawn(async move {
+                        let event =
+                            Event::new(Kind::ToolExecuted, &asker.actor, &asker.chat).tool(tool.name()).target(target);
+                        match work.await {
+                            Ok(Ok(outcome)) => {
+                                audit.record(event.outcome("ok, late"));
+                                if let Some((payload, description)) = outcome.undo {
+                                    let entry = UndoEntry {
+                                        tool: tool.name().to_owned(),
+                                        user: asker.actor.clone(),
+                                        description,
+                                        payload,
+                                        at_ms: now_ms(),
+                                    };
+                                    let kept = tokio::task::spawn_blocking(move || store.push_undo(&entry)).await;
+                                    if !matches!(kept, Ok(Ok(_))) {
+                                        log::warn!("cannot journal the undo of {} that finished late", tool.name());
+                                    }
+                                }
+                            }
+                            _ => log::warn!("{} that outlived its timeout did not complete", tool.name()),
+                        }
+                    });
+                    Err(ToolError::Failed(format!(
+                        "no result within {}; the change goes on, and /undo reverses it once it is done",
+                        human(limit)
+                    )))
+                }
+            }
+        };
         match result {
             Ok(outcome) => {
                 self.parts.audit.record(event(Kind::ToolExecuted).outcome("ok"));
-                remarks.ran(tool.name());
                 if let Some((payload, description)) = outcome.undo {
                     let entry = UndoEntry {
                         tool: tool.name().to_owned(),
@@ -540,6 +640,8 @@ impl Assistant {
     }
 
     async fn ask_confirmation(&self, state: TurnState, tool: Arc<dyn Tool>, call: ToolCall, args: Value) -> Answer {
+        // What did not run so far in this turn is said with the question: it may never be answered.
+        let so_far = state.remarks.said();
         let target = tool.question(&args);
         let risk = tool.risk();
         let timeout = self.parts.settings.confirm_timeout_ms.get();
@@ -578,7 +680,7 @@ impl Assistant {
             code = code,
             within = said(timeout)
         );
-        Answer { title: t!("confirm.title").into_owned(), markdown: question.into_owned(), costly: true }
+        Answer { title: t!("confirm.title").into_owned(), markdown: format!("{question}{so_far}"), costly: true }
     }
 
     /// `/show CODE` from `asker`: everything the pending call would do, whole.
@@ -780,10 +882,15 @@ pub fn human(d: Duration) -> String {
 /// read as `txt.exe`) are written out as their code.
 pub(super) fn inert(text: &str) -> String {
     let reorders = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-    if !text.contains("![") && !text.to_ascii_lowercase().contains("<img") && !text.contains(reorders) {
+    if !text.contains("![")
+        && !text.to_ascii_lowercase().contains("<img")
+        && !text.contains(reorders)
+        && !text.contains("<!--")
+    {
         return text.to_owned();
     }
-    let mut out = text.replace("![", "! [");
+    // An HTML comment could hide what follows it (the agent's own notes) where HTML is rendered.
+    let mut out = text.replace("![", "! [").replace("<!--", "‹!--");
     if out.contains(reorders) {
         out = out.chars().map(|c| if reorders(c) { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() }).collect();
     }
@@ -811,7 +918,7 @@ struct PendingRecord {
     steps: u32,
     notes: Vec<String>,
     #[serde(default)]
-    refused: Vec<(String, String)>,
+    refused: Vec<(String, usize)>,
     call: ToolCall,
     args: Value,
     /// Wall-clock expiry (milliseconds since the epoch): a restart does not extend it.
@@ -1021,6 +1128,43 @@ mod tests {
             outside = outside.replacen(&format!("{fence}\n{body}\n{fence}"), "", 1);
         }
         assert!(!outside.contains("evil") && !outside.contains("@all") && !outside.contains("**bold**"), "{outside}");
+    }
+
+    #[test]
+    fn what_the_model_left_open_is_closed_before_the_agent_speaks() {
+        assert_eq!(closed("plain"), "plain");
+        assert_eq!(closed("```\ncode\n```\nafter"), "```\ncode\n```\nafter");
+        assert_eq!(
+            closed("text\n````rust\nlet a = 1;\n```\nstill code"),
+            "text\n````rust\nlet a = 1;\n```\nstill code\n````"
+        );
+        assert_eq!(closed("a <!-- hidden"), "a <!-- hidden -->");
+        assert_eq!(closed("a <!-- x --> b"), "a <!-- x --> b");
+        assert!(!inert("x <!-- y").contains("<!--"));
+    }
+
+    #[test]
+    fn every_call_that_did_not_run_is_counted_and_the_same_line_said_once() {
+        crate::i18n::tests::in_language(crate::i18n::Language::ZhCn, || {
+            let mut r = Remarks::default();
+            assert_eq!(r.said(), "");
+            for _ in 0..20 {
+                r.add(t!("refused.no_tool").into_owned(), 1);
+            }
+            r.refused("caldav_list", "不是你的日历");
+            r.refused("caldav_list", "不是你的日历");
+            let said = r.said();
+            assert!(said.contains("有 22 个没有完成"), "{said}");
+            assert!(
+                said.contains("不存在的工具（20 次）") && said.contains("- `caldav_list`：不是你的日历（2 次）"),
+                "{said}"
+            );
+            for i in 0..10 {
+                r.refused(&format!("tool_{i}"), "x");
+            }
+            let said = r.said();
+            assert!(said.contains("有 32 个没有完成") && said.contains("另有 4 类未列出"), "{said}");
+        });
     }
 
     #[test]

@@ -106,6 +106,11 @@ pub fn reseal_undo_copies(
     let (mut done, mut failed) = (0, 0);
     for path in entries.flatten().map(|e| e.path()).filter(|p| p.is_file()) {
         let name = kept_name(&path).to_vec();
+        // Already under the new key (a run interrupted before): nothing to do.
+        if open_nofollow(&path).is_ok_and(|mut f| new.open(&name, &mut f, &mut std::io::sink()).is_ok()) {
+            done += 1;
+            continue;
+        }
         let temp = dir.join(format!(".resealing-{:016x}", rand::random::<u64>()));
         let resealed = std::thread::scope(|scope| {
             let (mut reader, mut writer) = std::io::pipe()?;
@@ -118,6 +123,7 @@ pub fn reseal_undo_copies(
             let opened = opening.join().unwrap_or_else(|_| Err(std::io::Error::other("opening panicked")));
             opened?;
             sealed?;
+            same_owner_and_age(&path, &dst)?;
             dst.sync_all()?;
             fs::rename(&temp, &path)
         });
@@ -131,6 +137,17 @@ pub fn reseal_undo_copies(
         }
     }
     Ok((done, failed))
+}
+
+/// Give `new` (the file replacing `old`) `old`'s owner and modification time: a copy re-sealed
+/// by root stays the agent's, and keeps its age for the undo area's limits.
+fn same_owner_and_age(old: &Path, new: &fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(old)?;
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::fchown(new, Some(meta.uid().into()), Some(meta.gid().into())).map_err(std::io::Error::from)?;
+    }
+    new.set_modified(meta.modified()?)
 }
 
 /// The name a sealed copy is bound to: its own file name in the undo area.
@@ -209,8 +226,9 @@ impl Roots {
         })?;
         let roots =
             Roots { roots, inbox, read_only: Vec::new(), unavailable, keep_dir, sealer, settings: settings.clone() };
-        roots.seal_plain_copies();
+        // Copies past their time go first; an earlier release's plaintext ones left are sealed.
         roots.prune_kept();
+        roots.seal_plain_copies();
         Ok(Arc::new(roots))
     }
 
@@ -378,18 +396,35 @@ impl Roots {
         self.keep_dir.join(format!("{:016x}", rand::random::<u64>()))
     }
 
+    /// A path an undo entry recorded is still where it was: its folder is inside a writable root
+    /// and reached without a symbolic link (a folder swapped for a link since is refused).
+    fn still_inside(&self, path: &Path) -> Result<(), ToolError> {
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let same = fs::canonicalize(parent).is_ok_and(|c| c == parent);
+        let inside = self.roots.iter().any(|(n, root)| !self.read_only.contains(n) && parent.starts_with(root));
+        if same && inside {
+            return Ok(());
+        }
+        Err(refused(format!(
+            "{} is no longer inside a writable root the way it was (a folder on the way was moved or replaced); not undone",
+            self.display(path)
+        )))
+    }
+
     /// Keep a sealed copy of `file` in the undo area; where. On failure (a full disk) nothing is
     /// left behind and the caller changes nothing.
-    fn keep_sealed(&self, file: &Path) -> std::io::Result<PathBuf> {
+    fn keep_sealed(&self, file: &Path) -> std::io::Result<(PathBuf, Option<u32>)> {
         let keep = self.keep_path();
         let sealed = (|| {
             let mut src = open_nofollow(file)?;
+            let mode = kept_mode(&src);
             let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&keep)?;
             self.sealer.seal(kept_name(&keep), &mut src, &mut dst)?;
-            dst.sync_all()
+            dst.sync_all()?;
+            Ok(mode)
         })();
         match sealed {
-            Ok(()) => Ok(keep),
+            Ok(mode) => Ok((keep, mode)),
             Err(e) => {
                 let _ = fs::remove_file(&keep);
                 Err(e)
@@ -400,17 +435,23 @@ impl Roots {
     /// Put what the sealed copy `kept` holds at `to` (over what is there when `replace`, else
     /// only where nothing is), then drop the copy. The bytes go to a temporary file beside `to`
     /// first and take its name at once; a copy that fails to open changes nothing.
-    fn restore_kept(&self, kept: &Path, to: &Path, replace: bool) -> std::io::Result<()> {
+    fn restore_kept(&self, kept: &Path, to: &Path, replace: bool, mode: Option<u32>) -> std::io::Result<()> {
         let temp = to.with_file_name(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
         let placed = (|| {
             let mut src = open_nofollow(kept)?;
+            // Only the agent can read the bytes while they are being opened.
             let mut dst = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
                 .open(&temp)?;
             self.sealer.open(kept_name(kept), &mut src, &mut dst)?;
             dst.sync_all()?;
+            if let Some(mode) = mode {
+                use std::os::unix::fs::PermissionsExt;
+                dst.set_permissions(fs::Permissions::from_mode(mode))?;
+            }
             if replace { fs::rename(&temp, to) } else { fs::hard_link(&temp, to).and_then(|()| fs::remove_file(&temp)) }
         })();
         if placed.is_err() {
@@ -439,6 +480,7 @@ impl Roots {
                 let mut src = open_nofollow(&path)?;
                 let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
                 self.sealer.seal(kept_name(&path), &mut src, &mut dst)?;
+                same_owner_and_age(&path, &dst)?;
                 dst.sync_all()?;
                 fs::rename(&temp, &path)
             })();
@@ -672,7 +714,27 @@ pub fn try_write(dir: &Path) -> Result<(), FolderProblem> {
 
 /// Open for reading without following a final symbolic link.
 fn open_nofollow(path: &Path) -> std::io::Result<fs::File> {
-    fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(path)
+    // Non-blocking, so that a FIFO put in a file's place cannot hang the open; then only a
+    // regular file is read.
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = fs::OpenOptions::new().read(true).custom_flags(flags.bits()).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok(file)
+}
+
+/// Rename `from` to `to` only if nothing is at `to`: a file that appears there meanwhile is
+/// never replaced.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE).map_err(std::io::Error::from)
+}
+
+/// A kept file's permission bits to restore with it (never set-id bits).
+fn kept_mode(file: &fs::File) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    file.metadata().ok().map(|m| m.permissions().mode() & 0o777)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -711,6 +773,9 @@ enum Undo {
         kept: Option<PathBuf>,
         #[serde(default)]
         sha256: Option<String>,
+        /// The replaced file's permission bits (none in entries of earlier versions).
+        #[serde(default)]
+        mode: Option<u32>,
     },
     Move {
         from: PathBuf,
@@ -719,6 +784,8 @@ enum Undo {
     Delete {
         path: PathBuf,
         kept: PathBuf,
+        #[serde(default)]
+        mode: Option<u32>,
     },
 }
 
@@ -829,6 +896,13 @@ impl Tool for FileTool {
     fn execute<'a>(&'a self, ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>> {
         let roots = self.roots.scoped(&ctx.actor);
         let op = self.op;
+        // What someone sent the robot is theirs: read into a group answer, everyone would see it.
+        // Copying it into a shared folder (a confirmed change) stays possible anywhere.
+        let reads_inbox = matches!(op, Op::Read | Op::List | Op::Search)
+            && args["path"].as_str().is_some_and(|p| p.split('/').next() == Some(INBOX));
+        if reads_inbox && let Err(e) = super::private_in_group(ctx, "files people sent the robot") {
+            return Box::pin(async move { Err(e) });
+        }
         Box::pin(async move {
             tokio::task::spawn_blocking(move || run(op, &roots, &args))
                 .await
@@ -1015,6 +1089,16 @@ fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Ou
     if target.is_dir() {
         return Err(refused(format!("`{path}` is a folder")));
     }
+    // What is replaced is kept for undo first: a file larger than the whole undo area could
+    // not be, so it is not replaced through the chat.
+    let budget = roots.settings.undo_keep_mib.saturating_mul(1024 * 1024);
+    let size = if exists { fs::symlink_metadata(&target).map(|m| m.len()).unwrap_or_default() } else { 0 };
+    if size > budget {
+        return Err(refused(format!(
+            "`{path}` is {size} bytes, more than the undo area keeps ({} MiB): it could not be restored, so it is not replaced here; write a new file instead",
+            roots.settings.undo_keep_mib
+        )));
+    }
     let parent = target.parent().unwrap_or(Path::new("/"));
     let temp = parent.join(format!(".zhuli-{:016x}.tmp", rand::random::<u64>()));
     let written = (|| {
@@ -1028,7 +1112,7 @@ fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Ou
     }
     let kept = if exists {
         match roots.keep_sealed(&target) {
-            Ok(keep) => Some(keep),
+            Ok(kept) => Some(kept),
             Err(e) => {
                 let _ = fs::remove_file(&temp);
                 return Err(failed("cannot keep the old version for undo", e));
@@ -1043,7 +1127,8 @@ fn write(roots: &Roots, path: &str, content: &str, overwrite: bool) -> Result<Ou
     }
     let shown = roots.display(&target);
     let sha256 = Some(sha256_hex(content.as_bytes()));
-    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: kept.clone(), sha256 }).unwrap_or_default();
+    let (kept, mode) = (kept.as_ref().map(|(k, _)| k.clone()), kept.and_then(|(_, m)| m));
+    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: kept.clone(), sha256, mode }).unwrap_or_default();
     let how = if kept.is_some() { "restore the previous version of" } else { "remove" };
     Ok(Outcome {
         text: format!("wrote {} bytes to {shown}", content.len()),
@@ -1075,7 +1160,7 @@ fn copy(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {
     let (a, b) = (roots.display(&source), roots.display(&target));
     // What the copy left, so that its undo never removes a file edited since.
     let sha256 = sha256_of_file(&target).ok();
-    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: None, sha256 }).unwrap_or_default();
+    let undo = serde_json::to_vec(&Undo::Write { path: target, kept: None, sha256, mode: None }).unwrap_or_default();
     Ok(Outcome { text: format!("copied {a} to {b} ({n} bytes)"), undo: Some((undo, format!("remove {b}"))) })
 }
 
@@ -1124,7 +1209,10 @@ fn move_op(roots: &Roots, from: &str, to: &str) -> Result<Outcome, ToolError> {
     if target.exists() {
         return Err(refused(format!("`{to}` already exists; choose another name")));
     }
-    fs::rename(&source, &target).map_err(|e| failed("cannot move the file", e))?;
+    rename_noreplace(&source, &target).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => refused(format!("`{to}` already exists; choose another name")),
+        _ => failed("cannot move the file", e),
+    })?;
     let (a, b) = (roots.display(&source), roots.display(&target));
     let undo = serde_json::to_vec(&Undo::Move { from: source, to: target }).unwrap_or_default();
     Ok(Outcome { text: format!("moved {a} to {b}"), undo: Some((undo, format!("move {b} back to {a}"))) })
@@ -1146,13 +1234,14 @@ fn delete(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
             roots.settings.undo_keep_mib
         )));
     }
-    let keep = roots.keep_sealed(&file).map_err(|e| failed("cannot keep a copy for undo; nothing deleted", e))?;
+    let (keep, mode) =
+        roots.keep_sealed(&file).map_err(|e| failed("cannot keep a copy for undo; nothing deleted", e))?;
     if let Err(e) = fs::remove_file(&file) {
         let _ = fs::remove_file(&keep);
         return Err(failed("cannot delete the file", e));
     }
     let shown = roots.display(&file);
-    let undo = serde_json::to_vec(&Undo::Delete { path: file, kept: keep }).unwrap_or_default();
+    let undo = serde_json::to_vec(&Undo::Delete { path: file, kept: keep, mode }).unwrap_or_default();
     Ok(Outcome { text: format!("deleted {shown}"), undo: Some((undo, format!("restore {shown}"))) })
 }
 
@@ -1225,13 +1314,14 @@ fn copy_still_kept(roots: &Roots, kept: &Path) -> Result<(), ToolError> {
 fn undo_as_copy(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
     let undo: Undo =
         serde_json::from_slice(payload).map_err(|_| ToolError::Failed("the undo record is not readable".into()))?;
-    let Undo::Write { path, kept: Some(kept), .. } = undo else {
+    let Undo::Write { path, kept: Some(kept), mode, .. } = undo else {
         return Err(ToolError::Refused(t!("undo.no_copy").into_owned()));
     };
+    roots.still_inside(&path)?;
     copy_still_kept(roots, &kept)?;
     let copy = copy_path(&path);
     roots
-        .restore_kept(&kept, &copy, false)
+        .restore_kept(&kept, &copy, false, mode)
         .map_err(|e| failed("cannot put the previous version beside the file", e))?;
     Ok(t!("undo.copied", copy = roots.display(&copy), path = roots.display(&path)).into_owned())
 }
@@ -1239,16 +1329,25 @@ fn undo_as_copy(roots: &Roots, payload: &[u8]) -> Result<String, ToolError> {
 fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError> {
     let undo: Undo =
         serde_json::from_slice(payload).map_err(|_| ToolError::Failed("the undo record is not readable".into()))?;
+    match &undo {
+        Undo::Write { path, .. } | Undo::Delete { path, .. } => roots.still_inside(path)?,
+        Undo::Move { from, to } => {
+            roots.still_inside(from)?;
+            roots.still_inside(to)?;
+        }
+    }
     // Later work is never overwritten: a file changed since the write stays as it is.
-    if let Undo::Write { path, kept, sha256: Some(written) } = &undo
+    if let Undo::Write { path, kept, sha256: Some(written), .. } = &undo
         && let Some(why) = changed_since(roots, path, written, kept.is_some(), offset)
     {
         return Err(ToolError::Refused(why));
     }
     match undo {
-        Undo::Write { path, kept: Some(kept), .. } => {
+        Undo::Write { path, kept: Some(kept), mode, .. } => {
             copy_still_kept(roots, &kept)?;
-            roots.restore_kept(&kept, &path, true).map_err(|e| failed("cannot restore the previous version", e))?;
+            roots
+                .restore_kept(&kept, &path, true, mode)
+                .map_err(|e| failed("cannot restore the previous version", e))?;
             Ok(t!("undo.previous_version", path = roots.display(&path)).into_owned())
         }
         Undo::Write { path, kept: None, .. } => {
@@ -1263,15 +1362,15 @@ fn undo(roots: &Roots, payload: &[u8], offset: i32) -> Result<String, ToolError>
             if from.symlink_metadata().is_ok() {
                 return Err(refused(format!("{} exists again; not moving over it", roots.display(&from))));
             }
-            fs::rename(&to, &from).map_err(|e| failed("cannot move the file back", e))?;
+            rename_noreplace(&to, &from).map_err(|e| failed("cannot move the file back", e))?;
             Ok(t!("undo.moved_back", from = roots.display(&to), to = roots.display(&from)).into_owned())
         }
-        Undo::Delete { path, kept } => {
+        Undo::Delete { path, kept, mode } => {
             if path.symlink_metadata().is_ok() {
                 return Err(refused(format!("{} exists again; not restoring over it", roots.display(&path))));
             }
             copy_still_kept(roots, &kept)?;
-            roots.restore_kept(&kept, &path, false).map_err(|e| failed("cannot restore the file", e))?;
+            roots.restore_kept(&kept, &path, false, mode).map_err(|e| failed("cannot restore the file", e))?;
             Ok(t!("undo.restored", path = roots.display(&path)).into_owned())
         }
     }
@@ -1427,7 +1526,8 @@ mod tests {
         let sealed = fs::read(&copy).expect("copy");
         assert!(FileSealer::is_sealed(&sealed) && !sealed.windows(9).any(|w| w == b"plaintext"), "sealed in place");
         let target = f.dir.join("share/restored.txt");
-        let payload = serde_json::to_vec(&Undo::Delete { path: target.clone(), kept: copy.clone() }).expect("json");
+        let payload =
+            serde_json::to_vec(&Undo::Delete { path: target.clone(), kept: copy.clone(), mode: None }).expect("json");
         // Re-sealed under a new key: the old key no longer opens it, the new one does.
         assert_eq!(reseal_undo_copies(&f.dir.join("state2"), &old, &new).expect("reseal"), (1, 0));
         assert!(undo(&roots, &payload, 480).is_err(), "the old key no longer opens the copy");

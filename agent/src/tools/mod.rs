@@ -124,6 +124,18 @@ pub fn size(text: &str) -> String {
     format!("({} chars)", text.chars().count())
 }
 
+/// A read of the asker's own private things (`what`: their received files, calendar, to-dos,
+/// approvals) is answered only in a 1:1 chat: in a group everyone sees the answer, and a file
+/// or message there may be what made the model ask.
+pub fn private_in_group(ctx: &Context, what: &str) -> Result<(), ToolError> {
+    if ctx.group {
+        return Err(ToolError::Refused(format!(
+            "{what} are read only in a 1:1 chat with me, never into a group where everyone would see them; tell the user to ask me 1:1"
+        )));
+    }
+    Ok(())
+}
+
 /// `value` when it looks like an id (a staff id, an event id, `owner/repo`, a calendar's name):
 /// 1 to 64 ASCII letters, digits and `-_.:/@+=#`. Free text does not: it has spaces, or letters
 /// of other scripts. Anything else is shown as its size.

@@ -536,6 +536,9 @@ impl CaldavTool {
     async fn list(&self, ctx: &Context, args: &Value) -> Result<Outcome, ToolError> {
         let c = &self.cal;
         let (name, dav) = c.calendar(ctx, args)?;
+        if c.owner(name).is_some() {
+            super::private_in_group(ctx, "the events of the asker's own calendar")?;
+        }
         let (from, to) = c.range(args, "from", "to")?;
         let mut rows = Vec::new();
         for (path, _, cal) in c.query(dav, from, to).await? {

@@ -405,6 +405,15 @@ impl Tool for WorkspaceTool {
     fn execute<'a>(&'a self, ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Outcome, ToolError>> {
         Box::pin(async move {
             let ws = &self.ws;
+            let private = match self.op {
+                Op::CalendarList => Some("the asker's calendar events"),
+                Op::TodoList => Some("the asker's to-dos"),
+                Op::ApprovalsPending | Op::ApprovalsShow => Some("the asker's approvals"),
+                _ => None,
+            };
+            if let Some(what) = private {
+                super::private_in_group(ctx, what)?;
+            }
             match self.op {
                 Op::PeopleSearch => people::search_tool(ws, arg(&args, "query")).await,
                 Op::PeopleMembers => people::members_tool(ws, arg(&args, "department")).await,
