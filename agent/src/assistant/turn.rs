@@ -102,6 +102,15 @@ impl Remarks {
     }
 }
 
+/// Journal the undo of a change `actor` made with `tool`, if it has one.
+async fn journal_undo(store: Arc<crate::store::Store>, tool: &str, actor: &str, undo: Option<(Vec<u8>, String)>) {
+    let Some((payload, description)) = undo else { return };
+    let entry = UndoEntry { tool: tool.to_owned(), user: actor.to_owned(), description, payload, at_ms: now_ms() };
+    if !matches!(tokio::task::spawn_blocking(move || store.push_undo(&entry)).await, Ok(Ok(_))) {
+        log::warn!("cannot journal the undo of a {tool} change");
+    }
+}
+
 /// A call the agent refused: the text for the model, and for the person (none for a tool that
 /// does not exist: those share one line).
 type Denied = (String, Option<String>);
@@ -278,7 +287,7 @@ impl Assistant {
                 match checked {
                     Err(refusal) => state.messages.push(ChatMessage::tool_result(call.id.clone(), refusal)),
                     Ok((tool, args)) if tool.risk() == Risk::Read => {
-                        let result = self.run_tool(&state.asker, &tool, &call, args, &mut state.remarks).await;
+                        let result = self.run_tool(&state.asker, &tool, args, &mut state.remarks).await;
                         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
                     }
                     Ok((tool, args)) => return self.ask_confirmation(state, tool, call, args).await,
@@ -566,7 +575,6 @@ impl Assistant {
         &self,
         asker: &Asker,
         tool: &Arc<dyn Tool>,
-        call: &ToolCall,
         args: Value,
         remarks: &mut Remarks,
     ) -> String {
@@ -594,19 +602,7 @@ impl Assistant {
                         match work.await {
                             Ok(Ok(outcome)) => {
                                 audit.record(event.outcome("ok, late"));
-                                if let Some((payload, description)) = outcome.undo {
-                                    let entry = UndoEntry {
-                                        tool: tool.name().to_owned(),
-                                        user: asker.actor.clone(),
-                                        description,
-                                        payload,
-                                        at_ms: now_ms(),
-                                    };
-                                    let kept = tokio::task::spawn_blocking(move || store.push_undo(&entry)).await;
-                                    if !matches!(kept, Ok(Ok(_))) {
-                                        log::warn!("cannot journal the undo of {} that finished late", tool.name());
-                                    }
-                                }
+                                journal_undo(store, tool.name(), &asker.actor, outcome.undo).await;
                             }
                             _ => log::warn!("{} that outlived its timeout did not complete", tool.name()),
                         }
@@ -621,18 +617,7 @@ impl Assistant {
         match result {
             Ok(outcome) => {
                 self.parts.audit.record(event(Kind::ToolExecuted).outcome("ok"));
-                if let Some((payload, description)) = outcome.undo {
-                    let entry = UndoEntry {
-                        tool: tool.name().to_owned(),
-                        user: asker.actor.clone(),
-                        description,
-                        payload,
-                        at_ms: now_ms(),
-                    };
-                    if let Err(e) = self.store_call(move |s| s.push_undo(&entry)).await {
-                        log::warn!("cannot journal the undo of {}: {e}", call.function.name);
-                    }
-                }
+                journal_undo(self.parts.store.clone(), tool.name(), &asker.actor, outcome.undo).await;
                 clip(&outcome.text, self.parts.settings.max_tool_output_bytes)
             }
             Err(e) => self.tool_error(asker, tool, &asked, &target, e, remarks),
@@ -744,7 +729,7 @@ impl Assistant {
         );
         // The turn's clock restarts: the person may have taken minutes to confirm.
         state.deadline = Instant::now() + self.parts.settings.turn_timeout_ms.get();
-        let result = self.run_tool(asker, &tool, &call, args, &mut state.remarks).await;
+        let result = self.run_tool(asker, &tool, args, &mut state.remarks).await;
         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
         self.drive(state, progress).await
     }
