@@ -19,4 +19,5 @@ pub mod secret;
 pub mod sim_http;
 pub mod store;
 pub mod tools;
+pub mod update;
 pub mod validate;

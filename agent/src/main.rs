@@ -74,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: ProvisionCommand,
     },
+    /// Release bundles (updates of the box): make the vendor's key, sign a bundle, check one.
+    Update {
+        #[command(subcommand)]
+        command: UpdateCommand,
+    },
     /// Manage the encrypted store.
     Store {
         #[command(subcommand)]
@@ -127,6 +132,46 @@ enum Command {
         /// With --config, the restored store is then re-sealed under the configuration's key.
         #[arg(long, value_name = "PATH")]
         key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UpdateCommand {
+    /// Make the vendor's signing key pair: vendor.key (keep it off every box) and vendor.pub
+    /// (baked into the image, which installs only bundles it signed).
+    Keygen {
+        /// The folder to write vendor.key and vendor.pub into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Write SHA256SUMS over a bundle folder's files and sign it (SHA256SUMS.sig).
+    Sign {
+        /// The bundle folder: zhuli-release.toml and the files it names.
+        dir: PathBuf,
+        /// The vendor's private key file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Check a bundle as a box would before installing it: signature, sha256 of every file,
+    /// product, architecture, a newer version, sizes.
+    Check {
+        /// The bundle folder.
+        dir: PathBuf,
+        /// The vendor's public key file (on the box: /usr/share/zhuli/vendor.pub).
+        #[arg(long, value_name = "FILE", default_value = "/usr/share/zhuli/vendor.pub")]
+        vendor_key: PathBuf,
+        /// The release the box runs (its version must be newer).
+        #[arg(long, value_name = "VERSION")]
+        running: String,
+        /// Bytes the root slot holds.
+        #[arg(long, value_name = "BYTES", default_value_t = u64::MAX)]
+        root_slot: u64,
+        /// Bytes the verity slot holds.
+        #[arg(long, value_name = "BYTES", default_value_t = u64::MAX)]
+        verity_slot: u64,
+        /// Free bytes on the ESP.
+        #[arg(long, value_name = "BYTES", default_value_t = u64::MAX)]
+        esp_free: u64,
     },
 }
 
@@ -532,6 +577,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             logging::init(log::LevelFilter::Info);
             provision(command)?;
         }
+        Command::Update { command } => update(command)?,
         Command::Status { config, socket, json } => {
             let socket = match (socket, config) {
                 (Some(s), _) => s,
@@ -595,6 +641,43 @@ fn create_new(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<(
         .open(path)
         .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
     f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn update(command: UpdateCommand) -> anyhow::Result<()> {
+    use zhuli::{
+        provision::sign::{self, Role},
+        update,
+    };
+    match command {
+        UpdateCommand::Keygen { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let (private, public) = sign::keygen_for(Role::Vendor);
+            create_new(&out.join("vendor.key"), &private, 0o600)?;
+            create_new(&out.join("vendor.pub"), &public, 0o644)?;
+            println!(
+                "wrote {0}/vendor.key (secret: keep it off every box and back it up) and {0}/vendor.pub",
+                out.display()
+            );
+        }
+        UpdateCommand::Sign { dir, key } => {
+            update::seal_bundle(&dir, &read_text(&key)?)?;
+            println!("wrote {0}/{1} and {0}/{2}", dir.display(), update::SUMS, update::SIGNATURE);
+        }
+        UpdateCommand::Check { dir, vendor_key, running, root_slot, verity_slot, esp_free } => {
+            let key = sign::public_key_for(Role::Vendor, &read_text(&vendor_key)?, &vendor_key.display().to_string())?;
+            let running: update::Version = running.parse().map_err(anyhow::Error::msg)?;
+            let room = update::Room { root_slot, verity_slot, esp_free };
+            let checked = update::check(&dir, &key, &running, room)?;
+            println!(
+                "{}: release {} of {}, signed by {}; it may replace {running}",
+                dir.display(),
+                checked.manifest.version,
+                checked.manifest.product,
+                sign::short(&checked.signer)
+            );
+        }
+    }
     Ok(())
 }
 

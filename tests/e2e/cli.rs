@@ -340,3 +340,66 @@ fn mistakes_are_said_plainly_with_what_to_do() {
     ]);
     assert!(said.contains("no FAT file system") && said.contains("--format"), "{said}");
 }
+
+/// `zhuli update`: the vendor makes a key and signs a bundle; a box's check passes it, and refuses
+/// it once one byte changed, for a downgrade, and when signed by another key — saying why.
+#[test]
+fn update_bundles_are_signed_by_the_vendor_and_checked_before_anything_is_written() {
+    let dir = temp_dir("update-cli");
+    let (keys, other, bundle) = (dir.join("keys"), dir.join("other"), dir.join("bundle"));
+    let zhuli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_zhuli")).args(args).output().expect("run zhuli");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let s = |p: &Path| p.display().to_string();
+    assert!(zhuli(&["update", "keygen", "--out", &s(&keys)]).0);
+    assert!(zhuli(&["update", "keygen", "--out", &s(&other)]).0);
+    assert!(std::fs::read_to_string(keys.join("vendor.pub")).expect("pub").starts_with("zhuli-vendor-key ed25519 "));
+    std::fs::create_dir_all(&bundle).expect("bundle");
+    std::fs::write(
+        bundle.join("zhuli-release.toml"),
+        format!(
+            "product = \"zhuli\"\nversion = \"1.4.0\"\narchitecture = \"x86-64\"\nuki = \"zhuli_1.4.0.efi\"\nroot_hash = \"{}\"\n\
+             [root]\nfile = \"zhuli_1.4.0.root.raw\"\nbytes = 8192\n[verity]\nfile = \"zhuli_1.4.0.verity.raw\"\nbytes = 4096\n",
+            "cd".repeat(32)
+        ),
+    )
+    .expect("manifest");
+    std::fs::write(bundle.join("zhuli_1.4.0.root.raw"), vec![1u8; 8192]).expect("root");
+    std::fs::write(bundle.join("zhuli_1.4.0.verity.raw"), vec![2u8; 4096]).expect("verity");
+    std::fs::write(bundle.join("zhuli_1.4.0.efi"), b"MZ uki").expect("uki");
+    // An organisation key cannot sign a release.
+    assert!(zhuli(&["provision", "keygen", "--out", &s(&dir.join("org"))]).0);
+    let (ok, said) = zhuli(&["update", "sign", &s(&bundle), "--key", &s(&dir.join("org/org.key"))]);
+    assert!(!ok && said.contains("zhuli-vendor-private-key"), "{said}");
+    let (ok, said) = zhuli(&["update", "sign", &s(&bundle), "--key", &s(&keys.join("vendor.key"))]);
+    assert!(ok, "{said}");
+    let check = |key: &Path, running: &str| {
+        zhuli(&[
+            "update",
+            "check",
+            &s(&bundle),
+            "--vendor-key",
+            &s(key),
+            "--running",
+            running,
+            "--root-slot",
+            "1048576",
+        ])
+    };
+    let (ok, said) = check(&keys.join("vendor.pub"), "1.3.2");
+    assert!(ok && said.contains("release 1.4.0 of zhuli") && said.contains("may replace 1.3.2"), "{said}");
+    let (ok, said) = check(&keys.join("vendor.pub"), "1.10.0");
+    assert!(!ok && said.contains("older than the running 1.10.0"), "{said}");
+    let (ok, said) = check(&other.join("vendor.pub"), "1.3.2");
+    assert!(!ok && said.contains("installs only releases signed by"), "{said}");
+    let mut root = std::fs::read(bundle.join("zhuli_1.4.0.root.raw")).expect("root");
+    root[100] ^= 0x80;
+    std::fs::write(bundle.join("zhuli_1.4.0.root.raw"), root).expect("tamper");
+    let (ok, said) = check(&keys.join("vendor.pub"), "1.3.2");
+    assert!(!ok && said.contains("zhuli_1.4.0.root.raw does not match its sha256"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -31,31 +31,75 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
-/// A new key pair: (private key file text, public key file text).
+/// Whose key: the organisation's (configurations) or the vendor's (releases). The files differ
+/// only in their first word, so one key is never taken for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Organisation,
+    Vendor,
+}
+
+impl Role {
+    fn public_prefix(self) -> &'static str {
+        match self {
+            Role::Organisation => "zhuli-org-key",
+            Role::Vendor => "zhuli-vendor-key",
+        }
+    }
+
+    fn private_prefix(self) -> &'static str {
+        match self {
+            Role::Organisation => "zhuli-org-private-key",
+            Role::Vendor => "zhuli-vendor-private-key",
+        }
+    }
+}
+
+/// A new organisation key pair: (private key file text, public key file text).
 pub fn keygen() -> (String, String) {
+    keygen_for(Role::Organisation)
+}
+
+/// A new key pair for `role`: (private key file text, public key file text).
+pub fn keygen_for(role: Role) -> (String, String) {
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("the OS random source is available");
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("a key just generated is valid");
     (
-        format!("zhuli-org-private-key {}\n", hex(pkcs8.as_ref())),
-        format!("zhuli-org-key ed25519 {}\n", hex(pair.public_key().as_ref())),
+        format!("{} {}\n", role.private_prefix(), hex(pkcs8.as_ref())),
+        format!("{} ed25519 {}\n", role.public_prefix(), hex(pair.public_key().as_ref())),
     )
 }
 
-/// The public key (hex) in a public key file.
+/// The public key (hex) in an organisation's public key file.
 pub fn public_key(text: &str, what: &str) -> Result<String, SignError> {
+    public_key_for(Role::Organisation, text, what)
+}
+
+/// The public key (hex) in a public key file of `role`.
+pub fn public_key_for(role: Role, text: &str, what: &str) -> Result<String, SignError> {
     let words: Vec<&str> = text.split_whitespace().collect();
     match words.as_slice() {
-        ["zhuli-org-key", "ed25519", key] if unhex(key).is_some_and(|k| k.len() == 32) => Ok((*key).to_owned()),
-        _ => Err(SignError::Format { what: what.into(), expected: "public key", prefix: "zhuli-org-key" }),
+        [p, "ed25519", key] if *p == role.public_prefix() && unhex(key).is_some_and(|k| k.len() == 32) => {
+            Ok((*key).to_owned())
+        }
+        _ => Err(SignError::Format { what: what.into(), expected: "public key", prefix: role.public_prefix() }),
     }
 }
 
-/// Sign `data` with the private key file `key_text`: the signature file's text.
+/// Sign `data` with the organisation's private key file `key_text`: the signature file's text.
 pub fn sign(data: &[u8], key_text: &str, what: &str) -> Result<String, SignError> {
-    let bad = || SignError::Format { what: what.into(), expected: "private key", prefix: "zhuli-org-private-key" };
+    sign_for(Role::Organisation, data, key_text, what)
+}
+
+/// Sign `data` with the private key file `key_text` of `role`: the signature file's text.
+pub fn sign_for(role: Role, data: &[u8], key_text: &str, what: &str) -> Result<String, SignError> {
+    let bad = || SignError::Format { what: what.into(), expected: "private key", prefix: role.private_prefix() };
     let words: Vec<&str> = key_text.split_whitespace().collect();
-    let ["zhuli-org-private-key", doc] = words.as_slice() else { return Err(bad()) };
+    let [p, doc] = words.as_slice() else { return Err(bad()) };
+    if *p != role.private_prefix() {
+        return Err(bad());
+    }
     let pkcs8 = unhex(doc).ok_or_else(bad)?;
     let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| bad())?;
     Ok(format!("zhuli-signature ed25519 {} {}\n", hex(pair.public_key().as_ref()), hex(pair.sign(data).as_ref())))
@@ -88,7 +132,12 @@ pub(crate) fn seed(key_text: &str, what: &str) -> Result<(Zeroizing<[u8; 32]>, [
 /// Check the signature file `sig_text` over `data`; with `trusted`, the signer must be that key.
 /// The signer's public key (hex).
 pub fn verify(data: &[u8], sig_text: &str, trusted: Option<&str>) -> Result<String, SignError> {
-    let bad = || SignError::Format { what: "zhuli.toml.sig".into(), expected: "signature", prefix: "zhuli-signature" };
+    verify_file(data, sig_text, trusted, "zhuli.toml.sig")
+}
+
+/// [`verify`] for the signature file named `what`.
+pub fn verify_file(data: &[u8], sig_text: &str, trusted: Option<&str>, what: &str) -> Result<String, SignError> {
+    let bad = || SignError::Format { what: what.into(), expected: "signature", prefix: "zhuli-signature" };
     let words: Vec<&str> = sig_text.split_whitespace().collect();
     let ["zhuli-signature", "ed25519", key, sig] = words.as_slice() else { return Err(bad()) };
     let (Some(key_bytes), Some(sig_bytes)) = (unhex(key), unhex(sig)) else { return Err(bad()) };

@@ -1,0 +1,383 @@
+//! Release bundles: what an update of the box is made of, and every check made before a byte of
+//! it is written anywhere.
+//!
+//! A bundle is a folder (on the provisioning stick, `update/`, or at an HTTPS address):
+//! - `zhuli-release.toml`, the manifest: product, version, architecture, the root file system
+//!   image and its dm-verity data (each with the bytes it fills in its slot), the unified kernel
+//!   image, and the verity root hash the kernel image carries;
+//! - the files it names;
+//! - `SHA256SUMS` (sha256sum's format) over the manifest and every file;
+//! - `SHA256SUMS.sig`, the vendor's ed25519 signature over `SHA256SUMS`, whose public key is baked
+//!   into the image (`/usr/share/zhuli/vendor.pub`).
+//!
+//! [`check`] refuses, each with what was wrong and what to do: a bundle that is not signed, or
+//! signed by another key; a file whose sha256 differs or that is not listed; a bundle for another
+//! product or architecture; a version not newer than the running one (no downgrade, like the
+//! configuration's serial); a part larger than its slot.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::provision::sign::{self, Role, SignError};
+
+pub const MANIFEST: &str = "zhuli-release.toml";
+pub const SUMS: &str = "SHA256SUMS";
+pub const SIGNATURE: &str = "SHA256SUMS.sig";
+pub const PRODUCT: &str = "zhuli";
+pub const ARCHITECTURE: &str = "x86-64";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("the bundle has no {0}: it is not a zhuli release bundle, or it was copied only in part")]
+    Missing(String),
+    #[error("{what} cannot be read: {reason}")]
+    Unreadable { what: String, reason: String },
+    #[error("the bundle is not signed ({SIGNATURE} is missing); only releases signed by the vendor are installed")]
+    Unsigned,
+    #[error("{SIGNATURE} is not valid: {0}")]
+    Signature(SignError),
+    #[error(
+        "the bundle is signed by the key {found}, but this box installs only releases signed by {trusted}; get the release from its vendor"
+    )]
+    Untrusted { found: String, trusted: String },
+    #[error("{SUMS} line {line} is not `<sha256>  <file name>`")]
+    SumsLine { line: usize },
+    #[error("{SUMS} names {0:?}, which is not a plain file name")]
+    Name(String),
+    #[error("{0} is not listed in {SUMS}: the bundle was put together wrongly")]
+    NotListed(String),
+    #[error("{file} does not match its sha256 in {SUMS}: it was changed or damaged on the way; copy the bundle again")]
+    Digest { file: String },
+    #[error("{MANIFEST}: {0}")]
+    Manifest(String),
+    #[error("the bundle is for {found:?}, not for zhuli")]
+    Product { found: String },
+    #[error("the bundle is for the {found} architecture; this box is {ARCHITECTURE}")]
+    Architecture { found: String },
+    #[error(
+        "release {offered} is older than the running {running}: a box never goes back to an older release by an update"
+    )]
+    Downgrade { offered: Version, running: Version },
+    #[error("release {0} is already running")]
+    Same(Version),
+    #[error("the {what} is {needed} bytes, more than the {available} bytes its place on this box holds")]
+    Space { what: &'static str, needed: u64, available: u64 },
+}
+
+/// A release version: dot-separated numbers (`1.4.0`), compared number by number.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(Vec<u64>);
+
+impl std::str::FromStr for Version {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Result<Vec<u64>, _> = s.split('.').map(str::parse::<u64>).collect();
+        match parts {
+            Ok(p) if (1..=4).contains(&p.len()) => Ok(Version(p)),
+            _ => Err(format!("{s:?} is not a release version (numbers separated by dots, like 1.4.0)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(u64::to_string).collect();
+        f.write_str(&parts.join("."))
+    }
+}
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A part written to a partition slot: its file in the bundle and the bytes it fills.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    pub file: String,
+    pub bytes: u64,
+}
+
+/// The manifest of a release bundle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub product: String,
+    pub version: Version,
+    pub architecture: String,
+    pub root: Part,
+    pub verity: Part,
+    /// The unified kernel image, copied to the ESP as it is.
+    pub uki: String,
+    /// The dm-verity root hash of `root`, as the kernel image's command line carries it.
+    pub root_hash: String,
+}
+
+/// Where the parts go on this box, and how much each place holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    pub root_slot: u64,
+    pub verity_slot: u64,
+    pub esp_free: u64,
+}
+
+/// A bundle that passed every check.
+#[derive(Debug)]
+pub struct Checked {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// The signer's public key (hex).
+    pub signer: String,
+}
+
+/// Check the bundle in `dir` against the vendor's public key (hex), the running release and the
+/// room on this box. Nothing is written.
+pub fn check(dir: &Path, vendor_key: &str, running: &Version, room: Room) -> Result<Checked, BundleError> {
+    let read = |name: &str| -> Result<Vec<u8>, BundleError> {
+        std::fs::read(dir.join(name)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BundleError::Missing(name.to_owned()),
+            _ => BundleError::Unreadable { what: name.to_owned(), reason: e.to_string() },
+        })
+    };
+    let sums = read(SUMS)?;
+    let signature = match read(SIGNATURE) {
+        Err(BundleError::Missing(_)) => return Err(BundleError::Unsigned),
+        other => other?,
+    };
+    let signature = String::from_utf8_lossy(&signature);
+    let signer = sign::verify_file(&sums, &signature, Some(vendor_key), SIGNATURE).map_err(|e| match e {
+        SignError::Untrusted { found, trusted } => BundleError::Untrusted { found, trusted },
+        e => BundleError::Signature(e),
+    })?;
+    let listed = parse_sums(&String::from_utf8_lossy(&sums))?;
+    let digest_of = |name: &str| listed.iter().find(|(_, n)| n == name).map(|(d, _)| d.as_str());
+    let manifest_bytes = read(MANIFEST)?;
+    let manifest_digest = digest_of(MANIFEST).ok_or_else(|| BundleError::NotListed(MANIFEST.to_owned()))?;
+    if crate::tools::sha256_hex(&manifest_bytes) != manifest_digest {
+        return Err(BundleError::Digest { file: MANIFEST.to_owned() });
+    }
+    let manifest: Manifest = toml::from_str(&String::from_utf8_lossy(&manifest_bytes))
+        .map_err(|e| BundleError::Manifest(e.message().to_owned()))?;
+    if manifest.product != PRODUCT {
+        return Err(BundleError::Product { found: manifest.product });
+    }
+    if manifest.architecture != ARCHITECTURE {
+        return Err(BundleError::Architecture { found: manifest.architecture });
+    }
+    if manifest.root_hash.len() != 64 || !manifest.root_hash.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(BundleError::Manifest("root_hash is not a sha256 in hex".into()));
+    }
+    match manifest.version.cmp(running) {
+        std::cmp::Ordering::Less => {
+            return Err(BundleError::Downgrade { offered: manifest.version, running: running.clone() });
+        }
+        std::cmp::Ordering::Equal => return Err(BundleError::Same(manifest.version)),
+        std::cmp::Ordering::Greater => {}
+    }
+    for (what, needed, available) in [
+        ("root file system", manifest.root.bytes, room.root_slot),
+        ("verity data", manifest.verity.bytes, room.verity_slot),
+    ] {
+        if needed > available {
+            return Err(BundleError::Space { what, needed, available });
+        }
+    }
+    for name in [&manifest.root.file, &manifest.verity.file, &manifest.uki] {
+        plain(name)?;
+        let digest = digest_of(name).ok_or_else(|| BundleError::NotListed(name.clone()))?;
+        let path = dir.join(name);
+        let found = file_sha256(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BundleError::Missing(name.clone()),
+            _ => BundleError::Unreadable { what: name.clone(), reason: e.to_string() },
+        })?;
+        if found != digest {
+            return Err(BundleError::Digest { file: name.clone() });
+        }
+    }
+    let uki = std::fs::metadata(dir.join(&manifest.uki)).map(|m| m.len()).unwrap_or_default();
+    if uki > room.esp_free {
+        return Err(BundleError::Space { what: "kernel image", needed: uki, available: room.esp_free });
+    }
+    Ok(Checked { dir: dir.to_owned(), manifest, signer })
+}
+
+/// `SHA256SUMS` lines: (digest, file name). `sha256sum`'s text (`  `) and binary (` *`) forms.
+fn parse_sums(text: &str) -> Result<Vec<(String, String)>, BundleError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = || BundleError::SumsLine { line: i + 1 };
+        let (digest, rest) = line.split_once(' ').ok_or_else(bad)?;
+        let name = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('*')).ok_or_else(bad)?;
+        if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        plain(name)?;
+        out.push((digest.to_ascii_lowercase(), name.to_owned()));
+    }
+    Ok(out)
+}
+
+/// A file name inside the bundle's folder, nothing that could lead out of it.
+fn plain(name: &str) -> Result<(), BundleError> {
+    let ok = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
+    if ok { Ok(()) } else { Err(BundleError::Name(name.to_owned())) }
+}
+
+/// The sha256 of a file, read in pieces.
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(crate::tools::hex(digest.finish().as_ref())),
+            n => digest.update(&buf[..n]),
+        }
+    }
+}
+
+/// Write `SHA256SUMS` over every file in `dir` (sorted by name; not the sums and signature
+/// themselves) and sign it with the vendor's private key file `key_text`: the release side.
+pub fn seal_bundle(dir: &Path, key_text: &str) -> Result<(), BundleError> {
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |e: std::io::Error| BundleError::Unreadable { what: what.clone(), reason: e.to_string() }
+    };
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io("the bundle folder"))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != SUMS && n != SIGNATURE)
+        .collect();
+    names.sort();
+    let mut sums = String::new();
+    for name in &names {
+        plain(name)?;
+        sums.push_str(&format!("{}  {name}\n", file_sha256(&dir.join(name)).map_err(io(name))?));
+    }
+    let signature =
+        sign::sign_for(Role::Vendor, sums.as_bytes(), key_text, "the vendor key").map_err(BundleError::Signature)?;
+    std::fs::write(dir.join(SUMS), &sums).map_err(io(SUMS))?;
+    std::fs::write(dir.join(SIGNATURE), signature).map_err(io(SIGNATURE))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Bundle {
+        dir: PathBuf,
+        private: String,
+        public: String,
+    }
+
+    impl Drop for Bundle {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const ROOM: Room = Room { root_slot: 1 << 20, verity_slot: 1 << 16, esp_free: 1 << 20 };
+
+    fn manifest(version: &str, product: &str, root_bytes: u64) -> String {
+        format!(
+            "product = {product:?}\nversion = {version:?}\narchitecture = \"x86-64\"\nuki = \"zhuli_{version}.efi\"\n\
+             root_hash = \"{}\"\n[root]\nfile = \"zhuli_{version}.root.raw\"\nbytes = {root_bytes}\n\
+             [verity]\nfile = \"zhuli_{version}.verity.raw\"\nbytes = 4096\n",
+            "ab".repeat(32)
+        )
+    }
+
+    /// A signed bundle of release `version`.
+    fn bundle(version: &str) -> Bundle {
+        let dir = std::env::temp_dir().join(format!("zhuli-bundle-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join(MANIFEST), manifest(version, "zhuli", 65536)).expect("manifest");
+        std::fs::write(dir.join(format!("zhuli_{version}.root.raw")), vec![7u8; 65536]).expect("root");
+        std::fs::write(dir.join(format!("zhuli_{version}.verity.raw")), vec![9u8; 4096]).expect("verity");
+        std::fs::write(dir.join(format!("zhuli_{version}.efi")), b"MZ kernel image").expect("uki");
+        let (private, public) = sign::keygen_for(Role::Vendor);
+        let public = sign::public_key_for(Role::Vendor, &public, "vendor.pub").expect("public key");
+        seal_bundle(&dir, &private).expect("signed");
+        Bundle { dir, private, public }
+    }
+
+    fn v(s: &str) -> Version {
+        s.parse().expect("version")
+    }
+
+    #[test]
+    fn a_signed_newer_bundle_passes_and_every_fault_is_refused() {
+        let b = bundle("1.4.0");
+        let ok = check(&b.dir, &b.public, &v("1.3.9"), ROOM).expect("a good bundle");
+        assert_eq!(ok.manifest.version, v("1.4.0"));
+        assert_eq!(ok.signer, b.public);
+
+        // Versions: the same, older (numbers, not text: 1.10 is newer than 1.9).
+        assert!(matches!(check(&b.dir, &b.public, &v("1.4.0"), ROOM), Err(BundleError::Same(_))));
+        assert!(matches!(check(&b.dir, &b.public, &v("1.10"), ROOM), Err(BundleError::Downgrade { .. })));
+        assert!(v("1.10") > v("1.9") && v("2") > v("1.99.99"));
+        assert!("1.4.0-rc1".parse::<Version>().is_err() && "".parse::<Version>().is_err());
+
+        // Another vendor's key.
+        let (_, other) = sign::keygen_for(Role::Vendor);
+        let other = sign::public_key_for(Role::Vendor, &other, "other.pub").expect("key");
+        assert!(matches!(check(&b.dir, &other, &v("1.0"), ROOM), Err(BundleError::Untrusted { .. })));
+        // An organisation key is not a vendor key.
+        assert!(sign::sign_for(Role::Vendor, b"x", &sign::keygen().0, "org.key").is_err());
+
+        // Room: a slot too small, an ESP too full.
+        let small = Room { root_slot: 1000, ..ROOM };
+        assert!(matches!(check(&b.dir, &b.public, &v("1.0"), small), Err(BundleError::Space { .. })));
+        let full = Room { esp_free: 3, ..ROOM };
+        assert!(matches!(check(&b.dir, &b.public, &v("1.0"), full), Err(BundleError::Space { .. })));
+
+        // One byte of the root image changed.
+        let root = b.dir.join("zhuli_1.4.0.root.raw");
+        let mut bytes = std::fs::read(&root).expect("root");
+        bytes[4000] ^= 1;
+        std::fs::write(&root, &bytes).expect("tamper");
+        let e = check(&b.dir, &b.public, &v("1.0"), ROOM).expect_err("tampered");
+        assert!(matches!(&e, BundleError::Digest { file } if file == "zhuli_1.4.0.root.raw"), "{e}");
+        bytes[4000] ^= 1;
+        std::fs::write(&root, &bytes).expect("restore");
+
+        // The sums changed after signing; the signature removed.
+        let sums = std::fs::read_to_string(b.dir.join(SUMS)).expect("sums");
+        std::fs::write(b.dir.join(SUMS), sums.replacen('a', "b", 1)).expect("edit");
+        assert!(matches!(check(&b.dir, &b.public, &v("1.0"), ROOM), Err(BundleError::Signature(SignError::Mismatch))));
+        std::fs::write(b.dir.join(SUMS), &sums).expect("restore");
+        std::fs::remove_file(b.dir.join(SIGNATURE)).expect("unsign");
+        assert!(matches!(check(&b.dir, &b.public, &v("1.0"), ROOM), Err(BundleError::Unsigned)));
+    }
+
+    #[test]
+    fn a_bundle_for_something_else_is_refused_even_when_signed() {
+        let b = bundle("2.0");
+        std::fs::write(b.dir.join(MANIFEST), manifest("2.0", "otherbox", 65536)).expect("manifest");
+        seal_bundle(&b.dir, &b.private).expect("signed again");
+        assert!(matches!(check(&b.dir, &b.public, &v("1.0"), ROOM), Err(BundleError::Product { .. })));
+        // A name leading out of the folder, signed: refused before anything is opened.
+        std::fs::write(b.dir.join(MANIFEST), manifest("2.0", "zhuli", 65536)).expect("manifest");
+        seal_bundle(&b.dir, &b.private).expect("signed again");
+        let sums =
+            std::fs::read_to_string(b.dir.join(SUMS)).expect("sums") + &format!("{}  ../etc/passwd\n", "0".repeat(64));
+        std::fs::write(b.dir.join(SUMS), &sums).expect("sums");
+        let sig = sign::sign_for(Role::Vendor, sums.as_bytes(), &b.private, "vendor.key").expect("sign");
+        std::fs::write(b.dir.join(SIGNATURE), sig).expect("sig");
+        assert!(matches!(check(&b.dir, &b.public, &v("1.0"), ROOM), Err(BundleError::Name(_))));
+        // A part missing from the folder.
+        seal_bundle(&b.dir, &b.private).expect("signed again");
+        std::fs::remove_file(b.dir.join("zhuli_2.0.efi")).expect("remove");
+        assert!(matches!(check(&b.dir, &b.public, &v("1.0"), ROOM), Err(BundleError::Missing(_))));
+    }
+}
