@@ -28,7 +28,7 @@ use rust_i18n::t;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{BoxFuture, Context, Outcome, Risk, Tool, ToolError, hex, sha256_hex};
+use super::{BoxFuture, Context, Outcome, Risk, Tool, ToolError, sha256_hex};
 use crate::store::seal::FileSealer;
 
 /// `[tools.files]`.
@@ -111,32 +111,44 @@ pub fn reseal_undo_copies(
             done += 1;
             continue;
         }
-        let temp = dir.join(format!(".resealing-{:016x}", rand::random::<u64>()));
-        let resealed = std::thread::scope(|scope| {
-            let (mut reader, mut writer) = std::io::pipe()?;
-            let mut src = open_nofollow(&path)?;
-            let (old, name) = (&old, &name);
-            let opening = scope.spawn(move || old.open(name, &mut src, &mut writer).map(|_| drop(writer)));
-            let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
-            let sealed = new.seal(name, &mut reader, &mut dst);
-            drop(reader);
-            let opened = opening.join().unwrap_or_else(|_| Err(std::io::Error::other("opening panicked")));
-            opened?;
-            sealed?;
-            same_owner_and_age(&path, &dst)?;
-            dst.sync_all()?;
-            fs::rename(&temp, &path)
+        let resealed = replace_sealed(&path, |dst| {
+            std::thread::scope(|scope| {
+                let (mut reader, mut writer) = std::io::pipe()?;
+                let mut src = open_nofollow(&path)?;
+                let (old, name) = (&old, &name);
+                let opening = scope.spawn(move || old.open(name, &mut src, &mut writer).map(|_| drop(writer)));
+                let sealed = new.seal(name, &mut reader, dst);
+                drop(reader);
+                opening.join().unwrap_or_else(|_| Err(std::io::Error::other("opening panicked")))?;
+                sealed.map(drop)
+            })
         });
         match resealed {
             Ok(()) => done += 1,
             Err(e) => {
-                let _ = fs::remove_file(&temp);
                 log::warn!("undo area: {} not re-sealed: {e}", path.display());
                 failed += 1;
             }
         }
     }
     Ok((done, failed))
+}
+
+/// Replace the undo copy at `path` by what `fill` writes (sealed bytes): through a 0600
+/// temporary file beside it that takes its name, its owner and age, or is removed on failure.
+fn replace_sealed(path: &Path, fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>) -> std::io::Result<()> {
+    let temp = path.with_file_name(format!(".sealing-{:016x}", rand::random::<u64>()));
+    let done = (|| {
+        let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+        fill(&mut dst)?;
+        same_owner_and_age(path, &dst)?;
+        dst.sync_all()?;
+        fs::rename(&temp, path)
+    })();
+    if done.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    done
 }
 
 /// Give `new` (the file replacing `old`) `old`'s owner and modification time: a copy re-sealed
@@ -475,21 +487,12 @@ impl Roots {
             if !plain || !path.is_file() {
                 continue;
             }
-            let temp = self.keep_dir.join(format!(".sealing-{:016x}", rand::random::<u64>()));
-            let done = (|| {
-                let mut src = open_nofollow(&path)?;
-                let mut dst = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
-                self.sealer.seal(kept_name(&path), &mut src, &mut dst)?;
-                same_owner_and_age(&path, &dst)?;
-                dst.sync_all()?;
-                fs::rename(&temp, &path)
-            })();
+            let done = replace_sealed(&path, |dst| {
+                self.sealer.seal(kept_name(&path), &mut open_nofollow(&path)?, dst).map(drop)
+            });
             match done {
                 Ok(()) => sealed += 1,
-                Err(e) => {
-                    let _ = fs::remove_file(&temp);
-                    log::warn!("undo area: cannot seal a copy kept by an earlier release: {e}");
-                }
+                Err(e) => log::warn!("undo area: cannot seal a copy kept by an earlier release: {e}"),
             }
         }
         if sealed > 0 {
@@ -1247,15 +1250,7 @@ fn delete(roots: &Roots, path: &str) -> Result<Outcome, ToolError> {
 
 /// The sha256 of a file's bytes, read in pieces.
 fn sha256_of_file(path: &Path) -> std::io::Result<String> {
-    let mut file = open_nofollow(path)?;
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buf)? {
-            0 => return Ok(hex(digest.finish().as_ref())),
-            n => digest.update(&buf[..n]),
-        }
-    }
+    super::sha256_of_read(&mut open_nofollow(path)?)
 }
 
 /// Why undoing a write would lose later work: the file is no longer what the write left. The

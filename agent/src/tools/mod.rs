@@ -38,6 +38,20 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
 }
 
+/// The sha256 of everything `source` holds, in hex, read in pieces (a file of any size).
+pub fn sha256_of_read(source: &mut impl std::io::Read) -> std::io::Result<String> {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match source.read(&mut buf) {
+            Ok(0) => return Ok(hex(digest.finish().as_ref())),
+            Ok(n) => digest.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The text of `args[name]`, or "" when it is absent or not a string (the schema was checked).
 pub fn str_arg<'a>(args: &'a Value, name: &str) -> &'a str {
     args.get(name).and_then(Value::as_str).unwrap_or_default()

@@ -15,10 +15,7 @@
 //! product or architecture; a version not newer than the running one (no downgrade, like the
 //! configuration's serial); a part larger than its slot.
 
-use std::{
-    io::Read,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -232,15 +229,7 @@ fn plain(name: &str) -> Result<(), BundleError> {
 
 /// The sha256 of a file, read in pieces.
 fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match file.read(&mut buf)? {
-            0 => return Ok(crate::tools::hex(digest.finish().as_ref())),
-            n => digest.update(&buf[..n]),
-        }
-    }
+    crate::tools::sha256_of_read(&mut std::fs::File::open(path)?)
 }
 
 /// Write `SHA256SUMS` over every file in `dir` (sorted by name; not the sums and signature
