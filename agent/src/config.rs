@@ -33,6 +33,9 @@ pub struct Config {
     pub audit: audit::AuditSettings,
     #[serde(default)]
     pub health: health::HealthSettings,
+    /// Where releases come from and when the box may install them by itself.
+    #[serde(default)]
+    pub update: crate::update::pull::UpdateSettings,
     /// A digest of each top-level table as written, to notice what changed between runs
     /// (audited as a configuration or permission change). Never the values themselves.
     #[serde(skip)]
@@ -127,6 +130,23 @@ impl Config {
                     "[agent] inbox_capacity, workers, backlog_notice, backlog_max and merge_max must be at least 1"
                         .into(),
             });
+        }
+        let update = &config.update;
+        let update_problem = if let Err(e) = update.window.parse::<crate::update::pull::Window>() {
+            Some(format!("[update] window: {e}"))
+        } else if !update.source.is_empty()
+            && let Err(e) = crate::dingtalk::settings::check_url(&update.source, "https", "http")
+        {
+            Some(format!("[update] source: {e}"))
+        } else if !(1..=10).contains(&update.tries) {
+            Some(format!("[update] tries is {}: give 1 to 10 boots for a new release", update.tries))
+        } else if update.healthy_for_s == 0 || update.healthy_within_s <= update.healthy_for_s {
+            Some("[update] healthy_within_s must be longer than healthy_for_s, and both above 0".to_owned())
+        } else {
+            None
+        };
+        if let Some(message) = update_problem {
+            return Err(ConfigError::Invalid { path: path.to_owned(), location: String::new(), message });
         }
         if let Some(pem) = &config.agent.extra_ca_pem {
             crate::dingtalk::http::parse_pem_roots(pem).map_err(|e| ConfigError::Invalid {

@@ -173,6 +173,64 @@ enum UpdateCommand {
         #[arg(long, value_name = "BYTES", default_value_t = u64::MAX)]
         esp_free: u64,
     },
+    /// On the box (as root): check a release bundle and install it into the inactive slot; the
+    /// next boot tries it (`--tries` times) and keeps it only if the agent is healthy.
+    Install {
+        /// The bundle folder.
+        dir: PathBuf,
+        /// Tries the new release gets before the boot loader goes back to the running one.
+        #[arg(long, default_value_t = 3)]
+        tries: u32,
+        /// Reboot into the new release once it is installed.
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// On the box (as root, from zhuli-update.service): look at the configured release folder,
+    /// fetch a newer release, and install it when inside the maintenance window (or --now, or
+    /// when the admin chat asked with /update install); then reboot into it.
+    Pull {
+        /// The agent's configuration (`[update]`).
+        #[arg(long, value_name = "FILE", default_value = "/var/lib/zhuli-provisioning/current/zhuli.toml")]
+        config: PathBuf,
+        /// Install a fetched release now, outside the window too.
+        #[arg(long)]
+        now: bool,
+        /// Where the agent leaves the admin chat's request (`install`, `rollback`).
+        #[arg(long, value_name = "FILE", default_value = "/var/lib/zhuli/update.request")]
+        request: PathBuf,
+        /// Where releases are fetched to.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/zhuli-update/download")]
+        downloads: PathBuf,
+    },
+    /// On the box (as root): go back to the release before; it boots once on trial and is kept
+    /// if the agent is healthy on it.
+    Rollback {
+        /// Reboot into it now.
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// On the box (as root): write which releases are on the box and in what state
+    /// (/var/lib/zhuli-update/releases.json, read by the agent) and print it.
+    Survey,
+    /// On the box, after booting a release on trial (zhuli-boot-check.service): wait until the
+    /// agent is READY and healthy without a break for --hold; then the release is kept. If it
+    /// is not within --within, mark the release bad and reboot into the previous one.
+    BootCheck {
+        /// How long the agent must stay healthy in one go (default: the configuration's
+        /// `[update] healthy_for_s`, 120).
+        #[arg(long, value_name = "SECONDS")]
+        hold: Option<u64>,
+        /// How long it has to get there, from the start of the check (default: `[update]
+        /// healthy_within_s`, 600).
+        #[arg(long, value_name = "SECONDS")]
+        within: Option<u64>,
+        /// The agent's configuration: a box without one has nothing to wait for.
+        #[arg(long, value_name = "FILE", default_value = "/var/lib/zhuli-provisioning/current/zhuli.toml")]
+        config: PathBuf,
+        /// The agent's status socket.
+        #[arg(long, value_name = "FILE", default_value = "/run/zhuli/status.sock")]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -677,6 +735,15 @@ fn update(command: UpdateCommand) -> anyhow::Result<()> {
                 sign::short(&checked.signer)
             );
         }
+        UpdateCommand::BootCheck { hold, within, config, socket } => {
+            update_cli::boot_check(hold, within, &config, &socket)?
+        }
+        UpdateCommand::Install { dir, tries, reboot } => update_cli::install(&dir, tries, reboot)?,
+        UpdateCommand::Pull { config, now, request, downloads } => {
+            update_cli::pull(&config, now, &request, &downloads)?
+        }
+        UpdateCommand::Rollback { reboot } => update_cli::rollback(reboot)?,
+        UpdateCommand::Survey => update_cli::survey()?,
     }
     Ok(())
 }
@@ -861,6 +928,8 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+mod update_cli;
 
 #[cfg(test)]
 mod tests {

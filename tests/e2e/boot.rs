@@ -401,7 +401,7 @@ async fn the_image_boots_provisions_answers_and_heals() {
     let made = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-b", &s(&image.canonicalize().expect("image")), "-F", "raw"])
         .arg(&disk)
-        .arg("4G")
+        .arg("6G")
         .status()
         .expect("qemu-img (package qemu-utils)");
     assert!(made.success());
@@ -484,9 +484,32 @@ async fn the_image_boots_provisions_answers_and_heals() {
     let machine_id = guest.must("cat /etc/machine-id");
     assert_eq!(machine_id.trim(), MACHINE_UUID.replace('-', ""), "machine id from the firmware");
     let var_size: u64 = guest.must("findmnt -bno SIZE /var").trim().parse().expect("size of /var");
-    // 256 MiB in the image; the 4 GiB disk less ESP and root leaves about 2.9 GiB.
-    assert!(var_size > 2560 * 1024 * 1024, "/var did not grow over the 4 GiB disk: {var_size} bytes");
+    // 256 MiB in the image; the 6 GiB disk less ESP (256 MiB) and two root slots (916 MiB
+    // each) leaves about 3.9 GiB.
+    assert!(var_size > 3584 * 1024 * 1024, "/var did not grow over the 6 GiB disk: {var_size} bytes");
     assert!(guest.must("findmnt -no OPTIONS /").split(',').any(|o| o == "ro"), "root is read-only");
+    // The root is slot A, read through dm-verity; slot B waits empty; the release's kernel image
+    // is on the ESP, mounted for boot counting; a fresh flash is not on trial.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(guest.must("findmnt -no SOURCE /").trim(), "/dev/mapper/zhuli-root");
+    let verity = guest.must("veritysetup status zhuli-root");
+    assert!(verity.lines().any(|l| l.split_whitespace().eq(["status:", "verified"])), "{verity}");
+    assert!(verity.lines().any(|l| l.split_whitespace().eq(["mode:", "readonly"])), "{verity}");
+    assert_eq!(guest.must(". /etc/os-release && echo $IMAGE_ID $IMAGE_VERSION").trim(), format!("zhuli {version}"));
+    let mut names: Vec<String> = guest
+        .must("grep -h '^PARTNAME=' /sys/class/block/*/uevent")
+        .lines()
+        .map(|l| l.trim()[9..].to_owned())
+        .collect();
+    names.sort();
+    let slot = |kind: &str, v: &str| format!("zhuli-{kind}_{v}");
+    let mut want = vec!["esp".to_owned(), slot("root", version), slot("root", "empty"), "zhuli-var".to_owned()];
+    want.extend([slot("verity", version), slot("verity", "empty")]);
+    assert_eq!(names, want);
+    assert_eq!(guest.must("ls /efi/EFI/Linux").trim(), format!("zhuli_{version}.efi"));
+    assert!(
+        guest.run("systemctl is-active zhuli-boot-check.service", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0)
+    );
     assert_eq!(guest.must("date +%z").trim(), "+0800", "the time zone from the stick");
     guest.must("test -s /var/log/journal/$(cat /etc/machine-id)/fss");
 

@@ -363,8 +363,11 @@ fn update_bundles_are_signed_by_the_vendor_and_checked_before_anything_is_writte
         bundle.join("zhuli-release.toml"),
         format!(
             "product = \"zhuli\"\nversion = \"1.4.0\"\narchitecture = \"x86-64\"\nuki = \"zhuli_1.4.0.efi\"\nroot_hash = \"{}\"\n\
-             [root]\nfile = \"zhuli_1.4.0.root.raw\"\nbytes = 8192\n[verity]\nfile = \"zhuli_1.4.0.verity.raw\"\nbytes = 4096\n",
-            "cd".repeat(32)
+             [root]\nfile = \"zhuli_1.4.0.root.raw\"\nbytes = 8192\nsha256 = \"{}\"\n\
+             [verity]\nfile = \"zhuli_1.4.0.verity.raw\"\nbytes = 4096\nsha256 = \"{}\"\n",
+            "cd".repeat(32),
+            "ab".repeat(32),
+            "ef".repeat(32)
         ),
     )
     .expect("manifest");

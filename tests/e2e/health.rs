@@ -249,12 +249,14 @@ async fn doctor_gives_a_verdict_per_step() {
         "2. credentials    PASS",
         "3. basic API      PASS",
         "4. recent errors",
-        "5. version",
+        "5. rollback",
         "6. tools          PASS  no GitHub",
     ] {
         assert!(out.contains(expect), "{expect} in\n{out}");
     }
     assert!(out.contains(&format!("running agent {}", env!("CARGO_PKG_VERSION"))), "{out}");
+    // Off the box, nothing has surveyed the releases: said, with what to do.
+    assert!(out.contains("the releases on the box are not known yet") && out.contains("zhuli update survey"), "{out}");
 
     // Wrong credentials: the credentials step fails with the fix to try.
     let text = std::fs::read_to_string(agent.config_path()).expect("config");

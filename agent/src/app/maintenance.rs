@@ -14,6 +14,7 @@ use crate::{
         status::Snapshot,
     },
     store::{self, backup, key::StoreKey},
+    update,
 };
 
 /// Snapshots `/backup now` keeps in the state directory (older ones are removed after a new one
@@ -63,7 +64,26 @@ impl Maintenance for Upkeep {
             Section::Missing(_) => None,
         }
     }
+
+    fn releases(&self) -> (Option<update::state::Survey>, Vec<update::boot::Event>) {
+        (
+            update::state::read(std::path::Path::new(update::state::SURVEY)),
+            update::boot::events(std::path::Path::new(update::boot::EVENTS)),
+        )
+    }
+
+    fn request_update(&self, word: &'static str) -> Result<(), String> {
+        // zhuli-update.path starts zhuli-update.service (root) when this file appears.
+        let path = self.config.agent.state_dir.join(REQUEST);
+        let tmp = self.config.agent.state_dir.join(format!("{REQUEST}.tmp"));
+        std::fs::write(&tmp, word)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("cannot write {} ({e})", path.display()))
+    }
 }
+
+/// The request file zhuli-update.path watches, in the agent's state directory.
+pub const REQUEST: &str = "update.request";
 
 /// Snapshot the store (the agent keeps running: redb lets a reader see a consistent state),
 /// verify the snapshot with the key, then keep the newest [`KEEP`]. Refused when the disk

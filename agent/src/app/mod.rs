@@ -439,6 +439,53 @@ async fn tell_refused_import(work: &Arc<Work>, config: &Config, root: &std::path
     let _ = blocking(&work.store, move |s| s.set_setting(TOLD, &id)).await;
 }
 
+/// What root's update journal says that the admins have not heard yet: a release fetched,
+/// installed, kept, found bad and left, refused, rolled back. Told once each, across restarts
+/// and releases (the store keeps how many events were told). A store that never told any starts
+/// at the events of the last day.
+async fn tell_update_news(work: &Arc<Work>, config: &Config) {
+    const TOLD: &str = "update-events-told";
+    let events = crate::update::boot::events(std::path::Path::new(crate::update::boot::EVENTS));
+    let told: Option<usize> =
+        blocking(&work.store, |s| s.setting(TOLD)).await.ok().flatten().and_then(|t| t.parse().ok());
+    let day_ago = crate::assistant::now_ms() - 86_400_000;
+    let fresh: Vec<&crate::update::boot::Event> = match told {
+        Some(n) if n <= events.len() => events[n..].iter().collect(),
+        // Fewer events than told: the journal was started again.
+        _ => events.iter().filter(|e| e.at_ms >= day_ago).collect(),
+    };
+    if fresh.is_empty() && told == Some(events.len()) {
+        return;
+    }
+    if fresh.iter().any(|e| e.what == "available") {
+        // Before any update: a snapshot of the store (the new release opens it as it finds it).
+        if let Some(m) = &work.assistant.maintenance() {
+            match m.backup_now().await {
+                Ok(b) => log::info!("snapshot before the update: {}", b.path),
+                Err(e) => log::warn!("no snapshot before the update: {e}"),
+            }
+        }
+    }
+    if !fresh.is_empty() {
+        let running = std::fs::read_to_string("/etc/os-release")
+            .ok()
+            .and_then(|t| crate::update::boot::running_version(&t))
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
+        let lines: String = fresh.iter().map(|e| format!("\n- {}", crate::update::news(e))).collect();
+        for e in &fresh {
+            work.assistant.audit().record(
+                Event::new(Kind::Alert, "", "")
+                    .target(format!("release {}", e.version))
+                    .outcome(e.what.clone())
+                    .reason(e.why.clone()),
+            );
+        }
+        tell_admins(work, config, &t!("update.news_title"), &t!("update.news", lines = lines, running = running));
+    }
+    let n = events.len().to_string();
+    let _ = blocking(&work.store, move |s| s.set_setting(TOLD, &n)).await;
+}
+
 /// Sample the box's resources and the security counters; tell the admins (and the audit
 /// trail) when a threshold is crossed and when it clears.
 async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
@@ -491,6 +538,7 @@ async fn monitor(work: Arc<Work>, config: Config, cancel: CancellationToken) {
             tell_admins(&work, &config, &t!("alert.store_title"), &t!("alert.store", n = n));
             unrecorded = now_unrecorded;
         }
+        tell_update_news(&work, &config).await;
         if let Some(root) = &provisioning {
             tell_refused_import(&work, &config, root).await;
             for stick in crate::provision::scrub::unattended(root) {

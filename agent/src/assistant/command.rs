@@ -26,12 +26,17 @@ pub enum Command {
     /// `/backup now` takes a snapshot of the store; `/backup` alone says when the last was taken
     /// (admins).
     Backup(String),
+    /// `/update` says which releases are on the box and what is new; `/update install` installs
+    /// a fetched release now (admins).
+    Update(String),
+    /// `/rollback` goes back to the release before (admins).
+    Rollback,
     /// Starts with a slash but is none of these (the name as typed, cut to 32 characters).
     Unknown(String),
 }
 
 /// The Chinese names and the English names they stand for.
-const CHINESE: [(&str, &str); 13] = [
+const CHINESE: [(&str, &str); 15] = [
     ("帮助", "help"),
     ("在吗", "ping"),
     ("状态", "status"),
@@ -45,6 +50,8 @@ const CHINESE: [(&str, &str); 13] = [
     ("诊断", "doctor"),
     ("日志", "logs"),
     ("备份", "backup"),
+    ("更新", "update"),
+    ("回退", "rollback"),
 ];
 
 /// Full-width ASCII (`！`…`～`) as ASCII, and the ideographic space as a space.
@@ -93,6 +100,8 @@ pub fn parse(text: &str) -> Option<Command> {
         "doctor" => Command::Doctor,
         "logs" => Command::Logs,
         "backup" => Command::Backup(arg),
+        "update" => Command::Update(arg),
+        "rollback" => Command::Rollback,
         _ => Command::Unknown(format!("/{}", typed.chars().take(31).collect::<String>())),
     })
 }
@@ -148,6 +157,11 @@ mod tests {
             ("/备份 now", Command::Backup("now".into())),
             ("/backup now", Command::Backup("now".into())),
             ("/备份", Command::Backup(String::new())),
+            ("/更新", Command::Update(String::new())),
+            ("/更新 安装", Command::Update("安装".into())),
+            ("/update install", Command::Update("install".into())),
+            ("/回退", Command::Rollback),
+            ("/rollback", Command::Rollback),
         ];
         for (text, expected) in cases {
             assert_eq!(parse(text), Some(expected), "{text}");

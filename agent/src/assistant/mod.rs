@@ -92,6 +92,10 @@ pub trait Maintenance: Send + Sync {
     fn backup_now(&self) -> BoxFuture<'static, Result<BackupTaken, String>>;
     /// The newest snapshot kept, if any.
     fn last_backup(&self) -> Option<crate::health::diagnostics::Backup>;
+    /// The releases on the box as root last saw them, and the update journal's newest events.
+    fn releases(&self) -> (Option<crate::update::state::Survey>, Vec<crate::update::boot::Event>);
+    /// Ask root (zhuli-update.service) to `install` a fetched release now or to `rollback`.
+    fn request_update(&self, word: &'static str) -> Result<(), String>;
 }
 
 /// A snapshot `/backup now` took.
@@ -230,6 +234,11 @@ impl Assistant {
         &self.parts.audit
     }
 
+    /// The box's upkeep, where there is a box.
+    pub fn maintenance(&self) -> Option<Arc<dyn Maintenance>> {
+        self.parts.maintenance.clone()
+    }
+
     /// The MCP plugins this assistant offers.
     pub fn plugins(&self) -> &[Arc<crate::tools::mcp::Plugin>] {
         &self.parts.plugins
@@ -355,7 +364,9 @@ impl Assistant {
             Command::Cancel => self.cancel(&asker).await,
             Command::Approve(code) => self.approve(&asker, &code).await,
             Command::Audit(n) => self.audit_text(&asker, &n),
-            Command::Doctor | Command::Logs | Command::Backup(_) => self.upkeep(&asker, command, progress).await,
+            Command::Doctor | Command::Logs | Command::Backup(_) | Command::Update(_) | Command::Rollback => {
+                self.upkeep(&asker, command, progress).await
+            }
             Command::Unknown(name) => Answer::fixed(t!("command.unknown_title"), t!("command.unknown", command = name)),
         }
     }
@@ -503,6 +514,8 @@ impl Assistant {
         let name = match &command {
             Command::Doctor => "/doctor",
             Command::Logs => "/logs",
+            Command::Update(_) => "/update",
+            Command::Rollback => "/rollback",
             _ => "/backup",
         };
         if !self.parts.access.is_admin(&asker.actor) {
@@ -553,6 +566,45 @@ impl Assistant {
                         ),
                     ),
                     Err(e) => Answer::fixed(t!("upkeep.backup_title"), t!("upkeep.backup_failed", error = e)),
+                }
+            }
+            Command::Update(arg) => {
+                let install = matches!(arg.to_lowercase().as_str(), "install" | "安装" | "now" | "立即");
+                let (survey, events) = m.releases();
+                let offset = self.parts.settings.utc_offset_minutes;
+                if !install {
+                    return Answer::fixed(t!("update.title"), update_markdown(survey.as_ref(), &events, offset));
+                }
+                let Some(available) = survey.as_ref().and_then(|s| s.available.clone()) else {
+                    return Answer::fixed(t!("update.title"), t!("update.nothing_to_install"));
+                };
+                // A snapshot of the store first: the new release opens it as it finds it.
+                if let Some(p) = progress {
+                    p.show(&t!("upkeep.backup_running"));
+                }
+                if let Err(e) = m.backup_now().await {
+                    return Answer::fixed(t!("update.title"), t!("update.no_backup", error = e));
+                }
+                match m.request_update("install") {
+                    Ok(()) => Answer::fixed(t!("update.title"), t!("update.installing", version = available)),
+                    Err(e) => Answer::fixed(t!("command.error_title"), t!("update.request_failed", error = e)),
+                }
+            }
+            Command::Rollback => {
+                let (survey, _) = m.releases();
+                let Some(previous) = survey.as_ref().and_then(|s| s.previous().map(|r| r.version.clone())) else {
+                    return Answer::fixed(t!("update.rollback_title"), t!("update.no_previous"));
+                };
+                match m.request_update("rollback") {
+                    Ok(()) => Answer::fixed(
+                        t!("update.rollback_title"),
+                        t!(
+                            "update.rolling_back",
+                            previous = previous,
+                            running = survey.map(|s| s.running).unwrap_or_default()
+                        ),
+                    ),
+                    Err(e) => Answer::fixed(t!("command.error_title"), t!("update.request_failed", error = e)),
                 }
             }
             _ => {
@@ -610,6 +662,43 @@ impl Assistant {
     }
 }
 
+/// `/update`: the releases on the box, what is waiting, and the newest events of the update
+/// journal.
+fn update_markdown(
+    survey: Option<&crate::update::state::Survey>,
+    events: &[crate::update::boot::Event],
+    offset: i32,
+) -> String {
+    let Some(s) = survey else {
+        return t!("update.no_survey").into_owned();
+    };
+    let mut text = t!("update.running", version = s.running.as_str()).into_owned();
+    for r in &s.releases {
+        let state = match r.state.as_str() {
+            "kept" => t!("update.state_kept"),
+            "trial" => t!("update.state_trial", n = r.tries_left),
+            _ => t!("update.state_bad"),
+        };
+        let slot = if r.slot_present { t!("update.slot_present") } else { t!("update.slot_gone") };
+        text.push_str(&format!("\n- {}：{state}，{slot}", r.version));
+    }
+    match &s.available {
+        Some(v) => text.push_str(&format!("\n\n{}", t!("update.available", version = v.as_str()))),
+        None => text.push_str(&format!("\n\n{}", t!("update.none_available"))),
+    }
+    if s.previous().is_some() {
+        text.push_str(&format!("\n{}", t!("update.can_roll_back")));
+    }
+    if !events.is_empty() {
+        text.push_str(&format!("\n\n{}", t!("update.journal", zone = settings::zone_label(offset))));
+        for e in events.iter().rev().take(5).rev() {
+            let (when, _) = settings::local_time(e.at_ms, offset);
+            text.push_str(&format!("\n- {when} {}", crate::update::news(e)));
+        }
+    }
+    text
+}
+
 /// Text in a Markdown code block whose fence is longer than any run of backticks inside.
 fn fenced(text: &str) -> String {
     let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
@@ -643,7 +732,7 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
                     "credentials" => t!("doctor.credentials"),
                     "basic API" => t!("doctor.basic_api"),
                     "recent errors" => t!("doctor.recent_errors"),
-                    "version" => t!("doctor.version"),
+                    "version" | "rollback" => t!("doctor.version"),
                     "tools" => t!("doctor.tools"),
                     "folders" => t!("doctor.folders"),
                     other => other.to_owned().into(),

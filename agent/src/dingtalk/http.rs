@@ -178,6 +178,29 @@ impl HttpClient {
             .map_err(|e| HttpError::Transport { url: shown, reason: error_chain(&e) })
     }
 
+    /// GET with the caller's headers (a `range`), handing back the response head and the body
+    /// unread: for downloads of any size. Only the time to the response head is limited here;
+    /// the caller bounds the reading.
+    pub async fn get_streaming(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<http::Response<hyper::body::Incoming>, HttpError> {
+        let (uri, _) = check_url(url, "https", "http")?;
+        let shown = redact(url);
+        let mut req = Request::builder().method(Method::GET).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| HttpError::Transport { url: shown.clone(), reason: e.to_string() })?;
+        tokio::time::timeout(self.timeout, self.inner.request(req))
+            .await
+            .map_err(|_| HttpError::Timeout(shown.clone()))?
+            .map_err(|e| HttpError::Transport { url: shown, reason: error_chain(&e) })
+    }
+
     pub async fn get(&self, url: &str, max_bytes: usize) -> Result<HttpResponse, HttpError> {
         self.request(Method::GET, url, &[], Bytes::new(), max_bytes).await
     }

@@ -67,9 +67,6 @@ fn step(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: Op
     Step { name, verdict, detail: detail.into(), fix, chat_fix }
 }
 
-/// Where an earlier release is kept for rolling back (the image's update keeps one there).
-pub const PREVIOUS_BINARY: &str = "/usr/lib/zhuli/previous/zhuli";
-
 /// Who runs the doctor: an operator's command, or the running agent itself (`/doctor`, a stick's
 /// diagnostics), which reports its own Stream connection instead of opening a second one (the
 /// gateway could hand that one a person's message, left unACKed until it gives up on it).
@@ -492,16 +489,42 @@ fn recent_errors(secrets: &[String], in_agent: bool) -> Step {
     }
 }
 
+/// The rollback version test: which releases are on the box (as root last surveyed them:
+/// `zhuli update survey`, run by zhuli-update.service), whether the one before can boot, and how
+/// to fall back to it.
 fn version(status_socket: &Path, in_agent: bool) -> Step {
+    use crate::update::state;
     let mine = env!("CARGO_PKG_VERSION");
     let running = if in_agent { Ok(mine.to_owned()) } else { super::status::fetch(status_socket).map(|s| s.version) };
-    let previous = Path::new(PREVIOUS_BINARY).exists();
-    let detail = format!(
-        "this binary {mine}; running agent {}; previous version to roll back to: {}",
-        running.as_deref().unwrap_or("not reachable"),
-        if previous { PREVIOUS_BINARY } else { "none kept" }
-    );
-    let (verdict, fix) = match (&running, previous) {
+    let survey = state::read(Path::new(state::SURVEY));
+    let mut detail =
+        vec![format!("this binary {mine}; running agent {}", running.as_deref().unwrap_or("not reachable"))];
+    match &survey {
+        Some(s) => {
+            let on_box: Vec<String> = s
+                .releases
+                .iter()
+                .map(|r| {
+                    let state = match r.state.as_str() {
+                        "trial" => format!("on trial, {} boots left", r.tries_left),
+                        other => other.to_owned(),
+                    };
+                    let slot = if r.slot_present { "its slot intact" } else { "its slot overwritten" };
+                    format!("{} ({state}, {slot})", r.version)
+                })
+                .collect();
+            detail.push(format!("release {} runs; on the box: {}", s.running, on_box.join(", ")));
+            detail.push(match s.previous() {
+                Some(p) => format!(
+                    "previous release {} can boot: /rollback in the admin chat (as root: zhuli update rollback --reboot) starts it on trial",
+                    p.version
+                ),
+                None => "no earlier release on the box can boot (the next update keeps this one to fall back to)".into(),
+            });
+        }
+        None => detail.push(format!("the releases on the box are not known yet ({} is missing)", state::SURVEY)),
+    }
+    let (verdict, fix) = match (&running, &survey) {
         (Ok(v), _) if v != mine => (
             Verdict::Warn,
             fix(
@@ -516,13 +539,16 @@ fn version(status_socket: &Path, in_agent: bool) -> Step {
                 said("doctor.fix_not_running"),
             ),
         ),
-        (Ok(_), false) => (
+        (Ok(_), None) => (
             Verdict::Warn,
-            fix("no previous version is kept; an image update keeps one for rollback", said("doctor.fix_no_previous")),
+            fix(
+                "as root: zhuli update survey (zhuli-update.service writes it every hour)",
+                said("doctor.fix_no_survey"),
+            ),
         ),
-        (Ok(_), true) => (Verdict::Pass, None),
+        (Ok(_), Some(_)) => (Verdict::Pass, None),
     };
-    step("version", verdict, detail, fix)
+    step("rollback", verdict, detail.join("\n"), fix)
 }
 
 /// The report, one block per step.

@@ -15,8 +15,15 @@
 //! product or architecture; a version not newer than the running one (no downgrade, like the
 //! configuration's serial); a part larger than its slot.
 
+pub mod boot;
+pub mod gpt;
+pub mod install;
+pub mod pull;
+pub mod state;
+
 use std::path::{Path, PathBuf};
 
+use rust_i18n::t;
 use serde::Deserialize;
 
 use crate::provision::sign::{self, Role, SignError};
@@ -65,6 +72,20 @@ pub enum BundleError {
     Space { what: &'static str, needed: u64, available: u64 },
 }
 
+/// One event of the update journal in the box's language, for the admin chat.
+pub fn news(e: &boot::Event) -> String {
+    let v = e.version.as_str();
+    match e.what.as_str() {
+        "available" => t!("update.news_available", version = v),
+        "installed" => t!("update.news_installed", version = v),
+        "good" => t!("update.news_good", version = v),
+        "bad" => t!("update.news_bad", version = v, why = e.why.as_str()),
+        "rollback" => t!("update.news_rollback", version = v, why = e.why.as_str()),
+        _ => t!("update.news_refused", version = v, why = e.why.as_str()),
+    }
+    .into_owned()
+}
+
 /// A release version: dot-separated numbers (`1.4.0`), compared number by number.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Version(Vec<u64>);
@@ -94,12 +115,14 @@ impl<'de> Deserialize<'de> for Version {
     }
 }
 
-/// A part written to a partition slot: its file in the bundle and the bytes it fills.
+/// A part written to a partition slot: its file in the bundle (zstd when it ends in `.zst`), and
+/// the bytes and sha256 it fills in its slot once written (checked by reading the slot back).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Part {
     pub file: String,
     pub bytes: u64,
+    pub sha256: String,
 }
 
 /// The manifest of a release bundle.
@@ -134,6 +157,21 @@ pub struct Checked {
     pub signer: String,
 }
 
+/// Verify `SHA256SUMS` against its signature and the vendor's key (hex); the signer and the
+/// listed `(sha256, file name)` pairs.
+pub fn signed_sums(
+    sums: &[u8],
+    signature: &[u8],
+    vendor_key: &str,
+) -> Result<(String, Vec<(String, String)>), BundleError> {
+    let signature = String::from_utf8_lossy(signature);
+    let signer = sign::verify_file(sums, &signature, Some(vendor_key), SIGNATURE).map_err(|e| match e {
+        SignError::Untrusted { found, trusted } => BundleError::Untrusted { found, trusted },
+        e => BundleError::Signature(e),
+    })?;
+    Ok((signer, parse_sums(&String::from_utf8_lossy(sums))?))
+}
+
 /// Check the bundle in `dir` against the vendor's public key (hex), the running release and the
 /// room on this box. Nothing is written.
 pub fn check(dir: &Path, vendor_key: &str, running: &Version, room: Room) -> Result<Checked, BundleError> {
@@ -148,12 +186,7 @@ pub fn check(dir: &Path, vendor_key: &str, running: &Version, room: Room) -> Res
         Err(BundleError::Missing(_)) => return Err(BundleError::Unsigned),
         other => other?,
     };
-    let signature = String::from_utf8_lossy(&signature);
-    let signer = sign::verify_file(&sums, &signature, Some(vendor_key), SIGNATURE).map_err(|e| match e {
-        SignError::Untrusted { found, trusted } => BundleError::Untrusted { found, trusted },
-        e => BundleError::Signature(e),
-    })?;
-    let listed = parse_sums(&String::from_utf8_lossy(&sums))?;
+    let (signer, listed) = signed_sums(&sums, &signature, vendor_key)?;
     let digest_of = |name: &str| listed.iter().find(|(_, n)| n == name).map(|(d, _)| d.as_str());
     let manifest_bytes = read(MANIFEST)?;
     let manifest_digest = digest_of(MANIFEST).ok_or_else(|| BundleError::NotListed(MANIFEST.to_owned()))?;
@@ -168,8 +201,15 @@ pub fn check(dir: &Path, vendor_key: &str, running: &Version, room: Room) -> Res
     if manifest.architecture != ARCHITECTURE {
         return Err(BundleError::Architecture { found: manifest.architecture });
     }
-    if manifest.root_hash.len() != 64 || !manifest.root_hash.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(BundleError::Manifest("root_hash is not a sha256 in hex".into()));
+    let hex64 = |s: &str| s.len() == 64 && s.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'));
+    for (name, value) in [
+        ("root_hash", &manifest.root_hash),
+        ("root.sha256", &manifest.root.sha256),
+        ("verity.sha256", &manifest.verity.sha256),
+    ] {
+        if !hex64(value) {
+            return Err(BundleError::Manifest(format!("{name} is not a sha256 in lowercase hex")));
+        }
     }
     match manifest.version.cmp(running) {
         std::cmp::Ordering::Less => {
@@ -280,9 +320,11 @@ mod tests {
     fn manifest(version: &str, product: &str, root_bytes: u64) -> String {
         format!(
             "product = {product:?}\nversion = {version:?}\narchitecture = \"x86-64\"\nuki = \"zhuli_{version}.efi\"\n\
-             root_hash = \"{}\"\n[root]\nfile = \"zhuli_{version}.root.raw\"\nbytes = {root_bytes}\n\
-             [verity]\nfile = \"zhuli_{version}.verity.raw\"\nbytes = 4096\n",
-            "ab".repeat(32)
+             root_hash = \"{}\"\n[root]\nfile = \"zhuli_{version}.root.raw\"\nbytes = {root_bytes}\nsha256 = \"{}\"\n\
+             [verity]\nfile = \"zhuli_{version}.verity.raw\"\nbytes = 4096\nsha256 = \"{}\"\n",
+            "ab".repeat(32),
+            "cd".repeat(32),
+            "ef".repeat(32)
         )
     }
 

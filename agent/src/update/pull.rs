@@ -1,0 +1,308 @@
+//! Pulling a release from the vendor's HTTPS folder, and when the box may install it by itself.
+//!
+//! The folder holds one bundle, the newest (`SHA256SUMS`, its signature, the manifest and the
+//! files). The box reads the signed sums first (a few hundred bytes) and the manifest; only when
+//! the release is newer than the running one does it fetch the rest, into
+//! `/var/lib/zhuli-update/download/<version>/`. Each file is fetched into `<name>.part`, resumed
+//! with a range request where the last try stopped, and kept only when its sha256 is the signed
+//! one. Installing is [`super::install`], which checks the whole folder again.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use super::{BundleError, MANIFEST, SIGNATURE, SUMS, Version};
+use crate::dingtalk::http::{HttpClient, HttpError};
+
+/// `[update]` of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateSettings {
+    /// The HTTPS folder the vendor publishes the newest release in (ending in `/`); empty: the
+    /// box takes updates from its stick only.
+    pub source: String,
+    /// When the box may install a release and restart by itself, in the office's time
+    /// (`[assistant] utc_offset_minutes`): `"Sun 03:00-05:00"`, `"daily 02:00-04:00"`,
+    /// `"Sat,Sun 01:00-06:00"`, or `"never"` (only `/update install` in the admin chat).
+    pub window: String,
+    /// Boots a new release gets before the box goes back to the one before.
+    pub tries: u32,
+    /// How long the agent must run healthy on a new release before it is kept, in seconds.
+    pub healthy_for_s: u64,
+    /// How long a new release has to get there, in seconds.
+    pub healthy_within_s: u64,
+}
+
+impl Default for UpdateSettings {
+    fn default() -> Self {
+        UpdateSettings {
+            source: String::new(),
+            window: "Sun 03:00-05:00".into(),
+            tries: 3,
+            healthy_for_s: 120,
+            healthy_within_s: 600,
+        }
+    }
+}
+
+/// A maintenance window: days of the week and a time span (it may run past midnight; the day is
+/// the one it starts on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Monday first.
+    days: [bool; 7],
+    start: u32,
+    end: u32,
+}
+
+const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+
+impl std::str::FromStr for Window {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{s:?} is not a maintenance window: write days and a time span, like \"Sun 03:00-05:00\", \"daily 02:00-04:00\" or \"Sat,Sun 01:00-06:00\"; or \"never\""
+            )
+        };
+        if s.trim() == "never" {
+            return Ok(Window { days: [false; 7], start: 0, end: 0 });
+        }
+        let (days_text, span) = s.trim().split_once(' ').ok_or_else(bad)?;
+        let mut days = [false; 7];
+        if days_text == "daily" {
+            days = [true; 7];
+        } else {
+            for d in days_text.split(',') {
+                let i = DAYS.iter().position(|n| n.eq_ignore_ascii_case(d.trim())).ok_or_else(bad)?;
+                days[i] = true;
+            }
+        }
+        let minutes = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60 && t.trim().len() == 5).then_some(h * 60 + m)
+        };
+        let (a, b) = span.split_once('-').ok_or_else(bad)?;
+        let (start, end) = (minutes(a).ok_or_else(bad)?, minutes(b).ok_or_else(bad)?);
+        if start == end {
+            return Err(bad());
+        }
+        Ok(Window { days, start, end })
+    }
+}
+
+impl Window {
+    /// Is `unix_ms` inside the window, in a time zone `offset_minutes` east of UTC?
+    pub fn contains(&self, unix_ms: i64, offset_minutes: i32) -> bool {
+        let local_min = unix_ms.div_euclid(60_000) + i64::from(offset_minutes);
+        let day = local_min.div_euclid(1440);
+        let minute = local_min.rem_euclid(1440) as u32;
+        // 1970-01-01 was a Thursday (index 3, Monday first).
+        let weekday = |d: i64| (d + 3).rem_euclid(7) as usize;
+        if self.start < self.end {
+            self.days[weekday(day)] && (self.start..self.end).contains(&minute)
+        } else {
+            (self.days[weekday(day)] && minute >= self.start) || (self.days[weekday(day - 1)] && minute < self.end)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("{0}")]
+    Http(#[from] HttpError),
+    #[error("{url} answered {status}; the release folder is not reachable as configured ([update] source)")]
+    Status { url: String, status: u16 },
+    #[error("{url} stopped sending for {idle_s} s; the download resumes at the next try")]
+    Stalled { url: String, idle_s: u64 },
+    #[error("{name} arrived damaged (its sha256 is not the signed one); it is fetched again at the next try")]
+    Damaged { name: String },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PullError {
+    let what = what.into();
+    move |source| PullError::Io { what, source }
+}
+
+/// What a look at the release folder found.
+#[derive(Debug)]
+pub enum Found {
+    /// The folder's release is not newer than the running one.
+    UpToDate(Version),
+    /// A newer release, fetched whole into this folder.
+    Fetched { version: Version, dir: PathBuf },
+}
+
+/// Files larger than this are refused (the root image, unpacked, is under 1 GiB).
+const MAX_FILE: u64 = 4 << 30;
+/// A download that receives nothing for this long is stopped (and resumed at the next try).
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Look at the release folder `source` and, when it holds a release newer than `running`,
+/// fetch it into `downloads/<version>/`. `progress` hears each step.
+pub async fn fetch(
+    client: &HttpClient,
+    source: &str,
+    vendor_key: &str,
+    running: &Version,
+    downloads: &Path,
+    mut progress: impl FnMut(String),
+) -> Result<Found, PullError> {
+    let base = if source.ends_with('/') { source.to_owned() } else { format!("{source}/") };
+    let small = |name: &'static str| {
+        let url = format!("{base}{name}");
+        async move {
+            let r = client.get(&url, 256 * 1024).await?;
+            if !r.status.is_success() {
+                return Err(PullError::Status { url, status: r.status.as_u16() });
+            }
+            Ok(r.body.to_vec())
+        }
+    };
+    let sums = small(SUMS).await?;
+    let signature = small(SIGNATURE).await?;
+    let (_, listed) = super::signed_sums(&sums, &signature, vendor_key)?;
+    let manifest_bytes = small(MANIFEST).await?;
+    let signed = |name: &str| listed.iter().find(|(_, n)| n == name).map(|(d, _)| d.clone());
+    if Some(crate::tools::sha256_hex(&manifest_bytes)) != signed(MANIFEST) {
+        return Err(BundleError::Digest { file: MANIFEST.to_owned() }.into());
+    }
+    #[derive(Deserialize)]
+    struct Head {
+        version: Version,
+    }
+    let head: Head = toml::from_str(&String::from_utf8_lossy(&manifest_bytes))
+        .map_err(|e| BundleError::Manifest(e.message().to_owned()))?;
+    if &head.version <= running {
+        return Ok(Found::UpToDate(head.version));
+    }
+    let dir = downloads.join(head.version.to_string());
+    std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    // Folders of other releases (older downloads) go: one download at a time.
+    if let Ok(list) = std::fs::read_dir(downloads) {
+        for other in list.filter_map(Result::ok).filter(|e| e.path() != dir) {
+            let _ = std::fs::remove_dir_all(other.path());
+        }
+    }
+    for (name, bytes) in [(SUMS, &sums), (SIGNATURE, &signature), (MANIFEST, &manifest_bytes)] {
+        std::fs::write(dir.join(name), bytes).map_err(io(format!("cannot write {name}")))?;
+    }
+    for (digest, name) in listed.iter().filter(|(_, n)| n != MANIFEST) {
+        let path = dir.join(name);
+        if path.exists() && sha256_file(&path)? == *digest {
+            continue;
+        }
+        progress(format!("fetching {name}"));
+        download(client, &format!("{base}{name}"), &path, digest).await?;
+    }
+    progress(format!("release {} fetched whole into {}", head.version, dir.display()));
+    Ok(Found::Fetched { version: head.version, dir })
+}
+
+fn sha256_file(path: &Path) -> Result<String, PullError> {
+    let mut f = std::fs::File::open(path).map_err(io(format!("cannot read {}", path.display())))?;
+    crate::tools::sha256_of_read(&mut f).map_err(io(format!("cannot read {}", path.display())))
+}
+
+/// Fetch `url` into `path` through `path.part`, resuming where an earlier try stopped.
+async fn download(client: &HttpClient, url: &str, path: &Path, digest: &str) -> Result<(), PullError> {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    let part =
+        path.with_file_name(format!("{}.part", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    let range = format!("bytes={have}-");
+    let headers: Vec<(&str, &str)> = if have > 0 { vec![("range", range.as_str())] } else { vec![] };
+    let resp = client.get_streaming(url, &headers).await?;
+    let status = resp.status().as_u16();
+    let mut file = match status {
+        206 => std::fs::OpenOptions::new().append(true).open(&part),
+        200 => std::fs::File::create(&part),
+        // Nothing left to send: the part is whole (its sha256 decides).
+        416 if have > 0 => std::fs::OpenOptions::new().append(true).open(&part),
+        _ => return Err(PullError::Status { url: crate::dingtalk::http::redact(url), status }),
+    }
+    .map_err(io(format!("cannot write {}", part.display())))?;
+    let mut got = if status == 206 || status == 416 { have } else { 0 };
+    let mut body = resp.into_body();
+    if status != 416 {
+        loop {
+            let frame = tokio::time::timeout(IDLE, body.frame())
+                .await
+                .map_err(|_| PullError::Stalled { url: crate::dingtalk::http::redact(url), idle_s: IDLE.as_secs() })?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| HttpError::Transport {
+                url: crate::dingtalk::http::redact(url),
+                reason: crate::dingtalk::http::error_chain(&e),
+            })?;
+            if let Ok(data) = frame.into_data() {
+                got += data.len() as u64;
+                if got > MAX_FILE {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(PullError::Refused(format!(
+                        "{url} is larger than {MAX_FILE} bytes: not a release file"
+                    )));
+                }
+                file.write_all(&data).map_err(io(format!("cannot write {}", part.display())))?;
+            }
+        }
+    }
+    file.sync_all().map_err(io(format!("cannot flush {}", part.display())))?;
+    drop(file);
+    if sha256_file(&part)? != digest {
+        let _ = std::fs::remove_file(&part);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        return Err(PullError::Damaged { name });
+    }
+    std::fs::rename(&part, path).map_err(io(format!("cannot rename {}", part.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(day: &str, hh: i64, mm: i64) -> i64 {
+        // 2026-11-30 was a Monday; times are local, 8 hours east of UTC.
+        let monday = 1_795_996_800_000i64 - 8 * 3_600_000;
+        let d = DAYS.iter().position(|n| *n == day).expect("day") as i64;
+        monday + d * 86_400_000 + (hh * 60 + mm) * 60_000
+    }
+
+    #[test]
+    fn windows_hold_their_days_and_hours_in_the_office_time() {
+        let w: Window = "Sun 03:00-05:00".parse().expect("window");
+        assert!(w.contains(at("Sun", 3, 0), 480));
+        assert!(w.contains(at("Sun", 4, 59), 480));
+        assert!(!w.contains(at("Sun", 5, 0), 480));
+        assert!(!w.contains(at("Sat", 4, 0), 480));
+        assert!(!w.contains(at("Sun", 2, 59), 480));
+        // The same instant seen in UTC is another hour.
+        assert!(!w.contains(at("Sun", 4, 0), 0));
+        let night: Window = "Fri 23:00-01:00".parse().expect("window");
+        assert!(night.contains(at("Fri", 23, 30), 480));
+        assert!(night.contains(at("Sat", 0, 30), 480), "past midnight counts for the day it started");
+        assert!(!night.contains(at("Sat", 23, 30), 480));
+        let daily: Window = "daily 02:00-04:00".parse().expect("daily");
+        assert!(DAYS.iter().all(|d| daily.contains(at(d, 3, 0), 480)));
+        let never: Window = "never".parse().expect("never");
+        assert!(DAYS.iter().all(|d| (0..24).all(|h| !never.contains(at(d, h, 0), 480))));
+        assert!("Sat,sun 01:00-06:00".parse::<Window>().is_ok_and(|w| w.contains(at("Sun", 5, 0), 480)));
+        for bad in
+            ["Sunday 03:00-05:00", "Sun 3:00-05:00", "Sun 03:00", "Sun 25:00-26:00", "03:00-05:00", "Sun 03:00-03:00"]
+        {
+            let e = bad.parse::<Window>().expect_err(bad);
+            assert!(e.contains("Sun 03:00-05:00"), "{e}");
+        }
+    }
+}
