@@ -8,7 +8,6 @@ use std::{
 
 use anyhow::Context as _;
 use zhuli::{
-    config::Config,
     provision::sign::{self, Role},
     update::{
         Version,
@@ -145,13 +144,16 @@ pub fn pull(config_path: &Path, now: bool, request_path: &Path, downloads: &Path
         return rollback(true);
     }
     let survey = write_survey(None)?;
-    let config = if config_path.exists() { Some(Config::load(config_path)?) } else { None };
-    let settings = config.as_ref().map(|c| c.update.clone()).unwrap_or_default();
+    let config = match std::fs::read_to_string(config_path) {
+        Ok(text) => pull::ForUpdates::parse(&text).map_err(anyhow::Error::msg)?,
+        Err(_) => pull::ForUpdates::default(),
+    };
+    let settings = config.update.clone();
     if settings.source.is_empty() {
         println!("release {}: no [update] source, so releases come from the stick only", survey.running);
         return Ok(());
     }
-    if let Some(pem) = config.as_ref().and_then(|c| c.agent.extra_ca_pem.as_deref()) {
+    if let Some(pem) = config.extra_ca_pem.as_deref() {
         zhuli::dingtalk::http::trust_extra_roots(pem).map_err(anyhow::Error::msg)?;
     }
     let r = running()?;
@@ -163,9 +165,19 @@ pub fn pull(config_path: &Path, now: bool, request_path: &Path, downloads: &Path
         Ok(f) => f,
         Err(e) => {
             // A refusal (signature, sha256, product, downgrade) is news for the admins; a
-            // network hiccup is tried again next hour.
-            if matches!(e, pull::PullError::Bundle(_)) {
-                record("refused", "?", e.to_string());
+            // network hiccup is tried again next hour, and told only when an admin asked.
+            if !matches!(e, pull::PullError::Bundle(_) | pull::PullError::Damaged { .. }) {
+                if request.is_some() {
+                    record("failed", "?", e.to_string());
+                }
+            } else {
+                let offered = match &e {
+                    pull::PullError::Bundle(zhuli::update::BundleError::Downgrade { offered, .. }) => {
+                        offered.to_string()
+                    }
+                    _ => "?".into(),
+                };
+                record("refused", &offered, e.to_string());
             }
             return Err(e.into());
         }
@@ -173,6 +185,9 @@ pub fn pull(config_path: &Path, now: bool, request_path: &Path, downloads: &Path
     let (version, dir) = match found {
         pull::Found::UpToDate(v) => {
             println!("release {} runs; the release folder offers {v}: nothing to do", r.version);
+            if request.is_some() {
+                record("uptodate", &v.to_string(), String::new());
+            }
             return Ok(());
         }
         pull::Found::Fetched { version, dir } => (version, dir),
@@ -183,7 +198,7 @@ pub fn pull(config_path: &Path, now: bool, request_path: &Path, downloads: &Path
         record("available", &version.to_string(), String::new());
     }
     let window: pull::Window = settings.window.parse().map_err(anyhow::Error::msg)?;
-    let offset = config.as_ref().map(|c| c.assistant.utc_offset_minutes).unwrap_or(0);
+    let offset = config.utc_offset_minutes;
     let asked = request.as_deref() == Some("install");
     if now || asked || window.contains(zhuli::assistant::now_ms(), offset) {
         install(&dir, settings.tries, true)
@@ -229,7 +244,11 @@ pub fn boot_check(hold: Option<u64>, within: Option<u64>, config: &Path, socket:
         record("good", &version, String::new());
         return Ok(());
     }
-    let settings = Config::load(config).map(|c| c.update).unwrap_or_default();
+    let settings = std::fs::read_to_string(config)
+        .ok()
+        .and_then(|t| pull::ForUpdates::parse(&t).ok())
+        .map(|f| f.update)
+        .unwrap_or_default();
     let hold = hold.unwrap_or(settings.healthy_for_s);
     let within = within.unwrap_or(settings.healthy_within_s);
     let limits =

@@ -30,23 +30,25 @@ use zhuli::{
 
 use crate::support::{self, calls, code_in};
 
-const API_IP: &str = "10.0.2.100";
-const WS_IP: &str = "10.0.2.101";
-const LLM_IP: &str = "10.0.2.102";
+pub(crate) const API_IP: &str = "10.0.2.100";
+pub(crate) const WS_IP: &str = "10.0.2.101";
+pub(crate) const LLM_IP: &str = "10.0.2.102";
+/// The vendor's release folder, as the box sees it (the update test).
+pub(crate) const RELEASES_IP: &str = "10.0.2.103";
 const MACHINE_UUID: &str = "5a48554c-0b00-4e57-9a11-7e57b0070001";
-const ADMIN: &str = "boot-admin";
+pub(crate) const ADMIN: &str = "boot-admin";
 /// The group the agent tells its admins in.
-const ADMIN_CHAT: &str = "cid-boot-admins";
+pub(crate) const ADMIN_CHAT: &str = "cid-boot-admins";
 /// The hostile plugin's script, put on the box before the stick (tests/boot/mcp.sh).
 const PLUGIN_DIR: &str = "/var/lib/zhuli-test";
 
 /// Send `text` as the admin and wait for the one reply; its text and how long it took.
-async fn ask(sim: &Simulator, text: &str) -> (String, Duration) {
+pub(crate) async fn ask(sim: &Simulator, text: &str) -> (String, Duration) {
     ask_as(sim, ADMIN, text).await
 }
 
 /// [`ask`] as `staff`.
-async fn ask_as(sim: &Simulator, staff: &str, text: &str) -> (String, Duration) {
+pub(crate) async fn ask_as(sim: &Simulator, staff: &str, text: &str) -> (String, Duration) {
     let asked = Instant::now();
     let id = sim.inject(Inject { sender_staff_id: staff.into(), ..Inject::text(text) });
     let got = sim.wait_until(Duration::from_secs(120), |s| !support::replies_to(s, &id).is_empty()).await;
@@ -55,21 +57,21 @@ async fn ask_as(sim: &Simulator, staff: &str, text: &str) -> (String, Duration) 
 }
 
 /// Messages the agent sent to the admin chat.
-fn to_admins(sim: &Simulator) -> Vec<String> {
+pub(crate) fn to_admins(sim: &Simulator) -> Vec<String> {
     sim.replies().into_iter().filter(|r| r.conversation_id.as_deref() == Some(ADMIN_CHAT)).map(|r| r.text).collect()
 }
 
-fn s(p: &Path) -> String {
+pub(crate) fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A CA and a server certificate for the three forwarded addresses.
-struct Tls {
-    ca_pem: String,
-    acceptor: tokio_rustls::TlsAcceptor,
+/// A CA and a server certificate for the forwarded addresses.
+pub(crate) struct Tls {
+    pub(crate) ca_pem: String,
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
 }
 
-fn tls() -> Tls {
+pub(crate) fn tls() -> Tls {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
     let ca_key = KeyPair::generate().expect("ca key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
@@ -80,7 +82,7 @@ fn tls() -> Tls {
     let key = KeyPair::generate().expect("server key");
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("server params");
     params.subject_alt_names =
-        [API_IP, WS_IP, LLM_IP].iter().map(|ip| SanType::IpAddress(ip.parse().expect("ip"))).collect();
+        [API_IP, WS_IP, LLM_IP, RELEASES_IP].iter().map(|ip| SanType::IpAddress(ip.parse().expect("ip"))).collect();
     let cert = params.signed_by(&key, &issuer).expect("server cert");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -96,7 +98,7 @@ fn tls() -> Tls {
 }
 
 /// A TLS front on loopback that hands each connection's plain bytes to `to`.
-async fn tls_front(acceptor: tokio_rustls::TlsAcceptor, to: SocketAddr) -> SocketAddr {
+pub(crate) async fn tls_front(acceptor: tokio_rustls::TlsAcceptor, to: SocketAddr) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
     let addr = listener.local_addr().expect("front addr");
     tokio::spawn(async move {
@@ -132,12 +134,12 @@ fn probe_credentials() -> Vec<String> {
     ]
 }
 
-struct Guest {
+pub(crate) struct Guest {
     qemu: Child,
     probe: PathBuf,
     console: PathBuf,
     monitor: PathBuf,
-    started: Instant,
+    pub(crate) started: Instant,
     conn: std::sync::Mutex<Option<(UnixStream, BufReader<UnixStream>)>>,
     next: std::sync::atomic::AtomicU64,
 }
@@ -150,7 +152,7 @@ impl Drop for Guest {
 }
 
 impl Guest {
-    fn console(&self) -> String {
+    pub(crate) fn console(&self) -> String {
         let text = std::fs::read(&self.console).unwrap_or_default();
         let text = String::from_utf8_lossy(&text);
         let tail: Vec<&str> = text.lines().rev().take(60).collect();
@@ -159,7 +161,7 @@ impl Guest {
 
     /// Run `command` in the guest through the probe; `None` if no answer came within `limit`
     /// (the probe not up yet, or the guest rebooting).
-    fn run(&self, command: &str, limit: Duration) -> Option<(i32, String)> {
+    pub(crate) fn run(&self, command: &str, limit: Duration) -> Option<(i32, String)> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if conn.is_none() {
             let stream = UnixStream::connect(&self.probe).ok()?;
@@ -191,10 +193,16 @@ impl Guest {
                 Err(_) => return None,
             }
             let line = line.trim_end_matches(['\r', '\n']);
-            if let Some(code) = line.strip_prefix(&marker) {
-                return Some((code.trim().parse().unwrap_or(-1), out));
+            // Output without a final newline runs into the marker: keep what comes before it.
+            if let Some(at) = line.find(&marker) {
+                out.push_str(&line[..at]);
+                return Some((line[at + marker.len()..].trim().parse().unwrap_or(-1), out));
             }
-            if !line.starts_with("@@") {
+            if line.contains("@@end ") {
+                // An earlier command's late end (it was sent while the guest rebooted): what came
+                // before it was that command's output, not this one's.
+                out.clear();
+            } else if !line.starts_with("@@") {
                 out.push_str(line);
                 out.push('\n');
             }
@@ -202,7 +210,7 @@ impl Guest {
     }
 
     /// Run `command` until it succeeds (the probe may not be up yet), within `limit`.
-    fn run_until_ok(&self, command: &str, limit: Duration) -> String {
+    pub(crate) fn run_until_ok(&self, command: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
             if let Some((0, out)) = self.run(command, Duration::from_secs(20)) {
@@ -214,11 +222,12 @@ impl Guest {
     }
 
     /// What the guest says about itself (through the probe, if it is up), and the console.
-    fn diagnose(&self) -> String {
+    pub(crate) fn diagnose(&self) -> String {
         let inside = self
             .run(
                 "systemctl --failed --no-pager; ls -lL /var/lib/zhuli-provisioning/current/ 2>&1; \
-                 journalctl -b --no-pager -o short-monotonic -u 'zhuli*' | tail -n 60",
+                 journalctl -b --no-pager -o short-monotonic -u 'zhuli*' | tail -n 60; \
+                 ls -l /efi/EFI/Linux /var/lib/zhuli/update.request /var/lib/zhuli-update 2>&1",
                 Duration::from_secs(30),
             )
             .map(|(_, out)| out)
@@ -227,13 +236,13 @@ impl Guest {
     }
 
     /// Plug the configuration stick into the running guest (qemu's monitor).
-    fn plug_stick(&self) {
+    pub(crate) fn plug_stick(&self) {
         let mut monitor = UnixStream::connect(&self.monitor).expect("qemu monitor");
         writeln!(monitor, "device_add usb-storage,drive=stick,id=stickdev").expect("device_add");
         std::thread::sleep(Duration::from_millis(500));
     }
 
-    fn must(&self, command: &str) -> String {
+    pub(crate) fn must(&self, command: &str) -> String {
         match self.run(command, Duration::from_secs(60)) {
             Some((0, out)) => out,
             other => panic!("`{command}` failed: {other:?}; {}", self.diagnose()),
@@ -241,7 +250,7 @@ impl Guest {
     }
 }
 
-fn accel() -> &'static str {
+pub(crate) fn accel() -> &'static str {
     // KVM only where a probe boot works (here it does not: guests fail with an internal error).
     match std::env::var("ZHULI_BOOT_ACCEL").as_deref() {
         Ok("kvm") => "kvm",
@@ -249,18 +258,14 @@ fn accel() -> &'static str {
     }
 }
 
-fn start_guest(dir: &Path, disk: &Path, stick: &Path, fronts: [SocketAddr; 3]) -> Guest {
+pub(crate) fn start_guest(dir: &Path, disk: &Path, stick: &Path, fronts: &[(&str, SocketAddr)]) -> Guest {
     let vars = dir.join("vars.fd");
     std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars (package ovmf)");
     let probe = dir.join("probe.sock");
     let console = dir.join("console.log");
     let forward = |ip: &str, port: SocketAddr| format!("guestfwd=tcp:{ip}:443-cmd:socat STDIO TCP:{port}");
-    let netdev = format!(
-        "user,id=net0,restrict=on,{},{},{}",
-        forward(API_IP, fronts[0]),
-        forward(WS_IP, fronts[1]),
-        forward(LLM_IP, fronts[2])
-    );
+    let forwards: Vec<String> = fronts.iter().map(|(ip, port)| forward(ip, *port)).collect();
+    let netdev = format!("user,id=net0,restrict=on,{}", forwards.join(","));
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-machine", "q35", "-accel", accel(), "-m", "1024", "-smp", "2", "-nographic", "-no-user-config"])
         .args(["-uuid", MACHINE_UUID])
@@ -289,6 +294,75 @@ fn start_guest(dir: &Path, disk: &Path, stick: &Path, fronts: [SocketAddr; 3]) -
         conn: Default::default(),
         next: Default::default(),
     }
+}
+
+/// The gateway simulator, the scripted model, and a TLS front for each (API, Stream, model) on
+/// the host's loopback, as the guest reaches them through qemu's forwards.
+pub(crate) async fn services(tls: &Tls) -> (Simulator, LlmSim, [(&'static str, SocketAddr); 3]) {
+    let sim = Simulator::start(SimConfig {
+        public_http_base: Some(format!("https://{API_IP}")),
+        public_ws_endpoint: Some(format!("wss://{WS_IP}/connect")),
+        ping_interval: Some(Duration::from_secs(20)),
+        ..support::sim_config()
+    })
+    .await
+    .expect("simulator");
+    let llm = LlmSim::start().await.expect("llm sim");
+    let api: SocketAddr = sim.api_base().trim_start_matches("http://").parse().expect("api addr");
+    let llm_addr: SocketAddr =
+        llm.base_url().trim_start_matches("http://").split('/').next().and_then(|a| a.parse().ok()).expect("llm addr");
+    let fronts = [
+        (API_IP, tls_front(tls.acceptor.clone(), api).await),
+        (WS_IP, tls_front(tls.acceptor.clone(), sim.ws_addr()).await),
+        (LLM_IP, tls_front(tls.acceptor.clone(), llm_addr).await),
+    ];
+    (sim, llm, fronts)
+}
+
+/// A configuration for the box reaching the simulator, the model and the test CA through the
+/// forwards, then `rest` (access, tools, health…).
+pub(crate) fn base_config(tls: &Tls, sim: &Simulator, llm: &LlmSim, rest: &str) -> String {
+    let path = llm.base_url().split_once("//").and_then(|(_, r)| r.split_once('/')).map(|(_, p)| p.to_owned());
+    format!(
+        "serial = 1\n[agent]\ntime_zone = \"Asia/Shanghai\"\nextra_ca_pem = \"\"\"\n{ca}\"\"\"\n\
+         [dingtalk]\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\nrobot_code = \"{id}\"\napi_base = \"https://{API_IP}\"\n\
+         [llm]\nbase_url = \"https://{LLM_IP}/{path}\"\nmodel = \"sim-model\"\napi_key = \"sk-boot-test-key\"\n{rest}",
+        ca = tls.ca_pem,
+        id = sim.config().client_id,
+        secret = support::SECRET,
+        path = path.unwrap_or_else(|| "v1".into()),
+    )
+}
+
+/// The stick with `config` signed by the organisation key (the one baked into the image,
+/// `ZHULI_BOOT_ORG_KEY`, or one made now and pinned by the box at its first import), and the
+/// disk: a copy-on-write overlay of `image`, larger than it, so /var has room to grow into.
+pub(crate) fn stick_and_disk(dir: &Path, config: &str, image: &Path) -> (PathBuf, PathBuf) {
+    let zhuli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_zhuli")).args(args).output().expect("run zhuli");
+        assert!(out.status.success(), "zhuli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    match std::env::var("ZHULI_BOOT_ORG_KEY") {
+        Ok(key) => {
+            std::fs::create_dir_all(dir.join("keys")).expect("keys");
+            std::fs::copy(key, dir.join("keys/org.key")).expect("the baked key's private half");
+        }
+        Err(_) => zhuli(&["provision", "keygen", "--out", &s(&dir.join("keys"))]),
+    }
+    let cfg = dir.join("zhuli.toml");
+    std::fs::write(&cfg, config).expect("config");
+    zhuli(&["provision", "sign", "--key", &s(&dir.join("keys/org.key")), &s(&cfg)]);
+    let stick = dir.join("stick.img");
+    zhuli(&["provision", "write", "--config", &s(&cfg), "--image", &s(&stick)]);
+    let disk = dir.join("disk.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b", &s(&image.canonicalize().expect("image")), "-F", "raw"])
+        .arg(&disk)
+        .arg("6G")
+        .status()
+        .expect("qemu-img (package qemu-utils)");
+    assert!(made.success());
+    (stick, disk)
 }
 
 /// Every listening TCP/UDP socket in `ss -ltnupH` output that is not on loopback, except the
@@ -333,40 +407,9 @@ async fn the_image_boots_provisions_answers_and_heals() {
     let dir = support::temp_dir("boot");
     let tls = tls();
 
-    let sim = Simulator::start(SimConfig {
-        public_http_base: Some(format!("https://{API_IP}")),
-        public_ws_endpoint: Some(format!("wss://{WS_IP}/connect")),
-        ping_interval: Some(Duration::from_secs(20)),
-        ..support::sim_config()
-    })
-    .await
-    .expect("simulator");
-    let llm = LlmSim::start().await.expect("llm sim");
-    let api: SocketAddr = sim.api_base().trim_start_matches("http://").parse().expect("api addr");
-    let llm_addr: SocketAddr =
-        llm.base_url().trim_start_matches("http://").split('/').next().and_then(|a| a.parse().ok()).expect("llm addr");
-    let fronts = [
-        tls_front(tls.acceptor.clone(), api).await,
-        tls_front(tls.acceptor.clone(), sim.ws_addr()).await,
-        tls_front(tls.acceptor.clone(), llm_addr).await,
-    ];
+    let (sim, llm, fronts) = services(&tls).await;
 
-    // The stick: a signed configuration naming the forwarded addresses and trusting the test CA.
-    let zhuli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_zhuli")).args(args).output().expect("run zhuli");
-        assert!(out.status.success(), "zhuli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    // The organisation key baked into the image (`.ci/image` builds it with ZHULI_ORG_KEY), or
-    // one made now and pinned by the box at its first import.
-    let baked = std::env::var("ZHULI_BOOT_ORG_KEY").ok().map(PathBuf::from);
-    match &baked {
-        Some(key) => {
-            std::fs::create_dir_all(dir.join("keys")).expect("keys");
-            std::fs::copy(key, dir.join("keys/org.key")).expect("the baked key's private half");
-        }
-        None => zhuli(&["provision", "keygen", "--out", &s(&dir.join("keys"))]),
-    }
-    let llm_path = llm.base_url().split_once("//").and_then(|(_, r)| r.split_once('/')).map(|(_, p)| p.to_owned());
+    let baked = std::env::var("ZHULI_BOOT_ORG_KEY").is_ok();
     // A shared folder the import makes under /srv, and two hostile plugins (their script is put
     // on the box before the stick comes; see below).
     let plugin = |name: &str, extra: &str| {
@@ -375,38 +418,22 @@ async fn the_image_boots_provisions_answers_and_heals() {
              read_only_tools = [\"run\"]\ntimeout_ms = 120000\n{extra}"
         )
     };
-    let config = format!(
-        "serial = 1\n[agent]\ntime_zone = \"Asia/Shanghai\"\nextra_ca_pem = \"\"\"\n{ca}\"\"\"\n\
-         [dingtalk]\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\nrobot_code = \"{id}\"\napi_base = \"https://{API_IP}\"\n\
-         [llm]\nbase_url = \"https://{LLM_IP}/{path}\"\nmodel = \"sim-model\"\napi_key = \"sk-boot-test-key\"\n\
-         [access]\nadmins = [\"{ADMIN}\"]\ndirect_chats = \"org\"\ndefault_roles = [\"member\"]\n\
-         [access.roles.member]\ntools = [\"files\", \"bomb\", \"fill\", \"system\"]\n\
-         [tools.files.roots]\nshare = \"/srv/share\"\n\
-         {bomb}{fill}[health]\nadmin_chat = \"{ADMIN_CHAT}\"\n",
-        bomb = plugin("bomb", "processes = 4\n"),
-        fill = plugin("fill", "memory_mb = 32\n"),
-        ca = tls.ca_pem,
-        id = sim.config().client_id,
-        secret = support::SECRET,
-        path = llm_path.unwrap_or_else(|| "v1".into()),
+    let config = base_config(
+        &tls,
+        &sim,
+        &llm,
+        &format!(
+            "[access]\nadmins = [\"{ADMIN}\"]\ndirect_chats = \"org\"\ndefault_roles = [\"member\"]\n\
+             [access.roles.member]\ntools = [\"files\", \"bomb\", \"fill\", \"system\"]\n\
+             [tools.files.roots]\nshare = \"/srv/share\"\n\
+             {bomb}{fill}[health]\nadmin_chat = \"{ADMIN_CHAT}\"\n",
+            bomb = plugin("bomb", "processes = 4\n"),
+            fill = plugin("fill", "memory_mb = 32\n"),
+        ),
     );
-    let cfg = dir.join("zhuli.toml");
-    std::fs::write(&cfg, config).expect("config");
-    zhuli(&["provision", "sign", "--key", &s(&dir.join("keys/org.key")), &s(&cfg)]);
-    let stick_img = dir.join("stick.img");
-    zhuli(&["provision", "write", "--config", &s(&cfg), "--image", &s(&stick_img)]);
+    let (stick_img, disk) = stick_and_disk(&dir, &config, &image);
 
-    // The disk: a copy-on-write overlay, larger than the image, so /var has room to grow into.
-    let disk = dir.join("disk.qcow2");
-    let made = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-b", &s(&image.canonicalize().expect("image")), "-F", "raw"])
-        .arg(&disk)
-        .arg("6G")
-        .status()
-        .expect("qemu-img (package qemu-utils)");
-    assert!(made.success());
-
-    let guest = start_guest(&dir, &disk, &stick_img, fronts);
+    let guest = start_guest(&dir, &disk, &stick_img, &fronts);
     let accel = accel();
 
     // No stick yet: the box comes up, says it waits for one, and the agent does not run.
@@ -474,7 +501,7 @@ async fn the_image_boots_provisions_answers_and_heals() {
     // through that group.
     assert_eq!(guest.must("id zhuli").trim(), "uid=800(zhuli) gid=800(zhuli) groups=800(zhuli)");
     assert_eq!(guest.must("stat -L -c %G /var/lib/zhuli-provisioning/current/zhuli.toml").trim(), "zhuli");
-    if baked.is_some() {
+    if baked {
         // Trusted through the image's key: nothing pinned, the key is the one baked in.
         assert!(guest.must("test -e /var/lib/zhuli-provisioning/org.pub && echo pinned || echo none").trim() == "none");
         assert!(guest.must("cat /usr/share/zhuli/org.pub").starts_with("zhuli-org-key ed25519 "));

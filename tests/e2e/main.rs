@@ -4,6 +4,7 @@ mod assistant;
 mod attacks;
 mod backup;
 mod boot;
+mod boot_update;
 mod caldav;
 mod chats;
 mod cli;

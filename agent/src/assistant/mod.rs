@@ -575,9 +575,7 @@ impl Assistant {
                 if !install {
                     return Answer::fixed(t!("update.title"), update_markdown(survey.as_ref(), &events, offset));
                 }
-                let Some(available) = survey.as_ref().and_then(|s| s.available.clone()) else {
-                    return Answer::fixed(t!("update.title"), t!("update.nothing_to_install"));
-                };
+                let available = survey.as_ref().and_then(|s| s.available.clone());
                 // A snapshot of the store first: the new release opens it as it finds it.
                 if let Some(p) = progress {
                     p.show(&t!("upkeep.backup_running"));
@@ -586,7 +584,13 @@ impl Assistant {
                     return Answer::fixed(t!("update.title"), t!("update.no_backup", error = e));
                 }
                 match m.request_update("install") {
-                    Ok(()) => Answer::fixed(t!("update.title"), t!("update.installing", version = available)),
+                    Ok(()) => Answer::fixed(
+                        t!("update.title"),
+                        match available {
+                            Some(v) => t!("update.installing", version = v),
+                            None => t!("update.checking"),
+                        },
+                    ),
                     Err(e) => Answer::fixed(t!("command.error_title"), t!("update.request_failed", error = e)),
                 }
             }

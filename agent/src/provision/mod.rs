@@ -1087,6 +1087,10 @@ tools = ["files_list", "files_read", "files_search", "system"]
 
 [health]
 # admin_chat = "cidXXXX=="           # alerts to this group; without it to each admin
+
+[update]
+# source = "https://updates.example.com/zhuli/"   # the vendor's release folder; unset: from sticks only
+# window = "Sun 03:00-05:00"         # when the box may install and restart by itself ("never": only /update install)
 "#;
 
 #[cfg(test)]

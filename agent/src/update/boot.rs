@@ -39,9 +39,10 @@ impl Probe {
         }
     }
 
-    /// No point waiting longer: systemd stopped restarting the agent.
+    /// No point waiting longer: the agent failed and systemd is not restarting it (a restart on
+    /// its way shows as `activating`; `failed` stays until someone starts it again).
     pub fn hopeless(&self) -> bool {
-        self.state == "failed" && self.result == "start-limit-hit"
+        self.state == "failed"
     }
 }
 
@@ -91,10 +92,7 @@ pub fn judge(limits: Limits, mut look: impl FnMut(Duration) -> Probe) -> Verdict
             }
         }
         if probe.hopeless() {
-            return Verdict::Bad(format!(
-                "{last_problem}; systemd stopped restarting it after {} restarts",
-                probe.restarts
-            ));
+            return Verdict::Bad(format!("{last_problem}; systemd is not restarting it ({} restarts)", probe.restarts));
         }
         if at >= limits.within {
             let minutes = limits.within.as_secs().div_ceil(60);
@@ -217,7 +215,22 @@ mod tests {
         });
         assert_eq!(looks, 1);
         let Verdict::Bad(why) = v else { panic!("{v:?}") };
-        assert!(why.contains("stopped restarting") && why.contains("start-limit-hit"), "{why}");
+        assert!(why.contains("not restarting") && why.contains("start-limit-hit"), "{why}");
+        // Failed at once, without restarts: the same.
+        let v = judge(LIMITS, |_| Probe {
+            state: "failed".into(),
+            result: "exit-code".into(),
+            restarts: 0,
+            status: Err("refused".into()),
+        });
+        assert!(matches!(&v, Verdict::Bad(why) if why.contains("exit-code")), "{v:?}");
+        // Restarting (activating) is worth waiting for.
+        let mut looks = 0;
+        let _ = judge(LIMITS, |_| {
+            looks += 1;
+            activating()
+        });
+        assert!(looks > 1);
     }
 
     #[test]

@@ -256,18 +256,31 @@ fn write_part(checked: &Checked, file: &str, bytes: u64, disk: &mut File, offset
     } else {
         Box::new(File::open(&path).map_err(io(format!("cannot open {}", path.display())))?)
     };
-    disk.seek(SeekFrom::Start(offset)).map_err(io("cannot seek on the disk"))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
     loop {
-        let n = source.read(&mut buf).map_err(|e| unpack(e.to_string()))?;
+        // Whole pieces: a piece of zeros (most of a file system's free space) is zeroed by the
+        // disk itself where it can (no data through the bus, nothing allocated on thin disks).
+        let mut n = 0;
+        while n < buf.len() {
+            match source.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(unpack(e.to_string())),
+            }
+        }
         if n == 0 {
             break;
         }
         if written + n as u64 > bytes {
             return Err(unpack(format!("it holds more than the {bytes} bytes its manifest says")));
         }
-        disk.write_all(&buf[..n]).map_err(io("cannot write the inactive slot"))?;
+        let at = offset + written;
+        if !(buf[..n].iter().all(|b| *b == 0) && zero_out(disk, at, n as u64)) {
+            disk.seek(SeekFrom::Start(at)).map_err(io("cannot seek on the disk"))?;
+            disk.write_all(&buf[..n]).map_err(io("cannot write the inactive slot"))?;
+        }
         written += n as u64;
     }
     if let Some(c) = child {
@@ -280,6 +293,15 @@ fn write_part(checked: &Checked, file: &str, bytes: u64, disk: &mut File, offset
         return Err(unpack(format!("it holds {written} bytes, not the {bytes} its manifest says")));
     }
     disk.sync_data().map_err(io("cannot flush the inactive slot to the disk"))
+}
+
+/// Zero `len` bytes at `at` without writing them (the disk's write-zeroes, or a hole); false
+/// where that is not possible, and the caller writes the zeros.
+fn zero_out(disk: &File, at: u64, len: u64) -> bool {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    let (Ok(at), Ok(len)) = (i64::try_from(at), i64::try_from(len)) else { return false };
+    fallocate(disk, FallocateFlags::FALLOC_FL_ZERO_RANGE, at, len).is_ok()
+        || fallocate(disk, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, at, len).is_ok()
 }
 
 /// The sha256 of `bytes` bytes at `offset`, read from the disk itself (its cached pages dropped
@@ -328,18 +350,18 @@ mod tests {
         let (a, av) = gpt::slot_uuids(RUNNING_HASH);
         gpt::tests::disk(
             path,
-            8192,
+            16384,
             &[
                 ("c12a7328-f81f-11d2-ba4b-00a0c93ec93b", "7a1b0c52-0001-4e5f-8a9b-0c1d2e3f4a5b", 2048, 2559, "esp"),
-                (gpt::ROOT_X86_64, &a, 2560, 3583, "zhuli-root_1.0.0"),
-                (gpt::ROOT_VERITY_X86_64, &av, 3584, 3711, "zhuli-verity_1.0.0"),
-                (gpt::ROOT_X86_64, EMPTY_ROOT_UUID, 3712, 4735, "zhuli-root_empty"),
-                (gpt::ROOT_VERITY_X86_64, EMPTY_VERITY_UUID, 4736, 4863, "zhuli-verity_empty"),
+                (gpt::ROOT_X86_64, &a, 2560, 6655, "zhuli-root_1.0.0"),
+                (gpt::ROOT_VERITY_X86_64, &av, 6656, 6783, "zhuli-verity_1.0.0"),
+                (gpt::ROOT_X86_64, EMPTY_ROOT_UUID, 6784, 10879, "zhuli-root_empty"),
+                (gpt::ROOT_VERITY_X86_64, EMPTY_VERITY_UUID, 10880, 11007, "zhuli-verity_empty"),
                 (
                     "4d21b016-b534-45c2-a9fb-5c16e091fd2d",
                     "7a1b0c52-0003-4e5f-8a9b-0c1d2e3f4a5b",
-                    4864,
-                    8000,
+                    11008,
+                    16000,
                     "zhuli-var",
                 ),
             ],
@@ -433,17 +455,26 @@ mod tests {
     fn a_release_goes_into_the_inactive_slot_and_nothing_else_changes() {
         let b = a_box();
         let dir = tmp("bundle");
-        let root: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        // Data, a whole piece of zeros (zeroed, not written), data again; the slot held old
+        // bytes everywhere, which must not show through.
+        let mut root: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        root.extend(vec![0u8; 1 << 20]);
+        root.extend((0..1000u32).map(|i| (i % 7) as u8));
+        {
+            let mut f = OpenOptions::new().write(true).open(&b.disk).expect("disk");
+            f.seek(SeekFrom::Start(6784 * 512)).expect("seek");
+            f.write_all(&vec![0xeeu8; root.len()]).expect("old data");
+        }
         let root_hash = bundle(&dir, &b.vendor_key, "1.1.0", &root, true);
-        let running_root = b.read(2560, 1024 * 512);
+        let running_root = b.read(2560, 4096 * 512);
         let mut said = Vec::new();
         let done = install(&dir, &b.target(), |s| said.push(s)).expect("install");
         assert_eq!(done.slot, (4, 5));
         assert_eq!(done.uki, "zhuli_1.1.0+3.efi");
         assert_eq!(done.removed, vec!["zhuli_0.9.0+0-3.efi".to_owned()]);
-        assert_eq!(b.read(3712, root.len()), root, "the root is in slot B");
-        assert_eq!(b.read(4736, 8192), vec![0x5au8; 8192], "the verity data is beside it");
-        assert_eq!(b.read(2560, 1024 * 512), running_root, "slot A is untouched");
+        assert_eq!(b.read(6784, root.len()), root, "the root is in slot B");
+        assert_eq!(b.read(10880, 8192), vec![0x5au8; 8192], "the verity data is beside it");
+        assert_eq!(b.read(2560, 4096 * 512), running_root, "slot A is untouched");
         let entries = Gpt::read(&mut File::open(&b.disk).expect("disk"), 512).expect("gpt").entries();
         let (ru, vu) = gpt::slot_uuids(&root_hash);
         assert_eq!((entries[3].name.as_str(), entries[3].uuid.as_str()), ("zhuli-root_1.1.0", ru.as_str()));
@@ -473,7 +504,7 @@ mod tests {
         assert_eq!(b.ukis().len(), 2, "the ESP was changed");
         // A root larger than the slot: refused before anything is written.
         let dir = tmp("big");
-        bundle(&dir, &b.vendor_key, "1.1.0", &vec![1u8; 1024 * 512 + 1], false);
+        bundle(&dir, &b.vendor_key, "1.1.0", &vec![1u8; 4096 * 512 + 1], false);
         let e = install(&dir, &b.target(), |_| {}).expect_err("too big");
         assert!(matches!(e, InstallError::Bundle(BundleError::Space { .. })), "{e}");
         assert!(std::fs::read(&b.disk).expect("disk") == before, "the disk was written");

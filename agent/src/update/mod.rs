@@ -81,6 +81,8 @@ pub fn news(e: &boot::Event) -> String {
         "good" => t!("update.news_good", version = v),
         "bad" => t!("update.news_bad", version = v, why = e.why.as_str()),
         "rollback" => t!("update.news_rollback", version = v, why = e.why.as_str()),
+        "uptodate" => t!("update.news_uptodate", version = v),
+        "failed" => t!("update.news_failed", why = e.why.as_str()),
         _ => t!("update.news_refused", version = v, why = e.why.as_str()),
     }
     .into_owned()

@@ -48,6 +48,51 @@ impl Default for UpdateSettings {
     }
 }
 
+/// What root's update units read of the agent's configuration: `[update]`, the office's UTC
+/// offset and the extra CAs, and nothing else (the secrets stay sealed: root never opens them for
+/// an update).
+#[derive(Debug, Clone, Default)]
+pub struct ForUpdates {
+    pub update: UpdateSettings,
+    pub utc_offset_minutes: i32,
+    pub extra_ca_pem: Option<String>,
+}
+
+impl ForUpdates {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct Agent {
+            extra_ca_pem: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(default)]
+        struct Assistant {
+            utc_offset_minutes: i32,
+        }
+        impl Default for Assistant {
+            fn default() -> Self {
+                Assistant { utc_offset_minutes: crate::assistant::AssistantSettings::default().utc_offset_minutes }
+            }
+        }
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct View {
+            update: UpdateSettings,
+            agent: Agent,
+            assistant: Assistant,
+        }
+        let v: View = toml::from_str(text)
+            .map_err(|e| format!("the configuration's [update] cannot be read: {}", e.message()))?;
+        v.update.window.parse::<Window>().map_err(|e| format!("[update] window: {e}"))?;
+        Ok(ForUpdates {
+            update: v.update,
+            utc_offset_minutes: v.assistant.utc_offset_minutes,
+            extra_ca_pem: v.agent.extra_ca_pem,
+        })
+    }
+}
+
 /// A maintenance window: days of the week and a time span (it may run past midnight; the day is
 /// the one it starts on).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +216,10 @@ pub async fn fetch(
         }
     };
     let sums = small(SUMS).await?;
-    let signature = small(SIGNATURE).await?;
+    let signature = match small(SIGNATURE).await {
+        Err(PullError::Status { status: 404, .. }) => return Err(BundleError::Unsigned.into()),
+        other => other?,
+    };
     let (_, listed) = super::signed_sums(&sums, &signature, vendor_key)?;
     let manifest_bytes = small(MANIFEST).await?;
     let signed = |name: &str| listed.iter().find(|(_, n)| n == name).map(|(d, _)| d.clone());
@@ -184,8 +232,12 @@ pub async fn fetch(
     }
     let head: Head = toml::from_str(&String::from_utf8_lossy(&manifest_bytes))
         .map_err(|e| BundleError::Manifest(e.message().to_owned()))?;
-    if &head.version <= running {
-        return Ok(Found::UpToDate(head.version));
+    match head.version.cmp(running) {
+        std::cmp::Ordering::Equal => return Ok(Found::UpToDate(head.version)),
+        std::cmp::Ordering::Less => {
+            return Err(BundleError::Downgrade { offered: head.version, running: running.clone() }.into());
+        }
+        std::cmp::Ordering::Greater => {}
     }
     let dir = downloads.join(head.version.to_string());
     std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
@@ -280,6 +332,20 @@ mod tests {
     }
 
     #[test]
+    fn root_reads_only_what_updates_need_and_never_a_secret() {
+        let text = "[agent]\nextra_ca_pem = \"PEM\"\n[dingtalk]\nclient_secret = { credential = \"dingtalk-client-secret\" }\n\
+                    [assistant]\nutc_offset_minutes = 60\n[update]\nsource = \"https://u.example/\"\ntries = 2\n";
+        let f = ForUpdates::parse(text).expect("parse");
+        assert_eq!((f.update.source.as_str(), f.update.tries, f.utc_offset_minutes), ("https://u.example/", 2, 60));
+        assert_eq!(f.extra_ca_pem.as_deref(), Some("PEM"));
+        assert_eq!(f.update.window, "Sun 03:00-05:00");
+        let none = ForUpdates::parse("[dingtalk]\nclient_id = \"x\"\n").expect("no [update]");
+        assert_eq!((none.update.source.as_str(), none.utc_offset_minutes), ("", 480));
+        let e = ForUpdates::parse("[update]\nwindow = \"sometimes\"\n").expect_err("bad window");
+        assert!(e.contains("[update] window"), "{e}");
+    }
+
+    #[test]
     fn windows_hold_their_days_and_hours_in_the_office_time() {
         let w: Window = "Sun 03:00-05:00".parse().expect("window");
         assert!(w.contains(at("Sun", 3, 0), 480));
@@ -304,5 +370,141 @@ mod tests {
             let e = bad.parse::<Window>().expect_err(bad);
             assert!(e.contains("Sun 03:00-05:00"), "{e}");
         }
+    }
+
+    /// A signed bundle of `version` in `dir`; its root file's bytes.
+    fn bundle(dir: &Path, key: &str, version: &str) -> Vec<u8> {
+        std::fs::create_dir_all(dir).expect("dir");
+        let root: Vec<u8> = (0..400_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let verity = vec![3u8; 4096];
+        std::fs::write(dir.join(format!("zhuli_{version}.root.raw")), &root).expect("root");
+        std::fs::write(dir.join(format!("zhuli_{version}.verity.raw")), &verity).expect("verity");
+        std::fs::write(dir.join(format!("zhuli_{version}.efi")), b"MZ kernel image").expect("uki");
+        std::fs::write(
+            dir.join(MANIFEST),
+            format!(
+                "product = \"zhuli\"\nversion = \"{version}\"\narchitecture = \"x86-64\"\nuki = \"zhuli_{version}.efi\"\n\
+                 root_hash = \"{}\"\n[root]\nfile = \"zhuli_{version}.root.raw\"\nbytes = {}\nsha256 = \"{}\"\n\
+                 [verity]\nfile = \"zhuli_{version}.verity.raw\"\nbytes = 4096\nsha256 = \"{}\"\n",
+                "a".repeat(64),
+                root.len(),
+                crate::tools::sha256_hex(&root),
+                crate::tools::sha256_hex(&verity)
+            ),
+        )
+        .expect("manifest");
+        super::super::seal_bundle(dir, key).expect("sign");
+        root
+    }
+
+    /// Serve `folder` on loopback; the first GET of a `.root.raw` file without a range stops
+    /// half-way (the connection breaks), as a flaky network does.
+    async fn server(
+        folder: std::sync::Arc<std::sync::Mutex<PathBuf>>,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        let cut = std::sync::Arc::new(AtomicBool::new(true));
+        let ranges = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = ranges.clone();
+        crate::sim_http::spawn(listener, tokio_util::sync::CancellationToken::new(), move |req| {
+            let (folder, cut, ranges) = (folder.clone(), cut.clone(), ranges.clone());
+            async move {
+                type Chunk = Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>;
+                // Each piece after a moment, so that the first is on the wire before a break.
+                let body = |chunks: Vec<Chunk>| {
+                    use futures_util::StreamExt;
+                    http_body_util::StreamBody::new(futures_util::stream::iter(chunks).then(|c| async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        c
+                    }))
+                };
+                let respond = |status: u16, chunks: Vec<Chunk>| {
+                    http::Response::builder().status(status).body(body(chunks)).expect("response")
+                };
+                let name = req.uri().path().trim_start_matches('/').to_owned();
+                let dir = folder.lock().expect("folder").clone();
+                let Ok(all) = std::fs::read(dir.join(&name)) else { return respond(404, vec![]) };
+                let frame = |b: &[u8]| Ok(hyper::body::Frame::data(bytes::Bytes::copy_from_slice(b)));
+                match req.headers().get("range").and_then(|v| v.to_str().ok()) {
+                    Some(r) => {
+                        ranges.fetch_add(1, Ordering::SeqCst);
+                        let from: usize = r.trim_start_matches("bytes=").trim_end_matches('-').parse().expect("range");
+                        respond(206, vec![frame(&all[from..])])
+                    }
+                    None if name.ends_with(".root.raw") && cut.swap(false, Ordering::SeqCst) => {
+                        let half = all.len() / 2;
+                        respond(200, vec![frame(&all[..half]), Err(std::io::Error::other("cable pulled"))])
+                    }
+                    None => respond(200, vec![frame(&all)]),
+                }
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn a_release_is_fetched_whole_across_a_broken_download_and_bad_ones_are_refused() {
+        use crate::provision::sign::{self, Role};
+        let base = std::env::temp_dir().join(format!("zhuli-pull-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        let (key, public) = sign::keygen_for(Role::Vendor);
+        let vendor = sign::public_key_for(Role::Vendor, &public, "vendor.pub").expect("pub");
+        let root = bundle(&base.join("n1"), &key, "1.1.0");
+        let folder = std::sync::Arc::new(std::sync::Mutex::new(base.join("n1")));
+        let (url, ranges) = server(folder.clone()).await;
+        let client = HttpClient::new(crate::dingtalk::http::tls_config(), Duration::from_secs(10));
+        let downloads = base.join("download");
+        let running: Version = "1.0.0".parse().expect("v");
+        let fetch_now = || fetch(&client, &url, &vendor, &running, &downloads, |_| {});
+
+        // The first try breaks half-way through the root: what came is kept for the next.
+        let e = fetch_now().await.expect_err("the cable was pulled");
+        assert!(matches!(e, PullError::Http(_)), "{e}");
+        let part = downloads.join("1.1.0/zhuli_1.1.0.root.raw.part");
+        assert_eq!(std::fs::metadata(&part).expect("part").len(), root.len() as u64 / 2);
+        // The next resumes there, and the folder is a bundle the box's check passes.
+        let Found::Fetched { version, dir } = fetch_now().await.expect("fetched") else { panic!("not fetched") };
+        assert_eq!(version.to_string(), "1.1.0");
+        assert_eq!(ranges.load(std::sync::atomic::Ordering::SeqCst), 1, "resumed with one range request");
+        assert_eq!(std::fs::read(dir.join("zhuli_1.1.0.root.raw")).expect("root"), root);
+        let room = super::super::Room { root_slot: 1 << 20, verity_slot: 1 << 16, esp_free: 1 << 20 };
+        super::super::check(&dir, &vendor, &running, room).expect("the fetched bundle checks");
+
+        // Running it already: nothing to fetch. An older one: refused as a downgrade.
+        let same: Version = "1.1.0".parse().expect("v");
+        let up = fetch(&client, &url, &vendor, &same, &downloads, |_| {}).await.expect("up to date");
+        assert!(matches!(up, Found::UpToDate(v) if v == same));
+        let newer: Version = "2.0.0".parse().expect("v");
+        let e = fetch(&client, &url, &vendor, &newer, &downloads, |_| {}).await.expect_err("downgrade");
+        assert!(matches!(e, PullError::Bundle(BundleError::Downgrade { .. })), "{e}");
+
+        // Unsigned: refused before any file is fetched.
+        let unsigned = base.join("unsigned");
+        bundle(&unsigned, &key, "1.2.0");
+        std::fs::remove_file(unsigned.join(SIGNATURE)).expect("unsign");
+        *folder.lock().expect("folder") = unsigned;
+        let e = fetch_now().await.expect_err("unsigned");
+        assert!(matches!(e, PullError::Bundle(BundleError::Unsigned)), "{e}");
+        assert!(!downloads.join("1.2.0").exists(), "nothing fetched for an unsigned bundle");
+
+        // One byte of the kernel image changed after signing: arrives damaged, is not kept.
+        let tampered = base.join("tampered");
+        bundle(&tampered, &key, "1.3.0");
+        std::fs::write(tampered.join("zhuli_1.3.0.efi"), b"MZ kernel imagf").expect("tamper");
+        *folder.lock().expect("folder") = tampered;
+        let e = fetch_now().await.expect_err("damaged");
+        assert!(matches!(&e, PullError::Damaged { name } if name == "zhuli_1.3.0.efi"), "{e}");
+        assert!(
+            !downloads.join("1.3.0/zhuli_1.3.0.efi").exists() && !downloads.join("1.3.0/zhuli_1.3.0.efi.part").exists()
+        );
+        // Another vendor's signature: refused.
+        let (other_key, _) = sign::keygen_for(Role::Vendor);
+        let foreign = base.join("foreign");
+        bundle(&foreign, &other_key, "1.4.0");
+        *folder.lock().expect("folder") = foreign;
+        let e = fetch_now().await.expect_err("foreign");
+        assert!(matches!(e, PullError::Bundle(BundleError::Untrusted { .. })), "{e}");
+        std::fs::remove_dir_all(&base).expect("clean");
     }
 }

@@ -1,8 +1,9 @@
 //! Which releases are on the box, in what state, and going back to the one before.
 //!
 //! Only root may read the ESP and the disk, so root writes what it sees to
-//! `/var/lib/zhuli-update/releases.json` (at each run of `zhuli update pull` and after every
-//! install, check or rollback); the agent reads that file for `/update` and `zhuli doctor`.
+//! `/var/lib/zhuli-update/releases.json` (at every boot, by zhuli-survey.service once boot
+//! counting has had its say, at each run of `zhuli update pull`, and after every install,
+//! check or rollback); the agent reads that file for `/update` and `zhuli doctor`.
 
 use std::path::Path;
 
@@ -131,7 +132,9 @@ pub fn write(path: &Path, survey: &Survey) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(survey).map_err(std::io::Error::other)?)?;
+    let mut text = serde_json::to_vec_pretty(survey).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    std::fs::write(&tmp, text)?;
     std::fs::rename(tmp, path)
 }
 
