@@ -142,6 +142,12 @@ impl Config {
             Some(format!("[update] tries is {}: give 1 to 10 boots for a new release", update.tries))
         } else if update.healthy_for_s == 0 || update.healthy_within_s <= update.healthy_for_s {
             Some("[update] healthy_within_s must be longer than healthy_for_s, and both above 0".to_owned())
+        } else if update.healthy_within_s > crate::update::pull::HEALTHY_WITHIN_MAX_S {
+            Some(format!(
+                "[update] healthy_within_s is {}: at most {} (the release check must end within its 15 minutes)",
+                update.healthy_within_s,
+                crate::update::pull::HEALTHY_WITHIN_MAX_S
+            ))
         } else {
             None
         };

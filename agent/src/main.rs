@@ -195,9 +195,13 @@ enum UpdateCommand {
         /// Install a fetched release now, outside the window too.
         #[arg(long)]
         now: bool,
-        /// Where the agent leaves the admin chat's request (`install`, `rollback`).
-        #[arg(long, value_name = "FILE", default_value = "/var/lib/zhuli/update.request")]
+        /// Where the agent leaves the admin chat's request (`install`, `rollback`, `check`).
+        #[arg(long, value_name = "FILE", default_value = "/var/lib/zhuli/update/request")]
         request: PathBuf,
+        /// The agent's note of its last snapshot of the store for an update: the window
+        /// installs only after one.
+        #[arg(long, value_name = "FILE", default_value = "/var/lib/zhuli/update/snapshot")]
+        snapshot_note: PathBuf,
         /// Where releases are fetched to.
         #[arg(long, value_name = "DIR", default_value = "/var/lib/zhuli-update/download")]
         downloads: PathBuf,
@@ -739,8 +743,8 @@ fn update(command: UpdateCommand) -> anyhow::Result<()> {
             update_cli::boot_check(hold, within, &config, &socket)?
         }
         UpdateCommand::Install { dir, tries, reboot } => update_cli::install(&dir, tries, reboot)?,
-        UpdateCommand::Pull { config, now, request, downloads } => {
-            update_cli::pull(&config, now, &request, &downloads)?
+        UpdateCommand::Pull { config, now, request, snapshot_note, downloads } => {
+            update_cli::pull(&config, now, &request, &snapshot_note, &downloads)?
         }
         UpdateCommand::Rollback { reboot } => update_cli::rollback(reboot)?,
         UpdateCommand::Survey => update_cli::survey()?,

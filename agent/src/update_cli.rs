@@ -53,8 +53,18 @@ fn vendor_key() -> anyhow::Result<String> {
     Ok(sign::public_key_for(Role::Vendor, &text, VENDOR_KEY)?)
 }
 
-fn record(what: &str, version: &str, why: String) {
-    let e = Event { at_ms: zhuli::assistant::now_ms(), what: what.into(), version: version.into(), why };
+fn record(what: &str, version: &str, code: &str, why: String) {
+    record_event(Event {
+        at_ms: zhuli::assistant::now_ms(),
+        what: what.into(),
+        version: version.into(),
+        why,
+        code: code.into(),
+        from: String::new(),
+    });
+}
+
+fn record_event(e: Event) {
     if let Err(err) = boot::record(Path::new(boot::EVENTS), &e) {
         eprintln!("cannot write {}: {err}", boot::EVENTS);
     }
@@ -85,9 +95,9 @@ fn manifest_version(dir: &Path) -> String {
 
 /// `zhuli update install DIR`.
 pub fn install(dir: &Path, tries: u32, and_reboot: bool) -> anyhow::Result<()> {
-    let result = (|| -> anyhow::Result<install::Installed> {
-        let r = running()?;
-        let key = vendor_key()?;
+    let result = (|| -> Result<install::Installed, (&'static str, anyhow::Error)> {
+        let r = running().map_err(|e| ("write", e))?;
+        let key = vendor_key().map_err(|e| ("write", e))?;
         let target = install::Target {
             disk: &r.disk,
             sector: r.sector,
@@ -97,11 +107,11 @@ pub fn install(dir: &Path, tries: u32, and_reboot: bool) -> anyhow::Result<()> {
             vendor_key: &key,
             tries,
         };
-        Ok(install::install(dir, &target, |line| println!("{line}"))?)
+        install::install(dir, &target, |line| println!("{line}")).map_err(|e| (e.code(), e.into()))
     })();
     match result {
         Ok(done) => {
-            record("installed", &done.version.to_string(), String::new());
+            record("installed", &done.version.to_string(), "", String::new());
             if let Err(e) = write_survey(None) {
                 eprintln!("{e:#}");
             }
@@ -114,43 +124,97 @@ pub fn install(dir: &Path, tries: u32, and_reboot: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Err(e) => {
-            record("refused", &manifest_version(dir), format!("{e:#}"));
+        Err((code, e)) => {
+            record("refused", &manifest_version(dir), code, format!("{e:#}"));
             Err(e)
         }
     }
 }
 
-/// The admin chat's request left by the agent: read once, then removed. A link or anything
-/// that is not a short word is ignored.
+/// The admin chat's request left by the agent: read once and removed, whatever it is. Only a
+/// regular file holding one of the words counts: a link is not followed, a FIFO not waited on.
 fn take_request(path: &Path) -> Option<String> {
+    use nix::fcntl::OFlag;
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
-    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc_o_nofollow()).open(path).ok()?;
-    let mut text = String::new();
-    let _ = f.by_ref().take(64).read_to_string(&mut text);
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(path);
     let _ = std::fs::remove_file(path);
+    let f = opened.ok()?;
+    if !f.metadata().is_ok_and(|m| m.file_type().is_file()) {
+        return None;
+    }
+    let mut text = String::new();
+    let _ = f.take(64).read_to_string(&mut text);
     let word = text.trim().to_owned();
     matches!(word.as_str(), "install" | "rollback" | "check").then_some(word)
 }
 
-fn libc_o_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+/// When the agent last took a snapshot of the store for an update (its note), Unix ms.
+fn snapshot_taken(note: &Path) -> Option<i64> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+        .open(note)
+        .ok()?;
+    if !f.metadata().is_ok_and(|m| m.file_type().is_file()) {
+        return None;
+    }
+    let mut text = String::new();
+    f.take(32).read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// Why a fetched release must not install by itself in the window (it still does when an
+/// admin asks): it was found bad on this box, or an admin went back from it; or the agent has
+/// taken no snapshot of the store since it arrived.
+fn hold_back(events: &[Event], version: &str, snapshot: Option<i64>) -> Option<(&'static str, String)> {
+    if let Some(e) = events
+        .iter()
+        .rev()
+        .find(|e| (e.what == "bad" && e.version == version) || (e.what == "rollback" && e.from == version))
+    {
+        let how = if e.what == "bad" { "was found bad" } else { "was left by a rollback" };
+        return Some((
+            "was_bad",
+            format!("release {version} {how} on this box; it installs again only at /update install"),
+        ));
+    }
+    let arrived = events.iter().rev().find(|e| e.what == "available" && e.version == version).map(|e| e.at_ms)?;
+    if snapshot.is_none_or(|at| at < arrived) {
+        return Some((
+            "no_snapshot",
+            format!("release {version} waits for the agent's snapshot of the store, taken before every update"),
+        ));
+    }
+    None
 }
 
 /// `zhuli update pull`.
-pub fn pull(config_path: &Path, now: bool, request_path: &Path, downloads: &Path) -> anyhow::Result<()> {
+pub fn pull(
+    config_path: &Path,
+    now: bool,
+    request_path: &Path,
+    snapshot_note: &Path,
+    downloads: &Path,
+) -> anyhow::Result<()> {
     let request = take_request(request_path);
     if request.as_deref() == Some("rollback") {
         return rollback(true);
     }
     let survey = write_survey(None)?;
-    let config = match std::fs::read_to_string(config_path) {
-        Ok(text) => pull::ForUpdates::parse(&text).map_err(anyhow::Error::msg)?,
-        Err(_) => pull::ForUpdates::default(),
+    let (config, configured) = match std::fs::read_to_string(config_path) {
+        Ok(text) => (pull::ForUpdates::parse(&text).map_err(anyhow::Error::msg)?, true),
+        Err(_) => (pull::ForUpdates::default(), false),
     };
     let settings = config.update.clone();
     if settings.source.is_empty() {
         println!("release {}: no [update] source, so releases come from the stick only", survey.running);
+        if request.is_some() {
+            record("failed", "?", "no_source", "no [update] source is configured".into());
+        }
         return Ok(());
     }
     if let Some(pem) = config.extra_ca_pem.as_deref() {
@@ -164,11 +228,12 @@ pub fn pull(config_path: &Path, now: bool, request_path: &Path, downloads: &Path
     let found = match found {
         Ok(f) => f,
         Err(e) => {
-            // A refusal (signature, sha256, product, downgrade) is news for the admins; a
-            // network hiccup is tried again next hour, and told only when an admin asked.
-            if !matches!(e, pull::PullError::Bundle(_) | pull::PullError::Damaged { .. }) {
+            // A refusal (signature, sha256, product, downgrade) is news for the admins, once;
+            // a network hiccup or a full disk is tried again next hour, and told only when an
+            // admin asked.
+            if !e.is_refusal() {
                 if request.is_some() {
-                    record("failed", "?", e.to_string());
+                    record("failed", "?", e.code(), e.to_string());
                 }
             } else {
                 let offered = match &e {
@@ -177,7 +242,15 @@ pub fn pull(config_path: &Path, now: bool, request_path: &Path, downloads: &Path
                     }
                     _ => "?".into(),
                 };
-                record("refused", &offered, e.to_string());
+                let why = e.to_string();
+                let told = boot::events(Path::new(boot::EVENTS))
+                    .iter()
+                    .rev()
+                    .find(|ev| ev.what == "refused")
+                    .is_some_and(|ev| ev.why == why);
+                if !told || request.is_some() {
+                    record("refused", &offered, e.code(), why);
+                }
             }
             return Err(e.into());
         }
@@ -186,25 +259,39 @@ pub fn pull(config_path: &Path, now: bool, request_path: &Path, downloads: &Path
         pull::Found::UpToDate(v) => {
             println!("release {} runs; the release folder offers {v}: nothing to do", r.version);
             if request.is_some() {
-                record("uptodate", &v.to_string(), String::new());
+                record("uptodate", &v.to_string(), "", String::new());
             }
             return Ok(());
         }
         pull::Found::Fetched { version, dir } => (version, dir),
     };
-    let announced =
-        boot::events(Path::new(boot::EVENTS)).iter().any(|e| e.what == "available" && e.version == version.to_string());
-    if !announced {
-        record("available", &version.to_string(), String::new());
+    let v = version.to_string();
+    let events = boot::events(Path::new(boot::EVENTS));
+    if !events.iter().any(|e| e.what == "available" && e.version == v) {
+        record("available", &v, "", String::new());
     }
     let window: pull::Window = settings.window.parse().map_err(anyhow::Error::msg)?;
     let offset = config.utc_offset_minutes;
+    // The agent took its snapshot right before it asked.
     let asked = request.as_deref() == Some("install");
-    if now || asked || window.contains(zhuli::assistant::now_ms(), offset) {
+    if now || asked {
+        return install(&dir, settings.tries, true);
+    }
+    let events = boot::events(Path::new(boot::EVENTS));
+    let held = if configured { hold_back(&events, &v, snapshot_taken(snapshot_note)) } else { None };
+    let in_window = window.contains(zhuli::assistant::now_ms(), offset);
+    if let Some((code, why)) = &held {
+        println!("{why}");
+        // Told once, and only when it keeps the release from its window.
+        if in_window && *code == "no_snapshot" && !events.iter().any(|e| e.what == "waiting" && e.version == v) {
+            record("waiting", &v, code, why.clone());
+        }
+    }
+    if held.is_none() && in_window {
         install(&dir, settings.tries, true)
     } else {
-        write_survey(Some(version.to_string()))?;
-        println!("release {version} fetched; it installs in the window {:?} or at /update install", settings.window);
+        write_survey(Some(v.clone()))?;
+        println!("release {v} fetched; it installs in the window {:?} or at /update install", settings.window);
         Ok(())
     }
 }
@@ -214,7 +301,14 @@ pub fn rollback(and_reboot: bool) -> anyhow::Result<()> {
     let survey = write_survey(None)?;
     match state::rollback(Path::new(ESP), &survey) {
         Ok(previous) => {
-            record("rollback", &previous, format!("asked to go back from {}", survey.running));
+            record_event(Event {
+                at_ms: zhuli::assistant::now_ms(),
+                what: "rollback".into(),
+                version: previous.clone(),
+                why: format!("asked to go back from {}", survey.running),
+                code: String::new(),
+                from: survey.running.clone(),
+            });
             write_survey(None)?;
             println!("release {previous} boots next, on trial; {} stays on the box", survey.running);
             if and_reboot {
@@ -223,7 +317,8 @@ pub fn rollback(and_reboot: bool) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            record("refused", &survey.running, format!("rollback: {e}"));
+            let code = if survey.previous().is_none() { "no_previous" } else { e.code() };
+            record("rollback_refused", &survey.running, code, e.to_string());
             Err(e.into())
         }
     }
@@ -241,7 +336,7 @@ pub fn boot_check(hold: Option<u64>, within: Option<u64>, config: &Path, socket:
     let version = running_version().map(|v| v.to_string()).unwrap_or_else(|_| "unknown".into());
     if !config.exists() {
         println!("release {version}: no configuration yet, so booting is enough; keeping it");
-        record("good", &version, String::new());
+        record("good", &version, "", String::new());
         return Ok(());
     }
     let settings = std::fs::read_to_string(config)
@@ -249,8 +344,10 @@ pub fn boot_check(hold: Option<u64>, within: Option<u64>, config: &Path, socket:
         .and_then(|t| pull::ForUpdates::parse(&t).ok())
         .map(|f| f.update)
         .unwrap_or_default();
-    let hold = hold.unwrap_or(settings.healthy_for_s);
-    let within = within.unwrap_or(settings.healthy_within_s);
+    // Within the unit's start timeout (15 min), whatever the configuration says: the check
+    // must end by itself, not be killed by systemd half-way.
+    let within = within.unwrap_or(settings.healthy_within_s).min(pull::HEALTHY_WITHIN_MAX_S);
+    let hold = hold.unwrap_or(settings.healthy_for_s).min(within.saturating_sub(5));
     let limits =
         Limits { hold: Duration::from_secs(hold), within: Duration::from_secs(within), every: Duration::from_secs(5) };
     let started = Instant::now();
@@ -278,12 +375,12 @@ pub fn boot_check(hold: Option<u64>, within: Option<u64>, config: &Path, socket:
     match verdict {
         Verdict::Good => {
             println!("release {version}: the agent was healthy for {hold}s; keeping it");
-            record("good", &version, String::new());
+            record("good", &version, "", String::new());
             Ok(())
         }
-        Verdict::Bad(why) => {
+        Verdict::Bad(code, why) => {
             eprintln!("release {version} is bad: {why}; going back to the previous release");
-            record("bad", &version, why.clone());
+            record("bad", &version, code, why.clone());
             // Out of tries at once, then a reboot: the boot loader starts the previous release.
             let marked = std::process::Command::new("/usr/lib/systemd/systemd-bless-boot").arg("bad").status();
             if !marked.as_ref().is_ok_and(|s| s.success()) {
@@ -293,5 +390,76 @@ pub fn boot_check(hold: Option<u64>, within: Option<u64>, config: &Path, socket:
             reboot();
             anyhow::bail!("release {version} is bad: {why}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> PathBuf {
+        let p = std::env::temp_dir().join(format!("zhuli-ucli-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&p).expect("tmp");
+        p
+    }
+
+    #[test]
+    fn a_request_is_taken_once_and_only_as_a_plain_file() {
+        let dir = tmp();
+        let req = dir.join("request");
+        std::fs::write(&req, "install\n").expect("write");
+        assert_eq!(take_request(&req).as_deref(), Some("install"));
+        assert!(!req.exists(), "a request is removed once read");
+        assert_eq!(take_request(&req), None);
+        // Not one of the words: removed, ignored.
+        std::fs::write(&req, "rm -rf /").expect("write");
+        assert_eq!(take_request(&req), None);
+        assert!(!req.exists());
+        // A link to a file root could read: not followed, removed.
+        std::fs::write(dir.join("target"), "rollback").expect("write");
+        std::os::unix::fs::symlink(dir.join("target"), &req).expect("link");
+        assert_eq!(take_request(&req), None);
+        assert!(!req.exists() && dir.join("target").exists());
+        // A FIFO: not waited on (the read would block for ever), removed.
+        nix::unistd::mkfifo(&req, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+        assert_eq!(take_request(&req), None);
+        assert!(!req.exists());
+        // The snapshot note: a number, from a plain file only.
+        let note = dir.join("snapshot");
+        assert_eq!(snapshot_taken(&note), None);
+        std::fs::write(&note, "1790000000000\n").expect("write");
+        assert_eq!(snapshot_taken(&note), Some(1_790_000_000_000));
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    fn ev(what: &str, version: &str, at_ms: i64, from: &str) -> Event {
+        Event {
+            at_ms,
+            what: what.into(),
+            version: version.into(),
+            why: String::new(),
+            code: String::new(),
+            from: from.into(),
+        }
+    }
+
+    #[test]
+    fn a_bad_or_left_release_and_one_without_a_snapshot_wait_for_an_admin() {
+        let arrived = vec![ev("available", "1.2.0", 1000, "")];
+        // A snapshot after it arrived: free to go in the window; none, or an older one: held.
+        assert_eq!(hold_back(&arrived, "1.2.0", Some(2000)), None);
+        assert_eq!(hold_back(&arrived, "1.2.0", None).map(|h| h.0), Some("no_snapshot"));
+        assert_eq!(hold_back(&arrived, "1.2.0", Some(999)).map(|h| h.0), Some("no_snapshot"));
+        // Found bad once: held whatever the snapshot says; another version is not.
+        let mut bad = arrived.clone();
+        bad.extend([ev("installed", "1.2.0", 3000, ""), ev("bad", "1.2.0", 4000, "")]);
+        assert_eq!(hold_back(&bad, "1.2.0", Some(5000)).map(|h| h.0), Some("was_bad"));
+        let mut next = bad.clone();
+        next.push(ev("available", "1.2.1", 6000, ""));
+        assert_eq!(hold_back(&next, "1.2.1", Some(7000)), None);
+        // An admin went back from it.
+        let mut left = arrived.clone();
+        left.push(ev("rollback", "1.1.0", 3000, "1.2.0"));
+        assert_eq!(hold_back(&left, "1.2.0", Some(5000)).map(|h| h.0), Some("was_bad"));
     }
 }

@@ -227,7 +227,7 @@ impl Guest {
             .run(
                 "systemctl --failed --no-pager; ls -lL /var/lib/zhuli-provisioning/current/ 2>&1; \
                  journalctl -b --no-pager -o short-monotonic -u 'zhuli*' | tail -n 60; \
-                 ls -l /efi/EFI/Linux /var/lib/zhuli/update.request /var/lib/zhuli-update 2>&1",
+                 ls -l /efi/EFI/Linux /var/lib/zhuli/update /var/lib/zhuli-update 2>&1",
                 Duration::from_secs(30),
             )
             .map(|(_, out)| out)

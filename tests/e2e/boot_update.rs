@@ -192,7 +192,12 @@ async fn the_image_updates_itself_and_falls_back() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(tampered.join(&uki), bytes).expect("one byte changed");
-    for (folder, why) in [(&unsigned, "not signed"), (&base, "never goes back"), (&tampered, "damaged")] {
+    // Each reason said in Chinese first, the journal's line after it.
+    for (folder, why) in [
+        (&unsigned, "更新包没有签名"),
+        (&base, "设备不会通过更新降级"),
+        (&tampered, "校验和不符"),
+    ] {
         publish(folder);
         let before = news_count(&sim, "更新被拒绝");
         let (said, _) = ask(&sim, "/更新 安装").await;
@@ -225,7 +230,8 @@ async fn the_image_updates_itself_and_falls_back() {
     eprintln!("boot-update: the update journal:\n{events}");
     let told = to_admins(&sim).into_iter().rev().find(|t| t.contains(&bad)).expect("told");
     assert!(told.contains(&format!("当前运行的版本：{v1}")), "{told}");
-    assert!(told.contains("start-limit-hit") || told.contains("not READY"), "why it failed: {told}");
+    assert!(told.contains("助理启动失败") || told.contains("助理没有在规定时间内就绪"), "why it failed: {told}");
+    assert!(told.contains("start-limit-hit") || told.contains("not READY"), "the detail: {told}");
     assert_eq!(running(), v1);
     assert!(esp().contains(&format!("zhuli_{v2}+0")), "N+2 is marked bad on the ESP: {}", esp());
     eprintln!(

@@ -373,7 +373,12 @@ fn update_bundles_are_signed_by_the_vendor_and_checked_before_anything_is_writte
     .expect("manifest");
     std::fs::write(bundle.join("zhuli_1.4.0.root.raw"), vec![1u8; 8192]).expect("root");
     std::fs::write(bundle.join("zhuli_1.4.0.verity.raw"), vec![2u8; 4096]).expect("verity");
-    std::fs::write(bundle.join("zhuli_1.4.0.efi"), b"MZ uki").expect("uki");
+    // A stand-in kernel image with the sections the check reads: os-release and command line.
+    let uki = format!(
+        "MZ\0.osrel\0IMAGE_ID=zhuli\nIMAGE_VERSION=1.4.0\n\0.cmdline\0roothash={} root=/dev/mapper/zhuli-root ro\0",
+        "cd".repeat(32)
+    );
+    std::fs::write(bundle.join("zhuli_1.4.0.efi"), uki).expect("uki");
     // An organisation key cannot sign a release.
     assert!(zhuli(&["provision", "keygen", "--out", &s(&dir.join("org"))]).0);
     let (ok, said) = zhuli(&["update", "sign", &s(&bundle), "--key", &s(&dir.join("org/org.key"))]);

@@ -58,6 +58,17 @@ impl Maintenance for Upkeep {
         })
     }
 
+    fn snapshot_for_update(&self) -> BoxFuture<'static, Result<BackupTaken, String>> {
+        let taken = self.backup_now();
+        let note = self.config.agent.state_dir.join(update::SNAPSHOT_NOTE);
+        Box::pin(async move {
+            let b = taken.await?;
+            // Root reads when the last snapshot was taken; it installs in the window only after.
+            write_note(&note, &format!("{}\n", crate::assistant::now_ms()))?;
+            Ok(b)
+        })
+    }
+
     fn last_backup(&self) -> Option<Backup> {
         match diagnostics::last_backup(&self.backups()) {
             Section::Found(b) => Some(b),
@@ -74,16 +85,21 @@ impl Maintenance for Upkeep {
 
     fn request_update(&self, word: &'static str) -> Result<(), String> {
         // zhuli-update.path starts zhuli-update.service (root) when this file appears.
-        let path = self.config.agent.state_dir.join(REQUEST);
-        let tmp = self.config.agent.state_dir.join(format!("{REQUEST}.tmp"));
-        std::fs::write(&tmp, word)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("cannot write {} ({e})", path.display()))
+        write_note(&self.config.agent.state_dir.join(update::REQUEST), word)
     }
 }
 
-/// The request file zhuli-update.path watches, in the agent's state directory.
-pub const REQUEST: &str = "update.request";
+/// Write one of the notes the agent leaves root (in their own folder of the state directory,
+/// the only place of the agent's root may write: it removes a request once read), whole.
+fn write_note(path: &std::path::Path, text: &str) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let fail = |e: std::io::Error| format!("cannot write {} ({e})", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(fail)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)).map_err(fail)
+}
 
 /// Snapshot the store (the agent keeps running: redb lets a reader see a consistent state),
 /// verify the snapshot with the key, then keep the newest [`KEEP`]. Refused when the disk

@@ -459,10 +459,14 @@ async fn tell_update_news(work: &Arc<Work>, config: &Config) {
     }
     if fresh.iter().any(|e| e.what == "available") {
         // Before any update: a snapshot of the store (the new release opens it as it finds it).
+        // Root installs in the window only once there is one; a failure is the admins' to fix.
         if let Some(m) = &work.assistant.maintenance() {
-            match m.backup_now().await {
+            match m.snapshot_for_update().await {
                 Ok(b) => log::info!("snapshot before the update: {}", b.path),
-                Err(e) => log::warn!("no snapshot before the update: {e}"),
+                Err(e) => {
+                    log::warn!("no snapshot before the update: {e}");
+                    tell_admins(work, config, &t!("update.news_title"), &t!("update.no_snapshot", error = e));
+                }
             }
         }
     }

@@ -90,6 +90,9 @@ pub trait Maintenance: Send + Sync {
     fn logs(&self) -> Vec<String>;
     /// Take a snapshot of the store now, verify it, keep the newest few.
     fn backup_now(&self) -> BoxFuture<'static, Result<BackupTaken, String>>;
+    /// A snapshot before an update: [`Maintenance::backup_now`], then a note for root, which
+    /// installs a release in the maintenance window only after one was taken.
+    fn snapshot_for_update(&self) -> BoxFuture<'static, Result<BackupTaken, String>>;
     /// The newest snapshot kept, if any.
     fn last_backup(&self) -> Option<crate::health::diagnostics::Backup>;
     /// The releases on the box as root last saw them, and the update journal's newest events.
@@ -580,7 +583,7 @@ impl Assistant {
                 if let Some(p) = progress {
                     p.show(&t!("upkeep.backup_running"));
                 }
-                if let Err(e) = m.backup_now().await {
+                if let Err(e) = m.snapshot_for_update().await {
                     return Answer::fixed(t!("update.title"), t!("update.no_backup", error = e));
                 }
                 match m.request_update("install") {

@@ -27,14 +27,15 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Why this look is not healthy, or None when it is.
-    pub fn problem(&self) -> Option<String> {
+    /// Why this look is not healthy (a reason code for the chat, and a line), or None when it is.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
         if self.state != "active" {
-            return Some(format!("zhuli.service is {} (result {}), not READY", self.state, self.result));
+            let code = if self.state == "failed" { "agent_failed" } else { "not_ready" };
+            return Some((code, format!("zhuli.service is {} (result {}), not READY", self.state, self.result)));
         }
         match &self.status {
-            Err(why) => Some(format!("the agent does not answer on its status socket: {why}")),
-            Ok(hung) if !hung.is_empty() => Some(format!("the agent's tasks {} hang", hung.join(", "))),
+            Err(why) => Some(("no_status", format!("the agent does not answer on its status socket: {why}"))),
+            Ok(hung) if !hung.is_empty() => Some(("hang", format!("the agent's tasks {} hang", hung.join(", ")))),
             Ok(_) => None,
         }
     }
@@ -51,8 +52,8 @@ impl Probe {
 pub enum Verdict {
     /// Healthy without a break for the whole hold time.
     Good,
-    /// Not healthy in time; why, in one line.
-    Bad(String),
+    /// Not healthy in time: a reason code (see [`Event::code`]) and why, in one line.
+    Bad(&'static str, String),
 }
 
 /// How long the agent must stay healthy, and how long it has to get there.
@@ -71,18 +72,21 @@ pub fn judge(limits: Limits, mut look: impl FnMut(Duration) -> Probe) -> Verdict
     let mut since: Option<Duration> = None;
     let mut restarts: Option<u64> = None;
     let mut last_problem = String::from("the agent was never looked at");
+    let mut last_code = "not_ready";
     loop {
         let probe = look(at);
         let restarted = restarts.is_some_and(|r| probe.restarts > r);
         restarts = Some(probe.restarts);
         match probe.problem() {
-            Some(p) => {
+            Some((code, p)) => {
                 since = None;
                 last_problem = p;
+                last_code = code;
             }
             None if restarted => {
                 since = Some(at);
                 last_problem = format!("zhuli.service restarted ({} restarts since boot)", probe.restarts);
+                last_code = "restarts";
             }
             None => {
                 let start = *since.get_or_insert(at);
@@ -92,14 +96,17 @@ pub fn judge(limits: Limits, mut look: impl FnMut(Duration) -> Probe) -> Verdict
             }
         }
         if probe.hopeless() {
-            return Verdict::Bad(format!("{last_problem}; systemd is not restarting it ({} restarts)", probe.restarts));
+            return Verdict::Bad(
+                "agent_failed",
+                format!("{last_problem}; systemd is not restarting it ({} restarts)", probe.restarts),
+            );
         }
         if at >= limits.within {
             let minutes = limits.within.as_secs().div_ceil(60);
-            return Verdict::Bad(format!(
-                "not healthy for {}s within {minutes} min: {last_problem}",
-                limits.hold.as_secs()
-            ));
+            return Verdict::Bad(
+                last_code,
+                format!("not healthy for {}s within {minutes} min: {last_problem}", limits.hold.as_secs()),
+            );
         }
         at += limits.every;
     }
@@ -111,12 +118,20 @@ pub fn judge(limits: Limits, mut look: impl FnMut(Duration) -> Probe) -> Verdict
 pub struct Event {
     /// Unix milliseconds.
     pub at_ms: i64,
-    /// `installed`, `good`, `bad`, `refused`.
+    /// `available`, `installed`, `good`, `bad`, `refused`, `rollback`, `rollback_refused`,
+    /// `uptodate`, `failed`, `waiting`.
     pub what: String,
     pub version: String,
-    /// Why, for `bad` and `refused`.
+    /// Why, for `bad`, `refused` and `failed`: one line for the journal (English).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub why: String,
+    /// The reason as a code the chat says in the box's language (`unsigned`, `digest`,
+    /// `downgrade`, `not_ready`…); empty when there is none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub code: String,
+    /// For `rollback`: the release the box went back from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub from: String,
 }
 
 /// Where the update journal lives on the box.
@@ -128,8 +143,21 @@ pub fn record(path: &std::path::Path, event: &Event) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    let mut line = serde_json::to_string(event).map_err(std::io::Error::other)?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).read(true).open(path)?;
+    // A line torn by a power cut has no newline: start on a line of our own, or this event
+    // would be glued to it and lost with it.
+    let torn = {
+        use std::io::{Read, Seek, SeekFrom};
+        let len = f.seek(SeekFrom::End(0))?;
+        let mut last = [b'\n'];
+        if len > 0 {
+            f.seek(SeekFrom::Start(len - 1))?;
+            f.read_exact(&mut last)?;
+        }
+        last[0] != b'\n'
+    };
+    let mut line = if torn { String::from("\n") } else { String::new() };
+    line.push_str(&serde_json::to_string(event).map_err(std::io::Error::other)?);
     line.push('\n');
     f.write_all(line.as_bytes())?;
     f.sync_all()
@@ -182,7 +210,8 @@ mod tests {
             activating()
         });
         assert_eq!(last, LIMITS.within);
-        let Verdict::Bad(why) = v else { panic!("{v:?}") };
+        let Verdict::Bad(code, why) = v else { panic!("{v:?}") };
+        assert_eq!(code, "not_ready");
         assert!(why.contains("activating") && why.contains("not READY"), "{why}");
     }
 
@@ -190,14 +219,16 @@ mod tests {
     fn a_restart_breaks_the_streak() {
         // Healthy, but restarted every 50 s: never 60 s in one go.
         let v = judge(LIMITS, |at| healthy(at.as_secs() / 50));
-        let Verdict::Bad(why) = v else { panic!("{v:?}") };
+        let Verdict::Bad(code, why) = v else { panic!("{v:?}") };
+        assert_eq!(code, "restarts");
         assert!(why.contains("restarted"), "{why}");
     }
 
     #[test]
     fn a_hang_is_not_healthy() {
         let v = judge(LIMITS, |_| Probe { status: Ok(vec!["stream".into()]), ..healthy(0) });
-        let Verdict::Bad(why) = v else { panic!("{v:?}") };
+        let Verdict::Bad(code, why) = v else { panic!("{v:?}") };
+        assert_eq!(code, "hang");
         assert!(why.contains("stream") && why.contains("hang"), "{why}");
     }
 
@@ -214,7 +245,8 @@ mod tests {
             }
         });
         assert_eq!(looks, 1);
-        let Verdict::Bad(why) = v else { panic!("{v:?}") };
+        let Verdict::Bad(code, why) = v else { panic!("{v:?}") };
+        assert_eq!(code, "agent_failed");
         assert!(why.contains("not restarting") && why.contains("start-limit-hit"), "{why}");
         // Failed at once, without restarts: the same.
         let v = judge(LIMITS, |_| Probe {
@@ -223,7 +255,7 @@ mod tests {
             restarts: 0,
             status: Err("refused".into()),
         });
-        assert!(matches!(&v, Verdict::Bad(why) if why.contains("exit-code")), "{v:?}");
+        assert!(matches!(&v, Verdict::Bad("agent_failed", why) if why.contains("exit-code")), "{v:?}");
         // Restarting (activating) is worth waiting for.
         let mut looks = 0;
         let _ = judge(LIMITS, |_| {
@@ -237,19 +269,22 @@ mod tests {
     fn the_journal_keeps_events_in_order_and_skips_torn_lines() {
         let dir = std::env::temp_dir().join(format!("zhuli-events-{}-{:x}", std::process::id(), rand::random::<u32>()));
         let path = dir.join("update/events.jsonl");
-        let e = |what: &str, why: &str| Event { at_ms: 1, what: what.into(), version: "1.2.0".into(), why: why.into() };
+        let e = |what: &str, why: &str| Event {
+            at_ms: 1,
+            what: what.into(),
+            version: "1.2.0".into(),
+            why: why.into(),
+            code: String::new(),
+            from: String::new(),
+        };
         record(&path, &e("installed", "")).expect("record");
-        // A power cut in the middle of a line leaves half a line: it is skipped, not fatal.
+        // A power cut in the middle of a line leaves half a line, without its newline: it is
+        // skipped, and the next event is not glued to it.
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"at_ms\":"))
             .expect("torn");
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, b"\n"))
-            .expect("nl");
         record(&path, &e("bad", "never READY")).expect("record");
         assert_eq!(events(&path), vec![e("installed", ""), e("bad", "never READY")]);
         std::fs::remove_dir_all(&dir).expect("clean");

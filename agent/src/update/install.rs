@@ -44,6 +44,24 @@ pub enum InstallError {
         "the {part} written to the inactive slot does not read back as it should (sha256 differs): the disk may be failing; nothing was switched, the running release stays"
     )]
     Verify { part: &'static str },
+    #[error(
+        "release {0} is still on trial (not kept yet); installing another now would remove the last kept release; try again once it is kept"
+    )]
+    OnTrial(Version),
+}
+
+impl InstallError {
+    /// The reason as a code the admin chat says in the box's language (see [`super::news`]).
+    pub fn code(&self) -> &'static str {
+        match self {
+            InstallError::Bundle(b) => b.code(),
+            InstallError::OnTrial(_) => "trial",
+            InstallError::Unpack { .. } => "malformed",
+            InstallError::Gpt(_) | InstallError::Layout(_) | InstallError::Io { .. } | InstallError::Verify { .. } => {
+                "write"
+            }
+        }
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InstallError {
@@ -135,6 +153,11 @@ pub fn install(dir: &Path, target: &Target, mut progress: impl FnMut(String)) ->
     };
     let checked = super::check(dir, target.vendor_key, target.running, room)?;
     let m = &checked.manifest;
+    // The running release on trial: the other slot holds the last kept release, and only that
+    // one can take the box back should the running one be found bad.
+    if on_trial(&linux, target.running)? {
+        return Err(InstallError::OnTrial(target.running.clone()));
+    }
     progress(format!("release {} checked: signed, every sha256 matches, it fits", m.version));
 
     let removed = remove_others(&linux, target.running)?;
@@ -162,7 +185,8 @@ pub fn install(dir: &Path, target: &Target, mut progress: impl FnMut(String)) ->
     table.write(&mut disk)?;
 
     let uki = format!("zhuli_{}+{}.efi", m.version, target.tries);
-    place_uki(&checked.dir.join(&m.uki), &linux, &uki)?;
+    let digest = checked.digest(&m.uki).unwrap_or_default();
+    place_uki(&checked.dir.join(&m.uki), &digest, &linux, &uki)?;
     progress(format!("{uki} is on the ESP: the next boot tries release {} ({} tries)", m.version, target.tries));
     Ok(Installed { version: m.version.clone(), slot: (root.number, verity.number), uki, removed })
 }
@@ -220,6 +244,19 @@ fn others(linux: &Path, running: &Version) -> Result<Vec<PathBuf>, InstallError>
         .collect();
     found.sort();
     Ok(found)
+}
+
+/// Is the running release's kernel image still counting tries (`zhuli_1.4.0+2-1.efi`)?
+fn on_trial(linux: &Path, running: &Version) -> Result<bool, InstallError> {
+    let list = match std::fs::read_dir(linux) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(format!("cannot list {}", linux.display()))(e)),
+    };
+    Ok(list.filter_map(Result::ok).any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        uki_version(&name).is_some_and(|v| &v == running) && super::state::tries_left(&name).is_some()
+    }))
 }
 
 fn remove_others(linux: &Path, running: &Version) -> Result<Vec<String>, InstallError> {
@@ -318,12 +355,25 @@ fn read_back(disk: &mut File, offset: u64, bytes: u64) -> std::io::Result<String
     crate::tools::sha256_of_read(&mut disk.take(bytes))
 }
 
-/// Copy the kernel image under a name the boot loader ignores, flush it, then rename it in.
-fn place_uki(from: &Path, linux: &Path, name: &str) -> Result<(), InstallError> {
+/// Copy the kernel image under a name the boot loader ignores, flush it, read it back and
+/// compare its sha256 with the signed one, then rename it in.
+fn place_uki(from: &Path, sha256: &str, linux: &Path, name: &str) -> Result<(), InstallError> {
     std::fs::create_dir_all(linux).map_err(io(format!("cannot create {}", linux.display())))?;
     let part = linux.join(format!(".{name}.part"));
     std::fs::copy(from, &part).map_err(io(format!("cannot copy the kernel image to {}", linux.display())))?;
     File::open(&part).and_then(|f| f.sync_all()).map_err(io("cannot flush the kernel image"))?;
+    let mut copy = File::open(&part).map_err(io("cannot read back the kernel image"))?;
+    let _ = nix::fcntl::posix_fadvise(
+        std::os::fd::AsFd::as_fd(&copy),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+    let found = crate::tools::sha256_of_read(&mut copy).map_err(io("cannot read back the kernel image"))?;
+    if found != sha256 {
+        let _ = std::fs::remove_file(&part);
+        return Err(InstallError::Verify { part: "kernel image" });
+    }
     std::fs::rename(&part, linux.join(name)).map_err(io("cannot rename the kernel image into place"))?;
     sync_dir(linux)
 }
@@ -384,7 +434,8 @@ mod tests {
             root_file.push_str(".zst");
         }
         std::fs::write(dir.join(format!("zhuli_{version}.verity.raw")), &verity).expect("verity");
-        std::fs::write(dir.join(format!("zhuli_{version}.efi")), b"MZ the new kernel image").expect("uki");
+        std::fs::write(dir.join(format!("zhuli_{version}.efi")), super::super::tests::fake_uki(version, &root_hash))
+            .expect("uki");
         std::fs::write(
             dir.join(super::super::MANIFEST),
             format!(
@@ -526,6 +577,25 @@ mod tests {
         let entries = Gpt::read(&mut File::open(&b.disk).expect("disk"), 512).expect("gpt").entries();
         assert_eq!(entries[3].name, "zhuli-root_empty");
         assert_eq!(b.ukis(), vec!["zhuli_1.0.0.efi".to_owned()]);
+    }
+
+    #[test]
+    fn no_install_while_the_running_release_is_on_trial() {
+        let b = a_box();
+        let dir = tmp("bundle");
+        bundle(&dir, &b.vendor_key, "1.1.0", &[3u8; 4096], false);
+        // 1.0.0 was booted on trial and not judged yet: the other slot holds the last kept one.
+        let linux = b.esp.join("EFI/Linux");
+        std::fs::rename(linux.join("zhuli_1.0.0.efi"), linux.join("zhuli_1.0.0+2-1.efi")).expect("trial");
+        let before = std::fs::read(&b.disk).expect("disk");
+        let e = install(&dir, &b.target(), |_| {}).expect_err("on trial");
+        assert!(matches!(&e, InstallError::OnTrial(v) if v.to_string() == "1.0.0"), "{e}");
+        assert_eq!(e.code(), "trial");
+        assert!(std::fs::read(&b.disk).expect("disk") == before, "the disk was written");
+        assert_eq!(b.ukis(), vec!["zhuli_0.9.0+0-3.efi".to_owned(), "zhuli_1.0.0+2-1.efi".to_owned()]);
+        // Kept: it goes in.
+        std::fs::rename(linux.join("zhuli_1.0.0+2-1.efi"), linux.join("zhuli_1.0.0.efi")).expect("kept");
+        install(&dir, &b.target(), |_| {}).expect("install");
     }
 
     #[test]

@@ -33,6 +33,14 @@ pub const SUMS: &str = "SHA256SUMS";
 pub const SIGNATURE: &str = "SHA256SUMS.sig";
 pub const PRODUCT: &str = "zhuli";
 pub const ARCHITECTURE: &str = "x86-64";
+/// The admin chat's request to root (`install`, `rollback`, `check`), in the agent's state
+/// directory; zhuli-update.path starts zhuli-update.service when it appears.
+pub const REQUEST: &str = "update/request";
+/// When the agent last took a snapshot of the store for an update (Unix ms), in its state
+/// directory: root installs a release in the maintenance window only after one.
+pub const SNAPSHOT_NOTE: &str = "update/snapshot";
+/// The longest version: `zhuli-verity_<version>` fits a partition name (36 characters).
+pub const VERSION_MAX: usize = 36 - "zhuli-verity_".len();
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -70,25 +78,90 @@ pub enum BundleError {
     Same(Version),
     #[error("the {what} is {needed} bytes, more than the {available} bytes its place on this box holds")]
     Space { what: &'static str, needed: u64, available: u64 },
+    #[error("the kernel image {file} does not carry {what} its manifest names: the bundle was put together wrongly")]
+    Kernel { file: String, what: &'static str },
 }
 
-/// One event of the update journal in the box's language, for the admin chat.
+impl BundleError {
+    /// The reason as a code the admin chat says in the box's language (see [`news`]).
+    pub fn code(&self) -> &'static str {
+        match self {
+            BundleError::Missing(_)
+            | BundleError::Unreadable { .. }
+            | BundleError::SumsLine { .. }
+            | BundleError::Name(_)
+            | BundleError::NotListed(_)
+            | BundleError::Manifest(_)
+            | BundleError::Kernel { .. } => "malformed",
+            BundleError::Unsigned => "unsigned",
+            BundleError::Signature(_) => "signature",
+            BundleError::Untrusted { .. } => "untrusted",
+            BundleError::Digest { .. } => "digest",
+            BundleError::Product { .. } | BundleError::Architecture { .. } => "product",
+            BundleError::Downgrade { .. } => "downgrade",
+            BundleError::Same(_) => "same",
+            BundleError::Space { .. } => "space",
+        }
+    }
+}
+
+/// A reason code in the box's language, for the admin chat; None for a code this release does
+/// not know (the journal line is said instead).
+fn reason(code: &str) -> Option<std::borrow::Cow<'static, str>> {
+    Some(match code {
+        "malformed" => t!("update.why_malformed"),
+        "unsigned" => t!("update.why_unsigned"),
+        "signature" => t!("update.why_signature"),
+        "untrusted" => t!("update.why_untrusted"),
+        "digest" => t!("update.why_digest"),
+        "product" => t!("update.why_product"),
+        "downgrade" => t!("update.why_downgrade"),
+        "same" => t!("update.why_same"),
+        "space" => t!("update.why_space"),
+        "trial" => t!("update.why_trial"),
+        "write" => t!("update.why_write"),
+        "network" => t!("update.why_network"),
+        "no_source" => t!("update.why_no_source"),
+        "no_previous" => t!("update.why_no_previous"),
+        "not_ready" => t!("update.why_not_ready"),
+        "agent_failed" => t!("update.why_agent_failed"),
+        "no_status" => t!("update.why_no_status"),
+        "hang" => t!("update.why_hang"),
+        "restarts" => t!("update.why_restarts"),
+        "was_bad" => t!("update.why_was_bad"),
+        "no_snapshot" => t!("update.why_no_snapshot"),
+        _ => return None,
+    })
+}
+
+/// One event of the update journal in the box's language, for the admin chat: the reason said
+/// in that language, the journal's line after it as the detail.
 pub fn news(e: &boot::Event) -> String {
     let v = e.version.as_str();
+    let why = match (reason(&e.code), e.why.is_empty()) {
+        (Some(said), true) => said.into_owned(),
+        (Some(said), false) => t!("update.why_with_detail", reason = said, detail = e.why.as_str()).into_owned(),
+        (None, _) => e.why.clone(),
+    };
+    let why = why.as_str();
     match e.what.as_str() {
         "available" => t!("update.news_available", version = v),
         "installed" => t!("update.news_installed", version = v),
         "good" => t!("update.news_good", version = v),
-        "bad" => t!("update.news_bad", version = v, why = e.why.as_str()),
-        "rollback" => t!("update.news_rollback", version = v, why = e.why.as_str()),
+        "bad" => t!("update.news_bad", version = v, why = why),
+        "rollback" => t!("update.news_rollback", version = v, from = e.from.as_str()),
+        "rollback_refused" => t!("update.news_rollback_refused", why = why),
         "uptodate" => t!("update.news_uptodate", version = v),
-        "failed" => t!("update.news_failed", why = e.why.as_str()),
-        _ => t!("update.news_refused", version = v, why = e.why.as_str()),
+        "failed" => t!("update.news_failed", why = why),
+        "waiting" => t!("update.news_waiting", version = v, why = why),
+        _ => t!("update.news_refused", version = v, why = why),
     }
     .into_owned()
 }
 
-/// A release version: dot-separated numbers (`1.4.0`), compared number by number.
+/// A release version: dot-separated numbers (`1.4.0`), compared number by number; no number
+/// with a leading zero (`1.04` would name the same release as `1.4`), at most [`VERSION_MAX`]
+/// characters (the slot's partition name holds it).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Version(Vec<u64>);
 
@@ -96,10 +169,16 @@ impl std::str::FromStr for Version {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Result<Vec<u64>, _> = s.split('.').map(str::parse::<u64>).collect();
+        let number = |p: &str| {
+            let plain = !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (p == "0" || !p.starts_with('0'));
+            if plain { p.parse::<u64>().ok() } else { None }
+        };
+        let parts: Option<Vec<u64>> = s.split('.').map(number).collect();
         match parts {
-            Ok(p) if (1..=4).contains(&p.len()) => Ok(Version(p)),
-            _ => Err(format!("{s:?} is not a release version (numbers separated by dots, like 1.4.0)")),
+            Some(p) if (1..=4).contains(&p.len()) && s.len() <= VERSION_MAX => Ok(Version(p)),
+            _ => Err(format!(
+                "{s:?} is not a release version (up to four numbers separated by dots, like 1.4.0, no leading zeros, at most {VERSION_MAX} characters)"
+            )),
         }
     }
 }
@@ -157,6 +236,15 @@ pub struct Checked {
     pub manifest: Manifest,
     /// The signer's public key (hex).
     pub signer: String,
+    /// The signed `(sha256, file name)` pairs.
+    pub listed: Vec<(String, String)>,
+}
+
+impl Checked {
+    /// The signed sha256 of a file of the bundle.
+    pub fn digest(&self, name: &str) -> Option<String> {
+        self.listed.iter().find(|(_, n)| n == name).map(|(d, _)| d.clone())
+    }
 }
 
 /// Verify `SHA256SUMS` against its signature and the vendor's key (hex); the signer and the
@@ -240,11 +328,40 @@ pub fn check(dir: &Path, vendor_key: &str, running: &Version, room: Room) -> Res
             return Err(BundleError::Digest { file: name.clone() });
         }
     }
+    // The kernel image must be the one for this root: its command line carries the root hash,
+    // its os-release the version (a mix-up would boot a kernel that looks for another slot).
+    let head = uki_head(&dir.join(&manifest.uki))
+        .map_err(|e| BundleError::Unreadable { what: manifest.uki.clone(), reason: e.to_string() })?;
+    if state::uki_root_hash(&head).as_deref() != Some(manifest.root_hash.as_str()) {
+        return Err(BundleError::Kernel { file: manifest.uki.clone(), what: "the root hash" });
+    }
+    if uki_image_version(&head).as_deref() != Some(manifest.version.to_string().as_str()) {
+        return Err(BundleError::Kernel { file: manifest.uki.clone(), what: "the version" });
+    }
     let uki = std::fs::metadata(dir.join(&manifest.uki)).map(|m| m.len()).unwrap_or_default();
     if uki > room.esp_free {
         return Err(BundleError::Space { what: "kernel image", needed: uki, available: room.esp_free });
     }
-    Ok(Checked { dir: dir.to_owned(), manifest, signer })
+    Ok(Checked { dir: dir.to_owned(), manifest, signer, listed })
+}
+
+/// The first bytes of a kernel image: its os-release and command line sections come before the
+/// kernel and the initrd.
+pub(crate) fn uki_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(path)?.take(4 << 20).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// `IMAGE_VERSION=` in a kernel image's os-release section.
+pub(crate) fn uki_image_version(head: &[u8]) -> Option<String> {
+    memchr::memmem::find_iter(head, b"\nIMAGE_VERSION=").find_map(|at| {
+        let rest = &head[at + 15..];
+        let end = rest.iter().position(|b| matches!(b, b'\n' | b'\0')).unwrap_or(rest.len());
+        let v = String::from_utf8_lossy(&rest[..end]).trim_matches('"').to_owned();
+        v.parse::<Version>().is_ok().then_some(v)
+    })
 }
 
 /// `SHA256SUMS` lines: (digest, file name). `sha256sum`'s text (`  `) and binary (` *`) forms.
@@ -302,7 +419,7 @@ pub fn seal_bundle(dir: &Path, key_text: &str) -> Result<(), BundleError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     struct Bundle {
@@ -318,6 +435,14 @@ mod tests {
     }
 
     const ROOM: Room = Room { root_slot: 1 << 20, verity_slot: 1 << 16, esp_free: 1 << 20 };
+
+    /// A stand-in for a unified kernel image: the sections the checks read, as ukify lays them.
+    pub(crate) fn fake_uki(version: &str, root_hash: &str) -> Vec<u8> {
+        format!(
+            "MZ\0\0PE\0\0.osrel\0ID=debian\nIMAGE_ID=zhuli\nIMAGE_VERSION={version}\n\0.cmdline\0roothash={root_hash} root=/dev/mapper/zhuli-root ro\0.linux\0kernel"
+        )
+        .into_bytes()
+    }
 
     fn manifest(version: &str, product: &str, root_bytes: u64) -> String {
         format!(
@@ -337,7 +462,7 @@ mod tests {
         std::fs::write(dir.join(MANIFEST), manifest(version, "zhuli", 65536)).expect("manifest");
         std::fs::write(dir.join(format!("zhuli_{version}.root.raw")), vec![7u8; 65536]).expect("root");
         std::fs::write(dir.join(format!("zhuli_{version}.verity.raw")), vec![9u8; 4096]).expect("verity");
-        std::fs::write(dir.join(format!("zhuli_{version}.efi")), b"MZ kernel image").expect("uki");
+        std::fs::write(dir.join(format!("zhuli_{version}.efi")), fake_uki(version, &"ab".repeat(32))).expect("uki");
         let (private, public) = sign::keygen_for(Role::Vendor);
         let public = sign::public_key_for(Role::Vendor, &public, "vendor.pub").expect("public key");
         seal_bundle(&dir, &private).expect("signed");
@@ -360,6 +485,13 @@ mod tests {
         assert!(matches!(check(&b.dir, &b.public, &v("1.10"), ROOM), Err(BundleError::Downgrade { .. })));
         assert!(v("1.10") > v("1.9") && v("2") > v("1.99.99"));
         assert!("1.4.0-rc1".parse::<Version>().is_err() && "".parse::<Version>().is_err());
+        // Leading zeros would give one release two names; a version too long for a partition name.
+        assert!(
+            "1.04".parse::<Version>().is_err() && "01".parse::<Version>().is_err() && "+1".parse::<Version>().is_err()
+        );
+        assert!("1.0.10".parse::<Version>().is_ok());
+        assert!("1.999999999999999999.0".parse::<Version>().is_ok());
+        assert!("1.9999999999999999999.0.1".parse::<Version>().is_err());
 
         // Another vendor's key.
         let (_, other) = sign::keygen_for(Role::Vendor);
@@ -384,6 +516,20 @@ mod tests {
         bytes[4000] ^= 1;
         std::fs::write(&root, &bytes).expect("restore");
 
+        // A kernel image of another root, or of another version, signed in the bundle.
+        for (image, what) in [
+            (fake_uki("1.4.0", &"99".repeat(32)), "the root hash"),
+            (fake_uki("1.3.0", &"ab".repeat(32)), "the version"),
+        ] {
+            std::fs::write(b.dir.join("zhuli_1.4.0.efi"), image).expect("uki");
+            seal_bundle(&b.dir, &b.private).expect("signed again");
+            let e = check(&b.dir, &b.public, &v("1.0"), ROOM).expect_err("wrong kernel image");
+            assert!(matches!(&e, BundleError::Kernel { what: w, .. } if *w == what), "{e}");
+        }
+        std::fs::write(b.dir.join("zhuli_1.4.0.efi"), fake_uki("1.4.0", &"ab".repeat(32))).expect("uki");
+        seal_bundle(&b.dir, &b.private).expect("signed again");
+        check(&b.dir, &b.public, &v("1.0"), ROOM).expect("good again");
+
         // The sums changed after signing; the signature removed.
         let sums = std::fs::read_to_string(b.dir.join(SUMS)).expect("sums");
         std::fs::write(b.dir.join(SUMS), sums.replacen('a', "b", 1)).expect("edit");
@@ -391,6 +537,27 @@ mod tests {
         std::fs::write(b.dir.join(SUMS), &sums).expect("restore");
         std::fs::remove_file(b.dir.join(SIGNATURE)).expect("unsign");
         assert!(matches!(check(&b.dir, &b.public, &v("1.0"), ROOM), Err(BundleError::Unsigned)));
+    }
+
+    #[test]
+    fn news_says_the_reason_in_the_box_s_language_with_the_line_as_detail() {
+        let e = boot::Event {
+            at_ms: 1,
+            what: "refused".into(),
+            version: "1.3.0".into(),
+            why: "the bundle is not signed (SHA256SUMS.sig is missing)".into(),
+            code: "unsigned".into(),
+            from: String::new(),
+        };
+        crate::i18n::Language::ZhCn.apply();
+        let said = news(&e);
+        assert!(said.contains("1.3.0") && said.contains("更新包没有签名") && said.contains("SHA256SUMS.sig"), "{said}");
+        // A code this release does not know: the line itself.
+        let said = news(&boot::Event { code: "from_the_future".into(), ..e.clone() });
+        assert!(said.contains("SHA256SUMS.sig is missing") && !said.contains("详情"), "{said}");
+        let back = boot::Event { what: "rollback".into(), version: "1.1.0".into(), from: "1.2.0".into(), ..e };
+        let said = news(&back);
+        assert!(said.contains("1.2.0") && said.contains("1.1.0") && said.contains("回退"), "{said}");
     }
 
     #[test]

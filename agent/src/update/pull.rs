@@ -17,6 +17,10 @@ use serde::Deserialize;
 use super::{BundleError, MANIFEST, SIGNATURE, SUMS, Version};
 use crate::dingtalk::http::{HttpClient, HttpError};
 
+/// The longest a new release may take to become healthy: the boot check's unit gives itself
+/// 15 minutes (`TimeoutStartSec`), and must end by its own verdict before that.
+pub const HEALTHY_WITHIN_MAX_S: u64 = 840;
+
 /// `[update]` of the configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -173,6 +177,36 @@ pub enum PullError {
     Io { what: String, source: std::io::Error },
     #[error("{0}")]
     Refused(String),
+    #[error(
+        "{url} answered a part that does not start where the download stopped ({range:?}); the download starts over at the next try"
+    )]
+    Range { url: String, range: String },
+    #[error(
+        "{name} needs {need_mib} MiB on /var, but only {free_mib} MiB are free; free space on the box (old snapshots can go once copied off), then try again"
+    )]
+    Space { name: String, need_mib: u64, free_mib: u64 },
+}
+
+impl PullError {
+    /// The reason as a code the admin chat says in the box's language (see [`super::news`]).
+    pub fn code(&self) -> &'static str {
+        match self {
+            PullError::Bundle(b) => b.code(),
+            PullError::Damaged { .. } => "digest",
+            PullError::Space { .. } => "space",
+            PullError::Refused(_) => "malformed",
+            PullError::Io { .. } => "write",
+            PullError::Http(_) | PullError::Status { .. } | PullError::Stalled { .. } | PullError::Range { .. } => {
+                "network"
+            }
+        }
+    }
+
+    /// A refusal of the release itself (told to the admins at once), not a hiccup on the way
+    /// (tried again next hour).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, PullError::Bundle(_) | PullError::Damaged { .. } | PullError::Refused(_))
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PullError {
@@ -189,8 +223,22 @@ pub enum Found {
     Fetched { version: Version, dir: PathBuf },
 }
 
-/// Files larger than this are refused (the root image, unpacked, is under 1 GiB).
-const MAX_FILE: u64 = 4 << 30;
+/// The most a file of the bundle may weigh: a part no more than its unpacked bytes and zstd's
+/// worst case over them, the kernel image no more than the ESP holds, anything else 1 MiB.
+fn most(manifest: &super::Manifest, name: &str) -> u64 {
+    let part = |bytes: u64| bytes + bytes / 64 + (1 << 20);
+    if name == manifest.root.file {
+        part(manifest.root.bytes)
+    } else if name == manifest.verity.file {
+        part(manifest.verity.bytes)
+    } else if name == manifest.uki {
+        256 << 20
+    } else {
+        1 << 20
+    }
+}
+/// Room left free on /var whatever a download needs.
+const RESERVE: u64 = 64 << 20;
 /// A download that receives nothing for this long is stopped (and resumed at the next try).
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -210,7 +258,7 @@ pub async fn fetch(
         async move {
             let r = client.get(&url, 256 * 1024).await?;
             if !r.status.is_success() {
-                return Err(PullError::Status { url, status: r.status.as_u16() });
+                return Err(PullError::Status { url: crate::dingtalk::http::redact(&url), status: r.status.as_u16() });
             }
             Ok(r.body.to_vec())
         }
@@ -226,11 +274,7 @@ pub async fn fetch(
     if Some(crate::tools::sha256_hex(&manifest_bytes)) != signed(MANIFEST) {
         return Err(BundleError::Digest { file: MANIFEST.to_owned() }.into());
     }
-    #[derive(Deserialize)]
-    struct Head {
-        version: Version,
-    }
-    let head: Head = toml::from_str(&String::from_utf8_lossy(&manifest_bytes))
+    let head: super::Manifest = toml::from_str(&String::from_utf8_lossy(&manifest_bytes))
         .map_err(|e| BundleError::Manifest(e.message().to_owned()))?;
     match head.version.cmp(running) {
         std::cmp::Ordering::Equal => return Ok(Found::UpToDate(head.version)),
@@ -256,7 +300,7 @@ pub async fn fetch(
             continue;
         }
         progress(format!("fetching {name}"));
-        download(client, &format!("{base}{name}"), &path, digest).await?;
+        download(client, &format!("{base}{name}"), &path, digest, most(&head, name)).await?;
     }
     progress(format!("release {} fetched whole into {}", head.version, dir.display()));
     Ok(Found::Fetched { version: head.version, dir })
@@ -267,8 +311,9 @@ fn sha256_file(path: &Path) -> Result<String, PullError> {
     crate::tools::sha256_of_read(&mut f).map_err(io(format!("cannot read {}", path.display())))
 }
 
-/// Fetch `url` into `path` through `path.part`, resuming where an earlier try stopped.
-async fn download(client: &HttpClient, url: &str, path: &Path, digest: &str) -> Result<(), PullError> {
+/// Fetch `url` into `path` through `path.part`, resuming where an earlier try stopped; at most
+/// `max` bytes, and only when /var has room for them.
+async fn download(client: &HttpClient, url: &str, path: &Path, digest: &str, max: u64) -> Result<(), PullError> {
     use http_body_util::BodyExt;
     use std::io::Write;
     let part =
@@ -278,12 +323,40 @@ async fn download(client: &HttpClient, url: &str, path: &Path, digest: &str) -> 
     let headers: Vec<(&str, &str)> = if have > 0 { vec![("range", range.as_str())] } else { vec![] };
     let resp = client.get_streaming(url, &headers).await?;
     let status = resp.status().as_u16();
+    let shown = crate::dingtalk::http::redact(url);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if status == 206 {
+        // The part must continue ours, not be any part the server chose.
+        let range = resp.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if !range.starts_with(&format!("bytes {have}-")) {
+            let _ = std::fs::remove_file(&part);
+            return Err(PullError::Range { url: shown, range: range.to_owned() });
+        }
+    }
+    let coming = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if let Some(dir) = part.parent()
+        && let Ok(s) = nix::sys::statvfs::statvfs(dir)
+    {
+        let free = s.blocks_available() * s.fragment_size();
+        if coming + RESERVE > free {
+            return Err(PullError::Space {
+                name,
+                need_mib: (coming + RESERVE).div_ceil(1 << 20),
+                free_mib: free >> 20,
+            });
+        }
+    }
     let mut file = match status {
         206 => std::fs::OpenOptions::new().append(true).open(&part),
         200 => std::fs::File::create(&part),
         // Nothing left to send: the part is whole (its sha256 decides).
         416 if have > 0 => std::fs::OpenOptions::new().append(true).open(&part),
-        _ => return Err(PullError::Status { url: crate::dingtalk::http::redact(url), status }),
+        _ => return Err(PullError::Status { url: shown, status }),
     }
     .map_err(io(format!("cannot write {}", part.display())))?;
     let mut got = if status == 206 || status == 416 { have } else { 0 };
@@ -292,18 +365,18 @@ async fn download(client: &HttpClient, url: &str, path: &Path, digest: &str) -> 
         loop {
             let frame = tokio::time::timeout(IDLE, body.frame())
                 .await
-                .map_err(|_| PullError::Stalled { url: crate::dingtalk::http::redact(url), idle_s: IDLE.as_secs() })?;
+                .map_err(|_| PullError::Stalled { url: shown.clone(), idle_s: IDLE.as_secs() })?;
             let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| HttpError::Transport {
-                url: crate::dingtalk::http::redact(url),
+                url: shown.clone(),
                 reason: crate::dingtalk::http::error_chain(&e),
             })?;
             if let Ok(data) = frame.into_data() {
                 got += data.len() as u64;
-                if got > MAX_FILE {
+                if got > max {
                     let _ = std::fs::remove_file(&part);
                     return Err(PullError::Refused(format!(
-                        "{url} is larger than {MAX_FILE} bytes: not a release file"
+                        "{shown} is larger than the {max} bytes its manifest allows: not this release's file"
                     )));
                 }
                 file.write_all(&data).map_err(io(format!("cannot write {}", part.display())))?;
@@ -314,7 +387,6 @@ async fn download(client: &HttpClient, url: &str, path: &Path, digest: &str) -> 
     drop(file);
     if sha256_file(&part)? != digest {
         let _ = std::fs::remove_file(&part);
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         return Err(PullError::Damaged { name });
     }
     std::fs::rename(&part, path).map_err(io(format!("cannot rename {}", part.display())))
@@ -379,7 +451,11 @@ mod tests {
         let verity = vec![3u8; 4096];
         std::fs::write(dir.join(format!("zhuli_{version}.root.raw")), &root).expect("root");
         std::fs::write(dir.join(format!("zhuli_{version}.verity.raw")), &verity).expect("verity");
-        std::fs::write(dir.join(format!("zhuli_{version}.efi")), b"MZ kernel image").expect("uki");
+        std::fs::write(
+            dir.join(format!("zhuli_{version}.efi")),
+            super::super::tests::fake_uki(version, &"a".repeat(64)),
+        )
+        .expect("uki");
         std::fs::write(
             dir.join(MANIFEST),
             format!(
@@ -399,17 +475,24 @@ mod tests {
 
     /// Serve `folder` on loopback; the first GET of a `.root.raw` file without a range stops
     /// half-way (the connection breaks), as a flaky network does.
-    async fn server(
-        folder: std::sync::Arc<std::sync::Mutex<PathBuf>>,
-    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    /// What the test server does: count range requests, break the next plain download of a
+    /// root half-way, answer a range request with the whole file as if it were the part.
+    #[derive(Clone, Default)]
+    struct Controls {
+        ranges: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        lie: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    async fn server(folder: std::sync::Arc<std::sync::Mutex<PathBuf>>) -> (String, Controls) {
+        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}/", listener.local_addr().expect("addr"));
-        let cut = std::sync::Arc::new(AtomicBool::new(true));
-        let ranges = std::sync::Arc::new(AtomicUsize::new(0));
-        let seen = ranges.clone();
+        let controls = Controls::default();
+        controls.cut.store(true, Ordering::SeqCst);
+        let seen = controls.clone();
         crate::sim_http::spawn(listener, tokio_util::sync::CancellationToken::new(), move |req| {
-            let (folder, cut, ranges) = (folder.clone(), cut.clone(), ranges.clone());
+            let (folder, c) = (folder.clone(), controls.clone());
             async move {
                 type Chunk = Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>;
                 // Each piece after a moment, so that the first is on the wire before a break.
@@ -423,17 +506,26 @@ mod tests {
                 let respond = |status: u16, chunks: Vec<Chunk>| {
                     http::Response::builder().status(status).body(body(chunks)).expect("response")
                 };
+                let partial = |range: String, chunks: Vec<Chunk>| {
+                    http::Response::builder()
+                        .status(206)
+                        .header("content-range", range)
+                        .body(body(chunks))
+                        .expect("response")
+                };
                 let name = req.uri().path().trim_start_matches('/').to_owned();
                 let dir = folder.lock().expect("folder").clone();
                 let Ok(all) = std::fs::read(dir.join(&name)) else { return respond(404, vec![]) };
                 let frame = |b: &[u8]| Ok(hyper::body::Frame::data(bytes::Bytes::copy_from_slice(b)));
                 match req.headers().get("range").and_then(|v| v.to_str().ok()) {
                     Some(r) => {
-                        ranges.fetch_add(1, Ordering::SeqCst);
+                        c.ranges.fetch_add(1, Ordering::SeqCst);
                         let from: usize = r.trim_start_matches("bytes=").trim_end_matches('-').parse().expect("range");
-                        respond(206, vec![frame(&all[from..])])
+                        let from = if c.lie.load(Ordering::SeqCst) { 0 } else { from };
+                        let range = format!("bytes {from}-{}/{}", all.len() - 1, all.len());
+                        partial(range, vec![frame(&all[from..])])
                     }
-                    None if name.ends_with(".root.raw") && cut.swap(false, Ordering::SeqCst) => {
+                    None if name.ends_with(".root.raw") && c.cut.swap(false, Ordering::SeqCst) => {
                         let half = all.len() / 2;
                         respond(200, vec![frame(&all[..half]), Err(std::io::Error::other("cable pulled"))])
                     }
@@ -452,7 +544,8 @@ mod tests {
         let vendor = sign::public_key_for(Role::Vendor, &public, "vendor.pub").expect("pub");
         let root = bundle(&base.join("n1"), &key, "1.1.0");
         let folder = std::sync::Arc::new(std::sync::Mutex::new(base.join("n1")));
-        let (url, ranges) = server(folder.clone()).await;
+        let (url, controls) = server(folder.clone()).await;
+        let ranges = controls.ranges.clone();
         let client = HttpClient::new(crate::dingtalk::http::tls_config(), Duration::from_secs(10));
         let downloads = base.join("download");
         let running: Version = "1.0.0".parse().expect("v");
@@ -491,7 +584,9 @@ mod tests {
         // One byte of the kernel image changed after signing: arrives damaged, is not kept.
         let tampered = base.join("tampered");
         bundle(&tampered, &key, "1.3.0");
-        std::fs::write(tampered.join("zhuli_1.3.0.efi"), b"MZ kernel imagf").expect("tamper");
+        let mut uki = std::fs::read(tampered.join("zhuli_1.3.0.efi")).expect("uki");
+        *uki.last_mut().expect("byte") ^= 1;
+        std::fs::write(tampered.join("zhuli_1.3.0.efi"), uki).expect("tamper");
         *folder.lock().expect("folder") = tampered;
         let e = fetch_now().await.expect_err("damaged");
         assert!(matches!(&e, PullError::Damaged { name } if name == "zhuli_1.3.0.efi"), "{e}");
@@ -505,6 +600,35 @@ mod tests {
         *folder.lock().expect("folder") = foreign;
         let e = fetch_now().await.expect_err("foreign");
         assert!(matches!(e, PullError::Bundle(BundleError::Untrusted { .. })), "{e}");
+
+        // Broken half-way, then a server that answers the resumption with another part: the
+        // part is dropped (never glued on), and the next try starts over and gets it whole.
+        let next = base.join("n5");
+        let root = bundle(&next, &key, "1.5.0");
+        *folder.lock().expect("folder") = next;
+        controls.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        controls.lie.store(true, std::sync::atomic::Ordering::SeqCst);
+        fetch_now().await.expect_err("cut");
+        let e = fetch_now().await.expect_err("another part");
+        assert!(matches!(&e, PullError::Range { range, .. } if range.starts_with("bytes 0-")), "{e}");
+        assert_eq!(e.code(), "network");
+        assert!(!downloads.join("1.5.0/zhuli_1.5.0.root.raw.part").exists());
+        let Found::Fetched { dir, .. } = fetch_now().await.expect("whole") else { panic!("not fetched") };
+        assert_eq!(std::fs::read(dir.join("zhuli_1.5.0.root.raw")).expect("root"), root);
+
+        // A file larger than its manifest allows is not taken in whole (the root's bound is
+        // its unpacked bytes and zstd's worst case).
+        let fat = base.join("n6");
+        bundle(&fat, &key, "1.6.0");
+        let m = std::fs::read_to_string(fat.join(MANIFEST)).expect("manifest");
+        std::fs::write(fat.join(MANIFEST), m.replacen("bytes = 4096", "bytes = 16", 1)).expect("edit");
+        std::fs::write(fat.join("zhuli_1.6.0.verity.raw"), vec![3u8; 2 << 20]).expect("fat");
+        super::super::seal_bundle(&fat, &key).expect("sign");
+        *folder.lock().expect("folder") = fat;
+        let e = fetch_now().await.expect_err("too big");
+        assert!(matches!(&e, PullError::Refused(m) if m.contains("larger than")), "{e}");
+        assert!(e.is_refusal());
+        assert!(!downloads.join("1.6.0/zhuli_1.6.0.verity.raw.part").exists());
         std::fs::remove_dir_all(&base).expect("clean");
     }
 }

@@ -74,14 +74,6 @@ pub fn uki_root_hash(image: &[u8]) -> Option<String> {
     })
 }
 
-/// The first bytes of a kernel image: its command line section comes before kernel and initrd.
-fn head_of(path: &Path) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut head = Vec::new();
-    std::fs::File::open(path).ok()?.take(4 << 20).read_to_end(&mut head).ok()?;
-    Some(head)
-}
-
 /// Look at the ESP's kernel images and the partition table.
 pub fn survey(esp: &Path, entries: &[Entry], running: &str, now_ms: i64) -> Survey {
     let linux = esp.join("EFI/Linux");
@@ -98,7 +90,7 @@ pub fn survey(esp: &Path, entries: &[Entry], running: &str, now_ms: i64) -> Surv
                 Some(0) => "bad",
                 Some(_) => "trial",
             };
-            let slot_present = head_of(&e.path()).and_then(|b| uki_root_hash(&b)).is_some_and(|h| {
+            let slot_present = super::uki_head(&e.path()).ok().and_then(|b| uki_root_hash(&b)).is_some_and(|h| {
                 let (root, verity) = gpt::slot_uuids(&h);
                 entries.iter().any(|e| e.uuid == root) && entries.iter().any(|e| e.uuid == verity)
             });
