@@ -371,6 +371,10 @@ enum StoreCommand {
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
     },
+    /// Print the store schema this release writes and the oldest schema that still reads it, as
+    /// os-release lines (the image build puts them into each kernel image, so an update can
+    /// check that the release before runs on the store the new one leaves).
+    Schema,
 }
 
 /// The store file and its key, as the agent would find them.
@@ -509,6 +513,10 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 sim.shutdown().await;
                 anyhow::Ok(())
             })?;
+        }
+        Command::Store { command: StoreCommand::Schema } => {
+            println!("ZHULI_STORE_SCHEMA={}", zhuli::store::SCHEMA_VERSION);
+            println!("ZHULI_STORE_OLDEST_READER={}", zhuli::store::OLDEST_READER);
         }
         Command::Store { command: StoreCommand::NewKey { path } } => {
             StoreKey::generate().write_new(&path)?;

@@ -193,11 +193,8 @@ async fn the_image_updates_itself_and_falls_back() {
     bytes[middle] ^= 0x01;
     std::fs::write(tampered.join(&uki), bytes).expect("one byte changed");
     // Each reason said in Chinese first, the journal's line after it.
-    for (folder, why) in [
-        (&unsigned, "更新包没有签名"),
-        (&base, "设备不会通过更新降级"),
-        (&tampered, "校验和不符"),
-    ] {
+    for (folder, why) in [(&unsigned, "更新包没有签名"), (&base, "设备不会通过更新降级"), (&tampered, "校验和不符")]
+    {
         publish(folder);
         let before = news_count(&sim, "更新被拒绝");
         let (said, _) = ask(&sim, "/更新 安装").await;

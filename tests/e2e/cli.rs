@@ -375,7 +375,7 @@ fn update_bundles_are_signed_by_the_vendor_and_checked_before_anything_is_writte
     std::fs::write(bundle.join("zhuli_1.4.0.verity.raw"), vec![2u8; 4096]).expect("verity");
     // A stand-in kernel image with the sections the check reads: os-release and command line.
     let uki = format!(
-        "MZ\0.osrel\0IMAGE_ID=zhuli\nIMAGE_VERSION=1.4.0\n\0.cmdline\0roothash={} root=/dev/mapper/zhuli-root ro\0",
+        "MZ\0.osrel\0IMAGE_ID=zhuli\nIMAGE_VERSION=1.4.0\nZHULI_STORE_SCHEMA=4\nZHULI_STORE_OLDEST_READER=4\n\0.cmdline\0roothash={} root=/dev/mapper/zhuli-root ro\0",
         "cd".repeat(32)
     );
     std::fs::write(bundle.join("zhuli_1.4.0.efi"), uki).expect("uki");

@@ -293,6 +293,8 @@ fn authenticate(txn: &redb::ReadTransaction, sealer: &Sealer, path: &Path) -> Re
 struct Checked {
     db: super::ReadView,
     version: u32,
+    /// The oldest schema that reads it.
+    oldest: u32,
     store_id: Option<String>,
 }
 
@@ -300,7 +302,7 @@ struct Checked {
 fn open_checked(file: &Path, key: &StoreKey) -> Result<Checked, BackupError> {
     let sealer = Sealer::new(key);
     let db = super::open_unwritten(file)?;
-    let (version, store_id) = {
+    let (version, oldest, store_id) = {
         let txn = db.begin_read().map_err(|e| BackupError::Store(db_err(file, e)))?;
         let meta = txn.open_table(META).map_err(|e| BackupError::Store(db_err(file, e)))?;
         match check_key(file, &sealer, &meta) {
@@ -310,6 +312,7 @@ fn open_checked(file: &Path, key: &StoreKey) -> Result<Checked, BackupError> {
         }
         let raw = read_meta(file, &sealer, &meta, "schema_version")?;
         let version = u32::from_be_bytes(raw.try_into().map_err(|_| super::decode(file, "meta"))?);
+        let oldest = super::oldest_reader(file, &sealer, &meta, version)?;
         let id = match meta.get("store_id").map_err(|e| BackupError::Store(db_err(file, e)))? {
             None => None,
             Some(_) => {
@@ -317,9 +320,9 @@ fn open_checked(file: &Path, key: &StoreKey) -> Result<Checked, BackupError> {
                 Some(String::from_utf8(raw).map_err(|_| super::decode(file, "meta"))?)
             }
         };
-        (version, id)
+        (version, oldest, id)
     };
-    Ok(Checked { db, version, store_id })
+    Ok(Checked { db, version, oldest, store_id })
 }
 
 /// The backup counter as kept in [`COUNTER`].
@@ -450,7 +453,7 @@ pub fn verify(snapshot: &Path, key: &StoreKey) -> Result<Verified, BackupError> 
         return Err(BackupError::Checksum(snapshot.to_owned()));
     }
     let checked = open_checked(&file, key)?;
-    if checked.version > SCHEMA_VERSION {
+    if !super::readable(SCHEMA_VERSION, checked.version, checked.oldest) {
         return Err(StoreError::Newer { path: file, found: checked.version }.into());
     }
     if let Some(m) = &manifest {

@@ -36,6 +36,25 @@ use seal::{SealError, Sealer};
 ///    `conversations` (both sealed), so a rekey can re-hash them under a new index secret.
 pub const SCHEMA_VERSION: u32 = 4;
 
+/// The oldest schema whose builds can still run on a store this build wrote: what the release
+/// before can do after a fallback. Each schema step says how far back it reads:
+/// 2 (a new meta record) read back to 1; 3 (a new field in outbox entries) and 4 (a new index of
+/// history) only to themselves.
+///
+/// The rule of releases (docs/UPDATES.md, "Schema and data"): a release may raise this at most to
+/// the schema of the release before it, so that release still runs on the store after a
+/// fallback. A change older builds cannot read waits one release: first a release that reads
+/// both forms, then one that writes the new. An update is refused when the new release's
+/// oldest reader is newer than the running release's schema (`update::check`).
+pub const OLDEST_READER: u32 = 4;
+
+/// Can a build of schema `ours` run on a store of schema `found` whose oldest reader is
+/// `oldest`? Older stores are migrated; newer ones only when they say this build still reads
+/// them.
+pub fn readable(ours: u32, found: u32, oldest: u32) -> bool {
+    found <= ours || oldest <= ours
+}
+
 pub(crate) type Hashed = [u8; 16];
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -68,7 +87,7 @@ pub enum StoreError {
     )]
     NoKeyCheck(PathBuf),
     #[error(
-        "{path} has store schema {found}, newer than this zhuli understands ({SCHEMA_VERSION}); run a newer zhuli or restore an older backup"
+        "{path} has store schema {found}, written by a newer release that changed it beyond what this one ({SCHEMA_VERSION}) reads; run a newer zhuli, or restore the snapshot taken before the update (zhuli backup restore)"
     )]
     Newer { path: PathBuf, found: u32 },
     #[error("store {path}: {reason}")]
@@ -332,8 +351,17 @@ impl Store {
                 check_key(path, &sealer, &meta)?;
                 let version = read_meta(path, &sealer, &meta, "schema_version")?;
                 let version = u32::from_be_bytes(version.try_into().map_err(|_| decode(path, "meta"))?);
-                if version > SCHEMA_VERSION {
+                let oldest = oldest_reader(path, &sealer, &meta, version)?;
+                if !readable(SCHEMA_VERSION, version, oldest) {
                     return Err(StoreError::Newer { path: path.to_owned(), found: version });
+                }
+                if version > SCHEMA_VERSION {
+                    // A newer release wrote it and said this one still runs on it (a fallback):
+                    // what it added is left as it is, and the schema stays the newer one's.
+                    log::info!(
+                        "store {} has schema {version} from a newer release, which this release ({SCHEMA_VERSION}) reads: running on it unchanged",
+                        path.display()
+                    );
                 }
                 if version < SCHEMA_VERSION {
                     migrate(path, &sealer, &txn, &mut meta, version)?;
@@ -562,6 +590,16 @@ impl Store {
         let sealed = |source| StoreError::Sealed { path: path.clone(), source };
         let mut report = RekeyReport::default();
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
+        {
+            // Tables a newer release added are unknown here and would be left under the old
+            // key: such a store is re-keyed by that release.
+            let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let raw = read_meta(path, &self.sealer, &meta, "schema_version")?;
+            let version = u32::from_be_bytes(raw.try_into().map_err(|_| decode(path, "meta"))?);
+            if version > SCHEMA_VERSION {
+                return Err(StoreError::Newer { path: path.clone(), found: version });
+            }
+        }
         {
             let reseal = |table: &'static str, aad: &[u8], v: &[u8]| -> Result<Vec<u8>, StoreError> {
                 let plain = zeroize::Zeroizing::new(self.sealer.open(table, aad, v).map_err(sealed)?);
@@ -985,7 +1023,24 @@ fn migrate(
     }
     meta.insert("schema_version", sealer.seal("meta", b"schema_version", &SCHEMA_VERSION.to_be_bytes()).as_slice())
         .map_err(|e| db_err(path, e))?;
+    meta.insert("oldest_reader", sealer.seal("meta", b"oldest_reader", &OLDEST_READER.to_be_bytes()).as_slice())
+        .map_err(|e| db_err(path, e))?;
     Ok(())
+}
+
+/// The oldest schema that reads this store (`oldest_reader` in meta); stores written before it
+/// was kept are read only by their own schema and newer.
+pub(crate) fn oldest_reader(
+    path: &Path,
+    sealer: &Sealer,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    version: u32,
+) -> Result<u32, StoreError> {
+    if meta.get("oldest_reader").map_err(|e| db_err(path, e))?.is_none() {
+        return Ok(version);
+    }
+    let raw = read_meta(path, sealer, meta, "oldest_reader")?;
+    Ok(u32::from_be_bytes(raw.try_into().map_err(|_| decode(path, "meta"))?))
 }
 
 /// Every handle on the store file uses redb's single-writer mode: one agent writes while
@@ -1045,7 +1100,16 @@ fn check_key_unwritten(path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
         Err(redb::TableError::TableDoesNotExist(_)) => return Err(StoreError::NotAStore(path.to_owned())),
         Err(e) => return Err(db_err(path, e)),
     };
-    check_key(path, sealer, &meta)
+    check_key(path, sealer, &meta)?;
+    // A store this build cannot run on is refused before the file is written, too.
+    if meta.get("schema_version").map_err(|e| db_err(path, e))?.is_some() {
+        let raw = read_meta(path, sealer, &meta, "schema_version")?;
+        let version = u32::from_be_bytes(raw.try_into().map_err(|_| decode(path, "meta"))?);
+        if !readable(SCHEMA_VERSION, version, oldest_reader(path, sealer, &meta, version)?) {
+            return Err(StoreError::Newer { path: path.to_owned(), found: version });
+        }
+    }
+    Ok(())
 }
 
 /// The keyed hash that stands for `id` as a redb key: HMAC-SHA256 under the index secret,

@@ -107,20 +107,90 @@ fn a_store_without_its_key_check_is_refused_and_left_alone() {
     }
 }
 
+/// Mark the store at `path` as a newer release would leave it: schema `version`, readable back to
+/// `oldest`, with a table of its own this build does not know.
+fn as_a_newer_release_left_it(path: &Path, key: &StoreKey, version: u32, oldest: u32) {
+    let db = Database::create(path).expect("raw open");
+    let txn = db.begin_write().expect("txn");
+    {
+        let sealer = Sealer::new(key);
+        let mut meta = txn.open_table(META).expect("meta");
+        meta.insert("schema_version", sealer.seal("meta", b"schema_version", &version.to_be_bytes()).as_slice())
+            .expect("insert");
+        meta.insert("oldest_reader", sealer.seal("meta", b"oldest_reader", &oldest.to_be_bytes()).as_slice())
+            .expect("insert");
+        let future: TableDefinition<u64, &[u8]> = TableDefinition::new("reminders");
+        txn.open_table(future)
+            .expect("table")
+            .insert(1, sealer.seal("reminders", b"1", b"at 9").as_slice())
+            .expect("row");
+    }
+    txn.commit().expect("commit");
+}
+
+fn schema_of(path: &Path, key: &StoreKey) -> (u32, u32) {
+    let db = Database::create(path).expect("raw open");
+    let txn = db.begin_read().expect("txn");
+    let meta = txn.open_table(META).expect("meta");
+    let sealer = Sealer::new(key);
+    let raw = read_meta(path, &sealer, &meta, "schema_version").expect("schema");
+    let version = u32::from_be_bytes(raw.try_into().expect("u32"));
+    (version, oldest_reader(path, &sealer, &meta, version).expect("oldest"))
+}
+
 #[test]
-fn newer_schema_is_refused() {
+fn a_store_a_newer_release_changed_beyond_this_one_is_refused_untouched() {
     let t = TempStore::new();
     let key = StoreKey::generate();
     drop(Store::open(&t.path(), &key, Retention::default()).expect("create"));
-    {
-        let db = Database::create(t.path()).expect("raw open");
-        let txn = db.begin_write().expect("txn");
-        let sealed = Sealer::new(&key).seal("meta", b"schema_version", &(SCHEMA_VERSION + 1).to_be_bytes());
-        txn.open_table(META).expect("meta").insert("schema_version", sealed.as_slice()).expect("insert");
-        txn.commit().expect("commit");
-    }
+    as_a_newer_release_left_it(&t.path(), &key, SCHEMA_VERSION + 1, SCHEMA_VERSION + 1);
+    let before = std::fs::read(t.path()).expect("read");
     let e = Store::open(&t.path(), &key, Retention::default()).err().expect("newer refused");
     assert!(matches!(e, StoreError::Newer { found, .. } if found == SCHEMA_VERSION + 1), "{e}");
+    assert!(e.to_string().contains("restore the snapshot taken before the update"), "{e}");
+    assert!(std::fs::read(t.path()).expect("read") == before, "the file is untouched");
+}
+
+/// The release before an update runs on the store the update left, when the update kept to the
+/// rule (its oldest reader no newer than the release before): a fallback loses nothing.
+#[test]
+fn the_release_before_runs_on_a_store_a_newer_release_wrote_within_the_rule() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("create");
+        s.accept_batch(&[(&message("m1", "first"), true)], 1).expect("accept");
+        s.set_setting("language", "zh-CN").expect("setting");
+    }
+    as_a_newer_release_left_it(&t.path(), &key, SCHEMA_VERSION + 1, OLDEST_READER);
+    {
+        let s = Store::open(&t.path(), &key, Retention::default()).expect("this release reads it");
+        assert_eq!(s.setting("language").expect("read").as_deref(), Some("zh-CN"));
+        s.set_setting("language", "en").expect("and writes it");
+        s.accept_batch(&[(&message("m2", "second"), true)], 2).expect("accept");
+    }
+    // Left as the newer release wrote it: its schema, its reach and its own table.
+    assert_eq!(schema_of(&t.path(), &key), (SCHEMA_VERSION + 1, OLDEST_READER));
+    let db = Database::create(t.path()).expect("raw open");
+    let txn = db.begin_read().expect("txn");
+    let future: TableDefinition<u64, &[u8]> = TableDefinition::new("reminders");
+    let row = txn.open_table(future).expect("table").get(1).expect("get").map(|v| v.value().to_vec());
+    assert_eq!(
+        Sealer::new(&key).open("reminders", b"1", &row.expect("the newer table is kept")).expect("open"),
+        b"at 9"
+    );
+    drop(txn);
+    drop(db);
+    // Its rekey is the newer release's to do: tables this one does not know would keep the old key.
+    let s = Store::open(&t.path(), &key, Retention::default()).expect("open");
+    let e = s.rekey(&StoreKey::generate()).err().expect("rekey refused");
+    assert!(matches!(e, StoreError::Newer { .. }), "{e}");
+    // A store this build writes says how far back it reads.
+    let fresh = TempStore::new();
+    drop(Store::open(&fresh.path(), &key, Retention::default()).expect("create"));
+    assert_eq!(schema_of(&fresh.path(), &key), (SCHEMA_VERSION, OLDEST_READER));
+    assert!(OLDEST_READER <= SCHEMA_VERSION);
+    assert!(readable(4, 5, 4) && readable(4, 3, 3) && !readable(4, 5, 5));
 }
 
 #[test]

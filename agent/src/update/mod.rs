@@ -80,6 +80,10 @@ pub enum BundleError {
     Space { what: &'static str, needed: u64, available: u64 },
     #[error("the kernel image {file} does not carry {what} its manifest names: the bundle was put together wrongly")]
     Kernel { file: String, what: &'static str },
+    #[error(
+        "release {offered} changes the store so that only schema {needs} and newer read it, but the running release reads up to schema {running}: a fallback could not run on it; install the release in between first"
+    )]
+    Store { offered: Version, needs: u32, running: u32 },
 }
 
 impl BundleError {
@@ -101,6 +105,7 @@ impl BundleError {
             BundleError::Downgrade { .. } => "downgrade",
             BundleError::Same(_) => "same",
             BundleError::Space { .. } => "space",
+            BundleError::Store { .. } => "schema",
         }
     }
 }
@@ -118,6 +123,7 @@ fn reason(code: &str) -> Option<std::borrow::Cow<'static, str>> {
         "downgrade" => t!("update.why_downgrade"),
         "same" => t!("update.why_same"),
         "space" => t!("update.why_space"),
+        "schema" => t!("update.why_schema"),
         "trial" => t!("update.why_trial"),
         "write" => t!("update.why_write"),
         "network" => t!("update.why_network"),
@@ -338,6 +344,17 @@ pub fn check(dir: &Path, vendor_key: &str, running: &Version, room: Room) -> Res
     if uki_image_version(&head).as_deref() != Some(manifest.version.to_string().as_str()) {
         return Err(BundleError::Kernel { file: manifest.uki.clone(), what: "the version" });
     }
+    // The release before must run on the store the new one leaves (docs/UPDATES.md): this
+    // release is the one before.
+    let needs = uki_os_release_number(&head, "ZHULI_STORE_OLDEST_READER")
+        .ok_or_else(|| BundleError::Kernel { file: manifest.uki.clone(), what: "the store schema" })?;
+    if needs > crate::store::SCHEMA_VERSION {
+        return Err(BundleError::Store {
+            offered: manifest.version.clone(),
+            needs,
+            running: crate::store::SCHEMA_VERSION,
+        });
+    }
     let uki = std::fs::metadata(dir.join(&manifest.uki)).map(|m| m.len()).unwrap_or_default();
     if uki > room.esp_free {
         return Err(BundleError::Space { what: "kernel image", needed: uki, available: room.esp_free });
@@ -361,6 +378,16 @@ pub(crate) fn uki_image_version(head: &[u8]) -> Option<String> {
         let end = rest.iter().position(|b| matches!(b, b'\n' | b'\0')).unwrap_or(rest.len());
         let v = String::from_utf8_lossy(&rest[..end]).trim_matches('"').to_owned();
         v.parse::<Version>().is_ok().then_some(v)
+    })
+}
+
+/// A number in a kernel image's os-release section (`ZHULI_STORE_SCHEMA=4`).
+pub(crate) fn uki_os_release_number(head: &[u8], name: &str) -> Option<u32> {
+    let needle = format!("\n{name}=");
+    memchr::memmem::find_iter(head, needle.as_bytes()).find_map(|at| {
+        let rest = &head[at + needle.len()..];
+        let end = rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
     })
 }
 
@@ -438,8 +465,13 @@ pub(crate) mod tests {
 
     /// A stand-in for a unified kernel image: the sections the checks read, as ukify lays them.
     pub(crate) fn fake_uki(version: &str, root_hash: &str) -> Vec<u8> {
+        fake_uki_reading_back_to(version, root_hash, crate::store::OLDEST_READER)
+    }
+
+    pub(crate) fn fake_uki_reading_back_to(version: &str, root_hash: &str, oldest: u32) -> Vec<u8> {
         format!(
-            "MZ\0\0PE\0\0.osrel\0ID=debian\nIMAGE_ID=zhuli\nIMAGE_VERSION={version}\n\0.cmdline\0roothash={root_hash} root=/dev/mapper/zhuli-root ro\0.linux\0kernel"
+            "MZ\0\0PE\0\0.osrel\0ID=debian\nIMAGE_ID=zhuli\nIMAGE_VERSION={version}\nZHULI_STORE_SCHEMA={}\nZHULI_STORE_OLDEST_READER={oldest}\n\0.cmdline\0roothash={root_hash} root=/dev/mapper/zhuli-root ro\0.linux\0kernel",
+            oldest.max(crate::store::SCHEMA_VERSION)
         )
         .into_bytes()
     }
@@ -517,15 +549,27 @@ pub(crate) mod tests {
         std::fs::write(&root, &bytes).expect("restore");
 
         // A kernel image of another root, or of another version, signed in the bundle.
+        let no_schema = String::from_utf8(fake_uki("1.4.0", &"ab".repeat(32)))
+            .expect("text")
+            .replace("ZHULI_STORE_OLDEST_READER", "ZHULI_STORE_OLDEST");
         for (image, what) in [
             (fake_uki("1.4.0", &"99".repeat(32)), "the root hash"),
             (fake_uki("1.3.0", &"ab".repeat(32)), "the version"),
+            (no_schema.into_bytes(), "the store schema"),
         ] {
             std::fs::write(b.dir.join("zhuli_1.4.0.efi"), image).expect("uki");
             seal_bundle(&b.dir, &b.private).expect("signed again");
             let e = check(&b.dir, &b.public, &v("1.0"), ROOM).expect_err("wrong kernel image");
             assert!(matches!(&e, BundleError::Kernel { what: w, .. } if *w == what), "{e}");
         }
+        // A release whose store the running one could not read after a fallback: refused, the
+        // release in between must come first.
+        let ahead = fake_uki_reading_back_to("1.4.0", &"ab".repeat(32), crate::store::SCHEMA_VERSION + 1);
+        std::fs::write(b.dir.join("zhuli_1.4.0.efi"), ahead).expect("uki");
+        seal_bundle(&b.dir, &b.private).expect("signed again");
+        let e = check(&b.dir, &b.public, &v("1.0"), ROOM).expect_err("too far ahead");
+        assert!(matches!(&e, BundleError::Store { needs, .. } if *needs == crate::store::SCHEMA_VERSION + 1), "{e}");
+        assert_eq!(e.code(), "schema");
         std::fs::write(b.dir.join("zhuli_1.4.0.efi"), fake_uki("1.4.0", &"ab".repeat(32))).expect("uki");
         seal_bundle(&b.dir, &b.private).expect("signed again");
         check(&b.dir, &b.public, &v("1.0"), ROOM).expect("good again");
