@@ -202,6 +202,9 @@ enum UpdateCommand {
         /// installs only after one.
         #[arg(long, value_name = "FILE", default_value = "/var/lib/zhuli/update/snapshot")]
         snapshot_note: PathBuf,
+        /// Where a release from the provisioning stick waits, with its request.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/zhuli-provisioning/update")]
+        stick_staged: PathBuf,
         /// Where releases are fetched to.
         #[arg(long, value_name = "DIR", default_value = "/var/lib/zhuli-update/download")]
         downloads: PathBuf,
@@ -300,6 +303,10 @@ enum ProvisionCommand {
         /// the box would refuse.
         #[arg(long, value_name = "PATH", conflicts_with = "unsigned")]
         org_key: Option<PathBuf>,
+        /// A signed release bundle folder (image/release's bundle/) to put in the stick's update/
+        /// folder: the box installs it at the stick's insertion. A new image grows to hold it.
+        #[arg(long, value_name = "DIR")]
+        update: Option<PathBuf>,
     },
     /// Forget the imported configuration and the pinned organisation key (trust on first use
     /// starts again with the next stick).
@@ -751,8 +758,8 @@ fn update(command: UpdateCommand) -> anyhow::Result<()> {
             update_cli::boot_check(hold, within, &config, &socket)?
         }
         UpdateCommand::Install { dir, tries, reboot } => update_cli::install(&dir, tries, reboot)?,
-        UpdateCommand::Pull { config, now, request, snapshot_note, downloads } => {
-            update_cli::pull(&config, now, &request, &snapshot_note, &downloads)?
+        UpdateCommand::Pull { config, now, request, snapshot_note, stick_staged, downloads } => {
+            update_cli::pull(&config, now, &request, &snapshot_note, &stick_staged, &downloads)?
         }
         UpdateCommand::Rollback { reboot } => update_cli::rollback(reboot)?,
         UpdateCommand::Survey => update_cli::survey()?,
@@ -805,7 +812,7 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             sign::verify(&data, &read_text(&sig_path)?, Some(&trusted))?;
             println!("{}: signed by the organisation key {}", file.display(), sign::short(&trusted));
         }
-        ProvisionCommand::Write { config, image, size_mb, device, format, unsigned, force, org_key } => {
+        ProvisionCommand::Write { config, image, size_mb, device, format, unsigned, force, org_key, update } => {
             let trusted = match &org_key {
                 Some(k) => Some(sign::public_key(&read_text(k)?, &k.display().to_string())?),
                 None => None,
@@ -854,16 +861,33 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
             if let Some(s) = &sig {
                 files.push((stick::SIGNATURE, s));
             }
-            match (image, device) {
+            let bundle = update.as_deref().map(bundle_files).transpose()?;
+            let bundle_bytes: u64 =
+                bundle.iter().flatten().filter_map(|(_, p)| p.metadata().ok()).map(|m| m.len()).sum();
+            let target = match (image, device) {
                 (Some(img), _) => {
-                    stick::create_image(&img, size_mb * 1024 * 1024, &files)?;
+                    // Room for the bundle and the file system's own, in whole MiB.
+                    let size =
+                        (size_mb << 20).max((bundle_bytes + bundle_bytes / 16 + (64 << 20)).next_multiple_of(1 << 20));
+                    stick::create_image(&img, size, &files)?;
                     println!("wrote serial {} to the image {} (label {})", parsed.serial, img.display(), stick::LABEL);
+                    img
                 }
                 (None, Some(dev)) => {
                     stick::write(&dev, &files, format)?;
                     println!("wrote serial {} to {}", parsed.serial, dev.display());
+                    dev
                 }
                 (None, None) => anyhow::bail!("give --image or --device"),
+            };
+            if let Some(bundle) = bundle {
+                stick::write_folder(&target, stick::UPDATE_DIR, &bundle)?;
+                println!(
+                    "put the release bundle ({} files, {} MiB) into {}/ on the stick: the box installs it when the stick is plugged in",
+                    bundle.len(),
+                    bundle_bytes >> 20,
+                    stick::UPDATE_DIR
+                );
             }
         }
         ProvisionCommand::FactoryReset { root, yes } => {
@@ -933,6 +957,8 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
                             .join("; "),
                     ),
             );
+            // A release in the stick's update/ folder, whatever came of the configuration.
+            update_cli::from_stick(&opts.device, &opts.root);
             if refused {
                 std::process::exit(1);
             }
@@ -942,6 +968,26 @@ fn provision(command: ProvisionCommand) -> anyhow::Result<()> {
 }
 
 mod update_cli;
+
+/// The files of a signed release bundle folder, for the stick; refused when it is not one.
+fn bundle_files(dir: &std::path::Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    for name in [zhuli::update::SUMS, zhuli::update::SIGNATURE, zhuli::update::MANIFEST] {
+        if !dir.join(name).is_file() {
+            anyhow::bail!(
+                "{} has no {name}: it is not a signed release bundle (image/release writes one into OUT/bundle, `zhuli update sign` signs it)",
+                dir.display()
+            );
+        }
+    }
+    let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()) || e.path().is_file())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    files.sort();
+    Ok(files)
+}
 
 #[cfg(test)]
 mod tests {

@@ -134,6 +134,12 @@ pub fn install(dir: &Path, tries: u32, and_reboot: bool) -> anyhow::Result<()> {
 /// The admin chat's request left by the agent: read once and removed, whatever it is. Only a
 /// regular file holding one of the words counts: a link is not followed, a FIFO not waited on.
 fn take_request(path: &Path) -> Option<String> {
+    take_note(path, |w| matches!(w, "install" | "rollback" | "check"))
+}
+
+/// A note left for root, read once and removed, whatever it is; its word when it is a regular
+/// file (no link followed, no FIFO waited on) whose trimmed text `ok` accepts.
+fn take_note(path: &Path, ok: impl Fn(&str) -> bool) -> Option<String> {
     use nix::fcntl::OFlag;
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let opened = std::fs::OpenOptions::new()
@@ -148,7 +154,7 @@ fn take_request(path: &Path) -> Option<String> {
     let mut text = String::new();
     let _ = f.take(64).read_to_string(&mut text);
     let word = text.trim().to_owned();
-    matches!(word.as_str(), "install" | "rollback" | "check").then_some(word)
+    ok(&word).then_some(word)
 }
 
 /// When the agent last took a snapshot of the store for an update (its note), Unix ms.
@@ -198,6 +204,7 @@ pub fn pull(
     now: bool,
     request_path: &Path,
     snapshot_note: &Path,
+    stick_staged: &Path,
     downloads: &Path,
 ) -> anyhow::Result<()> {
     let request = take_request(request_path);
@@ -210,6 +217,11 @@ pub fn pull(
         Err(_) => (pull::ForUpdates::default(), false),
     };
     let settings = config.update.clone();
+    // A release from the stick first: someone stood at the box for it.
+    let staged = stick_staged.join(zhuli::update::stick::REQUEST);
+    if let Some(version) = take_note(&staged, |w| w.parse::<Version>().is_ok()) {
+        return install_staged(stick_staged, &version, snapshot_note, configured, settings.tries);
+    }
     if settings.source.is_empty() {
         println!("release {}: no [update] source, so releases come from the stick only", survey.running);
         if request.is_some() {
@@ -294,6 +306,98 @@ pub fn pull(
         println!("release {v} fetched; it installs in the window {:?} or at /update install", settings.window);
         Ok(())
     }
+}
+
+/// Written onto the stick beside the receipt: what became of the release in its `update/`
+/// folder.
+const STICK_NOTE: &str = "zhuli-update.txt";
+
+/// The version the manifest in the stick's `update/` folder names, as far as it can be read.
+fn stick_manifest_version(device: &Path) -> String {
+    use zhuli::provision::stick;
+    let mut m = Vec::new();
+    if stick::copy_from_folder(device, stick::UPDATE_DIR, zhuli::update::MANIFEST, &mut m, 1 << 20).is_err() {
+        return "?".into();
+    }
+    String::from_utf8_lossy(&m)
+        .lines()
+        .find_map(|l| l.strip_prefix("version = ").map(|v| v.trim_matches('"').to_owned()))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// At a stick's insertion (`zhuli provision import`, root): take the release in its `update/`
+/// folder, if any, into the provisioning root for zhuli-update.service (see `update::stick`).
+/// What came of it goes into the update journal (the admin chat hears it) and onto the stick.
+pub fn from_stick(device: &Path, root: &Path) {
+    use zhuli::update::stick::{self, Staged};
+    let listed = zhuli::provision::stick::list_folder(device, zhuli::provision::stick::UPDATE_DIR);
+    if listed.is_ok_and(|f| f.is_empty()) {
+        return;
+    }
+    let staged = (|| -> Result<Staged, (&'static str, String)> {
+        let key = vendor_key().map_err(|e| ("malformed", format!("{e:#}")))?;
+        let running = running_version().map_err(|e| ("malformed", format!("{e:#}")))?;
+        stick::stage(device, root, &key, &running).map_err(|e| (e.code(), e.to_string()))
+    })();
+    let line = match staged {
+        Ok(Staged::Nothing) => return,
+        Ok(Staged::UpToDate(v)) => {
+            record("uptodate", &v.to_string(), "", "from the stick".into());
+            format!("release {v} on this stick runs on the box already; nothing to do")
+        }
+        Ok(Staged::Ready { version, .. }) => format!(
+            "release {version} was copied from this stick and checked (signature, every sha256); the box installs it now and restarts, and keeps it only if the assistant is healthy on it (the admin chat hears how it went)"
+        ),
+        Err((code, why)) => {
+            record("refused", &stick_manifest_version(device), code, format!("from the stick: {why}"));
+            format!("the release on this stick was refused, nothing was installed: {why}")
+        }
+    };
+    println!("update: {line}");
+    let text = format!("zhuli update from this stick\ntime: {}\nresult: {line}\n", zhuli::provision::utc_now());
+    if let Err(e) = zhuli::provision::stick::write(device, &[(STICK_NOTE, text.as_bytes())], false) {
+        eprintln!("the update note could not be written to the stick: {e}");
+    }
+}
+
+/// Wait, at most `limit`, for the agent's snapshot of the store taken after `since` (Unix ms).
+fn wait_for_snapshot(note: &Path, since: i64, limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if snapshot_taken(note).is_some_and(|at| at >= since) {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// How long a release from the stick waits for the agent's snapshot.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(300);
+
+/// A release staged from the stick (`update::stick`): the agent snapshots the store (it hears
+/// the `stick` event), then the release is installed and the box restarts into it.
+fn install_staged(
+    staged: &Path,
+    version: &str,
+    snapshot_note: &Path,
+    configured: bool,
+    tries: u32,
+) -> anyhow::Result<()> {
+    let dir = staged.join(version);
+    let at = zhuli::assistant::now_ms();
+    record("stick", version, "", String::new());
+    if configured && !wait_for_snapshot(snapshot_note, at, SNAPSHOT_WAIT) {
+        println!(
+            "release {version}: no snapshot of the store from the agent within {} s; installing all the same (someone stood at the box for it)",
+            SNAPSHOT_WAIT.as_secs()
+        );
+    }
+    let done = install(&dir, tries, true);
+    let _ = std::fs::remove_dir_all(&dir);
+    done
 }
 
 /// `zhuli update rollback`.

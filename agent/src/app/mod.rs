@@ -457,7 +457,7 @@ async fn tell_update_news(work: &Arc<Work>, config: &Config) {
     if fresh.is_empty() && told == Some(events.len()) {
         return;
     }
-    if fresh.iter().any(|e| e.what == "available") {
+    if fresh.iter().any(|e| e.what == "available" || e.what == "stick") {
         // Before any update: a snapshot of the store (the new release opens it as it finds it).
         // Root installs in the window only once there is one; a failure is the admins' to fix.
         if let Some(m) = &work.assistant.maintenance() {

@@ -366,6 +366,81 @@ pub fn erase_everywhere(
     Ok(Erased { scanned: size, found })
 }
 
+/// The folder of a release bundle on the stick (docs/UPDATES.md).
+pub const UPDATE_DIR: &str = "update";
+
+/// The files of folder `dir` on the stick with their sizes; empty when there is no such folder.
+pub fn list_folder(dev: &Path, dir: &str) -> Result<Vec<(String, u64)>, StickError> {
+    let fs = open_read_only(dev)?;
+    let found = label_of(&fs);
+    if found != LABEL {
+        return Err(StickError::Label { path: dev.to_owned(), found });
+    }
+    let root = fs.root_dir();
+    let Some(folder) =
+        root.iter().filter_map(Result::ok).find(|e| e.is_dir() && e.file_name().eq_ignore_ascii_case(dir))
+    else {
+        return Ok(vec![]);
+    };
+    let mut files = Vec::new();
+    for e in folder.to_dir().iter() {
+        let e = e.map_err(io)?;
+        if e.is_file() {
+            files.push((e.file_name(), e.len()));
+        }
+    }
+    Ok(files)
+}
+
+/// Copy file `name` of folder `dir` on the stick into `out`, at most `max` bytes; the bytes
+/// copied.
+pub fn copy_from_folder(dev: &Path, dir: &str, name: &str, out: &mut impl Write, max: u64) -> Result<u64, StickError> {
+    let fs = open_read_only(dev)?;
+    let root = fs.root_dir();
+    let folder = root
+        .iter()
+        .filter_map(Result::ok)
+        .find(|e| e.is_dir() && e.file_name().eq_ignore_ascii_case(dir))
+        .ok_or_else(|| StickError::Io(format!("{dir}/ is not on the stick")))?
+        .to_dir();
+    let entry = file_entry(&folder, name)?;
+    if entry.len() > max {
+        return Err(StickError::TooLarge { file: format!("{dir}/{name}"), size: entry.len() });
+    }
+    let copied = std::io::copy(&mut entry.to_file().take(max), out).map_err(io)?;
+    if copied != entry.len() {
+        return Err(StickError::Changed { file: format!("{dir}/{name}") });
+    }
+    Ok(copied)
+}
+
+/// Put the files of `from` (a local folder, e.g. a release bundle) into folder `dir` on the
+/// stick, replacing files of the same names; they are streamed, not held in memory.
+pub fn write_folder(dev: &Path, dir: &str, from: &[(String, PathBuf)]) -> Result<(), StickError> {
+    let open = |source| StickError::Open { path: dev.to_owned(), source };
+    let mut f = OpenOptions::new().read(true).write(true).open(dev).map_err(open)?;
+    {
+        let fs =
+            fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))?;
+        let found = label_of(&fs);
+        if found != LABEL {
+            return Err(StickError::Label { path: dev.to_owned(), found });
+        }
+        {
+            let folder = fs.root_dir().create_dir(dir).map_err(io)?;
+            for (name, path) in from {
+                let mut source = File::open(path).map_err(|source| StickError::Open { path: path.clone(), source })?;
+                let mut file = folder.create_file(name).map_err(io)?;
+                file.truncate().map_err(io)?;
+                std::io::copy(&mut source, &mut file).map_err(io)?;
+                file.flush().map_err(io)?;
+            }
+        }
+        fs.unmount().map_err(io)?;
+    }
+    f.sync_all().map_err(io)
+}
+
 /// What is on a stick.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Contents {

@@ -47,6 +47,7 @@ pub const SCHEMA_VERSION: u32 = 4;
 /// both forms, then one that writes the new. An update is refused when the new release's
 /// oldest reader is newer than the running release's schema (`update::check`).
 pub const OLDEST_READER: u32 = 4;
+const _: () = assert!(OLDEST_READER <= SCHEMA_VERSION, "a store is always read by the build that wrote it");
 
 /// Can a build of schema `ours` run on a store of schema `found` whose oldest reader is
 /// `oldest`? Older stores are migrated; newer ones only when they say this build still reads

@@ -183,13 +183,12 @@ fn the_release_before_runs_on_a_store_a_newer_release_wrote_within_the_rule() {
     drop(db);
     // Its rekey is the newer release's to do: tables this one does not know would keep the old key.
     let s = Store::open(&t.path(), &key, Retention::default()).expect("open");
-    let e = s.rekey(&StoreKey::generate()).err().expect("rekey refused");
+    let Err(e) = s.rekey(&StoreKey::generate()) else { panic!("rekey of a newer store went ahead") };
     assert!(matches!(e, StoreError::Newer { .. }), "{e}");
     // A store this build writes says how far back it reads.
     let fresh = TempStore::new();
     drop(Store::open(&fresh.path(), &key, Retention::default()).expect("create"));
     assert_eq!(schema_of(&fresh.path(), &key), (SCHEMA_VERSION, OLDEST_READER));
-    assert!(OLDEST_READER <= SCHEMA_VERSION);
     assert!(readable(4, 5, 4) && readable(4, 3, 3) && !readable(4, 5, 5));
 }
 

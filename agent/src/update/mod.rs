@@ -20,6 +20,7 @@ pub mod gpt;
 pub mod install;
 pub mod pull;
 pub mod state;
+pub mod stick;
 
 use std::path::{Path, PathBuf};
 
@@ -124,6 +125,7 @@ fn reason(code: &str) -> Option<std::borrow::Cow<'static, str>> {
         "same" => t!("update.why_same"),
         "space" => t!("update.why_space"),
         "schema" => t!("update.why_schema"),
+        "stick" => t!("update.why_stick"),
         "trial" => t!("update.why_trial"),
         "write" => t!("update.why_write"),
         "network" => t!("update.why_network"),
@@ -152,6 +154,7 @@ pub fn news(e: &boot::Event) -> String {
     let why = why.as_str();
     match e.what.as_str() {
         "available" => t!("update.news_available", version = v),
+        "stick" => t!("update.news_stick", version = v),
         "installed" => t!("update.news_installed", version = v),
         "good" => t!("update.news_good", version = v),
         "bad" => t!("update.news_bad", version = v, why = why),

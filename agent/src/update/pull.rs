@@ -225,7 +225,7 @@ pub enum Found {
 
 /// The most a file of the bundle may weigh: a part no more than its unpacked bytes and zstd's
 /// worst case over them, the kernel image no more than the ESP holds, anything else 1 MiB.
-fn most(manifest: &super::Manifest, name: &str) -> u64 {
+pub(crate) fn most(manifest: &super::Manifest, name: &str) -> u64 {
     let part = |bytes: u64| bytes + bytes / 64 + (1 << 20);
     if name == manifest.root.file {
         part(manifest.root.bytes)
@@ -238,7 +238,7 @@ fn most(manifest: &super::Manifest, name: &str) -> u64 {
     }
 }
 /// Room left free on /var whatever a download needs.
-const RESERVE: u64 = 64 << 20;
+pub(crate) const RESERVE: u64 = 64 << 20;
 /// A download that receives nothing for this long is stopped (and resumed at the next try).
 const IDLE: Duration = Duration::from_secs(60);
 
