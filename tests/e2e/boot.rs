@@ -242,6 +242,22 @@ impl Guest {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    /// Pull the stick out of the running guest.
+    pub(crate) fn unplug_stick(&self) {
+        let mut monitor = UnixStream::connect(&self.monitor).expect("qemu monitor");
+        writeln!(monitor, "device_del stickdev").expect("device_del");
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+
+    /// Plug another stick, the image file `stick`, into the running guest as drive `id`.
+    pub(crate) fn plug_other_stick(&self, stick: &Path, id: &str) {
+        let mut monitor = UnixStream::connect(&self.monitor).expect("qemu monitor");
+        writeln!(monitor, "drive_add 0 if=none,id={id},format=raw,file={}", s(stick)).expect("drive_add");
+        std::thread::sleep(Duration::from_millis(500));
+        writeln!(monitor, "device_add usb-storage,drive={id},id={id}dev").expect("device_add");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     pub(crate) fn must(&self, command: &str) -> String {
         match self.run(command, Duration::from_secs(60)) {
             Some((0, out)) => out,

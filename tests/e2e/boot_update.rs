@@ -74,7 +74,7 @@ async fn wait_for_news(sim: &Simulator, guest: &Guest, needle: &str, limit: Dura
         }
         let said = guest
             .run(
-                "journalctl -b --no-pager -o short-monotonic -u zhuli-update.service -u zhuli-update.path -u zhuli-boot-check.service | tail -n 12",
+                "journalctl -b --no-pager -o short-monotonic -u zhuli-update.service -u zhuli-update.path -u zhuli-boot-check.service -u 'zhuli-provision@*' | tail -n 12",
                 Duration::from_secs(30),
             )
             .map(|(_, out)| out)
@@ -100,6 +100,27 @@ fn linked_copy(from: &Path, to: &Path) {
         std::os::unix::fs::symlink(e.path().canonicalize().expect("path"), to.join(e.file_name())).expect("link");
     }
 }
+
+/// In the guest: flip one bit of a file's first block on the partition under the running root
+/// (`/dev/mapper/zhuli-root`'s data device), read the file through the file system with the
+/// caches dropped, then put the bit back.
+const FLIP_A_BLOCK: &str = r#"set -e
+f=/usr/share/doc/zhuli/UPDATES.md
+blk=$(filefrag -v -b4096 "$f" | awk '$1 == "0:" { sub(/\.\./, "", $4); print $4; exit }')
+dm=$(basename "$(readlink -f /dev/mapper/zhuli-root)")
+dev=/dev/$(ls /sys/block/"$dm"/slaves | sort -V | head -n 1)
+off=$((blk * 4096 + 100))
+orig=$(dd if="$dev" bs=1 skip="$off" count=1 2>/dev/null | od -An -tu1 | tr -d ' ')
+put() { printf "\\$(printf %o "$1")" | dd of="$dev" bs=1 seek="$off" count=1 conv=notrunc,fsync 2>/dev/null; }
+put $((orig ^ 4))
+echo 3 > /proc/sys/vm/drop_caches
+echo "block $blk of $f on $dev"
+if cat "$f" > /dev/null 2> /tmp/read-err; then echo READ-OK; else echo READ-FAILED; cat /tmp/read-err; fi
+dmesg | grep -i verity | tail -n 2
+put "$orig"
+echo 3 > /proc/sys/vm/drop_caches
+cat "$f" > /dev/null && echo RESTORED
+"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots the appliance image under qemu and updates it: tests/boot/run"]
@@ -177,6 +198,12 @@ async fn the_image_updates_itself_and_falls_back() {
     let (status, _) = ask(&sim, "/更新").await;
     assert!(status.contains(&format!("正在运行的版本：{v1}")) && status.contains("/回退"), "{status}");
 
+    // One bit flipped on the disk under the running root (a failing disk, or someone with the
+    // raw device): dm-verity refuses the read with an I/O error, never hands out other bytes.
+    let flipped = guest.must(FLIP_A_BLOCK);
+    assert!(flipped.contains("READ-FAILED") && flipped.contains("Input/output error"), "{flipped}");
+    assert!(flipped.contains("verity") && flipped.contains("RESTORED"), "{flipped}");
+
     // Refusals, while N+1 runs: a bundle without its signature, an older release, and N+2
     // with one byte of its kernel image changed. Nothing is written for any of them.
     let news_count = |sim: &Simulator, needle: &str| to_admins(sim).iter().filter(|t| t.contains(needle)).count();
@@ -211,11 +238,27 @@ async fn the_image_updates_itself_and_falls_back() {
     assert_eq!(esp(), esp_before, "a refused bundle changed the ESP");
     assert_eq!(running(), v1);
 
-    // N+2, whose agent never gets READY: found bad, and the box is back on N+1 by itself.
-    publish(&n2);
+    // N+2, whose agent never gets READY, from a stick (as an office whose box reaches nothing
+    // but DingTalk gets it): the same configuration and N+2's bundle in its update/ folder, on
+    // a FAT32 stick of a gigabyte. Found bad, and the box is back on N+1 by itself.
+    guest.unplug_stick();
+    let stick2 = dir.join("stick-update.img");
+    let written = std::process::Command::new(env!("CARGO_BIN_EXE_zhuli"))
+        .args(["provision", "write", "--size-mb", "1024", "--config"])
+        .arg(dir.join("zhuli.toml"))
+        .arg("--image")
+        .arg(&stick2)
+        .arg("--update")
+        .arg(&n2)
+        .output()
+        .expect("zhuli provision write");
+    assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
     let asked2 = Instant::now();
-    let (said, _) = ask(&sim, "/更新 安装").await;
-    assert!(said.contains("已给存储做了快照"), "{said}");
+    guest.plug_other_stick(&stick2, "stick2");
+    let copied = format!("U盘上的版本 {v2} 已复制");
+    let staged = wait_for_news(&sim, &guest, &copied, Duration::from_secs(600)).await;
+    assert!(staged, "N+2 was not taken from the stick: {:?}\n{}", to_admins(&sim), guest.diagnose());
+    let from_stick = asked2.elapsed();
     let bad = format!("版本 {v2} 没有通过健康检查");
     let back = wait_for_news(&sim, &guest, &bad, Duration::from_secs(1200)).await;
     assert!(back, "N+2 was not found bad: {:?}\n{}", to_admins(&sim), guest.diagnose());
@@ -232,8 +275,9 @@ async fn the_image_updates_itself_and_falls_back() {
     assert_eq!(running(), v1);
     assert!(esp().contains(&format!("zhuli_{v2}+0")), "N+2 is marked bad on the ESP: {}", esp());
     eprintln!(
-        "boot-update: N+1 fetched, installed, booted and kept {:.0} s after /更新 安装; N+2 asked for → fetched, installed, booted, found bad → back on N+1 and told in {:.0} s",
+        "boot-update: N+1 fetched, installed, booted and kept {:.0} s after /更新 安装; N+2's stick plugged in → copied and checked in {:.0} s → installed, booted, found bad → back on N+1 and told in {:.0} s",
         applied.as_secs_f64(),
+        from_stick.as_secs_f64(),
         fell_back.as_secs_f64()
     );
     let _ = std::fs::remove_dir_all(&dir);
