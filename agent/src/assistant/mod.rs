@@ -599,9 +599,18 @@ impl Assistant {
             }
             Command::Rollback => {
                 let (survey, _) = m.releases();
-                let Some(previous) = survey.as_ref().and_then(|s| s.previous().map(|r| r.version.clone())) else {
+                let Some(before) = survey.as_ref().and_then(|s| s.previous().cloned()) else {
                     return Answer::fixed(t!("update.rollback_title"), t!("update.no_previous"));
                 };
+                // Updates keep to the rule that the release before reads the store; a release
+                // from before the rule may not.
+                if before.store_schema.is_some_and(|v| v < crate::store::OLDEST_READER) {
+                    return Answer::fixed(
+                        t!("update.rollback_title"),
+                        t!("update.rollback_cannot_read", previous = before.version.as_str()),
+                    );
+                }
+                let previous = before.version;
                 match m.request_update("rollback") {
                     Ok(()) => Answer::fixed(
                         t!("update.rollback_title"),

@@ -514,9 +514,19 @@ fn version(status_socket: &Path, in_agent: bool) -> Step {
                 })
                 .collect();
             detail.push(format!("release {} runs; on the box: {}", s.running, on_box.join(", ")));
+            detail.push(format!(
+                "the store is schema {}, readable by releases of schema {} and newer",
+                crate::store::SCHEMA_VERSION,
+                crate::store::OLDEST_READER
+            ));
             detail.push(match s.previous() {
+                Some(p) if p.store_schema.is_some_and(|v| v < crate::store::OLDEST_READER) => format!(
+                    "previous release {} can boot but cannot read the store (its schema {}): going back needs the snapshot taken before the update",
+                    p.version,
+                    p.store_schema.unwrap_or_default()
+                ),
                 Some(p) => format!(
-                    "previous release {} can boot: /rollback in the admin chat (as root: zhuli update rollback --reboot) starts it on trial",
+                    "previous release {} can boot and read the store: /rollback in the admin chat (as root: zhuli update rollback --reboot) starts it on trial",
                     p.version
                 ),
                 None => "no earlier release on the box can boot (the next update keeps this one to fall back to)".into(),

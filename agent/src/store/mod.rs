@@ -88,7 +88,7 @@ pub enum StoreError {
     )]
     NoKeyCheck(PathBuf),
     #[error(
-        "{path} has store schema {found}, written by a newer release that changed it beyond what this one ({SCHEMA_VERSION}) reads; run a newer zhuli, or restore the snapshot taken before the update (zhuli backup restore)"
+        "{path} has store schema {found}, written by a newer release that changed it beyond what this one ({SCHEMA_VERSION}) reads; run a newer zhuli, or restore the snapshot taken before the update (zhuli restore)"
     )]
     Newer { path: PathBuf, found: u32 },
     #[error("store {path}: {reason}")]

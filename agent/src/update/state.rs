@@ -31,6 +31,9 @@ pub struct Release {
     pub tries_left: u32,
     /// Its root slot is on the disk with the UUIDs its root hash gives (so it can boot).
     pub slot_present: bool,
+    /// The store schema it writes (`ZHULI_STORE_SCHEMA` in its os-release), when it says.
+    #[serde(default)]
+    pub store_schema: Option<u32>,
 }
 
 /// What root saw.
@@ -90,16 +93,19 @@ pub fn survey(esp: &Path, entries: &[Entry], running: &str, now_ms: i64) -> Surv
                 Some(0) => "bad",
                 Some(_) => "trial",
             };
-            let slot_present = super::uki_head(&e.path()).ok().and_then(|b| uki_root_hash(&b)).is_some_and(|h| {
+            let head = super::uki_head(&e.path()).ok();
+            let slot_present = head.as_deref().and_then(uki_root_hash).is_some_and(|h| {
                 let (root, verity) = gpt::slot_uuids(&h);
                 entries.iter().any(|e| e.uuid == root) && entries.iter().any(|e| e.uuid == verity)
             });
+            let store_schema = head.as_deref().and_then(|h| super::uki_os_release_number(h, "ZHULI_STORE_SCHEMA"));
             let r = Release {
                 version: version.to_string(),
                 file,
                 state: state.into(),
                 tries_left: left.unwrap_or(0),
                 slot_present,
+                store_schema,
             };
             Some((version, r))
         })

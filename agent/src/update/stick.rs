@@ -136,6 +136,9 @@ pub fn stage(dev: &Path, root: &Path, vendor_key: &str, running: &Version) -> Re
     }
     let staged = root.join(STAGED);
     std::fs::create_dir_all(&staged).map_err(io(format!("cannot create {}", staged.display())))?;
+    // One stick at a time (two plugged in at once start two imports).
+    let lock = std::fs::File::open(&staged).and_then(|f| f.lock().map(|()| f));
+    let _lock = lock.map_err(io(format!("cannot lock {}", staged.display())))?;
     if let Ok(s) = nix::sys::statvfs::statvfs(&staged) {
         let free = s.blocks_available() * s.fragment_size();
         if need > free {
