@@ -178,6 +178,23 @@ pub fn volume_id(dev: &Path) -> Result<u32, StickError> {
 /// is freed or taken, so nothing of the old contents is left anywhere else. Refused when the
 /// file's size is not `bytes.len()`.
 pub fn overwrite_in_place(dev: &Path, name: &str, bytes: &[u8]) -> Result<(), StickError> {
+    edit(dev, |fs| {
+        let entry = file_entry(&fs.root_dir(), name)?;
+        if entry.len() != bytes.len() as u64 {
+            return Err(StickError::Changed { file: name.to_owned() });
+        }
+        let mut file = entry.to_file();
+        file.write_all(bytes).map_err(io)?;
+        file.flush().map_err(io)
+    })
+}
+
+/// Open the stick `dev` for writing, check its label, let `change` do its work, then unmount
+/// and flush it to the device.
+fn edit(
+    dev: &Path,
+    change: impl FnOnce(&fatfs::FileSystem<&mut File>) -> Result<(), StickError>,
+) -> Result<(), StickError> {
     let open = |source| StickError::Open { path: dev.to_owned(), source };
     let mut f = OpenOptions::new().read(true).write(true).open(dev).map_err(open)?;
     {
@@ -187,15 +204,7 @@ pub fn overwrite_in_place(dev: &Path, name: &str, bytes: &[u8]) -> Result<(), St
         if found != LABEL {
             return Err(StickError::Label { path: dev.to_owned(), found });
         }
-        {
-            let entry = file_entry(&fs.root_dir(), name)?;
-            if entry.len() != bytes.len() as u64 {
-                return Err(StickError::Changed { file: name.to_owned() });
-            }
-            let mut file = entry.to_file();
-            file.write_all(bytes).map_err(io)?;
-            file.flush().map_err(io)?;
-        }
+        change(&fs)?;
         fs.unmount().map_err(io)?;
     }
     f.sync_all().map_err(io)
@@ -417,28 +426,17 @@ pub fn copy_from_folder(dev: &Path, dir: &str, name: &str, out: &mut impl Write,
 /// Put the files of `from` (a local folder, e.g. a release bundle) into folder `dir` on the
 /// stick, replacing files of the same names; they are streamed, not held in memory.
 pub fn write_folder(dev: &Path, dir: &str, from: &[(String, PathBuf)]) -> Result<(), StickError> {
-    let open = |source| StickError::Open { path: dev.to_owned(), source };
-    let mut f = OpenOptions::new().read(true).write(true).open(dev).map_err(open)?;
-    {
-        let fs =
-            fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).map_err(|_| StickError::NotFat(dev.to_owned()))?;
-        let found = label_of(&fs);
-        if found != LABEL {
-            return Err(StickError::Label { path: dev.to_owned(), found });
+    edit(dev, |fs| {
+        let folder = fs.root_dir().create_dir(dir).map_err(io)?;
+        for (name, path) in from {
+            let mut source = File::open(path).map_err(|source| StickError::Open { path: path.clone(), source })?;
+            let mut file = folder.create_file(name).map_err(io)?;
+            file.truncate().map_err(io)?;
+            std::io::copy(&mut source, &mut file).map_err(io)?;
+            file.flush().map_err(io)?;
         }
-        {
-            let folder = fs.root_dir().create_dir(dir).map_err(io)?;
-            for (name, path) in from {
-                let mut source = File::open(path).map_err(|source| StickError::Open { path: path.clone(), source })?;
-                let mut file = folder.create_file(name).map_err(io)?;
-                file.truncate().map_err(io)?;
-                std::io::copy(&mut source, &mut file).map_err(io)?;
-                file.flush().map_err(io)?;
-            }
-        }
-        fs.unmount().map_err(io)?;
-    }
-    f.sync_all().map_err(io)
+        Ok(())
+    })
 }
 
 /// What is on a stick.
