@@ -271,6 +271,16 @@ pub fn signed_sums(
     Ok((signer, parse_sums(&String::from_utf8_lossy(sums))?))
 }
 
+/// The manifest, checked against the signed sums (`listed`, from [`signed_sums`]) and parsed:
+/// what a box reads before it fetches or copies the rest of a bundle.
+pub fn signed_manifest(listed: &[(String, String)], manifest_bytes: &[u8]) -> Result<Manifest, BundleError> {
+    let signed = listed.iter().find(|(_, n)| n == MANIFEST).map(|(d, _)| d.as_str());
+    if signed != Some(crate::tools::sha256_hex(manifest_bytes).as_str()) {
+        return Err(BundleError::Digest { file: MANIFEST.to_owned() });
+    }
+    toml::from_str(&String::from_utf8_lossy(manifest_bytes)).map_err(|e| BundleError::Manifest(e.message().to_owned()))
+}
+
 /// Check the bundle in `dir` against the vendor's public key (hex), the running release and the
 /// room on this box. Nothing is written.
 pub fn check(dir: &Path, vendor_key: &str, running: &Version, room: Room) -> Result<Checked, BundleError> {

@@ -270,12 +270,7 @@ pub async fn fetch(
     };
     let (_, listed) = super::signed_sums(&sums, &signature, vendor_key)?;
     let manifest_bytes = small(MANIFEST).await?;
-    let signed = |name: &str| listed.iter().find(|(_, n)| n == name).map(|(d, _)| d.clone());
-    if Some(crate::tools::sha256_hex(&manifest_bytes)) != signed(MANIFEST) {
-        return Err(BundleError::Digest { file: MANIFEST.to_owned() }.into());
-    }
-    let head: super::Manifest = toml::from_str(&String::from_utf8_lossy(&manifest_bytes))
-        .map_err(|e| BundleError::Manifest(e.message().to_owned()))?;
+    let head = super::signed_manifest(&listed, &manifest_bytes)?;
     match head.version.cmp(running) {
         std::cmp::Ordering::Equal => return Ok(Found::UpToDate(head.version)),
         std::cmp::Ordering::Less => {

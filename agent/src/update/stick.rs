@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{BundleError, MANIFEST, Manifest, SIGNATURE, SUMS, Version};
+use super::{BundleError, MANIFEST, SIGNATURE, SUMS, Version};
 use crate::provision::stick::{self, StickError, UPDATE_DIR};
 
 /// The folder under the provisioning root that holds a staged release and its request.
@@ -104,12 +104,7 @@ pub fn stage(dev: &Path, root: &Path, vendor_key: &str, running: &Version) -> Re
     let signature = small(SIGNATURE)?;
     let (_, listed) = super::signed_sums(&sums, &signature, vendor_key)?;
     let manifest_bytes = small(MANIFEST)?;
-    let signed = |name: &str| listed.iter().find(|(_, n)| n == name).map(|(d, _)| d.clone());
-    if Some(crate::tools::sha256_hex(&manifest_bytes)) != signed(MANIFEST) {
-        return Err(BundleError::Digest { file: MANIFEST.to_owned() }.into());
-    }
-    let manifest: Manifest = toml::from_str(&String::from_utf8_lossy(&manifest_bytes))
-        .map_err(|e| BundleError::Manifest(e.message().to_owned()))?;
+    let manifest = super::signed_manifest(&listed, &manifest_bytes)?;
     if manifest.product != super::PRODUCT {
         return Err(BundleError::Product { found: manifest.product }.into());
     }
@@ -163,7 +158,7 @@ pub fn stage(dev: &Path, root: &Path, vendor_key: &str, running: &Version) -> Re
             };
             stick::copy_from_folder(dev, UPDATE_DIR, name, &mut out, super::pull::most(&manifest, name))?;
             out.flush().map_err(io(format!("cannot write {}", path.display())))?;
-            let found: String = out.digest.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let found = crate::tools::hex(out.digest.finish().as_ref());
             if &found != digest {
                 return Err(BundleError::Digest { file: name.clone() }.into());
             }
