@@ -65,8 +65,8 @@ fn record(what: &str, version: &str, code: &str, why: String) {
 }
 
 fn record_event(e: Event) {
-    if let Err(err) = boot::record(Path::new(boot::EVENTS), &e) {
-        eprintln!("cannot write {}: {err}", boot::EVENTS);
+    if let Err(err) = boot::record(&boot::events_path(), &e) {
+        eprintln!("cannot write {}: {err}", boot::events_path().display());
     }
 }
 
@@ -77,7 +77,8 @@ fn write_survey(available: Option<String>) -> anyhow::Result<state::Survey> {
     let entries = Gpt::read(&mut disk, r.sector)?.entries();
     let mut survey = state::survey(Path::new(ESP), &entries, &r.version.to_string(), zhuli::assistant::now_ms());
     survey.available = available;
-    state::write(Path::new(state::SURVEY), &survey).with_context(|| format!("cannot write {}", state::SURVEY))?;
+    state::write(&state::survey_path(), &survey)
+        .with_context(|| format!("cannot write {}", state::survey_path().display()))?;
     Ok(survey)
 }
 
@@ -255,7 +256,7 @@ pub fn pull(
                     _ => "?".into(),
                 };
                 let why = e.to_string();
-                let told = boot::events(Path::new(boot::EVENTS))
+                let told = boot::events(&boot::events_path())
                     .iter()
                     .rev()
                     .find(|ev| ev.what == "refused")
@@ -278,7 +279,7 @@ pub fn pull(
         pull::Found::Fetched { version, dir } => (version, dir),
     };
     let v = version.to_string();
-    let events = boot::events(Path::new(boot::EVENTS));
+    let events = boot::events(&boot::events_path());
     if !events.iter().any(|e| e.what == "available" && e.version == v) {
         record("available", &v, "", String::new());
     }
@@ -289,7 +290,7 @@ pub fn pull(
     if now || asked {
         return install(&dir, settings.tries, true);
     }
-    let events = boot::events(Path::new(boot::EVENTS));
+    let events = boot::events(&boot::events_path());
     let held = if configured { hold_back(&events, &v, snapshot_taken(snapshot_note)) } else { None };
     let in_window = window.contains(zhuli::assistant::now_ms(), offset);
     if let Some((code, why)) = &held {
@@ -330,9 +331,11 @@ fn stick_manifest_version(device: &Path) -> String {
 /// What came of it goes into the update journal (the admin chat hears it) and onto the stick.
 pub fn from_stick(device: &Path, root: &Path) {
     use zhuli::update::stick::{self, Staged};
-    let listed = zhuli::provision::stick::list_folder(device, zhuli::provision::stick::UPDATE_DIR);
-    if listed.is_ok_and(|f| f.is_empty()) {
-        return;
+    // No update folder, or not a stick of ours (the configuration import says why): nothing to
+    // take and nothing to tell.
+    match zhuli::provision::stick::list_folder(device, zhuli::provision::stick::UPDATE_DIR) {
+        Ok(files) if !files.is_empty() => {}
+        _ => return,
     }
     let staged = (|| -> Result<Staged, (&'static str, String)> {
         let key = vendor_key().map_err(|e| ("malformed", format!("{e:#}")))?;

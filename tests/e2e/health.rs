@@ -239,7 +239,12 @@ async fn doctor_gives_a_verdict_per_step() {
     assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await);
     let bin = env!("CARGO_BIN_EXE_zhuli");
     let run = |config: &std::path::Path| {
-        Command::new(bin).args(["doctor", "--wait-ms", "5000", "--config"]).arg(config).output().expect("doctor")
+        Command::new(bin)
+            .args(["doctor", "--wait-ms", "5000", "--config"])
+            .arg(config)
+            .env("ZHULI_UPDATE_DIR", config.with_file_name("zhuli-update"))
+            .output()
+            .expect("doctor")
     };
     let good = run(agent.config_path());
     let out = String::from_utf8_lossy(&good.stdout).into_owned();
@@ -346,6 +351,7 @@ async fn unusable_roots_are_named_in_the_log_the_admin_chat_and_by_doctor() {
     let doctor = Command::new(env!("CARGO_BIN_EXE_zhuli"))
         .args(["doctor", "--wait-ms", "2000", "--config"])
         .arg(agent.config_path())
+        .env("ZHULI_UPDATE_DIR", agent.config_path().with_file_name("zhuli-update"))
         .output()
         .expect("doctor");
     let out = String::from_utf8_lossy(&doctor.stdout).into_owned();

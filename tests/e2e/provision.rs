@@ -45,6 +45,7 @@ impl Box {
         // With the unit's UMask=0077, so the modes the agent relies on are set, not inherited.
         let mut c = Command::new("sh");
         c.args(["-c", "umask 077; exec \"$0\" \"$@\""]).arg(bin);
+        c.env("ZHULI_UPDATE_DIR", self.dir.join("zhuli-update"));
         c.args(["provision", "import", "--device", &s(image), "--root", &s(&self.root)]).args([
             "--org-key",
             &s(&self.dir.join("no-baked-key.pub")),
@@ -73,6 +74,7 @@ impl Box {
         Command::new(env!("CARGO_BIN_EXE_zhuli"))
             .args(["run", "--config", &s(&self.root.join("current/zhuli.toml"))])
             .env("CREDENTIALS_DIRECTORY", self.root.join("current"))
+            .env("ZHULI_UPDATE_DIR", self.dir.join("zhuli-update"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -386,6 +388,9 @@ async fn every_bad_stick_leaves_the_previous_configuration_intact() {
         }
         assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET), "{what}: secret leaked");
     }
+    // None of these sticks carries a release: the update journal hears nothing of them.
+    let journal = b.dir.join("zhuli-update/events.jsonl");
+    assert!(!journal.exists(), "{}", std::fs::read_to_string(&journal).unwrap_or_default());
 
     // The stick pulled out mid-import: the image is cut short under the importer.
     let (c, sig) = signed(&config_text(&sim, &b.dir, 7), &org_private);

@@ -181,6 +181,8 @@ fn start(config: &std::path::Path, env: &[(String, String)], launcher: &[String]
         .args(["run", "--config"])
         .arg(config)
         .env("ZHULI_LOG", "debug")
+        // Root's update journal of this test, never the machine's own.
+        .env("ZHULI_UPDATE_DIR", config.with_file_name("zhuli-update"))
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

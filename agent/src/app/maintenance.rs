@@ -77,10 +77,7 @@ impl Maintenance for Upkeep {
     }
 
     fn releases(&self) -> (Option<update::state::Survey>, Vec<update::boot::Event>) {
-        (
-            update::state::read(std::path::Path::new(update::state::SURVEY)),
-            update::boot::events(std::path::Path::new(update::boot::EVENTS)),
-        )
+        (update::state::read(&update::state::survey_path()), update::boot::events(&update::boot::events_path()))
     }
 
     fn request_update(&self, word: &'static str) -> Result<(), String> {

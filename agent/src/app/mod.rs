@@ -445,7 +445,7 @@ async fn tell_refused_import(work: &Arc<Work>, config: &Config, root: &std::path
 /// at the events of the last day.
 async fn tell_update_news(work: &Arc<Work>, config: &Config) {
     const TOLD: &str = "update-events-told";
-    let events = crate::update::boot::events(std::path::Path::new(crate::update::boot::EVENTS));
+    let events = crate::update::boot::events(&crate::update::boot::events_path());
     let told: Option<usize> =
         blocking(&work.store, |s| s.setting(TOLD)).await.ok().flatten().and_then(|t| t.parse().ok());
     let day_ago = crate::assistant::now_ms() - 86_400_000;

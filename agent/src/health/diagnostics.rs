@@ -179,7 +179,7 @@ fn local_parts(config: Section<&Config>) -> Report {
             kernel: nix::sys::utsname::uname()
                 .map(|u| format!("{} {}", u.sysname().to_string_lossy(), u.release().to_string_lossy()))
                 .unwrap_or_default(),
-            previous_kept: crate::update::state::read(Path::new(crate::update::state::SURVEY))
+            previous_kept: crate::update::state::read(&crate::update::state::survey_path())
                 .is_some_and(|s| s.previous().is_some()),
         },
         ..Report::default()

@@ -496,7 +496,7 @@ fn version(status_socket: &Path, in_agent: bool) -> Step {
     use crate::update::state;
     let mine = env!("CARGO_PKG_VERSION");
     let running = if in_agent { Ok(mine.to_owned()) } else { super::status::fetch(status_socket).map(|s| s.version) };
-    let survey = state::read(Path::new(state::SURVEY));
+    let survey = state::read(&state::survey_path());
     let mut detail =
         vec![format!("this binary {mine}; running agent {}", running.as_deref().unwrap_or("not reachable"))];
     match &survey {
@@ -532,7 +532,8 @@ fn version(status_socket: &Path, in_agent: bool) -> Step {
                 None => "no earlier release on the box can boot (the next update keeps this one to fall back to)".into(),
             });
         }
-        None => detail.push(format!("the releases on the box are not known yet ({} is missing)", state::SURVEY)),
+        None => detail
+            .push(format!("the releases on the box are not known yet ({} is missing)", state::survey_path().display())),
     }
     let (verdict, fix) = match (&running, &survey) {
         (Ok(v), _) if v != mine => (

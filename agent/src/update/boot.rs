@@ -134,8 +134,10 @@ pub struct Event {
     pub from: String,
 }
 
-/// Where the update journal lives on the box.
-pub const EVENTS: &str = "/var/lib/zhuli-update/events.jsonl";
+/// Where the update journal lives (`/var/lib/zhuli-update/events.jsonl` on the box).
+pub fn events_path() -> std::path::PathBuf {
+    super::dir().join("events.jsonl")
+}
 
 /// Append one event to the update journal (created with its folder when missing), durably.
 pub fn record(path: &std::path::Path, event: &Event) -> std::io::Result<()> {

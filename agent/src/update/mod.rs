@@ -29,6 +29,15 @@ use serde::Deserialize;
 
 use crate::provision::sign::{self, Role, SignError};
 
+/// Root's update folder on the box: the update journal, the survey of releases, downloads.
+pub const DIR: &str = "/var/lib/zhuli-update";
+
+/// Root's update folder: [`DIR`], or `ZHULI_UPDATE_DIR` when set (tests and development, so a
+/// run never reads or writes the machine's own journal).
+pub fn dir() -> std::path::PathBuf {
+    std::env::var_os("ZHULI_UPDATE_DIR").map_or_else(|| DIR.into(), std::path::PathBuf::from)
+}
+
 pub const MANIFEST: &str = "zhuli-release.toml";
 pub const SUMS: &str = "SHA256SUMS";
 pub const SIGNATURE: &str = "SHA256SUMS.sig";

@@ -15,8 +15,10 @@ use super::{
     install::{InstallError, uki_version},
 };
 
-/// Where the survey is kept.
-pub const SURVEY: &str = "/var/lib/zhuli-update/releases.json";
+/// Where the survey is kept (`/var/lib/zhuli-update/releases.json` on the box).
+pub fn survey_path() -> std::path::PathBuf {
+    super::dir().join("releases.json")
+}
 
 /// One kernel image on the ESP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
