@@ -434,6 +434,14 @@ pub fn rollback(and_reboot: bool) -> anyhow::Result<()> {
 /// `zhuli update survey`.
 pub fn survey() -> anyhow::Result<()> {
     let s = write_survey(None)?;
+    for version in boot::never_started(&s, &boot::events(&boot::events_path())) {
+        let why = format!(
+            "its kernel image did not start (refused by Secure Boot, or the kernel failed before the system came up); release {} runs",
+            s.running
+        );
+        eprintln!("release {version}: {why}");
+        record("bad", &version, "no_boot", why);
+    }
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
 }

@@ -65,6 +65,9 @@ pub struct Versions {
     pub kernel: String,
     /// An earlier release is kept to roll back to.
     pub previous_kept: bool,
+    /// What the firmware says of Secure Boot.
+    #[serde(default)]
+    pub secure_boot: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -181,6 +184,9 @@ fn local_parts(config: Section<&Config>) -> Report {
                 .unwrap_or_default(),
             previous_kept: crate::update::state::read(&crate::update::state::survey_path())
                 .is_some_and(|s| s.previous().is_some()),
+            secure_boot: crate::update::state::SecureBoot::read(std::path::Path::new(crate::update::state::EFIVARS))
+                .says()
+                .into(),
         },
         ..Report::default()
     };
@@ -474,13 +480,14 @@ impl Report {
     /// for tools).
     pub fn text(&self) -> String {
         let mut t = format!(
-            "zhuli diagnostics\ngenerated: {}\nzhuli {} (running agent: {})\nsystem: {}; kernel {}\nprevious release kept for rollback: {}\n",
+            "zhuli diagnostics\ngenerated: {}\nzhuli {} (running agent: {})\nsystem: {}; kernel {}\nprevious release kept for rollback: {}\nsecure boot: {}\n",
             self.generated,
             self.versions.zhuli,
             self.versions.agent.as_deref().unwrap_or("not answering"),
             self.versions.os,
             self.versions.kernel,
-            if self.versions.previous_kept { "yes" } else { "no" }
+            if self.versions.previous_kept { "yes" } else { "no" },
+            if self.versions.secure_boot.is_empty() { "not reported" } else { &self.versions.secure_boot }
         );
         t.push_str("\n== configuration\n");
         match &self.configuration {

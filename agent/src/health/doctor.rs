@@ -497,8 +497,10 @@ fn version(status_socket: &Path, in_agent: bool) -> Step {
     let mine = env!("CARGO_PKG_VERSION");
     let running = if in_agent { Ok(mine.to_owned()) } else { super::status::fetch(status_socket).map(|s| s.version) };
     let survey = state::read(&state::survey_path());
-    let mut detail =
-        vec![format!("this binary {mine}; running agent {}", running.as_deref().unwrap_or("not reachable"))];
+    let mut detail = vec![
+        format!("this binary {mine}; running agent {}", running.as_deref().unwrap_or("not reachable")),
+        format!("secure boot: {}", state::SecureBoot::read(Path::new(state::EFIVARS)).says()),
+    ];
     match &survey {
         Some(s) => {
             let on_box: Vec<String> = s

@@ -112,6 +112,30 @@ pub fn judge(limits: Limits, mut look: impl FnMut(Duration) -> Probe) -> Verdict
     }
 }
 
+/// Releases the survey finds bad (no tries left) and newer than the running one that were
+/// installed and never judged: their kernel image did not start (refused by Secure Boot, or the
+/// kernel failed before the system came up), so systemd-boot started the release before, and
+/// no boot check ever ran on them. Each is told once: after it, the journal has its `bad`.
+pub fn never_started(survey: &super::state::Survey, events: &[Event]) -> Vec<String> {
+    let Ok(running) = survey.running.parse::<super::Version>() else { return vec![] };
+    survey
+        .releases
+        .iter()
+        .filter(|r| r.state == "bad" && r.version.parse::<super::Version>().is_ok_and(|v| v > running))
+        .filter(|r| {
+            events
+                .iter()
+                .rev()
+                .find(|e| {
+                    (e.version == r.version && matches!(e.what.as_str(), "installed" | "bad" | "good"))
+                        || (e.what == "rollback" && e.from == r.version)
+                })
+                .is_some_and(|e| e.what == "installed")
+        })
+        .map(|r| r.version.clone())
+        .collect()
+}
+
 /// One line of the update journal (`/var/lib/zhuli-update/events.jsonl`): what happened to which
 /// release, read by the agent to tell the admin chat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +204,44 @@ pub fn running_version(os_release: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_release_that_never_started_is_told_once() {
+        use crate::update::state::{Release, Survey};
+        let release = |version: &str, state: &str| Release {
+            version: version.into(),
+            file: format!("zhuli_{version}.efi"),
+            state: state.into(),
+            tries_left: 0,
+            slot_present: true,
+            store_schema: None,
+        };
+        let ev = |what: &str, version: &str| Event {
+            at_ms: 0,
+            what: what.into(),
+            version: version.into(),
+            why: String::new(),
+            code: String::new(),
+            from: String::new(),
+        };
+        let survey = Survey {
+            at_ms: 0,
+            running: "1.1.0".into(),
+            releases: vec![release("1.2.0", "bad"), release("1.1.0", "kept")],
+            available: None,
+        };
+        let installed = vec![ev("installed", "1.1.0"), ev("good", "1.1.0"), ev("installed", "1.2.0")];
+        assert_eq!(never_started(&survey, &installed), vec!["1.2.0".to_owned()]);
+        // Judged already (its agent was never READY): nothing more to tell.
+        let mut judged = installed.clone();
+        judged.push(ev("bad", "1.2.0"));
+        assert!(never_started(&survey, &judged).is_empty());
+        // Still on trial, or older than the running release: not this case.
+        let trial = Survey { releases: vec![release("1.2.0", "trial"), release("1.1.0", "kept")], ..survey.clone() };
+        assert!(never_started(&trial, &installed).is_empty());
+        let older = Survey { running: "1.3.0".into(), ..survey };
+        assert!(never_started(&older, &installed).is_empty());
+    }
 
     const LIMITS: Limits =
         Limits { hold: Duration::from_secs(60), within: Duration::from_secs(300), every: Duration::from_secs(5) };

@@ -147,6 +147,7 @@ fn reason(code: &str) -> Option<std::borrow::Cow<'static, str>> {
         "restarts" => t!("update.why_restarts"),
         "was_bad" => t!("update.why_was_bad"),
         "no_snapshot" => t!("update.why_no_snapshot"),
+        "no_boot" => t!("update.why_no_boot"),
         _ => return None,
     })
 }
@@ -166,6 +167,7 @@ pub fn news(e: &boot::Event) -> String {
         "stick" => t!("update.news_stick", version = v),
         "installed" => t!("update.news_installed", version = v),
         "good" => t!("update.news_good", version = v),
+        "bad" if e.code == "no_boot" => t!("update.news_no_boot", version = v, why = why),
         "bad" => t!("update.news_bad", version = v, why = why),
         "rollback" => t!("update.news_rollback", version = v, from = e.from.as_str()),
         "rollback_refused" => t!("update.news_rollback_refused", why = why),
@@ -621,9 +623,13 @@ pub(crate) mod tests {
         // A code this release does not know: the line itself.
         let said = news(&boot::Event { code: "from_the_future".into(), ..e.clone() });
         assert!(said.contains("SHA256SUMS.sig is missing") && !said.contains("详情"), "{said}");
-        let back = boot::Event { what: "rollback".into(), version: "1.1.0".into(), from: "1.2.0".into(), ..e };
+        let back = boot::Event { what: "rollback".into(), version: "1.1.0".into(), from: "1.2.0".into(), ..e.clone() };
         let said = news(&back);
         assert!(said.contains("1.2.0") && said.contains("1.1.0") && said.contains("回退"), "{said}");
+        // A kernel image the firmware refused is not said to have failed a health check.
+        let refused = boot::Event { what: "bad".into(), code: "no_boot".into(), why: String::new(), ..e };
+        let said = news(&refused);
+        assert!(said.contains("没能启动") && said.contains("安全启动") && !said.contains("健康检查"), "{said}");
     }
 
     #[test]

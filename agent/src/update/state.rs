@@ -20,6 +20,51 @@ pub fn survey_path() -> std::path::PathBuf {
     super::dir().join("releases.json")
 }
 
+/// Where the firmware's variables are (efivarfs).
+pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
+
+/// What the firmware says of Secure Boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecureBoot {
+    /// Enforced: only what an enrolled key signed starts.
+    On,
+    /// Keys may be in place, but nothing is checked.
+    Off,
+    /// No platform key: nothing is checked, and keys may be enrolled (systemd-boot does so from
+    /// the ESP at the next boot when the image carries them).
+    SetupMode,
+    /// Not booted through UEFI, or its variables cannot be read.
+    Unknown,
+}
+
+impl SecureBoot {
+    /// Read from the firmware's global variables (each file: 4 bytes of attributes, then the
+    /// value).
+    pub fn read(efivars: &Path) -> SecureBoot {
+        const GLOBAL: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
+        let flag =
+            |name: &str| std::fs::read(efivars.join(format!("{name}-{GLOBAL}"))).ok().map(|v| v.get(4) == Some(&1));
+        match (flag("SecureBoot"), flag("SetupMode")) {
+            (Some(true), _) => SecureBoot::On,
+            (_, Some(true)) => SecureBoot::SetupMode,
+            (Some(false), _) => SecureBoot::Off,
+            (None, _) => SecureBoot::Unknown,
+        }
+    }
+
+    /// For the diagnostics report and the doctor.
+    pub fn says(self) -> &'static str {
+        match self {
+            SecureBoot::On => "on (only kernel images signed with an enrolled key start)",
+            SecureBoot::Off => "off (the firmware starts any kernel image; docs/SECURITY.md, Secure Boot)",
+            SecureBoot::SetupMode => {
+                "setup mode (no keys enrolled, nothing checked; docs/INSTALL.md, Secure Boot, enrolls them)"
+            }
+            SecureBoot::Unknown => "unknown (not booted through UEFI, or its variables are not readable)",
+        }
+    }
+}
+
 /// One kernel image on the ESP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Release {
@@ -170,6 +215,27 @@ pub fn rollback(esp: &Path, survey: &Survey) -> Result<String, InstallError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secure_boot_is_read_from_the_firmware_variables() {
+        let dir =
+            std::env::temp_dir().join(format!("zhuli-efivars-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let set = |name: &str, v: u8| {
+            std::fs::write(dir.join(format!("{name}-8be4df61-93ca-11d2-aa0d-00e098032b8c")), [6, 0, 0, 0, v])
+                .expect("var")
+        };
+        assert_eq!(SecureBoot::read(&dir), SecureBoot::Unknown);
+        set("SecureBoot", 0);
+        set("SetupMode", 1);
+        assert_eq!(SecureBoot::read(&dir), SecureBoot::SetupMode);
+        set("SetupMode", 0);
+        assert_eq!(SecureBoot::read(&dir), SecureBoot::Off);
+        set("SecureBoot", 1);
+        assert_eq!(SecureBoot::read(&dir), SecureBoot::On);
+        assert!(SecureBoot::read(&dir).says().starts_with("on"));
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
 
     fn esp_with(files: &[(&str, &str)]) -> std::path::PathBuf {
         let esp = std::env::temp_dir().join(format!("zhuli-esp-{}-{:x}", std::process::id(), rand::random::<u32>()));
