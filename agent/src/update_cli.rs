@@ -99,6 +99,11 @@ pub fn install(dir: &Path, tries: u32, and_reboot: bool) -> anyhow::Result<()> {
     let result = (|| -> Result<install::Installed, (&'static str, anyhow::Error)> {
         let r = running().map_err(|e| ("write", e))?;
         let key = vendor_key().map_err(|e| ("write", e))?;
+        let efivars = Path::new(state::EFIVARS);
+        let db = match state::SecureBoot::read(efivars) {
+            state::SecureBoot::On => zhuli::update::firmware::db_certificates(efivars).filter(|c| !c.is_empty()),
+            _ => None,
+        };
         let target = install::Target {
             disk: &r.disk,
             sector: r.sector,
@@ -107,6 +112,7 @@ pub fn install(dir: &Path, tries: u32, and_reboot: bool) -> anyhow::Result<()> {
             running_root_hash: &r.root_hash,
             vendor_key: &key,
             tries,
+            secure_boot_db: db.as_deref(),
         };
         install::install(dir, &target, |line| println!("{line}")).map_err(|e| (e.code(), e.into()))
     })();

@@ -48,6 +48,10 @@ pub enum InstallError {
         "release {0} is still on trial (not kept yet); installing another now would remove the last kept release; try again once it is kept"
     )]
     OnTrial(Version),
+    #[error(
+        "the kernel image {uki} is not signed with a key this box's firmware trusts, and Secure Boot is on: it would not start; build the release with the same ZHULI_SB_KEYS as the image the box was flashed with (docs/UPDATES.md, Secure Boot)"
+    )]
+    NotTrusted { uki: String },
 }
 
 impl InstallError {
@@ -56,6 +60,7 @@ impl InstallError {
         match self {
             InstallError::Bundle(b) => b.code(),
             InstallError::OnTrial(_) => "trial",
+            InstallError::NotTrusted { .. } => "secure_boot",
             InstallError::Unpack { .. } => "malformed",
             InstallError::Gpt(_) | InstallError::Layout(_) | InstallError::Io { .. } | InstallError::Verify { .. } => {
                 "write"
@@ -120,6 +125,9 @@ pub struct Target<'a> {
     pub vendor_key: &'a str,
     /// Tries the new release gets before the boot loader gives up on it.
     pub tries: u32,
+    /// With Secure Boot on: the certificates of the firmware's `db`, one of which must have
+    /// signed the new kernel image (see [`super::firmware`]).
+    pub secure_boot_db: Option<&'a [Vec<u8>]>,
 }
 
 /// What an install did.
@@ -157,6 +165,14 @@ pub fn install(dir: &Path, target: &Target, mut progress: impl FnMut(String)) ->
     // one can take the box back should the running one be found bad.
     if on_trial(&linux, target.running)? {
         return Err(InstallError::OnTrial(target.running.clone()));
+    }
+    if let Some(db) = target.secure_boot_db {
+        let uki = checked.dir.join(&m.uki);
+        let signatures = super::firmware::pe_signatures(&uki).map_err(io(format!("cannot read {}", uki.display())))?;
+        if !super::firmware::signed_by(&signatures, db) {
+            return Err(InstallError::NotTrusted { uki: m.uki.clone() });
+        }
+        progress(format!("{} is signed with a key in the firmware's Secure Boot db", m.uki));
     }
     progress(format!("release {} checked: signed, every sha256 matches, it fits", m.version));
 
@@ -483,6 +499,7 @@ mod tests {
                 running_root_hash: RUNNING_HASH,
                 vendor_key: &self.vendor_pub,
                 tries: 3,
+                secure_boot_db: None,
             }
         }
         fn read(&self, first_lba: u64, len: usize) -> Vec<u8> {
@@ -596,6 +613,23 @@ mod tests {
         // Kept: it goes in.
         std::fs::rename(linux.join("zhuli_1.0.0+2-1.efi"), linux.join("zhuli_1.0.0.efi")).expect("kept");
         install(&dir, &b.target(), |_| {}).expect("install");
+    }
+
+    #[test]
+    fn under_secure_boot_a_kernel_image_the_firmware_would_refuse_is_not_installed() {
+        let b = a_box();
+        let dir = tmp("bundle");
+        bundle(&dir, &b.vendor_key, "1.1.0", &[3u8; 4096], false);
+        let before = std::fs::read(&b.disk).expect("disk");
+        // The test bundle's kernel image carries no signature table.
+        let db = vec![b"0\x82 the organisation's db certificate".to_vec()];
+        let target = Target { secure_boot_db: Some(&db), ..b.target() };
+        let e = install(&dir, &target, |_| {}).expect_err("not signed for this firmware");
+        assert!(matches!(&e, InstallError::NotTrusted { uki } if uki == "zhuli_1.1.0.efi"), "{e}");
+        assert_eq!(e.code(), "secure_boot");
+        assert!(e.to_string().contains("ZHULI_SB_KEYS"), "{e}");
+        assert!(std::fs::read(&b.disk).expect("disk") == before, "the disk was written");
+        assert_eq!(b.ukis().len(), 2, "the ESP was changed");
     }
 
     #[test]

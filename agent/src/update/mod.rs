@@ -16,6 +16,7 @@
 //! configuration's serial); a part larger than its slot.
 
 pub mod boot;
+pub mod firmware;
 pub mod gpt;
 pub mod install;
 pub mod pull;
@@ -148,6 +149,7 @@ fn reason(code: &str) -> Option<std::borrow::Cow<'static, str>> {
         "was_bad" => t!("update.why_was_bad"),
         "no_snapshot" => t!("update.why_no_snapshot"),
         "no_boot" => t!("update.why_no_boot"),
+        "secure_boot" => t!("update.why_secure_boot"),
         _ => return None,
     })
 }
