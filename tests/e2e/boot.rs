@@ -152,6 +152,30 @@ impl Drop for Guest {
 }
 
 impl Guest {
+    /// The whole serial console so far, escape codes and carriage returns taken out.
+    pub(crate) fn console_all(&self) -> String {
+        let text = std::fs::read(&self.console).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text).replace('\r', "");
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // CSI: ESC [ parameters final-byte.
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for p in chars.by_ref() {
+                        if p.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            out.push(c);
+        }
+        out
+    }
+
     pub(crate) fn console(&self) -> String {
         let text = std::fs::read(&self.console).unwrap_or_default();
         let text = String::from_utf8_lossy(&text);
@@ -242,6 +266,17 @@ impl Guest {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    /// Plug the file `path` into the running guest as a USB disk whose serial is `serial`
+    /// (`/dev/disk/by-id/usb-QEMU_QEMU_HARDDISK_<serial>-0:0`).
+    pub(crate) fn plug_file(&self, path: &Path, serial: &str) {
+        let mut monitor = UnixStream::connect(&self.monitor).expect("qemu monitor");
+        let id = serial.to_lowercase();
+        writeln!(monitor, "drive_add 0 if=none,id={id},format=raw,readonly=on,file={}", s(path)).expect("drive_add");
+        std::thread::sleep(Duration::from_millis(500));
+        writeln!(monitor, "device_add usb-storage,drive={id},id={id}dev,serial={serial}").expect("device_add");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     /// Pull the stick out of the running guest.
     pub(crate) fn unplug_stick(&self) {
         let mut monitor = UnixStream::connect(&self.monitor).expect("qemu monitor");
@@ -274,6 +309,15 @@ pub(crate) fn accel() -> &'static str {
     }
 }
 
+/// Does this run expect Secure Boot (an image signed with ZHULI_SB_KEYS: tests/boot/run says so)?
+pub(crate) fn secure_boot() -> bool {
+    std::env::var("ZHULI_BOOT_SECURE_BOOT").as_deref() == Ok("1")
+}
+
+/// The firmware is OVMF with Secure Boot (its variables protected by SMM), starting in setup
+/// mode with no keys, as a mini-PC whose keys were cleared: a signed image's systemd-boot enrolls
+/// the keys on its ESP and resets, and from then on only signed kernel images start. An unsigned
+/// image boots in setup mode, enforcing nothing.
 pub(crate) fn start_guest(dir: &Path, disk: &Path, stick: &Path, fronts: &[(&str, SocketAddr)]) -> Guest {
     let vars = dir.join("vars.fd");
     std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars (package ovmf)");
@@ -283,19 +327,31 @@ pub(crate) fn start_guest(dir: &Path, disk: &Path, stick: &Path, fronts: &[(&str
     let forwards: Vec<String> = fronts.iter().map(|(ip, port)| forward(ip, *port)).collect();
     let netdev = format!("user,id=net0,restrict=on,{}", forwards.join(","));
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-machine", "q35", "-accel", accel(), "-m", "1024", "-smp", "2", "-nographic", "-no-user-config"])
-        .args(["-uuid", MACHINE_UUID])
-        .args(["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"])
-        .args(["-drive", &format!("if=pflash,format=raw,file={}", s(&vars))])
-        .args(["-drive", &format!("if=virtio,format=qcow2,file={}", s(disk))])
-        // The stick's drive exists from the start; the USB device is plugged in later (`plug_stick`).
-        .args(["-device", "qemu-xhci", "-drive", &format!("if=none,id=stick,format=raw,file={}", s(stick))])
-        .args(["-monitor", &format!("unix:{},server=on,wait=off", s(&dir.join("monitor.sock")))])
-        .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"])
-        .args(["-device", "i6300esb", "-action", "watchdog=reset"])
-        .args(["-chardev", &format!("socket,id=probe,path={},server=on,wait=off", s(&probe))])
-        .args(["-device", "virtio-serial-pci", "-device", "virtserialport,chardev=probe,name=zhuli.probe"])
-        .args(["-serial", &format!("file:{}", s(&console))]);
+    qemu.args([
+        "-machine",
+        "q35,smm=on",
+        "-accel",
+        accel(),
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-nographic",
+        "-no-user-config",
+    ])
+    .args(["-global", "driver=cfi.pflash01,property=secure,value=on", "-global", "ICH9-LPC.disable_s3=1"])
+    .args(["-uuid", MACHINE_UUID])
+    .args(["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"])
+    .args(["-drive", &format!("if=pflash,format=raw,file={}", s(&vars))])
+    .args(["-drive", &format!("if=virtio,format=qcow2,file={}", s(disk))])
+    // The stick's drive exists from the start; the USB device is plugged in later (`plug_stick`).
+    .args(["-device", "qemu-xhci", "-drive", &format!("if=none,id=stick,format=raw,file={}", s(stick))])
+    .args(["-monitor", &format!("unix:{},server=on,wait=off", s(&dir.join("monitor.sock")))])
+    .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"])
+    .args(["-device", "i6300esb", "-action", "watchdog=reset"])
+    .args(["-chardev", &format!("socket,id=probe,path={},server=on,wait=off", s(&probe))])
+    .args(["-device", "virtio-serial-pci", "-device", "virtserialport,chardev=probe,name=zhuli.probe"])
+    .args(["-serial", &format!("file:{}", s(&console))]);
     for cred in probe_credentials() {
         qemu.args(["-smbios", &format!("type=11,value={cred}")]);
     }
@@ -554,6 +610,18 @@ async fn the_image_boots_provisions_answers_and_heals() {
         guest.run("systemctl is-active zhuli-boot-check.service", Duration::from_secs(30)).is_some_and(|(c, _)| c != 0)
     );
     assert_eq!(guest.must("date +%z").trim(), "+0800", "the time zone from the stick");
+    if secure_boot() {
+        // systemd-boot enrolled the image's keys in the firmware (setup mode) and reset; the
+        // kernel then started under Secure Boot, locked down.
+        let console = guest.console_all();
+        assert!(
+            console.contains("Custom Secure Boot keys successfully enrolled"),
+            "no enrollment:\n{}",
+            guest.console()
+        );
+        assert_eq!(guest.must(SECURE_BOOT_STATE).trim(), "SecureBoot=1 SetupMode=0", "Secure Boot is not on");
+        assert!(guest.must("cat /sys/kernel/security/lockdown").contains("[integrity]"));
+    }
     guest.must("test -s /var/log/journal/$(cat /etc/machine-id)/fss");
 
     // The simulator's message answered, through the model.
@@ -712,10 +780,46 @@ async fn the_image_boots_provisions_answers_and_heals() {
         "ls -lA /var/lib/zhuli-provisioning/scrub-pending 2>&1; \
          journalctl -b --no-pager -o short-monotonic -u 'zhuli-provision@*' | tail -n 40",
     );
+    // Under Secure Boot, a kernel image nobody signed is dropped on the ESP as the newest
+    // release, on trial: the firmware refuses to start it, systemd-boot counts the try, and the
+    // signed release boots instead.
+    let unsigned = if secure_boot() {
+        let dropped = "zhuli_9.9.9+1.efi".to_owned();
+        let source = unsigned_uki(&image);
+        let size = std::fs::metadata(&source).expect("unsigned kernel image").len();
+        // A USB disk holding the file, padded to whole sectors.
+        let padded = dir.join("unsigned.img");
+        std::fs::copy(&source, &padded).expect("copy");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&padded)
+            .and_then(|f| f.set_len(size.next_multiple_of(512)))
+            .expect("pad");
+        guest.plug_file(&padded, "ZHULIUKI");
+        guest.run_until_ok("test -b /dev/disk/by-id/usb-QEMU_QEMU_HARDDISK_ZHULIUKI-0:0", Duration::from_secs(60));
+        guest.must(&format!(
+            "head -c {size} /dev/disk/by-id/usb-QEMU_QEMU_HARDDISK_ZHULIUKI-0:0 > /efi/EFI/Linux/{dropped} && sync && ls /efi/EFI/Linux"
+        ));
+        Some(dropped)
+    } else {
+        None
+    };
     let _ = guest.run("systemctl reboot", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(5));
     let rebooted = Instant::now();
     guest.run_until_ok("systemctl is-active zhuli.service", Duration::from_secs(420));
+    if let Some(dropped) = unsigned {
+        let refused = format!("Error loading \\EFI\\Linux\\{dropped}: Access denied");
+        assert!(guest.console_all().contains(&refused), "no refusal of {dropped} on the console:\n{}", guest.console());
+        assert_eq!(guest.must(". /etc/os-release && echo $IMAGE_VERSION").trim(), version, "the signed release runs");
+        let esp = guest.must("ls /efi/EFI/Linux");
+        assert!(esp.contains("zhuli_9.9.9+0-1.efi"), "the refused image's try was counted: {esp}");
+        assert_eq!(guest.must(SECURE_BOOT_STATE).trim(), "SecureBoot=1 SetupMode=0");
+        guest.must("rm /efi/EFI/Linux/zhuli_9.9.9+0-1.efi");
+        eprintln!(
+            "boot: an unsigned kernel image on the ESP was refused by the firmware; the signed release started instead"
+        );
+    }
     let in_guest = guest.must("echo $(( $(systemctl show -P ActiveEnterTimestampMonotonic zhuli.service) / 1000 ))");
     eprintln!(
         "boot: configured box: zhuli READY {} ms after the kernel started ({accel}; {:.1} s after the reboot was asked)",
@@ -756,6 +860,23 @@ async fn the_image_boots_provisions_answers_and_heals() {
         "the conversation did not survive the reboot: {asked}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `SecureBoot=N SetupMode=N` from the firmware's variables (the last byte of each).
+const SECURE_BOOT_STATE: &str = "v() { od -An -tu1 \"/sys/firmware/efi/efivars/$1-8be4df61-93ca-11d2-aa0d-00e098032b8c\" | awk '{ print $NF }' | tail -n 1; }; echo SecureBoot=$(v SecureBoot) SetupMode=$(v SetupMode)";
+
+/// The kernel image of the release in `image`'s folder before it was signed (image/build keeps
+/// it when it signs for Secure Boot).
+fn unsigned_uki(image: &Path) -> PathBuf {
+    let dir = image.parent().expect("the image's folder");
+    std::fs::read_dir(dir)
+        .expect("the image's folder")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".unsigned.efi"))
+        .unwrap_or_else(|| {
+            panic!("no zhuli_*.unsigned.efi beside {}: build the image with ZHULI_SB_KEYS", image.display())
+        })
 }
 
 /// Standard base64 of `data` (the probe's way to carry a file into the guest).
