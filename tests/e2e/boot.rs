@@ -573,6 +573,9 @@ async fn the_image_boots_provisions_answers_and_heals() {
     );
     assert!(matches!(report.configuration, zhuli::health::diagnostics::Section::Found(ref c) if c.serial == 1));
     assert!(report.disks.iter().any(|d| d.path == "/var" && d.free_bytes > 0), "{:?}", report.disks);
+    // The installer reads on the stick whether the firmware enforces Secure Boot.
+    let expected = if secure_boot() { "on (" } else { "setup mode (" };
+    assert!(report.versions.secure_boot.starts_with(expected), "secure boot: {}", report.versions.secure_boot);
     let scrubbed = String::from_utf8(stick::read(&stick_img, stick::CONFIG).expect("config")).expect("utf-8");
     assert!(!scrubbed.contains(support::SECRET) && !scrubbed.contains("sk-boot-test-key"), "secrets left the stick");
 
