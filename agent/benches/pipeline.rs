@@ -497,7 +497,7 @@ fn assistant_turns() {
         &rt,
         &dir,
         &format!(
-            "[llm]\nbase_url = {base:?}\nmodel = \"bench\"\nrequests_per_minute = 10000000\n\
+            "[llm]\nbase_url = {base:?}\nwhere = \"local\"\nmodel = \"bench\"\nrequests_per_minute = 10000000\n\
              [access]\ndefault_roles = [\"all\"]\n[access.roles.all]\ntools = [\"*\"]\n\
              [tools.files.roots]\nshare = {share:?}\n[audit]\njournal_socket = {journal:?}\n",
             base = llm.base_url(),
@@ -857,6 +857,36 @@ fn backend_calls() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What classing a turn costs: the personal-data detectors and the patterns over the largest
+/// tool result the model is shown (16 KiB, `max_tool_output_bytes`) and over a typical message.
+fn privacy_checks() {
+    let settings: zhuli::privacy::Settings = toml::from_str(
+        &std::env::var("ZHULI_BENCH_PRIVACY").unwrap_or("patterns = ['合同编号\\s*\\d+', \"项目代号\"]".into()),
+    )
+    .expect("settings");
+    let policy = zhuli::privacy::Policy::new(&settings).expect("policy");
+    let line = "会议纪要：订单 2024120300001 已发货，302 会议室周五 14:00 见，预算 12,345.67 元。 version 1.2.3 ";
+    let mut big = String::new();
+    while big.len() < 16 * 1024 {
+        big.push_str(line);
+    }
+    let message = "帮我看看下周三下午三点到五点的会议室安排，顺便提醒一下张三准备季度报告";
+    for (label, text, n) in [("16 KiB tool result", big.as_str(), 2_000), ("one message", message, 200_000)] {
+        let start = Instant::now();
+        let mut hits = 0usize;
+        for _ in 0..n {
+            hits += usize::from(policy.tool_result("github_show", &serde_json::Value::Null, text).is_some());
+        }
+        let per = start.elapsed() / n;
+        println!(
+            "privacy check, {label} ({} bytes, nothing found: {}): {per:?} each, {:.0} MB/s",
+            text.len(),
+            hits == 0,
+            text.len() as f64 / per.as_secs_f64() / 1e6
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted. `ZHULI_BENCH_ONLY=through` (a
     // section's name) runs one section, for before-and-after figures of one change.
@@ -876,6 +906,9 @@ fn main() {
     }
     if run("monitor") {
         monitoring_sample();
+    }
+    if run("privacy") {
+        privacy_checks();
     }
     if run("workspace") {
         workspace_calls();

@@ -69,10 +69,13 @@ pub enum Kind {
     Alert,
     /// A plugin stopped whole for reaching one of its limits (tasks, memory).
     PluginStopped,
+    /// A request to a model endpoint: which one, the data class, the tokens and why that
+    /// endpoint (never the content).
+    ModelCall,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::MessageAccepted,
         Kind::MessageRefused,
         Kind::ToolRequested,
@@ -87,6 +90,7 @@ impl Kind {
         Kind::ConfigChanged,
         Kind::Alert,
         Kind::PluginStopped,
+        Kind::ModelCall,
     ];
 
     /// The `ACTION` field.
@@ -106,6 +110,7 @@ impl Kind {
             Kind::ConfigChanged => "config-changed",
             Kind::Alert => "alert",
             Kind::PluginStopped => "plugin-stopped",
+            Kind::ModelCall => "model-call",
         }
     }
 
@@ -126,6 +131,7 @@ impl Kind {
             Kind::ConfigChanged => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0c",
             Kind::Alert => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0d",
             Kind::PluginStopped => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0e",
+            Kind::ModelCall => "4c1b6a0e9d2f4e7a8b3c5d6e7f801a0f",
         }
     }
 
@@ -153,6 +159,8 @@ pub struct Event {
     pub target: String,
     pub outcome: String,
     pub reason: String,
+    /// Fields of this kind of event only (`DATA_CLASS`, `TOKENS_IN`, …).
+    pub extra: Vec<(&'static str, String)>,
     pub at_ms: i64,
 }
 
@@ -166,6 +174,7 @@ impl Event {
             target: String::new(),
             outcome: String::new(),
             reason: String::new(),
+            extra: Vec::new(),
             at_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
         }
     }
@@ -183,6 +192,11 @@ impl Event {
     }
     pub fn reason(mut self, r: impl Into<String>) -> Self {
         self.reason = r.into();
+        self
+    }
+    /// A field of its own, named in capitals as journald wants.
+    pub fn field(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.extra.push((name, value.into()));
         self
     }
 
@@ -220,6 +234,7 @@ impl Event {
                 f.push((name, clip(v).to_owned()));
             }
         }
+        f.extend(self.extra.iter().filter(|(_, v)| !v.is_empty()).map(|(n, v)| (*n, clip(v).to_owned())));
         f
     }
 }

@@ -21,8 +21,14 @@ pub struct Config {
     pub dingtalk: dingtalk::Settings,
     #[serde(default)]
     pub store: store::StoreSettings,
-    /// The language model; without it the agent answers commands only.
+    /// The language model; without it (and without `[[models]]`) the agent answers commands only.
     pub llm: Option<llm::Settings>,
+    /// Further model endpoints, local or cloud, tried in this order after `[llm]`.
+    #[serde(default)]
+    pub models: Vec<llm::Settings>,
+    /// What counts as protected, and so goes only to local models.
+    #[serde(default)]
+    pub privacy: crate::privacy::Settings,
     #[serde(default)]
     pub assistant: assistant::AssistantSettings,
     #[serde(default)]

@@ -255,8 +255,14 @@ async fn set_up(llm: Option<Llm>, state_dir: &Path) -> anyhow::Result<(Simulator
     ));
     if let Some(llm) = &llm {
         toml.push_str(&format!(
-            "\n[llm]\nbase_url = {url:?}\nmodel = {model:?}\n{key}",
+            "\n[llm]\nbase_url = {url:?}\nwhere = {place:?}\nmodel = {model:?}\n{key}",
             url = llm.url,
+            // A model on this machine may see everything; any other is taken for a cloud one.
+            place = if ["://127.", "://localhost", "://[::1]"].iter().any(|h| llm.url.contains(h)) {
+                "local"
+            } else {
+                "cloud"
+            },
             model = llm.model,
             key = llm.key.as_ref().map(|k| format!("api_key = {k:?}\n")).unwrap_or_default()
         ));

@@ -146,13 +146,27 @@ pub fn config(config: &Config) -> Findings {
             }
         });
     }
-    if let Some(llm) = &config.llm {
+    let endpoints = config.llm.iter().map(|l| (l, "[llm]".to_owned()));
+    let endpoints = endpoints.chain(config.models.iter().map(|m| (m, format!("[[models]] {:?}", m.name))));
+    for (llm, table) in endpoints {
         if let Err(e) = check_url(&llm.base_url, "https", "http") {
-            f.errors.push(Problem::keyed("[llm] base_url", Said::new("problem.llm_url", &[("error", &e)])));
+            f.errors.push(Problem::keyed(format!("{table} base_url"), Said::new("problem.llm_url", &[("error", &e)])));
         }
         if llm.model.trim().is_empty() {
-            f.errors.push(Problem::keyed("[llm] model", Said::new("problem.llm_model", &[])));
+            f.errors.push(Problem::keyed(format!("{table} model"), Said::new("problem.llm_model", &[])));
         }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for m in config.llm.iter().chain(&config.models) {
+        if !names.insert(m.name.as_str()) {
+            f.errors.push(Problem::said(format!(
+                "[[models]] names {:?} twice (the [llm] table is named \"llm\"); give every model endpoint its own name",
+                m.name
+            )));
+        }
+    }
+    if let Err(e) = crate::privacy::Policy::new(&config.privacy) {
+        f.errors.push(Problem::said(e.to_string()));
     }
     let d = &config.dingtalk;
     for (field, value) in
@@ -371,6 +385,26 @@ mod tests {
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("[llm] base_url:") && e[0].contains("https://"), "{e:?}");
         assert!(errors("[llm]\nbase_url = \"http://127.0.0.1:11434/v1\"\nmodel = \"qwen2.5\"\n").is_empty());
+    }
+
+    #[test]
+    fn model_endpoints_and_privacy_rules_are_checked_by_name() {
+        let e = errors(
+            "[llm]\nbase_url = \"https://api.deepseek.com/v1\"\nmodel = \"deepseek-chat\"\n\
+             [[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = \"http://10.0.0.9:11434/v1\"\nmodel = \"\"\n\
+             [[models]]\nname = \"llm\"\nwhere = \"local\"\nbase_url = \"https://gpu.office.lan/v1\"\nmodel = \"qwen\"\n\
+             [privacy]\npatterns = [\"(\"]\n",
+        );
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(e.iter().any(|l| l.starts_with("[[models]] \"office\" base_url:") && l.contains("https://")), "{e:?}");
+        assert!(e.iter().any(|l| l.starts_with("[[models]] \"office\" model:")), "{e:?}");
+        assert!(e.iter().any(|l| l.contains("names \"llm\" twice")), "{e:?}");
+        assert!(e.iter().any(|l| l.contains("[privacy] patterns[0]")), "{e:?}");
+        assert!(errors("[[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = \"https://gpu.office.lan/v1\"\nmodel = \"qwen\"\n").is_empty());
+        assert!(
+            toml::from_str::<crate::config::Config>("[[models]]\nwhere = \"lan\"\n").is_err(),
+            "`where` is local or cloud"
+        );
     }
 
     #[test]

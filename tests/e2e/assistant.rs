@@ -59,7 +59,7 @@ async fn rig_in(tag: &str, agent_lines: &str, llm_extra: &str, tables: &str) -> 
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let llm = LlmSim::start().await.expect("llm sim");
     let config = format!(
-        "[llm]\nbase_url = {base:?}\nmodel = \"sim-model\"\napi_key = {LLM_KEY:?}\ntimeout_ms = 5000\nmax_retries = 1\n\
+        "[llm]\nbase_url = {base:?}\nwhere = \"local\"\nmodel = \"sim-model\"\napi_key = {LLM_KEY:?}\ntimeout_ms = 5000\nmax_retries = 1\n\
          requests_per_minute = 6000\n{llm_extra}\n\
          [assistant]\nconfirm_timeout_ms = 2000\n\
          [access]\nadmins = [\"boss\"]\ndirect_chats = \"pairing\"\ndirect_allow = [\"zhang\"]\ndefault_roles = [\"member\"]\n\

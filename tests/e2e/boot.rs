@@ -467,7 +467,7 @@ pub(crate) fn base_config(tls: &Tls, sim: &Simulator, llm: &LlmSim, rest: &str) 
     format!(
         "serial = 1\n[agent]\ntime_zone = \"Asia/Shanghai\"\nextra_ca_pem = \"\"\"\n{ca}\"\"\"\n\
          [dingtalk]\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\nrobot_code = \"{id}\"\napi_base = \"https://{API_IP}\"\n\
-         [llm]\nbase_url = \"https://{LLM_IP}/{path}\"\nmodel = \"sim-model\"\napi_key = \"sk-boot-test-key\"\n{rest}",
+         [llm]\nbase_url = \"https://{LLM_IP}/{path}\"\nwhere = \"local\"\nmodel = \"sim-model\"\napi_key = \"sk-boot-test-key\"\n{rest}",
         ca = tls.ca_pem,
         id = sim.config().client_id,
         secret = support::SECRET,

@@ -160,7 +160,7 @@ async fn slow_model() -> LlmSim {
 
 fn llm_config(llm: &LlmSim) -> String {
     format!(
-        "[llm]\nbase_url = {:?}\nmodel = \"sim-model\"\napi_key = \"sk-e2e-chats-0001\"\ntimeout_ms = 20000\nmax_retries = 1\n",
+        "[llm]\nbase_url = {:?}\nwhere = \"local\"\nmodel = \"sim-model\"\napi_key = \"sk-e2e-chats-0001\"\ntimeout_ms = 20000\nmax_retries = 1\n",
         llm.base_url()
     )
 }

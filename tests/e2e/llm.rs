@@ -9,6 +9,7 @@ use zhuli::{
     dingtalk::settings::Millis,
     llm::{
         ChatMessage, Client, LlmError, Role, Settings, ToolSpec,
+        route::Place,
         sim::{LlmSim, Scripted},
     },
     secret::Secret,
@@ -18,6 +19,8 @@ const KEY: &str = "sk-test-Vb7Qw2";
 
 fn settings(sim: &LlmSim, max_retries: u32) -> Settings {
     Settings {
+        name: "llm".into(),
+        place: Place::Cloud,
         base_url: sim.base_url(),
         model: "qwen-test".into(),
         api_key: Some(Secret::new(KEY)),

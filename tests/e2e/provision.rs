@@ -528,20 +528,22 @@ fn occurrences(path: &Path, needle: &[u8]) -> u64 {
 }
 
 /// One value of every kind of secret a configuration can carry.
-const EVERY_SECRET: [(&str, &str); 6] = [
+const EVERY_SECRET: [(&str, &str); 7] = [
     ("[dingtalk] client_secret", SECRET),
     ("[llm] api_key", "sk-llm-key-7hW2qLx9"),
     ("[tools.github] token", "github_pat_11AZ9kQ0rT5u"),
     ("[tools.drive] password", "drive-app-pass-Xq7v2M"),
     ("[tools.caldav] password", "caldav-app-pass-Lm3k8R"),
     ("[tools.mcp.search] env.API_KEY", "search-api-key-Pz5nW1"),
+    ("[[models]] \"office\" api_key", "model-office-key-Rt6yU2"),
 ];
 
 /// A configuration holding every kind of secret, a shared folder the import makes, a plugin.
 fn config_with_every_secret(sim: &Simulator, dir: &Path, serial: u64, note: &str) -> String {
-    let [_, llm, github, drive, caldav, plugin] = EVERY_SECRET.map(|(_, v)| v);
+    let [_, llm, github, drive, caldav, plugin, model] = EVERY_SECRET.map(|(_, v)| v);
     format!(
         "# {note}\n{}\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\napi_key = \"{llm}\"\n\
+         [[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = \"http://127.0.0.1:8/v1\"\nmodel = \"qwen\"\napi_key = \"{model}\"\n\
          [tools.files.roots]\nshare = {share:?}\n\
          [tools.github]\ntoken = \"{github}\"\nrepos = [\"office/website\"]\n\
          [tools.drive]\nurl = \"https://dav.office.test/remote.php/dav/files/zhuli/\"\nusername = \"zhuli\"\npassword = \"{drive}\"\n\
@@ -685,6 +687,17 @@ async fn no_byte_of_any_secret_is_left_anywhere_on_the_stick() {
             assert!(!imported.contains(value), "{field} in the imported configuration");
         }
         assert!(imported.contains("API_KEY = { credential = \"mcp-search-API_KEY\" }"), "{imported}");
+        // A model endpoint's key too: sealed, loaded by the drop-in, named in the configuration.
+        assert_eq!(
+            std::fs::read_to_string(current.join("model-office-api-key")).expect("model credential"),
+            EVERY_SECRET[6].1
+        );
+        assert!(
+            dropin
+                .contains(&format!("LoadCredential=model-office-api-key:{}", s(&current.join("model-office-api-key")))),
+            "{dropin}"
+        );
+        assert!(imported.contains("api_key = { credential = \"model-office-api-key\" }"), "{imported}");
     }
 }
 

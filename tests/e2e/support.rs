@@ -295,7 +295,7 @@ pub async fn confirmed_call(
 /// `[llm]` for a scripted model, `[access]` granting `tools` to everyone, `[audit]` to `journal`.
 pub fn assistant_config(llm: &zhuli::llm::sim::LlmSim, tools: &[&str], journal: &Journal) -> String {
     format!(
-        "[llm]\nbase_url = {base:?}\nmodel = \"sim-model\"\napi_key = \"sk-e2e\"\ntimeout_ms = 5000\nmax_retries = 1\n\
+        "[llm]\nbase_url = {base:?}\nwhere = \"local\"\nmodel = \"sim-model\"\napi_key = \"sk-e2e\"\ntimeout_ms = 5000\nmax_retries = 1\n\
          requests_per_minute = 6000\n\
          [access]\ndefault_roles = [\"member\"]\n\
          [access.roles.member]\ntools = {tools:?}\n\

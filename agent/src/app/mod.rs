@@ -69,6 +69,10 @@ pub enum AgentError {
     #[error(transparent)]
     Llm(#[from] LlmError),
     #[error(transparent)]
+    Privacy(#[from] crate::privacy::PolicyError),
+    #[error("[[models]] names {0:?} twice (the [llm] table is named \"llm\"); give every model endpoint its own name")]
+    ModelName(String),
+    #[error(transparent)]
     Workspace(#[from] tools::workspace::WorkspaceSettingsError),
     #[error(transparent)]
     Github(#[from] tools::github::GithubSettingsError),
@@ -303,23 +307,41 @@ pub async fn build_assistant(
         }
     }
     *health.config_changes.lock().unwrap_or_else(|p| p.into_inner()) = changes;
-    let llm_client = config.llm.clone().map(llm::Client::new).transpose()?;
-    if llm_client.is_none() {
-        log::warn!("no [llm] section: answering commands only");
+    let endpoints: Vec<llm::Settings> = config.llm.iter().chain(&config.models).cloned().collect();
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(twice) = endpoints.iter().find(|e| !names.insert(e.name.as_str())) {
+        return Err(AgentError::ModelName(twice.name.clone()));
     }
+    let vision = !endpoints.is_empty() && endpoints.iter().all(|e| e.vision);
+    let budget_limits = endpoints.first().map_or((0, 0), |l| (l.daily_tokens, l.daily_tokens_per_user));
+    let model = endpoints.first().map(|l| l.model.clone());
+    let router = if endpoints.is_empty() {
+        log::warn!("no [llm] section and no [[models]]: answering commands only");
+        None
+    } else {
+        let router = llm::route::Router::new(endpoints)?;
+        if !router.serves(llm::route::Class::Protected) {
+            log::warn!(
+                "no local model endpoint: protected work (files, address book, approvals, calendars, personal data) is refused, never sent to the cloud; add [[models]] with where = \"local\", or narrow [privacy]"
+            );
+        }
+        Some(router)
+    };
+    let privacy = crate::privacy::Policy::new(&config.privacy)?;
     Ok(Assistant::new(Parts {
         status: StatusView { started, stream: handles.stream.clone(), sender: handles.sender.clone() },
-        llm: llm_client,
-        model: config.llm.as_ref().map(|l| l.model.clone()),
+        llm: router,
+        privacy,
+        model,
         settings: config.assistant.clone(),
         tools: registry,
         roots,
         media,
-        vision: config.llm.as_ref().is_some_and(|l| l.vision),
+        vision,
         access,
         audit,
         store,
-        budget_limits: config.llm.as_ref().map_or((0, 0), |l| (l.daily_tokens, l.daily_tokens_per_user)),
+        budget_limits,
         tokens: Default::default(),
         llm_wait_ns: Default::default(),
         refusals: Default::default(),

@@ -51,7 +51,10 @@ pub struct StatusView {
 /// Everything the assistant works with.
 pub struct Parts {
     pub status: StatusView,
-    pub llm: Option<llm::Client>,
+    /// The model endpoints; `None` without any.
+    pub llm: Option<llm::route::Router>,
+    /// What counts as protected, and so goes only to local endpoints.
+    pub privacy: crate::privacy::Policy,
     /// The model's name, for `/status`.
     pub model: Option<String>,
     pub settings: AssistantSettings,

@@ -17,7 +17,11 @@ use tokio::time::Instant;
 use super::{Answer, Assistant, Progress, now_ms, settings::local_time};
 use crate::{
     audit::{Event, Kind},
-    llm::{ChatMessage, LlmError, Role, ToolCall},
+    llm::{
+        ChatMessage, LlmError, Role, ToolCall,
+        route::{Class, Piece, RouteError, Routed},
+    },
+    privacy::Why,
     store::{Role as TurnRole, Turn as StoredTurn, UndoEntry},
     tools::{self, Context, Risk, Tool, ToolError, schema, sha256_hex},
 };
@@ -50,6 +54,13 @@ pub struct TurnState {
     pub deadline: Instant,
     /// What the answer must say whatever the model writes.
     pub remarks: Remarks,
+    /// The endpoint that answered after the first choice failed or was bypassed.
+    pub fallback: Option<String>,
+    /// Why this turn is protected (the audit trail's reason), once it is: from then on only
+    /// local endpoints see it, and the rest of its conversation too.
+    pub protected: Option<String>,
+    /// Messages already found open (messages are only ever appended): each is looked at once.
+    pub scanned: usize,
 }
 
 /// What a turn's answer says besides the model's text: the agent's own words, so a model that
@@ -166,6 +177,11 @@ pub struct Budget {
 
 const BUDGET_SETTING: &str = "llm-token-use";
 
+/// The store setting that marks a conversation protected from the turn time it holds on.
+fn protected_setting(conversation: &str) -> String {
+    format!("protected\u{1f}{conversation}")
+}
+
 /// Cut `s` to `max` bytes on a character boundary, saying so (in English: for the model).
 pub fn clip(s: &str, max: usize) -> String {
     match cut(s, max) {
@@ -194,6 +210,16 @@ fn cut(s: &str, max: usize) -> Option<usize> {
     Some(end)
 }
 
+/// What a person is told when no model answered.
+fn route_trouble(e: &RouteError) -> String {
+    match e {
+        RouteError::NoLocal => t!("llm.no_local").into_owned(),
+        RouteError::NoneAnswered { class: Class::Protected, .. } => t!("llm.local_not_answering").into_owned(),
+        RouteError::NoneAnswered { last: Some(last), .. } => llm_trouble(last),
+        RouteError::NoneAnswered { last: None, .. } => t!("llm.not_answering").into_owned(),
+    }
+}
+
 fn llm_trouble(e: &LlmError) -> String {
     match e {
         LlmError::Unauthorised(_) => t!("llm.unauthorised"),
@@ -220,6 +246,19 @@ impl Assistant {
             Vec::new()
         });
         let history = recent_conversation(stored, now_ms(), llm.conversation_idle_ms.get().as_millis() as i64);
+        // Protected earlier in this session (its marker is as recent as the session's first turn):
+        // the rest of the session is protected too.
+        let protected = match history.first().map(|t| t.at_ms) {
+            None => None,
+            Some(session_start) => {
+                let key = protected_setting(&asker.conversation);
+                let marker = self.store_call(move |s| s.setting(&key)).await.ok().flatten();
+                marker
+                    .and_then(|m| m.parse::<i64>().ok())
+                    .filter(|m| *m >= session_start)
+                    .map(|_| Why::Conversation.reason())
+            }
+        };
         let prompt = if asker.group { llm.group_prompts.get(&asker.chat) } else { None }.unwrap_or(&llm.system_prompt);
         let (now, _) = local_time(now_ms(), llm.utc_offset_minutes);
         let mut messages = vec![ChatMessage::text(
@@ -248,6 +287,9 @@ impl Assistant {
             steps: 0,
             deadline: Instant::now() + llm.turn_timeout_ms.get(),
             remarks: Remarks::default(),
+            fallback: None,
+            protected,
+            scanned: 0,
         };
         self.drive(state, progress).await
     }
@@ -309,13 +351,18 @@ impl Assistant {
             }
             let granted = |name: &str| self.parts.access.granted(&state.asker.actor, &state.asker.chat, name);
             let specs = self.parts.tools.specs(granted);
+            let protected = self.protection(&mut state);
+            let class = if protected.is_some() { Class::Protected } else { Class::Open };
             let asked = async {
                 match progress {
-                    None => llm.complete(&state.messages, &specs).await,
+                    None => llm.complete(class, &state.messages, &specs).await,
                     Some(p) => {
                         let mut text = String::new();
-                        llm.stream(&state.messages, &specs, |piece| {
-                            text.push_str(piece);
+                        llm.stream(class, &state.messages, &specs, |piece| {
+                            match piece {
+                                Piece::Text(t) => text.push_str(t),
+                                Piece::Restart => text.clear(),
+                            }
                             p.show(&inert(&text));
                         })
                         .await
@@ -325,16 +372,22 @@ impl Assistant {
             let waited = Instant::now();
             let completion = tokio::time::timeout(left, asked).await;
             self.parts.llm_wait_ns.fetch_add(waited.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-            let completion = match completion {
+            let routed = match completion {
                 Err(_) => return self.timed_out(state).await,
                 Ok(Err(e)) => {
-                    log::warn!("LLM request failed: {e}");
+                    log::warn!("model request failed: {e}");
                     self.parts.llm_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let said = format!("{}{}", llm_trouble(&e), state.remarks.said());
+                    self.audit_model_call(&state.asker, class, protected.as_ref(), Err(&e));
+                    let said = format!("{}{}", route_trouble(&e), state.remarks.said());
                     return Answer::fixed(t!("llm.unavailable_title"), said);
                 }
-                Ok(Ok(c)) => c,
+                Ok(Ok(routed)) => routed,
             };
+            self.audit_model_call(&state.asker, class, protected.as_ref(), Ok(&routed));
+            if routed.fallback {
+                state.fallback = Some(routed.endpoint.clone());
+            }
+            let completion = routed.completion;
             state.steps += 1;
             if let Some(u) = completion.usage {
                 self.spend(&state.asker.actor, u.total_tokens);
@@ -381,6 +434,69 @@ impl Assistant {
         }
     }
 
+    /// Why the turn's next model request is protected, if it is: its chat is local-only, it
+    /// was protected before (earlier in the turn or the session), or a message or tool result
+    /// it carries is. The system prompt is configuration and is not looked at.
+    fn protection(&self, state: &mut TurnState) -> Option<String> {
+        if state.protected.is_none() {
+            state.protected = self.find_protected(state).map(|w| w.reason());
+            state.scanned = state.messages.len();
+        }
+        state.protected.clone()
+    }
+
+    fn find_protected(&self, state: &TurnState) -> Option<Why> {
+        let policy = &self.parts.privacy;
+        if let Some(why) = policy.local_chat(&state.asker.chat) {
+            return Some(why);
+        }
+        let calls: HashMap<&str, &ToolCall> =
+            state.messages.iter().flat_map(|m| m.tool_calls.iter().map(|c| (c.id.as_str(), c))).collect();
+        state.messages.iter().skip(state.scanned).filter(|m| m.role != Role::System).find_map(|m| {
+            let text = m.content.as_deref().unwrap_or("");
+            match m.tool_call_id.as_deref().and_then(|id| calls.get(id)) {
+                Some(call) if m.role == Role::Tool => {
+                    let args: Value = serde_json::from_str(&call.function.arguments).unwrap_or(Value::Null);
+                    policy.tool_result(&call.function.name, &args, text)
+                }
+                // A result without its call (never sent that way): judged by its text.
+                _ => policy.text(text),
+            }
+        })
+    }
+
+    /// One model request in the audit trail: the endpoint, the data class and why it is
+    /// protected, the tokens, and why that endpoint answered (never the content).
+    fn audit_model_call(
+        &self,
+        asker: &Asker,
+        class: Class,
+        protected: Option<&String>,
+        outcome: Result<&Routed, &RouteError>,
+    ) {
+        let mut event = Event::new(Kind::ModelCall, &asker.actor, &asker.chat)
+            .field("DATA_CLASS", class.name())
+            .field("PROTECTED_BY", protected.cloned().unwrap_or_default());
+        event = match outcome {
+            Ok(r) => {
+                let usage = r.completion.usage.unwrap_or_default();
+                event
+                    .target(&r.endpoint)
+                    .outcome(if r.fallback { "ok, fallback" } else { "ok" })
+                    .reason(format!("{} ({}): {}", class.name(), r.place.name(), r.why))
+                    .field("TOKENS_IN", usage.prompt_tokens.to_string())
+                    .field("TOKENS_OUT", usage.completion_tokens.to_string())
+            }
+            Err(RouteError::NoLocal) => event.outcome("refused").reason("protected work and no local endpoint"),
+            Err(RouteError::NoneAnswered { tried, .. }) => event.outcome("failed").reason(format!(
+                "{}: none answered ({})",
+                class.name(),
+                tried.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        };
+        self.parts.audit.record(event);
+    }
+
     async fn timed_out(&self, state: TurnState) -> Answer {
         self.parts.audit.record(
             Event::new(Kind::LimitHit, &state.asker.actor, &state.asker.chat).reason("turn took longer than allowed"),
@@ -393,6 +509,9 @@ impl Assistant {
     async fn finish(&self, state: TurnState, text: String) -> Answer {
         // The model's text is cut to size first: what the agent adds is never cut off.
         let mut text = closed(&clip_answer(&inert(&text), self.parts.settings.max_answer_bytes));
+        if let Some(name) = &state.fallback {
+            text.push_str(&format!("\n\n{}", t!("llm.fallback", name = name)));
+        }
         text.push_str(&state.remarks.said());
         for note in &state.remarks.notes {
             let key = note.split('`').nth(1).unwrap_or(note);
@@ -407,8 +526,16 @@ impl Assistant {
         let answer = StoredTurn { role: TurnRole::Assistant, text: text.clone(), at_ms: at };
         // Today's token use is kept with the history, in the same commit.
         let budget = serde_json::to_string(&*self.budget.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default();
-        if let Err(e) =
-            self.store_call(move |s| s.finish_turn(&conv, &[user, answer], &[(BUDGET_SETTING, budget)])).await
+        let mut settings = vec![(BUDGET_SETTING.to_owned(), budget)];
+        if state.protected.is_some() {
+            settings.push((protected_setting(&conv), at.to_string()));
+        }
+        if let Err(e) = self
+            .store_call(move |s| {
+                let settings: Vec<(&str, String)> = settings.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                s.finish_turn(&conv, &[user, answer], &settings)
+            })
+            .await
         {
             log::warn!("cannot keep the conversation history: {e}");
         }
@@ -904,6 +1031,8 @@ struct PendingRecord {
     notes: Vec<String>,
     #[serde(default)]
     refused: Vec<(String, usize)>,
+    #[serde(default)]
+    protected: Option<String>,
     call: ToolCall,
     args: Value,
     /// Wall-clock expiry (milliseconds since the epoch): a restart does not extend it.
@@ -944,6 +1073,7 @@ impl PendingRecord {
             steps: s.steps,
             notes: s.remarks.notes.clone(),
             refused: s.remarks.refused.clone(),
+            protected: s.protected.clone(),
             call: p.call.clone(),
             args: p.args.clone(),
             expires_at_ms: now_ms + p.expires.saturating_duration_since(now).as_millis() as i64,
@@ -980,6 +1110,9 @@ impl PendingRecord {
             steps: self.steps,
             deadline: now,
             remarks: Remarks { notes: self.notes, refused: self.refused },
+            fallback: None,
+            protected: self.protected,
+            scanned: 0,
         };
         let expires = now + Duration::from_millis(left);
         Some((self.code, Pending { state, call: self.call, args: self.args, expires }))

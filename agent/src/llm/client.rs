@@ -144,7 +144,22 @@ impl Client {
 
     /// One whole answer.
     pub async fn complete(&self, messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<Completion, LlmError> {
-        self.retrying(|| self.complete_once(messages, tools)).await
+        self.complete_with(messages, tools, self.settings.max_retries).await
+    }
+
+    /// One whole answer, with at most `retries` retries.
+    pub async fn complete_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        retries: u32,
+    ) -> Result<Completion, LlmError> {
+        self.retrying(retries, || self.complete_once(messages, tools)).await
+    }
+
+    /// The retries configured for this endpoint.
+    pub fn max_retries(&self) -> u32 {
+        self.settings.max_retries
     }
 
     /// A streamed answer: `on_text` gets each piece of text as it arrives; the assembled answer
@@ -153,10 +168,21 @@ impl Client {
         &self,
         messages: &[ChatMessage],
         tools: &[ToolSpec],
+        on_text: impl FnMut(&str),
+    ) -> Result<Completion, LlmError> {
+        self.stream_with(messages, tools, self.settings.max_retries, on_text).await
+    }
+
+    /// A streamed answer, with at most `retries` retries.
+    pub async fn stream_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        retries: u32,
         mut on_text: impl FnMut(&str),
     ) -> Result<Completion, LlmError> {
         let mut started = false;
-        let mut retries = Retries::new(self.settings.max_retries);
+        let mut retries = Retries::new(retries);
         loop {
             self.limiter.until_ready().await;
             let outcome = self.stream_once(messages, tools, &mut on_text, &mut started).await;
@@ -167,12 +193,12 @@ impl Client {
         }
     }
 
-    async fn retrying<F, Fut>(&self, mut once: F) -> Result<Completion, LlmError>
+    async fn retrying<F, Fut>(&self, retries: u32, mut once: F) -> Result<Completion, LlmError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Completion, Attempt>>,
     {
-        let mut retries = Retries::new(self.settings.max_retries);
+        let mut retries = Retries::new(retries);
         loop {
             self.limiter.until_ready().await;
             let outcome = once().await;

@@ -9,6 +9,8 @@
 //! Never logs prompts or answers; the API key is a [`Secret`] and never appears in an error.
 
 mod client;
+pub mod health;
+pub mod route;
 pub mod sim;
 pub mod sse;
 
@@ -22,6 +24,12 @@ pub use client::{Client, LlmError};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The endpoint's name in `/status`, the audit trail and replies (`[llm]` is "llm").
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// `local` (on the office's own machines: may see protected work) or `cloud` (the default).
+    #[serde(rename = "where", default)]
+    pub place: route::Place,
     /// Base URL up to and including the version, e.g. `https://api.deepseek.com/v1` or
     /// `http://127.0.0.1:8080/v1` (plain http only to loopback).
     pub base_url: String,
@@ -45,6 +53,9 @@ pub struct Settings {
     pub daily_tokens_per_user: u64,
 }
 
+fn default_name() -> String {
+    "llm".into()
+}
 fn default_timeout() -> Millis {
     Millis::from_ms(120_000)
 }

@@ -42,6 +42,8 @@ pub enum Scripted {
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
     pub body: Value,
+    /// The request body exactly as it arrived.
+    pub raw: Bytes,
     pub authorization: Option<String>,
     /// When the request arrived, and when its answer was sent.
     pub arrived: tokio::time::Instant,
@@ -239,7 +241,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
         Ok(b) => b.to_bytes(),
         Err(_) => return full(StatusCode::BAD_REQUEST, json!({"error": {"message": "unreadable body"}})),
     };
-    let Ok(body): Result<Value, _> = serde_json::from_slice(&body) else {
+    let raw = body;
+    let Ok(body): Result<Value, _> = serde_json::from_slice(&raw) else {
         return full(StatusCode::BAD_REQUEST, json!({"error": {"message": "body is not JSON"}}));
     };
     let stream = body["stream"].as_bool() == Some(true);
@@ -262,7 +265,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
             Scripted::Text("ok".into())
         };
         let index = (!st.forget).then(|| {
-            st.requests.push(RecordedRequest { body, authorization, arrived, answered: None });
+            st.requests.push(RecordedRequest { body, raw, authorization, arrived, answered: None });
             st.requests.len() - 1
         });
         (st.script.pop_front().unwrap_or(fallback), st.chunk_delay, st.answer_delay, index)

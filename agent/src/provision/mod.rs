@@ -125,6 +125,13 @@ struct SecretSpans {
     dingtalk: Option<DingtalkSpan>,
     llm: Option<LlmSpan>,
     tools: Option<ToolsSpan>,
+    #[serde(default)]
+    models: Vec<ModelSpan>,
+}
+#[derive(Deserialize)]
+struct ModelSpan {
+    name: Option<String>,
+    api_key: Option<toml::Spanned<toml::Value>>,
 }
 #[derive(Deserialize)]
 struct ToolsSpan {
@@ -170,6 +177,12 @@ impl FoundSecret {
     fn is_plugin_env(&self) -> bool {
         self.credential.starts_with("mcp-")
     }
+
+    /// A credential named after something the configuration names (a plugin's variable, a
+    /// model endpoint's key): loaded by the drop-in, not by the unit itself.
+    fn in_dropin(&self) -> bool {
+        self.is_plugin_env() || self.credential.starts_with("model-")
+    }
 }
 
 /// An environment variable's name: letters, digits and `_`, not starting with a digit.
@@ -198,6 +211,20 @@ fn secrets_in(text: &str, path: &Path) -> Result<Vec<FoundSecret>, ProvisionErro
         (drive, CRED_DRIVE.into(), "[tools.drive] password".into()),
         (caldav, CRED_CALDAV.into(), "[tools.caldav] password".into()),
     ];
+    for model in spans.models {
+        let Some(key) = model.api_key else { continue };
+        let name = model.name.unwrap_or_default();
+        let field = format!("[[models]] {name:?} api_key");
+        let name_ok = !name.is_empty()
+            && name.len() <= 24
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !name_ok {
+            return Err(ProvisionError::Invalid(format!(
+                "{field}: a model endpoint with a key needs a name of up to 24 lowercase letters, digits and -"
+            )));
+        }
+        fields.push((Some(key), format!("model-{name}-api-key"), field));
+    }
     for (plugin, p) in mcp {
         for (var, value) in p.env {
             let field = format!("[tools.mcp.{plugin}] env.{var}");
@@ -961,7 +988,7 @@ fn stage(
             (name.to_string(), value)
         })
         .collect();
-    values.extend(secrets.iter().filter(|s| s.is_plugin_env()).map(|s| (s.credential.clone(), s.value.as_str())));
+    values.extend(secrets.iter().filter(|s| s.in_dropin()).map(|s| (s.credential.clone(), s.value.as_str())));
     for (name, value) in &values {
         match opts.credentials {
             Credentials::Plain => {
@@ -1048,6 +1075,16 @@ robot_code = "dingxxxxxxxxxxxx"      # usually the Client ID
 # model = "deepseek-chat"
 # api_key = "sk-..."                 # removed from the stick on import
 # daily_tokens = 2000000
+
+# [[models]]                         # a model on the office's own machines: protected work
+# name = "office"                    # (files, address book, approvals, calendars, personal
+# where = "local"                    # data) goes only to such models, never to the cloud
+# base_url = "https://gpu.office.lan/v1"
+# model = "qwen2.5:14b"
+
+# [privacy]                          # what counts as protected; see docs/CONFIGURATION.md
+# local_chats = ["cidXXXX=="]        # every turn in these chats stays local
+# open_folders = ["share/公开"]       # files here may go to the cloud
 
 [agent]
 time_zone = "Asia/Shanghai"          # the office's time zone (IANA name): times in chat and logs

@@ -1,0 +1,298 @@
+//! Hybrid deployment with the real binary: a cloud model and a local one, each a server on
+//! loopback. Conversations that mix protected content (personal data, protected files, a
+//! local-only group, a configured pattern, a conversation that read something protected) and
+//! open content go their ways, and the cloud server's received bytes hold no protected value.
+//! A failing cloud hands open work to the local model and the reply says so; a failing local
+//! model leaves protected work unanswered, said plainly, and nothing goes to the cloud.
+
+use serde_json::json;
+use zhuli::{
+    audit::Kind,
+    dingtalk::sim::{Inject, Simulator},
+    llm::sim::{LlmSim, Scripted},
+};
+
+use crate::support::{self, Journal, calls, field};
+
+const CLOUD_KEY: &str = "sk-cloud-Hq3v9Tz1";
+
+/// Values that must never reach the cloud.
+const PROTECTED: &[&str] = &[
+    "13912345678",
+    "11010519491231002X",
+    "6222 0202 0000 0000 006",
+    "wang.fang@acme-corp.cn",
+    "186 0000 1234",
+    "青松计划",
+    "月薪 28000",
+    "裁员名单",
+    "赵六的病假条",
+    "二零二五年度调薪",
+];
+
+struct Rig {
+    sim: Simulator,
+    cloud: LlmSim,
+    local: LlmSim,
+    agent: support::Agent,
+    journal: Journal,
+    _scratch: std::path::PathBuf,
+}
+
+async fn rig(tag: &str) -> Rig {
+    let scratch = support::temp_dir(&format!("{tag}-hybrid"));
+    let share = scratch.join("share");
+    std::fs::create_dir_all(share.join("hr")).expect("hr");
+    std::fs::create_dir_all(share.join("公开")).expect("open folder");
+    std::fs::write(share.join("hr/工资.txt"), "王芳 月薪 28000 元，二零二五年度调薪待定。").expect("pay");
+    std::fs::write(share.join("hr/请假.txt"), "赵六的病假条已收到。").expect("leave");
+    std::fs::write(share.join("公开/菜单.txt"), "周五午餐：饺子。").expect("menu");
+    let journal = Journal::start(&scratch);
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let cloud = LlmSim::start().await.expect("cloud model");
+    let local = LlmSim::start().await.expect("local model");
+    cloud.set_echo(true);
+    local.set_echo(true);
+    let config = format!(
+        "[llm]\nname = \"deepseek\"\nbase_url = {cloud:?}\nmodel = \"cloud-model\"\napi_key = {CLOUD_KEY:?}\n\
+         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n\
+         [[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = {local:?}\nmodel = \"local-model\"\n\
+         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n\
+         [privacy]\nopen_folders = [\"share/公开\"]\nlocal_chats = [\"cidHR==\"]\npatterns = [\"项目代号\"]\n\
+         [access]\ngroup_chats = \"open\"\ndefault_roles = [\"member\"]\n[access.roles.member]\ntools = [\"files\"]\n\
+         [tools.files.roots]\nshare = {share:?}\n\
+         [audit]\njournal_socket = {journal:?}\n",
+        cloud = cloud.base_url(),
+        local = local.base_url(),
+        share = share.display().to_string(),
+        journal = journal.path.display().to_string(),
+    );
+    let agent = support::connected_agent(tag, &sim, &config).await;
+    Rig { sim, cloud, local, agent, journal, _scratch: scratch }
+}
+
+/// Where a request is expected to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum To {
+    Cloud,
+    Local,
+}
+
+/// One message of a conversation: who says what where, and where each model request of its
+/// turn must go (a tool call makes two).
+struct Say {
+    who: &'static str,
+    group: Option<&'static str>,
+    text: &'static str,
+    /// A tool the first model asks for (scripted on the model that gets the first request).
+    tool: Option<(&'static str, serde_json::Value)>,
+    requests: &'static [To],
+}
+
+fn say(who: &'static str, text: &'static str, requests: &'static [To]) -> Say {
+    Say { who, group: None, text, tool: None, requests }
+}
+
+impl Rig {
+    async fn run(&self, s: &Say) -> String {
+        let first = match s.requests.first() {
+            Some(To::Cloud) => &self.cloud,
+            _ => &self.local,
+        };
+        if let Some((tool, args)) = &s.tool {
+            first.push(calls(&[(tool, args.clone())]));
+        }
+        let (c0, l0) = (self.cloud.requests().len(), self.local.requests().len());
+        let mut m = Inject::text(s.text).from(s.who);
+        if let Some(chat) = s.group {
+            m = m.in_group(true).conversation(chat);
+        }
+        let reply = support::ask(&self.sim, &self.agent, m).await;
+        let cloud = self.cloud.requests().len() - c0;
+        let local = self.local.requests().len() - l0;
+        let want_cloud = s.requests.iter().filter(|t| **t == To::Cloud).count();
+        assert_eq!(
+            (cloud, local),
+            (want_cloud, s.requests.len() - want_cloud),
+            "{} said {:?}: requests to (cloud, local); reply: {reply}",
+            s.who,
+            s.text
+        );
+        reply
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_content_never_reaches_the_cloud() {
+    use To::{Cloud, Local};
+    let rig = rig("hybrid-leak").await;
+    let read = |path: &str| Some(("files_read", json!({ "path": path })));
+    let conversations: Vec<Vec<Say>> = vec![
+        // Open questions: the cloud.
+        vec![say("p01", "明天上海天气怎么样？", &[Cloud])],
+        vec![say("p02", "帮我写一首关于春天的短诗", &[Cloud])],
+        vec![say("p03", "Rust 的所有权是什么意思？", &[Cloud])],
+        vec![say("p04", "把这句话翻译成英文：会议推迟到三点", &[Cloud])],
+        vec![say("p05", "订单号 2024120300001 的物流到哪了？", &[Cloud])],
+        vec![say("p06", "会议室 302 明天下午有空吗", &[Cloud])],
+        vec![say("p07", "版本 1.2.3-rc1 和 1.2.4 有什么区别", &[Cloud])],
+        vec![say("p08", "2024-12-03 14:00 到 15:30 一共多久？", &[Cloud])],
+        // Personal data in the message: the local model.
+        vec![say("p09", "给 13912345678 回个电话，说明天再聊", &[Local])],
+        vec![say("p10", "身份证号 11010519491231002X 的人是哪年出生的？", &[Local])],
+        vec![say("p11", "报销打到卡号 6222 0202 0000 0000 006 上", &[Local])],
+        vec![say("p12", "发邮件给 wang.fang@acme-corp.cn 约个时间", &[Local])],
+        vec![say("p13", "客户电话 +86 186 0000 1234，帮我记一下", &[Local])],
+        // A configured pattern.
+        vec![say("p14", "项目代号青松计划的进度怎么样", &[Local])],
+        // A protected file: the question is open, the file's content is not.
+        vec![Say {
+            tool: read("share/hr/工资.txt"), ..say("p15", "看一下 hr 文件夹里的工资表", &[Cloud, Local])
+        }],
+        vec![Say { tool: read("share/hr/请假.txt"), ..say("p16", "请假记录里写了什么", &[Cloud, Local]) }],
+        // A file in an open folder goes to the cloud.
+        vec![Say { tool: read("share/公开/菜单.txt"), ..say("p17", "周五吃什么？", &[Cloud, Cloud]) }],
+        // Listing the protected tree is protected too.
+        vec![Say {
+            tool: Some(("files_list", json!({"path": "share/hr"}))),
+            ..say("p18", "hr 里有哪些文件", &[Cloud, Local])
+        }],
+        // A local-only group: everything stays local, even small talk.
+        vec![Say { group: Some("cidHR=="), ..say("p19", "下周裁员名单讨论放在几点？", &[Local]) }],
+        vec![Say { group: Some("cidHR=="), ..say("p20", "大家好", &[Local]) }],
+        // Any other group: open.
+        vec![Say { group: Some("cidSales=="), ..say("p21", "今天的销售例会几点开始", &[Cloud]) }],
+        // A conversation that read something protected stays local for the rest of its session…
+        vec![
+            Say { tool: read("share/hr/工资.txt"), ..say("p22", "工资表第一行是谁", &[Cloud, Local]) },
+            say("p22", "好的，再用一句话总结一下", &[Local]),
+            say("p22", "谢谢", &[Local]),
+            // … until it starts afresh.
+            say("p22", "/new", &[]),
+            say("p22", "今天是星期几？", &[Cloud]),
+        ],
+        // Personal data said first, then open questions in the same session: local.
+        vec![say("p23", "我的手机号是 13912345678", &[Local]), say("p23", "帮我想个周末去处", &[Local])],
+        // Open first, protected later: the earlier open turn went to the cloud, the rest local.
+        vec![
+            say("p24", "写一封请假邮件的开头", &[Cloud]),
+            say("p24", "收件人是 wang.fang@acme-corp.cn", &[Local]),
+            say("p24", "再改短一点", &[Local]),
+        ],
+        vec![
+            say("p25", "帮我列个会议议程", &[Cloud]),
+            Say { tool: read("share/hr/请假.txt"), ..say("p25", "顺便看看请假记录", &[Cloud, Local]) },
+            say("p25", "议程里加上这件事", &[Local]),
+        ],
+        // Numbers that look like personal data but are not: the cloud.
+        vec![say("p26", "12800138000 是什么号码？", &[Cloud])],
+        vec![say("p27", "6222020200000000002 这个数字有什么规律", &[Cloud])],
+        vec![say("p28", "邮箱格式是 user@localhost 吗", &[Cloud])],
+        vec![say("p29", "圆周率前 20 位是多少", &[Cloud])],
+        vec![say("p30", "2025 年有多少个工作日", &[Cloud])],
+        vec![say("p31", "推荐一本讲项目管理的书", &[Cloud])],
+        vec![Say { group: Some("cidHR=="), ..say("p32", "二零二五年度调薪方案什么时候出", &[Local]) }],
+    ];
+    let mut totals = (0usize, 0usize);
+    for conversation in &conversations {
+        for s in conversation {
+            rig.run(s).await;
+            totals.0 += s.requests.iter().filter(|t| **t == To::Cloud).count();
+            totals.1 += s.requests.iter().filter(|t| **t == To::Local).count();
+        }
+    }
+    let cloud_bytes: Vec<u8> = rig.cloud.requests().iter().flat_map(|r| r.raw.to_vec()).collect();
+    let cloud_text = String::from_utf8_lossy(&cloud_bytes).into_owned();
+    let local_bytes: Vec<u8> = rig.local.requests().iter().flat_map(|r| r.raw.to_vec()).collect();
+    let local_text = String::from_utf8_lossy(&local_bytes).into_owned();
+    for value in PROTECTED {
+        assert!(!cloud_text.contains(value), "{value:?} reached the cloud");
+        assert!(local_text.contains(value), "{value:?} never reached the local model: the suite did not exercise it");
+    }
+    // JSON may escape characters: the parsed bodies say the same.
+    for r in rig.cloud.requests() {
+        let body = r.body.to_string();
+        for value in PROTECTED {
+            assert!(!body.contains(value), "{value:?} reached the cloud");
+        }
+    }
+    assert_eq!((rig.cloud.requests().len(), rig.local.requests().len()), totals);
+
+    // Every model call is audited: endpoint, class, tokens, why; never the content.
+    let protected_calls = rig.journal.expect(totals.1, Kind::ModelCall, &[("DATA_CLASS", "protected")]);
+    assert!(protected_calls.iter().all(|e| field(e, "TARGET") == Some("office")));
+    assert!(protected_calls.iter().all(|e| field(e, "PROTECTED_BY").is_some_and(|w| !w.is_empty())));
+    let open_calls = rig.journal.expect(totals.0, Kind::ModelCall, &[("DATA_CLASS", "open")]);
+    assert!(open_calls.iter().all(|e| field(e, "TARGET") == Some("deepseek") && field(e, "TOKENS_IN") == Some("12")));
+    let reasons: Vec<&str> = protected_calls.iter().filter_map(|e| field(e, "PROTECTED_BY")).collect();
+    for why in [
+        "found:mobile",
+        "found:resident_id",
+        "found:bank_card",
+        "found:email",
+        "pattern:0",
+        "tool:files_read",
+        "tool:files_list",
+        "local_chat",
+        "conversation",
+    ] {
+        assert!(reasons.contains(&why), "no call protected by {why}: {reasons:?}");
+    }
+    for e in rig.journal.all() {
+        for (k, v) in &e {
+            for value in PROTECTED {
+                assert!(!v.contains(value), "{k} of an audit entry holds {value:?}: {e:?}");
+            }
+            assert!(!v.contains(CLOUD_KEY), "the cloud key in the audit trail");
+        }
+    }
+    assert!(!rig.agent.log().contains(CLOUD_KEY));
+    let conversations_run = conversations.len();
+    eprintln!(
+        "hybrid: {conversations_run} conversations, {} messages; {} requests to the cloud, {} to the local model; \
+         {} protected values, none in the cloud's {} bytes",
+        conversations.iter().map(Vec::len).sum::<usize>(),
+        totals.0,
+        totals.1,
+        PROTECTED.len(),
+        cloud_bytes.len()
+    );
+    assert!(conversations_run >= 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_cloud_hands_over_and_a_failing_local_model_keeps_protected_work_home() {
+    let rig = rig("hybrid-failover").await;
+    // The cloud answers 500 twice (the try and its retry): the local model answers, and the
+    // reply says a fallback model did.
+    rig.cloud.set_echo(false);
+    rig.cloud.push(Scripted::Status { code: 500, retry_after: Some(0) });
+    rig.cloud.push(Scripted::Status { code: 500, retry_after: Some(0) });
+    let started = std::time::Instant::now();
+    let reply = support::ask(&rig.sim, &rig.agent, Inject::text("帮我起个标题").from("q1")).await;
+    let took = started.elapsed();
+    assert!(reply.starts_with("回答：帮我起个标题"), "{reply}");
+    assert!(reply.contains("备用模型 office"), "{reply}");
+    let e = rig.journal.expect(1, Kind::ModelCall, &[("OUTCOME", "ok, fallback")]);
+    assert_eq!(field(&e[0], "TARGET"), Some("office"));
+    assert!(field(&e[0], "REASON").is_some_and(|r| r.contains("after deepseek: failed")), "{e:?}");
+    eprintln!("hybrid: cloud answering 500 → reply from the local model in {took:?}");
+
+    // The local model is down (503 on every try): protected work is not answered, the person
+    // is told why, and the healthy cloud gets nothing.
+    rig.cloud.set_echo(true);
+    let cloud_before = rig.cloud.requests().len();
+    rig.local.set_echo(false);
+    for _ in 0..2 {
+        rig.local.push(Scripted::Status { code: 503, retry_after: Some(0) });
+    }
+    let reply =
+        support::ask(&rig.sim, &rig.agent, Inject::text("我的身份证号 11010519491231002X 对吗").from("q2")).await;
+    assert!(reply.contains("本地模型暂时没有响应") && reply.contains("内容没有发往云端"), "{reply}");
+    assert_eq!(rig.cloud.requests().len(), cloud_before, "nothing went to the cloud");
+    rig.journal.expect(1, Kind::ModelCall, &[("OUTCOME", "failed"), ("DATA_CLASS", "protected")]);
+    // Open work still goes to the cloud meanwhile.
+    let reply = support::ask(&rig.sim, &rig.agent, Inject::text("讲个笑话").from("q3")).await;
+    assert!(reply.starts_with("回答：讲个笑话") && !reply.contains("备用模型"), "{reply}");
+    assert_eq!(rig.cloud.requests().len(), cloud_before + 1);
+}
