@@ -183,7 +183,8 @@ pub fn config(config: &Config) -> Findings {
         ("[tools.drive] password", config.tools.drive.password.as_ref()),
         ("[tools.caldav] password", config.tools.caldav.password.as_ref()),
     ];
-    for (field, secret) in secrets {
+    let model_keys = config.models.iter().map(|m| (format!("[[models]] {:?} api_key", m.name), m.api_key.as_ref()));
+    for (field, secret) in secrets.into_iter().map(|(f, s)| (f.to_owned(), s)).chain(model_keys) {
         if secret.is_some_and(|s| PLACEHOLDER_SECRETS.contains(&s.expose())) {
             f.errors.push(Problem::keyed(field, Said::new("problem.placeholder_secret", &[])));
         }

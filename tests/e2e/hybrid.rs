@@ -40,6 +40,11 @@ struct Rig {
 }
 
 async fn rig(tag: &str) -> Rig {
+    rig_with(tag, "", "").await
+}
+
+/// [`rig`] with more lines for both endpoints' tables and for `[privacy]`.
+async fn rig_with(tag: &str, endpoints: &str, privacy: &str) -> Rig {
     let scratch = support::temp_dir(&format!("{tag}-hybrid"));
     let share = scratch.join("share");
     std::fs::create_dir_all(share.join("hr")).expect("hr");
@@ -55,11 +60,11 @@ async fn rig(tag: &str) -> Rig {
     local.set_echo(true);
     let config = format!(
         "[llm]\nname = \"deepseek\"\nbase_url = {cloud:?}\nmodel = \"cloud-model\"\napi_key = {CLOUD_KEY:?}\n\
-         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n\
+         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n{endpoints}\n\
          [[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = {local:?}\nmodel = \"local-model\"\n\
-         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n\
-         [privacy]\nopen_folders = [\"share/公开\"]\nlocal_chats = [\"cidHR==\"]\npatterns = [\"项目代号\"]\n\
-         [access]\ngroup_chats = \"open\"\ndefault_roles = [\"member\"]\n[access.roles.member]\ntools = [\"files\"]\n\
+         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n{endpoints}\n\
+         [privacy]\nopen_folders = [\"share/公开\"]\nlocal_chats = [\"cidHR==\"]\npatterns = [\"项目代号\"]\n{privacy}\n\
+         [access]\nadmins = [\"boss\"]\ngroup_chats = \"open\"\ndefault_roles = [\"member\"]\n[access.roles.member]\ntools = [\"files\"]\n\
          [tools.files.roots]\nshare = {share:?}\n\
          [audit]\njournal_socket = {journal:?}\n",
         cloud = cloud.base_url(),
@@ -201,6 +206,15 @@ async fn protected_content_never_reaches_the_cloud() {
             totals.1 += s.requests.iter().filter(|t| **t == To::Local).count();
         }
     }
+    // A model that gives two calls of one step the same id: each result is still judged by its
+    // own call, so the salary file's does not pass for the menu's.
+    let read = |path: &str| json!({ "path": path }).to_string();
+    rig.cloud.push(Scripted::ToolCallsWithIds(vec![
+        ("x".into(), "files_read".into(), read("share/hr/工资.txt")),
+        ("x".into(), "files_read".into(), read("share/公开/菜单.txt")),
+    ]));
+    rig.run(&say("p33", "工资表和菜单都看一下", &[Cloud, Local])).await;
+    totals = (totals.0 + 1, totals.1 + 1);
     let cloud_bytes: Vec<u8> = rig.cloud.requests().iter().flat_map(|r| r.raw.to_vec()).collect();
     let cloud_text = String::from_utf8_lossy(&cloud_bytes).into_owned();
     let local_bytes: Vec<u8> = rig.local.requests().iter().flat_map(|r| r.raw.to_vec()).collect();
@@ -247,11 +261,11 @@ async fn protected_content_never_reaches_the_cloud() {
         }
     }
     assert!(!rig.agent.log().contains(CLOUD_KEY));
-    let conversations_run = conversations.len();
+    let conversations_run = conversations.len() + 1;
     eprintln!(
         "hybrid: {conversations_run} conversations, {} messages; {} requests to the cloud, {} to the local model; \
          {} protected values, none in the cloud's {} bytes",
-        conversations.iter().map(Vec::len).sum::<usize>(),
+        conversations.iter().map(Vec::len).sum::<usize>() + 1,
         totals.0,
         totals.1,
         PROTECTED.len(),
@@ -295,4 +309,36 @@ async fn a_failing_cloud_hands_over_and_a_failing_local_model_keeps_protected_wo
     let reply = support::ask(&rig.sim, &rig.agent, Inject::text("讲个笑话").from("q3")).await;
     assert!(reply.starts_with("回答：讲个笑话") && !reply.contains("备用模型"), "{reply}");
     assert_eq!(rig.cloud.requests().len(), cloud_before + 1);
+
+    // `/状态` shows each endpoint: where it runs, its calls, latency and errors.
+    let status = support::ask(&rig.sim, &rig.agent, Inject::text("/状态").from("boss")).await;
+    for line in ["deepseek（云端，cloud-model）：最近 2 次调用", "office（本地，local-model）：最近 2 次调用"]
+    {
+        assert!(status.contains(line), "{line}: {status}");
+    }
+    assert_eq!(status.matches("出错 50%").count(), 2, "one failure in two calls each: {status}");
+    assert!(!status.contains("暂停使用"), "nothing is bypassed after one failure: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pictures_stay_local_unless_the_configuration_opens_them() {
+    let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR-sim".to_vec();
+    for (open, to) in [(false, To::Local), (true, To::Cloud)] {
+        let rig = rig_with(
+            &format!("hybrid-picture-{open}"),
+            "vision = true",
+            if open { "open_pictures = true" } else { "" },
+        )
+        .await;
+        let picture = Inject { media: png.clone(), ..Inject::of("picture", "").from("p40") };
+        let (c0, l0) = (rig.cloud.requests().len(), rig.local.requests().len());
+        support::ask(&rig.sim, &rig.agent, picture).await;
+        let (cloud, local) = (rig.cloud.requests().len() - c0, rig.local.requests().len() - l0);
+        assert_eq!((cloud, local), if to == To::Cloud { (1, 0) } else { (0, 1) }, "open_pictures = {open}");
+        let sent = if to == To::Cloud { rig.cloud.requests() } else { rig.local.requests() };
+        assert!(sent[0].body.to_string().contains("data:image/png;base64,"), "the picture went as an image");
+        if !open {
+            rig.journal.expect(1, Kind::ModelCall, &[("PROTECTED_BY", "picture")]);
+        }
+    }
 }

@@ -30,6 +30,11 @@ fn endpoint(name: &str, place: Place, sim: &LlmSim, timeout_ms: u64) -> Settings
     }
 }
 
+/// A turn's deadline far enough away not to matter.
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(120)
+}
+
 fn ask(text: &str) -> Vec<ChatMessage> {
     vec![ChatMessage::text(Role::System, "You are zhuli."), ChatMessage::text(Role::User, text)]
 }
@@ -55,12 +60,12 @@ async fn pair(timeout_ms: u64) -> Pair {
 async fn open_work_goes_to_the_cloud_and_protected_work_never_does() {
     let p = pair(5_000).await;
     p.cloud.push(Scripted::Text("云端回答".into()));
-    let r = p.router.complete(Class::Open, &ask("今天天气"), &[]).await.expect("open answer");
+    let r = p.router.complete(Class::Open, far(), &ask("今天天气"), &[]).await.expect("open answer");
     assert_eq!((r.endpoint.as_str(), r.place, r.fallback, r.why.as_str()), ("cloud", Place::Cloud, false, "first"));
     assert_eq!(r.completion.message.content.as_deref(), Some("云端回答"));
 
     p.local.push(Scripted::Text("本地回答".into()));
-    let r = p.router.complete(Class::Protected, &ask("身份证 11010519491231002X"), &[]).await.expect("local");
+    let r = p.router.complete(Class::Protected, far(), &ask("身份证 11010519491231002X"), &[]).await.expect("local");
     assert_eq!((r.endpoint.as_str(), r.fallback), ("office", false));
     assert_eq!(p.cloud.requests().len(), 1, "the protected request did not reach the cloud");
 
@@ -68,7 +73,7 @@ async fn open_work_goes_to_the_cloud_and_protected_work_never_does() {
     for _ in 0..5 {
         p.local.push(Scripted::Status { code: 503, retry_after: Some(0) });
     }
-    let e = p.router.complete(Class::Protected, &ask("工资表"), &[]).await.expect_err("no local answer");
+    let e = p.router.complete(Class::Protected, far(), &ask("工资表"), &[]).await.expect_err("no local answer");
     match e {
         RouteError::NoneAnswered { class: Class::Protected, tried, .. } => {
             assert_eq!(tried.len(), 1, "{tried:?}");
@@ -83,7 +88,7 @@ async fn open_work_goes_to_the_cloud_and_protected_work_never_does() {
     // No local endpoint at all: protected work says so.
     let cloud_only = Router::new(vec![endpoint("cloud", Place::Cloud, &p.cloud, 5_000)]).expect("router");
     assert!(!cloud_only.serves(Class::Protected));
-    let e = cloud_only.complete(Class::Protected, &ask("x"), &[]).await.expect_err("refused");
+    let e = cloud_only.complete(Class::Protected, far(), &ask("x"), &[]).await.expect_err("refused");
     assert!(matches!(e, RouteError::NoLocal), "{e}");
     assert!(e.to_string().contains("where = \"local\""), "{e}");
     assert_eq!(p.cloud.requests().len(), 1);
@@ -113,7 +118,7 @@ async fn a_failing_cloud_falls_back_to_the_local_model_and_is_bypassed_after_thr
         let mut shown = String::new();
         let r = p
             .router
-            .stream(Class::Open, &ask("你好"), &[], |piece| match piece {
+            .stream(Class::Open, far(), &ask("你好"), &[], |piece| match piece {
                 Piece::Text(t) => shown.push_str(t),
                 Piece::Restart => shown.clear(),
             })
@@ -136,7 +141,7 @@ async fn a_failing_cloud_falls_back_to_the_local_model_and_is_bypassed_after_thr
     assert!(office.figures.p50.is_some() && office.figures.p95.is_some());
 
     let started = Instant::now();
-    let r = p.router.complete(Class::Open, &ask("再问"), &[]).await.expect("answer");
+    let r = p.router.complete(Class::Open, far(), &ask("再问"), &[]).await.expect("answer");
     assert_eq!((r.endpoint.as_str(), r.why.as_str()), ("office", "after cloud: bypassed"));
     assert_eq!(p.cloud.requests().len(), cloud_calls, "a bypassed endpoint is not asked");
     eprintln!("routing: bypassed cloud → local answer in {:?}", started.elapsed());
@@ -149,7 +154,7 @@ async fn a_cloud_that_does_not_answer_in_time_hands_over_and_a_broken_stream_res
     p.cloud.set_answer_delay(Duration::from_secs(3));
     p.local.push(Scripted::Text("本地及时回答".into()));
     let started = Instant::now();
-    let r = p.router.complete(Class::Open, &ask("快"), &[]).await.expect("answer");
+    let r = p.router.complete(Class::Open, far(), &ask("快"), &[]).await.expect("answer");
     let took = started.elapsed();
     assert_eq!((r.endpoint.as_str(), r.fallback), ("office", true));
     assert_eq!(r.completion.message.content.as_deref(), Some("本地及时回答"));
@@ -164,7 +169,7 @@ async fn a_cloud_that_does_not_answer_in_time_hands_over_and_a_broken_stream_res
     let mut pieces = Vec::new();
     let r = p
         .router
-        .stream(Class::Open, &ask("讲讲"), &[], |piece| {
+        .stream(Class::Open, far(), &ask("讲讲"), &[], |piece| {
             pieces.push(match piece {
                 Piece::Text(t) => t.to_owned(),
                 Piece::Restart => "<restart>".to_owned(),
@@ -178,4 +183,31 @@ async fn a_cloud_that_does_not_answer_in_time_hands_over_and_a_broken_stream_res
     assert_eq!(joined.rsplit("<restart>").next(), Some("完整的回答"), "{pieces:?}");
     // A stream that broke after text is not retried on the same endpoint.
     assert_eq!(p.cloud.requests().iter().filter(|r| r.body["stream"] == true).count(), 1);
+
+    // A cloud that hangs past its share of the turn: with 4 s left and two endpoints to try,
+    // it gets 2 s (its own timeout is far longer), counts as failed, and the local one answers.
+    let slow = pair(60_000).await;
+    slow.cloud.set_answer_delay(Duration::from_secs(30));
+    slow.local.push(Scripted::Text("本地在时限内回答".into()));
+    let started = Instant::now();
+    let r = slow
+        .router
+        .complete(Class::Open, tokio::time::Instant::now() + Duration::from_secs(4), &ask("赶时间"), &[])
+        .await
+        .expect("answer within the turn");
+    let took = started.elapsed();
+    // (Without the share the cloud would have answered after its 30 s.)
+    assert_eq!((r.endpoint.as_str(), r.why.as_str()), ("office", "after cloud: failed"));
+    let cloud = slow.router.status().into_iter().find(|s| s.name == "cloud").expect("cloud");
+    assert!((cloud.figures.error_rate - 1.0).abs() < 1e-9, "the hang counts as a failure: {cloud:?}");
+    eprintln!("routing: a cloud hanging past its share of a 4 s turn → local answer in {took:?}");
+
+    // A tool call without a function name is no answer: not retried, the next endpoint answers.
+    let before = p.cloud.requests().len();
+    p.cloud.push(Scripted::MalformedToolCall);
+    p.local.push(Scripted::Text("本地回答了工具问题".into()));
+    let r = p.router.complete(Class::Open, far(), &ask("查一下"), &[]).await.expect("answer");
+    assert_eq!((r.endpoint.as_str(), r.why.as_str()), ("office", "after cloud: failed"));
+    assert_eq!(p.cloud.requests().len(), before + 1);
+    assert_eq!(r.completion.message.content.as_deref(), Some("本地回答了工具问题"));
 }

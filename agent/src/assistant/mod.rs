@@ -266,6 +266,11 @@ impl Assistant {
                 denied: p.denials.load(Ordering::Relaxed),
                 refused: p.refusals.load(Ordering::Relaxed),
                 plugins: p.plugins.iter().map(|pl| pl.status_line()).collect(),
+                models: p
+                    .llm
+                    .as_ref()
+                    .map(|r| r.status().iter().map(status::ModelRow::of).collect())
+                    .unwrap_or_default(),
             },
         )
     }

@@ -252,11 +252,17 @@ impl Assistant {
             None => None,
             Some(session_start) => {
                 let key = protected_setting(&asker.conversation);
-                let marker = self.store_call(move |s| s.setting(&key)).await.ok().flatten();
-                marker
-                    .and_then(|m| m.parse::<i64>().ok())
-                    .filter(|m| *m >= session_start)
-                    .map(|_| Why::Conversation.reason())
+                match self.store_call(move |s| s.setting(&key)).await {
+                    Ok(marker) => marker
+                        .and_then(|m| m.parse::<i64>().ok())
+                        .filter(|m| *m >= session_start)
+                        .map(|_| Why::Conversation.reason()),
+                    // Cannot tell: the session may have been protected.
+                    Err(e) => {
+                        log::warn!("cannot read the conversation's privacy marker: {e}");
+                        Some(Why::Conversation.reason())
+                    }
+                }
             }
         };
         let prompt = if asker.group { llm.group_prompts.get(&asker.chat) } else { None }.unwrap_or(&llm.system_prompt);
@@ -349,16 +355,23 @@ impl Assistant {
             if left.is_zero() {
                 return self.timed_out(state).await;
             }
-            let granted = |name: &str| self.parts.access.granted(&state.asker.actor, &state.asker.chat, name);
+            // Without a local model, tools that read protected sources are not offered: their
+            // results could go nowhere.
+            let local = llm.serves(Class::Protected);
+            let granted = |name: &str| {
+                self.parts.access.granted(&state.asker.actor, &state.asker.chat, name)
+                    && (local || self.parts.privacy.source(name, &Value::Null).is_none())
+            };
             let specs = self.parts.tools.specs(granted);
             let protected = self.protection(&mut state);
             let class = if protected.is_some() { Class::Protected } else { Class::Open };
+            let deadline = state.deadline;
             let asked = async {
                 match progress {
-                    None => llm.complete(class, &state.messages, &specs).await,
+                    None => llm.complete(class, deadline, &state.messages, &specs).await,
                     Some(p) => {
                         let mut text = String::new();
-                        llm.stream(class, &state.messages, &specs, |piece| {
+                        llm.stream(class, deadline, &state.messages, &specs, |piece| {
                             match piece {
                                 Piece::Text(t) => text.push_str(t),
                                 Piece::Restart => text.clear(),
@@ -378,6 +391,21 @@ impl Assistant {
                     log::warn!("model request failed: {e}");
                     self.parts.llm_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.audit_model_call(&state.asker, class, protected.as_ref(), Err(&e));
+                    // Tools already ran in this turn: it is kept, with what ran, so the person
+                    // knows and a retry does not do it again.
+                    let answered: Vec<&str> = state.messages.iter().filter_map(|m| m.tool_call_id.as_deref()).collect();
+                    if !answered.is_empty() {
+                        let mut ran: Vec<String> = state
+                            .messages
+                            .iter()
+                            .flat_map(|m| &m.tool_calls)
+                            .filter(|c| answered.contains(&c.id.as_str()))
+                            .map(|c| format!("`{}`", tools::id_or_size(&c.function.name)))
+                            .collect();
+                        ran.dedup();
+                        let said = format!("{}\n\n{}", route_trouble(&e), t!("llm.tools_ran", tools = ran.join("、")));
+                        return self.finish(state, said).await;
+                    }
                     let said = format!("{}{}", route_trouble(&e), state.remarks.said());
                     return Answer::fixed(t!("llm.unavailable_title"), said);
                 }
@@ -401,6 +429,16 @@ impl Assistant {
             // Calls beyond the step's share are answered, not run: a model cannot make one step
             // do unbounded work.
             let mut echoed = message.tool_calls;
+            // Every call gets an id of its own: a result is paired with its call by id, and what
+            // a result is (protected or open) follows from the call it answers.
+            let mut seen = std::collections::HashSet::new();
+            for (i, c) in echoed.iter_mut().enumerate() {
+                let taken = state.messages.iter().any(|m| m.tool_calls.iter().any(|t| t.id == c.id));
+                if c.id.is_empty() || taken || !seen.insert(c.id.clone()) {
+                    c.id = format!("call_zhuli_{}_{i}", state.steps);
+                    seen.insert(c.id.clone());
+                }
+            }
             let max = settings.max_calls_per_step as usize;
             let over = echoed.len().saturating_sub(max);
             state.queue.extend(echoed.iter().take(max).cloned());
@@ -454,13 +492,19 @@ impl Assistant {
             state.messages.iter().flat_map(|m| m.tool_calls.iter().map(|c| (c.id.as_str(), c))).collect();
         state.messages.iter().skip(state.scanned).filter(|m| m.role != Role::System).find_map(|m| {
             let text = m.content.as_deref().unwrap_or("");
+            if !m.images.is_empty() && !policy.open_pictures() {
+                return Some(Why::Picture);
+            }
+            if m.role != Role::Tool {
+                return policy.text(text);
+            }
             match m.tool_call_id.as_deref().and_then(|id| calls.get(id)) {
-                Some(call) if m.role == Role::Tool => {
+                Some(call) => {
                     let args: Value = serde_json::from_str(&call.function.arguments).unwrap_or(Value::Null);
-                    policy.tool_result(&call.function.name, &args, text)
+                    policy.tool_result(&tools::id_or_size(&call.function.name), &args, text)
                 }
-                // A result without its call (never sent that way): judged by its text.
-                _ => policy.text(text),
+                // A result whose call cannot be told (never sent that way): protected.
+                None => Some(Why::Tool("(unpaired)".into())),
             }
         })
     }

@@ -285,6 +285,7 @@ pub fn secrets_of(config: &Config) -> Vec<String> {
     .into_iter()
     .flatten()
     .chain(config.tools.mcp.values().flat_map(|p| p.env.values()))
+    .chain(config.models.iter().filter_map(|m| m.api_key.as_ref()))
     .map(|s| s.expose().to_owned())
     .filter(|s| s.len() >= 6)
     .collect();
@@ -590,6 +591,16 @@ mod tests {
         assert_eq!(redact(times, &[]), times);
         let jwt = "bearer eyJhbGciOiJIUzI1NiJ9abcdef0123456789 refused";
         assert!(redact(jwt, &[]).contains("[token]"), "{}", redact(jwt, &[]));
+    }
+
+    #[test]
+    fn every_model_endpoints_key_is_taken_out_of_log_lines() {
+        let text = "[dingtalk]\nclient_id = \"dingabc\"\nclient_secret = \"dt-secret-0123\"\nrobot_code = \"dingabc\"\n\
+                    [[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = \"https://gpu.office.lan/v1\"\nmodel = \"q\"\napi_key = \"office-key-Zz81\"\n";
+        let config = Config::parse(text, std::path::Path::new("t.toml")).expect("config");
+        let secrets = secrets_of(&config);
+        assert!(secrets.contains(&"office-key-Zz81".to_owned()), "{secrets:?}");
+        assert!(!redact("office model refused office-key-Zz81", &secrets).contains("Zz81"));
     }
 
     #[test]

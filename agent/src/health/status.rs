@@ -70,6 +70,66 @@ pub struct Snapshot {
     /// One line per MCP plugin: running or not, tools, starts, memory.
     #[serde(default)]
     pub plugins: Vec<String>,
+    /// Each model endpoint's health, in the order they are configured.
+    #[serde(default)]
+    pub models: Vec<ModelRow>,
+}
+
+/// One model endpoint in `/status`: where it runs, its recent calls, and whether it is bypassed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelRow {
+    pub name: String,
+    /// `local` or `cloud`.
+    pub place: String,
+    pub model: String,
+    /// Calls in the window the figures cover (the last 200).
+    pub calls: usize,
+    pub p50_ms: Option<u64>,
+    pub p95_ms: Option<u64>,
+    /// Failed calls, in percent of `calls`.
+    pub error_percent: u32,
+    /// Seconds left while the circuit breaker bypasses it.
+    pub bypassed_s: Option<u64>,
+}
+
+impl ModelRow {
+    pub fn of(e: &crate::llm::route::EndpointStatus) -> Self {
+        ModelRow {
+            name: e.name.clone(),
+            place: e.place.name().to_owned(),
+            model: e.model.clone(),
+            calls: e.figures.calls,
+            p50_ms: e.figures.p50.map(|d| d.as_millis() as u64),
+            p95_ms: e.figures.p95.map(|d| d.as_millis() as u64),
+            error_percent: (e.figures.error_rate * 100.0).round() as u32,
+            bypassed_s: e.bypassed_for.map(|d| d.as_secs().max(1)),
+        }
+    }
+
+    fn said(&self, locale: &str) -> String {
+        let place = if self.place == "local" {
+            t!("status.model_local", locale = locale)
+        } else {
+            t!("status.model_cloud", locale = locale)
+        };
+        let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v} ms"));
+        let mut line = t!(
+            "status.model_value",
+            locale = locale,
+            name = self.name,
+            place = place,
+            model = self.model,
+            calls = self.calls,
+            p50 = ms(self.p50_ms),
+            p95 = ms(self.p95_ms),
+            errors = self.error_percent
+        )
+        .into_owned();
+        if let Some(s) = self.bypassed_s {
+            line.push_str(&t!("status.model_bypassed", locale = locale, seconds = s));
+        }
+        line
+    }
 }
 
 /// The assistant's figures (model, tools, admission, audit).
@@ -82,6 +142,7 @@ pub struct AssistantFigures {
     pub denied: u64,
     pub refused: u64,
     pub plugins: Vec<String>,
+    pub models: Vec<ModelRow>,
 }
 
 pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health, a: AssistantFigures) -> Snapshot {
@@ -124,6 +185,7 @@ pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health
             .or_else(|| s.last_error())
             .map(|e| e.chars().take(300).collect()),
         plugins: a.plugins,
+        models: a.models,
     }
 }
 
@@ -208,6 +270,9 @@ pub fn rows(s: &Snapshot, locale: &str) -> Vec<(String, String)> {
         ),
         (t!("status.denied", locale = locale).into_owned(), s.tool_calls_denied.to_string()),
     ];
+    for m in &s.models {
+        rows.push((t!("status.model", locale = locale).into_owned(), m.said(locale)));
+    }
     for p in &s.plugins {
         rows.push((t!("status.plugin", locale = locale).into_owned(), p.clone()));
     }

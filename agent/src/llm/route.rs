@@ -63,6 +63,8 @@ impl Class {
 const BREAKER_THRESHOLD: u32 = 3;
 const COOL_DOWN: Duration = Duration::from_secs(30);
 const MAX_COOL_DOWN: Duration = Duration::from_secs(600);
+/// Kept back from the last endpoint's share of a turn, to tell the person in time.
+const MARGIN: Duration = Duration::from_secs(2);
 /// Calls kept for the latency and error-rate figures.
 const WINDOW: usize = 200;
 
@@ -186,10 +188,11 @@ impl Router {
     pub async fn complete(
         &self,
         class: Class,
+        deadline: Instant,
         messages: &[ChatMessage],
         tools: &[ToolSpec],
     ) -> Result<Routed, RouteError> {
-        self.route(class, |e, retries| e.client.complete_with(messages, tools, retries)).await
+        self.route(class, deadline, |e, retries| e.client.complete_with(messages, tools, retries)).await
     }
 
     /// A streamed answer; `on_piece` gets the text as it arrives, and [`Piece::Restart`] when an
@@ -197,6 +200,7 @@ impl Router {
     pub async fn stream(
         &self,
         class: Class,
+        deadline: Instant,
         messages: &[ChatMessage],
         tools: &[ToolSpec],
         on_piece: impl FnMut(Piece<'_>) + Send,
@@ -204,7 +208,7 @@ impl Router {
         let shown = AtomicBool::new(false);
         let on_piece = Mutex::new(on_piece);
         let (shown, on_piece) = (&shown, &on_piece);
-        self.route(class, move |e, retries| {
+        self.route(class, deadline, move |e, retries| {
             if shown.swap(false, Ordering::Relaxed) {
                 let mut f = lock(on_piece);
                 (*f)(Piece::Restart);
@@ -218,7 +222,10 @@ impl Router {
         .await
     }
 
-    async fn route<'s, F, Fut>(&'s self, class: Class, mut call: F) -> Result<Routed, RouteError>
+    /// Each endpoint gets an equal share of the time left before `deadline` among those still to
+    /// try, the last one all of it but a moment to say so: an endpoint that hangs counts as a
+    /// failure (and trips its breaker) instead of eating the whole turn.
+    async fn route<'s, F, Fut>(&'s self, class: Class, deadline: Instant, mut call: F) -> Result<Routed, RouteError>
     where
         F: FnMut(&'s Endpoint, u32) -> Fut,
         Fut: Future<Output = Result<Completion, LlmError>>,
@@ -241,8 +248,17 @@ impl Router {
             // a better bet than a long wait on this one.
             let retries = if i + 1 < order.len() { e.client.max_retries().min(1) } else { e.client.max_retries() };
             let started = std::time::Instant::now();
+            let left = deadline.saturating_duration_since(Instant::now());
+            let still = (order.len() - i) as u32;
+            let share = if still > 1 { left / still } else { left.saturating_sub(MARGIN) };
             let mut guard = ProbeGuard { endpoint: e, done: false };
-            let outcome = call(e, retries).await;
+            let outcome = match tokio::time::timeout(share, call(e, retries)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(LlmError::GaveUp {
+                    attempts: retries + 1,
+                    last: format!("no answer within its share of the turn ({} s)", share.as_secs()),
+                }),
+            };
             guard.done = true;
             lock(&e.window).record(started.elapsed(), outcome.is_ok());
             match outcome {
@@ -262,7 +278,12 @@ impl Router {
                     });
                 }
                 Err(err) => {
-                    if lock(&e.breaker).failure(Instant::now()) {
+                    // A request this endpoint refused as such (too long, not allowed) says
+                    // nothing of its health; everything else does.
+                    let breaker = &mut *lock(&e.breaker);
+                    if matches!(err, LlmError::Refused { .. }) {
+                        breaker.success();
+                    } else if breaker.failure(Instant::now()) {
                         log::warn!("model endpoint {} bypassed for a while: {err}", e.name);
                     }
                     tried.push((e.name.clone(), err.to_string()));

@@ -29,6 +29,9 @@ pub enum Scripted {
     Text(String),
     /// `(name, arguments JSON)` per call.
     ToolCalls(Vec<(String, String)>),
+    /// `(id, name, arguments JSON)` per call: ids as a careless server sends them (repeated,
+    /// empty).
+    ToolCallsWithIds(Vec<(String, String, String)>),
     Status {
         code: u16,
         retry_after: Option<u32>,
@@ -37,6 +40,8 @@ pub enum Scripted {
     BrokenStream(String),
     /// A chunk that is not JSON.
     BadChunk,
+    /// A tool call without a function name (whole or streamed): an answer no turn can use.
+    MalformedToolCall,
 }
 
 #[derive(Debug, Clone)]
@@ -134,11 +139,17 @@ fn answer(script: Scripted, stream: bool, delay: std::time::Duration) -> Respons
             StatusCode::OK,
             json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}], "usage": usage}),
         ),
-        (Scripted::ToolCalls(calls), false) => {
+        (Scripted::ToolCalls(calls), stream) => answer(
+            Scripted::ToolCallsWithIds(
+                calls.into_iter().enumerate().map(|(i, (n, a))| (format!("call_{i}"), n, a)).collect(),
+            ),
+            stream,
+            delay,
+        ),
+        (Scripted::ToolCallsWithIds(calls), false) => {
             let calls: Vec<Value> = calls
                 .iter()
-                .enumerate()
-                .map(|(i, (n, a))| json!({"id": format!("call_{i}"), "type": "function", "function": {"name": n, "arguments": a}}))
+                .map(|(id, n, a)| json!({"id": id, "type": "function", "function": {"name": n, "arguments": a}}))
                 .collect();
             full(
                 StatusCode::OK,
@@ -154,11 +165,11 @@ fn answer(script: Scripted, stream: bool, delay: std::time::Duration) -> Respons
             events.push("[DONE]".into());
             sse(events, false, delay)
         }
-        (Scripted::ToolCalls(calls), true) => {
+        (Scripted::ToolCallsWithIds(calls), true) => {
             let mut events = Vec::new();
-            for (i, (name, args)) in calls.iter().enumerate() {
+            for (i, (id, name, args)) in calls.iter().enumerate() {
                 events.push(chunk(
-                    json!({"tool_calls": [{"index": i, "id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                    json!({"tool_calls": [{"index": i, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}),
                     None,
                 ));
                 let mid = args.char_indices().nth(args.chars().count() / 2).map(|(b, _)| b).unwrap_or(0);
@@ -177,6 +188,22 @@ fn answer(script: Scripted, stream: bool, delay: std::time::Duration) -> Respons
         }
         (Scripted::BrokenStream(_), false) => full(StatusCode::OK, json!({"choices": "broken"})),
         (Scripted::BadChunk, _) => sse(vec!["{not json".into()], false, delay),
+        (Scripted::MalformedToolCall, false) => full(
+            StatusCode::OK,
+            json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function", "function": {"arguments": "{}"}}]}, "finish_reason": "tool_calls"}], "usage": usage}),
+        ),
+        (Scripted::MalformedToolCall, true) => sse(
+            vec![
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "id": "call_0", "type": "function", "function": {"arguments": "{}"}}]}),
+                    None,
+                ),
+                chunk(json!({}), Some("tool_calls")),
+                "[DONE]".into(),
+            ],
+            false,
+            delay,
+        ),
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Settings {
     pub detect: Vec<String>,
     /// Further patterns (regular expressions, e.g. `合同编号\s*\d+`) that make text protected.
     pub patterns: Vec<String>,
+    /// Pictures people send may go to a cloud model (a photo of an identity card cannot be
+    /// told from a photo of a whiteboard, so by default they are protected).
+    pub open_pictures: bool,
 }
 
 impl Default for Settings {
@@ -45,6 +48,7 @@ impl Default for Settings {
             local_chats: Vec::new(),
             detect: Kind::ALL.iter().map(|k| k.name().to_owned()).collect(),
             patterns: Vec::new(),
+            open_pictures: false,
         }
     }
 }
@@ -72,6 +76,8 @@ pub enum Why {
     Found(Kind),
     /// The configured pattern with this index matched.
     Pattern(usize),
+    /// A picture someone sent.
+    Picture,
 }
 
 impl Why {
@@ -83,6 +89,7 @@ impl Why {
             Why::Tool(name) => format!("tool:{name}"),
             Why::Found(kind) => format!("found:{}", kind.name()),
             Why::Pattern(i) => format!("pattern:{i}"),
+            Why::Picture => "picture".into(),
         }
     }
 }
@@ -96,6 +103,7 @@ pub struct Policy {
     local_chats: BTreeSet<String>,
     kinds: Vec<Kind>,
     patterns: Vec<Pattern>,
+    open_pictures: bool,
 }
 
 /// A configured pattern, and the text any match must contain (its leading literal), looked for
@@ -166,7 +174,13 @@ impl Policy {
             local_chats: settings.local_chats.iter().cloned().collect(),
             kinds,
             patterns,
+            open_pictures: settings.open_pictures,
         })
+    }
+
+    /// Whether pictures people send may go to a cloud model.
+    pub fn open_pictures(&self) -> bool {
+        self.open_pictures
     }
 
     /// Whether everything said in `chat` stays local.
@@ -179,7 +193,24 @@ impl Policy {
         if let Some(kind) = detect::contains_any(text, &self.kinds) {
             return Some(Why::Found(kind));
         }
-        self.patterns.iter().position(|p| p.is_match(text)).map(Why::Pattern)
+        if self.patterns.is_empty() {
+            return None;
+        }
+        // Patterns see full-width digits and spaces as their half-width forms (`\d`, `\s`).
+        let wide = |c: char| matches!(c, '０'..='９' | '\u{3000}');
+        let narrowed: std::borrow::Cow<'_, str> = if text.contains(wide) {
+            text.chars()
+                .map(|c| match c {
+                    '０'..='９' => char::from_u32(c as u32 - '０' as u32 + '0' as u32).unwrap_or(c),
+                    '\u{3000}' => ' ',
+                    c => c,
+                })
+                .collect::<String>()
+                .into()
+        } else {
+            text.into()
+        };
+        self.patterns.iter().position(|p| p.is_match(&narrowed)).map(Why::Pattern)
     }
 
     /// Whether the result of calling `tool` with `args` is protected, or else its `text` is.
@@ -274,6 +305,7 @@ mod tests {
         assert_eq!(p.local_chat("cidHR=="), Some(Why::LocalChat));
         assert_eq!(p.text("合同编号见附件"), None, "the pattern wants digits");
         assert_eq!(p.text("合同编号 2024001"), Some(Why::Pattern(0)));
+        assert_eq!(p.text("合同编号\u{3000}２０２４００１"), Some(Why::Pattern(0)), "full-width space and digits");
         assert_eq!(p.text("关于项目代号的说明"), Some(Why::Pattern(1)));
         // Only the detectors named are on.
         assert_eq!(p.text("13800138000"), None);
