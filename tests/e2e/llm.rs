@@ -139,7 +139,7 @@ async fn failures_that_retrying_cannot_fix_are_not_retried() {
     sim.push(Scripted::Status { code: 401, retry_after: None });
     let e = client.complete(&ask("x"), &[]).await.expect_err("unauthorised");
     assert!(matches!(e, LlmError::Unauthorised(401)));
-    assert!(e.to_string().contains("[llm] api_key") && !e.to_string().contains(KEY), "{e}");
+    assert!(e.to_string().contains("api_key ([llm] or [[models]])") && !e.to_string().contains(KEY), "{e}");
 
     sim.push(Scripted::Status { code: 400, retry_after: None });
     assert!(matches!(client.complete(&ask("x"), &[]).await, Err(LlmError::Refused { status: 400, .. })));

@@ -21,7 +21,9 @@ use crate::dingtalk::{
 pub enum LlmError {
     #[error("[llm] base_url is not usable: {0}")]
     BaseUrl(#[from] UrlError),
-    #[error("the LLM refused the request as unauthorised (HTTP {0}); check [llm] api_key")]
+    #[error(
+        "the LLM refused the request as unauthorised (HTTP {0}); check the endpoint's api_key ([llm] or [[models]])"
+    )]
     Unauthorised(u16),
     #[error("the LLM refused the request (HTTP {status}): {message}")]
     Refused { status: u16, message: String },
