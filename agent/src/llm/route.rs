@@ -63,7 +63,8 @@ impl Class {
 const BREAKER_THRESHOLD: u32 = 3;
 const COOL_DOWN: Duration = Duration::from_secs(30);
 const MAX_COOL_DOWN: Duration = Duration::from_secs(600);
-/// Kept back from the last endpoint's share of a turn, to tell the person in time.
+/// Kept back from the last endpoint's share of a turn, to tell the person in time (at most a
+/// quarter of what is left).
 const MARGIN: Duration = Duration::from_secs(2);
 /// Calls kept for the latency and error-rate figures.
 const WINDOW: usize = 200;
@@ -250,13 +251,13 @@ impl Router {
             let started = std::time::Instant::now();
             let left = deadline.saturating_duration_since(Instant::now());
             let still = (order.len() - i) as u32;
-            let share = if still > 1 { left / still } else { left.saturating_sub(MARGIN) };
+            let share = if still > 1 { left / still } else { left.saturating_sub(MARGIN.min(left / 4)) };
             let mut guard = ProbeGuard { endpoint: e, done: false };
             let outcome = match tokio::time::timeout(share, call(e, retries)).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(LlmError::GaveUp {
                     attempts: retries + 1,
-                    last: format!("no answer within its share of the turn ({} s)", share.as_secs()),
+                    last: format!("no answer within its share of the turn ({:.1} s)", share.as_secs_f64()),
                 }),
             };
             guard.done = true;
