@@ -40,11 +40,11 @@ struct Rig {
 }
 
 async fn rig(tag: &str) -> Rig {
-    rig_with(tag, "", "").await
+    rig_with(tag, "", "", "").await
 }
 
-/// [`rig`] with more lines for both endpoints' tables and for `[privacy]`.
-async fn rig_with(tag: &str, endpoints: &str, privacy: &str) -> Rig {
+/// [`rig`] with more lines for the cloud endpoint's table, the local one's, and `[privacy]`.
+async fn rig_with(tag: &str, cloud_lines: &str, local_lines: &str, privacy: &str) -> Rig {
     let scratch = support::temp_dir(&format!("{tag}-hybrid"));
     let share = scratch.join("share");
     std::fs::create_dir_all(share.join("hr")).expect("hr");
@@ -60,9 +60,9 @@ async fn rig_with(tag: &str, endpoints: &str, privacy: &str) -> Rig {
     local.set_echo(true);
     let config = format!(
         "[llm]\nname = \"deepseek\"\nbase_url = {cloud:?}\nmodel = \"cloud-model\"\napi_key = {CLOUD_KEY:?}\n\
-         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n{endpoints}\n\
+         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n{cloud_lines}\n\
          [[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = {local:?}\nmodel = \"local-model\"\n\
-         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n{endpoints}\n\
+         timeout_ms = 5000\nmax_retries = 1\nrequests_per_minute = 6000\n{local_lines}\n\
          [privacy]\nopen_folders = [\"share/公开\"]\nlocal_chats = [\"cidHR==\"]\npatterns = [\"项目代号\"]\n{privacy}\n\
          [access]\nadmins = [\"boss\"]\ngroup_chats = \"open\"\ndefault_roles = [\"member\"]\n[access.roles.member]\ntools = [\"files\"]\n\
          [tools.files.roots]\nshare = {share:?}\n\
@@ -327,6 +327,7 @@ async fn pictures_stay_local_unless_the_configuration_opens_them() {
         let rig = rig_with(
             &format!("hybrid-picture-{open}"),
             "vision = true",
+            "vision = true",
             if open { "open_pictures = true" } else { "" },
         )
         .await;
@@ -341,4 +342,26 @@ async fn pictures_stay_local_unless_the_configuration_opens_them() {
             rig.journal.expect(1, Kind::ModelCall, &[("PROTECTED_BY", "picture")]);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_over_its_monthly_tokens_is_passed_over_until_the_month_ends() {
+    // Each answer of the model servers counts 19 tokens: the cloud may use 30 a month.
+    let rig = rig_with("hybrid-budget", "monthly_tokens = 30", "monthly_tokens = 38", "").await;
+    for (who, to_cloud) in [("b1", true), ("b2", true), ("b3", false)] {
+        let (c0, l0) = (rig.cloud.requests().len(), rig.local.requests().len());
+        let reply = support::ask(&rig.sim, &rig.agent, Inject::text("写一句口号").from(who)).await;
+        let went = (rig.cloud.requests().len() - c0, rig.local.requests().len() - l0);
+        assert_eq!(went, if to_cloud { (1, 0) } else { (0, 1) }, "{who}: {reply}");
+        assert_eq!(reply.contains("备用模型 office"), !to_cloud, "{reply}");
+    }
+    let e = rig.journal.expect(1, Kind::ModelCall, &[("OUTCOME", "ok, fallback")]);
+    assert!(field(&e[0], "REASON").is_some_and(|r| r.contains("after deepseek: over budget")), "{e:?}");
+    // The local endpoint's 38 are used up too after its second answer: then nobody answers, and
+    // the person is told why.
+    support::ask(&rig.sim, &rig.agent, Inject::text("再写一句").from("b4")).await;
+    let reply = support::ask(&rig.sim, &rig.agent, Inject::text("最后一句").from("b5")).await;
+    assert!(reply.contains("这个月的模型用量已经用完"), "{reply}");
+    let status = support::ask(&rig.sim, &rig.agent, Inject::text("/状态").from("boss")).await;
+    assert!(status.contains("本月已用 38 / 30 个 token") && status.contains("本月已用 38 / 38 个 token"), "{status}");
 }

@@ -29,6 +29,7 @@ fn settings(sim: &LlmSim, max_retries: u32) -> Settings {
         requests_per_minute: 6_000,
         daily_tokens: 0,
         daily_tokens_per_user: 0,
+        monthly_tokens: 0,
         vision: false,
     }
 }

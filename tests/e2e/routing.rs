@@ -26,6 +26,7 @@ fn endpoint(name: &str, place: Place, sim: &LlmSim, timeout_ms: u64) -> Settings
         requests_per_minute: 6_000,
         daily_tokens: 0,
         daily_tokens_per_user: 0,
+        monthly_tokens: 0,
         vision: false,
     }
 }
@@ -60,12 +61,13 @@ async fn pair(timeout_ms: u64) -> Pair {
 async fn open_work_goes_to_the_cloud_and_protected_work_never_does() {
     let p = pair(5_000).await;
     p.cloud.push(Scripted::Text("云端回答".into()));
-    let r = p.router.complete(Class::Open, far(), &ask("今天天气"), &[]).await.expect("open answer");
+    let r = p.router.complete(Class::Open, far(), &[], &ask("今天天气"), &[]).await.expect("open answer");
     assert_eq!((r.endpoint.as_str(), r.place, r.fallback, r.why.as_str()), ("cloud", Place::Cloud, false, "first"));
     assert_eq!(r.completion.message.content.as_deref(), Some("云端回答"));
 
     p.local.push(Scripted::Text("本地回答".into()));
-    let r = p.router.complete(Class::Protected, far(), &ask("身份证 11010519491231002X"), &[]).await.expect("local");
+    let r =
+        p.router.complete(Class::Protected, far(), &[], &ask("身份证 11010519491231002X"), &[]).await.expect("local");
     assert_eq!((r.endpoint.as_str(), r.fallback), ("office", false));
     assert_eq!(p.cloud.requests().len(), 1, "the protected request did not reach the cloud");
 
@@ -73,7 +75,7 @@ async fn open_work_goes_to_the_cloud_and_protected_work_never_does() {
     for _ in 0..5 {
         p.local.push(Scripted::Status { code: 503, retry_after: Some(0) });
     }
-    let e = p.router.complete(Class::Protected, far(), &ask("工资表"), &[]).await.expect_err("no local answer");
+    let e = p.router.complete(Class::Protected, far(), &[], &ask("工资表"), &[]).await.expect_err("no local answer");
     match e {
         RouteError::NoneAnswered { class: Class::Protected, tried, .. } => {
             assert_eq!(tried.len(), 1, "{tried:?}");
@@ -88,7 +90,7 @@ async fn open_work_goes_to_the_cloud_and_protected_work_never_does() {
     // No local endpoint at all: protected work says so.
     let cloud_only = Router::new(vec![endpoint("cloud", Place::Cloud, &p.cloud, 5_000)]).expect("router");
     assert!(!cloud_only.serves(Class::Protected));
-    let e = cloud_only.complete(Class::Protected, far(), &ask("x"), &[]).await.expect_err("refused");
+    let e = cloud_only.complete(Class::Protected, far(), &[], &ask("x"), &[]).await.expect_err("refused");
     assert!(matches!(e, RouteError::NoLocal), "{e}");
     assert!(e.to_string().contains("where = \"local\""), "{e}");
     assert_eq!(p.cloud.requests().len(), 1);
@@ -118,7 +120,7 @@ async fn a_failing_cloud_falls_back_to_the_local_model_and_is_bypassed_after_thr
         let mut shown = String::new();
         let r = p
             .router
-            .stream(Class::Open, far(), &ask("你好"), &[], |piece| match piece {
+            .stream(Class::Open, far(), &[], &ask("你好"), &[], |piece| match piece {
                 Piece::Text(t) => shown.push_str(t),
                 Piece::Restart => shown.clear(),
             })
@@ -141,7 +143,7 @@ async fn a_failing_cloud_falls_back_to_the_local_model_and_is_bypassed_after_thr
     assert!(office.figures.p50.is_some() && office.figures.p95.is_some());
 
     let started = Instant::now();
-    let r = p.router.complete(Class::Open, far(), &ask("再问"), &[]).await.expect("answer");
+    let r = p.router.complete(Class::Open, far(), &[], &ask("再问"), &[]).await.expect("answer");
     assert_eq!((r.endpoint.as_str(), r.why.as_str()), ("office", "after cloud: bypassed"));
     assert_eq!(p.cloud.requests().len(), cloud_calls, "a bypassed endpoint is not asked");
     eprintln!("routing: bypassed cloud → local answer in {:?}", started.elapsed());
@@ -154,7 +156,7 @@ async fn a_cloud_that_does_not_answer_in_time_hands_over_and_a_broken_stream_res
     p.cloud.set_answer_delay(Duration::from_secs(3));
     p.local.push(Scripted::Text("本地及时回答".into()));
     let started = Instant::now();
-    let r = p.router.complete(Class::Open, far(), &ask("快"), &[]).await.expect("answer");
+    let r = p.router.complete(Class::Open, far(), &[], &ask("快"), &[]).await.expect("answer");
     let took = started.elapsed();
     assert_eq!((r.endpoint.as_str(), r.fallback), ("office", true));
     assert_eq!(r.completion.message.content.as_deref(), Some("本地及时回答"));
@@ -169,7 +171,7 @@ async fn a_cloud_that_does_not_answer_in_time_hands_over_and_a_broken_stream_res
     let mut pieces = Vec::new();
     let r = p
         .router
-        .stream(Class::Open, far(), &ask("讲讲"), &[], |piece| {
+        .stream(Class::Open, far(), &[], &ask("讲讲"), &[], |piece| {
             pieces.push(match piece {
                 Piece::Text(t) => t.to_owned(),
                 Piece::Restart => "<restart>".to_owned(),
@@ -192,7 +194,7 @@ async fn a_cloud_that_does_not_answer_in_time_hands_over_and_a_broken_stream_res
     let started = Instant::now();
     let r = slow
         .router
-        .complete(Class::Open, tokio::time::Instant::now() + Duration::from_secs(4), &ask("赶时间"), &[])
+        .complete(Class::Open, tokio::time::Instant::now() + Duration::from_secs(4), &[], &ask("赶时间"), &[])
         .await
         .expect("answer within the turn");
     let took = started.elapsed();
@@ -206,7 +208,7 @@ async fn a_cloud_that_does_not_answer_in_time_hands_over_and_a_broken_stream_res
     let before = p.cloud.requests().len();
     p.cloud.push(Scripted::MalformedToolCall);
     p.local.push(Scripted::Text("本地回答了工具问题".into()));
-    let r = p.router.complete(Class::Open, far(), &ask("查一下"), &[]).await.expect("answer");
+    let r = p.router.complete(Class::Open, far(), &[], &ask("查一下"), &[]).await.expect("answer");
     assert_eq!((r.endpoint.as_str(), r.why.as_str()), ("office", "after cloud: failed"));
     assert_eq!(p.cloud.requests().len(), before + 1);
     assert_eq!(r.completion.message.content.as_deref(), Some("本地回答了工具问题"));

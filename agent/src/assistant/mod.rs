@@ -269,7 +269,13 @@ impl Assistant {
                 models: p
                     .llm
                     .as_ref()
-                    .map(|r| r.status().iter().map(status::ModelRow::of).collect())
+                    .map(|r| {
+                        let used = self.month_tokens();
+                        r.status()
+                            .iter()
+                            .map(|e| status::ModelRow::of(e, used.get(&e.name).copied().unwrap_or(0)))
+                            .collect()
+                    })
                     .unwrap_or_default(),
             },
         )

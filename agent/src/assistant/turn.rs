@@ -173,6 +173,27 @@ pub struct Budget {
     pub day: i64,
     pub total: u64,
     pub users: HashMap<String, u64>,
+    /// The local month (`YYYY-MM`) of `endpoints`.
+    #[serde(default)]
+    pub month: String,
+    /// Tokens per model endpoint this month.
+    #[serde(default)]
+    pub endpoints: HashMap<String, u64>,
+}
+
+impl Budget {
+    /// A new day starts the daily counts afresh, a new month the endpoints'.
+    fn roll(&mut self, day: i64, month: &str) {
+        if self.day != day {
+            self.day = day;
+            self.total = 0;
+            self.users.clear();
+        }
+        if self.month != month {
+            self.month = month.to_owned();
+            self.endpoints.clear();
+        }
+    }
 }
 
 const BUDGET_SETTING: &str = "llm-token-use";
@@ -214,6 +235,11 @@ fn cut(s: &str, max: usize) -> Option<usize> {
 fn route_trouble(e: &RouteError) -> String {
     match e {
         RouteError::NoLocal => t!("llm.no_local").into_owned(),
+        RouteError::NoneAnswered { tried, .. }
+            if !tried.is_empty() && tried.iter().all(|(_, w)| w == crate::llm::route::BUDGET) =>
+        {
+            t!("llm.endpoint_budget").into_owned()
+        }
         RouteError::NoneAnswered { class: Class::Protected, .. } => t!("llm.local_not_answering").into_owned(),
         RouteError::NoneAnswered { last: Some(last), .. } => llm_trouble(last),
         RouteError::NoneAnswered { last: None, .. } => t!("llm.not_answering").into_owned(),
@@ -366,12 +392,13 @@ impl Assistant {
             let protected = self.protection(&mut state);
             let class = if protected.is_some() { Class::Protected } else { Class::Open };
             let deadline = state.deadline;
+            let spent = self.spent_endpoints(llm);
             let asked = async {
                 match progress {
-                    None => llm.complete(class, deadline, &state.messages, &specs).await,
+                    None => llm.complete(class, deadline, &spent, &state.messages, &specs).await,
                     Some(p) => {
                         let mut text = String::new();
-                        llm.stream(class, deadline, &state.messages, &specs, |piece| {
+                        llm.stream(class, deadline, &spent, &state.messages, &specs, |piece| {
                             match piece {
                                 Piece::Text(t) => text.push_str(t),
                                 Piece::Restart => text.clear(),
@@ -415,10 +442,11 @@ impl Assistant {
             if routed.fallback {
                 state.fallback = Some(routed.endpoint.clone());
             }
+            let answered_by = routed.endpoint;
             let completion = routed.completion;
             state.steps += 1;
             if let Some(u) = completion.usage {
-                self.spend(&state.asker.actor, u.total_tokens);
+                self.spend(&state.asker.actor, &answered_by, u.total_tokens);
             }
             let message = completion.message;
             if message.tool_calls.is_empty() {
@@ -956,18 +984,38 @@ impl Assistant {
         Some(reason.into())
     }
 
-    /// Count `tokens` against today's budgets (kept in the store when the turn finishes).
-    fn spend(&self, actor: &str, tokens: u64) {
-        let day = local_time(now_ms(), self.parts.settings.utc_offset_minutes).1;
+    /// Count `tokens` against today's budgets and `endpoint`'s month (kept in the store when
+    /// the turn finishes).
+    fn spend(&self, actor: &str, endpoint: &str, tokens: u64) {
+        let (now, day) = local_time(now_ms(), self.parts.settings.utc_offset_minutes);
         {
             let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-            if b.day != day {
-                *b = Budget { day, ..Budget::default() };
-            }
+            b.roll(day, &now[..7]);
             b.total += tokens;
             *b.users.entry(actor.to_owned()).or_default() += tokens;
+            *b.endpoints.entry(endpoint.to_owned()).or_default() += tokens;
         }
         self.parts.tokens.fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The endpoints that have used their monthly tokens, checked before every request.
+    fn spent_endpoints(&self, llm: &crate::llm::route::Router) -> Vec<String> {
+        let (now, day) = local_time(now_ms(), self.parts.settings.utc_offset_minutes);
+        let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        b.roll(day, &now[..7]);
+        llm.endpoints()
+            .iter()
+            .filter(|e| e.monthly_tokens > 0 && b.endpoints.get(&e.name).copied().unwrap_or(0) >= e.monthly_tokens)
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// This month's tokens per endpoint, for `/status`.
+    pub(super) fn month_tokens(&self) -> HashMap<String, u64> {
+        let (now, day) = local_time(now_ms(), self.parts.settings.utc_offset_minutes);
+        let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        b.roll(day, &now[..7]);
+        b.endpoints.clone()
     }
 
     /// Today's use as kept in the store (at start).

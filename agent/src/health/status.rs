@@ -90,10 +90,15 @@ pub struct ModelRow {
     pub error_percent: u32,
     /// Seconds left while the circuit breaker bypasses it.
     pub bypassed_s: Option<u64>,
+    /// Tokens used this month, and the month's limit (0 = none).
+    #[serde(default)]
+    pub tokens_month: u64,
+    #[serde(default)]
+    pub monthly_tokens: u64,
 }
 
 impl ModelRow {
-    pub fn of(e: &crate::llm::route::EndpointStatus) -> Self {
+    pub fn of(e: &crate::llm::route::EndpointStatus, tokens_month: u64) -> Self {
         ModelRow {
             name: e.name.clone(),
             place: e.place.name().to_owned(),
@@ -103,6 +108,8 @@ impl ModelRow {
             p95_ms: e.figures.p95.map(|d| d.as_millis() as u64),
             error_percent: (e.figures.error_rate * 100.0).round() as u32,
             bypassed_s: e.bypassed_for.map(|d| d.as_secs().max(1)),
+            tokens_month,
+            monthly_tokens: e.monthly_tokens,
         }
     }
 
@@ -125,6 +132,11 @@ impl ModelRow {
             errors = self.error_percent
         )
         .into_owned();
+        line.push_str(&if self.monthly_tokens > 0 {
+            t!("status.model_month_of", locale = locale, used = self.tokens_month, limit = self.monthly_tokens)
+        } else {
+            t!("status.model_month", locale = locale, used = self.tokens_month)
+        });
         if let Some(s) = self.bypassed_s {
             line.push_str(&t!("status.model_bypassed", locale = locale, seconds = s));
         }

@@ -51,6 +51,10 @@ pub struct Settings {
     /// Tokens one person may use per day (0 = no limit).
     #[serde(default)]
     pub daily_tokens_per_user: u64,
+    /// Tokens this endpoint may use per calendar month (0 = no limit); beyond, it is passed
+    /// over like one that fails, until the month ends.
+    #[serde(default)]
+    pub monthly_tokens: u64,
 }
 
 fn default_name() -> String {

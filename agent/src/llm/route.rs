@@ -74,6 +74,8 @@ pub struct Endpoint {
     pub place: Place,
     pub model: String,
     pub vision: bool,
+    /// Tokens per calendar month (0 = no limit).
+    pub monthly_tokens: u64,
     client: Client,
     breaker: Mutex<Breaker>,
     window: Mutex<Window>,
@@ -88,6 +90,8 @@ pub struct EndpointStatus {
     /// `None` while calls go through; the time left while bypassed.
     pub bypassed_for: Option<Duration>,
     pub figures: Figures,
+    /// Tokens per calendar month (0 = no limit).
+    pub monthly_tokens: u64,
 }
 
 /// A request's answer and how it was reached.
@@ -141,6 +145,7 @@ impl Router {
                     place: s.place,
                     model: s.model.clone(),
                     vision: s.vision,
+                    monthly_tokens: s.monthly_tokens,
                     client: Client::new(s)?,
                     breaker: Mutex::new(Breaker::new(BREAKER_THRESHOLD, COOL_DOWN, MAX_COOL_DOWN)),
                     window: Mutex::new(Window::new(WINDOW)),
@@ -181,6 +186,7 @@ impl Router {
                     State::Probing | State::Closed => None,
                 },
                 figures: lock(&e.window).figures(),
+                monthly_tokens: e.monthly_tokens,
             })
             .collect()
     }
@@ -190,10 +196,11 @@ impl Router {
         &self,
         class: Class,
         deadline: Instant,
+        spent: &[String],
         messages: &[ChatMessage],
         tools: &[ToolSpec],
     ) -> Result<Routed, RouteError> {
-        self.route(class, deadline, |e, retries| e.client.complete_with(messages, tools, retries)).await
+        self.route(class, deadline, spent, |e, retries| e.client.complete_with(messages, tools, retries)).await
     }
 
     /// A streamed answer; `on_piece` gets the text as it arrives, and [`Piece::Restart`] when an
@@ -202,6 +209,7 @@ impl Router {
         &self,
         class: Class,
         deadline: Instant,
+        spent: &[String],
         messages: &[ChatMessage],
         tools: &[ToolSpec],
         on_piece: impl FnMut(Piece<'_>) + Send,
@@ -209,7 +217,7 @@ impl Router {
         let shown = AtomicBool::new(false);
         let on_piece = Mutex::new(on_piece);
         let (shown, on_piece) = (&shown, &on_piece);
-        self.route(class, deadline, move |e, retries| {
+        self.route(class, deadline, spent, move |e, retries| {
             if shown.swap(false, Ordering::Relaxed) {
                 let mut f = lock(on_piece);
                 (*f)(Piece::Restart);
@@ -226,7 +234,14 @@ impl Router {
     /// Each endpoint gets an equal share of the time left before `deadline` among those still to
     /// try, the last one all of it but a moment to say so: an endpoint that hangs counts as a
     /// failure (and trips its breaker) instead of eating the whole turn.
-    async fn route<'s, F, Fut>(&'s self, class: Class, deadline: Instant, mut call: F) -> Result<Routed, RouteError>
+    /// Endpoints named in `spent` have used their monthly tokens and are passed over.
+    async fn route<'s, F, Fut>(
+        &'s self,
+        class: Class,
+        deadline: Instant,
+        spent: &[String],
+        mut call: F,
+    ) -> Result<Routed, RouteError>
     where
         F: FnMut(&'s Endpoint, u32) -> Fut,
         Fut: Future<Output = Result<Completion, LlmError>>,
@@ -241,6 +256,10 @@ impl Router {
         let mut tried: Vec<(String, String)> = Vec::new();
         let mut last = None;
         for (i, e) in order.iter().enumerate() {
+            if spent.contains(&e.name) {
+                tried.push((e.name.clone(), BUDGET.into()));
+                continue;
+            }
             if !lock(&e.breaker).allow(Instant::now()) {
                 tried.push((e.name.clone(), "open".into()));
                 continue;
@@ -310,9 +329,16 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
+/// What `tried` says of an endpoint passed over for its monthly budget.
+pub const BUDGET: &str = "over its monthly budget";
+
 /// The first words of an error, for the audit trail's reason.
 fn short(why: &str) -> &str {
-    if why == "open" { "bypassed" } else { "failed" }
+    match why {
+        "open" => "bypassed",
+        BUDGET => "over budget",
+        _ => "failed",
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
