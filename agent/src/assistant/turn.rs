@@ -459,12 +459,14 @@ impl Assistant {
             let mut echoed = message.tool_calls;
             // Every call gets an id of its own: a result is paired with its call by id, and what
             // a result is (protected or open) follows from the call it answers.
-            let mut seen = std::collections::HashSet::new();
+            let mut seen: std::collections::HashSet<String> =
+                state.messages.iter().flat_map(|m| m.tool_calls.iter().map(|t| t.id.clone())).collect();
             for (i, c) in echoed.iter_mut().enumerate() {
-                let taken = state.messages.iter().any(|m| m.tool_calls.iter().any(|t| t.id == c.id));
-                if c.id.is_empty() || taken || !seen.insert(c.id.clone()) {
-                    c.id = format!("call_zhuli_{}_{i}", state.steps);
-                    seen.insert(c.id.clone());
+                // A made-up id can be the one chosen here: the next free number is taken then.
+                let mut n = i;
+                while c.id.is_empty() || !seen.insert(c.id.clone()) {
+                    c.id = format!("call_zhuli_{}_{n}", state.steps);
+                    n += 1;
                 }
             }
             let max = settings.max_calls_per_step as usize;
