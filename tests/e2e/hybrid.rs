@@ -365,3 +365,94 @@ async fn an_endpoint_over_its_monthly_tokens_is_passed_over_until_the_month_ends
     let status = support::ask(&rig.sim, &rig.agent, Inject::text("/状态").from("boss")).await;
     assert!(status.contains("本月已用 38 / 30 个 token") && status.contains("本月已用 38 / 38 个 token"), "{status}");
 }
+
+/// `zhuli doctor` and `/诊断` check every endpoint: it answers, the key is accepted, the model is
+/// offered, and the model calls a tool. The checks take no scripted answer and no person's
+/// request, and carry no key into the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_every_model_endpoint() {
+    let rig = rig("hybrid-doctor").await;
+    rig.cloud.require_key(CLOUD_KEY);
+    rig.cloud.set_models(&["cloud-model", "cloud-model-large"]);
+    rig.local.set_models(&["local-model"]);
+    let doctor = |config: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhuli"))
+            .args(["doctor", "--wait-ms", "3000", "--config"])
+            .arg(config)
+            .env("ZHULI_UPDATE_DIR", config.with_file_name("zhuli-update"))
+            .output()
+            .expect("doctor");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let models_step = |out: &str| -> String {
+        out.split("8. models").nth(1).map(str::to_owned).unwrap_or_else(|| panic!("no models step in\n{out}"))
+    };
+    let text = std::fs::read_to_string(rig.agent.config_path()).expect("config");
+
+    // Both healthy.
+    let out = doctor(rig.agent.config_path());
+    let step = models_step(&out);
+    assert!(step.trim_start().starts_with("PASS"), "{out}");
+    assert!(
+        step.contains(
+            "deepseek (cloud, cloud-model): reachable, key accepted, model offered (2 in all); tool calling works"
+        ),
+        "{out}"
+    );
+    assert!(
+        step.contains(
+            "office (local, local-model): reachable, key accepted, model offered (1 in all); tool calling works"
+        ),
+        "{out}"
+    );
+    assert_eq!(rig.cloud.probes().len(), 1);
+    assert_eq!(rig.local.probes().len(), 1);
+    assert!(rig.cloud.requests().is_empty() && rig.local.requests().is_empty(), "a check is not a chat request");
+    let probe = &rig.cloud.probes()[0];
+    assert_eq!(probe.authorization.as_deref(), Some(format!("Bearer {CLOUD_KEY}").as_str()));
+    assert_eq!(probe.body["tools"][0]["function"]["name"], "zhuli_probe");
+
+    // A wrong key, a model the server does not offer, a model without tool calling, and a third
+    // endpoint nobody serves.
+    rig.local.set_models(&["qwen2.5:7b", "llama3.1:8b"]);
+    rig.local.set_no_tools(true);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let bad = rig.agent.dir.join("bad-models.toml");
+    let broken = text.replace(CLOUD_KEY, "sk-typo-0000").replace(
+        "[privacy]",
+        &format!(
+            "[[models]]\nname = \"spare\"\nwhere = \"local\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"m\"\ntimeout_ms = 2000\n\n[privacy]"
+        ),
+    );
+    std::fs::write(&bad, broken).expect("write");
+    let out = doctor(&bad);
+    let step = models_step(&out);
+    assert!(step.trim_start().starts_with("FAIL"), "{out}");
+    assert!(step.contains("deepseek (cloud, cloud-model): FAILED: the key was refused (HTTP 401)"), "{out}");
+    assert!(
+        step.contains("office (local, local-model): reachable, key accepted, but the model \"local-model\" is not among the 2 offered (qwen2.5:7b, llama3.1:8b); asked to call a tool, it answered in text"),
+        "{out}"
+    );
+    assert!(step.contains("spare (local, m): FAILED: not reachable"), "{out}");
+    for fix in [
+        "copy the endpoint's api_key again",
+        "set model to one of the names",
+        "supports tool calling",
+        "that the model server runs",
+    ] {
+        assert!(step.contains(fix), "{fix} in\n{out}");
+    }
+    assert!(!out.contains("sk-typo-0000") && !out.contains(CLOUD_KEY), "no key in the report:\n{out}");
+
+    // The admin chat's `/诊断`, run by the agent itself, in Chinese.
+    let reply = support::ask(&rig.sim, &rig.agent, Inject::text("/诊断").from("boss")).await;
+    assert!(reply.contains("**模型**") && reply.contains("office (local, local-model)"), "{reply}");
+    assert!(
+        reply.contains("换用支持工具调用的模型") && reply.contains("把 model 改成服务器提供的模型名之一"),
+        "{reply}"
+    );
+    assert!(!reply.contains(CLOUD_KEY), "{reply}");
+    assert!(rig.cloud.requests().is_empty() && rig.local.requests().is_empty(), "a check is not a chat request");
+}

@@ -752,9 +752,11 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
                     _ => "❌",
                 };
                 // The first line, or under a heading ("…finds them:") the lines it introduces.
+                // The models step has one line per endpoint: each its own item.
                 let mut lines = s.detail.lines();
                 let first = match lines.next().unwrap_or_default() {
                     heading if heading.ends_with(':') => lines.collect::<Vec<_>>().join("; "),
+                    line if s.name == "models" => std::iter::once(line).chain(lines).collect::<Vec<_>>().join("\n  - "),
                     line => line.to_owned(),
                 };
                 let name = match s.name.as_str() {
@@ -765,6 +767,7 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
                     "version" | "rollback" => t!("doctor.version"),
                     "tools" => t!("doctor.tools"),
                     "folders" => t!("doctor.folders"),
+                    "models" => t!("doctor.models"),
                     other => other.to_owned().into(),
                 };
                 t.push_str(&format!("- {mark} **{name}**：{first}\n"));

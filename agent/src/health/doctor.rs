@@ -14,6 +14,9 @@
 //!    inbox, as the running agent finds them: it checks them when asked over its status socket,
 //!    as its own user in its own mount namespace (systemd's sandbox makes folders read-only
 //!    that are writable out here). Without a running agent, as this process finds them.
+//! 8. models — each model endpoint (`[llm]`, `[[models]]`): it answers, its key is accepted, the
+//!    configured model is among those it offers, and the model calls a tool when asked to
+//!    ([`crate::llm::check`]); all endpoints at once, each within [`MODEL_CHECK`].
 
 use std::{path::Path, time::Duration};
 
@@ -89,8 +92,8 @@ pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<S
 pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runner: Runner) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut endpoints = vec![("DingTalk API", config.dingtalk.api_base.as_str().to_owned())];
-    if let Some(llm) = &config.llm {
-        endpoints.push(("LLM", llm.base_url.clone()));
+    for m in config.llm.iter().chain(&config.models) {
+        endpoints.push((if config.models.is_empty() { "LLM" } else { m.name.as_str() }, m.base_url.clone()));
     }
     let mut net_ok = true;
     let mut details = Vec::new();
@@ -167,7 +170,64 @@ pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runne
     steps.push(version(status_socket, by_agent));
     steps.push(tools_step(config).await);
     steps.push(folders_step(config, status_socket, by_agent));
+    steps.push(models_step(config).await);
     steps
+}
+
+/// How long one model endpoint's check may take: a local model may first have to load.
+pub const MODEL_CHECK: Duration = Duration::from_secs(45);
+
+/// Step 8: every model endpoint, checked at once.
+async fn models_step(config: &Config) -> Step {
+    use crate::llm::check::{self, Level, Trouble};
+    let endpoints: Vec<_> = config.llm.iter().chain(&config.models).collect();
+    if endpoints.is_empty() {
+        return step("models", Verdict::Pass, "no model configured: the agent answers commands only", None);
+    }
+    let found = futures_util::future::join_all(endpoints.iter().map(|m| check::check(m, MODEL_CHECK))).await;
+    let level = found.iter().map(|f| f.level).max().unwrap_or(Level::Pass);
+    let verdict = match level {
+        Level::Pass => Verdict::Pass,
+        Level::Warn => Verdict::Warn,
+        Level::Fail => Verdict::Fail,
+    };
+    // The fix for the worst finding first; one per kind of trouble.
+    let mut troubles: Vec<Trouble> = Vec::new();
+    let mut by_level: Vec<_> = found.iter().collect();
+    by_level.sort_by_key(|f| std::cmp::Reverse(f.level));
+    for t in by_level.iter().flat_map(|f| &f.troubles) {
+        if !troubles.contains(t) {
+            troubles.push(*t);
+        }
+    }
+    let fixes: Vec<(&str, Said)> = troubles
+        .iter()
+        .map(|t| match t {
+            Trouble::Reach => (
+                "check base_url, that the model server runs, and the network step",
+                said("doctor.fix_model_reach"),
+            ),
+            Trouble::Key => ("copy the endpoint's api_key again from the provider's console", said("doctor.fix_model_key")),
+            Trouble::Model => (
+                "set model to one of the names the server offers (a server with one model, like llama.cpp's, answers to any name)",
+                said("doctor.fix_model_name"),
+            ),
+            Trouble::Tools => (
+                "use a model that supports tool calling (Ollama: a model tagged \"tools\"; llama.cpp's server: start it with --jinja)",
+                said("doctor.fix_model_tools"),
+            ),
+        })
+        .collect();
+    let fix = (!fixes.is_empty()).then(|| {
+        let console = fixes.iter().map(|(c, _)| *c).collect::<Vec<_>>().join("; ");
+        let chat = Said::new(
+            "doctor.fix_models",
+            &[("lines", &fixes.iter().filter_map(|(_, s)| s.text()).collect::<Vec<_>>().join("\n"))],
+        );
+        (console, chat)
+    });
+    let detail: Vec<String> = found.into_iter().map(|f| f.line).collect();
+    step("models", verdict, detail.join("\n"), fix)
 }
 
 /// Step 7: the folders the files tools use. `in_agent`: this is the running agent.

@@ -8,6 +8,7 @@
 //!
 //! Never logs prompts or answers; the API key is a [`Secret`] and never appears in an error.
 
+pub mod check;
 mod client;
 pub mod health;
 pub mod route;

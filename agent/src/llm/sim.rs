@@ -69,6 +69,15 @@ struct State {
     echo: bool,
     /// With nothing scripted, obey the newest instruction in the new input ([`attack`]).
     attacker: bool,
+    /// The models `GET /v1/models` lists (`None`: the default one, `sim-model`).
+    models: Option<Vec<String>>,
+    /// Requests must carry `Bearer` this key (`None`: any key, or none).
+    key: Option<String>,
+    /// The model answers a request offering tools in text, as a model without tool support does.
+    no_tools: bool,
+    /// Connection checks ([`crate::llm::check`]) received: kept apart from `requests`, and
+    /// answered without taking a scripted reply.
+    probes: Vec<RecordedRequest>,
 }
 
 pub struct LlmSim {
@@ -254,16 +263,51 @@ impl LlmSim {
         st.requests = Vec::new();
     }
 
+    /// The models `GET /v1/models` lists.
+    pub fn set_models(&self, names: &[&str]) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).models =
+            Some(names.iter().map(|n| (*n).to_owned()).collect());
+    }
+
+    /// Refuse (401) every request that does not carry `Bearer key`.
+    pub fn require_key(&self, key: &str) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).key = Some(key.to_owned());
+    }
+
+    /// Answer requests offering tools in text, as a model without tool support does.
+    pub fn set_no_tools(&self, on: bool) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).no_tools = on;
+    }
+
+    /// The connection checks received (not among [`LlmSim::requests`]).
+    pub fn probes(&self) -> Vec<RecordedRequest> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).probes.clone()
+    }
+
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).requests.clone()
     }
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(key) = &st.key
+            && authorization.as_deref() != Some(format!("Bearer {key}").as_str())
+        {
+            return full(StatusCode::UNAUTHORIZED, json!({"error": {"message": "invalid api key", "type": "sim"}}));
+        }
+        if req.method() == http::Method::GET && req.uri().path() == "/v1/models" {
+            let names = st.models.clone().unwrap_or_else(|| vec!["sim-model".into()]);
+            let data: Vec<Value> =
+                names.iter().map(|n| json!({"id": n, "object": "model", "owned_by": "sim"})).collect();
+            return full(StatusCode::OK, json!({"object": "list", "data": data}));
+        }
+    }
     if req.uri().path() != "/v1/chat/completions" {
         return full(StatusCode::NOT_FOUND, json!({"error": {"message": "no such path"}}));
     }
-    let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return full(StatusCode::BAD_REQUEST, json!({"error": {"message": "unreadable body"}})),
@@ -274,6 +318,24 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
     };
     let stream = body["stream"].as_bool() == Some(true);
     let arrived = tokio::time::Instant::now();
+    let offered: Vec<&str> = body["tools"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["function"]["name"].as_str()).collect())
+        .unwrap_or_default();
+    if offered == [crate::llm::check::PROBE_TOOL] {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        let reply = if st.no_tools {
+            Scripted::Text("I can only answer in text.".into())
+        } else {
+            Scripted::ToolCalls(vec![(crate::llm::check::PROBE_TOOL.into(), r#"{"ok":true}"#.into())])
+        };
+        st.probes.push(RecordedRequest { body, raw, authorization, arrived, answered: Some(arrived) });
+        return answer(reply, stream, std::time::Duration::ZERO);
+    }
+    let no_tools = !offered.is_empty() && state.lock().unwrap_or_else(|p| p.into_inner()).no_tools;
+    if no_tools {
+        return answer(Scripted::Text("I can only answer in text.".into()), stream, std::time::Duration::ZERO);
+    }
     let (next, delay, wait, index) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         let fallback = if st.attacker {
