@@ -72,6 +72,11 @@ pub(crate) struct Tls {
 }
 
 pub(crate) fn tls() -> Tls {
+    tls_for(&[API_IP, WS_IP, LLM_IP, RELEASES_IP])
+}
+
+/// [`tls`] with a server certificate for these IP addresses.
+pub(crate) fn tls_for(ips: &[&str]) -> Tls {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
     let ca_key = KeyPair::generate().expect("ca key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
@@ -81,8 +86,7 @@ pub(crate) fn tls() -> Tls {
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().expect("server key");
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("server params");
-    params.subject_alt_names =
-        [API_IP, WS_IP, LLM_IP, RELEASES_IP].iter().map(|ip| SanType::IpAddress(ip.parse().expect("ip"))).collect();
+    params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(ip.parse().expect("ip"))).collect();
     let cert = params.signed_by(&key, &issuer).expect("server cert");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)

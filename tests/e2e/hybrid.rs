@@ -456,3 +456,57 @@ async fn doctor_checks_every_model_endpoint() {
     assert!(!reply.contains(CLOUD_KEY), "{reply}");
     assert!(rig.cloud.requests().is_empty() && rig.local.requests().is_empty(), "a check is not a chat request");
 }
+
+/// The supported local endpoint: a model server on the office's LAN behind HTTPS, its
+/// certificate from the office's own CA (`[agent] extra_ca_pem`). Protected work reaches it over
+/// TLS, and the doctor checks it there; without the CA the doctor says the server is not
+/// reachable and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_model_on_the_lan_is_reached_over_https_with_the_offices_ca() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let lan = LlmSim::start().await.expect("lan model");
+    lan.set_echo(true);
+    lan.require_key("sk-lan-7Qx");
+    lan.set_models(&["qwen2.5:14b"]);
+    let tls = crate::boot::tls_for(&["127.0.0.1"]);
+    let plain: std::net::SocketAddr = lan.base_url()["http://".len()..].trim_end_matches("/v1").parse().expect("addr");
+    let front = crate::boot::tls_front(tls.acceptor.clone(), plain).await;
+    let ca_line = format!("extra_ca_pem = \"\"\"\n{}\"\"\"\n", tls.ca_pem);
+    let config = format!(
+        "[[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = \"https://{front}/v1\"\nmodel = \"qwen2.5:14b\"\n\
+         api_key = \"sk-lan-7Qx\"\ntimeout_ms = 5000\nmax_retries = 1\n\
+         [access]\ngroup_chats = \"open\"\n"
+    );
+    let agent = support::connected_agent_in("hybrid-lan", &sim, &ca_line, &config, &[]).await;
+
+    let reply = support::ask(&sim, &agent, Inject::text("我的手机号 13912345678，记一下").from("u1")).await;
+    assert!(reply.starts_with("回答：我的手机号 13912345678"), "{reply}\n{}", agent.log());
+    let got = lan.requests();
+    assert_eq!(got.len(), 1, "the protected question went to the LAN model");
+    assert_eq!(got[0].authorization.as_deref(), Some("Bearer sk-lan-7Qx"));
+
+    let doctor = |config: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhuli"))
+            .args(["doctor", "--wait-ms", "3000", "--config"])
+            .arg(config)
+            .env("ZHULI_UPDATE_DIR", config.with_file_name("zhuli-update"))
+            .output()
+            .expect("doctor");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = doctor(agent.config_path());
+    assert!(
+        out.contains(
+            "8. models         PASS  office (local, qwen2.5:14b): reachable, key accepted, model offered (1 in all); tool calling works"
+        ),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(agent.config_path()).expect("config");
+    assert!(text.contains(&ca_line), "the CA is in the [agent] table");
+    let without = agent.dir.join("no-ca.toml");
+    std::fs::write(&without, text.replace(&ca_line, "")).expect("write");
+    let out = doctor(&without);
+    assert!(out.contains("8. models         FAIL  office (local, qwen2.5:14b): FAILED: not reachable"), "{out}");
+    assert!(out.contains("UnknownIssuer") || out.contains("certificate"), "the reason is the certificate: {out}");
+    assert!(!out.contains("sk-lan-7Qx"), "{out}");
+}
