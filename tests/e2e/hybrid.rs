@@ -366,9 +366,9 @@ async fn an_endpoint_over_its_monthly_tokens_is_passed_over_until_the_month_ends
     assert!(status.contains("本月已用 38 / 30 个 token") && status.contains("本月已用 38 / 38 个 token"), "{status}");
 }
 
-/// `zhuli doctor` and `/诊断` check every endpoint: it answers, the key is accepted, the model is
-/// offered, and the model calls a tool. The checks take no scripted answer and no person's
-/// request, and carry no key into the report.
+/// `zhuli doctor` and `/诊断` check every endpoint: it answers, it lists the model, the key is
+/// accepted, and the model calls a tool. The checks take no scripted answer and no person's
+/// request, and carry no key and no server's markup into the report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_checks_every_model_endpoint() {
     let rig = rig("hybrid-doctor").await;
@@ -393,29 +393,25 @@ async fn doctor_checks_every_model_endpoint() {
     let out = doctor(rig.agent.config_path());
     let step = models_step(&out);
     assert!(step.trim_start().starts_with("PASS"), "{out}");
-    assert!(
-        step.contains(
-            "deepseek (cloud, cloud-model): reachable, key accepted, model offered (2 in all); tool calling works"
-        ),
-        "{out}"
-    );
-    assert!(
-        step.contains(
-            "office (local, local-model): reachable, key accepted, model offered (1 in all); tool calling works"
-        ),
-        "{out}"
-    );
+    for line in [
+        "deepseek (cloud, cloud-model): reachable, model offered (2 in all); key accepted, tool calling works",
+        "office (local, local-model): reachable, model offered (1 in all); key accepted, tool calling works",
+    ] {
+        assert!(step.contains(line), "{line} in\n{out}");
+    }
     assert_eq!(rig.cloud.probes().len(), 1);
     assert_eq!(rig.local.probes().len(), 1);
     assert!(rig.cloud.requests().is_empty() && rig.local.requests().is_empty(), "a check is not a chat request");
     let probe = &rig.cloud.probes()[0];
     assert_eq!(probe.authorization.as_deref(), Some(format!("Bearer {CLOUD_KEY}").as_str()));
     assert_eq!(probe.body["tools"][0]["function"]["name"], "zhuli_probe");
+    assert_eq!(probe.body["max_tokens"], 256, "the check's answer is capped");
 
-    // A wrong key, a model the server does not offer, a model without tool calling, and a third
-    // endpoint nobody serves.
-    rig.local.set_models(&["qwen2.5:7b", "llama3.1:8b"]);
+    // A wrong key; a model without tool calling; a model the server does not have, which it
+    // lists among names a Markdown link hides in; an endpoint nobody serves.
     rig.local.set_no_tools(true);
+    let third = LlmSim::start().await.expect("third model");
+    third.set_models(&["qwen2.5:7b", "[evil](http://x.example)"]);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
@@ -423,19 +419,23 @@ async fn doctor_checks_every_model_endpoint() {
     let broken = text.replace(CLOUD_KEY, "sk-typo-0000").replace(
         "[privacy]",
         &format!(
-            "[[models]]\nname = \"spare\"\nwhere = \"local\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"m\"\ntimeout_ms = 2000\n\n[privacy]"
+            "[[models]]\nname = \"gpu\"\nwhere = \"local\"\nbase_url = {:?}\nmodel = \"qwen2.5\"\ntimeout_ms = 2000\n\n\
+             [[models]]\nname = \"spare\"\nwhere = \"local\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"m\"\ntimeout_ms = 2000\n\n[privacy]",
+            third.base_url()
         ),
     );
     std::fs::write(&bad, broken).expect("write");
     let out = doctor(&bad);
     let step = models_step(&out);
     assert!(step.trim_start().starts_with("FAIL"), "{out}");
-    assert!(step.contains("deepseek (cloud, cloud-model): FAILED: the key was refused (HTTP 401)"), "{out}");
-    assert!(
-        step.contains("office (local, local-model): reachable, key accepted, but the model \"local-model\" is not among the 2 offered (qwen2.5:7b, llama3.1:8b); asked to call a tool, it answered in text"),
-        "{out}"
-    );
-    assert!(step.contains("spare (local, m): FAILED: not reachable"), "{out}");
+    for line in [
+        "deepseek (cloud, cloud-model): FAILED: the key was refused (HTTP 401)",
+        "office (local, local-model): reachable, model offered (1 in all); key accepted; asked to call a tool, it answered in text",
+        "gpu (local, qwen2.5): reachable, but the model is not among the 2 it lists (qwen2.5:7b,  evil  http://x.example ); FAILED: the model or the address is not found (HTTP 404: model 'qwen2.5' not found)",
+        "spare (local, m): FAILED: not reachable",
+    ] {
+        assert!(step.contains(line), "{line} in\n{out}");
+    }
     for fix in [
         "copy the endpoint's api_key again",
         "set model to one of the names",
@@ -445,14 +445,14 @@ async fn doctor_checks_every_model_endpoint() {
         assert!(step.contains(fix), "{fix} in\n{out}");
     }
     assert!(!out.contains("sk-typo-0000") && !out.contains(CLOUD_KEY), "no key in the report:\n{out}");
+    assert!(!out.contains("[evil]"), "no link from a server's words:\n{out}");
+    assert_eq!(third.probes().len() + third.requests().len(), 0, "a refused model's request is not answered");
 
-    // The admin chat's `/诊断`, run by the agent itself, in Chinese.
+    // The admin chat's `/诊断`, run by the agent itself, in Chinese: each endpoint its own item.
     let reply = support::ask(&rig.sim, &rig.agent, Inject::text("/诊断").from("boss")).await;
-    assert!(reply.contains("**模型**") && reply.contains("office (local, local-model)"), "{reply}");
-    assert!(
-        reply.contains("换用支持工具调用的模型") && reply.contains("把 model 改成服务器提供的模型名之一"),
-        "{reply}"
-    );
+    assert!(reply.contains("**模型**：2 个模型端点\n  - deepseek (cloud, cloud-model): reachable"), "{reply}");
+    assert!(reply.contains("\n  - office (local, local-model): reachable"), "{reply}");
+    assert!(reply.contains("换用支持工具调用的模型"), "{reply}");
     assert!(!reply.contains(CLOUD_KEY), "{reply}");
     assert!(rig.cloud.requests().is_empty() && rig.local.requests().is_empty(), "a check is not a chat request");
 }
@@ -497,7 +497,7 @@ async fn a_local_model_on_the_lan_is_reached_over_https_with_the_offices_ca() {
     let out = doctor(agent.config_path());
     assert!(
         out.contains(
-            "8. models         PASS  office (local, qwen2.5:14b): reachable, key accepted, model offered (1 in all); tool calling works"
+            "8. models         PASS  office (local, qwen2.5:14b): reachable, model offered (1 in all); key accepted, tool calling works"
         ),
         "{out}"
     );
@@ -506,7 +506,8 @@ async fn a_local_model_on_the_lan_is_reached_over_https_with_the_offices_ca() {
     let without = agent.dir.join("no-ca.toml");
     std::fs::write(&without, text.replace(&ca_line, "")).expect("write");
     let out = doctor(&without);
-    assert!(out.contains("8. models         FAIL  office (local, qwen2.5:14b): FAILED: not reachable"), "{out}");
-    assert!(out.contains("UnknownIssuer") || out.contains("certificate"), "the reason is the certificate: {out}");
+    let step = out.split("8. models").nth(1).unwrap_or_default();
+    assert!(step.contains("FAIL  office (local, qwen2.5:14b): FAILED: not reachable"), "{out}");
+    assert!(step.contains("UnknownIssuer"), "the models step gives the certificate as the reason: {out}");
     assert!(!out.contains("sk-lan-7Qx"), "{out}");
 }

@@ -752,12 +752,18 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
                     _ => "❌",
                 };
                 // The first line, or under a heading ("…finds them:") the lines it introduces.
-                // The models step has one line per endpoint: each its own item.
+                // The models step has one line per endpoint: each its own item below the step.
                 let mut lines = s.detail.lines();
-                let first = match lines.next().unwrap_or_default() {
-                    heading if heading.ends_with(':') => lines.collect::<Vec<_>>().join("; "),
-                    line if s.name == "models" => std::iter::once(line).chain(lines).collect::<Vec<_>>().join("\n  - "),
-                    line => line.to_owned(),
+                let endpoints = s.detail.lines().filter(|l| l.contains(" (local, ") || l.contains(" (cloud, ")).count();
+                let first = if s.name == "models" && endpoints > 0 {
+                    let count = s.detail.lines().count();
+                    let items: String = lines.map(|l| format!("\n  - {l}")).collect();
+                    format!("{}{items}", t!("doctor.models_count", n = count))
+                } else {
+                    match lines.next().unwrap_or_default() {
+                        heading if heading.ends_with(':') => lines.collect::<Vec<_>>().join("; "),
+                        line => line.to_owned(),
+                    }
                 };
                 let name = match s.name.as_str() {
                     "network" => t!("doctor.network"),
@@ -773,6 +779,8 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
                 t.push_str(&format!("- {mark} **{name}**：{first}\n"));
                 // What an admin can do from here; a report from an older agent has the console's.
                 let fix = s.chat_fix.as_ref().and_then(|f| f.text()).or_else(|| s.fix.clone());
+                // The models step's advice is one item, apart from the endpoints' lines.
+                let fix = if s.name == "models" { fix.map(|f| f.lines().collect::<Vec<_>>().join("；")) } else { fix };
                 if let (Some(fix), false) = (fix, s.verdict == "pass") {
                     for (i, line) in fix.lines().enumerate() {
                         let line = if i == 0 { t!("upkeep.fix", fix = line).into_owned() } else { line.to_owned() };

@@ -83,13 +83,21 @@ pub enum Runner {
     },
 }
 
-/// Run the seven steps. `wait` bounds step 3.
+/// Run the eight steps. `wait` bounds step 3.
 pub async fn run(config: &Config, status_socket: &Path, wait: Duration) -> Vec<Step> {
     run_as(config, status_socket, wait, Runner::Command).await
 }
 
 /// [`run`], by `runner`.
 pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runner: Runner) -> Vec<Step> {
+    // The models are checked while the other steps run: a slow local model does not lengthen
+    // the report beyond its own bound.
+    let (mut steps, models) = tokio::join!(first_seven(config, status_socket, wait, runner), models_step(config));
+    steps.push(models);
+    steps
+}
+
+async fn first_seven(config: &Config, status_socket: &Path, wait: Duration, runner: Runner) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut endpoints = vec![("DingTalk API", config.dingtalk.api_base.as_str().to_owned())];
     for m in config.llm.iter().chain(&config.models) {
@@ -170,7 +178,6 @@ pub async fn run_as(config: &Config, status_socket: &Path, wait: Duration, runne
     steps.push(version(status_socket, by_agent));
     steps.push(tools_step(config).await);
     steps.push(folders_step(config, status_socket, by_agent));
-    steps.push(models_step(config).await);
     steps
 }
 
@@ -203,19 +210,28 @@ async fn models_step(config: &Config) -> Step {
     let fixes: Vec<(&str, Said)> = troubles
         .iter()
         .map(|t| match t {
-            Trouble::Reach => (
-                "check base_url, that the model server runs, and the network step",
-                said("doctor.fix_model_reach"),
-            ),
+            Trouble::Reach => {
+                ("check base_url, that the model server runs, and the network step", said("doctor.fix_model_reach"))
+            }
             Trouble::Key => ("copy the endpoint's api_key again from the provider's console", said("doctor.fix_model_key")),
+            Trouble::Front => (
+                "set the endpoint's api_key if its server or the HTTPS front before it wants one, or let the box's address in",
+                said("doctor.fix_model_front"),
+            ),
+            Trouble::Balance => ("top up the account at the provider", said("doctor.fix_model_balance")),
             Trouble::Model => (
-                "set model to one of the names the server offers (a server with one model, like llama.cpp's, answers to any name)",
+                "set model to one of the names the server lists (llama.cpp's server lists its file name unless started with --alias, and answers to any name)",
                 said("doctor.fix_model_name"),
             ),
             Trouble::Tools => (
-                "use a model that supports tool calling (Ollama: a model tagged \"tools\"; llama.cpp's server: start it with --jinja)",
+                "use a model that supports tool calling (Ollama: a model tagged tools; llama.cpp's server: --jinja; vLLM: --enable-auto-tool-choice --tool-call-parser for the model)",
                 said("doctor.fix_model_tools"),
             ),
+            Trouble::Slow => (
+                "check again in a minute; a local model loads on its first request",
+                said("doctor.fix_model_slow"),
+            ),
+            Trouble::Refused => ("the server's message says why", said("doctor.fix_model_refused")),
         })
         .collect();
     let fix = (!fixes.is_empty()).then(|| {
@@ -226,7 +242,8 @@ async fn models_step(config: &Config) -> Step {
         );
         (console, chat)
     });
-    let detail: Vec<String> = found.into_iter().map(|f| f.line).collect();
+    let secrets = super::diagnostics::secrets_of(config);
+    let detail: Vec<String> = found.into_iter().map(|f| super::diagnostics::redact(&f.line, &secrets)).collect();
     step("models", verdict, detail.join("\n"), fix)
 }
 

@@ -118,8 +118,11 @@ impl Client {
         })
     }
 
-    fn body(&self, messages: &[ChatMessage], tools: &[ToolSpec], stream: bool) -> Value {
+    fn body(&self, messages: &[ChatMessage], tools: &[ToolSpec], stream: bool, max_tokens: Option<u32>) -> Value {
         let mut body = json!({ "model": self.settings.model, "messages": messages, "stream": stream });
+        if let Some(n) = max_tokens {
+            body["max_tokens"] = json!(n);
+        }
         if !tools.is_empty() {
             body["tools"] = json!(tools);
         }
@@ -135,11 +138,12 @@ impl Client {
         messages: &[ChatMessage],
         tools: &[ToolSpec],
         stream: bool,
+        max_tokens: Option<u32>,
     ) -> Result<http::Response<hyper::body::Incoming>, Attempt> {
         let auth = self.settings.api_key.as_ref().map(|k| format!("Bearer {}", k.expose()));
         let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("authorization", a)]).unwrap_or_default();
         self.http
-            .post_json_streaming(&self.url, &headers, &self.body(messages, tools, stream))
+            .post_json_streaming(&self.url, &headers, &self.body(messages, tools, stream, max_tokens))
             .await
             .map_err(|e: HttpError| Attempt::Retry { why: e.to_string(), after: None })
     }
@@ -156,7 +160,17 @@ impl Client {
         tools: &[ToolSpec],
         retries: u32,
     ) -> Result<Completion, LlmError> {
-        self.retrying(retries, || self.complete_once(messages, tools)).await
+        self.retrying(retries, || self.complete_once(messages, tools, None)).await
+    }
+
+    /// One whole answer of at most `max_tokens`, tried once: a check, not a person's request.
+    pub async fn complete_capped(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        max_tokens: u32,
+    ) -> Result<Completion, LlmError> {
+        self.retrying(0, || self.complete_once(messages, tools, Some(max_tokens))).await
     }
 
     /// The retries configured for this endpoint.
@@ -222,8 +236,13 @@ impl Client {
         }
     }
 
-    async fn complete_once(&self, messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<Completion, Attempt> {
-        let (parts, body) = self.post(messages, tools, false).await?.into_parts();
+    async fn complete_once(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        max_tokens: Option<u32>,
+    ) -> Result<Completion, Attempt> {
+        let (parts, body) = self.post(messages, tools, false, max_tokens).await?.into_parts();
         let limit = self.settings.timeout_ms.get();
         let collected = tokio::time::timeout(limit, http_body_util::Limited::new(body, MAX_ANSWER_BYTES).collect())
             .await
@@ -256,7 +275,7 @@ impl Client {
         on_text: &mut impl FnMut(&str),
         started: &mut bool,
     ) -> Result<Completion, Attempt> {
-        let (parts, mut body) = self.post(messages, tools, true).await?.into_parts();
+        let (parts, mut body) = self.post(messages, tools, true, None).await?.into_parts();
         let idle = self.settings.timeout_ms.get();
         if !parts.status.is_success() {
             let bytes = tokio::time::timeout(idle, http_body_util::Limited::new(body, MAX_JSON_BODY).collect())

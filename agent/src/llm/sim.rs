@@ -263,7 +263,7 @@ impl LlmSim {
         st.requests = Vec::new();
     }
 
-    /// The models `GET /v1/models` lists.
+    /// The models `GET /v1/models` lists; a chat request naming another is refused (404).
     pub fn set_models(&self, names: &[&str]) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).models =
             Some(names.iter().map(|n| (*n).to_owned()).collect());
@@ -318,6 +318,17 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
     };
     let stream = body["stream"].as_bool() == Some(true);
     let arrived = tokio::time::Instant::now();
+    {
+        // A model the server does not have is refused, as vLLM, DeepSeek and Ollama do.
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        let model = body["model"].as_str().unwrap_or_default();
+        if let Some(names) = &st.models
+            && !names.iter().any(|n| n == model)
+        {
+            let message = format!("model '{}' not found", model.chars().take(64).collect::<String>());
+            return full(StatusCode::NOT_FOUND, json!({"error": {"message": message, "type": "sim"}}));
+        }
+    }
     let offered: Vec<&str> = body["tools"]
         .as_array()
         .map(|t| t.iter().filter_map(|t| t["function"]["name"].as_str()).collect())
