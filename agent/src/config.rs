@@ -42,6 +42,9 @@ pub struct Config {
     /// Where releases come from and when the box may install them by itself.
     #[serde(default)]
     pub update: crate::update::pull::UpdateSettings,
+    /// People's reminders and recurring tasks: their limits.
+    #[serde(default)]
+    pub schedule: crate::schedule::Settings,
     /// A digest of each top-level table as written, to notice what changed between runs
     /// (audited as a configuration or permission change). Never the values themselves.
     #[serde(skip)]

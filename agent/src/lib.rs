@@ -16,6 +16,7 @@ pub mod llm;
 pub mod logging;
 pub mod privacy;
 pub mod provision;
+pub mod schedule;
 pub mod secret;
 pub mod sim_http;
 pub mod store;

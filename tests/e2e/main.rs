@@ -23,6 +23,7 @@ mod recovery;
 mod roundtrip;
 mod routing;
 mod sandbox;
+mod schedule;
 mod store;
 mod support;
 mod workspace;

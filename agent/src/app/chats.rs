@@ -278,6 +278,10 @@ impl Chats {
 
 /// A plain text that is not a command: it can be answered together with the texts around it.
 fn mergeable(message: &RobotMessage) -> bool {
+    // What a job fired is answered by itself.
+    if message.msg_id.starts_with(crate::schedule::MESSAGE_PREFIX) {
+        return false;
+    }
     match &message.content {
         Content::Text(t) => {
             let rest = crate::assistant::strip_mentions(t);

@@ -8,6 +8,7 @@
 
 mod chats;
 pub mod maintenance;
+mod scheduler;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -172,7 +173,17 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
         },
         cancel.clone(),
     );
-    tasks.spawn(pipeline(inbox_rx, work.clone(), chats, cancel.clone(), health.task("dispatcher")));
+    let resumed = Arc::new(tokio::sync::Notify::new());
+    tasks.spawn(scheduler::run(
+        work.clone(),
+        chats.clone(),
+        config.clone(),
+        work.assistant.jobs_changed(),
+        resumed.clone(),
+        cancel.clone(),
+        health.task("scheduler"),
+    ));
+    tasks.spawn(pipeline(inbox_rx, work.clone(), chats, resumed, cancel.clone(), health.task("dispatcher")));
     tasks.spawn(prune(store, cancel.clone(), health.task("pruner"), every));
     tasks.spawn(monitor(work.clone(), config.clone(), cancel.clone()));
     {
@@ -350,6 +361,8 @@ pub async fn build_assistant(
         denials: Default::default(),
         plugins,
         maintenance: Some(maintenance::Upkeep::new(config)),
+        schedule: config.schedule.clone(),
+        jobs_changed: Arc::new(tokio::sync::Notify::new()),
     }))
 }
 
@@ -962,6 +975,7 @@ async fn pipeline(
     mut inbox: mpsc::Receiver<Inbound>,
     work: Arc<Work>,
     chats: Arc<Chats>,
+    resumed: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
     beat: Arc<Beat>,
 ) {
@@ -988,6 +1002,8 @@ async fn pipeline(
         }
         Err(e) => log::error!("cannot read unfinished work from the store: {e}"),
     }
+    // Jobs may fire now: what they fire is not among what was just queued.
+    resumed.notify_one();
 
     let mut batch: Vec<Inbound> = Vec::with_capacity(BATCH);
     loop {

@@ -31,12 +31,18 @@ pub enum Command {
     Update(String),
     /// `/rollback` goes back to the release before (admins).
     Rollback,
+    /// `/remind WHEN TEXT`: a reminder (the whole rest of the message).
+    Remind(String),
+    /// `/schedule WHEN REQUEST`: a recurring or later request answered by the model.
+    Schedule(String),
+    /// `/jobs`, `/jobs cancel N`, `/jobs pause N`, `/jobs resume N`.
+    Jobs(String),
     /// Starts with a slash but is none of these (the name as typed, cut to 32 characters).
     Unknown(String),
 }
 
 /// The Chinese names and the English names they stand for.
-const CHINESE: [(&str, &str); 15] = [
+const CHINESE: [(&str, &str); 18] = [
     ("帮助", "help"),
     ("在吗", "ping"),
     ("状态", "status"),
@@ -52,6 +58,10 @@ const CHINESE: [(&str, &str); 15] = [
     ("备份", "backup"),
     ("更新", "update"),
     ("回退", "rollback"),
+    ("提醒", "remind"),
+    // Before 定时: the longer name first.
+    ("定时任务", "jobs"),
+    ("定时", "schedule"),
 ];
 
 /// Full-width ASCII (`！`…`～`) as ASCII, and the ideographic space as a space.
@@ -72,15 +82,18 @@ pub fn parse(text: &str) -> Option<Command> {
     let mut words = rest.split_whitespace();
     let typed = words.next().unwrap_or_default();
     let mut arg = words.next().unwrap_or_default().to_owned();
+    // Everything after the name, for the commands that take a sentence.
+    let mut sentence = rest[typed.len()..].trim().to_owned();
     let name = typed.to_ascii_lowercase();
     let english = match CHINESE.iter().find(|(zh, _)| name.starts_with(zh)) {
         Some((zh, en)) => {
             let glued = &name[zh.len()..];
             if !glued.is_empty() {
-                if !matches!(*en, "confirm" | "show" | "approve" | "audit" | "undo") {
+                if !matches!(*en, "confirm" | "show" | "approve" | "audit" | "undo" | "remind" | "schedule" | "jobs") {
                     return Some(Command::Unknown(format!("/{}", typed.chars().take(31).collect::<String>())));
                 }
                 arg = glued.to_owned();
+                sentence = format!("{glued} {sentence}").trim().to_owned();
             }
             *en
         }
@@ -102,6 +115,9 @@ pub fn parse(text: &str) -> Option<Command> {
         "backup" => Command::Backup(arg),
         "update" => Command::Update(arg),
         "rollback" => Command::Rollback,
+        "remind" => Command::Remind(sentence),
+        "schedule" => Command::Schedule(sentence),
+        "jobs" => Command::Jobs(sentence),
         _ => Command::Unknown(format!("/{}", typed.chars().take(31).collect::<String>())),
     })
 }
@@ -162,6 +178,14 @@ mod tests {
             ("/update install", Command::Update("install".into())),
             ("/回退", Command::Rollback),
             ("/rollback", Command::Rollback),
+            ("/提醒 明天 9:00 发合同", Command::Remind("明天 9:00 发合同".into())),
+            ("/提醒明天9点发合同", Command::Remind("明天9点发合同".into())),
+            ("／提醒　每天　９：００　打卡", Command::Remind("每天 9:00 打卡".into())),
+            ("/remind tomorrow 9:00 send it", Command::Remind("tomorrow 9:00 send it".into())),
+            ("/定时 每周五 17:00 列出待办", Command::Schedule("每周五 17:00 列出待办".into())),
+            ("/定时任务", Command::Jobs(String::new())),
+            ("/定时任务 取消 3", Command::Jobs("取消 3".into())),
+            ("/jobs pause 3", Command::Jobs("pause 3".into())),
         ];
         for (text, expected) in cases {
             assert_eq!(parse(text), Some(expected), "{text}");

@@ -9,6 +9,7 @@
 //! Never logs message text.
 
 pub mod command;
+mod jobs;
 pub mod settings;
 pub mod turn;
 
@@ -83,6 +84,10 @@ pub struct Parts {
     /// What `/doctor`, `/logs` and `/backup` do; `None` where there is no box to look after
     /// (benchmarks).
     pub maintenance: Option<Arc<dyn Maintenance>>,
+    /// The limits of people's jobs.
+    pub schedule: crate::schedule::Settings,
+    /// Notified when a job is made or changed.
+    pub jobs_changed: Arc<tokio::sync::Notify>,
 }
 
 /// The box's upkeep, as admins ask for it in chat (the agent's application layer does it).
@@ -332,6 +337,12 @@ impl Assistant {
             }
         }
         audit.record(Event::new(Kind::MessageAccepted, &who, &chat).outcome(message.kind_name().to_owned()));
+        // What a job fired: a reminder or a notice is said as it is; a task is answered below as
+        // if its owner had sent it.
+        let fired = crate::schedule::parse_message_id(&message.msg_id).map(|(_, _, what)| what);
+        if let Some(what @ (crate::schedule::Fired::Reminder | crate::schedule::Fired::Notice)) = fired {
+            return self.job_said(message, what);
+        }
         let asker = Asker {
             actor: who.clone(),
             nick: message.sender_nick.chars().take(40).collect(),
@@ -384,6 +395,9 @@ impl Assistant {
             Command::Doctor | Command::Logs | Command::Backup(_) | Command::Update(_) | Command::Rollback => {
                 self.upkeep(&asker, command, progress).await
             }
+            Command::Remind(sentence) => self.make_job(&asker, &sentence, false, &message.msg_id).await,
+            Command::Schedule(sentence) => self.make_job(&asker, &sentence, true, &message.msg_id).await,
+            Command::Jobs(rest) => self.jobs_command(&asker, &rest).await,
             Command::Unknown(name) => Answer::fixed(t!("command.unknown_title"), t!("command.unknown", command = name)),
         }
     }

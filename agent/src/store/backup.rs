@@ -24,7 +24,7 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CONVERSATIONS, HISTORY, Hashed, INBOX, KEY_CHECK, META, OUTBOX, PROCESSED, PROCESSED_EXPIRY, SCHEMA_VERSION,
+    CONVERSATIONS, HISTORY, Hashed, INBOX, JOBS, KEY_CHECK, META, OUTBOX, PROCESSED, PROCESSED_EXPIRY, SCHEMA_VERSION,
     SETTINGS, StoreError, UNDO, check_key, db_err, key::StoreKey, pair_key, read_meta, seal::Sealer, u64_key,
 };
 
@@ -286,6 +286,7 @@ fn authenticate(txn: &redb::ReadTransaction, sealer: &Sealer, path: &Path) -> Re
     });
     each!(SETTINGS, "settings", |k| k.as_bytes().to_vec());
     each!(UNDO, "undo", |k| u64_key(k).to_vec());
+    each!(JOBS, "jobs", |k| u64_key(k).to_vec());
     Ok(n)
 }
 
@@ -384,7 +385,8 @@ pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, 
                 + copy_table(&rtxn, &wtxn, HISTORY)?
                 + copy_table(&rtxn, &wtxn, CONVERSATIONS)?
                 + copy_table(&rtxn, &wtxn, SETTINGS)?
-                + copy_table(&rtxn, &wtxn, UNDO)?)
+                + copy_table(&rtxn, &wtxn, UNDO)?
+                + copy_table(&rtxn, &wtxn, JOBS)?)
         })()
         .map_err(|e| BackupError::Store(db_err(&part, e)))?;
         wtxn.commit().map_err(|e| BackupError::Store(db_err(&part, e)))?;

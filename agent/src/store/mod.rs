@@ -12,6 +12,7 @@
 //! Never logs values; errors name tables and files, not contents.
 
 pub mod backup;
+pub mod jobs;
 pub mod key;
 pub(crate) mod overlay;
 pub mod seal;
@@ -34,12 +35,14 @@ use seal::{SealError, Sealer};
 /// 3. outbox entries gain `card`.
 /// 4. processed entries carry their msgId and history's conversation ids are kept in
 ///    `conversations` (both sealed), so a rekey can re-hash them under a new index secret.
-pub const SCHEMA_VERSION: u32 = 4;
+/// 5. `jobs`: scheduled reminders and tasks, a table builds before it never open.
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The oldest schema whose builds can still run on a store this build wrote: what the release
 /// before can do after a fallback. Each schema step says how far back it reads:
 /// 2 (a new meta record) read back to 1; 3 (a new field in outbox entries) and 4 (a new index of
-/// history) only to themselves.
+/// history) only to themselves; 5 (a new table) back to 4: a build of schema 4 runs on it and
+/// leaves the jobs alone (they wait for a release that knows them).
 ///
 /// The rule of releases (docs/UPDATES.md, "Schema and data"): a release may raise this at most to
 /// the schema of the release before it, so that release still runs on the store after a
@@ -72,6 +75,9 @@ pub(crate) const UNDO: TableDefinition<u64, &[u8]> = TableDefinition::new("undo"
 /// Look-ups worth keeping for a while (the address book): keyed hash of the name → sealed
 /// [`CacheEntry`]. Disposable: not in backups, emptied by a re-key and by permission changes.
 pub(crate) const CACHE: TableDefinition<Hashed, &[u8]> = TableDefinition::new("cache");
+
+/// Scheduled jobs (schema 5): id → sealed [`crate::schedule::Job`].
+pub(crate) const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 
 pub(crate) const KEY_CHECK: &[u8] = b"zhuli store key check";
 
@@ -125,6 +131,9 @@ pub enum WriteOp<'a> {
     /// Forget a message whose reply was delivered: its outbox item, or its inbox item when the
     /// reply was sent without staging.
     Delivered(u64),
+    /// Write job `id` as it is now, or remove it (`None`): with an `Accept` of what it fires in
+    /// the same commit, an occurrence fires once.
+    Job { id: u64, job: Option<&'a crate::schedule::Job> },
 }
 
 #[derive(Debug)]
@@ -509,6 +518,11 @@ impl Store {
             let mut expiry = txn.open_table(PROCESSED_EXPIRY).map_err(|e| self.err(e))?;
             let mut inbox = txn.open_table(INBOX).map_err(|e| self.err(e))?;
             let mut outbox = txn.open_table(OUTBOX).map_err(|e| self.err(e))?;
+            let mut jobs = if ops.iter().any(|op| matches!(op, WriteOp::Job { .. })) {
+                Some(txn.open_table(JOBS).map_err(|e| self.err(e))?)
+            } else {
+                None
+            };
             for op in ops {
                 match op {
                     WriteOp::Accept { batch, now_ms } => {
@@ -552,6 +566,20 @@ impl Store {
                     WriteOp::Delivered(seq) => {
                         outbox.remove(*seq).map_err(|e| self.err(e))?;
                         inbox.remove(*seq).map_err(|e| self.err(e))?;
+                        outcomes.push(WriteOutcome::Done);
+                    }
+                    WriteOp::Job { id, job } => {
+                        let table = jobs.as_mut().expect("opened above when a job is written");
+                        match job {
+                            Some(job) => {
+                                table
+                                    .insert(*id, self.seal_value("jobs", &u64_key(*id), *job).as_slice())
+                                    .map_err(|e| self.err(e))?;
+                            }
+                            None => {
+                                table.remove(*id).map_err(|e| self.err(e))?;
+                            }
+                        }
                         outcomes.push(WriteOutcome::Done);
                     }
                 }
@@ -635,6 +663,7 @@ impl Store {
             reseal_table!(OUTBOX, "outbox", seq, |k| *k);
             reseal_table!(SETTINGS, "settings", text, |k| k.as_str());
             reseal_table!(UNDO, "undo", seq, |k| *k);
+            reseal_table!(JOBS, "jobs", seq, |k| *k);
 
             // Keyed tables are read whole, emptied and written again under the new hashes.
             let processed: Vec<(Hashed, ProcessedEntry)> = {
@@ -1018,6 +1047,8 @@ fn migrate(
                     processed.insert(h, sealed.as_slice()).map_err(|e| db_err(path, e))?;
                 }
             }
+            // The jobs table is made when the first job is written.
+            4 => {}
             // No store was ever written with a schema before 1.
             _ => return Err(StoreError::NotAStore(path.to_owned())),
         }

@@ -1,0 +1,231 @@
+//! People's jobs in chat: `/提醒` (`/remind`) makes a reminder, `/定时` (`/schedule`) a request the
+//! model answers at its times, `/定时任务` (`/jobs`) lists them and cancels, pauses or resumes
+//! one. Each job speaks in the chat it was made in and runs as the person who made it; the app's
+//! scheduler fires them (`app::scheduler`). And the answer to what a job fired.
+
+use rust_i18n::t;
+
+use super::{Answer, Assistant, turn::Asker};
+use crate::{
+    dingtalk::message::RobotMessage,
+    schedule::{
+        Action, Fired, Job, Paused, Rule,
+        rule::shown_zh,
+        when::{self, WhenError},
+    },
+};
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A job as its list shows it: `#3 ⏰ 每个工作日 09:00 — 站会（下次 12月7日（周一）09:00）`.
+fn line(id: u64, job: &Job, offset: i32, with_owner: bool) -> String {
+    let mark = match job.action {
+        Action::Remind(_) => "⏰",
+        Action::Task(_) => "🤖",
+    };
+    let when = match job.rule {
+        Rule::Once { at_ms } => shown_zh(at_ms, offset),
+        ref r => format!("{}（{}）", r.shown_zh(offset), t!("jobs.next", at = shown_zh(job.next_ms, offset))),
+    };
+    let text: String = job.action.text().chars().take(60).collect();
+    let mut out = format!("#{id} {mark} {when} — {text}");
+    if job.group {
+        out.push_str(&t!("jobs.in_group"));
+    }
+    if with_owner {
+        out.push_str(&t!("jobs.owner", owner = job.nick.as_str(), id = job.owner.as_str()));
+    }
+    match &job.paused {
+        Some(Paused::ByPerson) => out.push_str(&t!("jobs.paused")),
+        Some(Paused::Refused(why)) => out.push_str(&t!("jobs.paused_refused", why = why.as_str())),
+        None => {}
+    }
+    out
+}
+
+impl Assistant {
+    /// `/提醒` and `/定时`: a new job in this chat, as `asker`.
+    /// `origin`: the message asking, so that asking again after a crash makes no second job.
+    pub(super) async fn make_job(&self, asker: &Asker, sentence: &str, task: bool, origin: &str) -> Answer {
+        let limits = self.parts.schedule.clone();
+        let offset = self.parts.settings.utc_offset_minutes;
+        let title = t!("jobs.title");
+        if sentence.trim().is_empty() {
+            return Answer::fixed(title, if task { t!("jobs.usage_task") } else { t!("jobs.usage_remind") });
+        }
+        if task && self.parts.llm.is_none() {
+            return Answer::fixed(title, t!("jobs.no_model"));
+        }
+        let now = now_ms();
+        let parsed = match when::parse(sentence, now, offset) {
+            Ok(p) => p,
+            Err(e) => {
+                let why = match e {
+                    WhenError::NoTime => t!("jobs.no_time"),
+                    WhenError::BadClock => t!("jobs.bad_clock"),
+                    WhenError::BadDate => t!("jobs.bad_date"),
+                    WhenError::Past => t!("jobs.past"),
+                    WhenError::NoText => t!("jobs.no_text"),
+                };
+                let usage = if task { t!("jobs.usage_task") } else { t!("jobs.usage_remind") };
+                return Answer::fixed(title, format!("{why}\n\n{usage}"));
+            }
+        };
+        if parsed.rule.interval_minutes() < limits.min_interval_minutes {
+            return Answer::fixed(title, t!("jobs.too_often", minutes = limits.min_interval_minutes));
+        }
+        let Some(first) = parsed.rule.next_after(now, offset) else {
+            return Answer::fixed(title, t!("jobs.past"));
+        };
+        let all = match self.store_call(|s| s.jobs()).await {
+            Ok(all) => all,
+            Err(e) => {
+                log::warn!("cannot read the jobs: {e}");
+                return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
+            }
+        };
+        let mine = all.iter().filter(|(_, j)| j.owner == asker.actor && j.origin != origin).count();
+        if mine >= limits.max_per_person {
+            return Answer::fixed(title, t!("jobs.too_many_mine", n = limits.max_per_person));
+        }
+        if all.iter().filter(|(_, j)| j.origin != origin).count() >= limits.max_jobs {
+            return Answer::fixed(title, t!("jobs.too_many_box", n = limits.max_jobs));
+        }
+        let text: String = parsed.text.chars().take(500).collect();
+        let job = Job {
+            origin: origin.to_owned(),
+            owner: asker.actor.clone(),
+            nick: asker.nick.clone(),
+            conversation_id: asker.chat.clone(),
+            group: asker.group,
+            action: if task { Action::Task(text) } else { Action::Remind(text) },
+            rule: parsed.rule,
+            next_ms: first,
+            created_ms: now,
+            paused: None,
+            fired: 0,
+            missed: 0,
+        };
+        let saved = job.clone();
+        let id = match self.store_call(move |s| s.add_job(&saved)).await {
+            Ok((id, _)) => id,
+            Err(e) => {
+                log::warn!("cannot keep a job: {e}");
+                return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
+            }
+        };
+        self.parts.jobs_changed.notify_one();
+        log::info!(
+            "job #{id} made by {} in conversation {} ({}), first at {first}",
+            asker.actor,
+            asker.chat,
+            if task { "task" } else { "reminder" }
+        );
+        let shown = line(id, &job, offset, false);
+        let made = if task { t!("jobs.made_task", line = shown) } else { t!("jobs.made_remind", line = shown) };
+        Answer::fixed(title, format!("{made}\n\n{}", t!("jobs.how_to", id = id)))
+    }
+
+    /// `/定时任务`: the asker's jobs (an admin's: all), or cancel, pause or resume one.
+    pub(super) async fn jobs_command(&self, asker: &Asker, rest: &str) -> Answer {
+        let offset = self.parts.settings.utc_offset_minutes;
+        let admin = self.parts.access.is_admin(&asker.actor);
+        let title = t!("jobs.title");
+        let mut words = rest.split_whitespace();
+        let verb = words.next().unwrap_or_default().to_ascii_lowercase();
+        let id = words.next().map(|w| w.trim_start_matches('#')).and_then(|w| w.parse::<u64>().ok());
+        let verb = match verb.as_str() {
+            "" | "list" | "列表" | "全部" => None,
+            "cancel" | "delete" | "取消" | "删除" => Some("cancel"),
+            "pause" | "暂停" => Some("pause"),
+            "resume" | "恢复" | "继续" => Some("resume"),
+            _ => return Answer::fixed(title, t!("jobs.usage_jobs")),
+        };
+        let Some(verb) = verb else {
+            let all = match self.store_call(|s| s.jobs()).await {
+                Ok(all) => all,
+                Err(e) => {
+                    log::warn!("cannot read the jobs: {e}");
+                    return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
+                }
+            };
+            let shown: Vec<String> = all
+                .iter()
+                .filter(|(_, j)| admin || j.owner == asker.actor)
+                .map(|(id, j)| format!("- {}", line(*id, j, offset, admin)))
+                .collect();
+            if shown.is_empty() {
+                return Answer::fixed(title, t!("jobs.none"));
+            }
+            let heading = if admin { t!("jobs.list_all", n = shown.len()) } else { t!("jobs.list", n = shown.len()) };
+            return Answer::fixed(title, format!("{heading}\n\n{}\n\n{}", shown.join("\n"), t!("jobs.usage_jobs")));
+        };
+        let Some(id) = id else { return Answer::fixed(title, t!("jobs.usage_jobs")) };
+        let job = match self.store_call(move |s| s.job(id)).await {
+            Ok(Some(j)) if admin || j.owner == asker.actor => j,
+            Ok(_) => return Answer::fixed(title, t!("jobs.not_yours", id = id)),
+            Err(e) => {
+                log::warn!("cannot read job #{id}: {e}");
+                return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
+            }
+        };
+        let now = now_ms();
+        let changed = match verb {
+            "cancel" => None,
+            "pause" => Some(Job { paused: Some(Paused::ByPerson), ..job.clone() }),
+            _ => {
+                // Resumed: what passed while it was paused is not fired.
+                let next = job.rule.next_after(now.max(job.next_ms - 1), offset).unwrap_or(job.next_ms);
+                if matches!(job.rule, Rule::Once { .. }) && next <= now {
+                    return Answer::fixed(title, t!("jobs.resume_past", id = id));
+                }
+                Some(Job { paused: None, next_ms: next, ..job.clone() })
+            }
+        };
+        let write = changed.clone();
+        if let Err(e) = self.store_call(move |s| s.put_job(id, write.as_ref())).await {
+            log::warn!("cannot change job #{id}: {e}");
+            return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
+        }
+        self.parts.jobs_changed.notify_one();
+        log::info!("job #{id}: {verb} by {}", asker.actor);
+        let text = match changed {
+            None => t!("jobs.cancelled", line = line(id, &job, offset, admin)),
+            Some(j) if j.paused.is_some() => t!("jobs.paused_done", line = line(id, &j, offset, admin)),
+            Some(j) => t!("jobs.resumed", line = line(id, &j, offset, admin)),
+        };
+        Answer::fixed(title, text)
+    }
+
+    /// What a job fired says by itself (a reminder, a notice): its text as it was fired.
+    pub(super) fn job_said(&self, message: &RobotMessage, what: Fired) -> Answer {
+        let text = message.text().unwrap_or_default();
+        let title = match what {
+            Fired::Reminder => t!("jobs.reminder_title"),
+            _ => t!("jobs.title"),
+        };
+        Answer::fixed(title, text)
+    }
+
+    /// May `message`'s sender still speak in its chat? What a job is about to fire is checked
+    /// with its owner's standing now; the reason when not.
+    pub fn may_run(&self, message: &RobotMessage) -> Result<(), String> {
+        match self.parts.access.admit(message) {
+            crate::access::Admission::Allowed => Ok(()),
+            crate::access::Admission::Refused(r) => Err(r.reason().to_owned()),
+            crate::access::Admission::Pairing(_) => Err("awaiting pairing approval".to_owned()),
+        }
+    }
+
+    /// Woken when a job is made or changed (the scheduler waits on it).
+    pub fn jobs_changed(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.parts.jobs_changed.clone()
+    }
+
+    /// The limits of jobs.
+    pub fn schedule_settings(&self) -> &crate::schedule::Settings {
+        &self.parts.schedule
+    }
+}

@@ -1,0 +1,241 @@
+//! People's jobs with the real binary: `/提醒` reminders and `/定时任务`, fired by the agent's own
+//! clock, which libfaketime moves (forward, back, and past a box that was off for hours). A
+//! reminder fires once across a kill -9 at its moment; a repeating one neither repeats nor
+//! skips silently across clock jumps; a person who may no longer speak has their job paused.
+
+use std::time::Duration;
+
+use zhuli::dingtalk::sim::{Inject, RecordedReply, Simulator};
+
+use crate::support::{self, Agent, SECRET, config_for, spawn_agent_with_env, temp_dir};
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// An agent whose wall clock is real time plus what `clock` says (`+30m`, `-2h`), read anew at
+/// every look; its timers (monotonic) run on.
+async fn rig(tag: &str, extra: &str) -> (Simulator, Agent, std::path::PathBuf) {
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "these tests move the agent's wall clock with libfaketime: apt-get install libfaketime (or run tests/run)"
+    );
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let clock = temp_dir(&format!("{tag}-clock")).join("faketime");
+    std::fs::write(&clock, "+0").expect("clock file");
+    let env = [
+        ("LD_PRELOAD", LIBFAKETIME.to_owned()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ];
+    let config = format!("[schedule]\nwake_ms = 100\n{extra}");
+    let agent = spawn_agent_with_env(tag, &config_for(&sim, SECRET, &config), &env);
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+    (sim, agent, clock)
+}
+
+/// Restart the agent and wait until its new connection is up.
+async fn restart(sim: &Simulator, agent: &mut Agent) {
+    let before = sim.connections().iter().map(|(id, _)| *id).max().unwrap_or_default();
+    agent.restart();
+    let back = sim.wait_until(Duration::from_secs(15), |s| s.connections().iter().any(|(id, _)| *id > before));
+    assert!(back.await, "{}", agent.log());
+}
+
+fn set_clock(clock: &std::path::Path, offset: &str) {
+    std::fs::write(clock, offset).expect("clock file");
+}
+
+/// Replies whose text holds `needle`.
+fn said(sim: &Simulator, needle: &str) -> Vec<RecordedReply> {
+    sim.replies().into_iter().filter(|r| r.text.contains(needle)).collect()
+}
+
+async fn wait_said(sim: &Simulator, agent: &Agent, needle: &str, n: usize) {
+    let got = sim.wait_until(Duration::from_secs(15), |s| said(s, needle).len() >= n).await;
+    assert!(got, "{n} × {needle:?} expected, got {}:\n{}", said(sim, needle).len(), agent.log());
+}
+
+/// Send `m` and return its reply's text. With the agent's clock moved, DingTalk's session
+/// webhooks look expired to it and replies take the OpenAPI route: a reply is found by its
+/// message or, after it was sent, by its chat.
+async fn ask_in(sim: &Simulator, agent: &Agent, m: Inject) -> String {
+    let before = sim.replies().len();
+    let (group, from, chat) = (m.group, m.sender_staff_id.clone(), m.conversation_id.clone());
+    let id = sim.inject(m);
+    let ours = |r: &RecordedReply| {
+        r.in_reply_to.as_deref() == Some(id.as_str())
+            || if group { r.conversation_id == chat } else { r.to_user.as_deref() == Some(from.as_str()) }
+    };
+    let got = sim.wait_until(Duration::from_secs(15), |s| s.replies().iter().skip(before).any(ours)).await;
+    assert!(got, "no reply to {id}; log:\n{}", agent.log());
+    sim.replies().into_iter().skip(before).find(ours).map(|r| r.text).unwrap_or_default()
+}
+
+async fn ask(sim: &Simulator, agent: &Agent, from: &str, text: &str) -> String {
+    ask_in(sim, agent, Inject::text(text).from(from)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reminder_fires_once_across_a_kill_9_at_its_moment() {
+    let (sim, mut agent, clock) = rig("sched-kill", "").await;
+    // Each round: a reminder for 30 minutes from the agent's now, the clock moved just past it,
+    // and the agent killed at a different moment around the firing (before the look, during it,
+    // after the commit, after the send), then started again.
+    for (round, kill_after_ms) in [0u64, 40, 90, 150, 400].into_iter().enumerate() {
+        let thing = format!("事项{round}号");
+        let made = ask(&sim, &agent, "u1", &format!("/提醒 30分钟后 {thing}")).await;
+        assert!(made.contains("已设置提醒") && made.contains(&thing), "{made}");
+        set_clock(&clock, &format!("+{}s", (round as u64 + 1) * 1800 + 5));
+        tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
+        restart(&sim, &mut agent).await;
+        let reminder = format!("**提醒**：{thing}");
+        wait_said(&sim, &agent, &reminder, 1).await;
+        // A moment more: nothing fires it again.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let fired: Vec<RecordedReply> =
+            said(&sim, &thing).into_iter().filter(|r| r.text.contains("**提醒**")).collect();
+        assert_eq!(fired.len(), 1, "round {round} (killed after {kill_after_ms} ms): {fired:?}\n{}", agent.log());
+        assert_eq!(fired[0].to_user.as_deref(), Some("u1"), "a 1:1 reminder goes to its owner");
+        assert!(!fired[0].text.contains("晚了"), "on time: {}", fired[0].text);
+    }
+    // Each was a single occurrence: none is left.
+    let list = ask(&sim, &agent, "u1", "/定时任务").await;
+    assert!(list.contains("你还没有定时任务"), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeating_reminder_across_clock_jumps_and_a_box_that_was_off() {
+    let (sim, mut agent, clock) = rig("sched-jumps", "").await;
+    let group = |text: &str| Inject::text(text).from("u1").in_group(true).conversation("cidTEAM==");
+    let made = ask_in(&sim, &agent, group("@助理 /提醒 每隔30分钟 起来活动一下")).await;
+    assert!(made.contains("每 30 分钟") && made.contains("（本群）"), "{made}");
+
+    // 30 minutes on: the first occurrence, in the group.
+    set_clock(&clock, "+1805s");
+    wait_said(&sim, &agent, "起来活动一下", 2).await;
+    let fired = |sim: &Simulator| -> Vec<RecordedReply> {
+        said(sim, "起来活动一下").into_iter().filter(|r| r.text.contains("**提醒**")).collect()
+    };
+    assert_eq!(fired(&sim)[0].conversation_id.as_deref(), Some("cidTEAM=="));
+    // The clock jumps back half an hour (NTP correcting a fast clock): nothing repeats.
+    set_clock(&clock, "+0");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(fired(&sim).len(), 1, "{}", agent.log());
+    // Forward again past the second occurrence: it fires once.
+    set_clock(&clock, "+3605s");
+    let got = sim.wait_until(Duration::from_secs(10), |s| fired(s).len() >= 2).await;
+    assert!(got, "{}", agent.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fired(&sim).len(), 2);
+
+    // The box is off for three hours: started again at +4h, the grace is an hour. The newest
+    // occurrence (at +4h) fires; the five between +1.5h and +3.5h are skipped and listed.
+    agent.kill9();
+    set_clock(&clock, "+14405s");
+    restart(&sim, &mut agent).await;
+    let got = sim.wait_until(Duration::from_secs(15), |s| fired(s).len() >= 3 && !said(s, "错过了").is_empty()).await;
+    assert!(got, "{}", agent.log());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(fired(&sim).len(), 3, "only the newest of the missed occurrences fires");
+    let notice = said(&sim, "错过了");
+    assert_eq!(notice.len(), 1, "{notice:?}");
+    assert!(notice[0].text.contains("错过了 5 次") && notice[0].text.contains("#1"), "{}", notice[0].text);
+
+    // `/定时任务` shows it with its next time; pause, resume, cancel.
+    let list = ask_in(&sim, &agent, group("@助理 /定时任务")).await;
+    assert!(list.contains("#1 ⏰ 每 30 分钟（下次 ") && list.contains("起来活动一下"), "{list}");
+    let other = ask(&sim, &agent, "u2", "/定时任务 取消 1").await;
+    assert!(other.contains("不是你设置的"), "someone else cannot cancel it: {other}");
+    let paused = ask_in(&sim, &agent, group("@助理 /定时任务 暂停 1")).await;
+    assert!(paused.contains("已暂停"), "{paused}");
+    set_clock(&clock, "+16205s");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(fired(&sim).len(), 3, "a paused job does not fire");
+    let resumed = ask_in(&sim, &agent, group("@助理 /定时任务 恢复 1")).await;
+    assert!(resumed.contains("已恢复"), "{resumed}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(fired(&sim).len(), 3, "what passed while paused is not fired on resume");
+    let cancelled = ask_in(&sim, &agent, group("@助理 /定时任务 取消 1")).await;
+    assert!(cancelled.contains("已取消"), "{cancelled}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_someone_no_longer_allowed_is_paused_and_the_admins_told() {
+    let access = "[access]\nadmins = [\"boss\"]\ndirect_chats = \"allowlist\"\ndirect_allow = [\"u2\"]\n";
+    let (sim, mut agent, clock) = rig("sched-revoked", access).await;
+    let made = ask(&sim, &agent, "u2", "/提醒 每天 9:00 看邮件").await;
+    assert!(made.contains("已设置提醒"), "{made}");
+    // u2 is taken off the list; the agent starts again with that configuration.
+    let text = std::fs::read_to_string(agent.config_path()).expect("config");
+    std::fs::write(agent.config_path(), text.replace("direct_allow = [\"u2\"]", "direct_allow = []")).expect("write");
+    restart(&sim, &mut agent).await;
+    set_clock(&clock, "+1d");
+    let got = sim.wait_until(Duration::from_secs(15), |s| !said(s, "已暂停").is_empty()).await;
+    assert!(got, "{}", agent.log());
+    let told = said(&sim, "已暂停");
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].to_user.as_deref(), Some("boss"), "the admin is told");
+    assert!(told[0].text.contains("#1") && told[0].text.contains("u2"), "{}", told[0].text);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(said(&sim, "**提醒**").is_empty(), "nothing is said for someone no longer allowed");
+    assert_eq!(said(&sim, "已暂停").len(), 1, "told once");
+    let list = ask(&sim, &agent, "boss", "/定时任务").await;
+    assert!(list.contains("设备上的全部定时任务") && list.contains("已暂停：此人已无权"), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_times_and_limits_get_clear_answers() {
+    let (sim, agent, _clock) = rig("sched-limits", "max_per_person = 2\n").await;
+    let cases = [
+        ("/提醒 发合同", "没看懂时间"),
+        ("/提醒 明天 25:00 开会", "时间不对"),
+        ("/提醒 明天 9:00", "请在时间后面写上"),
+        ("/提醒 每隔5分钟 喝水", "至少 30 分钟"),
+        ("/提醒", "用法"),
+        ("/定时 每天 9:00 发日程", "没有配置模型"),
+    ];
+    for (text, expect) in cases {
+        let reply = ask(&sim, &agent, "u3", text).await;
+        assert!(reply.contains(expect), "{text}: {reply}");
+    }
+    for i in 0..2 {
+        let reply = ask(&sim, &agent, "u3", &format!("/提醒 明天 9:0{i} 事{i}")).await;
+        assert!(reply.contains("已设置提醒"), "{reply}");
+    }
+    let reply = ask(&sim, &agent, "u3", "/提醒 明天 10:00 第三件").await;
+    assert!(reply.contains("这是上限"), "{reply}");
+    let list = ask(&sim, &agent, "u3", "/定时任务").await;
+    assert!(list.contains("共 2 个") && list.contains("事0") && list.contains("事1"), "{list}");
+}
+
+/// `/定时`: at its time the request goes to the model as if its owner had sent it in that chat,
+/// and the answer is posted there; the reply to the request that made it went to no model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_request_is_answered_by_the_model_as_its_owner() {
+    let llm = zhuli::llm::sim::LlmSim::start().await.expect("model");
+    llm.set_echo(true);
+    let extra = format!(
+        "[llm]\nbase_url = {:?}\nwhere = \"local\"\nmodel = \"sim-model\"\ntimeout_ms = 5000\nmax_retries = 1\n",
+        llm.base_url()
+    );
+    let (sim, agent, clock) = rig("sched-task", &extra).await;
+    let made = ask(&sim, &agent, "u5", "/定时 每天 9:00 把我今天的日程发到这里").await;
+    assert!(made.contains("已设置定时任务") && made.contains("🤖"), "{made}");
+    assert!(llm.requests().is_empty(), "making a job asks no model");
+    // Just past the next 09:00 in Shanghai.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let until_nine = (9 * 3600 - (now + 8 * 3600).rem_euclid(86_400)).rem_euclid(86_400);
+    set_clock(&clock, &format!("+{}s", until_nine + 5));
+    wait_said(&sim, &agent, "回答：把我今天的日程发到这里", 1).await;
+    let answer = said(&sim, "回答：把我今天的日程发到这里");
+    assert_eq!(answer[0].to_user.as_deref(), Some("u5"), "{answer:?}");
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 1);
+    let last_user = requests[0].body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(last_user, "把我今天的日程发到这里", "the request as its owner wrote it");
+}
