@@ -161,13 +161,15 @@ async fn a_repeating_reminder_across_clock_jumps_and_a_box_that_was_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_of_someone_no_longer_allowed_is_paused_and_the_admins_told() {
-    let access = "[access]\nadmins = [\"boss\"]\ndirect_chats = \"allowlist\"\ndirect_allow = [\"u2\"]\n";
+    let access = "[access]\nadmins = [\"boss\"]\ngroup_chats = \"allowlist\"\ngroup_allow = [\"cidTEAM==\"]\n";
     let (sim, mut agent, clock) = rig("sched-revoked", access).await;
-    let made = ask(&sim, &agent, "u2", "/提醒 每天 9:00 看邮件").await;
+    let in_team = |from: &str, text: &str| Inject::text(text).from(from).in_group(true).conversation("cidTEAM==");
+    let made = ask_in(&sim, &agent, in_team("u2", "@助理 /提醒 每天 9:00 看邮件")).await;
     assert!(made.contains("已设置提醒"), "{made}");
-    // u2 is taken off the list; the agent starts again with that configuration.
+    // The group is taken off the list; the agent starts again with that configuration.
     let text = std::fs::read_to_string(agent.config_path()).expect("config");
-    std::fs::write(agent.config_path(), text.replace("direct_allow = [\"u2\"]", "direct_allow = []")).expect("write");
+    std::fs::write(agent.config_path(), text.replace("group_allow = [\"cidTEAM==\"]", "group_allow = []"))
+        .expect("write");
     restart(&sim, &mut agent).await;
     set_clock(&clock, "+1d");
     let got = sim.wait_until(Duration::from_secs(15), |s| !said(s, "已暂停").is_empty()).await;
@@ -179,8 +181,58 @@ async fn a_job_of_someone_no_longer_allowed_is_paused_and_the_admins_told() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(said(&sim, "**提醒**").is_empty(), "nothing is said for someone no longer allowed");
     assert_eq!(said(&sim, "已暂停").len(), 1, "told once");
+    // Its owner cannot lift that pause (and so cannot make the admins be told again); an admin can.
+    let refused = ask(&sim, &agent, "u2", "/定时任务 恢复 1").await;
+    assert!(refused.contains("只有管理员可以恢复"), "{refused}");
     let list = ask(&sim, &agent, "boss", "/定时任务").await;
     assert!(list.contains("设备上的全部定时任务") && list.contains("已暂停：此人已无权"), "{list}");
+    assert_eq!(said(&sim, "定时任务 #1（").len(), 1, "the admins were told once: {:?}", said(&sim, "已暂停"));
+}
+
+/// In a group, `/定时任务` shows and changes that group's jobs only: a person's own 1:1
+/// reminders are not listed to the group, not even when an admin asks there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_sees_only_its_own_jobs() {
+    let (sim, agent, _clock) = rig("sched-private", "[access]\nadmins = [\"boss\"]\n").await;
+    let in_team = |from: &str, text: &str| Inject::text(text).from(from).in_group(true).conversation("cidTEAM==");
+    assert!(ask(&sim, &agent, "u1", "/提醒 明天 8:00 医院复查").await.contains("已设置提醒"));
+    assert!(ask(&sim, &agent, "boss", "/提醒 明天 8:30 体检报告").await.contains("已设置提醒"));
+    assert!(ask_in(&sim, &agent, in_team("u1", "@助理 /提醒 每周五 17:00 周报")).await.contains("已设置提醒"));
+    for who in ["u1", "boss"] {
+        let list = ask_in(&sim, &agent, in_team(who, "@助理 /定时任务")).await;
+        assert!(list.contains("这个群的定时任务") && list.contains("周报"), "{who}: {list}");
+        assert!(!list.contains("医院复查") && !list.contains("体检报告"), "{who}: {list}");
+    }
+    let elsewhere = ask_in(&sim, &agent, in_team("boss", "@助理 /定时任务 取消 1")).await;
+    assert!(elsewhere.contains("没有编号为 1"), "a 1:1 job is not changed from a group: {elsewhere}");
+    let all = ask(&sim, &agent, "boss", "/定时任务").await;
+    assert!(all.contains("医院复查") && all.contains("体检报告") && all.contains("周报"), "{all}");
+    let own = ask(&sim, &agent, "u1", "/定时任务").await;
+    assert!(own.contains("医院复查") && own.contains("周报") && !own.contains("体检报告"), "{own}");
+}
+
+/// A clock that ran days ahead and is then set right: the jobs it moved on come back to their
+/// real times instead of staying silent for days.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_set_back_by_days_brings_jobs_back() {
+    let (sim, agent, clock) = rig("sched-setback", "").await;
+    let made = ask(&sim, &agent, "u1", "/提醒 每隔30分钟 看看仓库").await;
+    assert!(made.contains("已设置提醒"), "{made}");
+    let fired = |sim: &Simulator| -> usize {
+        said(sim, "看看仓库").into_iter().filter(|r| r.text.contains("**提醒**")).count()
+    };
+    // The clock runs two days ahead: the newest occurrence fires, the rest are listed.
+    set_clock(&clock, "+2d");
+    let got = sim.wait_until(Duration::from_secs(15), |s| fired(s) >= 1).await;
+    assert!(got, "{}", agent.log());
+    // It is set right; half an hour on, the job speaks at its real time.
+    set_clock(&clock, "+0");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    set_clock(&clock, "+1805s");
+    let got = sim.wait_until(Duration::from_secs(15), |s| fired(s) >= 2).await;
+    assert!(got, "the job came back to its real time: {}", agent.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fired(&sim), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

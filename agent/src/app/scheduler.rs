@@ -102,7 +102,35 @@ pub(super) async fn run(
         match blocking(&work.store, |s| s.jobs()).await {
             Ok(jobs) => {
                 for (id, job) in jobs {
+                    if let Some(ended) = job.ended_ms {
+                        // Kept a while for a replayed message to find; then gone.
+                        if now - ended > schedule::ENDED_KEPT_MS || ended > now + schedule::ENDED_KEPT_MS {
+                            let _ = blocking(&work.store, move |s| s.remove_job(id)).await;
+                        }
+                        continue;
+                    }
                     if job.paused.is_some() {
+                        continue;
+                    }
+                    // The clock was set back by days: the job goes back to its real next time.
+                    if let Some(real) = schedule::set_back(&job.rule, job.next_ms, now, offset) {
+                        let moved = job.next_ms;
+                        let changed = blocking(&work.store, move |s| {
+                            s.update_job(id, |j| {
+                                let stale = j.next_ms != moved;
+                                if !stale {
+                                    j.next_ms = real;
+                                }
+                                !stale
+                            })
+                        })
+                        .await;
+                        if let Err(e) = changed {
+                            log::warn!("job #{id}: its next time could not be set back: {e}");
+                        } else {
+                            log::warn!("job #{id}: the clock was set back; its next time is now {real}");
+                        }
+                        soonest = Some(soonest.map_or(real, |s| s.min(real)));
                         continue;
                     }
                     match schedule::due(&job.rule, job.next_ms, now, grace, offset) {
@@ -145,40 +173,60 @@ async fn fire(
     let probe = message(id, &job, due.fire.unwrap_or(job.next_ms), Fired::Notice, String::new(), now);
     if let Err(why) = work.assistant.may_run(&probe) {
         let short: String = job.action.text().chars().take(40).collect();
-        let paused = Job { paused: Some(Paused::Refused(why.clone())), ..job.clone() };
-        match blocking(&work.store, move |s| s.put_job(id, Some(&paused))).await {
-            Ok(()) => {
+        let before = job.clone();
+        let reason = why.clone();
+        let paused = blocking(&work.store, move |s| {
+            s.update_job(id, |j| {
+                let same = *j == before;
+                if same {
+                    j.paused = Some(Paused::Refused(reason));
+                }
+                same
+            })
+        })
+        .await;
+        match paused {
+            Ok(Some(j)) if matches!(j.paused, Some(Paused::Refused(_))) => {
                 log::warn!("job #{id} of {} paused: {why}", job.owner);
                 let owner = format!("{}（{}）", job.nick, job.owner);
                 let text =
                     t!("jobs.paused_admin", id = id, owner = owner.as_str(), text = short.as_str(), why = why.as_str());
                 tell_admins(work, config, &t!("jobs.paused_admin_title"), &text);
             }
+            Ok(_) => {}
             Err(e) => log::error!("job #{id} should be paused ({why}) but cannot be: {e}"),
         }
         return None;
     }
     let messages = fired(id, &job, due, now, offset);
-    let after = due.next.map(|next| Job {
-        next_ms: next,
+    let after = Job {
+        next_ms: due.next.unwrap_or(job.next_ms),
         fired: job.fired + u32::from(due.fire.is_some()),
         missed: job.missed.saturating_add(due.skipped_count),
+        ended_ms: if due.next.is_none() { Some(now) } else { None },
         ..job.clone()
-    });
-    let kept = after.clone();
-    let written = messages.clone();
-    match blocking(&work.store, move |s| s.fire_job(id, kept.as_ref(), &written, now)).await {
-        Ok(seqs) => {
+    };
+    let (before, kept, written) = (job.clone(), after.clone(), messages.clone());
+    match blocking(&work.store, move |s| s.fire_job(id, &before, Some(&kept), &written, now)).await {
+        Ok(None) => {
+            // Cancelled, paused or changed in the meantime: looked at again next time.
+            log::info!("job #{id} changed while it was due; not fired");
+            Some(now)
+        }
+        Ok(Some(seqs)) => {
             for (seq, m) in seqs.into_iter().zip(messages) {
-                if let Some(seq) = seq {
-                    log::info!("job #{id} fired {} in conversation {}", m.msg_id, m.conversation_id);
-                    chats.push(super::chats::Job::Answer { seq, message: m, accepted: Some(Instant::now()) });
+                match seq {
+                    Some(seq) => {
+                        log::info!("job #{id} fired {} in conversation {}", m.msg_id, m.conversation_id);
+                        chats.push(super::chats::Job::Answer { seq, message: m, accepted: Some(Instant::now()) });
+                    }
+                    None => log::warn!("job #{id}: {} was recorded before; not said again", m.msg_id),
                 }
             }
             if due.skipped_count > 0 {
                 log::warn!("job #{id}: {} occurrences missed by more than the grace were skipped", due.skipped_count);
             }
-            after.map(|j| j.next_ms)
+            due.next
         }
         Err(e) => {
             // Nothing was written: it is due again at the next look.

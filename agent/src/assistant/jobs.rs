@@ -58,6 +58,11 @@ impl Assistant {
         if task && self.parts.llm.is_none() {
             return Answer::fixed(title, t!("jobs.no_model"));
         }
+        // A job runs as its owner's staff id: someone DingTalk gives none (outside the
+        // organisation) has no standing to check at each run, nor a 1:1 address.
+        if asker.actor.starts_with("dingtalk:") {
+            return Answer::fixed(title, t!("jobs.no_staff"));
+        }
         let now = now_ms();
         let parsed = match when::parse(sentence, now, offset) {
             Ok(p) => p,
@@ -73,6 +78,11 @@ impl Assistant {
                 return Answer::fixed(title, format!("{why}\n\n{usage}"));
             }
         };
+        // A scheduled request is a question for the model, not a command (one that made jobs
+        // would make one at every run).
+        if task && crate::assistant::command::is_command(&parsed.text) {
+            return Answer::fixed(title, t!("jobs.task_command"));
+        }
         if parsed.rule.interval_minutes() < limits.min_interval_minutes {
             return Answer::fixed(title, t!("jobs.too_often", minutes = limits.min_interval_minutes));
         }
@@ -86,11 +96,12 @@ impl Assistant {
                 return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
             }
         };
-        let mine = all.iter().filter(|(_, j)| j.owner == asker.actor && j.origin != origin).count();
+        let live = |j: &Job| j.ended_ms.is_none() && j.origin != origin;
+        let mine = all.iter().filter(|(_, j)| j.owner == asker.actor && live(j)).count();
         if mine >= limits.max_per_person {
             return Answer::fixed(title, t!("jobs.too_many_mine", n = limits.max_per_person));
         }
-        if all.iter().filter(|(_, j)| j.origin != origin).count() >= limits.max_jobs {
+        if all.iter().filter(|(_, j)| live(j)).count() >= limits.max_jobs {
             return Answer::fixed(title, t!("jobs.too_many_box", n = limits.max_jobs));
         }
         let text: String = parsed.text.chars().take(500).collect();
@@ -107,10 +118,16 @@ impl Assistant {
             paused: None,
             fired: 0,
             missed: 0,
+            ended_ms: None,
         };
         let saved = job.clone();
-        let id = match self.store_call(move |s| s.add_job(&saved)).await {
-            Ok((id, _)) => id,
+        let (id, job) = match self.store_call(move |s| s.add_job(&saved).map(|(id, new)| (id, new, saved))).await {
+            // Made before (this message answered again after a crash): say what was kept.
+            Ok((id, false, _)) => match self.store_call(move |s| s.job(id)).await {
+                Ok(Some(kept)) => (id, kept),
+                _ => (id, job),
+            },
+            Ok((id, true, _)) => (id, job),
             Err(e) => {
                 log::warn!("cannot keep a job: {e}");
                 return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
@@ -128,10 +145,21 @@ impl Assistant {
         Answer::fixed(title, format!("{made}\n\n{}", t!("jobs.how_to", id = id)))
     }
 
-    /// `/定时任务`: the asker's jobs (an admin's: all), or cancel, pause or resume one.
+    /// `/定时任务`: the jobs in view, or cancel, pause or resume one of them. In a group, the
+    /// jobs of that group only (a person's 1:1 reminders are nobody else's business); in a 1:1
+    /// chat, the asker's own, or for an admin every job on the box.
     pub(super) async fn jobs_command(&self, asker: &Asker, rest: &str) -> Answer {
         let offset = self.parts.settings.utc_offset_minutes;
         let admin = self.parts.access.is_admin(&asker.actor);
+        let in_view = |j: &Job| {
+            j.ended_ms.is_none()
+                && if asker.group {
+                    j.conversation_id == asker.chat && (admin || j.owner == asker.actor)
+                } else {
+                    admin || j.owner == asker.actor
+                }
+        };
+        let with_owner = admin && !asker.group;
         let title = t!("jobs.title");
         let mut words = rest.split_whitespace();
         let verb = words.next().unwrap_or_default().to_ascii_lowercase();
@@ -153,48 +181,74 @@ impl Assistant {
             };
             let shown: Vec<String> = all
                 .iter()
-                .filter(|(_, j)| admin || j.owner == asker.actor)
-                .map(|(id, j)| format!("- {}", line(*id, j, offset, admin)))
+                .filter(|(_, j)| in_view(j))
+                .map(|(id, j)| format!("- {}", line(*id, j, offset, with_owner)))
                 .collect();
             if shown.is_empty() {
-                return Answer::fixed(title, t!("jobs.none"));
+                return Answer::fixed(title, if asker.group { t!("jobs.none_here") } else { t!("jobs.none") });
             }
-            let heading = if admin { t!("jobs.list_all", n = shown.len()) } else { t!("jobs.list", n = shown.len()) };
+            let heading = if asker.group {
+                t!("jobs.list_here", n = shown.len())
+            } else if admin {
+                t!("jobs.list_all", n = shown.len())
+            } else {
+                t!("jobs.list", n = shown.len())
+            };
             return Answer::fixed(title, format!("{heading}\n\n{}\n\n{}", shown.join("\n"), t!("jobs.usage_jobs")));
         };
         let Some(id) = id else { return Answer::fixed(title, t!("jobs.usage_jobs")) };
         let job = match self.store_call(move |s| s.job(id)).await {
-            Ok(Some(j)) if admin || j.owner == asker.actor => j,
+            Ok(Some(j)) if in_view(&j) => j,
             Ok(_) => return Answer::fixed(title, t!("jobs.not_yours", id = id)),
             Err(e) => {
                 log::warn!("cannot read job #{id}: {e}");
                 return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
             }
         };
+        // A job paused because its owner may no longer speak there waits for an admin.
+        if verb == "resume" && matches!(job.paused, Some(Paused::Refused(_))) && !admin {
+            return Answer::fixed(title, t!("jobs.resume_admin", id = id));
+        }
         let now = now_ms();
         let changed = match verb {
-            "cancel" => None,
-            "pause" => Some(Job { paused: Some(Paused::ByPerson), ..job.clone() }),
+            "cancel" => self.store_call(move |s| s.remove_job(id).map(|()| None)).await,
+            "pause" => {
+                self.store_call(move |s| {
+                    s.update_job(id, |j| {
+                        j.paused = Some(Paused::ByPerson);
+                        true
+                    })
+                })
+                .await
+            }
             _ => {
                 // Resumed: what passed while it was paused is not fired.
-                let next = job.rule.next_after(now.max(job.next_ms - 1), offset).unwrap_or(job.next_ms);
-                if matches!(job.rule, Rule::Once { .. }) && next <= now {
+                let Some(next) = job.rule.next_after(now.max(job.next_ms - 1), offset) else {
                     return Answer::fixed(title, t!("jobs.resume_past", id = id));
-                }
-                Some(Job { paused: None, next_ms: next, ..job.clone() })
+                };
+                self.store_call(move |s| {
+                    s.update_job(id, |j| {
+                        j.paused = None;
+                        j.next_ms = next;
+                        true
+                    })
+                })
+                .await
             }
         };
-        let write = changed.clone();
-        if let Err(e) = self.store_call(move |s| s.put_job(id, write.as_ref())).await {
-            log::warn!("cannot change job #{id}: {e}");
-            return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
-        }
+        let changed = match changed {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("cannot change job #{id}: {e}");
+                return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
+            }
+        };
         self.parts.jobs_changed.notify_one();
         log::info!("job #{id}: {verb} by {}", asker.actor);
         let text = match changed {
-            None => t!("jobs.cancelled", line = line(id, &job, offset, admin)),
-            Some(j) if j.paused.is_some() => t!("jobs.paused_done", line = line(id, &j, offset, admin)),
-            Some(j) => t!("jobs.resumed", line = line(id, &j, offset, admin)),
+            None => t!("jobs.cancelled", line = line(id, &job, offset, with_owner)),
+            Some(j) if j.paused.is_some() => t!("jobs.paused_done", line = line(id, &j, offset, with_owner)),
+            Some(j) => t!("jobs.resumed", line = line(id, &j, offset, with_owner)),
         };
         Answer::fixed(title, text)
     }

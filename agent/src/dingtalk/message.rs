@@ -90,6 +90,8 @@ pub enum MessageError {
     Missing(&'static str),
     #[error("robot message has conversationType {0:?}; expected \"1\" or \"2\"")]
     ConversationType(String),
+    #[error("robot message has a msgId of the form the box gives its own jobs' messages; refused")]
+    ReservedId,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +130,10 @@ impl RobotMessage {
     pub fn parse(data: &str) -> Result<Self, MessageError> {
         let raw: Raw = serde_json::from_str(data).map_err(|e| MessageError::Json(e.to_string()))?;
         let msg_id = raw.msg_id.filter(|s| !s.is_empty()).ok_or(MessageError::Missing("msgId"))?;
+        // Only the box's scheduler makes these: one from outside could take an occurrence's id.
+        if msg_id.starts_with(crate::schedule::MESSAGE_PREFIX) {
+            return Err(MessageError::ReservedId);
+        }
         let conversation_id =
             raw.conversation_id.filter(|s| !s.is_empty()).ok_or(MessageError::Missing("conversationId"))?;
         let conversation_kind = match raw.conversation_type {
@@ -288,6 +294,15 @@ mod tests {
         assert!(
             matches!(&r.content, Content::RichText(p) if p.contains(&RichPart::Picture { download_code: "dc-rich".into() }))
         );
+    }
+
+    #[test]
+    fn a_msg_id_of_the_boxs_own_jobs_is_refused() {
+        let text = fixture("text_single.json");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        let id = v["msgId"].as_str().expect("msgId").to_owned();
+        let forged = text.replace(&id, "zhuli-job:1:1796000000000:r");
+        assert_eq!(RobotMessage::parse(&forged).map(|m| m.msg_id), Err(MessageError::ReservedId));
     }
 
     #[test]

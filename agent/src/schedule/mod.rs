@@ -62,6 +62,25 @@ pub struct Job {
     /// Occurrences fired, and skipped because they were missed by more than the grace.
     pub fired: u32,
     pub missed: u32,
+    /// When its last occurrence fired, for a job that has none left: kept a while so that the
+    /// message that made it, answered again after a crash, finds it (and makes no second).
+    pub ended_ms: Option<i64>,
+}
+
+/// How long an ended job is kept: longer than a message id is remembered as processed.
+pub const ENDED_KEPT_MS: i64 = 3 * 24 * 3_600_000;
+
+/// A job's next time after the clock was set back by more than a day: the occurrences it moved
+/// past under the wrong clock never fired at their real times, so it goes back to the first one
+/// after `now` (one that did fire is still recorded as processed, and is not said twice). `None`
+/// when the next time stands (a small step back repeats nothing and changes nothing).
+pub fn set_back(rule: &Rule, next_ms: i64, now_ms: i64, offset_minutes: i32) -> Option<i64> {
+    const DAY_MS: i64 = 86_400_000;
+    if !rule.recurring() {
+        return None;
+    }
+    let real = rule.next_after(now_ms, offset_minutes)?;
+    (next_ms - real > DAY_MS).then_some(real)
 }
 
 /// What to do with a job at `now`.
@@ -257,6 +276,18 @@ mod tests {
         assert_eq!(shown(&d).1, vec!["2026-12-05 09:00", "2026-12-06 09:00"]);
         assert_eq!(d.fire.map(|f| local(f, CST)).as_deref(), Some("2026-12-07 09:00"));
         assert_eq!(d.next.map(|n| local(n, CST)).as_deref(), Some("2026-12-08 09:00"));
+    }
+
+    #[test]
+    fn a_clock_set_back_by_days_brings_the_next_time_back() {
+        let daily = Rule::Daily { minute: 9 * 60 };
+        // The box ran a week ahead; its jobs moved on to then. The clock is set right.
+        let ahead = t("2026-12-12 09:00");
+        let now = t("2026-12-04 10:00");
+        assert_eq!(set_back(&daily, ahead, now, CST).map(|n| local(n, CST)).as_deref(), Some("2026-12-05 09:00"));
+        // An hour back after a firing: the next time stands.
+        assert_eq!(set_back(&daily, t("2026-12-05 09:00"), t("2026-12-04 08:00"), CST), None);
+        assert_eq!(set_back(&Rule::Once { at_ms: ahead }, ahead, now, CST), None);
     }
 
     #[test]

@@ -61,11 +61,19 @@ enum Day {
 }
 
 fn when(c: &mut Cursor, now_ms: i64, today: i64, offset: i32) -> Result<Rule, WhenError> {
-    // Relative: `30分钟后`, `2小时后`, `in 30m`.
-    if let Some(rule) = relative(c, now_ms) {
-        return Ok(rule);
-    }
-    let day = day(c, today)?;
+    // Relative: `30分钟后`, `2小时后`, `in 30m`, `每2小时`; `3天后` and `每3天` take a clock.
+    let day = match relative(c, now_ms) {
+        Some(Rel::Rule(rule)) => return Ok(rule),
+        Some(Rel::Days(n)) => Some(Day::On(today + n)),
+        Some(Rel::EveryDays(n)) => {
+            c.skip_space();
+            let m = clock(c)?.unwrap_or(9 * 60);
+            let t = at(today, m, offset);
+            let from = if t > now_ms { t } else { at(today + 1, m, offset) };
+            return Ok(Rule::Every { minutes: (n * 24 * 60).clamp(1, u32::MAX as i64) as u32, from_ms: from });
+        }
+        None => day(c, today)?,
+    };
     c.skip_space();
     let minute = clock(c)?;
     let day = match day {
@@ -78,7 +86,9 @@ fn when(c: &mut Cursor, now_ms: i64, today: i64, offset: i32) -> Result<Rule, Wh
         }
     };
     let m = minute.unwrap_or(9 * 60);
-    let minute = m as u16;
+    // `晚上12点` is the midnight that ends the day: the next day's 00:00 for a single time, 00:00
+    // for a rule.
+    let minute = (m % (24 * 60)) as u16;
     Ok(match day {
         Day::On(d) => Rule::Once { at_ms: at(d, m, offset) },
         Day::Weekday(w, next) => {
@@ -114,7 +124,16 @@ fn when(c: &mut Cursor, now_ms: i64, today: i64, offset: i32) -> Result<Rule, Wh
     })
 }
 
-fn relative(c: &mut Cursor, now_ms: i64) -> Option<Rule> {
+/// A time counted from now.
+enum Rel {
+    Rule(Rule),
+    /// `N天后`: a day, whose clock may follow.
+    Days(i64),
+    /// `每N天`: every N days, at the clock that may follow.
+    EveryDays(i64),
+}
+
+fn relative(c: &mut Cursor, now_ms: i64) -> Option<Rel> {
     let save = c.s;
     // `每2小时`, `每 30 分钟`, `every 2h`: a repeating interval from now.
     if c.eat_any(&["每隔", "每", "every "]).is_some() {
@@ -122,10 +141,12 @@ fn relative(c: &mut Cursor, now_ms: i64) -> Option<Rule> {
         if let Some(n) = c.number() {
             c.skip_space();
             if let Some(unit) = unit(c) {
-                return Some(Rule::Every {
-                    minutes: (n * unit).clamp(1, u32::MAX as i64) as u32,
-                    from_ms: now_ms + n * unit * 60_000,
-                });
+                c.eat_any(&["一次"]);
+                if unit == 24 * 60 {
+                    return Some(Rel::EveryDays(n));
+                }
+                let minutes = (n * unit).clamp(1, u32::MAX as i64);
+                return Some(Rel::Rule(Rule::Every { minutes: minutes as u32, from_ms: now_ms + minutes * 60_000 }));
             }
         }
         c.s = save;
@@ -135,7 +156,10 @@ fn relative(c: &mut Cursor, now_ms: i64) -> Option<Rule> {
         if let Some(n) = c.number() {
             c.skip_space();
             if let Some(unit) = unit(c) {
-                return Some(Rule::Once { at_ms: now_ms + n * unit * 60_000 });
+                if unit == 24 * 60 {
+                    return Some(Rel::Days(n));
+                }
+                return Some(Rel::Rule(Rule::Once { at_ms: now_ms + n * unit * 60_000 }));
             }
         }
         c.s = save;
@@ -146,7 +170,10 @@ fn relative(c: &mut Cursor, now_ms: i64) -> Option<Rule> {
         if let Some(unit) = unit(c)
             && c.eat_any(&["以后", "之后", "后"]).is_some()
         {
-            return Some(Rule::Once { at_ms: now_ms + n * unit * 60_000 });
+            if unit == 24 * 60 {
+                return Some(Rel::Days(n));
+            }
+            return Some(Rel::Rule(Rule::Once { at_ms: now_ms + n * unit * 60_000 }));
         }
     }
     c.s = save;
@@ -155,14 +182,22 @@ fn relative(c: &mut Cursor, now_ms: i64) -> Option<Rule> {
 
 /// A unit of time in minutes: `分钟`, `小时`, `天`, `m`, `h`, `d`.
 fn unit(c: &mut Cursor) -> Option<i64> {
-    if c.eat_any(&["分钟", "分", "minutes", "minute", "mins", "min", "m"]).is_some() {
-        Some(1)
-    } else if c.eat_any(&["个小时", "个钟头", "小时", "钟头", "hours", "hour", "h"]).is_some() {
-        Some(60)
-    } else if c.eat_any(&["天", "days", "day", "d"]).is_some() {
-        Some(24 * 60)
+    let save = c.s;
+    let found = if let Some(w) = c.eat_any(&["分钟", "分", "minutes", "minute", "mins", "min", "m"]) {
+        Some((w, 1))
+    } else if let Some(w) = c.eat_any(&["个小时", "个钟头", "小时", "钟头", "hours", "hour", "h"]) {
+        Some((w, 60))
     } else {
-        None
+        c.eat_any(&["天", "days", "day", "d"]).map(|w| (w, 24 * 60))
+    };
+    // An English unit is a whole word: `3 months` is not three minutes.
+    match found {
+        Some((w, _)) if w.is_ascii() && c.s.starts_with(|ch: char| ch.is_ascii_alphabetic()) => {
+            c.s = save;
+            None
+        }
+        Some((_, n)) => Some(n),
+        None => None,
     }
 }
 
@@ -196,6 +231,20 @@ fn weekdays_zh(c: &mut Cursor) -> u8 {
         if let Some((n, d)) = WEEK_ZH.iter().find(|(n, _)| c.s.starts_with(n)) {
             c.s = &c.s[n.len()..];
             days |= if *d == 7 { 0b110_0000 } else { 1 << d };
+            // A range: `一至五`, `周一到周五`.
+            let before_range = c.s;
+            if *d < 7 && c.eat_any(&["至", "到", "-", "~", "～"]).is_some() {
+                c.eat_any(&["周", "星期"]);
+                match WEEK_ZH.iter().find(|(n, e)| c.s.starts_with(n) && *e < 7 && e >= d) {
+                    Some((n2, e)) => {
+                        c.s = &c.s[n2.len()..];
+                        for x in *d..=*e {
+                            days |= 1 << x;
+                        }
+                    }
+                    None => c.s = before_range,
+                }
+            }
         } else if let Some(d) =
             c.s.chars().next().and_then(|ch| ch.to_digit(10)).filter(|d| named && (1..=7).contains(d))
         {
@@ -332,12 +381,17 @@ fn clock(c: &mut Cursor) -> Result<Option<i64>, WhenError> {
         } else if c.eat_any(&["一刻"]).is_some() {
             m = 15;
         } else if c.eat_any(&["整"]).is_none() {
+            // Minutes without 分 only as two digits (`9点30`) or tens in Chinese (`九点三十`):
+            // `9点三楼开会` is nine o'clock on the third floor.
             let before = c.s;
+            let two_digits = c.s.bytes().take_while(u8::is_ascii_digit).count() == 2;
+            let tens = c.s.chars().take(2).any(|ch| ch == '十');
             if let Some(n) = c.number() {
-                if c.eat_any(&["分"]).is_none() && n >= 60 {
-                    c.s = before;
-                } else {
+                let counted = c.s.starts_with(|ch: char| "楼层号室个份人位名台件次点".contains(ch));
+                if c.eat_any(&["分"]).is_some() || ((two_digits || tens) && n < 60 && !counted) {
                     m = n;
+                } else {
+                    c.s = before;
                 }
             }
         }
@@ -357,7 +411,15 @@ fn clock(c: &mut Cursor) -> Result<Option<i64>, WhenError> {
         false
     };
     let afternoon = matches!(half, Some("下午" | "傍晚" | "晚上" | "晚" | "夜里")) || pm;
-    if (afternoon && h < 12) || (half == Some("中午") && h < 11) {
+    let night = matches!(half, Some("晚上" | "晚" | "夜里"));
+    let am = lower.starts_with("am") || matches!(half, Some("凌晨"));
+    if h == 12 && night && m == 0 {
+        // `晚上12点`: the midnight that ends the day.
+        return Ok(Some(24 * 60));
+    }
+    if h == 12 && am {
+        h = 0;
+    } else if (afternoon && h < 12) || (half == Some("中午") && h < 11) {
         h += 12;
     }
     if h > 23 || m > 59 {
@@ -476,6 +538,14 @@ mod tests {
             ("中午12点 订餐", "2026-12-04 12:00", "订餐"),
             ("中午1点 订餐", "2026-12-04 13:00", "订餐"),
             ("明天9点10分 开门", "2026-12-05 09:10", "开门"),
+            ("明天9点三楼开会", "2026-12-05 09:00", "三楼开会"),
+            ("明天下午3点2楼会议室开会", "2026-12-05 15:00", "2楼会议室开会"),
+            ("明天9点30开会", "2026-12-05 09:30", "开会"),
+            ("明天九点三十 开会", "2026-12-05 09:30", "开会"),
+            ("今晚12点 交报告", "2026-12-05 00:00", "交报告"),
+            ("明天凌晨12点 重启", "2026-12-05 00:00", "重启"),
+            ("3天后 9点 交房租", "2026-12-07 09:00", "交房租"),
+            ("3天后 交房租", "2026-12-07 09:00", "交房租"),
         ];
         for (text, when, what) in cases {
             assert_eq!(p(text), (when.to_owned(), what.to_owned()), "{text}");
@@ -496,6 +566,10 @@ mod tests {
             ("每月三十一日 18:00 对账", "每月31日 18:00", "对账"),
             ("每2小时 喝水", "每 2 小时", "喝水"),
             ("每隔30分钟 起来活动", "每 30 分钟", "起来活动"),
+            ("每周一至周五 8:30 打卡", "每周一二三四五 08:30", "打卡"),
+            ("每周一到五 8:30 打卡", "每周一二三四五 08:30", "打卡"),
+            ("每天晚上12点 备份", "每天 00:00", "备份"),
+            ("每3天 9:00 浇花", "每 72 小时", "浇花"),
         ];
         for (text, when, what) in cases {
             assert_eq!(p(text), (when.to_owned(), what.to_owned()), "{text}");
@@ -515,6 +589,8 @@ mod tests {
             ("every mon,wed 17:00 review", "每周一三 17:00", "review"),
             ("monthly 15 10:00 invoices", "每月15日 10:00", "invoices"),
             ("every 2h drink water", "每 2 小时", "drink water"),
+            ("in 2 days 10:00 renew", "2026-12-06 10:00", "renew"),
+            ("12am backup", "2026-12-05 00:00", "backup"),
         ];
         for (text, when, what) in cases {
             assert_eq!(p(text), (when.to_owned(), what.to_owned()), "{text}");
@@ -535,5 +611,6 @@ mod tests {
         assert_eq!(e("今天 8:00 开会"), WhenError::Past);
         assert_eq!(e("2026-12-01 9:00 开会"), WhenError::Past);
         assert_eq!(e("每周 9:00 开会"), WhenError::NoTime);
+        assert_eq!(e("every 3 months pay rent"), WhenError::NoTime, "months are not minutes");
     }
 }

@@ -1,9 +1,10 @@
 //! The scheduled jobs (schema 5): each sealed under its id. Ids count up and are never reused,
-//! so `/定时任务 取消 3` cannot reach a job made after job 3 was cancelled.
+//! so `/定时任务 取消 3` cannot reach a job made after job 3 was cancelled. A job that cannot be
+//! read is left out (and logged), not allowed to stop the others.
 
 use redb::{ReadableDatabase, ReadableTable};
 
-use super::{JOBS, SETTINGS, Store, StoreError, WriteOp, u64_key};
+use super::{JOBS, SETTINGS, Store, StoreError, WriteOp, WriteOutcome, u64_key};
 use crate::{dingtalk::message::RobotMessage, schedule::Job};
 
 /// The setting that holds the last id given.
@@ -21,7 +22,10 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            out.push((k.value(), self.open_value("jobs", &u64_key(k.value()), v.value())?));
+            match self.open_value("jobs", &u64_key(k.value()), v.value()) {
+                Ok(job) => out.push((k.value(), job)),
+                Err(e) => log::warn!("job #{} cannot be read and is left out: {e}", k.value()),
+            }
         }
         Ok(out)
     }
@@ -39,15 +43,16 @@ impl Store {
     }
 
     /// Keep a new job; its id, and whether it is new: a job with the same `origin` (the same
-    /// message answered again after a crash) is the one already kept.
+    /// message answered again after a crash) is the one already kept, ended or not.
     pub fn add_job(&self, job: &Job) -> Result<(u64, bool), StoreError> {
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         {
             let jobs = txn.open_table(JOBS).map_err(|e| self.err(e))?;
             for row in jobs.iter().map_err(|e| self.err(e))? {
                 let (k, v) = row.map_err(|e| self.err(e))?;
-                let kept: Job = self.open_value("jobs", &u64_key(k.value()), v.value())?;
-                if kept.origin == job.origin {
+                if let Ok(kept) = self.open_value::<Job>("jobs", &u64_key(k.value()), v.value())
+                    && kept.origin == job.origin
+                {
                     return Ok((k.value(), false));
                 }
             }
@@ -71,33 +76,58 @@ impl Store {
         Ok((id, true))
     }
 
-    /// Write job `id` as it is now, or remove it (`None`).
-    pub fn put_job(&self, id: u64, job: Option<&Job>) -> Result<(), StoreError> {
-        self.write(&[WriteOp::Job { id, job }]).map(drop)
+    /// Remove job `id`.
+    pub fn remove_job(&self, id: u64) -> Result<(), StoreError> {
+        self.write(&[WriteOp::Job { id, job: None, expected: None }]).map(drop)
     }
 
-    /// Fire an occurrence: the job as it is after it (or removed), and the messages it puts in
-    /// the inbox, in one commit. Each message's inbox sequence number, or `None` for one
-    /// recorded before (that occurrence already fired).
+    /// Change job `id` as `change` says, read and written in one commit (so a firing in between
+    /// is not undone). `change` returns whether to write. The job after, or `None` when there is
+    /// no such job.
+    pub fn update_job(&self, id: u64, change: impl FnOnce(&mut Job) -> bool) -> Result<Option<Job>, StoreError> {
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
+        let after = {
+            let mut jobs = txn.open_table(JOBS).map_err(|e| self.err(e))?;
+            let found: Option<Job> = match jobs.get(id).map_err(|e| self.err(e))? {
+                Some(v) => Some(self.open_value("jobs", &u64_key(id), v.value())?),
+                None => None,
+            };
+            let Some(mut job) = found else { return Ok(None) };
+            if change(&mut job) {
+                jobs.insert(id, self.seal_value("jobs", &u64_key(id), &job).as_slice()).map_err(|e| self.err(e))?;
+            }
+            job
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(Some(after))
+    }
+
+    /// Fire an occurrence of job `id`, which was `before` when the scheduler read it: the job as
+    /// it is after (or removed), and the messages it puts in the inbox, in one commit. Each
+    /// message's inbox sequence number (`None` for one recorded before: that occurrence already
+    /// fired); `None` in all when the job changed meanwhile (nothing was written).
     pub fn fire_job(
         &self,
         id: u64,
-        job: Option<&Job>,
+        before: &Job,
+        after: Option<&Job>,
         messages: &[RobotMessage],
         now_ms: i64,
-    ) -> Result<Vec<Option<u64>>, StoreError> {
+    ) -> Result<Option<Vec<Option<u64>>>, StoreError> {
         let batch: Vec<(RobotMessage, bool)> = messages.iter().map(|m| (m.clone(), true)).collect();
-        let ops = [WriteOp::Accept { batch: &batch, now_ms }, WriteOp::Job { id, job }];
+        let ops = [WriteOp::Job { id, job: after, expected: Some(before) }, WriteOp::Accept { batch: &batch, now_ms }];
         let out = self.write(&ops)?;
-        Ok(match out.first() {
-            Some(super::WriteOutcome::Accepted(a)) => a
-                .iter()
-                .map(|a| match a {
-                    super::Acceptance::Queued(seq) => Some(*seq),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
+        Ok(match out.as_slice() {
+            [WriteOutcome::Stale] => None,
+            [_, WriteOutcome::Accepted(a)] => Some(
+                a.iter()
+                    .map(|a| match a {
+                        super::Acceptance::Queued(seq) => Some(*seq),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            _ => Some(Vec::new()),
         })
     }
 }

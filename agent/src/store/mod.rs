@@ -132,14 +132,18 @@ pub enum WriteOp<'a> {
     /// reply was sent without staging.
     Delivered(u64),
     /// Write job `id` as it is now, or remove it (`None`): with an `Accept` of what it fires in
-    /// the same commit, an occurrence fires once.
-    Job { id: u64, job: Option<&'a crate::schedule::Job> },
+    /// the same commit, an occurrence fires once. With `expected`, only if the job is still
+    /// exactly that (a person may have cancelled or paused it meanwhile): otherwise nothing of
+    /// the whole write is kept and the outcome is [`WriteOutcome::Stale`].
+    Job { id: u64, job: Option<&'a crate::schedule::Job>, expected: Option<&'a crate::schedule::Job> },
 }
 
 #[derive(Debug)]
 pub enum WriteOutcome {
     Accepted(Vec<Acceptance>),
     Done,
+    /// A job was not as expected: nothing was written.
+    Stale,
 }
 
 /// The value of a processed msgId: when it is forgotten, and the msgId itself so a rekey can
@@ -568,8 +572,20 @@ impl Store {
                         inbox.remove(*seq).map_err(|e| self.err(e))?;
                         outcomes.push(WriteOutcome::Done);
                     }
-                    WriteOp::Job { id, job } => {
+                    WriteOp::Job { id, job, expected } => {
                         let table = jobs.as_mut().expect("opened above when a job is written");
+                        if let Some(expected) = expected {
+                            let now = match table.get(*id).map_err(|e| self.err(e))? {
+                                Some(v) => {
+                                    Some(self.open_value::<crate::schedule::Job>("jobs", &u64_key(*id), v.value())?)
+                                }
+                                None => None,
+                            };
+                            if now.as_ref() != Some(*expected) {
+                                // Dropped without a commit: nothing of this write is kept.
+                                return Ok(vec![WriteOutcome::Stale]);
+                            }
+                        }
                         match job {
                             Some(job) => {
                                 table

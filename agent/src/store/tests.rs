@@ -730,3 +730,70 @@ fn a_reply_that_answers_several_messages_forgets_them_all_in_its_commit() {
     assert_eq!(inbox.iter().map(|(_, e)| e.message.msg_id.as_str()).collect::<Vec<_>>(), vec!["m3"]);
     assert_eq!(out.iter().map(|(_, e)| e.msg_id.as_str()).collect::<Vec<_>>(), vec!["m2"]);
 }
+
+fn a_job(origin: &str) -> crate::schedule::Job {
+    crate::schedule::Job {
+        origin: origin.into(),
+        owner: "staff-7".into(),
+        nick: "Han Meimei".into(),
+        conversation_id: "cid-secret-chat".into(),
+        group: false,
+        action: crate::schedule::Action::Remind("医院复查".into()),
+        rule: crate::schedule::Rule::Daily { minute: 540 },
+        next_ms: 1_000,
+        created_ms: 0,
+        paused: None,
+        fired: 0,
+        missed: 0,
+        ended_ms: None,
+    }
+}
+
+#[test]
+fn jobs_are_sealed_made_once_per_message_and_fired_only_as_read() {
+    let t = TempStore::new();
+    let key = StoreKey::generate();
+    let store = Store::open(&t.path(), &key, Retention::default()).expect("open");
+    let job = a_job("msg-1");
+    let (id, new) = store.add_job(&job).expect("add");
+    assert!(new);
+    // The same message answered again after a crash finds the job it made, even once ended.
+    assert_eq!(store.add_job(&job).expect("again"), (id, false));
+    let ended = crate::schedule::Job { ended_ms: Some(5), ..job.clone() };
+    store
+        .update_job(id, |j| {
+            *j = ended.clone();
+            true
+        })
+        .expect("end");
+    assert_eq!(store.add_job(&job).expect("after the end"), (id, false));
+    // Ids are not reused after a removal.
+    let (second, _) = store.add_job(&a_job("msg-2")).expect("second");
+    store.remove_job(second).expect("remove");
+    let (third, _) = store.add_job(&a_job("msg-3")).expect("third");
+    assert!(third > second, "{third} after {second}");
+
+    // Firing applies only to the job as the scheduler read it.
+    let read = store.job(third).expect("read").expect("there");
+    let paused = crate::schedule::Job { paused: Some(crate::schedule::Paused::ByPerson), ..read.clone() };
+    store
+        .update_job(third, |j| {
+            *j = paused.clone();
+            true
+        })
+        .expect("pause");
+    let after = crate::schedule::Job { next_ms: 2_000, ..read.clone() };
+    let fired = message("zhuli-job:3:1000:r", "⏰ 医院复查");
+    assert_eq!(store.fire_job(third, &read, Some(&after), std::slice::from_ref(&fired), 1_500).expect("fire"), None);
+    assert_eq!(store.job(third).expect("read").expect("there"), paused, "the pause stands");
+    assert!(store.pending().expect("pending").0.is_empty(), "nothing entered the inbox");
+    let out = store.fire_job(third, &paused, Some(&after), std::slice::from_ref(&fired), 1_500).expect("fire");
+    assert!(matches!(out.as_deref(), Some([Some(_)])), "{out:?}");
+    let again = store.fire_job(third, &after, Some(&after), std::slice::from_ref(&fired), 1_600).expect("again");
+    assert_eq!(again, Some(vec![None]), "an occurrence's message is recorded once");
+    drop(store);
+
+    // The text is sealed in the file.
+    let bytes = std::fs::read(t.path()).expect("file");
+    assert!(memchr::memmem::find(&bytes, "医院复查".as_bytes()).is_none());
+}
