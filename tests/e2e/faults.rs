@@ -218,27 +218,14 @@ async fn plain_http_to_a_remote_host_is_refused_at_start() {
     assert_eq!(sim.counters().opens, 0);
 }
 
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-
 /// The wall clock of the agent's process jumps (an RTC reset, NTP stepping a laptop-style clock)
 /// while its monotonic clock runs on. Timeouts are monotonic, so the connection is not torn down;
 /// the session webhook's expiry is wall-clock (DingTalk's), so a jump forward makes the agent
 /// take the OpenAPI route instead; no reply is lost either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wall_clock_jumps_do_not_strand_the_connection() {
-    assert!(
-        std::path::Path::new(LIBFAKETIME).exists(),
-        "this test fakes the agent's wall clock with libfaketime: apt-get install libfaketime (or run tests/run)"
-    );
     let sim = Simulator::start(sim_config()).await.expect("sim");
-    let clock = temp_dir("clock").join("faketime");
-    std::fs::write(&clock, "+0").expect("clock file");
-    let env = [
-        ("LD_PRELOAD", LIBFAKETIME.to_owned()),
-        ("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()),
-        ("FAKETIME_NO_CACHE", "1".to_owned()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
-    ];
+    let (clock, env) = crate::support::fake_clock("clockjump");
     let agent = spawn_agent_with_env("clockjump", &config_for(&sim, SECRET, ""), &env);
     assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
 

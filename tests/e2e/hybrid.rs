@@ -375,15 +375,7 @@ async fn doctor_checks_every_model_endpoint() {
     rig.cloud.require_key(CLOUD_KEY);
     rig.cloud.set_models(&["cloud-model", "cloud-model-large"]);
     rig.local.set_models(&["local-model"]);
-    let doctor = |config: &std::path::Path| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhuli"))
-            .args(["doctor", "--wait-ms", "3000", "--config"])
-            .arg(config)
-            .env("ZHULI_UPDATE_DIR", config.with_file_name("zhuli-update"))
-            .output()
-            .expect("doctor");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let doctor = support::doctor;
     let models_step = |out: &str| -> String {
         out.split("8. models").nth(1).map(str::to_owned).unwrap_or_else(|| panic!("no models step in\n{out}"))
     };
@@ -485,15 +477,7 @@ async fn a_local_model_on_the_lan_is_reached_over_https_with_the_offices_ca() {
     assert_eq!(got.len(), 1, "the protected question went to the LAN model");
     assert_eq!(got[0].authorization.as_deref(), Some("Bearer sk-lan-7Qx"));
 
-    let doctor = |config: &std::path::Path| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhuli"))
-            .args(["doctor", "--wait-ms", "3000", "--config"])
-            .arg(config)
-            .env("ZHULI_UPDATE_DIR", config.with_file_name("zhuli-update"))
-            .output()
-            .expect("doctor");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let doctor = support::doctor;
     let out = doctor(agent.config_path());
     assert!(
         out.contains(

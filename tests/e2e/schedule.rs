@@ -7,26 +7,13 @@ use std::time::Duration;
 
 use zhuli::dingtalk::sim::{Inject, RecordedReply, Simulator};
 
-use crate::support::{self, Agent, SECRET, config_for, spawn_agent_with_env, temp_dir};
-
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+use crate::support::{self, Agent, SECRET, config_for, spawn_agent_with_env};
 
 /// An agent whose wall clock is real time plus what `clock` says (`+30m`, `-2h`), read anew at
 /// every look; its timers (monotonic) run on.
 async fn rig(tag: &str, extra: &str) -> (Simulator, Agent, std::path::PathBuf) {
-    assert!(
-        std::path::Path::new(LIBFAKETIME).exists(),
-        "these tests move the agent's wall clock with libfaketime: apt-get install libfaketime (or run tests/run)"
-    );
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
-    let clock = temp_dir(&format!("{tag}-clock")).join("faketime");
-    std::fs::write(&clock, "+0").expect("clock file");
-    let env = [
-        ("LD_PRELOAD", LIBFAKETIME.to_owned()),
-        ("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()),
-        ("FAKETIME_NO_CACHE", "1".to_owned()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
-    ];
+    let (clock, env) = support::fake_clock(tag);
     let config = format!("[schedule]\nwake_ms = 100\n{extra}");
     let agent = spawn_agent_with_env(tag, &config_for(&sim, SECRET, &config), &env);
     assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());

@@ -462,3 +462,35 @@ pub fn binary_for_any_user(dir: &std::path::Path) -> PathBuf {
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     copy
 }
+
+/// libfaketime, which moves an agent's wall clock while its monotonic clock (its timers) runs on.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// A clock file (`+0` to start; write `+30m`, `-2h`, `+1805s` to move the clock) and the
+/// environment that makes an agent read its wall clock through it, anew at every look.
+pub fn fake_clock(tag: &str) -> (PathBuf, Vec<(&'static str, String)>) {
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "this test moves the agent's wall clock with libfaketime: apt-get install libfaketime (or run tests/run)"
+    );
+    let clock = temp_dir(&format!("{tag}-clock")).join("faketime");
+    std::fs::write(&clock, "+0").expect("clock file");
+    let env = vec![
+        ("LD_PRELOAD", LIBFAKETIME.to_owned()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ];
+    (clock, env)
+}
+
+/// `zhuli doctor --config config`, its standard output.
+pub fn doctor(config: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_zhuli"))
+        .args(["doctor", "--wait-ms", "3000", "--config"])
+        .arg(config)
+        .env("ZHULI_UPDATE_DIR", config.with_file_name("zhuli-update"))
+        .output()
+        .expect("doctor");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
