@@ -5,7 +5,7 @@
 
 use rust_i18n::t;
 
-use super::{Answer, Assistant, turn::Asker};
+use super::{Answer, Assistant, now_ms, turn::Asker};
 use crate::{
     dingtalk::message::RobotMessage,
     schedule::{
@@ -14,10 +14,6 @@ use crate::{
         when::{self, WhenError},
     },
 };
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 /// A job as its list shows it: `#3 ⏰ 每个工作日 09:00 — 站会（下次 12月7日（周一）09:00）`.
 fn line(id: u64, job: &Job, offset: i32, with_owner: bool) -> String {
