@@ -8,6 +8,7 @@
 
 mod chats;
 pub mod maintenance;
+pub mod offsite;
 mod scheduler;
 
 use std::{

@@ -1,0 +1,127 @@
+//! The off-site copy of the store's snapshots: a WebDAV folder (Nextcloud, a NAS, rclone), the
+//! second medium of the 3-2-1 rule. A snapshot goes up file by file, its manifest last (a
+//! snapshot without its manifest is not one); it is then fetched back and verified with the key,
+//! as a restore would; the oldest beyond `keep` are removed. Snapshots are sealed with the store
+//! key, so the server holds nothing it can read.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::Method;
+
+use crate::{
+    dingtalk::http::{HttpClient, tls_config},
+    secret::Secret,
+    store::{backup, key::StoreKey},
+    tools::dav::{Dav, DavError},
+};
+
+/// The largest snapshot file moved at once.
+const MAX_FILE: usize = 1 << 30;
+
+pub struct Offsite {
+    dav: Dav,
+    keep: usize,
+}
+
+/// The time a snapshot's name carries (`zhuli-snapshot-<ms>-<seq>`), to order them.
+fn taken_at(name: &str) -> Option<u64> {
+    name.strip_prefix("zhuli-snapshot-")?.split('-').next()?.parse().ok()
+}
+
+impl Offsite {
+    /// The folder at `url` (it is made if missing), as `username`; `keep` snapshots kept there.
+    pub fn new(
+        url: &str,
+        username: &str,
+        password: Option<&Secret>,
+        keep: usize,
+        timeout: std::time::Duration,
+    ) -> Self {
+        let http = HttpClient::new(tls_config(), timeout);
+        Offsite { dav: Dav::new(http, url, username, password, "backup"), keep: keep.max(1) }
+    }
+
+    async fn mkcol(&self, path: &str) -> Result<(), DavError> {
+        let url = self.dav.url(path, true).map_err(DavError::BadPath)?;
+        match self.dav.send(Method::from_bytes(b"MKCOL").expect("a method"), &url, &[], Bytes::new(), 64 * 1024).await {
+            Ok(_) => Ok(()),
+            // 405: it is there already.
+            Err(DavError::Refused { status: 405, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Send the snapshot in `dir` up; its name there.
+    pub async fn upload(&self, dir: &Path) -> Result<String, String> {
+        let name = dir.file_name().and_then(|n| n.to_str()).ok_or("a snapshot folder has a name")?.to_owned();
+        self.mkcol("").await.map_err(|e| e.to_string())?;
+        self.mkcol(&name).await.map_err(|e| e.to_string())?;
+        for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
+            let bytes =
+                std::fs::read(dir.join(file)).map_err(|e| format!("cannot read {} ({e})", dir.join(file).display()))?;
+            let url = self.dav.url(&format!("{name}/{file}"), false).map_err(|e| e.to_string())?;
+            self.dav
+                .send(Method::PUT, &url, &[("content-type", "application/octet-stream")], Bytes::from(bytes), 64 * 1024)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(name)
+    }
+
+    /// Fetch snapshot `name` into `into/name`.
+    pub async fn fetch(&self, name: &str, into: &Path) -> Result<PathBuf, String> {
+        let dir = into.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
+        for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
+            let url = self.dav.url(&format!("{name}/{file}"), false).map_err(|e| e.to_string())?;
+            let got = self.dav.send(Method::GET, &url, &[], Bytes::new(), MAX_FILE).await.map_err(|e| e.to_string())?;
+            std::fs::write(dir.join(file), &got.body).map_err(|e| format!("cannot write {} ({e})", dir.display()))?;
+        }
+        Ok(dir)
+    }
+
+    /// Fetch snapshot `name` back into a scratch folder and verify it with `key`.
+    pub async fn verify(&self, name: &str, key: &StoreKey, scratch: &Path) -> Result<(), String> {
+        let dir = self.fetch(name, scratch).await?;
+        let checked = backup::verify(&dir, key).map(drop).map_err(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        checked
+    }
+
+    /// The snapshots there, oldest first.
+    pub async fn list(&self) -> Result<Vec<String>, String> {
+        let entries = match self.dav.propfind("", 1, 4 * 1024 * 1024).await {
+            Ok(e) => e,
+            Err(DavError::NotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut names: Vec<String> =
+            entries.into_iter().filter(|e| e.dir && taken_at(&e.path).is_some()).map(|e| e.path).collect();
+        names.sort_by_key(|n| taken_at(n).unwrap_or(0));
+        Ok(names)
+    }
+
+    /// Remove the oldest beyond `keep`; how many went.
+    pub async fn prune(&self) -> Result<usize, String> {
+        let names = self.list().await?;
+        let excess = names.len().saturating_sub(self.keep);
+        for name in &names[..excess] {
+            let url = self.dav.url(name, true).map_err(|e| e.to_string())?;
+            self.dav.send(Method::DELETE, &url, &[], Bytes::new(), 64 * 1024).await.map_err(|e| e.to_string())?;
+        }
+        Ok(excess)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_order_by_time() {
+        assert_eq!(taken_at("zhuli-snapshot-1796000000000-3"), Some(1_796_000_000_000));
+        assert_eq!(taken_at("notes"), None);
+        assert_eq!(taken_at("zhuli-snapshot-x-1"), None);
+    }
+}
