@@ -54,7 +54,8 @@ pub(super) async fn run(work: Arc<Work>, config: Config, cancel: CancellationTok
     loop {
         beat.tick();
         let now = now_ms();
-        let mut st = blocking(&work.store, state).await;
+        let before = blocking(&work.store, state).await;
+        let mut st = before.clone();
         let last = *st.last_run_ms.get_or_insert(now);
         let due = rule.next_after(last, offset).unwrap_or(i64::MAX);
         // A clock set back by more than a day: the next night counts from now.
@@ -64,9 +65,12 @@ pub(super) async fn run(work: Arc<Work>, config: Config, cancel: CancellationTok
             st.last_run_ms = Some(now);
             once(&work, &config, &mut st).await;
         }
-        let kept = serde_json::to_string(&st).unwrap_or_default();
-        if let Err(e) = blocking(&work.store, move |s| s.set_setting(STATE, &kept)).await {
-            log::warn!("the backup's state could not be kept: {e}");
+        // Written only when it changed: an idle box does not commit every minute.
+        if st != before {
+            let kept = serde_json::to_string(&st).unwrap_or_default();
+            if let Err(e) = blocking(&work.store, move |s| s.set_setting(STATE, &kept)).await {
+                log::warn!("the backup's state could not be kept: {e}");
+            }
         }
         let wait = std::time::Duration::from_millis((due - now_ms()).clamp(0, i64::MAX) as u64).min(wake);
         tokio::select! {
