@@ -221,6 +221,12 @@ pub fn config(config: &Config) -> Findings {
         if let Err(e) = crate::dingtalk::settings::check_url(url, "https", "http") {
             f.errors.push(Problem::said(format!("[backup] offsite: {e}")));
         }
+        // A password in the address would be shown wherever the address is.
+        if url.split("://").nth(1).and_then(|rest| rest.split('/').next()).is_some_and(|host| host.contains('@')) {
+            f.errors.push(Problem::said(
+                "[backup] offsite: the address holds a user name or password; write them as username and password instead".to_owned(),
+            ));
+        }
         if url.contains("example.com") {
             f.examples.push(Problem::keyed("[backup] offsite", Said::new("problem.example_url", &[("url", &url)])));
         }

@@ -184,7 +184,7 @@ async fn snapshots_go_off_site_verified_and_rotated() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(offsite.list().await.expect("list"), names);
-    assert_eq!(offsite.prune().await.expect("prune"), 1);
+    assert_eq!(offsite.prune(&names[2]).await.expect("prune"), 1);
     assert_eq!(offsite.list().await.expect("list"), names[1..].to_vec(), "the oldest went");
     // The server's copy is changed: it no longer verifies.
     let on_nas = served.join("zhuli-backups").join(&names[2]).join(backup::SNAPSHOT_FILE);

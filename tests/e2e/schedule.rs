@@ -344,7 +344,14 @@ async fn the_nightly_backup_lands_on_the_box_and_the_drive_and_a_failure_is_told
     set_clock(&clock, &format!("+{}s", until + 86_400));
     wait_said(&sim, &agent, "异地备份（网络盘）失败", 1).await;
     set_clock(&clock, &format!("+{}s", until + 2 * 86_400));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The second night failed too (the log says so) …
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while agent.log().matches("nightly backup (offsite) failed").count() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent.log().matches("nightly backup (offsite) failed").count(), 2, "{}", agent.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // … and the admins were told once.
     assert_eq!(said(&sim, "失败了").len(), 1, "told once: {:?}", said(&sim, "失败了"));
     let told = &said(&sim, "失败了")[0];
     assert_eq!(told.to_user.as_deref(), Some("boss"));

@@ -35,9 +35,17 @@ pub struct State {
     pub offsite: Target,
 }
 
-/// The state kept in the store.
-pub fn state(store: &crate::store::Store) -> State {
-    store.setting(STATE).ok().flatten().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+/// The state kept in the store; an error when the store cannot be read (then nothing is written
+/// over what it holds).
+pub fn state(store: &crate::store::Store) -> Result<State, crate::store::StoreError> {
+    Ok(store.setting(STATE)?.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default())
+}
+
+async fn keep(work: &Arc<Work>, st: &State) {
+    let kept = serde_json::to_string(st).unwrap_or_default();
+    if let Err(e) = blocking(&work.store, move |s| s.set_setting(STATE, &kept)).await {
+        log::warn!("the backup's state could not be kept: {e}");
+    }
 }
 
 /// The nightly time as a rule; 02:30 when `[backup] at` is not a time of day.
@@ -54,23 +62,49 @@ pub(super) async fn run(work: Arc<Work>, config: Config, cancel: CancellationTok
     loop {
         beat.tick();
         let now = now_ms();
-        let before = blocking(&work.store, state).await;
+        let before = match blocking(&work.store, state).await {
+            Ok(st) => st,
+            Err(e) => {
+                log::warn!("the backup's state cannot be read: {e}; trying again shortly");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(wake) => continue,
+                }
+            }
+        };
         let mut st = before.clone();
         let last = *st.last_run_ms.get_or_insert(now);
         let due = rule.next_after(last, offset).unwrap_or(i64::MAX);
-        // A clock set back by more than a day: the next night counts from now.
         if last > now + 86_400_000 {
+            // A clock set back by more than a day: the next night counts from now.
             st.last_run_ms = Some(now);
         } else if due <= now {
+            // Kept before the work: an agent restarted meanwhile does not start it again.
             st.last_run_ms = Some(now);
-            once(&work, &config, &mut st).await;
+            keep(&work, &st).await;
+            // The copies may take long (a slow network drive): the health beat goes on meanwhile,
+            // and a stop does not wait for them.
+            let mut copies = tokio::spawn(once(work.clone(), config.clone(), st.clone()));
+            loop {
+                tokio::select! {
+                    done = &mut copies => {
+                        match done {
+                            Ok(after) => st = after,
+                            Err(e) => log::error!("the nightly backup stopped: {e}"),
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(work.health.beat_every()) => beat.tick(),
+                    _ = cancel.cancelled() => {
+                        copies.abort();
+                        return;
+                    }
+                }
+            }
         }
         // Written only when it changed: an idle box does not commit every minute.
         if st != before {
-            let kept = serde_json::to_string(&st).unwrap_or_default();
-            if let Err(e) = blocking(&work.store, move |s| s.set_setting(STATE, &kept)).await {
-                log::warn!("the backup's state could not be kept: {e}");
-            }
+            keep(&work, &st).await;
         }
         let wait = std::time::Duration::from_millis((due - now_ms()).clamp(0, i64::MAX) as u64).min(wake);
         tokio::select! {
@@ -80,8 +114,13 @@ pub(super) async fn run(work: Arc<Work>, config: Config, cancel: CancellationTok
     }
 }
 
-/// Take tonight's copies.
-async fn once(work: &Arc<Work>, config: &Config, st: &mut State) {
+/// Take tonight's copies; the state after.
+async fn once(work: Arc<Work>, config: Config, mut st: State) -> State {
+    copies(&work, &config, &mut st).await;
+    st
+}
+
+async fn copies(work: &Arc<Work>, config: &Config, st: &mut State) {
     let dir = config.agent.state_dir.join(BACKUPS);
     let taken = {
         let (config, dir) = (config.clone(), dir.clone());
@@ -113,7 +152,7 @@ async fn once(work: &Arc<Work>, config: &Config, st: &mut State) {
         let name = offsite.upload(&snapshot).await?;
         let scratch = config.agent.state_dir.join("backup-check");
         offsite.verify(&name, &key, &scratch).await?;
-        let removed = offsite.prune().await?;
+        let removed = offsite.prune(&name).await?;
         log::info!("nightly backup off the box: {name}, fetched back and verified; {removed} old ones removed");
         Ok::<(), String>(())
     }

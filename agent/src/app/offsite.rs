@@ -24,10 +24,17 @@ pub struct Offsite {
     keep: usize,
 }
 
-/// The time a snapshot's name carries (`zhuli-snapshot-<ms>-<seq>`), to order them.
-fn taken_at(name: &str) -> Option<u64> {
-    name.strip_prefix("zhuli-snapshot-")?.split('-').next()?.parse().ok()
+/// The backup sequence number and time of a snapshot's name (`zhuli-snapshot-<ms>-<seq>`, and
+/// nothing else: names from the server are joined onto local paths).
+fn snapshot_order(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("zhuli-snapshot-")?;
+    let (ms, seq) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(ms) && digits(seq)).then(|| Some((seq.parse().ok()?, ms.parse().ok()?)))?
 }
+
+/// A folder an upload is still writing, or one a failed upload left.
+const PARTIAL: &str = ".part";
 
 impl Offsite {
     /// The folder at `url` (it is made if missing), as `username`; `keep` snapshots kept there.
@@ -52,25 +59,64 @@ impl Offsite {
         }
     }
 
-    /// Send the snapshot in `dir` up; its name there.
+    /// Send the snapshot in `dir` up; its name there. It is written under `NAME.part` and moved
+    /// into place once whole, so a snapshot there always has its manifest.
     pub async fn upload(&self, dir: &Path) -> Result<String, String> {
         let name = dir.file_name().and_then(|n| n.to_str()).ok_or("a snapshot folder has a name")?.to_owned();
+        if snapshot_order(&name).is_none() {
+            return Err(format!("{name} is not a snapshot's name"));
+        }
         self.mkcol("").await.map_err(|e| e.to_string())?;
-        self.mkcol(&name).await.map_err(|e| e.to_string())?;
+        self.remove_partial().await?;
+        let part = format!("{name}{PARTIAL}");
+        self.mkcol(&part).await.map_err(|e| e.to_string())?;
         for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
-            let bytes =
-                std::fs::read(dir.join(file)).map_err(|e| format!("cannot read {} ({e})", dir.join(file).display()))?;
-            let url = self.dav.url(&format!("{name}/{file}"), false).map_err(|e| e.to_string())?;
+            let bytes = tokio::fs::read(dir.join(file))
+                .await
+                .map_err(|e| format!("cannot read {} ({e})", dir.join(file).display()))?;
+            let url = self.dav.url(&format!("{part}/{file}"), false).map_err(|e| e.to_string())?;
             self.dav
                 .send(Method::PUT, &url, &[("content-type", "application/octet-stream")], Bytes::from(bytes), 64 * 1024)
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        let from = self.dav.url(&part, true).map_err(|e| e.to_string())?;
+        let to = self.dav.url(&name, true).map_err(|e| e.to_string())?;
+        self.dav
+            .send(
+                Method::from_bytes(b"MOVE").expect("a method"),
+                &from,
+                &[("destination", &to), ("overwrite", "F")],
+                Bytes::new(),
+                64 * 1024,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(name)
+    }
+
+    /// Remove what failed uploads left (`*.part`).
+    async fn remove_partial(&self) -> Result<(), String> {
+        let entries = match self.dav.propfind("", 1, 4 * 1024 * 1024).await {
+            Ok(e) => e,
+            Err(DavError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        for e in entries
+            .into_iter()
+            .filter(|e| e.dir && e.path.strip_suffix(PARTIAL).is_some_and(|n| snapshot_order(n).is_some()))
+        {
+            let url = self.dav.url(&e.path, true).map_err(|e| e.to_string())?;
+            self.dav.send(Method::DELETE, &url, &[], Bytes::new(), 64 * 1024).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Fetch snapshot `name` into `into/name`.
     pub async fn fetch(&self, name: &str, into: &Path) -> Result<PathBuf, String> {
+        if snapshot_order(name).is_none() {
+            return Err(format!("{name} is not a snapshot's name"));
+        }
         let dir = into.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
         for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
@@ -81,11 +127,15 @@ impl Offsite {
         Ok(dir)
     }
 
-    /// Fetch snapshot `name` back into a scratch folder and verify it with `key`.
+    /// Fetch snapshot `name` back into `scratch` (emptied first, and after) and verify it with
+    /// `key`.
     pub async fn verify(&self, name: &str, key: &StoreKey, scratch: &Path) -> Result<(), String> {
-        let dir = self.fetch(name, scratch).await?;
-        let checked = backup::verify(&dir, key).map(drop).map_err(|e| e.to_string());
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = tokio::fs::remove_dir_all(scratch).await;
+        let checked = match self.fetch(name, scratch).await {
+            Ok(dir) => backup::verify(&dir, key).map(drop).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_dir_all(scratch).await;
         checked
     }
 
@@ -97,16 +147,17 @@ impl Offsite {
             Err(e) => return Err(e.to_string()),
         };
         let mut names: Vec<String> =
-            entries.into_iter().filter(|e| e.dir && taken_at(&e.path).is_some()).map(|e| e.path).collect();
-        names.sort_by_key(|n| taken_at(n).unwrap_or(0));
+            entries.into_iter().filter(|e| e.dir && snapshot_order(&e.path).is_some()).map(|e| e.path).collect();
+        // By the backup's sequence number: the clock that named them may have been wrong.
+        names.sort_by_key(|n| snapshot_order(n).unwrap_or((0, 0)));
         Ok(names)
     }
 
-    /// Remove the oldest beyond `keep`; how many went.
-    pub async fn prune(&self) -> Result<usize, String> {
-        let names = self.list().await?;
-        let excess = names.len().saturating_sub(self.keep);
-        for name in &names[..excess] {
+    /// Remove the oldest beyond `keep`, never `newest` (the one just verified); how many went.
+    pub async fn prune(&self, newest: &str) -> Result<usize, String> {
+        let names: Vec<String> = self.list().await?.into_iter().filter(|n| n != newest).collect();
+        let excess = (names.len() + 1).saturating_sub(self.keep);
+        for name in &names[..excess.min(names.len())] {
             let url = self.dav.url(name, true).map_err(|e| e.to_string())?;
             self.dav.send(Method::DELETE, &url, &[], Bytes::new(), 64 * 1024).await.map_err(|e| e.to_string())?;
         }
@@ -119,9 +170,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_names_order_by_time() {
-        assert_eq!(taken_at("zhuli-snapshot-1796000000000-3"), Some(1_796_000_000_000));
-        assert_eq!(taken_at("notes"), None);
-        assert_eq!(taken_at("zhuli-snapshot-x-1"), None);
+    fn snapshot_names_are_exact_and_order_by_sequence() {
+        assert_eq!(snapshot_order("zhuli-snapshot-1796000000000-3"), Some((3, 1_796_000_000_000)));
+        for bad in
+            ["notes", "zhuli-snapshot-x-1", "zhuli-snapshot-1-2/sub", "zhuli-snapshot-1-2.part", "zhuli-snapshot-1-"]
+        {
+            assert_eq!(snapshot_order(bad), None, "{bad}");
+        }
     }
 }
