@@ -45,6 +45,9 @@ pub struct Config {
     /// People's reminders and recurring tasks: their limits.
     #[serde(default)]
     pub schedule: crate::schedule::Settings,
+    /// The box's own nightly copies of its store.
+    #[serde(default)]
+    pub backup: store::backup::Settings,
     /// A digest of each top-level table as written, to notice what changed between runs
     /// (audited as a configuration or permission change). Never the values themselves.
     #[serde(skip)]

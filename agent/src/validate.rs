@@ -181,6 +181,7 @@ pub fn config(config: &Config) -> Findings {
         ("[llm] api_key", config.llm.as_ref().and_then(|l| l.api_key.as_ref())),
         ("[tools.github] token", config.tools.github.token.as_ref()),
         ("[tools.drive] password", config.tools.drive.password.as_ref()),
+        ("[backup] password", config.backup.password.as_ref()),
         ("[tools.caldav] password", config.tools.caldav.password.as_ref()),
     ];
     let model_keys = config.models.iter().map(|m| (format!("[[models]] {:?} api_key", m.name), m.api_key.as_ref()));
@@ -207,6 +208,27 @@ pub fn config(config: &Config) -> Findings {
     for (field, url) in urls {
         if url.contains("example.com") {
             f.examples.push(Problem::keyed(field, Said::new("problem.example_url", &[("url", &url)])));
+        }
+    }
+    let b = &config.backup;
+    if crate::tools::when::clock(&b.at).map_or(true, |m| m >= 24 * 60) {
+        f.errors.push(Problem::said(format!(
+            "[backup] at: {:?} is not a time of day; write it like \"02:30\" (the office's time)",
+            b.at
+        )));
+    }
+    if let Some(url) = &b.offsite {
+        if let Err(e) = crate::dingtalk::settings::check_url(url, "https", "http") {
+            f.errors.push(Problem::said(format!("[backup] offsite: {e}")));
+        }
+        // A password in the address would be shown wherever the address is.
+        if url.split("://").nth(1).and_then(|rest| rest.split('/').next()).is_some_and(|host| host.contains('@')) {
+            f.errors.push(Problem::said(
+                "[backup] offsite: the address holds a user name or password; write them as username and password instead".to_owned(),
+            ));
+        }
+        if url.contains("example.com") {
+            f.examples.push(Problem::keyed("[backup] offsite", Said::new("problem.example_url", &[("url", &url)])));
         }
     }
     if config.tools.github.repos.iter().any(|r| r == "acme/website") {

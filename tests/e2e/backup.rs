@@ -145,3 +145,64 @@ async fn corrupt_and_foreign_snapshots_are_refused() {
     assert!(!ok && out.contains("not a zhuli snapshot"), "{out}");
     let _ = std::fs::remove_dir_all(other);
 }
+
+/// The off-site copy against a real WebDAV server (rclone's, with a login): snapshots go up,
+/// come back verified with the key, the oldest beyond `keep` go, and a copy changed on the
+/// server fails its verification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_go_off_site_verified_and_rotated() {
+    use zhuli::{
+        app::offsite::Offsite,
+        secret::Secret,
+        store::{Retention, Store, backup, key::StoreKey},
+        tools::local_server::LocalServer,
+    };
+    let dir = temp_dir("offsite");
+    let served = dir.join("nas");
+    std::fs::create_dir_all(&served).expect("nas");
+    let dav = Server::new(LocalServer::rclone_webdav(&served, "/dav", Some(("box", "nas-pw-93kQ"))));
+    let key = StoreKey::generate();
+    let file = dir.join("zhuli.redb");
+    {
+        let store = Store::open(&file, &key, Retention::default()).expect("store");
+        store.set_setting("a", "b").expect("write");
+    }
+    let local = dir.join("backups");
+    let offsite = Offsite::new(
+        &format!("http://{}/dav/zhuli-backups", dav.addr()),
+        "box",
+        Some(&Secret::new("nas-pw-93kQ")),
+        2,
+        Duration::from_secs(10),
+    );
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let (snapshot, _) = backup::backup(&file, &key, &local).expect("snapshot");
+        let name = offsite.upload(&snapshot).await.expect("upload");
+        offsite.verify(&name, &key, &dir.join("scratch")).await.expect("verified after upload");
+        names.push(name);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(offsite.list().await.expect("list"), names);
+    assert_eq!(offsite.prune(&names[2]).await.expect("prune"), 1);
+    assert_eq!(offsite.list().await.expect("list"), names[1..].to_vec(), "the oldest went");
+    // The server's copy is changed: it no longer verifies.
+    let on_nas = served.join("zhuli-backups").join(&names[2]).join(backup::SNAPSHOT_FILE);
+    let mut bytes = std::fs::read(&on_nas).expect("on the nas");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&on_nas, bytes).expect("tamper");
+    let e = offsite.verify(&names[2], &key, &dir.join("scratch")).await.expect_err("a changed copy");
+    assert!(!e.is_empty(), "{e}");
+    // A wrong password is said as such.
+    let wrong = Offsite::new(
+        &format!("http://{}/dav/zhuli-backups", dav.addr()),
+        "box",
+        Some(&Secret::new("wrong")),
+        2,
+        Duration::from_secs(10),
+    );
+    let e = wrong.list().await.expect_err("refused");
+    assert!(e.contains("401"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -528,7 +528,7 @@ fn occurrences(path: &Path, needle: &[u8]) -> u64 {
 }
 
 /// One value of every kind of secret a configuration can carry.
-const EVERY_SECRET: [(&str, &str); 7] = [
+const EVERY_SECRET: [(&str, &str); 8] = [
     ("[dingtalk] client_secret", SECRET),
     ("[llm] api_key", "sk-llm-key-7hW2qLx9"),
     ("[tools.github] token", "github_pat_11AZ9kQ0rT5u"),
@@ -536,11 +536,12 @@ const EVERY_SECRET: [(&str, &str); 7] = [
     ("[tools.caldav] password", "caldav-app-pass-Lm3k8R"),
     ("[tools.mcp.search] env.API_KEY", "search-api-key-Pz5nW1"),
     ("[[models]] \"office\" api_key", "model-office-key-Rt6yU2"),
+    ("[backup] password", "nas-backup-pass-Hy4tE8"),
 ];
 
 /// A configuration holding every kind of secret, a shared folder the import makes, a plugin.
 fn config_with_every_secret(sim: &Simulator, dir: &Path, serial: u64, note: &str) -> String {
-    let [_, llm, github, drive, caldav, plugin, model] = EVERY_SECRET.map(|(_, v)| v);
+    let [_, llm, github, drive, caldav, plugin, model, nas] = EVERY_SECRET.map(|(_, v)| v);
     format!(
         "# {note}\n{}\n[llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\napi_key = \"{llm}\"\n\
          [[models]]\nname = \"office\"\nwhere = \"local\"\nbase_url = \"http://127.0.0.1:8/v1\"\nmodel = \"qwen\"\napi_key = \"{model}\"\n\
@@ -550,7 +551,8 @@ fn config_with_every_secret(sim: &Simulator, dir: &Path, serial: u64, note: &str
          [tools.caldav]\nusername = \"zhuli\"\npassword = \"{caldav}\"\ndefault_calendar = \"team\"\n\
          [tools.caldav.calendars]\nteam = \"https://dav.office.test/remote.php/dav/calendars/zhuli/team/\"\n\
          [tools.mcp.search]\ncommand = \"/bin/true\"\nwrite = [{share:?}]\nenv = {{ API_KEY = \"{plugin}\", LEVEL = \"info\" }}\n\
-         [health]\nadmin_chat = \"cid-admins\"\n",
+         [health]\nadmin_chat = \"cid-admins\"\n\
+         [backup]\noffsite = \"https://nas.office.test/dav/zhuli-backups\"\nusername = \"zhuli\"\npassword = \"{nas}\"\n",
         config_text(sim, dir, serial),
         share = s(&dir.join("srv/office/share")),
     )
@@ -698,6 +700,16 @@ async fn no_byte_of_any_secret_is_left_anywhere_on_the_stick() {
             "{dropin}"
         );
         assert!(imported.contains("api_key = { credential = \"model-office-api-key\" }"), "{imported}");
+        // The off-site backup's password the same way.
+        assert_eq!(
+            std::fs::read_to_string(current.join("backup-password")).expect("backup credential"),
+            EVERY_SECRET[7].1
+        );
+        assert!(
+            dropin.contains(&format!("LoadCredential=backup-password:{}", s(&current.join("backup-password")))),
+            "{dropin}"
+        );
+        assert!(imported.contains("password = { credential = \"backup-password\" }"), "{imported}");
     }
 }
 

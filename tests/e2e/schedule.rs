@@ -278,3 +278,88 @@ async fn a_scheduled_request_is_answered_by_the_model_as_its_owner() {
         .to_owned();
     assert_eq!(last_user, "把我今天的日程发到这里", "the request as its owner wrote it");
 }
+
+/// A TCP front that passes connections to `to`, or drops them while `down` is set: a network
+/// drive that goes away and comes back on the same address.
+async fn switchable_front(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let down = Arc::new(AtomicBool::new(false));
+    let flag = down.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            if flag.load(Ordering::SeqCst) {
+                drop(client);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (addr, down)
+}
+
+/// The nightly backup: at `[backup] at` a snapshot on the box and a copy on the network drive,
+/// fetched back and verified; a drive that goes away is told to the admins once, and its
+/// return too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nightly_backup_lands_on_the_box_and_the_drive_and_a_failure_is_told_once() {
+    use zhuli::tools::local_server::LocalServer;
+    let nas_dir = support::temp_dir("nightly-nas");
+    let nas = support::Server::new(LocalServer::rclone_webdav(&nas_dir, "/dav", Some(("box", "nas-pw-93kQ"))));
+    let (front, down) = switchable_front(nas.addr()).await;
+    let extra = format!(
+        "[backup]\noffsite = \"http://{front}/dav/zhuli-backups\"\nusername = \"box\"\npassword = \"nas-pw-93kQ\"\ntimeout_ms = 3000\n\
+         [access]\nadmins = [\"boss\"]\n"
+    );
+    let (sim, agent, clock) = rig("sched-nightly", &extra).await;
+    let state = agent.config_path().with_file_name("state");
+    let snapshots = |dir: &std::path::Path| -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("zhuli-snapshot-")).count())
+            .unwrap_or(0)
+    };
+    // Just past the next 02:30 in Shanghai.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let until = (2 * 3600 + 1800 - (now + 8 * 3600).rem_euclid(86_400)).rem_euclid(86_400) + 5;
+    set_clock(&clock, &format!("+{until}s"));
+    let landed = || snapshots(&state.join("backups")) >= 1 && snapshots(&nas_dir.join("zhuli-backups")) >= 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !landed() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(landed(), "a snapshot on the box and on the drive:\n{}", agent.log());
+
+    // The drive goes away: the next night's copy fails, told once; the night after, not again.
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    set_clock(&clock, &format!("+{}s", until + 86_400));
+    wait_said(&sim, &agent, "异地备份（网络盘）失败", 1).await;
+    set_clock(&clock, &format!("+{}s", until + 2 * 86_400));
+    // The second night failed too (the log says so) …
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while agent.log().matches("nightly backup (offsite) failed").count() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(agent.log().matches("nightly backup (offsite) failed").count(), 2, "{}", agent.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // … and the admins were told once.
+    assert_eq!(said(&sim, "失败了").len(), 1, "told once: {:?}", said(&sim, "失败了"));
+    let told = &said(&sim, "失败了")[0];
+    assert_eq!(told.to_user.as_deref(), Some("boss"));
+    assert!(!told.text.contains("nas-pw-93kQ"), "{}", told.text);
+    // Back: the next night's copy works, and the admins hear so.
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    set_clock(&clock, &format!("+{}s", until + 3 * 86_400));
+    wait_said(&sim, &agent, "已恢复正常", 1).await;
+    assert!(snapshots(&nas_dir.join("zhuli-backups")) >= 2, "{}", agent.log());
+    let _ = std::fs::remove_dir_all(&nas_dir);
+}

@@ -52,7 +52,7 @@ impl Maintenance for Upkeep {
     fn backup_now(&self) -> BoxFuture<'static, Result<BackupTaken, String>> {
         let (config, dir) = (self.config.clone(), self.backups());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || take(&config, &dir))
+            tokio::task::spawn_blocking(move || take(&config, &dir, config.backup.keep))
                 .await
                 .unwrap_or_else(|e| Err(format!("the backup stopped ({e})")))
         })
@@ -101,7 +101,7 @@ fn write_note(path: &std::path::Path, text: &str) -> Result<(), String> {
 /// Snapshot the store (the agent keeps running: redb lets a reader see a consistent state),
 /// verify the snapshot with the key, then keep the newest [`KEEP`]. Refused when the disk
 /// has less free space than twice the store and 64 MiB.
-fn take(config: &Config, dir: &std::path::Path) -> Result<BackupTaken, String> {
+pub(super) fn take(config: &Config, dir: &std::path::Path, keep: usize) -> Result<BackupTaken, String> {
     let key = StoreKey::load(config.store.key_file.as_deref()).map_err(|e| e.to_string())?;
     let file = store::file_in(&config.agent.state_dir);
     // Room for the snapshot and to spare: a backup never fills the disk the agent runs on.
@@ -135,7 +135,7 @@ fn take(config: &Config, dir: &std::path::Path) -> Result<BackupTaken, String> {
             .and_then(|ms| ms.parse::<u64>().ok())
             .unwrap_or(0)
     });
-    let excess = all.len().saturating_sub(KEEP);
+    let excess = all.len().saturating_sub(keep.max(1));
     for old in &all[..excess] {
         if let Err(e) = std::fs::remove_dir_all(old) {
             log::warn!("cannot remove the old snapshot {}: {e}", old.display());

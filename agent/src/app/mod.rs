@@ -8,6 +8,8 @@
 
 mod chats;
 pub mod maintenance;
+mod nightly;
+pub mod offsite;
 mod scheduler;
 
 use std::{
@@ -173,6 +175,7 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
         },
         cancel.clone(),
     );
+    tasks.spawn(nightly::run(work.clone(), config.clone(), cancel.clone(), health.task("nightly backup")));
     let resumed = Arc::new(tokio::sync::Notify::new());
     tasks.spawn(scheduler::run(
         work.clone(),

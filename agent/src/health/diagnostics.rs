@@ -281,6 +281,7 @@ pub fn secrets_of(config: &Config) -> Vec<String> {
         config.tools.github.token.as_ref(),
         config.tools.drive.password.as_ref(),
         config.tools.caldav.password.as_ref(),
+        config.backup.password.as_ref(),
     ]
     .into_iter()
     .flatten()

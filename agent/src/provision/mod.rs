@@ -36,6 +36,8 @@ pub const CRED_LLM: &str = "llm-api-key";
 pub const CRED_GITHUB: &str = "github-token";
 pub const CRED_DRIVE: &str = "drive-password";
 pub const CRED_CALDAV: &str = "caldav-password";
+/// `[backup] password`: loaded by the drop-in, only when the configuration has one.
+pub const CRED_BACKUP: &str = "backup-password";
 /// Every credential of the fixed secret fields (the unit loads each one; a plugin's `env`
 /// values become credentials `mcp-<plugin>-<VARIABLE>`, loaded by the generation's drop-in).
 pub const CREDENTIALS: [&str; 5] = [CRED_DINGTALK, CRED_LLM, CRED_GITHUB, CRED_DRIVE, CRED_CALDAV];
@@ -125,6 +127,7 @@ struct SecretSpans {
     dingtalk: Option<DingtalkSpan>,
     llm: Option<LlmSpan>,
     tools: Option<ToolsSpan>,
+    backup: Option<PasswordSpan>,
     #[serde(default)]
     models: Vec<ModelSpan>,
 }
@@ -181,7 +184,7 @@ impl FoundSecret {
     /// A credential named after something the configuration names (a plugin's variable, a
     /// model endpoint's key): loaded by the drop-in, not by the unit itself.
     fn in_dropin(&self) -> bool {
-        self.is_plugin_env() || self.credential.starts_with("model-")
+        self.is_plugin_env() || self.credential.starts_with("model-") || self.credential == CRED_BACKUP
     }
 }
 
@@ -210,6 +213,7 @@ fn secrets_in(text: &str, path: &Path) -> Result<Vec<FoundSecret>, ProvisionErro
         (github, CRED_GITHUB.into(), "[tools.github] token".into()),
         (drive, CRED_DRIVE.into(), "[tools.drive] password".into()),
         (caldav, CRED_CALDAV.into(), "[tools.caldav] password".into()),
+        (spans.backup.and_then(|b| b.password), CRED_BACKUP.into(), "[backup] password".into()),
     ];
     for model in spans.models {
         let Some(key) = model.api_key else { continue };
@@ -513,7 +517,11 @@ fn current_secrets(dir: &Path) -> Vec<String> {
             let name = e.file_name().to_string_lossy().into_owned();
             let bytes = match name.strip_suffix(".cred") {
                 Some(cred) => decrypt(cred, &e.path())?.to_vec(),
-                None if CREDENTIALS.contains(&name.as_str()) || name.starts_with("mcp-") => {
+                None if CREDENTIALS.contains(&name.as_str())
+                    || name.starts_with("mcp-")
+                    || name.starts_with("model-")
+                    || name == CRED_BACKUP =>
+                {
                     std::fs::read(e.path()).ok()?
                 }
                 None => return None,

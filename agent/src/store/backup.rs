@@ -529,3 +529,37 @@ fn live_store_id(db: &redb::Database, path: &Path, key: &StoreKey) -> Option<Str
     check_key(path, &sealer, &meta).ok()?;
     String::from_utf8(read_meta(path, &sealer, &meta, "store_id").ok()?).ok()
 }
+
+/// `[backup]`: the box's own copies of its store, by the 3-2-1 rule: one on the box
+/// (`<state_dir>/backups`), one off the box on a WebDAV folder, one on the provisioning stick.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// When the nightly snapshot is taken, in the office's time (`HH:MM`).
+    pub at: String,
+    /// Snapshots kept on the box.
+    pub keep: usize,
+    /// The WebDAV folder for the off-site copy (Nextcloud:
+    /// `https://HOST/remote.php/dav/files/USER/zhuli-backups`); unset: none.
+    pub offsite: Option<String>,
+    pub username: String,
+    /// On the box a credential reference (`backup-password`).
+    pub password: Option<crate::secret::Secret>,
+    /// Snapshots kept off-site.
+    pub offsite_keep: usize,
+    pub timeout_ms: crate::dingtalk::settings::Millis,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            at: "02:30".into(),
+            keep: 7,
+            offsite: None,
+            username: String::new(),
+            password: None,
+            offsite_keep: 14,
+            timeout_ms: crate::dingtalk::settings::Millis::from_ms(600_000),
+        }
+    }
+}

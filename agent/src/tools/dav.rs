@@ -184,7 +184,7 @@ pub fn parts(path: &str) -> Result<Vec<&str>, String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DavError {
-    #[error("the server refused the account (401): check [tools.{0}] username and password")]
+    #[error("the server refused the account (401): check [{0}] username and password")]
     Unauthorized(&'static str),
     #[error("the server does not allow this for the account (403 on {0})")]
     Forbidden(String),
@@ -416,7 +416,7 @@ mod tests {
     #[test]
     fn paths_stay_below_the_collection() {
         let http = HttpClient::new(crate::dingtalk::http::tls_config(), std::time::Duration::from_secs(1));
-        let dav = Dav::new(http, "https://cloud.example/remote.php/dav/files/alice", "alice", None, "drive");
+        let dav = Dav::new(http, "https://cloud.example/remote.php/dav/files/alice", "alice", None, "tools.drive");
         assert_eq!(
             dav.url("reports/Q3 报告.pdf", false).as_deref(),
             Ok("https://cloud.example/remote.php/dav/files/alice/reports/Q3%20%E6%8A%A5%E5%91%8A.pdf")

@@ -85,7 +85,7 @@ impl Drive {
         };
         let http =
             crate::dingtalk::http::HttpClient::new(crate::dingtalk::http::tls_config(), settings.timeout_ms.get());
-        let dav = Dav::new(http, url, &settings.username, settings.password.as_ref(), "drive");
+        let dav = Dav::new(http, url, &settings.username, settings.password.as_ref(), "tools.drive");
         Ok(Some(Arc::new(Drive { dav, settings: settings.clone(), roots, ocs })))
     }
 

@@ -94,7 +94,10 @@ impl Caldav {
             .calendars
             .iter()
             .map(|(name, url)| {
-                (name.clone(), Dav::new(http.clone(), url, &settings.username, settings.password.as_ref(), "caldav"))
+                (
+                    name.clone(),
+                    Dav::new(http.clone(), url, &settings.username, settings.password.as_ref(), "tools.caldav"),
+                )
             })
             .collect();
         Ok(Some(Arc::new(Caldav {

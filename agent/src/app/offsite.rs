@@ -1,0 +1,181 @@
+//! The off-site copy of the store's snapshots: a WebDAV folder (Nextcloud, a NAS, rclone), the
+//! second medium of the 3-2-1 rule. A snapshot goes up file by file, its manifest last (a
+//! snapshot without its manifest is not one); it is then fetched back and verified with the key,
+//! as a restore would; the oldest beyond `keep` are removed. Snapshots are sealed with the store
+//! key, so the server holds nothing it can read.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::Method;
+
+use crate::{
+    dingtalk::http::{HttpClient, tls_config},
+    secret::Secret,
+    store::{backup, key::StoreKey},
+    tools::dav::{Dav, DavError},
+};
+
+/// The largest snapshot file moved at once.
+const MAX_FILE: usize = 1 << 30;
+
+pub struct Offsite {
+    dav: Dav,
+    keep: usize,
+}
+
+/// The backup sequence number and time of a snapshot's name (`zhuli-snapshot-<ms>-<seq>`, and
+/// nothing else: names from the server are joined onto local paths).
+fn snapshot_order(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("zhuli-snapshot-")?;
+    let (ms, seq) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(ms) && digits(seq)).then(|| Some((seq.parse().ok()?, ms.parse().ok()?)))?
+}
+
+/// A folder an upload is still writing, or one a failed upload left.
+const PARTIAL: &str = ".part";
+
+impl Offsite {
+    /// The folder at `url` (it is made if missing), as `username`; `keep` snapshots kept there.
+    pub fn new(
+        url: &str,
+        username: &str,
+        password: Option<&Secret>,
+        keep: usize,
+        timeout: std::time::Duration,
+    ) -> Self {
+        let http = HttpClient::new(tls_config(), timeout);
+        Offsite { dav: Dav::new(http, url, username, password, "backup"), keep: keep.max(1) }
+    }
+
+    async fn mkcol(&self, path: &str) -> Result<(), DavError> {
+        let url = self.dav.url(path, true).map_err(DavError::BadPath)?;
+        match self.dav.send(Method::from_bytes(b"MKCOL").expect("a method"), &url, &[], Bytes::new(), 64 * 1024).await {
+            Ok(_) => Ok(()),
+            // 405: it is there already.
+            Err(DavError::Refused { status: 405, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Send the snapshot in `dir` up; its name there. It is written under `NAME.part` and moved
+    /// into place once whole, so a snapshot there always has its manifest.
+    pub async fn upload(&self, dir: &Path) -> Result<String, String> {
+        let name = dir.file_name().and_then(|n| n.to_str()).ok_or("a snapshot folder has a name")?.to_owned();
+        if snapshot_order(&name).is_none() {
+            return Err(format!("{name} is not a snapshot's name"));
+        }
+        self.mkcol("").await.map_err(|e| e.to_string())?;
+        self.remove_partial().await?;
+        let part = format!("{name}{PARTIAL}");
+        self.mkcol(&part).await.map_err(|e| e.to_string())?;
+        for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
+            let bytes = tokio::fs::read(dir.join(file))
+                .await
+                .map_err(|e| format!("cannot read {} ({e})", dir.join(file).display()))?;
+            let url = self.dav.url(&format!("{part}/{file}"), false).map_err(|e| e.to_string())?;
+            self.dav
+                .send(Method::PUT, &url, &[("content-type", "application/octet-stream")], Bytes::from(bytes), 64 * 1024)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let from = self.dav.url(&part, true).map_err(|e| e.to_string())?;
+        let to = self.dav.url(&name, true).map_err(|e| e.to_string())?;
+        self.dav
+            .send(
+                Method::from_bytes(b"MOVE").expect("a method"),
+                &from,
+                &[("destination", &to), ("overwrite", "F")],
+                Bytes::new(),
+                64 * 1024,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(name)
+    }
+
+    /// Remove what failed uploads left (`*.part`).
+    async fn remove_partial(&self) -> Result<(), String> {
+        let entries = match self.dav.propfind("", 1, 4 * 1024 * 1024).await {
+            Ok(e) => e,
+            Err(DavError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        for e in entries
+            .into_iter()
+            .filter(|e| e.dir && e.path.strip_suffix(PARTIAL).is_some_and(|n| snapshot_order(n).is_some()))
+        {
+            let url = self.dav.url(&e.path, true).map_err(|e| e.to_string())?;
+            self.dav.send(Method::DELETE, &url, &[], Bytes::new(), 64 * 1024).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Fetch snapshot `name` into `into/name`.
+    pub async fn fetch(&self, name: &str, into: &Path) -> Result<PathBuf, String> {
+        if snapshot_order(name).is_none() {
+            return Err(format!("{name} is not a snapshot's name"));
+        }
+        let dir = into.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
+        for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
+            let url = self.dav.url(&format!("{name}/{file}"), false).map_err(|e| e.to_string())?;
+            let got = self.dav.send(Method::GET, &url, &[], Bytes::new(), MAX_FILE).await.map_err(|e| e.to_string())?;
+            std::fs::write(dir.join(file), &got.body).map_err(|e| format!("cannot write {} ({e})", dir.display()))?;
+        }
+        Ok(dir)
+    }
+
+    /// Fetch snapshot `name` back into `scratch` (emptied first, and after) and verify it with
+    /// `key`.
+    pub async fn verify(&self, name: &str, key: &StoreKey, scratch: &Path) -> Result<(), String> {
+        let _ = tokio::fs::remove_dir_all(scratch).await;
+        let checked = match self.fetch(name, scratch).await {
+            Ok(dir) => backup::verify(&dir, key).map(drop).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_dir_all(scratch).await;
+        checked
+    }
+
+    /// The snapshots there, oldest first.
+    pub async fn list(&self) -> Result<Vec<String>, String> {
+        let entries = match self.dav.propfind("", 1, 4 * 1024 * 1024).await {
+            Ok(e) => e,
+            Err(DavError::NotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut names: Vec<String> =
+            entries.into_iter().filter(|e| e.dir && snapshot_order(&e.path).is_some()).map(|e| e.path).collect();
+        // By the backup's sequence number: the clock that named them may have been wrong.
+        names.sort_by_key(|n| snapshot_order(n).unwrap_or((0, 0)));
+        Ok(names)
+    }
+
+    /// Remove the oldest beyond `keep`, never `newest` (the one just verified); how many went.
+    pub async fn prune(&self, newest: &str) -> Result<usize, String> {
+        let names: Vec<String> = self.list().await?.into_iter().filter(|n| n != newest).collect();
+        let excess = (names.len() + 1).saturating_sub(self.keep);
+        for name in &names[..excess.min(names.len())] {
+            let url = self.dav.url(name, true).map_err(|e| e.to_string())?;
+            self.dav.send(Method::DELETE, &url, &[], Bytes::new(), 64 * 1024).await.map_err(|e| e.to_string())?;
+        }
+        Ok(excess)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_are_exact_and_order_by_sequence() {
+        assert_eq!(snapshot_order("zhuli-snapshot-1796000000000-3"), Some((3, 1_796_000_000_000)));
+        for bad in
+            ["notes", "zhuli-snapshot-x-1", "zhuli-snapshot-1-2/sub", "zhuli-snapshot-1-2.part", "zhuli-snapshot-1-"]
+        {
+            assert_eq!(snapshot_order(bad), None, "{bad}");
+        }
+    }
+}
