@@ -14,6 +14,7 @@ pub mod health;
 pub mod i18n;
 pub mod llm;
 pub mod logging;
+pub mod offsite;
 pub mod privacy;
 pub mod provision;
 pub mod schedule;

@@ -152,7 +152,7 @@ async fn corrupt_and_foreign_snapshots_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_go_off_site_verified_and_rotated() {
     use zhuli::{
-        app::offsite::Offsite,
+        offsite::Offsite,
         secret::Secret,
         store::{Retention, Store, backup, key::StoreKey},
         tools::local_server::LocalServer,
@@ -186,6 +186,13 @@ async fn snapshots_go_off_site_verified_and_rotated() {
     assert_eq!(offsite.list().await.expect("list"), names);
     assert_eq!(offsite.prune(&names[2]).await.expect("prune"), 1);
     assert_eq!(offsite.list().await.expect("list"), names[1..].to_vec(), "the oldest went");
+    // The restore drill: the newest restored and opened, holding what the store held.
+    let scratch = dir.join("drill");
+    let drill = || offsite.drill(StoreKey::from_bytes(*key.bytes()), &scratch);
+    let (name, got) = drill().await;
+    assert_eq!(name, names[2]);
+    assert_eq!(got.expect("restored and opened").settings, 1);
+    assert!(!scratch.exists(), "the scratch folder is removed");
     // The server's copy is changed: it no longer verifies.
     let on_nas = served.join("zhuli-backups").join(&names[2]).join(backup::SNAPSHOT_FILE);
     let mut bytes = std::fs::read(&on_nas).expect("on the nas");
@@ -194,6 +201,11 @@ async fn snapshots_go_off_site_verified_and_rotated() {
     std::fs::write(&on_nas, bytes).expect("tamper");
     let e = offsite.verify(&names[2], &key, &dir.join("scratch")).await.expect_err("a changed copy");
     assert!(!e.is_empty(), "{e}");
+    // The restore drill takes the newest, and now fails on it.
+    let (name, got) = drill().await;
+    assert_eq!(name, names[2]);
+    assert!(got.is_err(), "{got:?}");
+    assert!(!scratch.exists(), "the scratch folder is removed");
     // A wrong password is said as such.
     let wrong = Offsite::new(
         &format!("http://{}/dav/zhuli-backups", dav.addr()),
@@ -204,5 +216,64 @@ async fn snapshots_go_off_site_verified_and_rotated() {
     );
     let e = wrong.list().await.expect_err("refused");
     assert!(e.contains("401"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The doctor looks at the off-site folder itself: the newest snapshot there and its age; none,
+/// or one older than two days, is a warning (the nightly copy is not arriving).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_doctor_warns_when_the_newest_off_site_copy_is_old() {
+    use zhuli::{
+        offsite::Offsite,
+        secret::Secret,
+        store::{Retention, Store, backup, key::StoreKey},
+        tools::local_server::LocalServer,
+    };
+    let dir = temp_dir("offsite-age");
+    let served = dir.join("nas");
+    std::fs::create_dir_all(&served).expect("nas");
+    let dav = Server::new(LocalServer::rclone_webdav(&served, "/dav", Some(("box", "nas-pw-93kQ"))));
+    let url = format!("http://{}/dav/zhuli-backups", dav.addr());
+    let config = dir.join("zhuli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dingtalk]\nclient_id = \"x\"\nclient_secret = \"y\"\nrobot_code = \"r\"\napi_base = \"http://127.0.0.1:9\"\n\
+             [llm]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n\
+             [agent]\nstate_dir = \"{}\"\n\
+             [backup]\noffsite = \"{url}\"\nusername = \"box\"\npassword = \"nas-pw-93kQ\"\n",
+            dir.join("state").display(),
+        ),
+    )
+    .expect("config");
+    let doctor = |config: std::path::PathBuf| async move {
+        let report = tokio::task::spawn_blocking(move || crate::support::doctor(&config)).await.expect("doctor");
+        let step = report.split("6. tools").nth(1).and_then(|r| r.split("\n7. ").next()).unwrap_or_default().to_owned();
+        (report, step)
+    };
+    let (report, step) = doctor(config.clone()).await;
+    assert!(step.contains("none on the drive yet") && step.trim_start().starts_with("WARN"), "{report}");
+
+    // Snapshots sent up as the nightly backup does, named as if taken three days and an hour ago.
+    let key = StoreKey::generate();
+    let file = dir.join("zhuli.redb");
+    Store::open(&file, &key, Retention::default()).expect("store").set_setting("a", "b").expect("write");
+    let offsite = Offsite::new(&url, "box", Some(&Secret::new("nas-pw-93kQ")), 5, Duration::from_secs(10));
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let send_as = |ago_ms: i64, seq: u32| {
+        let (snapshot, _) = backup::backup(&file, &key, &dir.join("backups")).expect("snapshot");
+        let named = snapshot.with_file_name(format!("zhuli-snapshot-{}-{seq}", now_ms - ago_ms));
+        std::fs::rename(&snapshot, &named).expect("rename");
+        named
+    };
+    offsite.upload(&send_as(3 * 86_400_000 + 60_000, 1)).await.expect("upload");
+    let (report, step) = doctor(config.clone()).await;
+    assert!(step.contains("72 h old (more than two days)") && step.trim_start().starts_with("WARN"), "{report}");
+    assert!(report.contains("not reaching the network drive"), "{report}");
+    assert!(!report.contains("nas-pw-93kQ"), "{report}");
+    // A newer one, by sequence, an hour old: no warning.
+    offsite.upload(&send_as(3_600_000 + 60_000, 2)).await.expect("upload");
+    let (report, step) = doctor(config).await;
+    assert!(step.contains("is 1 h old") && step.trim_start().starts_with("PASS"), "{report}");
     let _ = std::fs::remove_dir_all(&dir);
 }

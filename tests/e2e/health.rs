@@ -478,7 +478,14 @@ async fn admins_diagnose_read_logs_and_back_up_from_the_chat() {
         .expect("zhuli backup --verify");
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
     let last = answer(ask("／备份", "boss")).await;
-    assert!(last.contains("上次备份时间") && last.contains("UTC+8"), "{last}");
+    // Each target with its newest copy and how old it is; no drive configured says how to set
+    // one.
+    let path = snapshots[0].display().to_string();
+    for part in
+        ["设备上的备份：最近一份", "分钟前", path.as_str(), "UTC+8", "异地备份（网络盘）：未设置", "下一次夜间备份"]
+    {
+        assert!(last.contains(part), "{part:?} missing from\n{last}");
+    }
 
     // The agent's own warnings and errors since it started, redacted (the intern's refusal is
     // audited, not logged; what the run logged at warning level, if anything, is listed).

@@ -328,6 +328,9 @@ async fn the_nightly_backup_lands_on_the_box_and_the_drive_and_a_failure_is_told
             .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("zhuli-snapshot-")).count())
             .unwrap_or(0)
     };
+    // Something to count in the drill: a reminder for later.
+    let made = ask(&sim, &agent, "boss", "/提醒 每周五 17:00 交周报").await;
+    assert!(made.contains("#1"), "{made}");
     // Just past the next 02:30 in Shanghai.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
     let until = (2 * 3600 + 1800 - (now + 8 * 3600).rem_euclid(86_400)).rem_euclid(86_400) + 5;
@@ -338,6 +341,22 @@ async fn the_nightly_backup_lands_on_the_box_and_the_drive_and_a_failure_is_told
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(landed(), "a snapshot on the box and on the drive:\n{}", agent.log());
+    // The first night on the drive is followed by the restore drill: the newest copy there,
+    // restored and opened, its counts beside the live store's.
+    wait_said(&sim, &agent, "恢复演练通过", 1).await;
+    let drill = &said(&sim, "恢复演练通过")[0];
+    assert!(
+        drill.text.contains("zhuli-snapshot-") && drill.text.contains("定时任务：1 个（当前 1 个）"),
+        "{}",
+        drill.text
+    );
+    assert!(!state.join("backup-drill").exists(), "the scratch copy is removed");
+    // `/备份` shows each target's newest copy and its age, and the drill.
+    let shown = ask(&sim, &agent, "boss", "/备份").await;
+    for part in ["设备上的备份：最近一份", "异地备份（网络盘）：", "分钟前", "恢复演练：", "通过（zhuli-snapshot-"]
+    {
+        assert!(shown.contains(part), "{part:?} missing from\n{shown}");
+    }
 
     // The drive goes away: the next night's copy fails, told once; the night after, not again.
     down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -356,10 +375,16 @@ async fn the_nightly_backup_lands_on_the_box_and_the_drive_and_a_failure_is_told
     let told = &said(&sim, "失败了")[0];
     assert_eq!(told.to_user.as_deref(), Some("boss"));
     assert!(!told.text.contains("nas-pw-93kQ"), "{}", told.text);
+    let shown = ask(&sim, &agent, "boss", "/备份").await;
+    assert!(shown.contains("目前失败："), "{shown}");
+    assert!(!shown.contains("nas-pw-93kQ"), "{shown}");
     // Back: the next night's copy works, and the admins hear so.
     down.store(false, std::sync::atomic::Ordering::SeqCst);
     set_clock(&clock, &format!("+{}s", until + 3 * 86_400));
     wait_said(&sim, &agent, "已恢复正常", 1).await;
     assert!(snapshots(&nas_dir.join("zhuli-backups")) >= 2, "{}", agent.log());
+    // The drill is monthly: not again on these nights.
+    let drills: Vec<_> = sim.replies().into_iter().filter(|r| r.title == "备份恢复演练").collect();
+    assert_eq!(drills.len(), 1, "{drills:?}");
     let _ = std::fs::remove_dir_all(&nas_dir);
 }

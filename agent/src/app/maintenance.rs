@@ -76,6 +76,10 @@ impl Maintenance for Upkeep {
         }
     }
 
+    fn backup_settings(&self) -> backup::Settings {
+        self.config.backup.clone()
+    }
+
     fn releases(&self) -> (Option<update::state::Survey>, Vec<update::boot::Event>) {
         (update::state::read(&update::state::survey_path()), update::boot::events(&update::boot::events_path()))
     }

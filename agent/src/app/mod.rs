@@ -9,7 +9,6 @@
 mod chats;
 pub mod maintenance;
 mod nightly;
-pub mod offsite;
 mod scheduler;
 
 use std::{
@@ -746,6 +745,19 @@ fn tell_admins(work: &Arc<Work>, config: &Config, title: &str, text: &str) {
             }
         });
     }
+}
+
+/// [`tell_admins`], waiting for the deliveries (each with the sender's retries): whether the
+/// message reached at least one admin chat.
+async fn tell_admins_delivered(work: &Arc<Work>, config: &Config, title: &str, text: &str) -> bool {
+    let mut delivered = false;
+    for reply in admin_replies(config, title, text) {
+        match work.sender.send(&reply).await {
+            Ok(_) => delivered = true,
+            Err(e) => log::error!("a message to the admins was not delivered: {e}"),
+        }
+    }
+    delivered
 }
 
 /// Replies that reach the admins: the admin group chat if configured, else each admin 1:1.

@@ -7,39 +7,13 @@
 use std::sync::Arc;
 
 use rust_i18n::t;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Work, blocking, maintenance, now_ms, tell_admins};
+use super::{Work, blocking, maintenance, now_ms, tell_admins_delivered};
 use crate::health::diagnostics::BACKUPS;
 use crate::{config::Config, health::Beat, schedule::Rule, store::key::StoreKey};
 
-const STATE: &str = "backup.state";
-
-/// What one target last did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Target {
-    /// When its last good copy was made.
-    pub ok_ms: Option<i64>,
-    /// Why the last attempt failed, while it fails.
-    pub failing: Option<String>,
-    /// The admins were told of this failure.
-    pub told: bool,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
-    /// When the nightly backup last ran (or, before the first, when the agent first started).
-    pub last_run_ms: Option<i64>,
-    pub local: Target,
-    pub offsite: Target,
-}
-
-/// The state kept in the store; an error when the store cannot be read (then nothing is written
-/// over what it holds).
-pub fn state(store: &crate::store::Store) -> Result<State, crate::store::StoreError> {
-    Ok(store.setting(STATE)?.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default())
-}
+use crate::store::backup::{Drill, STATE, State, Target, state};
 
 async fn keep(work: &Arc<Work>, st: &State) {
     let kept = serde_json::to_string(st).unwrap_or_default();
@@ -131,16 +105,16 @@ async fn copies(work: &Arc<Work>, config: &Config, st: &mut State) {
     let snapshot = match taken {
         Ok(b) => {
             log::info!("nightly backup on the box: {} ({} bytes, {} kept)", b.path, b.bytes, b.kept);
-            settle(work, config, "local", &mut st.local, Ok(()));
+            settle(work, config, "local", &mut st.local, Ok(())).await;
             std::path::PathBuf::from(b.path)
         }
         Err(e) => {
-            settle(work, config, "local", &mut st.local, Err(e));
+            settle(work, config, "local", &mut st.local, Err(e)).await;
             return;
         }
     };
     let Some(url) = config.backup.offsite.as_deref() else { return };
-    let offsite = super::offsite::Offsite::new(
+    let offsite = crate::offsite::Offsite::new(
         url,
         &config.backup.username,
         config.backup.password.as_ref(),
@@ -157,16 +131,72 @@ async fn copies(work: &Arc<Work>, config: &Config, st: &mut State) {
         Ok::<(), String>(())
     }
     .await;
-    settle(work, config, "offsite", &mut st.offsite, outcome);
+    let uploaded = outcome.is_ok();
+    settle(work, config, "offsite", &mut st.offsite, outcome).await;
+    // The drill only after a night the drive answered: when it is down, the failure above says
+    // so already.
+    if uploaded && drill_due(config, st, now_ms()) {
+        let failed_before = st.drill.as_ref().is_some_and(|d| d.failed.is_some());
+        st.drill = Some(drill(work, config, &offsite, failed_before).await);
+    }
 }
 
-/// Record a target's outcome; tell the admins when it starts failing, and when it recovers.
-fn settle(work: &Arc<Work>, config: &Config, which: &str, target: &mut Target, outcome: Result<(), String>) {
+/// Whether the restore drill is due at `now`: `[backup] drill_days` since the last one, or the
+/// next night after one that failed.
+fn drill_due(config: &Config, st: &State, now: i64) -> bool {
+    let every = i64::from(config.backup.drill_days) * 86_400_000;
+    every > 0 && st.drill.as_ref().is_none_or(|d| d.failed.is_some() || now - d.at_ms >= every || now < d.at_ms)
+}
+
+/// The restore drill: the newest off-site snapshot restored into a scratch folder and opened,
+/// its counts set beside the live store's. The admins get the report, except a failure again
+/// after a failure (it is tried each night until it passes).
+async fn drill(work: &Arc<Work>, config: &Config, offsite: &crate::offsite::Offsite, failed_before: bool) -> Drill {
+    let at_ms = now_ms();
+    let scratch = config.agent.state_dir.join("backup-drill");
+    let (name, restored) = match StoreKey::load(config.store.key_file.as_deref()) {
+        Ok(key) => offsite.drill(key, &scratch).await,
+        Err(e) => (String::new(), Err(e.to_string())),
+    };
+    let live = blocking(&work.store, |s| s.counts()).await.unwrap_or_default();
+    let mut report = Drill { at_ms, name, failed: None, restored: Default::default(), live };
+    match restored {
+        Ok(counts) => {
+            report.restored = counts;
+            log::info!("restore drill: {} restored and opened: {counts:?}; the live store: {live:?}", report.name);
+            let text = t!(
+                "backup.drill_ok",
+                name = report.name.as_str(),
+                conversations = counts.conversations,
+                messages = counts.messages,
+                jobs = counts.jobs,
+                live_conversations = live.conversations,
+                live_messages = live.messages,
+                live_jobs = live.jobs
+            );
+            tell_admins_delivered(work, config, &t!("backup.drill_title"), &text).await;
+        }
+        Err(why) => {
+            log::error!("restore drill failed: {why}");
+            if !failed_before {
+                let text = t!("backup.drill_failed", why = why.as_str());
+                tell_admins_delivered(work, config, &t!("backup.drill_title"), &text).await;
+            }
+            report.failed = Some(why.chars().take(300).collect());
+        }
+    }
+    report
+}
+
+/// Record a target's outcome; tell the admins when it starts failing, and when it recovers. A
+/// failure counts as told only once a message reached an admin: else the next night tells it.
+async fn settle(work: &Arc<Work>, config: &Config, which: &str, target: &mut Target, outcome: Result<(), String>) {
     let name = if which == "local" { t!("backup.target_local") } else { t!("backup.target_offsite") };
     match outcome {
         Ok(()) => {
             if target.told {
-                tell_admins(work, config, &t!("backup.recovered_title"), &t!("backup.recovered", target = name));
+                let text = t!("backup.recovered", target = name);
+                tell_admins_delivered(work, config, &t!("backup.recovered_title"), &text).await;
             }
             *target = Target { ok_ms: Some(now_ms()), failing: None, told: false };
         }
@@ -175,8 +205,7 @@ fn settle(work: &Arc<Work>, config: &Config, which: &str, target: &mut Target, o
             if !target.told {
                 let fix = if which == "local" { t!("backup.fix_local") } else { t!("backup.fix_offsite") };
                 let text = t!("backup.failed", target = name, why = why.as_str(), fix = fix);
-                tell_admins(work, config, &t!("backup.failed_title"), &text);
-                target.told = true;
+                target.told = tell_admins_delivered(work, config, &t!("backup.failed_title"), &text).await;
             }
             target.failing = Some(why.chars().take(300).collect());
         }

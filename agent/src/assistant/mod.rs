@@ -103,6 +103,8 @@ pub trait Maintenance: Send + Sync {
     fn snapshot_for_update(&self) -> BoxFuture<'static, Result<BackupTaken, String>>;
     /// The newest snapshot kept, if any.
     fn last_backup(&self) -> Option<crate::health::diagnostics::Backup>;
+    /// `[backup]`: when the nightly backup runs and where its copies go.
+    fn backup_settings(&self) -> crate::store::backup::Settings;
     /// The releases on the box as root last saw them, and the update journal's newest events.
     fn releases(&self) -> (Option<crate::update::state::Survey>, Vec<crate::update::boot::Event>);
     /// Ask root (zhuli-update.service) to `install` a fetched release now or to `rollback`.
@@ -652,14 +654,20 @@ impl Assistant {
                 }
             }
             _ => {
-                let offset = self.parts.settings.utc_offset_minutes;
-                let text = match m.last_backup() {
-                    Some(b) => {
-                        let (when, _) = settings::local_time(b.created_at_ms as i64, offset);
-                        t!("upkeep.backup_last", time = when, zone = settings::zone_label(offset), path = b.path)
+                let state = match self.store_call(crate::store::backup::state).await {
+                    Ok(st) => Some(st),
+                    Err(e) => {
+                        log::warn!("the nightly backup's state cannot be read: {e}");
+                        None
                     }
-                    None => t!("upkeep.backup_never"),
                 };
+                let text = backups_markdown(
+                    &m.backup_settings(),
+                    state.as_ref(),
+                    m.last_backup().as_ref(),
+                    self.parts.settings.utc_offset_minutes,
+                    now_ms(),
+                );
                 Answer::fixed(t!("upkeep.backup_title"), text)
             }
         }
@@ -827,6 +835,65 @@ fn doctor_markdown(r: &crate::health::diagnostics::Report, offset: i32) -> Strin
         Section::Missing(_) => t.push_str(&format!("- {}\n", t!("upkeep.backup_never"))),
     }
     t
+}
+
+/// How long ago `ms` was, at `now`, in words.
+fn ago(ms: i64, now: i64) -> String {
+    let minutes = (now - ms).max(0) / 60_000;
+    match minutes {
+        0..60 => t!("backups.minutes_ago", n = minutes.max(1)).to_string(),
+        60..2880 => t!("backups.hours_ago", n = minutes / 60).to_string(),
+        _ => t!("backups.days_ago", n = minutes / 1440).to_string(),
+    }
+}
+
+/// `/backup`: each target's last good copy and its age, a failure in progress, the last restore
+/// drill, and the next night.
+fn backups_markdown(
+    plan: &crate::store::backup::Settings,
+    state: Option<&crate::store::backup::State>,
+    newest: Option<&crate::health::diagnostics::Backup>,
+    offset: i32,
+    now: i64,
+) -> String {
+    let at = |ms: i64| format!("{}（{}）", settings::local_time(ms, offset).0, ago(ms, now));
+    let failing = |t: &crate::store::backup::Target| {
+        t.failing.as_deref().map(|why| format!("\n  - ⚠️ {}", t!("backups.failing", why = why))).unwrap_or_default()
+    };
+    let default = crate::store::backup::State::default();
+    let st = state.unwrap_or(&default);
+    let mut text = format!("{}\n\n", t!("backups.heading", zone = settings::zone_label(offset)));
+    // On the box: the newest snapshot there (`/backup now` too), else the nightly's record.
+    let local = match (newest, st.local.ok_ms) {
+        (Some(b), _) => t!("backups.local", when = at(b.created_at_ms as i64), path = b.path.as_str()).to_string(),
+        (None, Some(ms)) => t!("backups.local_gone", when = at(ms)).to_string(),
+        (None, None) => t!("backups.never").to_string(),
+    };
+    text.push_str(&format!("- {}：{local}{}\n", t!("backup.target_local"), failing(&st.local)));
+    let offsite = match (&plan.offsite, st.offsite.ok_ms) {
+        (None, _) => t!("backups.offsite_unset").to_string(),
+        (Some(_), Some(ms)) => at(ms),
+        (Some(_), None) => t!("backups.never").to_string(),
+    };
+    text.push_str(&format!("- {}：{offsite}{}\n", t!("backup.target_offsite"), failing(&st.offsite)));
+    if plan.offsite.is_some() {
+        let drill = match &st.drill {
+            None => t!("backups.drill_never").to_string(),
+            Some(d) if d.failed.is_none() => {
+                t!("backups.drill_ok", when = at(d.at_ms), name = d.name.as_str()).to_string()
+            }
+            Some(d) => {
+                t!("backups.drill_failed", when = at(d.at_ms), why = d.failed.as_deref().unwrap_or("")).to_string()
+            }
+        };
+        text.push_str(&format!("- {}：{drill}\n", t!("backups.drill")));
+    }
+    let minute = crate::tools::when::clock(&plan.at).unwrap_or(150).clamp(0, 1439) as u16;
+    let nightly = crate::schedule::Rule::Daily { minute };
+    if let Some(next) = nightly.next_after(now, offset) {
+        text.push_str(&format!("\n{}", t!("backups.next", when = settings::local_time(next, offset).0)));
+    }
+    text
 }
 
 #[cfg(test)]

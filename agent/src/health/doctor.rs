@@ -341,6 +341,14 @@ async fn tools_step(config: &Config) -> Step {
         Ok(None) => {}
         Err(e) => results.push(Err(e.to_string())),
     }
+    let stale = match &config.backup.offsite {
+        Some(url) => {
+            let (line, stale) = offsite_age(config, url).await;
+            results.push(line);
+            stale
+        }
+        None => false,
+    };
     for (name, s) in &t.mcp {
         let scratch = std::env::temp_dir().join(format!("zhuli-doctor-{}", std::process::id()));
         match mcp::Plugin::new(name, s, &scratch, None) {
@@ -364,15 +372,42 @@ async fn tools_step(config: &Config) -> Step {
     }
     let failed = results.iter().any(Result::is_err);
     let detail: Vec<String> = results.into_iter().map(|r| r.unwrap_or_else(|e| format!("FAILED: {e}"))).collect();
-    let fix = failed
-        .then(|| {
-            fix(
-                "each failure says what to fix; docs/OPERATIONS.md has the settings of every backend",
-                said("doctor.fix_tools"),
-            )
-        })
-        .flatten();
-    step("tools", if failed { Verdict::Fail } else { Verdict::Pass }, detail.join("\n"), fix)
+    let (verdict, fix) = if failed {
+        let f = "each failure says what to fix; docs/OPERATIONS.md has the settings of every backend";
+        (Verdict::Fail, fix(f, said("doctor.fix_tools")))
+    } else if stale {
+        let f = "the nightly copy is not reaching the network drive: send /backup in the admin chat for the failure, \
+                 check [backup] offsite, username and password and the drive's free space";
+        (Verdict::Warn, fix(f, said("doctor.fix_offsite_old")))
+    } else {
+        (Verdict::Pass, None)
+    };
+    step("tools", verdict, detail.join("\n"), fix)
+}
+
+/// Off-site copies older than this are a warning.
+const OFFSITE_OLD_MS: i64 = 2 * 86_400_000;
+
+/// The newest snapshot on the off-site folder and its age; whether it is missing or older than
+/// two days.
+async fn offsite_age(config: &Config, url: &str) -> (Result<String, String>, bool) {
+    let b = &config.backup;
+    let offsite =
+        crate::offsite::Offsite::new(url, &b.username, b.password.as_ref(), b.offsite_keep, Duration::from_secs(20));
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    match offsite.newest().await {
+        Ok(Some((name, ms))) => {
+            let hours = (now - ms).max(0) / 3_600_000;
+            if now - ms > OFFSITE_OLD_MS {
+                (Ok(format!("off-site backups: the newest, {name}, is {hours} h old (more than two days)")), true)
+            } else {
+                (Ok(format!("off-site backups: the newest, {name}, is {hours} h old")), false)
+            }
+        }
+        Ok(None) => (Ok(format!("off-site backups: none on the drive yet (the first goes up at {})", b.at)), true),
+        Err(e) => (Err(format!("off-site backups: {e}")), false),
+    }
 }
 
 /// DNS, TCP and TLS to `url`'s host; when it fails, what failed and what to try at a console

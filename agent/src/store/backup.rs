@@ -521,6 +521,59 @@ pub fn restore(snapshot: &Path, store_file: &Path, key: &StoreKey) -> Result<(Ma
     Ok((manifest, kept))
 }
 
+/// The record counts of the store file at `file` (a restored copy), opened without writing and
+/// checked against `key`.
+pub fn counts_of(file: &Path, key: &StoreKey) -> Result<super::Counts, BackupError> {
+    let checked = open_checked(file, key)?;
+    let txn = checked.db.begin_read().map_err(|e| BackupError::Store(db_err(file, e)))?;
+    super::counts_in(&txn).map_err(|e| BackupError::Store(db_err(file, e)))
+}
+
+/// The setting the nightly backup keeps its [`State`] in.
+pub const STATE: &str = "backup.state";
+
+/// What one target of the nightly backup last did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// When its last good copy was made.
+    pub ok_ms: Option<i64>,
+    /// Why the last attempt failed, while it fails.
+    pub failing: Option<String>,
+    /// The admins were told of this failure.
+    pub told: bool,
+}
+
+/// The last restore drill: the newest off-site snapshot restored into a scratch folder and
+/// opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drill {
+    pub at_ms: i64,
+    /// The snapshot restored.
+    pub name: String,
+    /// Why it failed; `None`: restored and opened.
+    pub failed: Option<String>,
+    /// What the restored copy held, and the live store at the drill.
+    pub restored: super::Counts,
+    pub live: super::Counts,
+}
+
+/// What the nightly backup last did, kept in the store's setting [`STATE`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// When the nightly backup last ran (or, before the first, when the agent first started).
+    pub last_run_ms: Option<i64>,
+    pub local: Target,
+    pub offsite: Target,
+    #[serde(default)]
+    pub drill: Option<Drill>,
+}
+
+/// The nightly backup's state as kept in `store`; an error when the store cannot be read (then
+/// nothing should be written over what it holds).
+pub fn state(store: &super::Store) -> Result<State, StoreError> {
+    Ok(store.setting(STATE)?.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default())
+}
+
 /// The id of the live store, if `key` opens it and it has one.
 fn live_store_id(db: &redb::Database, path: &Path, key: &StoreKey) -> Option<String> {
     let txn = redb::ReadableDatabase::begin_read(db).ok()?;
@@ -548,6 +601,8 @@ pub struct Settings {
     /// Snapshots kept off-site.
     pub offsite_keep: usize,
     pub timeout_ms: crate::dingtalk::settings::Millis,
+    /// Days between restore drills of the newest off-site snapshot; 0: none.
+    pub drill_days: u32,
 }
 
 impl Default for Settings {
@@ -560,6 +615,7 @@ impl Default for Settings {
             password: None,
             offsite_keep: 14,
             timeout_ms: crate::dingtalk::settings::Millis::from_ms(600_000),
+            drill_days: 30,
         }
     }
 }

@@ -320,6 +320,40 @@ pub(crate) fn pair_key(h: &Hashed, seq: u64) -> [u8; 24] {
     k
 }
 
+/// How many records of each kind a store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counts {
+    pub conversations: u64,
+    /// Messages and answers kept as conversation history.
+    pub messages: u64,
+    pub jobs: u64,
+    /// Message ids remembered against redelivery.
+    pub processed: u64,
+    pub settings: u64,
+}
+
+/// [`Counts`] as read in `txn`; a table not made yet counts none.
+pub(crate) fn counts_in(txn: &redb::ReadTransaction) -> Result<Counts, redb::Error> {
+    use redb::ReadableTableMetadata;
+    fn len<K: redb::Key + 'static, V: redb::Value + 'static>(
+        txn: &redb::ReadTransaction,
+        def: TableDefinition<K, V>,
+    ) -> Result<u64, redb::Error> {
+        match txn.open_table(def) {
+            Ok(t) => Ok(t.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+    Ok(Counts {
+        conversations: len(txn, CONVERSATIONS)?,
+        messages: len(txn, HISTORY)?,
+        jobs: len(txn, JOBS)?,
+        processed: len(txn, PROCESSED)?,
+        settings: len(txn, SETTINGS)?,
+    })
+}
+
 impl Store {
     /// The sealer for files kept outside the store (the files tools' undo copies).
     pub fn file_sealer(&self) -> std::sync::Arc<seal::FileSealer> {
@@ -883,6 +917,13 @@ impl Store {
             out.push(self.open_value("history", &pair_key(&h, k.value().1), v.value())?);
         }
         Ok(out)
+    }
+
+    /// How many of each kind of record the store holds (the restore drill compares a restored
+    /// copy's with the live store's).
+    pub fn counts(&self) -> Result<Counts, StoreError> {
+        let txn = self.handle()?.begin_read().map_err(|e| self.err(e))?;
+        counts_in(&txn).map_err(|e| self.err(e))
     }
 
     pub fn set_setting(&self, name: &str, value: &str) -> Result<(), StoreError> {

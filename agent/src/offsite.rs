@@ -12,7 +12,7 @@ use http::Method;
 use crate::{
     dingtalk::http::{HttpClient, tls_config},
     secret::Secret,
-    store::{backup, key::StoreKey},
+    store::{Counts, Retention, Store, backup, key::StoreKey},
     tools::dav::{Dav, DavError},
 };
 
@@ -137,6 +137,43 @@ impl Offsite {
         };
         let _ = tokio::fs::remove_dir_all(scratch).await;
         checked
+    }
+
+    /// The restore drill: the newest snapshot here fetched into `scratch` (emptied before and
+    /// after), restored there as `zhuli restore` would, and opened as the agent opens its store.
+    /// Its name (empty when there is none) and what the restored store holds.
+    pub async fn drill(&self, key: StoreKey, scratch: &Path) -> (String, Result<Counts, String>) {
+        let newest = match self.list().await {
+            Ok(names) => names.last().cloned(),
+            Err(e) => return (String::new(), Err(e)),
+        };
+        let Some(name) = newest else {
+            return (String::new(), Err("there is no snapshot in the off-site folder".into()));
+        };
+        let _ = tokio::fs::remove_dir_all(scratch).await;
+        let restored = match self.fetch(&name, scratch).await {
+            Ok(dir) => {
+                let scratch = scratch.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    let file = scratch.join("restored.redb");
+                    backup::restore(&dir, &file, &key).map_err(|e| e.to_string())?;
+                    let store = Store::open(&file, &key, Retention::default()).map_err(|e| e.to_string())?;
+                    store.counts().map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the drill stopped ({e})")))
+            }
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_dir_all(scratch).await;
+        (name, restored)
+    }
+
+    /// When the newest snapshot here was taken (by its name), and its name; `None` when there is
+    /// none.
+    pub async fn newest(&self) -> Result<Option<(String, i64)>, String> {
+        let names = self.list().await?;
+        Ok(names.last().and_then(|n| snapshot_order(n).map(|(_, ms)| (n.clone(), ms as i64))))
     }
 
     /// The snapshots there, oldest first.
