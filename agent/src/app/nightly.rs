@@ -135,16 +135,16 @@ async fn copies(work: &Arc<Work>, config: &Config, st: &mut State) {
     settle(work, config, "offsite", &mut st.offsite, outcome).await;
     // The drill only after a night the drive answered: when it is down, the failure above says
     // so already.
-    if uploaded && drill_due(config, st, now_ms()) {
+    if uploaded && drill_due(config.backup.drill_days, st, now_ms()) {
         let failed_before = st.drill.as_ref().is_some_and(|d| d.failed.is_some());
         st.drill = Some(drill(work, config, &offsite, failed_before).await);
     }
 }
 
-/// Whether the restore drill is due at `now`: `[backup] drill_days` since the last one, or the
+/// Whether the restore drill is due at `now`: `drill_days` (`[backup]`) since the last one, or the
 /// next night after one that failed.
-fn drill_due(config: &Config, st: &State, now: i64) -> bool {
-    let every = i64::from(config.backup.drill_days) * 86_400_000;
+fn drill_due(drill_days: u32, st: &State, now: i64) -> bool {
+    let every = i64::from(drill_days) * 86_400_000;
     every > 0 && st.drill.as_ref().is_none_or(|d| d.failed.is_some() || now - d.at_ms >= every || now < d.at_ms)
 }
 
@@ -209,5 +209,26 @@ async fn settle(work: &Arc<Work>, config: &Config, which: &str, target: &mut Tar
             }
             target.failing = Some(why.chars().take(300).collect());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drill_is_monthly_retried_after_a_failure_and_can_be_turned_off() {
+        let day = 86_400_000;
+        let now = 1_800_000_000_000;
+        let with = |at_ms: i64, failed: bool| State {
+            drill: Some(Drill { at_ms, failed: failed.then(|| "down".into()), ..Drill::default() }),
+            ..State::default()
+        };
+        assert!(drill_due(30, &State::default(), now), "the first night");
+        assert!(!drill_due(30, &with(now - 10 * day, false), now));
+        assert!(drill_due(30, &with(now - 30 * day, false), now));
+        assert!(drill_due(30, &with(now - day, true), now), "the night after a failure");
+        assert!(drill_due(30, &with(now + 5 * day, false), now), "a clock set back");
+        assert!(!drill_due(0, &State::default(), now));
     }
 }
