@@ -24,15 +24,6 @@ pub struct Offsite {
     keep: usize,
 }
 
-/// The backup sequence number and time of a snapshot's name (`zhuli-snapshot-<ms>-<seq>`, and
-/// nothing else: names from the server are joined onto local paths).
-fn snapshot_order(name: &str) -> Option<(u64, u64)> {
-    let rest = name.strip_prefix("zhuli-snapshot-")?;
-    let (ms, seq) = rest.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-    (digits(ms) && digits(seq)).then(|| Some((seq.parse().ok()?, ms.parse().ok()?)))?
-}
-
 /// A folder an upload is still writing, or one a failed upload left.
 const PARTIAL: &str = ".part";
 
@@ -63,7 +54,7 @@ impl Offsite {
     /// into place once whole, so a snapshot there always has its manifest.
     pub async fn upload(&self, dir: &Path) -> Result<String, String> {
         let name = dir.file_name().and_then(|n| n.to_str()).ok_or("a snapshot folder has a name")?.to_owned();
-        if snapshot_order(&name).is_none() {
+        if backup::snapshot_order(&name).is_none() {
             return Err(format!("{name} is not a snapshot's name"));
         }
         self.mkcol("").await.map_err(|e| e.to_string())?;
@@ -104,7 +95,7 @@ impl Offsite {
         };
         for e in entries
             .into_iter()
-            .filter(|e| e.dir && e.path.strip_suffix(PARTIAL).is_some_and(|n| snapshot_order(n).is_some()))
+            .filter(|e| e.dir && e.path.strip_suffix(PARTIAL).is_some_and(|n| backup::snapshot_order(n).is_some()))
         {
             let url = self.dav.url(&e.path, true).map_err(|e| e.to_string())?;
             self.dav.send(Method::DELETE, &url, &[], Bytes::new(), 64 * 1024).await.map_err(|e| e.to_string())?;
@@ -114,7 +105,7 @@ impl Offsite {
 
     /// Fetch snapshot `name` into `into/name`.
     pub async fn fetch(&self, name: &str, into: &Path) -> Result<PathBuf, String> {
-        if snapshot_order(name).is_none() {
+        if backup::snapshot_order(name).is_none() {
             return Err(format!("{name} is not a snapshot's name"));
         }
         let dir = into.join(name);
@@ -173,7 +164,7 @@ impl Offsite {
     /// none.
     pub async fn newest(&self) -> Result<Option<(String, i64)>, String> {
         let names = self.list().await?;
-        Ok(names.last().and_then(|n| snapshot_order(n).map(|(_, ms)| (n.clone(), ms as i64))))
+        Ok(names.last().and_then(|n| backup::snapshot_order(n).map(|(ms, _)| (n.clone(), ms as i64))))
     }
 
     /// The snapshots there, oldest first.
@@ -183,10 +174,13 @@ impl Offsite {
             Err(DavError::NotFound(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e.to_string()),
         };
-        let mut names: Vec<String> =
-            entries.into_iter().filter(|e| e.dir && snapshot_order(&e.path).is_some()).map(|e| e.path).collect();
-        // By the backup's sequence number: the clock that named them may have been wrong.
-        names.sort_by_key(|n| snapshot_order(n).unwrap_or((0, 0)));
+        let mut names: Vec<String> = entries
+            .into_iter()
+            .filter(|e| e.dir && backup::snapshot_order(&e.path).is_some())
+            .map(|e| e.path)
+            .collect();
+        // By time, then sequence (see `snapshot_order`).
+        names.sort_by_key(|n| backup::snapshot_order(n).unwrap_or((0, 0)));
         Ok(names)
     }
 
@@ -207,12 +201,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_names_are_exact_and_order_by_sequence() {
-        assert_eq!(snapshot_order("zhuli-snapshot-1796000000000-3"), Some((3, 1_796_000_000_000)));
+    fn snapshot_names_are_exact_and_order_by_time_then_sequence() {
+        assert_eq!(backup::snapshot_order("zhuli-snapshot-1796000000000-3"), Some((1_796_000_000_000, 3)));
         for bad in
             ["notes", "zhuli-snapshot-x-1", "zhuli-snapshot-1-2/sub", "zhuli-snapshot-1-2.part", "zhuli-snapshot-1-"]
         {
-            assert_eq!(snapshot_order(bad), None, "{bad}");
+            assert_eq!(backup::snapshot_order(bad), None, "{bad}");
         }
     }
 }

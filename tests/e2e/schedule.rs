@@ -351,8 +351,14 @@ async fn the_nightly_backup_lands_on_the_box_and_the_drive_and_a_failure_is_told
         drill.text
     );
     assert!(!state.join("backup-drill").exists(), "the scratch copy is removed");
-    // `/备份` shows each target's newest copy and its age, and the drill.
-    let shown = ask(&sim, &agent, "boss", "/备份").await;
+    // `/备份` shows each target's newest copy and its age, and the drill (kept once the night's
+    // work is done, a moment after its report).
+    let mut shown = ask(&sim, &agent, "boss", "/备份").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !shown.contains("通过（") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shown = ask(&sim, &agent, "boss", "/备份").await;
+    }
     for part in ["设备上的备份：最近一份", "异地备份（网络盘）：", "分钟前", "恢复演练：", "通过（zhuli-snapshot-"]
     {
         assert!(shown.contains(part), "{part:?} missing from\n{shown}");

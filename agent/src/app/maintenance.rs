@@ -130,16 +130,11 @@ pub(super) fn take(config: &Config, dir: &std::path::Path, keep: usize) -> Resul
     let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.join(backup::MANIFEST).is_file()).collect())
         .unwrap_or_default();
-    // Named zhuli-snapshot-<ms>-<seq>: the time orders them.
-    all.sort_by_key(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("zhuli-snapshot-"))
-            .and_then(|n| n.split('-').next())
-            .and_then(|ms| ms.parse::<u64>().ok())
-            .unwrap_or(0)
-    });
-    let excess = all.len().saturating_sub(keep.max(1));
+    // Named zhuli-snapshot-<ms>-<seq>, in that order; the new one is never among those removed
+    // (the clock that named it may be wrong).
+    all.retain(|p| *p != snapshot);
+    all.sort_by_key(|p| p.file_name().and_then(|n| n.to_str()).and_then(backup::snapshot_order).unwrap_or((0, 0)));
+    let excess = (all.len() + 1).saturating_sub(keep.max(1));
     for old in &all[..excess] {
         if let Err(e) = std::fs::remove_dir_all(old) {
             log::warn!("cannot remove the old snapshot {}: {e}", old.display());
@@ -150,6 +145,6 @@ pub(super) fn take(config: &Config, dir: &std::path::Path, keep: usize) -> Resul
         path: snapshot.display().to_string(),
         bytes: manifest.bytes,
         values: manifest.values,
-        kept: all.len() - excess,
+        kept: all.len() + 1 - excess,
     })
 }

@@ -529,6 +529,18 @@ pub fn counts_of(file: &Path, key: &StoreKey) -> Result<super::Counts, BackupErr
     super::counts_in(&txn).map_err(|e| BackupError::Store(db_err(file, e)))
 }
 
+/// The time and backup sequence number of a snapshot's name (`zhuli-snapshot-<ms>-<seq>`, and
+/// nothing else: names from a server are joined onto local paths), in the order snapshots are
+/// kept: by time, as the sequence restarts on a new box restored from a dead one's snapshot. (A
+/// clock that was wrong for a night misplaces that night's snapshot, which is why the one just
+/// made is never removed.)
+pub fn snapshot_order(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("zhuli-snapshot-")?;
+    let (ms, seq) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(ms) && digits(seq)).then(|| Some((ms.parse().ok()?, seq.parse().ok()?)))?
+}
+
 /// The setting the nightly backup keeps its [`State`] in.
 pub const STATE: &str = "backup.state";
 
