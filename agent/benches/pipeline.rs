@@ -613,7 +613,14 @@ fn workspace_calls() {
     let ws = workspace::Workspace::new(api, store, config.tools.dingtalk.clone(), 480, None, roots).expect("workspace");
     let tools = workspace::tools(&ws);
     let tool = |name: &str| tools.iter().find(|t| t.name() == name).expect("tool").clone();
-    let ctx = Context { actor: "p0".into(), chat: "cid-bench".into(), group: false, offset_minutes: 480 };
+    let ctx = Context {
+        actor: "p0".into(),
+        chat: "cid-bench".into(),
+        group: false,
+        offset_minutes: 480,
+        nick: String::new(),
+        message: String::new(),
+    };
     let day = |d: i64| zhuli::tools::when::rfc3339(now + d * 86_400_000, 480);
     let workload: Vec<(&str, serde_json::Value)> = vec![
         ("people_search", serde_json::json!({"query": "Person 17"})),
@@ -667,7 +674,14 @@ fn workspace_calls() {
 }
 
 fn time_calls(rt: &tokio::runtime::Runtime, label: &str, tool: &Arc<dyn Tool>, args: serde_json::Value, n: usize) {
-    let ctx = Context { actor: "p0".into(), chat: "cid-bench".into(), group: false, offset_minutes: 480 };
+    let ctx = Context {
+        actor: "p0".into(),
+        chat: "cid-bench".into(),
+        group: false,
+        offset_minutes: 480,
+        nick: String::new(),
+        message: String::new(),
+    };
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();

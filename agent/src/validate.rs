@@ -99,6 +99,7 @@ pub fn config(config: &Config) -> Findings {
     names.extend(tools::files::tool_names().map(str::to_owned));
     names.extend(tools::workspace::tool_names().map(str::to_owned));
     names.push("system".into());
+    names.extend(tools::jobs::tool_names().map(str::to_owned));
     match tools::drive::Drive::tool_names(&config.tools.drive) {
         Ok(n) => names.extend(n.into_iter().map(str::to_owned)),
         Err(e) => f.errors.push(Problem::said(e.to_string())),

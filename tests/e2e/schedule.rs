@@ -279,6 +279,64 @@ async fn a_scheduled_request_is_answered_by_the_model_as_its_owner() {
     assert_eq!(last_user, "把我今天的日程发到这里", "the request as its owner wrote it");
 }
 
+/// Jobs from people's own words: the model calls `jobs_create`. A reminder for oneself is made
+/// at once; a repeating request that posts in a group waits for its maker's confirmation; a
+/// `when` that carries more than a time is refused; `/撤销` cancels the job the tool made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_makes_jobs_and_a_repeating_group_post_waits_for_confirmation() {
+    use serde_json::json;
+    use zhuli::llm::sim::{LlmSim, Scripted};
+    let llm = LlmSim::start().await.expect("model");
+    let extra = format!(
+        "[llm]\nbase_url = {:?}\nwhere = \"local\"\nmodel = \"sim-model\"\ntimeout_ms = 5000\nmax_retries = 1\n\
+         [access]\ndefault_roles = [\"member\"]\n[access.roles.member]\ntools = [\"jobs\"]\n",
+        llm.base_url()
+    );
+    let (sim, agent, _clock) = rig("sched-tool", &extra).await;
+    let call = |args: serde_json::Value| Scripted::ToolCalls(vec![("jobs_create".to_owned(), args.to_string())]);
+    let tool_result = |n: usize| support::tool_results(&llm.requests()[n].body).join("\n");
+
+    // A reminder for oneself, in a 1:1 chat: made without a question.
+    llm.push(call(json!({"when": "明天 9:00", "text": "发合同", "kind": "remind"})));
+    llm.push(Scripted::Text("好的，明天 9 点提醒你发合同。".into()));
+    let reply = ask(&sim, &agent, "u7", "提醒我明天早上9点发合同").await;
+    assert_eq!(reply, "好的，明天 9 点提醒你发合同。");
+    assert!(tool_result(1).contains("已设置：#1 ⏰") && tool_result(1).contains("发合同"), "{}", tool_result(1));
+    let mine = ask(&sim, &agent, "u7", "/定时任务").await;
+    assert!(mine.contains("#1 ⏰") && mine.contains("发合同"), "{mine}");
+
+    // A repeating request posting in a group: asked first, made only when confirmed.
+    let group = |text: &str| Inject::text(text).from("u7").in_group(true).conversation("cid-team");
+    llm.push(call(json!({"when": "每周五 17:00", "text": "列出本群未完成的待办", "kind": "request"})));
+    let asked = ask_in(&sim, &agent, group("每周五下午五点把本群没做完的待办列出来")).await;
+    assert!(asked.contains("设置定时任务：每周五 17:00 — 列出本群未完成的待办"), "{asked}");
+    assert!(asked.contains("看到的人不止你"), "{asked}");
+    let none = ask_in(&sim, &agent, group("/定时任务")).await;
+    assert!(none.contains("没有你能看到的定时任务"), "nothing made before the answer: {none}");
+    llm.push(Scripted::Text("已设置，每周五 17:00 在本群列出未完成的待办。".into()));
+    let code = support::code_in(&asked);
+    let done = ask_in(&sim, &agent, group(&format!("/确认 {code}"))).await;
+    assert!(done.contains("已设置，每周五 17:00"), "{done}");
+    let here = ask_in(&sim, &agent, group("/定时任务")).await;
+    assert!(here.contains("#2 🤖 每周五 17:00") && here.contains("列出本群未完成的待办"), "{here}");
+
+    // A `when` that smuggles in more than a time is refused, and nothing is made.
+    llm.push(call(json!({"when": "明天 9:00 删除所有文件", "text": "x", "kind": "request"})));
+    llm.push(Scripted::Text("没有设置。".into()));
+    let reply = ask(&sim, &agent, "u7", "明天九点帮我做件事").await;
+    assert!(reply.starts_with("没有设置。") && reply.contains("when 只能写时间"), "the person is told: {reply}");
+    let refused = tool_result(llm.requests().len() - 1);
+    assert!(refused.contains("when 只能写时间"), "{refused}");
+    let mine = ask(&sim, &agent, "u7", "/定时任务").await;
+    assert!(mine.contains("共 2 个"), "{mine}");
+
+    // The group job is undone from the group: cancelled.
+    let undone = ask_in(&sim, &agent, group("/撤销")).await;
+    assert!(undone.contains("已取消定时任务 #2"), "{undone}");
+    let none = ask_in(&sim, &agent, group("/定时任务")).await;
+    assert!(none.contains("没有你能看到的定时任务"), "{none}");
+}
+
 /// A TCP front that passes connections to `to`, or drops them while `down` is set: a network
 /// drive that goes away and comes back on the same address.
 async fn switchable_front(

@@ -298,6 +298,16 @@ pub async fn build_assistant(
     for tool in plugin_tools {
         registry.add(tool);
     }
+    // Jobs made in people's own words need a model to hear them.
+    let jobs_changed = Arc::new(tokio::sync::Notify::new());
+    if config.llm.is_some() || !config.models.is_empty() {
+        registry.add(tools::jobs::JobsTool::new(
+            store.clone(),
+            config.schedule.clone(),
+            jobs_changed.clone(),
+            crate::assistant::command::is_command,
+        ));
+    }
     registry.add(Arc::new(SystemTool::new(
         started,
         handles.stream.clone(),
@@ -364,7 +374,7 @@ pub async fn build_assistant(
         plugins,
         maintenance: Some(maintenance::Upkeep::new(config)),
         schedule: config.schedule.clone(),
-        jobs_changed: Arc::new(tokio::sync::Notify::new()),
+        jobs_changed,
     }))
 }
 

@@ -8,38 +8,9 @@ use rust_i18n::t;
 use super::{Answer, Assistant, now_ms, turn::Asker};
 use crate::{
     dingtalk::message::RobotMessage,
-    schedule::{
-        Action, Fired, Job, Paused, Rule,
-        rule::shown_zh,
-        when::{self, WhenError},
-    },
+    schedule::{Fired, Job, Paused, when},
+    tools::jobs::{Refusal, Request, line, make},
 };
-
-/// A job as its list shows it: `#3 ⏰ 每个工作日 09:00 — 站会（下次 12月7日（周一）09:00）`.
-fn line(id: u64, job: &Job, offset: i32, with_owner: bool) -> String {
-    let mark = match job.action {
-        Action::Remind(_) => "⏰",
-        Action::Task(_) => "🤖",
-    };
-    let when = match job.rule {
-        Rule::Once { at_ms } => shown_zh(at_ms, offset),
-        ref r => format!("{}（{}）", r.shown_zh(offset), t!("jobs.next", at = shown_zh(job.next_ms, offset))),
-    };
-    let text: String = job.action.text().chars().take(60).collect();
-    let mut out = format!("#{id} {mark} {when} — {text}");
-    if job.group {
-        out.push_str(&t!("jobs.in_group"));
-    }
-    if with_owner {
-        out.push_str(&t!("jobs.owner", owner = job.nick.as_str(), id = job.owner.as_str()));
-    }
-    match &job.paused {
-        Some(Paused::ByPerson) => out.push_str(&t!("jobs.paused")),
-        Some(Paused::Refused(why)) => out.push_str(&t!("jobs.paused_refused", why = why.as_str())),
-        None => {}
-    }
-    out
-}
 
 impl Assistant {
     /// `/提醒` and `/定时`: a new job in this chat, as `asker`.
@@ -48,94 +19,35 @@ impl Assistant {
         let limits = self.parts.schedule.clone();
         let offset = self.parts.settings.utc_offset_minutes;
         let title = t!("jobs.title");
+        let usage = if task { t!("jobs.usage_task") } else { t!("jobs.usage_remind") };
         if sentence.trim().is_empty() {
-            return Answer::fixed(title, if task { t!("jobs.usage_task") } else { t!("jobs.usage_remind") });
+            return Answer::fixed(title, usage);
         }
         if task && self.parts.llm.is_none() {
             return Answer::fixed(title, t!("jobs.no_model"));
         }
-        // A job runs as its owner's staff id: someone DingTalk gives none (outside the
-        // organisation) has no standing to check at each run, nor a 1:1 address.
-        if asker.actor.starts_with("dingtalk:") {
-            return Answer::fixed(title, t!("jobs.no_staff"));
-        }
         let now = now_ms();
         let parsed = match when::parse(sentence, now, offset) {
             Ok(p) => p,
-            Err(e) => {
-                let why = match e {
-                    WhenError::NoTime => t!("jobs.no_time"),
-                    WhenError::BadClock => t!("jobs.bad_clock"),
-                    WhenError::BadDate => t!("jobs.bad_date"),
-                    WhenError::Past => t!("jobs.past"),
-                    WhenError::NoText => t!("jobs.no_text"),
-                };
-                let usage = if task { t!("jobs.usage_task") } else { t!("jobs.usage_remind") };
-                return Answer::fixed(title, format!("{why}\n\n{usage}"));
-            }
+            Err(e) => return Answer::fixed(title, format!("{}\n\n{usage}", Refusal::When(e).said())),
         };
-        // A scheduled request is a question for the model, not a command (one that made jobs
-        // would make one at every run).
-        if task && crate::assistant::command::is_command(&parsed.text) {
-            return Answer::fixed(title, t!("jobs.task_command"));
-        }
-        if parsed.rule.interval_minutes() < limits.min_interval_minutes {
-            return Answer::fixed(title, t!("jobs.too_often", minutes = limits.min_interval_minutes));
-        }
-        let Some(first) = parsed.rule.next_after(now, offset) else {
-            return Answer::fixed(title, t!("jobs.past"));
-        };
-        let all = match self.store_call(|s| s.jobs()).await {
-            Ok(all) => all,
-            Err(e) => {
-                log::warn!("cannot read the jobs: {e}");
-                return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
-            }
-        };
-        let live = |j: &Job| j.ended_ms.is_none() && j.origin != origin;
-        let mine = all.iter().filter(|(_, j)| j.owner == asker.actor && live(j)).count();
-        if mine >= limits.max_per_person {
-            return Answer::fixed(title, t!("jobs.too_many_mine", n = limits.max_per_person));
-        }
-        if all.iter().filter(|(_, j)| live(j)).count() >= limits.max_jobs {
-            return Answer::fixed(title, t!("jobs.too_many_box", n = limits.max_jobs));
-        }
-        let text: String = parsed.text.chars().take(500).collect();
-        let job = Job {
-            origin: origin.to_owned(),
-            owner: asker.actor.clone(),
-            nick: asker.nick.clone(),
-            conversation_id: asker.chat.clone(),
-            group: asker.group,
-            action: if task { Action::Task(text) } else { Action::Remind(text) },
-            rule: parsed.rule,
-            next_ms: first,
-            created_ms: now,
-            paused: None,
-            fired: 0,
-            missed: 0,
-            ended_ms: None,
-        };
-        let saved = job.clone();
-        let (id, job) = match self.store_call(move |s| s.add_job(&saved).map(|(id, new)| (id, new, saved))).await {
-            // Made before (this message answered again after a crash): say what was kept.
-            Ok((id, false, _)) => match self.store_call(move |s| s.job(id)).await {
-                Ok(Some(kept)) => (id, kept),
-                _ => (id, job),
-            },
-            Ok((id, true, _)) => (id, job),
-            Err(e) => {
+        let (owner, nick, chat, group) = (asker.actor.clone(), asker.nick.clone(), asker.chat.clone(), asker.group);
+        let origin = origin.to_owned();
+        let made = self
+            .store_call(move |s| {
+                let r = Request { owner: &owner, nick: &nick, chat: &chat, group, origin, task };
+                Ok(make(s, &limits, &r, parsed, now, offset, crate::assistant::command::is_command))
+            })
+            .await;
+        let (id, job) = match made {
+            Ok(Ok(made)) => made,
+            Ok(Err(Refusal::Store(e))) | Err(e) => {
                 log::warn!("cannot keep a job: {e}");
                 return Answer::fixed(t!("command.error_title"), t!("jobs.store_failed"));
             }
+            Ok(Err(refusal)) => return Answer::fixed(title, refusal.said()),
         };
         self.parts.jobs_changed.notify_one();
-        log::info!(
-            "job #{id} made by {} in conversation {} ({}), first at {first}",
-            asker.actor,
-            asker.chat,
-            if task { "task" } else { "reminder" }
-        );
         let shown = line(id, &job, offset, false);
         let made = if task { t!("jobs.made_task", line = shown) } else { t!("jobs.made_remind", line = shown) };
         Answer::fixed(title, format!("{made}\n\n{}", t!("jobs.how_to", id = id)))

@@ -351,6 +351,7 @@ impl Assistant {
             chat: chat.clone(),
             conversation: format!("{chat}\u{1f}{who}"),
             group: message.conversation_kind == ConversationKind::Group,
+            message: message.msg_id.clone(),
         };
         let attached = attachments(&message.content);
         if self.parts.llm.is_some() && !attached.is_empty() {

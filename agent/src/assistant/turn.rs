@@ -35,12 +35,21 @@ pub struct Asker {
     /// History key: the chat and the sender.
     pub conversation: String,
     pub group: bool,
+    /// The message the turn answers (empty when none).
+    pub message: String,
 }
 
 impl Asker {
     /// Who a tool call is for; `offset_minutes` is the office's offset from UTC.
     pub fn context(&self, offset_minutes: i32) -> Context {
-        Context { actor: self.actor.clone(), chat: self.chat.clone(), group: self.group, offset_minutes }
+        Context {
+            actor: self.actor.clone(),
+            chat: self.chat.clone(),
+            group: self.group,
+            offset_minutes,
+            nick: self.nick.clone(),
+            message: self.message.clone(),
+        }
     }
 }
 
@@ -360,7 +369,10 @@ impl Assistant {
                 };
                 match checked {
                     Err(refusal) => state.messages.push(ChatMessage::tool_result(call.id.clone(), refusal)),
-                    Ok((tool, args)) if tool.risk() == Risk::Read => {
+                    Ok((tool, args))
+                        if tool.risk_of(&state.asker.context(self.parts.settings.utc_offset_minutes), &args)
+                            == Risk::Read =>
+                    {
                         let result = self.run_tool(&state.asker, &tool, args, &mut state.remarks).await;
                         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
                     }
@@ -783,7 +795,7 @@ impl Assistant {
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
         let ctx = asker.context(self.parts.settings.utc_offset_minutes);
         let asked = args.clone();
-        let result = if tool.risk() == Risk::Read {
+        let result = if tool.risk_of(&ctx, &args) == Risk::Read {
             self.bounded(tool.execute(&ctx, args)).await
         } else {
             // A change is never dropped half-way by the timeout: it runs as a task of its own,
@@ -829,7 +841,7 @@ impl Assistant {
         // What did not run so far in this turn is said with the question: it may never be answered.
         let so_far = state.remarks.said();
         let target = tool.question(&args);
-        let risk = tool.risk();
+        let risk = tool.risk_of(&state.asker.context(self.parts.settings.utc_offset_minutes), &args);
         let timeout = self.parts.settings.confirm_timeout_ms.get();
         let code = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -1118,6 +1130,9 @@ struct PendingRecord {
     chat: String,
     conversation: String,
     group: bool,
+    /// The message the turn answers (records kept before it have none).
+    #[serde(default)]
+    message: String,
     user_text: String,
     messages: Vec<KeptMessage>,
     queue: Vec<ToolCall>,
@@ -1152,6 +1167,7 @@ impl PendingRecord {
             chat: s.asker.chat.clone(),
             conversation: s.asker.conversation.clone(),
             group: s.asker.group,
+            message: s.asker.message.clone(),
             user_text: s.user_text.clone(),
             messages: s
                 .messages
@@ -1184,6 +1200,7 @@ impl PendingRecord {
             chat: self.chat,
             conversation: self.conversation,
             group: self.group,
+            message: self.message,
         };
         let messages = self
             .messages

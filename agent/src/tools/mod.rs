@@ -11,6 +11,7 @@ pub mod dav;
 pub mod drive;
 pub mod files;
 pub mod github;
+pub mod jobs;
 pub mod local_server;
 pub mod mcp;
 pub mod schema;
@@ -262,6 +263,11 @@ pub struct Context {
     pub group: bool,
     /// The office's offset from UTC, for the times a tool tells people.
     pub offset_minutes: i32,
+    /// The asker's name as DingTalk shows it.
+    pub nick: String,
+    /// The id of the message whose turn made the call (what a change made once per message is
+    /// keyed by); empty when there is none.
+    pub message: String,
 }
 
 /// The plugin contract.
@@ -271,6 +277,11 @@ pub trait Tool: Send + Sync {
     /// JSON schema of the arguments (an object).
     fn parameters(&self) -> &Value;
     fn risk(&self) -> Risk;
+    /// The risk of this call, at most [`Tool::risk`]: what decides whether it waits for the
+    /// asker's confirmation. The tool's risk by default.
+    fn risk_of(&self, _ctx: &Context, _args: &Value) -> Risk {
+        self.risk()
+    }
     /// What the call touches, for the audit trail and the confirmation question (no contents).
     fn target(&self, args: &Value) -> String;
     /// What the confirmation question says the call will do; may name what the audit trail
