@@ -16,12 +16,14 @@ use crate::{
     tools::dav::{Dav, DavError},
 };
 
-/// The largest snapshot file moved at once.
-const MAX_FILE: usize = 1 << 30;
+/// The largest snapshot file fetched back.
+const MAX_FILE: u64 = 64 << 30;
 
 pub struct Offsite {
     dav: Dav,
     keep: usize,
+    /// The longest the server may go without taking or sending data, or answering.
+    idle: std::time::Duration,
 }
 
 /// A folder an upload is still writing, or one a failed upload left.
@@ -37,7 +39,7 @@ impl Offsite {
         timeout: std::time::Duration,
     ) -> Self {
         let http = HttpClient::new(tls_config(), timeout);
-        Offsite { dav: Dav::new(http, url, username, password, "backup"), keep: keep.max(1) }
+        Offsite { dav: Dav::new(http, url, username, password, "backup"), keep: keep.max(1), idle: timeout }
     }
 
     async fn mkcol(&self, path: &str) -> Result<(), DavError> {
@@ -61,15 +63,10 @@ impl Offsite {
         self.remove_partial().await?;
         let part = format!("{name}{PARTIAL}");
         self.mkcol(&part).await.map_err(|e| e.to_string())?;
+        // Streamed from the file: a store of any size goes up without being held in memory.
         for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
-            let bytes = tokio::fs::read(dir.join(file))
-                .await
-                .map_err(|e| format!("cannot read {} ({e})", dir.join(file).display()))?;
             let url = self.dav.url(&format!("{part}/{file}"), false).map_err(|e| e.to_string())?;
-            self.dav
-                .send(Method::PUT, &url, &[("content-type", "application/octet-stream")], Bytes::from(bytes), 64 * 1024)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.dav.put_file(&url, &dir.join(file), self.idle).await.map_err(|e| e.to_string())?;
         }
         let from = self.dav.url(&part, true).map_err(|e| e.to_string())?;
         let to = self.dav.url(&name, true).map_err(|e| e.to_string())?;
@@ -112,8 +109,7 @@ impl Offsite {
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
         for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
             let url = self.dav.url(&format!("{name}/{file}"), false).map_err(|e| e.to_string())?;
-            let got = self.dav.send(Method::GET, &url, &[], Bytes::new(), MAX_FILE).await.map_err(|e| e.to_string())?;
-            std::fs::write(dir.join(file), &got.body).map_err(|e| format!("cannot write {} ({e})", dir.display()))?;
+            self.dav.get_file(&url, &dir.join(file), self.idle, MAX_FILE).await.map_err(|e| e.to_string())?;
         }
         Ok(dir)
     }

@@ -224,9 +224,7 @@ pub fn config(config: &Config) -> Findings {
         }
         // A password in the address would be shown wherever the address is.
         if url.split("://").nth(1).and_then(|rest| rest.split('/').next()).is_some_and(|host| host.contains('@')) {
-            f.errors.push(Problem::said(
-                "[backup] offsite: the address holds a user name or password; write them as username and password instead".to_owned(),
-            ));
+            f.errors.push(Problem::keyed("[backup] offsite", Said::new("problem.offsite_userinfo", &[])));
         }
         if url.contains("example.com") {
             f.examples.push(Problem::keyed("[backup] offsite", Said::new("problem.example_url", &[("url", &url)])));

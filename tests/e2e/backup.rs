@@ -277,3 +277,78 @@ async fn the_doctor_warns_when_the_newest_off_site_copy_is_old() {
     assert!(step.contains("is 1 h old") && step.trim_start().starts_with("PASS"), "{report}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A drive that stops taking an upload half-way (it reads the request's head, then nothing):
+/// the nightly copy fails within `timeout_ms` of the last byte it took, instead of waiting for
+/// ever, and the snapshot's files went up as a stream (the store's size is not held in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drive_that_stops_taking_an_upload_fails_it_within_the_idle_time() {
+    use tokio::io::AsyncReadExt;
+    use zhuli::{
+        offsite::Offsite,
+        secret::Secret,
+        store::{Retention, Store, backup, key::StoreKey},
+        tools::local_server::LocalServer,
+    };
+    let dir = temp_dir("offsite-stall");
+    let served = dir.join("nas");
+    std::fs::create_dir_all(&served).expect("nas");
+    let dav = Server::new(LocalServer::rclone_webdav(&served, "/dav", Some(("box", "nas-pw-93kQ"))));
+    // A front that passes every request on, except that a connection opening with a PUT gets
+    // its head read and then no answer, and nothing more read from it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let front = listener.local_addr().expect("addr");
+    let to = dav.addr();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 4];
+                if client.peek(&mut first).await.is_ok() && &first == b"PUT " {
+                    let mut head = vec![0u8; 4096];
+                    let _ = client.read(&mut head).await;
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    drop(client);
+                } else if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    let key = StoreKey::generate();
+    let file = dir.join("zhuli.redb");
+    {
+        // Some megabytes of sealed history: more than the socket takes without being read.
+        let store = Store::open(&file, &key, Retention::default()).expect("store");
+        let filler: String = "会议纪要：下周一九点在三楼会议室讨论第三季度的预算。".repeat(400);
+        for i in 0..200 {
+            store.set_setting(&format!("filler-{i}"), &filler).expect("write");
+        }
+    }
+    let (snapshot, _) = backup::backup(&file, &key, &dir.join("backups")).expect("snapshot");
+    let offsite = Offsite::new(
+        &format!("http://{front}/dav/zhuli-backups"),
+        "box",
+        Some(&Secret::new("nas-pw-93kQ")),
+        3,
+        Duration::from_secs(1),
+    );
+    let started = std::time::Instant::now();
+    let e = offsite.upload(&snapshot).await.expect_err("a stalled upload fails");
+    let took = started.elapsed();
+    assert!(e.contains("timed out"), "{e}");
+    assert!(took < Duration::from_secs(30), "failed after {took:?}, not when the drive stopped");
+    // Nothing half-sent counts as a snapshot there; through the front, the next upload (PUTs
+    // straight to the drive) works and cleans up.
+    let direct = Offsite::new(
+        &format!("http://{}/dav/zhuli-backups", dav.addr()),
+        "box",
+        Some(&Secret::new("nas-pw-93kQ")),
+        3,
+        Duration::from_secs(10),
+    );
+    assert!(direct.list().await.expect("list").is_empty());
+    let name = direct.upload(&snapshot).await.expect("upload");
+    direct.verify(&name, &key, &dir.join("scratch")).await.expect("verified");
+    assert_eq!(direct.list().await.expect("list"), vec![name]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -180,9 +180,18 @@ async fn status_socket_serves_the_agents_user_and_refuses_others() {
     assert_eq!(mode & 0o777, 0o660, "owner and group only");
 
     let bin = env!("CARGO_BIN_EXE_zhuli");
-    let json = Command::new(bin).args(["status", "--json", "--socket"]).arg(&socket).output().expect("run status");
-    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    let status = || {
+        let json = Command::new(bin).args(["status", "--json", "--socket"]).arg(&socket).output().expect("run status");
+        assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+        serde_json::from_slice::<serde_json::Value>(&json.stdout).expect("JSON")
+    };
+    // The reply reaches DingTalk a moment before the agent counts it answered.
+    let mut v = status();
+    let wait = Instant::now() + Duration::from_secs(5);
+    while v["messages_answered"] != 1 && Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        v = status();
+    }
     assert_eq!(v["connected"], true);
     assert_eq!(v["messages_accepted"], 1);
     assert_eq!(v["messages_answered"], 1);

@@ -241,10 +241,11 @@ pub async fn connected_agent_in(
     agent
 }
 
-/// Send `m` and wait for its one reply; its text.
+/// Send `m` and wait for its one reply; its text. The wait is long: on a loaded machine a
+/// plugin spinning to its CPU-time limit takes many seconds of wall-clock time.
 pub async fn ask(sim: &Simulator, agent: &Agent, m: Inject) -> String {
     let id = sim.inject(m);
-    let got = sim.wait_until(Duration::from_secs(15), |s| !replies_to(s, &id).is_empty()).await;
+    let got = sim.wait_until(Duration::from_secs(60), |s| !replies_to(s, &id).is_empty()).await;
     assert!(got, "no reply to {id}; log:\n{}", agent.log());
     replies_to(sim, &id).remove(0).text
 }

@@ -103,9 +103,14 @@ pub fn redact(url: &str) -> String {
     url.split(['?', '#']).next().unwrap_or_default().to_owned()
 }
 
+/// A request body sent as it is read (a file of any size).
+type Streamed = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
 #[derive(Clone)]
 pub struct HttpClient {
     inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The same, for bodies streamed from a file.
+    streamed: Client<HttpsConnector<HttpConnector>, Streamed>,
     timeout: Duration,
 }
 
@@ -123,8 +128,113 @@ impl HttpClient {
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(4)
-            .build(https);
-        HttpClient { inner, timeout }
+            .build(https.clone());
+        let streamed = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
+        HttpClient { inner, streamed, timeout }
+    }
+
+    /// Send the file at `path` as the body of a `method` request, read as it goes (never whole
+    /// in memory). `idle`: the longest the server may take none of it, or then keep its answer
+    /// waiting; the answer is read up to `max_bytes`.
+    pub async fn send_file(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        path: &std::path::Path,
+        idle: Duration,
+        max_bytes: usize,
+    ) -> Result<HttpResponse, HttpError> {
+        use futures_util::StreamExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (uri, _) = check_url(url, "https", "http")?;
+        let shown = redact(url);
+        let failed = |reason: String| HttpError::Transport { url: shown.clone(), reason };
+        let unread = |e: std::io::Error| failed(format!("cannot read {} ({e})", path.display()));
+        let file = tokio::fs::File::open(path).await.map_err(unread)?;
+        let len = file.metadata().await.map_err(unread)?.len();
+        // Each piece taken stamps the time: a server that stops taking them is noticed.
+        let started = tokio::time::Instant::now();
+        let moved = Arc::new(AtomicU64::new(0));
+        let stamp = moved.clone();
+        let pieces = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |piece| {
+            stamp.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            piece.map(hyper::body::Frame::data)
+        });
+        let mut req = Request::builder().method(method).uri(uri).header("content-length", len);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req =
+            req.body(BodyExt::boxed(http_body_util::StreamBody::new(pieces))).map_err(|e| failed(e.to_string()))?;
+        let call = async {
+            let resp = self.streamed.request(req).await.map_err(|e| failed(error_chain(&e)))?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let collected = Limited::new(resp.into_body(), max_bytes).collect().await.map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    HttpError::TooLarge(shown.clone())
+                } else {
+                    failed(e.to_string())
+                }
+            })?;
+            Ok(HttpResponse { status, headers, body: collected.to_bytes() })
+        };
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                done = &mut call => return done,
+                _ = tokio::time::sleep(idle / 4) => {
+                    let last = Duration::from_millis(moved.load(Ordering::Relaxed));
+                    if started.elapsed().saturating_sub(last) > idle {
+                        return Err(HttpError::Timeout(shown.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// GET `url` into the file at `to` as it arrives (never whole in memory), up to `max_bytes`;
+    /// `idle`: the longest the server may send nothing. The response's status and headers, and
+    /// its body only when it is not a success.
+    pub async fn get_to_file(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        to: &std::path::Path,
+        idle: Duration,
+        max_bytes: u64,
+    ) -> Result<HttpResponse, HttpError> {
+        use tokio::io::AsyncWriteExt;
+        let shown = redact(url);
+        let failed = |reason: String| HttpError::Transport { url: shown.clone(), reason };
+        let unwritten = |e: std::io::Error| failed(format!("cannot write {} ({e})", to.display()));
+        let resp = self.get_streaming(url, headers).await?;
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let said = tokio::time::timeout(idle, Limited::new(body, 64 * 1024).collect())
+                .await
+                .map_err(|_| HttpError::Timeout(shown.clone()))?
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            return Ok(HttpResponse { status, headers, body: said });
+        }
+        let mut file = tokio::fs::File::create(to).await.map_err(unwritten)?;
+        let mut written = 0u64;
+        while let Some(frame) =
+            tokio::time::timeout(idle, body.frame()).await.map_err(|_| HttpError::Timeout(shown.clone()))?
+        {
+            if let Ok(data) = frame.map_err(|e| failed(error_chain(&e)))?.into_data() {
+                written += data.len() as u64;
+                if written > max_bytes {
+                    return Err(HttpError::TooLarge(shown.clone()));
+                }
+                file.write_all(&data).await.map_err(unwritten)?;
+            }
+        }
+        file.sync_all().await.map_err(unwritten)?;
+        Ok(HttpResponse { status, headers, body: Bytes::new() })
     }
 
     pub async fn post_json(

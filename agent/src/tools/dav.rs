@@ -277,6 +277,37 @@ impl Dav {
         Some(rest.to_owned())
     }
 
+    /// The headers every request carries (the login), with `headers`.
+    fn with_auth<'a>(&'a self, headers: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(a) = &self.auth {
+            all.push(("authorization", a.expose()));
+        }
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("accept")) {
+            all.push(("accept", "*/*"));
+        }
+        all
+    }
+
+    /// PUT the file at `path` to `url`, streamed; `idle` as [`HttpClient::send_file`].
+    pub async fn put_file(&self, url: &str, path: &std::path::Path, idle: std::time::Duration) -> Result<(), DavError> {
+        let all = self.with_auth(&[("content-type", "application/octet-stream")]);
+        let resp = self.http.send_file(Method::PUT, url, &all, path, idle, 64 * 1024).await?;
+        self.judged(&Method::PUT, url, &[], resp).map(drop)
+    }
+
+    /// GET `url` into the file at `to`, streamed, up to `max` bytes.
+    pub async fn get_file(
+        &self,
+        url: &str,
+        to: &std::path::Path,
+        idle: std::time::Duration,
+        max: u64,
+    ) -> Result<(), DavError> {
+        let resp = self.http.get_to_file(url, &self.with_auth(&[]), to, idle, max).await?;
+        self.judged(&Method::GET, url, &[], resp).map(drop)
+    }
+
     pub async fn send(
         &self,
         method: Method,
@@ -285,14 +316,19 @@ impl Dav {
         body: Bytes,
         max: usize,
     ) -> Result<HttpResponse, DavError> {
-        let mut all: Vec<(&str, &str)> = headers.to_vec();
-        if let Some(a) = &self.auth {
-            all.push(("authorization", a.expose()));
-        }
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("accept")) {
-            all.push(("accept", "*/*"));
-        }
+        let all = self.with_auth(headers);
         let resp = self.http.request(method.clone(), url, &all, body, max).await?;
+        self.judged(&method, url, headers, resp)
+    }
+
+    /// A response as a result: a success (or a multistatus), else what it means.
+    fn judged(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        resp: HttpResponse,
+    ) -> Result<HttpResponse, DavError> {
         let shown = self.shown(url);
         match resp.status {
             s if s.is_success() || s == StatusCode::MULTI_STATUS => Ok(resp),
