@@ -81,7 +81,19 @@ async fn a_reminder_fires_once_across_a_kill_9_at_its_moment() {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let fired: Vec<RecordedReply> =
             said(&sim, &thing).into_iter().filter(|r| r.text.contains("**提醒**")).collect();
-        assert_eq!(fired.len(), 1, "round {round} (killed after {kill_after_ms} ms): {fired:?}\n{}", agent.log());
+        // The occurrence entered the inbox once, whatever the moment of the kill.
+        let log = agent.log();
+        let id = round + 1;
+        assert_eq!(log.matches(&format!("job #{id} fired ")).count(), 1, "round {round}:\n{log}");
+        // What it said reached DingTalk once; or twice when the kill fell in the instant between
+        // DingTalk taking it and its durable "delivered" mark (DingTalk's send takes no
+        // idempotency key: docs/ARCHITECTURE.md, "Replies survive crashes"), which leaves one
+        // "delivered" line for the two sends.
+        let delivered = log.matches(&format!("reply to zhuli-job:{id}:")).count();
+        assert!(
+            fired.len() == 1 || (fired.len() == 2 && delivered == 1),
+            "round {round} (killed after {kill_after_ms} ms): {fired:?}\n{log}"
+        );
         assert_eq!(fired[0].to_user.as_deref(), Some("u1"), "a 1:1 reminder goes to its owner");
         assert!(!fired[0].text.contains("晚了"), "on time: {}", fired[0].text);
     }
