@@ -12,7 +12,10 @@ use http::Method;
 use crate::{
     dingtalk::http::{HttpClient, tls_config},
     secret::Secret,
-    store::{backup, key::StoreKey},
+    store::{
+        backup::{self, snapshot_order},
+        key::StoreKey,
+    },
     tools::dav::{Dav, DavError},
 };
 
@@ -22,15 +25,6 @@ const MAX_FILE: usize = 1 << 30;
 pub struct Offsite {
     dav: Dav,
     keep: usize,
-}
-
-/// The backup sequence number and time of a snapshot's name (`zhuli-snapshot-<ms>-<seq>`, and
-/// nothing else: names from the server are joined onto local paths).
-fn snapshot_order(name: &str) -> Option<(u64, u64)> {
-    let rest = name.strip_prefix("zhuli-snapshot-")?;
-    let (ms, seq) = rest.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-    (digits(ms) && digits(seq)).then(|| Some((seq.parse().ok()?, ms.parse().ok()?)))?
 }
 
 /// A folder an upload is still writing, or one a failed upload left.

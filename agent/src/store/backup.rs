@@ -362,6 +362,19 @@ fn next_seq(dir: &Path, store_id: &str) -> Result<u64, BackupError> {
     Ok(seq)
 }
 
+/// The start of a snapshot folder's name: `zhuli-snapshot-<ms>-<seq>`.
+pub const SNAPSHOT_PREFIX: &str = "zhuli-snapshot-";
+
+/// The backup sequence number and time of a snapshot folder's name (`zhuli-snapshot-<ms>-<seq>`,
+/// and nothing else: names read from a server or a stick are joined onto local paths). Snapshots
+/// are ordered by it, the sequence first: the clock that named them may have been wrong.
+pub fn snapshot_order(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix(SNAPSHOT_PREFIX)?;
+    let (ms, seq) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(ms) && digits(seq)).then(|| Some((seq.parse().ok()?, ms.parse().ok()?)))?
+}
+
 /// Write a snapshot of the store at `store_file` into a new directory under `to`.
 pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, Manifest), BackupError> {
     let src = open_checked(store_file, key)?;
@@ -369,7 +382,7 @@ pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, 
     let seq = next_seq(dir_of(store_file), &store_id)?;
     let created_at_ms = now_ms();
     std::fs::create_dir_all(to).map_err(io(to))?;
-    let dir = to.join(format!("zhuli-snapshot-{created_at_ms}-{seq}"));
+    let dir = to.join(format!("{SNAPSHOT_PREFIX}{created_at_ms}-{seq}"));
     std::fs::create_dir(&dir).map_err(io(&dir))?;
     let part = dir.join(format!("{SNAPSHOT_FILE}.part"));
     let values = {
@@ -548,6 +561,9 @@ pub struct Settings {
     /// Snapshots kept off-site.
     pub offsite_keep: usize,
     pub timeout_ms: crate::dingtalk::settings::Millis,
+    /// Snapshots kept on the provisioning stick (a copy is made at every insertion); 0: none
+    /// made, none removed.
+    pub stick_keep: usize,
 }
 
 impl Default for Settings {
@@ -560,6 +576,7 @@ impl Default for Settings {
             password: None,
             offsite_keep: 14,
             timeout_ms: crate::dingtalk::settings::Millis::from_ms(600_000),
+            stick_keep: 2,
         }
     }
 }
