@@ -1230,4 +1230,14 @@ async fn a_stick_without_room_is_refused_with_what_it_needs_and_its_copy_kept() 
     let out = b.insert(&img);
     assert!(out.contains(&format!("zhuli-backups/{second} (backup 2, ")) && out.contains("2 kept"), "{out}");
     assert!(provision::stick_backup::last(&b.root).is_some_and(|r| r.failing.is_none()));
+
+    // No store key for the import: said, nothing on the stick changed.
+    std::fs::rename(b.dir.join("store-key"), b.dir.join("store-key.away")).expect("move the key");
+    b.snapshot(&key);
+    let out = b.insert(&img);
+    assert!(out.contains("backup on this stick: not copied: the store key cannot be loaded (cannot read"), "{out}");
+    let mut both = vec![first, second];
+    both.sort();
+    assert_eq!(snapshots_on(&img), both);
+    assert!(provision::stick_backup::last(&b.root).is_some_and(|r| r.failing.is_some_and(|f| f.contains("store key"))));
 }

@@ -537,9 +537,10 @@ fn back_up_to_stick(opts: &ImportOptions, receipt: &mut Receipt) {
         return;
     }
     let local = config.agent.state_dir.join(crate::health::diagnostics::BACKUPS);
-    let outcome = StoreKey::load(config.store.key_file.as_deref())
-        .map_err(stick_backup::StickBackupError::from)
-        .and_then(|key| stick_backup::copy(&opts.device, &local, &opts.root, &key, config.backup.stick_keep));
+    // As root, without the agent's credentials: the key file of a development box, else the
+    // sealed store-key credential opened with systemd-creds.
+    let load_key = || StoreKey::load(config.store.key_file.as_deref());
+    let outcome = stick_backup::copy(&opts.device, &local, &opts.root, load_key, config.backup.stick_keep);
     stick_backup::record(&opts.root, &outcome, crate::assistant::now_ms());
     let line = match &outcome {
         Ok(c) => {

@@ -214,12 +214,19 @@ fn file_len(path: &Path) -> Result<u64, StickBackupError> {
 }
 
 /// Copy the newest snapshot in `local` (the box's `<state_dir>/backups`) onto the stick `dev`,
-/// verify the copy with `key` (read back into a scratch folder under `root`), keep the newest
-/// `keep` of this store there. Another store's snapshots on the stick (another box's) are left
-/// alone.
-pub fn copy(dev: &Path, local: &Path, root: &Path, key: &StoreKey, keep: usize) -> Result<Copied, StickBackupError> {
+/// verify the copy with the store key (`load_key`, asked only once there is a snapshot; the copy
+/// is read back into a scratch folder under `root`), keep the newest `keep` of this store there.
+/// Another store's snapshots on the stick (another box's) are left alone.
+pub fn copy(
+    dev: &Path,
+    local: &Path,
+    root: &Path,
+    load_key: impl FnOnce() -> Result<StoreKey, KeyError>,
+    keep: usize,
+) -> Result<Copied, StickBackupError> {
     let keep = keep.max(1);
     let (name, snapshot) = newest_local(local)?;
+    let key = &load_key()?;
     let seq = snapshot_order(&name).map_or(0, |(seq, _)| seq);
     let files = [SNAPSHOT_FILE, MANIFEST].map(|f| (f.to_owned(), snapshot.join(f)));
     let bytes = file_len(&files[0].1)?;
