@@ -160,7 +160,7 @@ impl Offsite {
     /// none.
     pub async fn newest(&self) -> Result<Option<(String, i64)>, String> {
         let names = self.list().await?;
-        Ok(names.last().and_then(|n| backup::snapshot_order(n).map(|(ms, _)| (n.clone(), ms as i64))))
+        Ok(names.last().and_then(|n| backup::snapshot_order(n).map(|(_, ms)| (n.clone(), ms as i64))))
     }
 
     /// The snapshots there, oldest first.
@@ -175,7 +175,7 @@ impl Offsite {
             .filter(|e| e.dir && backup::snapshot_order(&e.path).is_some())
             .map(|e| e.path)
             .collect();
-        // By time, then sequence (see `snapshot_order`).
+        // By sequence (see `snapshot_order`).
         names.sort_by_key(|n| backup::snapshot_order(n).unwrap_or((0, 0)));
         Ok(names)
     }
@@ -197,8 +197,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_names_are_exact_and_order_by_time_then_sequence() {
-        assert_eq!(backup::snapshot_order("zhuli-snapshot-1796000000000-3"), Some((1_796_000_000_000, 3)));
+    fn snapshot_names_are_exact_and_order_by_sequence() {
+        assert_eq!(backup::snapshot_order("zhuli-snapshot-1796000000000-3"), Some((3, 1_796_000_000_000)));
         for bad in
             ["notes", "zhuli-snapshot-x-1", "zhuli-snapshot-1-2/sub", "zhuli-snapshot-1-2.part", "zhuli-snapshot-1-"]
         {

@@ -490,9 +490,15 @@ async fn admins_diagnose_read_logs_and_back_up_from_the_chat() {
     // Each target with its newest copy and how old it is; no drive configured says how to set
     // one.
     let path = snapshots[0].display().to_string();
-    for part in
-        ["设备上的备份：最近一份", "分钟前", path.as_str(), "UTC+8", "异地备份（网络盘）：未设置", "下一次夜间备份"]
-    {
+    for part in [
+        "设备上的备份：最近一份",
+        "分钟前",
+        path.as_str(),
+        "UTC+8",
+        "异地备份（网络盘）：未设置",
+        "U 盘上的备份：还没有",
+        "下一次夜间备份",
+    ] {
         assert!(last.contains(part), "{part:?} missing from\n{last}");
     }
 

@@ -997,3 +997,247 @@ async fn a_configuration_the_box_cannot_run_is_refused_on_the_laptop_and_explain
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(provision::current_serial(&b.root), 3);
 }
+
+/// A 1 GiB shop stick (sparse), FAT32 from `mkfs.vfat`, holding nothing: it comes for the
+/// diagnostics, and takes the box's newest snapshot.
+fn empty_shop_stick(dir: &Path, name: &str) -> PathBuf {
+    let img = dir.join(name);
+    std::fs::File::create(&img).and_then(|f| f.set_len(1 << 30)).expect("stick image");
+    let out = Command::new("mkfs.vfat").args(["-F", "32", "-n", stick::LABEL]).arg(&img).output().unwrap_or_else(|e| {
+        panic!("mkfs.vfat is needed for this test ({e}): apt-get install dosfstools (or run tests/run)")
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    img
+}
+
+/// A box configured from a signed stick, with a store holding something; its store key.
+fn configured_box(sim: &Simulator, tag: &str) -> (Box, zhuli::store::key::StoreKey) {
+    let b = Box::new(tag);
+    let (org, _) = sign::keygen();
+    let text = config_text(sim, &b.dir, 1);
+    let sig = sign::sign(text.as_bytes(), &org, "k").expect("sign");
+    let img = image(&b.dir, "config.img", &[(stick::CONFIG, text.as_bytes()), (stick::SIGNATURE, sig.as_bytes())]);
+    let out = b.import(&img);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let key = zhuli::store::key::StoreKey::read(&b.dir.join("store-key")).expect("store key");
+    std::fs::create_dir_all(b.dir.join("state")).expect("state dir");
+    let store = zhuli::store::Store::open(&b.store_file(), &key, zhuli::store::Retention::default()).expect("store");
+    store.set_setting("office.note", &"the Lotus acquisition closes on Friday. ".repeat(2000)).expect("a setting");
+    (b, key)
+}
+
+impl Box {
+    fn store_file(&self) -> PathBuf {
+        zhuli::store::file_in(&self.dir.join("state"))
+    }
+
+    fn backups(&self) -> PathBuf {
+        self.dir.join("state").join(zhuli::health::diagnostics::BACKUPS)
+    }
+
+    /// A new snapshot in the box's backups folder, as the nightly backup takes it; its name.
+    fn snapshot(&self, key: &zhuli::store::key::StoreKey) -> String {
+        let (dir, _) = zhuli::store::backup::backup(&self.store_file(), key, &self.backups()).expect("snapshot");
+        dir.file_name().expect("a name").to_string_lossy().into_owned()
+    }
+
+    /// Insert `img`: the import's printed receipt.
+    fn insert(&self, img: &Path) -> String {
+        let out = self.import(img);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        text
+    }
+}
+
+/// The snapshot folders in the stick's `zhuli-backups/`, sorted.
+fn snapshots_on(img: &Path) -> Vec<String> {
+    let mut names: Vec<String> = stick::list_subfolders(img, provision::stick_backup::DIR)
+        .expect("the stick's backups")
+        .into_iter()
+        .map(|f| f.name)
+        .filter(|n| n.starts_with("zhuli-snapshot-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Read snapshot `name` off the stick into `into` and verify it as a restore would.
+fn verify_on_stick(
+    img: &Path,
+    name: &str,
+    into: &Path,
+    key: &zhuli::store::key::StoreKey,
+) -> zhuli::store::backup::Manifest {
+    let dir = into.join(name);
+    std::fs::create_dir_all(&dir).expect("dir");
+    for file in [zhuli::store::backup::SNAPSHOT_FILE, zhuli::store::backup::MANIFEST] {
+        let mut out = std::fs::File::create(dir.join(file)).expect("file");
+        stick::copy_from_folder(img, &format!("zhuli-backups/{name}"), file, &mut out, 1 << 32).expect("read back");
+    }
+    match zhuli::store::backup::verify(&dir, key).expect("the copy on the stick verifies") {
+        zhuli::store::backup::Verified::Bound(m) => m,
+        other => panic!("not a bound snapshot: {other:?}"),
+    }
+}
+
+/// Change the stick with fatfs directly (as another computer would).
+fn on_fat(img: &Path, change: impl FnOnce(&fatfs::Dir<'_, std::fs::File>)) {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(img).expect("open stick");
+    let fs = fatfs::FileSystem::new(file, fatfs::FsOptions::new()).expect("FAT");
+    change(&fs.root_dir());
+    fs.unmount().expect("unmount");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_insertion_copies_the_newest_snapshot_onto_the_stick_verified_and_keeps_two() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let (b, key) = configured_box(&sim, "stick-backup");
+    let img = empty_shop_stick(&b.dir, "shop.img");
+    let check = b.dir.join("check");
+
+    // No snapshot yet: said, nothing written.
+    let out = b.insert(&img);
+    assert!(out.contains("backup on this stick: not copied: no snapshot on the box yet"), "{out}");
+    let record = provision::stick_backup::last(&b.root).expect("a record");
+    assert!(record.ok_ms.is_none() && record.failing.as_deref().is_some_and(|f| f.contains("no snapshot")));
+
+    let first = b.snapshot(&key);
+    let out = b.insert(&img);
+    assert!(out.contains(&format!("backup on this stick: zhuli-backups/{first} (backup 1, ")), "{out}");
+    assert!(out.contains("copied and verified with the store key; 1 kept on this stick"), "{out}");
+    assert_eq!(snapshots_on(&img), std::slice::from_ref(&first));
+    assert_eq!(verify_on_stick(&img, &first, &check, &key).seq, 1);
+    let record = provision::stick_backup::last(&b.root).expect("a record");
+    assert_eq!((record.name.as_deref(), record.failing.as_deref()), (Some(first.as_str()), None));
+    let ok_ms = record.ok_ms.expect("when");
+    assert!((zhuli::assistant::now_ms() - ok_ms).abs() < 60_000, "{ok_ms}");
+    assert!(
+        receipt_on(&img).contains(&format!("backup on this stick: zhuli-backups/{first} ")),
+        "{}",
+        receipt_on(&img)
+    );
+    // The agent (group zhuli on the box) reads the record.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(b.root.join(provision::stick_backup::RECORD)).expect("record").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o640);
+
+    // The same snapshot again: verified again, not written twice.
+    let out = b.insert(&img);
+    assert!(out.contains("on the stick already, verified again"), "{out}");
+
+    let second = b.snapshot(&key);
+    let out = b.insert(&img);
+    assert!(out.contains(&format!("zhuli-backups/{second} (backup 2, ")) && out.contains("2 kept"), "{out}");
+    // The third is named with an earlier time (a clock set back): the backup number orders them.
+    let third = {
+        let taken = b.snapshot(&key);
+        let renamed = "zhuli-snapshot-1000-3".to_owned();
+        std::fs::rename(b.backups().join(&taken), b.backups().join(&renamed)).expect("rename");
+        renamed
+    };
+    let out = b.insert(&img);
+    assert!(out.contains(&format!("zhuli-backups/{third} (backup 3, ")), "{out}");
+    assert!(out.contains("2 kept on this stick, 1 older removed"), "{out}");
+    let mut expected = vec![second.clone(), third.clone()];
+    expected.sort();
+    assert_eq!(snapshots_on(&img), expected);
+    assert_eq!(verify_on_stick(&img, &second, &check, &key).seq, 2);
+    assert_eq!(verify_on_stick(&img, &third, &check, &key).seq, 3);
+
+    // What a pulled stick leaves, a copy cut short, and a newest copy with a flipped byte: the
+    // first two are removed, the third written again; someone else's folder is left alone.
+    let manifest = std::fs::read(b.backups().join(&third).join("manifest.json")).expect("manifest");
+    let file = std::fs::read(b.backups().join(&third).join("zhuli.redb")).expect("snapshot file");
+    on_fat(&img, |root| {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = root.open_dir("zhuli-backups").expect("backups");
+        let part = dir.create_dir("zhuli-snapshot-5000-9.part").expect("part");
+        part.create_file("zhuli.redb").and_then(|mut f| f.write_all(&file[..file.len() / 2])).expect("half");
+        let cut = dir.create_dir("zhuli-snapshot-6000-4").expect("cut");
+        cut.create_file("zhuli.redb").and_then(|mut f| f.write_all(&file[..file.len() / 3])).expect("a third");
+        cut.create_file("manifest.json").and_then(|mut f| f.write_all(&manifest)).expect("manifest");
+        let mut copy = dir.open_file(&format!("{third}/zhuli.redb")).expect("the copy");
+        copy.seek(SeekFrom::Start(file.len() as u64 / 2)).expect("seek");
+        copy.write_all(&[file[file.len() / 2] ^ 0xff]).expect("flip");
+        copy.flush().expect("flush");
+        root.create_dir("photos").and_then(|d| d.create_file("team.jpg")).expect("someone's folder");
+    });
+    let out = b.insert(&img);
+    assert!(out.contains(&format!("zhuli-backups/{third} (backup 3, ")), "{out}");
+    assert!(out.contains("copied and verified") && out.contains("2 partial copies removed"), "{out}");
+    assert_eq!(snapshots_on(&img), expected);
+    verify_on_stick(&img, &third, &check, &key);
+    assert_eq!(stick::list_folder(&img, "photos").expect("someone's folder"), [("team.jpg".to_owned(), 0)]);
+
+    // The configuration stick again (imported already): its receipt stays, but for its backup line.
+    let config_stick = b.dir.join("config.img");
+    let before = receipt_on(&config_stick);
+    assert!(before.contains("backup on this stick: not copied: no snapshot on the box yet"), "{before}");
+    let out = b.insert(&config_stick);
+    assert!(out.contains("imported already"), "{out}");
+    let after = receipt_on(&config_stick);
+    let others = |r: &str| r.lines().filter(|l| !l.starts_with(provision::BACKUP_LINE)).collect::<Vec<_>>().join("\n");
+    assert_eq!(others(&after), others(&before), "{after}");
+    let line = after.lines().find(|l| l.starts_with(provision::BACKUP_LINE)).expect("a backup line");
+    assert!(line.contains(&third), "{after}");
+    // Once more with nothing new: the receipt is not touched.
+    b.insert(&config_stick);
+    assert_eq!(receipt_on(&config_stick), after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stick_without_room_is_refused_with_what_it_needs_and_its_copy_kept() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let (b, key) = configured_box(&sim, "stick-backup-full");
+    let first = b.snapshot(&key);
+    let img = b.dir.join("small.img");
+    stick::create_image(&img, 32 << 20, &[]).expect("a 32 MiB stick");
+    let out = b.insert(&img);
+    assert!(out.contains(&format!("zhuli-backups/{first} (backup 1, ")), "{out}");
+    let ok_ms = provision::stick_backup::last(&b.root).and_then(|r| r.ok_ms).expect("copied");
+
+    // The stick fills up with other things: less than half a snapshot is left.
+    let bytes = std::fs::metadata(b.backups().join(&first).join("zhuli.redb")).expect("snapshot").len();
+    let free = stick::space(&img).expect("space").free;
+    on_fat(&img, |root| {
+        use std::io::Write;
+        let mut f = root.create_file("videos.bin").expect("file");
+        let block = vec![7u8; 1 << 20];
+        let mut left = free - bytes / 2;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            f.write_all(&block[..n]).expect("fill");
+            left -= n as u64;
+        }
+        f.flush().expect("flush");
+    });
+    let second = b.snapshot(&key);
+    let out = b.insert(&img);
+    assert!(out.contains("backup on this stick: not copied: the stick has "), "{out}");
+    assert!(out.contains("MiB free, the snapshot needs ") && out.contains("the copies on it were kept"), "{out}");
+    assert_eq!(snapshots_on(&img), std::slice::from_ref(&first), "the only copy is kept");
+    verify_on_stick(&img, &first, &b.dir.join("check"), &key);
+    assert!(receipt_on(&img).contains("not copied: the stick has "), "{}", receipt_on(&img));
+    let record = provision::stick_backup::last(&b.root).expect("a record");
+    assert_eq!(record.ok_ms, Some(ok_ms), "the last good copy is still known");
+    assert_eq!(record.name.as_deref(), Some(first.as_str()));
+    assert!(record.failing.as_deref().is_some_and(|f| f.contains("MiB free")), "{record:?}");
+
+    // Room made: the new one goes on, the old one stays (two kept).
+    on_fat(&img, |root| root.remove("videos.bin").expect("remove"));
+    let out = b.insert(&img);
+    assert!(out.contains(&format!("zhuli-backups/{second} (backup 2, ")) && out.contains("2 kept"), "{out}");
+    assert!(provision::stick_backup::last(&b.root).is_some_and(|r| r.failing.is_none()));
+
+    // No store key for the import: said, nothing on the stick changed.
+    std::fs::rename(b.dir.join("store-key"), b.dir.join("store-key.away")).expect("move the key");
+    b.snapshot(&key);
+    let out = b.insert(&img);
+    assert!(out.contains("backup on this stick: not copied: the store key cannot be loaded (cannot read"), "{out}");
+    let mut both = vec![first, second];
+    both.sort();
+    assert_eq!(snapshots_on(&img), both);
+    assert!(provision::stick_backup::last(&b.root).is_some_and(|r| r.failing.is_some_and(|f| f.contains("store key"))));
+}

@@ -80,6 +80,12 @@ impl Maintenance for Upkeep {
         self.config.backup.clone()
     }
 
+    fn stick_copy(&self) -> Option<backup::Target> {
+        let root = crate::provision::root_of(&self.config.path)?;
+        let last = crate::provision::stick_backup::last(&root)?;
+        Some(backup::Target { ok_ms: last.ok_ms, failing: last.failing, told: false })
+    }
+
     fn releases(&self) -> (Option<update::state::Survey>, Vec<update::boot::Event>) {
         (update::state::read(&update::state::survey_path()), update::boot::events(&update::boot::events_path()))
     }
@@ -130,8 +136,8 @@ pub(super) fn take(config: &Config, dir: &std::path::Path, keep: usize) -> Resul
     let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.join(backup::MANIFEST).is_file()).collect())
         .unwrap_or_default();
-    // Named zhuli-snapshot-<ms>-<seq>, in that order; the new one is never among those removed
-    // (the clock that named it may be wrong).
+    // Named zhuli-snapshot-<ms>-<seq>, ordered by the sequence (a clock may have been wrong); the
+    // new one is never among those removed.
     all.retain(|p| *p != snapshot);
     all.sort_by_key(|p| p.file_name().and_then(|n| n.to_str()).and_then(backup::snapshot_order).unwrap_or((0, 0)));
     let excess = (all.len() + 1).saturating_sub(keep.max(1));

@@ -105,6 +105,8 @@ pub trait Maintenance: Send + Sync {
     fn last_backup(&self) -> Option<crate::health::diagnostics::Backup>;
     /// `[backup]`: when the nightly backup runs and where its copies go.
     fn backup_settings(&self) -> crate::store::backup::Settings;
+    /// The copy on the provisioning stick as the last insertion left it (`None`: no stick yet).
+    fn stick_copy(&self) -> Option<crate::store::backup::Target>;
     /// The releases on the box as root last saw them, and the update journal's newest events.
     fn releases(&self) -> (Option<crate::update::state::Survey>, Vec<crate::update::boot::Event>);
     /// Ask root (zhuli-update.service) to `install` a fetched release now or to `rollback`.
@@ -665,6 +667,7 @@ impl Assistant {
                 let text = backups_markdown(
                     &m.backup_settings(),
                     state.as_ref(),
+                    m.stick_copy().as_ref(),
                     m.last_backup().as_ref(),
                     self.parts.settings.utc_offset_minutes,
                     now_ms(),
@@ -853,6 +856,7 @@ fn ago(ms: i64, now: i64) -> String {
 fn backups_markdown(
     plan: &crate::store::backup::Settings,
     state: Option<&crate::store::backup::State>,
+    stick: Option<&crate::store::backup::Target>,
     newest: Option<&crate::health::diagnostics::Backup>,
     offset: i32,
     now: i64,
@@ -877,6 +881,13 @@ fn backups_markdown(
         (Some(_), None) => t!("backups.never").to_string(),
     };
     text.push_str(&format!("- {}：{offsite}{}\n", t!("backup.target_offsite"), failing(&st.offsite)));
+    let on_stick = match (plan.stick_keep, stick.and_then(|s| s.ok_ms)) {
+        (0, _) => t!("backups.stick_off").to_string(),
+        (_, Some(ms)) => at(ms),
+        (_, None) => t!("backups.stick_never").to_string(),
+    };
+    let stick_failing = stick.filter(|_| plan.stick_keep > 0).map(failing).unwrap_or_default();
+    text.push_str(&format!("- {}：{on_stick}{stick_failing}\n", t!("backups.stick")));
     if plan.offsite.is_some() {
         let drill = match &st.drill {
             None => t!("backups.drill_never").to_string(),

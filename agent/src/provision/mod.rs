@@ -17,6 +17,7 @@ pub mod recovery;
 pub mod scrub;
 pub mod sign;
 pub mod stick;
+pub mod stick_backup;
 pub mod unit;
 
 use std::{
@@ -353,7 +354,14 @@ pub struct Receipt {
     pub journal_key: Option<String>,
     /// The store key sealed to the organisation key ([`recovery`]), after a switch.
     pub recovery: Option<String>,
+    /// What the copy of the newest snapshot onto this stick did ([`stick_backup`]).
+    pub backup: Option<String>,
+    /// This insertion wrote the receipt to the stick (not printed).
+    pub written: bool,
 }
+
+/// The start of the receipt's line about the snapshot copied onto the stick.
+pub const BACKUP_LINE: &str = "backup on this stick: ";
 
 impl Receipt {
     pub fn text(&self) -> String {
@@ -376,15 +384,19 @@ impl Receipt {
         if let Some(line) = &self.recovery {
             t.push_str(&recovery::receipt_lines(line));
         }
+        if let Some(line) = &self.backup {
+            t.push_str(&format!("{BACKUP_LINE}{line}\n"));
+        }
         for e in &self.errors {
             t.push_str(&format!("error: {e}\n"));
         }
         t
     }
 
-    fn write_to(&self, device: &Path) {
-        if let Err(e) = stick::write(device, &[(stick::RECEIPT, self.text().as_bytes())], false) {
-            log::warn!("the receipt could not be written to the stick: {e}");
+    fn write_to(&mut self, device: &Path) {
+        match stick::write(device, &[(stick::RECEIPT, self.text().as_bytes())], false) {
+            Ok(()) => self.written = true,
+            Err(e) => log::warn!("the receipt could not be written to the stick: {e}"),
         }
     }
 }
@@ -452,6 +464,7 @@ pub fn import(opts: &ImportOptions) -> Receipt {
     if opts.diagnostics {
         write_diagnostics(opts, receipt.restarted);
     }
+    back_up_to_stick(opts, &mut receipt);
     drop(lock);
     receipt
 }
@@ -461,13 +474,7 @@ pub fn import(opts: &ImportOptions) -> Receipt {
 /// the agent was just restarted, so it is given a moment to answer.
 fn write_diagnostics(opts: &ImportOptions, restarted: bool) {
     use crate::health::diagnostics::{self, Section};
-    let path = opts.root.join("current").join("zhuli.toml");
-    // The imported configuration names its secrets as sealed credentials the import cannot
-    // (and need not) open: read it with a stand-in for each.
-    let config = match std::fs::read_to_string(&path) {
-        Ok(text) => Config::parse(&unsealed(&text), &path).map_err(|e| e.to_string()),
-        Err(_) => Err("no configuration has been imported yet".to_owned()),
-    };
+    let config = current_config(&opts.root);
     // The values to take out of log lines: the current generation's credentials, opened as the
     // agent's unit would.
     let secrets = current_secrets(&opts.root.join("current"));
@@ -504,6 +511,76 @@ fn write_diagnostics(opts: &ImportOptions, restarted: bool) {
     ) {
         Ok(()) => log::info!("provisioning: diagnostics written to the stick"),
         Err(e) => log::warn!("provisioning: the diagnostics could not be written to the stick: {e}"),
+    }
+}
+
+/// The current configuration. It names its secrets as sealed credentials the import cannot (and
+/// need not) open: it is read with a stand-in for each.
+fn current_config(root: &Path) -> Result<Config, String> {
+    let path = root.join("current").join("zhuli.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Config::parse(&unsealed(&text), &path).map_err(|e| e.to_string()),
+        Err(_) => Err("no configuration has been imported yet".to_owned()),
+    }
+}
+
+/// The third copy of the store's snapshots: the newest onto this stick, at every insertion once
+/// a configuration was imported (whatever became of this stick's), unless `[backup] stick_keep`
+/// is 0. The receipt says what came of it; a receipt this insertion did not write (a stick
+/// imported already keeps its receipt) gets its backup line replaced only when it has something
+/// new to say.
+fn back_up_to_stick(opts: &ImportOptions, receipt: &mut Receipt) {
+    use crate::store::key::StoreKey;
+    let Ok(config) = current_config(&opts.root) else { return };
+    if config.backup.stick_keep == 0 {
+        stick_backup::forget(&opts.root);
+        return;
+    }
+    let local = config.agent.state_dir.join(crate::health::diagnostics::BACKUPS);
+    // As root, without the agent's credentials: the key file of a development box, else the
+    // sealed store-key credential opened with systemd-creds.
+    let load_key = || StoreKey::load(config.store.key_file.as_deref());
+    let outcome = stick_backup::copy(&opts.device, &local, &opts.root, load_key, config.backup.stick_keep);
+    stick_backup::record(&opts.root, &outcome, crate::assistant::now_ms());
+    let line = match &outcome {
+        Ok(c) => {
+            log::info!("provisioning: backup on the stick: {}", c.line());
+            c.line()
+        }
+        Err(e) => {
+            log::warn!("provisioning: no backup on the stick: {e}");
+            format!("not copied: {e}")
+        }
+    };
+    receipt.backup = Some(line.clone());
+    if receipt.written {
+        receipt.write_to(&opts.device);
+    } else {
+        // A copy that was there already, and that the receipt names: nothing new to say.
+        let named = match &outcome {
+            Ok(c) if !c.changed() => Some(format!("{BACKUP_LINE}{}/{} ", stick_backup::DIR, c.name)),
+            _ => None,
+        };
+        note_on_receipt(&opts.device, &line, named.as_deref());
+    }
+}
+
+/// Replace the backup line of the receipt on the stick (the rest stays as it is), unless it says
+/// `line` already or starts with `named`; a stick without a receipt is left so.
+fn note_on_receipt(device: &Path, line: &str, named: Option<&str>) {
+    let Ok(text) = stick::read(device, stick::RECEIPT).map(|b| String::from_utf8_lossy(&b).into_owned()) else {
+        return;
+    };
+    let new = format!("{BACKUP_LINE}{line}");
+    if text.lines().any(|l| l == new || named.is_some_and(|n| l.starts_with(n))) {
+        return;
+    }
+    let mut kept: String =
+        text.lines().filter(|l| !l.starts_with(BACKUP_LINE)).flat_map(|l| [l, "\n"]).collect::<String>();
+    kept.push_str(&new);
+    kept.push('\n');
+    if let Err(e) = stick::write(device, &[(stick::RECEIPT, kept.as_bytes())], false) {
+        log::warn!("the receipt's backup line could not be written to the stick: {e}");
     }
 }
 

@@ -401,17 +401,12 @@ pub fn list_folder(dev: &Path, dir: &str) -> Result<Vec<(String, u64)>, StickErr
     Ok(files)
 }
 
-/// Copy file `name` of folder `dir` on the stick into `out`, at most `max` bytes; the bytes
+/// Copy file `name` of folder `dir` (a `/`-separated path) on the stick into `out`, at most `max` bytes; the bytes
 /// copied.
 pub fn copy_from_folder(dev: &Path, dir: &str, name: &str, out: &mut impl Write, max: u64) -> Result<u64, StickError> {
     let fs = open_read_only(dev)?;
-    let root = fs.root_dir();
-    let folder = root
-        .iter()
-        .filter_map(Result::ok)
-        .find(|e| e.is_dir() && e.file_name().eq_ignore_ascii_case(dir))
-        .ok_or_else(|| StickError::Io(format!("{dir}/ is not on the stick")))?
-        .to_dir();
+    // `dir` may be a `/`-separated path; names are matched regardless of case.
+    let folder = fs.root_dir().open_dir(dir).map_err(|_| StickError::Io(format!("{dir}/ is not on the stick")))?;
     let entry = file_entry(&folder, name)?;
     if entry.len() > max {
         return Err(StickError::TooLarge { file: format!("{dir}/{name}"), size: entry.len() });
@@ -475,4 +470,127 @@ pub fn read(dev: &Path, name: &str) -> Result<Vec<u8>, StickError> {
     let mut bytes = Vec::with_capacity(entry.len() as usize);
     entry.to_file().take(MAX_FILE + 1).read_to_end(&mut bytes).map_err(io)?;
     Ok(bytes)
+}
+
+/// The suffix of a folder [`write_whole_folder`] is still writing (or a pulled stick left).
+pub const PARTIAL: &str = ".part";
+
+/// A folder on the stick and the files in it with their sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Folder {
+    pub name: String,
+    pub files: Vec<(String, u64)>,
+}
+
+/// The folders inside folder `dir` (a `/`-separated path) with their files; empty when there
+/// is no such folder.
+pub fn list_subfolders(dev: &Path, dir: &str) -> Result<Vec<Folder>, StickError> {
+    let fs = open_read_only(dev)?;
+    let found = label_of(&fs);
+    if found != LABEL {
+        return Err(StickError::Label { path: dev.to_owned(), found });
+    }
+    let Ok(parent) = fs.root_dir().open_dir(dir) else { return Ok(vec![]) };
+    let mut folders = Vec::new();
+    for e in parent.iter() {
+        let e = e.map_err(io)?;
+        let name = e.file_name();
+        if !e.is_dir() || name == "." || name == ".." {
+            continue;
+        }
+        let mut files = Vec::new();
+        for f in e.to_dir().iter() {
+            let f = f.map_err(io)?;
+            if f.is_file() {
+                files.push((f.file_name(), f.len()));
+            }
+        }
+        folders.push(Folder { name, files });
+    }
+    Ok(folders)
+}
+
+/// What the stick has room for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes in free clusters, counted in the FAT (not taken from FAT32's FSInfo hint, which
+    /// another system may have left wrong).
+    pub free: u64,
+    pub cluster: u64,
+}
+
+impl Space {
+    /// What a file of `bytes` takes on this stick: whole clusters.
+    pub fn taken_by(&self, bytes: u64) -> u64 {
+        bytes.div_ceil(self.cluster.max(1)) * self.cluster
+    }
+}
+
+pub fn space(dev: &Path) -> Result<Space, StickError> {
+    let f = File::open(dev).map_err(|source| StickError::Open { path: dev.to_owned(), source })?;
+    let clusters = Clusters::read(&f).map_err(|_| StickError::NotFat(dev.to_owned()))?;
+    let free = clusters.free.iter().filter(|f| **f).count() as u64;
+    Ok(Space { free: free * clusters.size, cluster: clusters.size })
+}
+
+/// Write `files` (local paths, streamed in this order) as folder `path` (a `/`-separated path
+/// whose parents are made when missing): into `<path>.part` first, renamed to `path` once every
+/// file is whole, so a stick pulled out meanwhile never shows a folder of that name half
+/// written. A leftover `<path>.part` is replaced; an existing `path` is refused.
+pub fn write_whole_folder(dev: &Path, path: &str, files: &[(String, PathBuf)]) -> Result<(), StickError> {
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let part = format!("{name}{PARTIAL}");
+    edit(dev, |fs| {
+        let mut dir = fs.root_dir();
+        for component in parent.split('/').filter(|c| !c.is_empty()) {
+            dir = dir.create_dir(component).map_err(io)?;
+        }
+        if dir.iter().filter_map(Result::ok).any(|e| e.file_name().eq_ignore_ascii_case(name)) {
+            return Err(StickError::Io(format!("{path} is on the stick already")));
+        }
+        if dir.iter().filter_map(Result::ok).any(|e| e.is_dir() && e.file_name().eq_ignore_ascii_case(&part)) {
+            remove_tree(&dir, &part)?;
+        }
+        let folder = dir.create_dir(&part).map_err(io)?;
+        let mut buf = vec![0u8; 1 << 20];
+        for (file_name, local) in files {
+            let mut source = File::open(local).map_err(|source| StickError::Open { path: local.clone(), source })?;
+            let mut file = folder.create_file(file_name).map_err(io)?;
+            file.truncate().map_err(io)?;
+            loop {
+                let n = source.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                file.write_all(&buf[..n]).map_err(io)?;
+            }
+            file.flush().map_err(io)?;
+        }
+        drop(folder);
+        // One directory entry rewritten: the folder has its final name, or (pulled out in
+        // between) no entry at all — its clusters are then lost until the stick is checked.
+        dir.rename(&part, &dir, name).map_err(io)
+    })
+}
+
+/// Remove folder `path` (a `/`-separated path) and the files in it.
+pub fn remove_folder(dev: &Path, path: &str) -> Result<(), StickError> {
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    edit(dev, |fs| {
+        let root = fs.root_dir();
+        let dir = if parent.is_empty() { root } else { root.open_dir(parent).map_err(io)? };
+        remove_tree(&dir, name)
+    })
+}
+
+/// Remove folder `name` of `dir` and the files in it (a folder inside it is an error).
+fn remove_tree<T: fatfs::ReadWriteSeek>(dir: &fatfs::Dir<'_, T>, name: &str) -> Result<(), StickError> {
+    let folder = dir.open_dir(name).map_err(io)?;
+    let files: Vec<String> =
+        folder.iter().filter_map(Result::ok).filter(|e| e.is_file()).map(|e| e.file_name()).collect();
+    for f in files {
+        folder.remove(&f).map_err(io)?;
+    }
+    drop(folder);
+    dir.remove(name).map_err(io)
 }

@@ -338,6 +338,12 @@ struct Counter {
 /// a crash can skip a number, never hand one out twice. Concurrent backups are serialised by a
 /// lock on the directory. The counter belongs to one store; another store's starts again at 1.
 fn next_seq(dir: &Path, store_id: &str) -> Result<u64, BackupError> {
+    counted(dir, store_id, |last| last.checked_add(1).ok_or_else(|| "it is at the largest number".to_owned()))
+}
+
+/// Set the backup counter of store `store_id` in `dir` to what `next` makes of its last number
+/// (0 when none), durably, under the directory's lock; the number set.
+fn counted(dir: &Path, store_id: &str, next: impl FnOnce(u64) -> Result<u64, String>) -> Result<u64, BackupError> {
     let lock = std::fs::File::open(dir).map_err(io(dir))?;
     lock.lock().map_err(io(dir))?;
     let path = dir.join(COUNTER);
@@ -350,9 +356,7 @@ fn next_seq(dir: &Path, store_id: &str) -> Result<u64, BackupError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(BackupError::Io { path, source: e }),
     };
-    let seq = last
-        .checked_add(1)
-        .ok_or_else(|| BackupError::BadCounter { path: path.clone(), reason: "it is at the largest number".into() })?;
+    let seq = next(last).map_err(|reason| BackupError::BadCounter { path: path.clone(), reason })?;
     let part = dir.join(format!("{COUNTER}.part"));
     let text = serde_json::to_string(&Counter { store_id: store_id.to_owned(), seq }).expect("the counter serialises");
     std::fs::write(&part, text).map_err(io(&part))?;
@@ -362,6 +366,20 @@ fn next_seq(dir: &Path, store_id: &str) -> Result<u64, BackupError> {
     Ok(seq)
 }
 
+/// The start of a snapshot folder's name: `zhuli-snapshot-<ms>-<seq>`.
+pub const SNAPSHOT_PREFIX: &str = "zhuli-snapshot-";
+
+/// The backup sequence number and time of a snapshot folder's name (`zhuli-snapshot-<ms>-<seq>`,
+/// and nothing else: names read from a server or a stick are joined onto local paths). Snapshots
+/// are ordered by it, the sequence first: the clock that named them may have been wrong. (A
+/// restore carries the sequence on: a replacement box continues the dead one's numbers.)
+pub fn snapshot_order(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix(SNAPSHOT_PREFIX)?;
+    let (ms, seq) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(ms) && digits(seq)).then(|| Some((seq.parse().ok()?, ms.parse().ok()?)))?
+}
+
 /// Write a snapshot of the store at `store_file` into a new directory under `to`.
 pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, Manifest), BackupError> {
     let src = open_checked(store_file, key)?;
@@ -369,7 +387,7 @@ pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, 
     let seq = next_seq(dir_of(store_file), &store_id)?;
     let created_at_ms = now_ms();
     std::fs::create_dir_all(to).map_err(io(to))?;
-    let dir = to.join(format!("zhuli-snapshot-{created_at_ms}-{seq}"));
+    let dir = to.join(format!("{SNAPSHOT_PREFIX}{created_at_ms}-{seq}"));
     std::fs::create_dir(&dir).map_err(io(&dir))?;
     let part = dir.join(format!("{SNAPSHOT_FILE}.part"));
     let values = {
@@ -518,6 +536,9 @@ pub fn restore(snapshot: &Path, store_file: &Path, key: &StoreKey) -> Result<(Ma
     };
     std::fs::rename(&part, store_file).map_err(io(store_file))?;
     sync_dir(dir)?;
+    // The restored store's next snapshot follows this one's number (on a replacement box too),
+    // so that snapshots keep their order wherever they are kept.
+    counted(dir, &manifest.store_id, |last| Ok(last.max(manifest.seq)))?;
     Ok((manifest, kept))
 }
 
@@ -527,18 +548,6 @@ pub fn counts_of(file: &Path, key: &StoreKey) -> Result<super::Counts, BackupErr
     let checked = open_checked(file, key)?;
     let txn = checked.db.begin_read().map_err(|e| BackupError::Store(db_err(file, e)))?;
     super::counts_in(&txn).map_err(|e| BackupError::Store(db_err(file, e)))
-}
-
-/// The time and backup sequence number of a snapshot's name (`zhuli-snapshot-<ms>-<seq>`, and
-/// nothing else: names from a server are joined onto local paths), in the order snapshots are
-/// kept: by time, as the sequence restarts on a new box restored from a dead one's snapshot. (A
-/// clock that was wrong for a night misplaces that night's snapshot, which is why the one just
-/// made is never removed.)
-pub fn snapshot_order(name: &str) -> Option<(u64, u64)> {
-    let rest = name.strip_prefix("zhuli-snapshot-")?;
-    let (ms, seq) = rest.split_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-    (digits(ms) && digits(seq)).then(|| Some((ms.parse().ok()?, seq.parse().ok()?)))?
 }
 
 /// The setting the nightly backup keeps its [`State`] in.
@@ -615,6 +624,9 @@ pub struct Settings {
     pub timeout_ms: crate::dingtalk::settings::Millis,
     /// Days between restore drills of the newest off-site snapshot; 0: none.
     pub drill_days: u32,
+    /// Snapshots kept on the provisioning stick (a copy is made at every insertion); 0: none
+    /// made, none removed.
+    pub stick_keep: usize,
 }
 
 impl Default for Settings {
@@ -628,6 +640,7 @@ impl Default for Settings {
             offsite_keep: 14,
             timeout_ms: crate::dingtalk::settings::Millis::from_ms(600_000),
             drill_days: 30,
+            stick_keep: 2,
         }
     }
 }

@@ -689,6 +689,14 @@ fn snapshots_are_numbered_per_store_and_a_good_one_verifies_and_restores() {
     let (_, m3) = backup::backup(&t.path(), &key, &to).expect("backup after the restore");
     assert_eq!(m3.seq, 3, "a restore does not turn the count back");
 
+    // A replacement box (no counter of its own) restored from the newest snapshot goes on from
+    // its number, so its snapshots sort after the dead box's.
+    let new_box = TempStore::new();
+    let (newest, _) = backup::backup(&t.path(), &key, &to).expect("backup 4");
+    backup::restore(&newest, &new_box.path(), &key).expect("restore on the new box");
+    let (_, m5) = backup::backup(&new_box.path(), &key, &new_box.dir.join("backups")).expect("backup there");
+    assert_eq!((m5.seq, m5.store_id.as_str()), (5, id.as_str()));
+
     // Another store in its place (the old one moved away) counts on its own.
     std::fs::rename(t.path(), t.dir.join("moved.redb")).expect("move away");
     let other = Store::open(&t.path(), &key, Retention::default()).expect("new store").store_id().expect("id");
