@@ -32,7 +32,7 @@ fn nightly(config: &Config) -> Rule {
 pub(super) async fn run(work: Arc<Work>, config: Config, cancel: CancellationToken, beat: Arc<Beat>) {
     let offset = config.assistant.utc_offset_minutes;
     let rule = nightly(&config);
-    let wake = std::time::Duration::from_millis(config.schedule.wake_ms.max(100)).min(work.health.beat_every());
+    let wake = std::time::Duration::from_millis(config.schedule.wake_ms.max(100)).min(work.health.longest_sleep());
     loop {
         beat.tick();
         let now = now_ms();

@@ -3,8 +3,8 @@
 //! It sleeps until the soonest job is due (at most `[schedule] wake_ms`, so a clock that was set
 //! is noticed), or until a job is made or changed. A due job's occurrence becomes a message in
 //! the inbox (`zhuli-job:ID:AT:KIND`), recorded in the same commit that moves the job to its next
-//! occurrence: it is then answered like a person's message, with the same exactly-once
-//! guarantees across a crash, and an occurrence is never fired twice (its message id is recorded
+//! occurrence: it is then answered like a person's message, with the same guarantees across a
+//! crash, and an occurrence is never fired twice (its message id is recorded
 //! as processed). Before firing, the owner's standing in the job's chat is checked again; a job
 //! whose owner may no longer speak there is paused and the admins are told once.
 
@@ -84,7 +84,7 @@ pub(super) async fn run(
     let settings = config.schedule.clone();
     let offset = config.assistant.utc_offset_minutes;
     let grace = i64::from(settings.grace_minutes) * 60_000;
-    let longest = std::time::Duration::from_millis(settings.wake_ms.max(100)).min(work.health.beat_every());
+    let longest = std::time::Duration::from_millis(settings.wake_ms.max(100)).min(work.health.longest_sleep());
     // The pipeline first queues what a previous run left in the inbox: what this loop fires
     // is queued once, after that.
     loop {

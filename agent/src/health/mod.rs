@@ -244,6 +244,12 @@ impl Health {
         self.settings.beat_ms.get()
     }
 
+    /// The longest a task loop may sleep between check-ins and still be seen alive: half its
+    /// deadline.
+    pub fn longest_sleep(&self) -> Duration {
+        self.settings.task_deadline_ms.get() / 2
+    }
+
     /// Tasks that have not checked in within the deadline, with how long they have been silent.
     pub fn hung(&self) -> Vec<(&'static str, Duration)> {
         self.beats
