@@ -363,7 +363,7 @@ fn scheduler_idle(bin: &Path) {
             w.anon,
             w.threads,
             if w.churn > 0 {
-                format!(" ({} threads came or went in the window: their switches are partly missing)", w.churn)
+                format!(" ({} thread(s) came or went in the window: their switches are partly missing)", w.churn)
             } else {
                 String::new()
             },
@@ -372,7 +372,7 @@ fn scheduler_idle(bin: &Path) {
     }
     println!(
         "scheduler idle, {max_jobs} jobs vs none, measured: {:+.0} wake-ups/hour, {:+.3}% CPU \
-         (between two runs; the noise is larger than the difference: one 10 ms CPU tick over {WINDOW_S} s is 0.022%)",
+         (two separate runs, their noise included; one 10 ms CPU tick over {WINDOW_S} s is 0.022%)",
         idle[1].per_hour(idle[1].wakeups) - idle[0].per_hour(idle[0].wakeups),
         idle[1].cpu_percent() - idle[0].cpu_percent(),
     );
