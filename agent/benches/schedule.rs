@@ -333,7 +333,7 @@ fn scheduler_idle(bin: &Path) {
     )
     .expect("defaults");
     let wake = Duration::from_millis(defaults.schedule.wake_ms.max(100));
-    let beat = defaults.health.beat_ms.get();
+    let beat = defaults.health.task_deadline_ms.get() / 2;
     let every = wake.min(beat);
     let looks_per_hour = 3600.0 / every.as_secs_f64();
     let max_jobs = defaults.schedule.max_jobs;
@@ -351,7 +351,7 @@ fn scheduler_idle(bin: &Path) {
         let woken: Vec<String> =
             w.threads_woken.iter().map(|(name, s)| format!("{name} {:.0}", w.per_hour(*s))).collect();
         println!(
-            "scheduler idle, {n} jobs (default settings: looks every {every:?} = min([schedule] wake_ms {wake:?}, [health] beat_ms {beat:?})): \
+            "scheduler idle, {n} jobs (default settings: looks every {every:?} = min([schedule] wake_ms {wake:?}, half of [health] task_deadline_ms {beat:?})): \
              {:.0} wake-ups/hour for the whole agent (voluntary context switches of all threads over {:.0} s; by thread: {}; \
              {:.0}/hour more preempted), CPU {:.3}% of one core, VmRSS {} (anonymous {}), {} threads{}",
             w.per_hour(w.wakeups),
@@ -610,7 +610,7 @@ fn backup_figures() {
 }
 
 fn offsite_figures(dir: &Path, snapshot: &Path, key: &StoreKey) {
-    use zhuli::{app::offsite::Offsite, secret::Secret, tools::local_server::LocalServer};
+    use zhuli::{offsite::Offsite, secret::Secret, tools::local_server::LocalServer};
     let served = dir.join("nas");
     std::fs::create_dir_all(&served).expect("nas");
     let dav = match LocalServer::rclone_webdav(&served, "/dav", Some(("box", "bench-nas-pw"))) {
