@@ -566,7 +566,7 @@ fn assistant_turns() {
 fn workspace_calls() {
     use zhuli::{
         dingtalk::sim::org::{Org, OrgEvent},
-        tools::{Context, workspace},
+        tools::workspace,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = bench_dir("workspace");
@@ -613,14 +613,7 @@ fn workspace_calls() {
     let ws = workspace::Workspace::new(api, store, config.tools.dingtalk.clone(), 480, None, roots).expect("workspace");
     let tools = workspace::tools(&ws);
     let tool = |name: &str| tools.iter().find(|t| t.name() == name).expect("tool").clone();
-    let ctx = Context {
-        actor: "p0".into(),
-        chat: "cid-bench".into(),
-        group: false,
-        offset_minutes: 480,
-        nick: String::new(),
-        message: String::new(),
-    };
+    let ctx = bench_context();
     let day = |d: i64| zhuli::tools::when::rfc3339(now + d * 86_400_000, 480);
     let workload: Vec<(&str, serde_json::Value)> = vec![
         ("people_search", serde_json::json!({"query": "Person 17"})),
@@ -674,14 +667,7 @@ fn workspace_calls() {
 }
 
 fn time_calls(rt: &tokio::runtime::Runtime, label: &str, tool: &Arc<dyn Tool>, args: serde_json::Value, n: usize) {
-    let ctx = Context {
-        actor: "p0".into(),
-        chat: "cid-bench".into(),
-        group: false,
-        offset_minutes: 480,
-        nick: String::new(),
-        message: String::new(),
-    };
+    let ctx = bench_context();
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
@@ -935,5 +921,17 @@ fn main() {
             Some(bin) => idle_process(PathBuf::from(bin)),
             None => println!("idle RSS: skipped (set ZHULI_BIN to a built zhuli binary)"),
         }
+    }
+}
+
+/// The asker the tools' figures are taken for.
+fn bench_context() -> Context {
+    Context {
+        actor: "p0".into(),
+        chat: "cid-bench".into(),
+        group: false,
+        offset_minutes: 480,
+        nick: String::new(),
+        message: String::new(),
     }
 }

@@ -169,16 +169,7 @@ impl HttpClient {
             req.body(BodyExt::boxed(http_body_util::StreamBody::new(pieces))).map_err(|e| failed(e.to_string()))?;
         let call = async {
             let resp = self.streamed.request(req).await.map_err(|e| failed(error_chain(&e)))?;
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            let collected = Limited::new(resp.into_body(), max_bytes).collect().await.map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    HttpError::TooLarge(shown.clone())
-                } else {
-                    failed(e.to_string())
-                }
-            })?;
-            Ok(HttpResponse { status, headers, body: collected.to_bytes() })
+            read_answer(resp, max_bytes, &shown).await
         };
         tokio::pin!(call);
         loop {
@@ -360,19 +351,27 @@ impl HttpClient {
                 .request(req)
                 .await
                 .map_err(|e| HttpError::Transport { url: shown.clone(), reason: error_chain(&e) })?;
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            let collected = Limited::new(resp.into_body(), max_bytes).collect().await.map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    HttpError::TooLarge(shown.clone())
-                } else {
-                    HttpError::Transport { url: shown.clone(), reason: e.to_string() }
-                }
-            })?;
-            Ok(HttpResponse { status, headers, body: collected.to_bytes() })
+            read_answer(resp, max_bytes, &shown).await
         };
         tokio::time::timeout(self.timeout, call).await.map_err(|_| HttpError::Timeout(shown.clone()))?
     }
+}
+
+/// A response read whole, up to `max_bytes`; `shown` names its URL in errors.
+async fn read_answer<B>(resp: http::Response<B>, max_bytes: usize, shown: &str) -> Result<HttpResponse, HttpError>
+where
+    B: hyper::body::Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let collected = Limited::new(resp.into_body(), max_bytes).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            HttpError::TooLarge(shown.to_owned())
+        } else {
+            HttpError::Transport { url: shown.to_owned(), reason: e.to_string() }
+        }
+    })?;
+    Ok(HttpResponse { status, headers, body: collected.to_bytes() })
 }
 
 /// Flatten an error and its sources into one line ("connection refused" hides two levels down).
