@@ -933,5 +933,6 @@ fn bench_context() -> Context {
         offset_minutes: 480,
         nick: String::new(),
         message: String::new(),
+        protected: false,
     }
 }

@@ -642,7 +642,7 @@ fn offsite_figures(dir: &Path, snapshot: &Path, key: &StoreKey) {
         let verified = offsite.verify(&name, key, &dir.join("scratch")).await;
         let back = start.elapsed();
         let start = Instant::now();
-        let pruned = offsite.prune(&name).await;
+        let pruned = offsite.prune(&name, None).await;
         let prune = start.elapsed();
         println!(
             "backup off the box (rclone WebDAV on loopback, as the nightly run: upload as NAME.part and move, fetch back and \

@@ -18,6 +18,10 @@ use crate::{
 
 /// The largest snapshot file fetched back.
 const MAX_FILE: u64 = 64 << 30;
+/// The largest manifest read.
+const MAX_MANIFEST: usize = 64 * 1024;
+/// Disk space left free beyond a fetched snapshot.
+const ROOM: u64 = 64 << 20;
 
 pub struct Offsite {
     dav: Dav,
@@ -100,17 +104,39 @@ impl Offsite {
         Ok(())
     }
 
-    /// Fetch snapshot `name` into `into/name`.
+    /// The manifest of snapshot `name` as the server holds it (small: read whole).
+    async fn manifest(&self, name: &str) -> Result<(Bytes, serde_json::Value), String> {
+        let url = self.dav.url(&format!("{name}/{}", backup::MANIFEST), false).map_err(|e| e.to_string())?;
+        let got = self.dav.send(Method::GET, &url, &[], Bytes::new(), MAX_MANIFEST).await.map_err(|e| e.to_string())?;
+        let value =
+            serde_json::from_slice(&got.body).map_err(|e| format!("{name}: its manifest does not read ({e})"))?;
+        Ok((got.body, value))
+    }
+
+    /// Fetch snapshot `name` into `into/name`: the manifest first, then the file, no larger
+    /// than the manifest says and only when the disk has room for it and to spare.
     pub async fn fetch(&self, name: &str, into: &Path) -> Result<PathBuf, String> {
         if backup::snapshot_order(name).is_none() {
             return Err(format!("{name} is not a snapshot's name"));
         }
         let dir = into.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {} ({e})", dir.display()))?;
-        for file in [backup::SNAPSHOT_FILE, backup::MANIFEST] {
-            let url = self.dav.url(&format!("{name}/{file}"), false).map_err(|e| e.to_string())?;
-            self.dav.get_file(&url, &dir.join(file), self.idle, MAX_FILE).await.map_err(|e| e.to_string())?;
+        let (raw, manifest) = self.manifest(name).await?;
+        let bytes = manifest.get("bytes").and_then(serde_json::Value::as_u64).unwrap_or(MAX_FILE).min(MAX_FILE);
+        if let Ok(s) = nix::sys::statvfs::statvfs(&dir) {
+            let free = s.blocks_available() * s.fragment_size();
+            if free < bytes.saturating_add(ROOM) {
+                return Err(format!(
+                    "only {} MiB are free on the box for a {} MiB snapshot; free space first",
+                    free / 1048576,
+                    bytes.div_ceil(1048576)
+                ));
+            }
         }
+        std::fs::write(dir.join(backup::MANIFEST), &raw)
+            .map_err(|e| format!("cannot write {} ({e})", dir.display()))?;
+        let url = self.dav.url(&format!("{name}/{}", backup::SNAPSHOT_FILE), false).map_err(|e| e.to_string())?;
+        self.dav.get_file(&url, &dir.join(backup::SNAPSHOT_FILE), self.idle, bytes).await.map_err(|e| e.to_string())?;
         Ok(dir)
     }
 
@@ -119,7 +145,12 @@ impl Offsite {
     pub async fn verify(&self, name: &str, key: &StoreKey, scratch: &Path) -> Result<(), String> {
         let _ = tokio::fs::remove_dir_all(scratch).await;
         let checked = match self.fetch(name, scratch).await {
-            Ok(dir) => backup::verify(&dir, key).map(drop).map_err(|e| e.to_string()),
+            Ok(dir) => {
+                let key = StoreKey::from_bytes(*key.bytes());
+                tokio::task::spawn_blocking(move || backup::verify(&dir, &key).map(drop).map_err(|e| e.to_string()))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the check stopped ({e})")))
+            }
             Err(e) => Err(e),
         };
         let _ = tokio::fs::remove_dir_all(scratch).await;
@@ -129,8 +160,14 @@ impl Offsite {
     /// The restore drill: the newest snapshot here fetched into `scratch` (emptied before and
     /// after), restored there as `zhuli restore` would, and opened as the agent opens its store.
     /// Its name (empty when there is none) and what the restored store holds.
-    pub async fn drill(&self, key: StoreKey, scratch: &Path) -> (String, Result<Counts, String>) {
-        let newest = match self.list().await {
+    /// `store_id`: only that store's snapshots count (any, when `None`).
+    pub async fn drill(
+        &self,
+        key: StoreKey,
+        scratch: &Path,
+        store_id: Option<&str>,
+    ) -> (String, Result<Counts, String>) {
+        let newest = match self.list_of(store_id).await {
             Ok(names) => names.last().cloned(),
             Err(e) => return (String::new(), Err(e)),
         };
@@ -180,11 +217,29 @@ impl Offsite {
         Ok(names)
     }
 
-    /// Remove the oldest beyond `keep`, never `newest` (the one just verified); how many went.
-    pub async fn prune(&self, newest: &str) -> Result<usize, String> {
-        let names: Vec<String> = self.list().await?.into_iter().filter(|n| n != newest).collect();
-        let excess = (names.len() + 1).saturating_sub(self.keep);
-        for name in &names[..excess.min(names.len())] {
+    /// The snapshots there of store `store_id` (by their manifests; all when `None`), oldest
+    /// first. Another box's, or an earlier store's, are not this store's to order or remove.
+    pub async fn list_of(&self, store_id: Option<&str>) -> Result<Vec<String>, String> {
+        let all = self.list().await?;
+        let Some(id) = store_id else { return Ok(all) };
+        let mut ours = Vec::new();
+        for name in all {
+            match self.manifest(&name).await {
+                Ok((_, m)) if m.get("store_id").and_then(serde_json::Value::as_str) == Some(id) => ours.push(name),
+                Ok(_) => {}
+                // A folder without a readable manifest is not a snapshot to count.
+                Err(e) => log::warn!("off-site snapshot {name} left alone: {e}"),
+            }
+        }
+        Ok(ours)
+    }
+
+    /// Remove store `store_id`'s oldest beyond `keep`, never `newest` (the one just verified);
+    /// how many went.
+    pub async fn prune(&self, newest: &str, store_id: Option<&str>) -> Result<usize, String> {
+        let names: Vec<String> = self.list_of(store_id).await?.into_iter().filter(|n| n != newest).collect();
+        let excess = (names.len() + 1).saturating_sub(self.keep).min(names.len());
+        for name in &names[..excess] {
             let url = self.dav.url(name, true).map_err(|e| e.to_string())?;
             self.dav.send(Method::DELETE, &url, &[], Bytes::new(), 64 * 1024).await.map_err(|e| e.to_string())?;
         }

@@ -112,6 +112,10 @@ fn write_note(path: &std::path::Path, text: &str) -> Result<(), String> {
 /// verify the snapshot with the key, then keep the newest [`KEEP`]. Refused when the disk
 /// has less free space than twice the store and 64 MiB.
 pub(super) fn take(config: &Config, dir: &std::path::Path, keep: usize) -> Result<BackupTaken, String> {
+    // One at a time (the night's, `/backup now`, the one before an update): each keeps only the
+    // newest, and must not remove the other's.
+    static TAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = TAKING.lock().unwrap_or_else(|p| p.into_inner());
     let key = StoreKey::load(config.store.key_file.as_deref()).map_err(|e| e.to_string())?;
     let file = store::file_in(&config.agent.state_dir);
     // Room for the snapshot and to spare: a backup never fills the disk the agent runs on.
@@ -128,6 +132,7 @@ pub(super) fn take(config: &Config, dir: &std::path::Path, keep: usize) -> Resul
             ));
         }
     }
+    remove_leftovers(dir);
     let (snapshot, manifest) = backup::backup(&file, &key, dir).map_err(|e| e.to_string())?;
     if let Err(e) = backup::verify(&snapshot, &key) {
         let _ = std::fs::remove_dir_all(&snapshot);
@@ -153,4 +158,23 @@ pub(super) fn take(config: &Config, dir: &std::path::Path, keep: usize) -> Resul
         values: manifest.values,
         kept: all.len() + 1 - excess,
     })
+}
+
+/// Remove what a snapshot cut short left in `dir` (a folder of a snapshot's name without its
+/// manifest, an hour old: not one being written by `zhuli backup` now).
+fn remove_leftovers(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let ours = name.to_str().and_then(backup::snapshot_order).is_some();
+        let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < hour_ago);
+        if ours && old && e.file_type().is_ok_and(|t| t.is_dir()) && !path.join(backup::MANIFEST).exists() {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => log::warn!("removed {}, a snapshot cut short", path.display()),
+                Err(e) => log::warn!("cannot remove {}, a snapshot cut short: {e}", path.display()),
+            }
+        }
+    }
 }

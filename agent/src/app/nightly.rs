@@ -49,12 +49,27 @@ pub(super) async fn run(work: Arc<Work>, config: Config, cancel: CancellationTok
         let mut st = before.clone();
         let last = *st.last_run_ms.get_or_insert(now);
         let due = rule.next_after(last, offset).unwrap_or(i64::MAX);
+        // Copies a restart, an update or a power cut stopped: taken again at once, one time; a
+        // second night cut short is a failure the admins hear of.
+        let mut again = false;
+        if let Some(started) = st.running_ms.take() {
+            st.cut_short += 1;
+            log::warn!("the nightly backup started at {started} was cut short ({} in a row)", st.cut_short);
+            if st.cut_short == 1 {
+                again = true;
+            } else {
+                st.cut_short = 0;
+                let why = t!("backup.cut_short").into_owned();
+                settle(&work, &config, "local", &mut st.local, Err(why)).await;
+            }
+        }
         if last > now + 86_400_000 {
             // A clock set back by more than a day: the next night counts from now.
             st.last_run_ms = Some(now);
-        } else if due <= now {
-            // Kept before the work: an agent restarted meanwhile does not start it again.
+        } else if due <= now || again {
+            // Kept before the work: an agent restarted meanwhile knows it started.
             st.last_run_ms = Some(now);
+            st.running_ms = Some(now);
             keep(&work, &st).await;
             // The copies may take long (a slow network drive): the health beat goes on meanwhile,
             // and a stop does not wait for them.
@@ -63,8 +78,11 @@ pub(super) async fn run(work: Arc<Work>, config: Config, cancel: CancellationTok
                 tokio::select! {
                     done = &mut copies => {
                         match done {
-                            Ok(after) => st = after,
-                            Err(e) => log::error!("the nightly backup stopped: {e}"),
+                            Ok(after) => st = State { running_ms: None, cut_short: 0, ..after },
+                            Err(e) => {
+                                log::error!("the nightly backup stopped: {e}");
+                                st.running_ms = None;
+                            }
                         }
                         break;
                     }
@@ -94,8 +112,15 @@ async fn once(work: Arc<Work>, config: Config, mut st: State) -> State {
     st
 }
 
+/// The longest the copies off the box may take in one night (a drive that trickles).
+const OFF_SITE_BOUND: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
 async fn copies(work: &Arc<Work>, config: &Config, st: &mut State) {
     let dir = config.agent.state_dir.join(BACKUPS);
+    // What a run cut short left in the scratch folders.
+    for scratch in [CHECK, DRILL] {
+        let _ = tokio::fs::remove_dir_all(config.agent.state_dir.join(scratch)).await;
+    }
     let taken = {
         let (config, dir) = (config.clone(), dir.clone());
         tokio::task::spawn_blocking(move || maintenance::take(&config, &dir, config.backup.keep))
@@ -121,24 +146,44 @@ async fn copies(work: &Arc<Work>, config: &Config, st: &mut State) {
         config.backup.offsite_keep,
         config.backup.timeout_ms.get(),
     );
+    let store_id = manifest_store_id(&snapshot);
     let outcome = async {
         let key = StoreKey::load(config.store.key_file.as_deref()).map_err(|e| e.to_string())?;
         let name = offsite.upload(&snapshot).await?;
-        let scratch = config.agent.state_dir.join("backup-check");
+        let scratch = config.agent.state_dir.join(CHECK);
         offsite.verify(&name, &key, &scratch).await?;
-        let removed = offsite.prune(&name).await?;
+        let removed = offsite.prune(&name, store_id.as_deref()).await?;
         log::info!("nightly backup off the box: {name}, fetched back and verified; {removed} old ones removed");
         Ok::<(), String>(())
-    }
-    .await;
+    };
+    let outcome = tokio::time::timeout(OFF_SITE_BOUND, outcome)
+        .await
+        .unwrap_or_else(|_| Err(t!("backup.too_slow", hours = OFF_SITE_BOUND.as_secs() / 3600).into_owned()));
     let uploaded = outcome.is_ok();
     settle(work, config, "offsite", &mut st.offsite, outcome).await;
     // The drill only after a night the drive answered: when it is down, the failure above says
     // so already.
     if uploaded && drill_due(config.backup.drill_days, st, now_ms()) {
-        let failed_before = st.drill.as_ref().is_some_and(|d| d.failed.is_some());
-        st.drill = Some(drill(work, config, &offsite, failed_before).await);
+        let told_before = st.drill.as_ref().is_some_and(|d| d.failed.is_some() && d.told);
+        let report = drill(work, config, &offsite, store_id.as_deref(), told_before);
+        let report = tokio::time::timeout(OFF_SITE_BOUND, report).await.unwrap_or_else(|_| Drill {
+            at_ms: now_ms(),
+            failed: Some(t!("backup.too_slow", hours = OFF_SITE_BOUND.as_secs() / 3600).into_owned()),
+            told: told_before,
+            ..Drill::default()
+        });
+        st.drill = Some(report);
     }
+}
+
+/// Scratch folders under the state directory: the check after each upload, and the drill.
+const CHECK: &str = "backup-check";
+const DRILL: &str = "backup-drill";
+
+/// The store a snapshot is of, by its manifest.
+fn manifest_store_id(snapshot: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(snapshot.join(crate::store::backup::MANIFEST)).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("store_id")?.as_str().map(str::to_owned)
 }
 
 /// Whether the restore drill is due at `now`: `drill_days` (`[backup]`) since the last one, or the
@@ -150,16 +195,22 @@ fn drill_due(drill_days: u32, st: &State, now: i64) -> bool {
 
 /// The restore drill: the newest off-site snapshot restored into a scratch folder and opened,
 /// its counts set beside the live store's. The admins get the report, except a failure again
-/// after a failure (it is tried each night until it passes).
-async fn drill(work: &Arc<Work>, config: &Config, offsite: &crate::offsite::Offsite, failed_before: bool) -> Drill {
+/// after a failure they were told of (it is tried each night until it passes).
+async fn drill(
+    work: &Arc<Work>,
+    config: &Config,
+    offsite: &crate::offsite::Offsite,
+    store_id: Option<&str>,
+    told_before: bool,
+) -> Drill {
     let at_ms = now_ms();
-    let scratch = config.agent.state_dir.join("backup-drill");
+    let scratch = config.agent.state_dir.join(DRILL);
     let (name, restored) = match StoreKey::load(config.store.key_file.as_deref()) {
-        Ok(key) => offsite.drill(key, &scratch).await,
+        Ok(key) => offsite.drill(key, &scratch, store_id).await,
         Err(e) => (String::new(), Err(e.to_string())),
     };
     let live = blocking(&work.store, |s| s.counts()).await.unwrap_or_default();
-    let mut report = Drill { at_ms, name, failed: None, restored: Default::default(), live };
+    let mut report = Drill { at_ms, name, failed: None, restored: Default::default(), live, told: false };
     match restored {
         Ok(counts) => {
             report.restored = counts;
@@ -178,9 +229,10 @@ async fn drill(work: &Arc<Work>, config: &Config, offsite: &crate::offsite::Offs
         }
         Err(why) => {
             log::error!("restore drill failed: {why}");
-            if !failed_before {
+            report.told = told_before;
+            if !told_before {
                 let text = t!("backup.drill_failed", why = why.as_str());
-                tell_admins_delivered(work, config, &t!("backup.drill_title"), &text).await;
+                report.told = tell_admins_delivered(work, config, &t!("backup.drill_title"), &text).await;
             }
             report.failed = Some(why.chars().take(300).collect());
         }

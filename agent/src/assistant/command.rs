@@ -124,7 +124,16 @@ pub fn parse(text: &str) -> Option<Command> {
 
 /// Does `text` (mentions stripped) start like a command? Such messages are never merged with others.
 pub fn is_command(text: &str) -> bool {
-    text.trim_start().starts_with(['/', '\u{ff0f}'])
+    strip_mentions(text).starts_with(['/', '\u{ff0f}'])
+}
+
+/// `text` without the @mentions before it (a group message starts with the robot's name).
+pub fn strip_mentions(text: &str) -> &str {
+    let mut rest = text.trim_start();
+    while let Some(after) = rest.strip_prefix('@') {
+        rest = after.split_once(char::is_whitespace).map(|(_, r)| r.trim_start()).unwrap_or("");
+    }
+    rest.trim()
 }
 
 #[cfg(test)]

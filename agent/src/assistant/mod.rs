@@ -229,14 +229,7 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
-/// Drop leading `@name` mentions from group text.
-pub(crate) fn strip_mentions(text: &str) -> &str {
-    let mut rest = text.trim_start();
-    while let Some(after) = rest.strip_prefix('@') {
-        rest = after.split_once(char::is_whitespace).map(|(_, r)| r.trim_start()).unwrap_or("");
-    }
-    rest.trim()
-}
+pub(crate) use command::strip_mentions;
 
 impl Assistant {
     pub fn new(parts: Parts) -> Self {
@@ -362,13 +355,18 @@ impl Assistant {
         let Some(text) = message.text() else {
             return self.media_answer(message);
         };
-        let text = strip_mentions(&text);
+        let text = command::strip_mentions(&text);
         let Some(command) = command::parse(text) else {
             if self.parts.llm.is_none() {
                 return Answer::no_llm();
             }
             return self.start_turn(asker, text.to_owned(), Vec::new(), progress).await;
         };
+        // What a job fires is a request for the model, never a command run as its owner (one is
+        // refused when the job is made; this holds for jobs kept before that).
+        if fired.is_some() {
+            return Answer::fixed(t!("jobs.title"), t!("jobs.task_command"));
+        }
         match command {
             Command::Help => Answer::fixed(t!("help.title"), t!("help.text")),
             Command::Ping => Answer::fixed("pong", "pong"),
@@ -872,13 +870,13 @@ fn backups_markdown(
     let local = match (newest, st.local.ok_ms) {
         (Some(b), _) => t!("backups.local", when = at(b.created_at_ms as i64), path = b.path.as_str()).to_string(),
         (None, Some(ms)) => t!("backups.local_gone", when = at(ms)).to_string(),
-        (None, None) => t!("backups.never").to_string(),
+        (None, None) => t!("backups.never", at = plan.at.as_str()).to_string(),
     };
     text.push_str(&format!("- {}：{local}{}\n", t!("backup.target_local"), failing(&st.local)));
     let offsite = match (&plan.offsite, st.offsite.ok_ms) {
         (None, _) => t!("backups.offsite_unset").to_string(),
         (Some(_), Some(ms)) => at(ms),
-        (Some(_), None) => t!("backups.never").to_string(),
+        (Some(_), None) => t!("backups.never", at = plan.at.as_str()).to_string(),
     };
     text.push_str(&format!("- {}：{offsite}{}\n", t!("backup.target_offsite"), failing(&st.offsite)));
     let on_stick = match (plan.stick_keep, stick.and_then(|s| s.ok_ms)) {

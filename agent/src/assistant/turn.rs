@@ -49,6 +49,7 @@ impl Asker {
             offset_minutes,
             nick: self.nick.clone(),
             message: self.message.clone(),
+            protected: false,
         }
     }
 }
@@ -373,7 +374,8 @@ impl Assistant {
                         if tool.risk_of(&state.asker.context(self.parts.settings.utc_offset_minutes), &args)
                             == Risk::Read =>
                     {
-                        let result = self.run_tool(&state.asker, &tool, args, &mut state.remarks).await;
+                        let protected = state.protected.is_some();
+                        let result = self.run_tool(&state.asker, &tool, args, &mut state.remarks, protected).await;
                         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
                     }
                     Ok((tool, args)) => return self.ask_confirmation(state, tool, call, args).await,
@@ -708,7 +710,8 @@ impl Assistant {
             let audited = tools::redact(&reason, &args, &target);
             return Err(deny(reason, audited, target, Some(t!("refused.bad_arguments"))));
         }
-        audit.record(event(Kind::ToolAllowed).target(target).outcome(tool.risk().name()));
+        let risk = tool.risk_of(&asker.context(self.parts.settings.utc_offset_minutes), &args);
+        audit.record(event(Kind::ToolAllowed).target(target).outcome(risk.name()));
         Ok((tool, args))
     }
 
@@ -790,10 +793,11 @@ impl Assistant {
         tool: &Arc<dyn Tool>,
         args: Value,
         remarks: &mut Remarks,
+        protected: bool,
     ) -> String {
         let target = tool.target(&args);
         let event = |kind| Event::new(kind, &asker.actor, &asker.chat).tool(tool.name()).target(target.clone());
-        let ctx = asker.context(self.parts.settings.utc_offset_minutes);
+        let ctx = Context { protected, ..asker.context(self.parts.settings.utc_offset_minutes) };
         let asked = args.clone();
         let result = if tool.risk_of(&ctx, &args) == Risk::Read {
             self.bounded(tool.execute(&ctx, args)).await
@@ -942,7 +946,8 @@ impl Assistant {
         );
         // The turn's clock restarts: the person may have taken minutes to confirm.
         state.deadline = Instant::now() + self.parts.settings.turn_timeout_ms.get();
-        let result = self.run_tool(asker, &tool, args, &mut state.remarks).await;
+        let protected = state.protected.is_some();
+        let result = self.run_tool(asker, &tool, args, &mut state.remarks, protected).await;
         state.messages.push(ChatMessage::tool_result(call.id.clone(), result));
         self.drive(state, progress).await
     }

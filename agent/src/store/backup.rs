@@ -429,11 +429,14 @@ pub fn backup(store_file: &Path, key: &StoreKey, to: &Path) -> Result<(PathBuf, 
         seal: String::new(),
     };
     manifest.seal(&Sealer::new(key));
+    // Written beside and renamed: a snapshot with a manifest is whole, after any crash.
     let mpath = dir.join(MANIFEST);
-    let mut f = std::fs::File::create(&mpath).map_err(io(&mpath))?;
+    let mpart = dir.join(format!("{MANIFEST}.part"));
+    let mut f = std::fs::File::create(&mpart).map_err(io(&mpart))?;
     f.write_all(serde_json::to_string_pretty(&manifest).expect("the manifest serialises").as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(io(&mpath))?;
+        .map_err(io(&mpart))?;
+    std::fs::rename(&mpart, &mpath).map_err(io(&mpath))?;
     sync_dir(&dir)?;
     Ok((dir, manifest))
 }
@@ -527,6 +530,13 @@ pub fn restore(snapshot: &Path, store_file: &Path, key: &StoreKey) -> Result<(Ma
         let _ = std::fs::remove_file(&part);
         return Err(BackupError::Checksum(snapshot.to_owned()));
     }
+    // The restored store's next snapshot follows this one's number (on a replacement box too),
+    // so that snapshots keep their order wherever they are kept. Before the switch: nothing can
+    // fail once the store is replaced.
+    if let Err(e) = counted(dir, &manifest.store_id, |last| Ok(last.max(manifest.seq))) {
+        let _ = std::fs::remove_file(&part);
+        return Err(e);
+    }
     let kept = if store_file.exists() {
         let kept = store_file.with_extension(format!("redb.pre-restore-{}", now_ms()));
         std::fs::hard_link(store_file, &kept).map_err(io(&kept))?;
@@ -536,9 +546,6 @@ pub fn restore(snapshot: &Path, store_file: &Path, key: &StoreKey) -> Result<(Ma
     };
     std::fs::rename(&part, store_file).map_err(io(store_file))?;
     sync_dir(dir)?;
-    // The restored store's next snapshot follows this one's number (on a replacement box too),
-    // so that snapshots keep their order wherever they are kept.
-    counted(dir, &manifest.store_id, |last| Ok(last.max(manifest.seq)))?;
     Ok((manifest, kept))
 }
 
@@ -576,6 +583,9 @@ pub struct Drill {
     /// What the restored copy held, and the live store at the drill.
     pub restored: super::Counts,
     pub live: super::Counts,
+    /// A failure reached the admins.
+    #[serde(default)]
+    pub told: bool,
 }
 
 /// What the nightly backup last did, kept in the store's setting [`STATE`].
@@ -587,12 +597,25 @@ pub struct State {
     pub offsite: Target,
     #[serde(default)]
     pub drill: Option<Drill>,
+    /// When tonight's copies started, until they end: still set at a start, they were cut short
+    /// (a restart, an update, a power cut).
+    #[serde(default)]
+    pub running_ms: Option<i64>,
+    /// Nights cut short in a row (one is taken again at once; a second is a failure).
+    #[serde(default)]
+    pub cut_short: u32,
 }
 
 /// The nightly backup's state as kept in `store`; an error when the store cannot be read (then
 /// nothing should be written over what it holds).
 pub fn state(store: &super::Store) -> Result<State, StoreError> {
-    Ok(store.setting(STATE)?.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default())
+    match store.setting(STATE)? {
+        None => Ok(State::default()),
+        Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Db {
+            path: PathBuf::new(),
+            reason: format!("the setting {STATE} does not read as the backup's state ({e})"),
+        }),
+    }
 }
 
 /// The id of the live store, if `key` opens it and it has one.

@@ -261,13 +261,20 @@ impl Tool for JobsTool {
         Risk::Share
     }
 
+    /// A reminder for oneself, or said once, is made at once. A request (it will run as the
+    /// person, with their tools, at every time) is always confirmed, and a reminder that repeats
+    /// in a group is confirmed as what it is: words posted there again and again.
     fn risk_of(&self, ctx: &Context, args: &Value) -> Risk {
         let recurring = match Self::parse(args, now_ms(), ctx.offset_minutes) {
             Ok(p) => !matches!(p.rule, Rule::Once { .. }),
             // Checked again before anything is made; counted as the larger risk meanwhile.
             Err(_) => true,
         };
-        if ctx.group && recurring { Risk::Share } else { Risk::Read }
+        match (str_arg(args, "kind") == "request", ctx.group && recurring) {
+            (_, true) => Risk::Share,
+            (true, false) => Risk::Write,
+            (false, false) => Risk::Read,
+        }
     }
 
     fn target(&self, args: &Value) -> String {
@@ -287,6 +294,9 @@ impl Tool for JobsTool {
 
     fn prepare<'a>(&'a self, ctx: &'a Context, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
         Box::pin(async move {
+            if crate::schedule::parse_message_id(&ctx.message).is_some() {
+                return Err(ToolError::Refused(t!("jobs.tool_from_job").into_owned()));
+            }
             Self::parse(&args, now_ms(), ctx.offset_minutes)?;
             Ok(args)
         })
@@ -297,10 +307,20 @@ impl Tool for JobsTool {
             let (now, offset) = (now_ms(), ctx.offset_minutes);
             let parsed = Self::parse(&args, now, offset)?;
             let task = str_arg(&args, "kind") == "request";
+            // A turn a job started makes no jobs: each run would make another.
+            if crate::schedule::parse_message_id(&ctx.message).is_some() {
+                return Err(ToolError::Refused(t!("jobs.tool_from_job").into_owned()));
+            }
+            // A request runs later in a session of its own, which may go to a cloud model: what a
+            // protected turn read must not travel in its text.
+            if task && ctx.protected {
+                return Err(ToolError::Refused(t!("jobs.tool_protected").into_owned()));
+            }
             // One job per message and request: the same call in a turn answered again after a
             // crash finds the job it made.
-            let digest =
-                super::sha256_hex(format!("{}\u{1f}{}\u{1f}{task}", parsed.rule.shown_zh(0), parsed.text).as_bytes());
+            // By the words asked (a relative time resolves anew when the turn is answered again).
+            let when_text = str_arg(&args, "when").trim();
+            let digest = super::sha256_hex(format!("{when_text}\u{1f}{}\u{1f}{task}", parsed.text).as_bytes());
             let origin = if ctx.message.is_empty() {
                 format!("tool:{now}:{}", &digest[..16])
             } else {

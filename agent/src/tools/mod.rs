@@ -268,6 +268,9 @@ pub struct Context {
     /// The id of the message whose turn made the call (what a change made once per message is
     /// keyed by); empty when there is none.
     pub message: String,
+    /// The turn holds protected content (`privacy`): what the call keeps must not carry it to
+    /// where open work goes.
+    pub protected: bool,
 }
 
 /// The plugin contract.
