@@ -412,6 +412,84 @@ async fn switchable_front(
     (addr, down)
 }
 
+/// A TCP front that passes connections to `to`; while `stall` is set, one that opens with a PUT
+/// has its head read and then gets nothing back: a drive that stops taking an upload.
+async fn stalling_front(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stall = Arc::new(AtomicBool::new(false));
+    let flag = stall.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let stalling = flag.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut first = [0u8; 4];
+                if stalling && client.peek(&mut first).await.is_ok() && &first == b"PUT " {
+                    let mut head = vec![0u8; 4096];
+                    let _ = client.read(&mut head).await;
+                    tokio::time::sleep(Duration::from_secs(300)).await;
+                } else if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (addr, stall)
+}
+
+/// A night whose copies a kill -9 cut short (the drive was taking the upload): at the next start
+/// they are taken again at once, and the copy reaches the drive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nightly_backup_cut_short_by_a_kill_is_taken_again_at_the_next_start() {
+    use zhuli::tools::local_server::LocalServer;
+    let nas_dir = support::temp_dir("cut-nas");
+    let nas = support::Server::new(LocalServer::rclone_webdav(&nas_dir, "/dav", Some(("box", "nas-pw-93kQ"))));
+    let (front, stall) = stalling_front(nas.addr()).await;
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let extra = format!(
+        "[backup]\noffsite = \"http://{front}/dav/zhuli-backups\"\nusername = \"box\"\npassword = \"nas-pw-93kQ\"\ntimeout_ms = 60000\n\
+         [access]\nadmins = [\"boss\"]\n"
+    );
+    let (sim, mut agent, clock) = rig("sched-cut", &extra).await;
+    let on_nas = || {
+        std::fs::read_dir(nas_dir.join("zhuli-backups"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("zhuli-snapshot-") && !n.ends_with(".part")))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let until = (2 * 3600 + 1800 - (now + 8 * 3600).rem_euclid(86_400)).rem_euclid(86_400) + 5;
+    set_clock(&clock, &format!("+{until}s"));
+    // The snapshot on the box is taken, and the upload hangs on the drive.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !agent.log().contains("nightly backup on the box") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agent.log().contains("nightly backup on the box"), "{}", agent.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(on_nas(), 0, "the upload hangs");
+    stall.store(false, std::sync::atomic::Ordering::SeqCst);
+    restart(&sim, &mut agent).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while on_nas() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(on_nas(), 1, "taken again at the start, without waiting for the next night:\n{}", agent.log());
+    assert!(agent.log().contains("was cut short (1 in a row)"), "{}", agent.log());
+    assert!(said(&sim, "失败").is_empty(), "one night cut short is not a failure: {:?}", sim.replies());
+    let _ = std::fs::remove_dir_all(&nas_dir);
+}
+
 /// The nightly backup: at `[backup] at` a snapshot on the box and a copy on the network drive,
 /// fetched back and verified; a drive that goes away is told to the admins once, and its
 /// return too.
