@@ -1101,6 +1101,7 @@ async fn every_insertion_copies_the_newest_snapshot_onto_the_stick_verified_and_
     assert!(out.contains("backup on this stick: not copied: no snapshot on the box yet"), "{out}");
     let record = provision::stick_backup::last(&b.root).expect("a record");
     assert!(record.ok_ms.is_none() && record.failing.as_deref().is_some_and(|f| f.contains("no snapshot")));
+    assert!(record.failing_zh.as_deref().is_some_and(|f| f.contains("设备上还没有快照")), "{record:?}");
 
     let first = b.snapshot(&key);
     let out = b.insert(&img);
@@ -1110,6 +1111,7 @@ async fn every_insertion_copies_the_newest_snapshot_onto_the_stick_verified_and_
     assert_eq!(verify_on_stick(&img, &first, &check, &key).seq, 1);
     let record = provision::stick_backup::last(&b.root).expect("a record");
     assert_eq!((record.name.as_deref(), record.failing.as_deref()), (Some(first.as_str()), None));
+    assert_eq!(record.failing_zh, None);
     let ok_ms = record.ok_ms.expect("when");
     assert!((zhuli::assistant::now_ms() - ok_ms).abs() < 60_000, "{ok_ms}");
     assert!(
@@ -1224,6 +1226,7 @@ async fn a_stick_without_room_is_refused_with_what_it_needs_and_its_copy_kept() 
     assert_eq!(record.ok_ms, Some(ok_ms), "the last good copy is still known");
     assert_eq!(record.name.as_deref(), Some(first.as_str()));
     assert!(record.failing.as_deref().is_some_and(|f| f.contains("MiB free")), "{record:?}");
+    assert!(record.failing_zh.as_deref().is_some_and(|f| f.contains("U 盘剩余") && f.contains("MiB")), "{record:?}");
 
     // Room made: the new one goes on, the old one stays (two kept).
     on_fat(&img, |root| root.remove("videos.bin").expect("remove"));
@@ -1258,6 +1261,8 @@ async fn a_snapshot_linked_elsewhere_is_refused_and_nothing_of_its_target_reache
         assert!(out.contains("nothing was written to the stick"), "{out}");
         assert_eq!(occurrences(&img, marker.as_bytes()), 0, "nothing of the target is on the stick");
         assert!(snapshots_on(&img).is_empty());
+        let record = provision::stick_backup::last(&b.root).expect("a record");
+        assert!(record.failing_zh.as_deref().is_some_and(|f| f.contains("符号链接")), "{record:?}");
     };
 
     // The snapshot's file a link to it.
@@ -1406,4 +1411,5 @@ async fn a_manifest_the_stick_cannot_read_stops_the_copy_and_the_stick_is_left_a
     verify_on_stick(&img, &second, &b.dir.join("check"), &key);
     let record = provision::stick_backup::last(&b.root).expect("a record");
     assert_eq!(record.name.as_deref(), Some(second.as_str()), "the last good copy is still known");
+    assert!(record.failing_zh.as_deref().is_some_and(|f| f.contains("读不出来")), "{record:?}");
 }

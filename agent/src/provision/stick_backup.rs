@@ -18,6 +18,7 @@
 
 use std::path::{Path, PathBuf};
 
+use rust_i18n::t;
 use serde::{Deserialize, Serialize};
 
 use super::stick::{self, StickError};
@@ -79,6 +80,43 @@ pub enum StickBackupError {
     Unverified(String),
 }
 
+impl StickBackupError {
+    /// Why, in a few words of Simplified Chinese, for the admin chat (`/备份`); the English text
+    /// is the operator's, on the receipt and in the journal.
+    pub fn zh(&self) -> String {
+        const ZH: &str = "zh-CN";
+        let text = match self {
+            StickBackupError::NoSnapshot(_) => t!("stick_backup.no_snapshot", locale = ZH),
+            StickBackupError::Key(_) => t!("stick_backup.key", locale = ZH),
+            StickBackupError::Stick(_) => t!("stick_backup.stick", locale = ZH),
+            StickBackupError::NoRoom { needed, free } => t!(
+                "stick_backup.no_room",
+                locale = ZH,
+                free = mib(*free),
+                needed = mib(*needed),
+                more = mib(needed - free)
+            ),
+            StickBackupError::TooLarge(bytes) => t!("stick_backup.too_large", locale = ZH, size = mib(*bytes)),
+            StickBackupError::NoScratch { needed, free, .. } => {
+                t!("stick_backup.no_scratch", locale = ZH, free = mib(*free), needed = mib(*needed))
+            }
+            StickBackupError::Io { .. } => t!("stick_backup.io", locale = ZH),
+            StickBackupError::Refused { .. } => t!("stick_backup.refused", locale = ZH),
+            StickBackupError::LocalUnverified { name, .. } => {
+                t!("stick_backup.local_unverified", locale = ZH, name = name)
+            }
+            StickBackupError::Unreadable { name, .. } => {
+                t!("stick_backup.unreadable", locale = ZH, path = format!("{DIR}/{name}"))
+            }
+            StickBackupError::Occupied(name) => {
+                t!("stick_backup.occupied", locale = ZH, path = format!("{DIR}/{name}"))
+            }
+            StickBackupError::Unverified(_) => t!("stick_backup.unverified", locale = ZH),
+        };
+        text.into_owned()
+    }
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
@@ -131,8 +169,11 @@ pub struct StickCopy {
     pub ok_ms: Option<i64>,
     /// Its snapshot's name.
     pub name: Option<String>,
-    /// Why the last insertion made no good copy, while that is so.
+    /// Why the last insertion made no good copy, while that is so (English, as on the receipt).
     pub failing: Option<String>,
+    /// The same in a few words of Simplified Chinese, for the admin chat.
+    #[serde(default)]
+    pub failing_zh: Option<String>,
 }
 
 /// The record of the last copy to a stick, in the provisioning root `root` (the parent of
@@ -145,8 +186,11 @@ pub fn last(root: &Path) -> Option<StickCopy> {
 pub fn record(root: &Path, outcome: &Result<Copied, StickBackupError>, now_ms: i64) {
     let mut r = last(root).unwrap_or_default();
     match outcome {
-        Ok(c) => r = StickCopy { ok_ms: Some(now_ms), name: Some(c.name.clone()), failing: None },
-        Err(e) => r.failing = Some(e.to_string().chars().take(300).collect()),
+        Ok(c) => r = StickCopy { ok_ms: Some(now_ms), name: Some(c.name.clone()), failing: None, failing_zh: None },
+        Err(e) => {
+            r.failing = Some(e.to_string().chars().take(300).collect());
+            r.failing_zh = Some(e.zh());
+        }
     }
     let path = root.join(RECORD);
     let written = serde_json::to_vec_pretty(&r)
