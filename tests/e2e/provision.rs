@@ -1101,6 +1101,7 @@ async fn every_insertion_copies_the_newest_snapshot_onto_the_stick_verified_and_
     assert!(out.contains("backup on this stick: not copied: no snapshot on the box yet"), "{out}");
     let record = provision::stick_backup::last(&b.root).expect("a record");
     assert!(record.ok_ms.is_none() && record.failing.as_deref().is_some_and(|f| f.contains("no snapshot")));
+    assert!(record.failing_zh.as_deref().is_some_and(|f| f.contains("设备上还没有快照")), "{record:?}");
 
     let first = b.snapshot(&key);
     let out = b.insert(&img);
@@ -1110,6 +1111,7 @@ async fn every_insertion_copies_the_newest_snapshot_onto_the_stick_verified_and_
     assert_eq!(verify_on_stick(&img, &first, &check, &key).seq, 1);
     let record = provision::stick_backup::last(&b.root).expect("a record");
     assert_eq!((record.name.as_deref(), record.failing.as_deref()), (Some(first.as_str()), None));
+    assert_eq!(record.failing_zh, None);
     let ok_ms = record.ok_ms.expect("when");
     assert!((zhuli::assistant::now_ms() - ok_ms).abs() < 60_000, "{ok_ms}");
     assert!(
@@ -1224,6 +1226,7 @@ async fn a_stick_without_room_is_refused_with_what_it_needs_and_its_copy_kept() 
     assert_eq!(record.ok_ms, Some(ok_ms), "the last good copy is still known");
     assert_eq!(record.name.as_deref(), Some(first.as_str()));
     assert!(record.failing.as_deref().is_some_and(|f| f.contains("MiB free")), "{record:?}");
+    assert!(record.failing_zh.as_deref().is_some_and(|f| f.contains("U 盘剩余") && f.contains("MiB")), "{record:?}");
 
     // Room made: the new one goes on, the old one stays (two kept).
     on_fat(&img, |root| root.remove("videos.bin").expect("remove"));
@@ -1240,4 +1243,173 @@ async fn a_stick_without_room_is_refused_with_what_it_needs_and_its_copy_kept() 
     both.sort();
     assert_eq!(snapshots_on(&img), both);
     assert!(provision::stick_backup::last(&b.root).is_some_and(|r| r.failing.is_some_and(|f| f.contains("store key"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_linked_elsewhere_is_refused_and_nothing_of_its_target_reaches_the_stick() {
+    use std::os::unix::fs::symlink;
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let (b, key) = configured_box(&sim, "stick-backup-link");
+    let img = b.dir.join("small.img");
+    stick::create_image(&img, 32 << 20, &[]).expect("a 32 MiB stick");
+    // A file root reads and the agent may not (the sealed credentials, /etc/shadow).
+    let marker = "root-only-marker-Qv8dK2pX";
+    let target = b.dir.join("root-only.txt");
+    std::fs::write(&target, marker.repeat(500)).expect("the target");
+    let refused = |out: &str, why: &str| {
+        assert!(out.contains("backup on this stick: not copied: ") && out.contains(why), "{out}");
+        assert!(out.contains("nothing was written to the stick"), "{out}");
+        assert_eq!(occurrences(&img, marker.as_bytes()), 0, "nothing of the target is on the stick");
+        assert!(snapshots_on(&img).is_empty());
+        let record = provision::stick_backup::last(&b.root).expect("a record");
+        assert!(record.failing_zh.as_deref().is_some_and(|f| f.contains("符号链接")), "{record:?}");
+    };
+
+    // The snapshot's file a link to it.
+    let first = b.snapshot(&key);
+    let file = b.backups().join(&first).join("zhuli.redb");
+    std::fs::remove_file(&file).expect("remove");
+    symlink(&target, &file).expect("link");
+    refused(&b.insert(&img), "zhuli.redb is refused: a symbolic link");
+
+    // The newest snapshot's folder a link to a folder holding it as a snapshot's file.
+    let elsewhere = b.dir.join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("folder");
+    std::fs::copy(b.backups().join(&first).join("manifest.json"), elsewhere.join("manifest.json")).expect("manifest");
+    std::fs::copy(&target, elsewhere.join("zhuli.redb")).expect("file");
+    let linked = b.backups().join("zhuli-snapshot-9000-90");
+    symlink(&elsewhere, &linked).expect("link");
+    refused(&b.insert(&img), "zhuli-snapshot-9000-90 is refused: a symbolic link, or not a folder");
+    std::fs::remove_file(&linked).expect("unlink");
+
+    // A hard link to it as the newest snapshot's file.
+    let hard = b.backups().join("zhuli-snapshot-9100-91");
+    std::fs::create_dir(&hard).expect("folder");
+    std::fs::copy(elsewhere.join("manifest.json"), hard.join("manifest.json")).expect("manifest");
+    std::fs::hard_link(&target, hard.join("zhuli.redb")).expect("hard link");
+    refused(&b.insert(&img), "a file of 2 links");
+    std::fs::remove_dir_all(&hard).expect("remove");
+
+    // A snapshot as the backup takes it goes on.
+    let second = b.snapshot(&key);
+    let out = b.insert(&img);
+    assert!(out.contains(&format!("zhuli-backups/{second} (backup 2, ")), "{out}");
+    assert_eq!(snapshots_on(&img), std::slice::from_ref(&second));
+    verify_on_stick(&img, &second, &b.dir.join("check"), &key);
+    assert_eq!(occurrences(&img, marker.as_bytes()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_on_the_stick_longer_than_the_snapshot_is_written_again_unread() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let (b, key) = configured_box(&sim, "stick-backup-long");
+    let img = b.dir.join("small.img");
+    stick::create_image(&img, 32 << 20, &[]).expect("a 32 MiB stick");
+    let first = b.snapshot(&key);
+    let bytes = std::fs::metadata(b.backups().join(&first).join("zhuli.redb")).expect("snapshot").len();
+    // A folder under this snapshot's name, its manifest this store's but for a longer file, and
+    // its file that long (4 GiB at most, into the box's provisioning root, were it read).
+    let longer = bytes + (4 << 20);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.backups().join(&first).join("manifest.json")).expect("manifest"))
+            .expect("json");
+    manifest["bytes"] = longer.into();
+    on_fat(&img, |root| {
+        use std::io::Write;
+        let dir = root.create_dir("zhuli-backups").and_then(|d| d.create_dir(&first)).expect("folder");
+        let mut f = dir.create_file("zhuli.redb").expect("file");
+        let block = vec![0x5a_u8; 1 << 20];
+        let mut left = longer;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            f.write_all(&block[..n]).expect("fill");
+            left -= n as u64;
+        }
+        f.flush().expect("flush");
+        dir.create_file("manifest.json")
+            .and_then(|mut f| f.write_all(&serde_json::to_vec(&manifest).expect("json")))
+            .expect("manifest");
+    });
+    let out = b.import(&img);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("zhuli-backups/{first} (backup 1, ")), "{stdout}");
+    assert!(stdout.contains("copied and verified"), "{stdout}");
+    // Told apart by the length in its entry, before anything of it was read.
+    assert!(stderr.contains(&format!("its zhuli.redb is {longer} bytes, the snapshot's {bytes}")), "{stderr}");
+    assert_eq!(snapshots_on(&img), std::slice::from_ref(&first));
+    verify_on_stick(&img, &first, &b.dir.join("check"), &key);
+}
+
+/// Make the directory entry of the file holding `content` (which starts a cluster of the stick
+/// `img`) say it is `by` bytes longer than its clusters hold: reading it fails, as on a failing
+/// stick.
+fn lengthen_entry(img: &Path, content: &[u8], by: u32) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(img).expect("open stick");
+    let mut boot = [0u8; 512];
+    f.read_exact_at(&mut boot, 0).expect("boot sector");
+    let u16_at = |i: usize| u64::from(u16::from_le_bytes([boot[i], boot[i + 1]]));
+    let u32_at = |i: usize| u64::from(u32::from_le_bytes([boot[i], boot[i + 1], boot[i + 2], boot[i + 3]]));
+    let (sector, per_cluster, reserved, fats) = (u16_at(11), u64::from(boot[13]), u16_at(14), u64::from(boot[16]));
+    let fat_sectors = if u16_at(22) != 0 { u16_at(22) } else { u32_at(36) };
+    let root_sectors = (u16_at(17) * 32).div_ceil(sector);
+    let data_start = (reserved + fats * fat_sectors) * sector;
+    let first_cluster = data_start + root_sectors * sector;
+    let at = first_offset(img, content).expect("the file on the stick");
+    let cluster = (at - first_cluster) / (per_cluster * sector) + 2;
+    let mut bytes = std::fs::read(img).expect("read stick");
+    let len = content.len() as u32;
+    let entry = (data_start as usize..bytes.len() - 32)
+        .step_by(32)
+        .find(|&e| {
+            let d = &bytes[e..e + 32];
+            let start =
+                u64::from(u16::from_le_bytes([d[20], d[21]])) << 16 | u64::from(u16::from_le_bytes([d[26], d[27]]));
+            d[11] & 0x18 == 0 && d[11] != 0x0f && start == cluster && d[28..32] == len.to_le_bytes()
+        })
+        .expect("its directory entry");
+    bytes[entry + 28..entry + 32].copy_from_slice(&(len + by).to_le_bytes());
+    f.write_all_at(&bytes[entry + 28..entry + 32], entry as u64 + 28).expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_the_stick_cannot_read_stops_the_copy_and_the_stick_is_left_as_it_is() {
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let (b, key) = configured_box(&sim, "stick-backup-unread");
+    let img = b.dir.join("small.img");
+    stick::create_image(&img, 32 << 20, &[]).expect("a 32 MiB stick");
+    let first = b.snapshot(&key);
+    b.insert(&img);
+
+    // A folder under a snapshot's name without a manifest: a box renames a copy to its name
+    // only once whole, so it is not one a box left; it is left alone.
+    on_fat(&img, |root| {
+        use std::io::Write;
+        let dir = root.open_dir("zhuli-backups").and_then(|d| d.create_dir("zhuli-snapshot-8000-7")).expect("folder");
+        dir.create_file("zhuli.redb").and_then(|mut f| f.write_all(b"someone's")).expect("file");
+    });
+    let second = b.snapshot(&key);
+    let out = b.insert(&img);
+    assert!(out.contains(&format!("zhuli-backups/{second} (backup 2, ")) && out.contains("2 kept"), "{out}");
+    assert!(!out.contains("partial"), "{out}");
+    let mut all = vec![first.clone(), second.clone(), "zhuli-snapshot-8000-7".to_owned()];
+    all.sort();
+    assert_eq!(snapshots_on(&img), all);
+
+    // The stick fails under the first copy's manifest: the copy stops there, nothing removed.
+    let manifest = std::fs::read(b.backups().join(&first).join("manifest.json")).expect("manifest");
+    lengthen_entry(&img, &manifest, 4096);
+    b.snapshot(&key);
+    let out = b.insert(&img);
+    assert!(
+        out.contains(&format!("not copied: zhuli-backups/{first}/manifest.json on the stick cannot be read")),
+        "{out}"
+    );
+    assert!(out.contains("the copies on the stick were left as they are"), "{out}");
+    assert_eq!(snapshots_on(&img), all);
+    verify_on_stick(&img, &second, &b.dir.join("check"), &key);
+    let record = provision::stick_backup::last(&b.root).expect("a record");
+    assert_eq!(record.name.as_deref(), Some(second.as_str()), "the last good copy is still known");
+    assert!(record.failing_zh.as_deref().is_some_and(|f| f.contains("读不出来")), "{record:?}");
 }

@@ -554,7 +554,7 @@ pub fn write_whole_folder(dev: &Path, path: &str, files: &[(String, PathBuf)]) -
         let folder = dir.create_dir(&part).map_err(io)?;
         let mut buf = vec![0u8; 1 << 20];
         for (file_name, local) in files {
-            let mut source = File::open(local).map_err(|source| StickError::Open { path: local.clone(), source })?;
+            let mut source = open_regular(local)?;
             let mut file = folder.create_file(file_name).map_err(io)?;
             file.truncate().map_err(io)?;
             loop {
@@ -571,6 +571,36 @@ pub fn write_whole_folder(dev: &Path, path: &str, files: &[(String, PathBuf)]) -
         // between) no entry at all — its clusters are then lost until the stick is checked.
         dir.rename(&part, &dir, name).map_err(io)
     })
+}
+
+/// Open the local file `path` to be copied onto the stick: never through a symbolic link (as
+/// its last component), and only a regular file, as the handle read from says — so nothing
+/// else swapped in under its name is copied. Opened without blocking, so a named pipe is refused
+/// rather than waited on.
+fn open_regular(path: &Path) -> Result<File, StickError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refused = |source| StickError::Open { path: path.to_owned(), source };
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = OpenOptions::new().read(true).custom_flags(flags.bits()).open(path).map_err(refused)?;
+    if !file.metadata().map_err(refused)?.is_file() {
+        return Err(refused(std::io::Error::other("not a regular file")));
+    }
+    Ok(file)
+}
+
+/// The files of folder `path` (a `/`-separated path) with their sizes, as its entries say;
+/// `None` when there is no such folder.
+pub fn files_in(dev: &Path, path: &str) -> Result<Option<Vec<(String, u64)>>, StickError> {
+    let fs = open_read_only(dev)?;
+    let Ok(folder) = fs.root_dir().open_dir(path) else { return Ok(None) };
+    let mut files = Vec::new();
+    for e in folder.iter() {
+        let e = e.map_err(io)?;
+        if e.is_file() {
+            files.push((e.file_name(), e.len()));
+        }
+    }
+    Ok(Some(files))
 }
 
 /// Remove folder `path` (a `/`-separated path) and the files in it.
