@@ -462,7 +462,11 @@ async fn a_nightly_backup_cut_short_by_a_kill_is_taken_again_at_the_next_start()
         std::fs::read_dir(nas_dir.join("zhuli-backups"))
             .map(|d| {
                 d.flatten()
-                    .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("zhuli-snapshot-") && !n.ends_with(".part")))
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .is_some_and(|n| n.starts_with("zhuli-snapshot-") && !n.ends_with(".part"))
+                    })
                     .count()
             })
             .unwrap_or(0)

@@ -83,7 +83,9 @@ impl Maintenance for Upkeep {
     fn stick_copy(&self) -> Option<backup::Target> {
         let root = crate::provision::root_of(&self.config.path)?;
         let last = crate::provision::stick_backup::last(&root)?;
-        Some(backup::Target { ok_ms: last.ok_ms, failing: last.failing, told: false })
+        // The reason in the chat's language (the import keeps it in Chinese as well).
+        let failing = if &*rust_i18n::locale() == "zh-CN" { last.failing_zh.or(last.failing) } else { last.failing };
+        Some(backup::Target { ok_ms: last.ok_ms, failing, told: false })
     }
 
     fn releases(&self) -> (Option<update::state::Survey>, Vec<update::boot::Event>) {
