@@ -611,10 +611,11 @@ pub struct State {
 pub fn state(store: &super::Store) -> Result<State, StoreError> {
     match store.setting(STATE)? {
         None => Ok(State::default()),
-        Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Db {
-            path: PathBuf::new(),
-            reason: format!("the setting {STATE} does not read as the backup's state ({e})"),
-        }),
+        // Said, then started afresh: a state no release can read must not stop the backups.
+        Some(text) => Ok(serde_json::from_str(&text).unwrap_or_else(|e| {
+            log::error!("the setting {STATE} does not read as the backup's state ({e}); starting it afresh");
+            State::default()
+        })),
     }
 }
 
