@@ -611,11 +611,15 @@ async fn the_image_boots_provisions_answers_and_heals() {
     let receipt_now =
         || stick::read(&stick_img, stick::RECEIPT).ok().and_then(|r| String::from_utf8(r).ok()).unwrap_or_default();
     let waited = Instant::now();
-    while !receipt_now().contains("secrets on this stick: removed") && waited.elapsed() < Duration::from_secs(120) {
+    // The receipt is whole once the stick's backup line is there too (the import's last step).
+    let whole = |r: &str| r.contains("secrets on this stick: removed") && r.contains("backup on this stick: ");
+    while !whole(&receipt_now()) && waited.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(500));
     }
     let receipt = receipt_now();
     assert!(receipt.contains("imported serial 1"), "receipt:\n{receipt}");
+    // A box just set up has no snapshot yet: the stick is told so, not given an empty copy.
+    assert!(receipt.contains("backup on this stick: not copied: no snapshot on the box yet"), "receipt:\n{receipt}");
     assert!(receipt.contains("secrets on this stick: removed: the whole stick was checked"), "receipt:\n{receipt}");
     // Journal sealing set up by the import; its verification key left with the stick.
     let key = receipt
