@@ -383,40 +383,17 @@ async fn the_model_makes_jobs_and_a_repeating_group_post_waits_for_confirmation(
     assert!(mine.contains("共 2 个") && !mine.contains("再提醒一次"), "{mine}");
 }
 
-/// A TCP front that passes connections to `to`, or drops them while `down` is set: a network
-/// drive that goes away and comes back on the same address.
-async fn switchable_front(
-    to: std::net::SocketAddr,
-) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let down = Arc::new(AtomicBool::new(false));
-    let flag = down.clone();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            if flag.load(Ordering::SeqCst) {
-                drop(client);
-                continue;
-            }
-            tokio::spawn(async move {
-                if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                }
-            });
-        }
-    });
-    (addr, down)
+/// A network drive that misbehaves on command: a TCP front that passes connections to `to`;
+/// while `down` is set it drops them (the drive went away), while `stall` is set a connection
+/// that opens with a PUT has its head read and then gets nothing back (the drive stopped taking
+/// an upload).
+struct Front {
+    addr: std::net::SocketAddr,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// A TCP front that passes connections to `to`; while `stall` is set, one that opens with a PUT
-/// has its head read and then gets nothing back: a drive that stops taking an upload.
-async fn stalling_front(
-    to: std::net::SocketAddr,
-) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+async fn front(to: std::net::SocketAddr) -> Front {
     use std::sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -424,11 +401,15 @@ async fn stalling_front(
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let stall = Arc::new(AtomicBool::new(false));
-    let flag = stall.clone();
+    let (down, stall) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (is_down, is_stalling) = (down.clone(), stall.clone());
     tokio::spawn(async move {
         while let Ok((mut client, _)) = listener.accept().await {
-            let stalling = flag.load(Ordering::SeqCst);
+            if is_down.load(Ordering::SeqCst) {
+                drop(client);
+                continue;
+            }
+            let stalling = is_stalling.load(Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut first = [0u8; 4];
                 if stalling && client.peek(&mut first).await.is_ok() && &first == b"PUT " {
@@ -441,7 +422,7 @@ async fn stalling_front(
             });
         }
     });
-    (addr, stall)
+    Front { addr, down, stall }
 }
 
 /// A night whose copies a kill -9 cut short (the drive was taking the upload): at the next start
@@ -451,7 +432,7 @@ async fn a_nightly_backup_cut_short_by_a_kill_is_taken_again_at_the_next_start()
     use zhuli::tools::local_server::LocalServer;
     let nas_dir = support::temp_dir("cut-nas");
     let nas = support::Server::new(LocalServer::rclone_webdav(&nas_dir, "/dav", Some(("box", "nas-pw-93kQ"))));
-    let (front, stall) = stalling_front(nas.addr()).await;
+    let Front { addr: front, stall, .. } = front(nas.addr()).await;
     stall.store(true, std::sync::atomic::Ordering::SeqCst);
     let extra = format!(
         "[backup]\noffsite = \"http://{front}/dav/zhuli-backups\"\nusername = \"box\"\npassword = \"nas-pw-93kQ\"\ntimeout_ms = 60000\n\
@@ -502,7 +483,7 @@ async fn the_nightly_backup_lands_on_the_box_and_the_drive_and_a_failure_is_told
     use zhuli::tools::local_server::LocalServer;
     let nas_dir = support::temp_dir("nightly-nas");
     let nas = support::Server::new(LocalServer::rclone_webdav(&nas_dir, "/dav", Some(("box", "nas-pw-93kQ"))));
-    let (front, down) = switchable_front(nas.addr()).await;
+    let Front { addr: front, down, .. } = front(nas.addr()).await;
     let extra = format!(
         "[backup]\noffsite = \"http://{front}/dav/zhuli-backups\"\nusername = \"box\"\npassword = \"nas-pw-93kQ\"\ntimeout_ms = 3000\n\
          [access]\nadmins = [\"boss\"]\n"
