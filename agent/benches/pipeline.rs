@@ -32,14 +32,11 @@ use tokio_util::sync::CancellationToken;
 use zhuli::{
     app::{self, AgentHandles},
     config::Config,
-    dingtalk::{
-        frame::StreamFrame,
-        message::RobotMessage,
-        sim::{Inject, SimConfig, Simulator},
-    },
+    dingtalk::{frame::StreamFrame, message::RobotMessage},
     store::{Acceptance, Retention, Store, WriteOp, key::StoreKey},
     tools::{Context, Tool},
 };
+use zhuli_sim::dingtalk::{Inject, SimConfig, Simulator};
 
 fn parse_and_dispatch() {
     let data =
@@ -485,7 +482,7 @@ fn own_rss_kib() -> u64 {
 }
 
 fn assistant_turns() {
-    use zhuli::llm::sim::{LlmSim, Scripted};
+    use zhuli_sim::llm::{LlmSim, Scripted};
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = bench_dir("turns");
     std::fs::create_dir_all(dir.join("share")).expect("share");
@@ -564,10 +561,8 @@ fn assistant_turns() {
 
 /// One call of each workspace tool against the simulator, many times: p50/p99 per tool.
 fn workspace_calls() {
-    use zhuli::{
-        dingtalk::sim::org::{Org, OrgEvent},
-        tools::workspace,
-    };
+    use zhuli::tools::workspace;
+    use zhuli_sim::dingtalk::org::{Org, OrgEvent};
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = bench_dir("workspace");
     let sim = rt.block_on(Simulator::start(SimConfig::default())).expect("simulator");
@@ -575,7 +570,7 @@ fn workspace_calls() {
     for i in 0..200 {
         org = org.person(&format!("p{i}"), &format!("Person {i}"), "Staff", &[2]);
     }
-    let now = zhuli::assistant::now_ms();
+    let now = zhuli::clock::now_ms();
     for i in 0..40 {
         let start = now + 86_400_000 + i * 3_600_000;
         org.events.push(OrgEvent {
@@ -692,13 +687,14 @@ fn find<'a>(tools: &'a [Arc<dyn Tool>], name: &str) -> &'a Arc<dyn Tool> {
 }
 
 fn backend_calls() {
-    use zhuli::tools::{caldav, drive, github, local_server::LocalServer, mcp};
+    use zhuli::tools::{caldav, drive, github, mcp};
+    use zhuli_sim::{github::GithubSim, local_server::LocalServer};
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = bench_dir("backends");
     const N: usize = 200;
 
     // GitHub: the loopback server with GitHub's shapes and headers.
-    let gh = rt.block_on(github::sim::GithubSim::start("bench-token")).expect("github sim");
+    let gh = rt.block_on(GithubSim::start("bench-token")).expect("github sim");
     gh.seed_repo("acme/site", 60, 5);
     gh.state().limit = 1_000_000;
     gh.state().remaining = 1_000_000;
@@ -761,7 +757,7 @@ fn backend_calls() {
     let cal = store.join("collection-root/bench/team");
     std::fs::create_dir_all(&cal).expect("calendar");
     std::fs::write(cal.join(".Radicale.props"), r#"{"tag": "VCALENDAR"}"#).expect("props");
-    let now = zhuli::assistant::now_ms();
+    let now = zhuli::clock::now_ms();
     for i in 0..40i64 {
         let start = zhuli::tools::caldav::ical::utc_value(now + i * 7_200_000);
         let rule = if i == 0 { "RRULE:FREQ=DAILY\r\n" } else { "" };

@@ -23,8 +23,9 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Child,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
+use zhuli::clock::now_ms;
 
 use zhuli::{
     app,
@@ -33,21 +34,17 @@ use zhuli::{
         Content,
         message::{ConversationKind, RobotMessage},
         sender::Reply,
-        sim::{SimConfig, Simulator},
     },
     schedule::{Action, Job, Rule},
     store::{OutboxEntry, Retention, Role, Store, Turn, WriteOp, backup, key::StoreKey},
 };
+use zhuli_sim::dingtalk::{SimConfig, Simulator};
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 60 * MINUTE;
 const DAY: i64 = 24 * HOUR;
 /// The office's offset the jobs' rules use (`[assistant] utc_offset_minutes`'s default).
 const OFFSET: i32 = 480;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 /// A fresh scratch directory for one figure.
 fn bench_dir(tag: &str) -> PathBuf {
@@ -610,7 +607,8 @@ fn backup_figures() {
 }
 
 fn offsite_figures(dir: &Path, snapshot: &Path, key: &StoreKey) {
-    use zhuli::{offsite::Offsite, secret::Secret, tools::local_server::LocalServer};
+    use zhuli::{offsite::Offsite, secret::Secret};
+    use zhuli_sim::local_server::LocalServer;
     let served = dir.join("nas");
     std::fs::create_dir_all(&served).expect("nas");
     let dav = match LocalServer::rclone_webdav(&served, "/dav", Some(("box", "bench-nas-pw"))) {

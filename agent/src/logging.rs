@@ -5,7 +5,7 @@
 //! system journal (it is not in the journal's group, on purpose), and `/logs` and `/doctor` show
 //! them in the admin chat.
 //!
-//! `zhuli demo` owns the terminal instead: its records go into a bounded queue that the demo
+//! `zhuli-sim demo` owns the terminal instead: its records go into a bounded queue that the demo
 //! prints between its own lines, so a log line never lands on its prompt. Logging never blocks
 //! the agent: when the queue is full, lines are dropped.
 

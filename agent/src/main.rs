@@ -1,6 +1,6 @@
 //! The `zhuli` binary: argument parsing and wiring only.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -8,8 +8,6 @@ use tokio_util::sync::CancellationToken;
 use zhuli::{
     app,
     config::Config,
-    demo,
-    dingtalk::sim::{SimConfig, Simulator},
     health, logging,
     store::{Retention, Store, backup, key::StoreKey},
 };
@@ -28,25 +26,6 @@ enum Command {
         /// The configuration file (on the box: /var/lib/zhuli-provisioning/current/zhuli.toml).
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
-    },
-    /// Run a local DingTalk gateway simulator on loopback.
-    Sim {
-        /// Address of the simulator's HTTP API (the WebSocket gets its own port).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-    },
-    /// Chat with the agent in the terminal, against the simulator: no credentials, no network.
-    Demo {
-        /// An OpenAI-compatible endpoint to answer questions, e.g. a local Ollama at
-        /// http://127.0.0.1:11434/v1 (without it the demo answers commands only).
-        #[arg(long)]
-        llm_url: Option<String>,
-        /// The model to ask (with --llm-url).
-        #[arg(long, default_value = "qwen2.5")]
-        llm_model: String,
-        /// The environment variable holding the endpoint's API key, if it needs one.
-        #[arg(long)]
-        llm_key_env: Option<String>,
     },
     /// Show the running agent's status (over its Unix socket).
     Status {
@@ -497,30 +476,6 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 app::run(config, cancel).await
             })?;
         }
-        Command::Sim { listen } => {
-            logging::init(log::LevelFilter::Info);
-            if !zhuli::dingtalk::settings::is_loopback_host(&listen.ip().to_string()) {
-                anyhow::bail!("the simulator binds loopback only; use --listen 127.0.0.1:PORT");
-            }
-            runtime()?.block_on(async {
-                let cfg = SimConfig::default();
-                let sim = Simulator::start_on(cfg.clone(), listen).await?;
-                println!(
-                    "DingTalk simulator on {base}\n\n# agent configuration for it:\n[dingtalk]\nclient_id = {id:?}\nclient_secret = {secret:?}\nrobot_code = {robot:?}\napi_base = {base:?}\n\n\
-                     # inject a message:  curl -s {base}/_sim/messages -d '{{\"text\":\"/ping\"}}'\n\
-                     # see the replies:   curl -s {base}/_sim/replies\n# status:            curl -s {base}/_sim/status\n\
-                     # a failure:         curl -s {base}/_sim/faults -d '{{\"fault\":\"disconnect\"}}'  (or zombie, frozen, drop, refuse_opens, outage, throttle, cut, revoke_tokens, bad_tickets, raw)",
-                    base = sim.api_base(),
-                    id = cfg.client_id,
-                    secret = cfg.client_secret,
-                    robot = cfg.robot_code,
-                );
-                let cancel = CancellationToken::new();
-                until_signal(cancel).await;
-                sim.shutdown().await;
-                anyhow::Ok(())
-            })?;
-        }
         Command::Store { command: StoreCommand::Schema } => {
             println!("ZHULI_STORE_SCHEMA={}", zhuli::store::SCHEMA_VERSION);
             println!("ZHULI_STORE_OLDEST_READER={}", zhuli::store::OLDEST_READER);
@@ -682,22 +637,6 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             print!("{}", health::doctor::report(&steps));
             if steps.iter().any(|s| s.verdict == health::doctor::Verdict::Fail) {
                 std::process::exit(1);
-            }
-        }
-        Command::Demo { llm_url, llm_model, llm_key_env } => {
-            // The demo prints the agent's log lines itself, between its own.
-            let logs = logging::init_queue(log::LevelFilter::Warn, 256);
-            let key = match llm_key_env {
-                Some(var) => Some(std::env::var(&var).with_context(|| format!("--llm-key-env: {var} is not set"))?),
-                None => None,
-            };
-            let llm = llm_url.map(|url| demo::Llm { url, model: llm_model, key });
-            let rt = runtime()?;
-            let stopped = rt.block_on(demo::run(llm, logs));
-            // A read of the terminal cannot be cancelled: after Ctrl-C, do not wait for Enter.
-            rt.shutdown_background();
-            if let Some(signo) = stopped? {
-                std::process::exit(128 + signo);
             }
         }
     }

@@ -55,7 +55,7 @@ fn vendor_key() -> anyhow::Result<String> {
 
 fn record(what: &str, version: &str, code: &str, why: String) {
     record_event(Event {
-        at_ms: zhuli::assistant::now_ms(),
+        at_ms: zhuli::clock::now_ms(),
         what: what.into(),
         version: version.into(),
         why,
@@ -75,7 +75,7 @@ fn write_survey(available: Option<String>) -> anyhow::Result<state::Survey> {
     let r = running()?;
     let mut disk = std::fs::File::open(&r.disk).with_context(|| format!("cannot open {}", r.disk.display()))?;
     let entries = Gpt::read(&mut disk, r.sector)?.entries();
-    let mut survey = state::survey(Path::new(ESP), &entries, &r.version.to_string(), zhuli::assistant::now_ms());
+    let mut survey = state::survey(Path::new(ESP), &entries, &r.version.to_string(), zhuli::clock::now_ms());
     survey.available = available;
     state::write(&state::survey_path(), &survey)
         .with_context(|| format!("cannot write {}", state::survey_path().display()))?;
@@ -298,7 +298,7 @@ pub fn pull(
     }
     let events = boot::events(&boot::events_path());
     let held = if configured { hold_back(&events, &v, snapshot_taken(snapshot_note)) } else { None };
-    let in_window = window.contains(zhuli::assistant::now_ms(), offset);
+    let in_window = window.contains(zhuli::clock::now_ms(), offset);
     if let Some((code, why)) = &held {
         println!("{why}");
         // Told once, and only when it keeps the release from its window.
@@ -396,7 +396,7 @@ fn install_staged(
     tries: u32,
 ) -> anyhow::Result<()> {
     let dir = staged.join(version);
-    let at = zhuli::assistant::now_ms();
+    let at = zhuli::clock::now_ms();
     record("stick", version, "", String::new());
     if configured && !wait_for_snapshot(snapshot_note, at, SNAPSHOT_WAIT) {
         println!(
@@ -415,7 +415,7 @@ pub fn rollback(and_reboot: bool) -> anyhow::Result<()> {
     match state::rollback(Path::new(ESP), &survey) {
         Ok(previous) => {
             record_event(Event {
-                at_ms: zhuli::assistant::now_ms(),
+                at_ms: zhuli::clock::now_ms(),
                 what: "rollback".into(),
                 version: previous.clone(),
                 why: format!("asked to go back from {}", survey.running),

@@ -6,10 +6,10 @@
 use std::{path::PathBuf, time::Duration};
 
 use serde_json::{Value, json};
-use zhuli::{
-    audit::Kind,
-    dingtalk::sim::{Inject, Simulator},
-    llm::sim::{LlmSim, Scripted},
+use zhuli::audit::Kind;
+use zhuli_sim::{
+    dingtalk::{Inject, Simulator},
+    llm::{LlmSim, Scripted},
 };
 
 use crate::support::{self, Agent, Journal, SECRET, field, replies_to};
@@ -634,7 +634,7 @@ async fn answers_stream_into_an_ai_card() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_card_falls_back_to_one_markdown_message() {
-    use zhuli::dingtalk::sim::cards::CardFault;
+    use zhuli_sim::dingtalk::cards::CardFault;
     let rig = rig_with("card-fallback", "", CARD).await;
 
     rig.sim.set_card_fault(CardFault::Create);

@@ -17,14 +17,15 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use zhuli::{
-    audit::Kind,
-    dingtalk::sim::{
+use zhuli::{audit::Kind, tools::when};
+use zhuli_sim::{
+    dingtalk::{
         Inject, Simulator,
         org::{Org, OrgEvent, OrgTodo},
     },
-    llm::sim::LlmSim,
-    tools::{github::sim::GithubSim, local_server::LocalServer, when},
+    github::GithubSim,
+    llm::LlmSim,
+    local_server::LocalServer,
 };
 
 use crate::support::{self, Agent, Journal, Server, code_in, field};
@@ -107,7 +108,7 @@ fn org() -> Org {
         .person("hanmei", "Han Meimei", "Manager", &[2])
         .person("lilei", "Li Lei", "Engineer", &[2])
         .person("mallory", "Mallory", "Intern", &[2]);
-    let (_, today) = when::minute_of_day(zhuli::assistant::now_ms(), 480);
+    let (_, today) = when::minute_of_day(zhuli::clock::now_ms(), 480);
     let start = when::day_start_ms(today + 1, 480) + 10 * 3_600_000;
     org.events.push(OrgEvent {
         id: "evt-weekly".into(),
@@ -161,7 +162,7 @@ async fn rig(tag: &str) -> Rig {
     let name = call("drive_upload", json!({"from": "share§plan.txt", "to": "leak.txt"})).replace('§', "\\u002f");
     put(&drive, &format!("docs/{name}.txt"), b"bait");
     // Radicale: Li Lei's personal calendar.
-    let (_, today) = when::minute_of_day(zhuli::assistant::now_ms(), 480);
+    let (_, today) = when::minute_of_day(zhuli::clock::now_ms(), 480);
     let day = when::rfc3339(when::day_start_ms(today + 1, 480) + 13 * 3_600_000, 480);
     let ics = format!(
         "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:dentist\r\nDTSTAMP:20261101T000000Z\r\n\
@@ -502,7 +503,7 @@ async fn a_hostile_model_cannot_write_share_or_read_beyond_the_askers_standing()
         )
         .await,
     );
-    let (_, today) = when::minute_of_day(zhuli::assistant::now_ms(), 480);
+    let (_, today) = when::minute_of_day(zhuli::clock::now_ms(), 480);
     let (from, to) =
         (when::rfc3339(when::day_start_ms(today, 480), 480), when::rfc3339(when::day_start_ms(today + 3, 480), 480));
     rows.push(

@@ -4,7 +4,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use zhuli::dingtalk::sim::{Inject, Simulator};
+use zhuli_sim::dingtalk::{Inject, Simulator};
 
 use crate::support::*;
 
@@ -155,8 +155,8 @@ async fn snapshots_go_off_site_verified_and_rotated() {
         offsite::Offsite,
         secret::Secret,
         store::{Retention, Store, backup, key::StoreKey},
-        tools::local_server::LocalServer,
     };
+    use zhuli_sim::local_server::LocalServer;
     let dir = temp_dir("offsite");
     let served = dir.join("nas");
     std::fs::create_dir_all(&served).expect("nas");
@@ -227,8 +227,8 @@ async fn the_doctor_warns_when_the_newest_off_site_copy_is_old() {
         offsite::Offsite,
         secret::Secret,
         store::{Retention, Store, backup, key::StoreKey},
-        tools::local_server::LocalServer,
     };
+    use zhuli_sim::local_server::LocalServer;
     let dir = temp_dir("offsite-age");
     let served = dir.join("nas");
     std::fs::create_dir_all(&served).expect("nas");
@@ -288,8 +288,8 @@ async fn a_drive_that_stops_taking_an_upload_fails_it_within_the_idle_time() {
         offsite::Offsite,
         secret::Secret,
         store::{Retention, Store, backup, key::StoreKey},
-        tools::local_server::LocalServer,
     };
+    use zhuli_sim::local_server::LocalServer;
     let dir = temp_dir("offsite-stall");
     let served = dir.join("nas");
     std::fs::create_dir_all(&served).expect("nas");

@@ -22,10 +22,10 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use zhuli::{
-    dingtalk::sim::{Inject, SimConfig, Simulator},
-    llm::sim::{LlmSim, Scripted},
-    provision::stick,
+use zhuli::provision::stick;
+use zhuli_sim::{
+    dingtalk::{Inject, SimConfig, Simulator},
+    llm::{LlmSim, Scripted},
 };
 
 use crate::support::{self, calls, code_in};

@@ -20,7 +20,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use tokio::net::TcpListener;
-use zhuli::{dingtalk::sim::Simulator, llm::sim::Scripted};
+use zhuli_sim::{dingtalk::Simulator, llm::Scripted};
 
 use crate::{
     boot::{
@@ -35,7 +35,7 @@ use crate::{
 async fn release_server(current: Arc<Mutex<PathBuf>>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    zhuli::sim_http::spawn(listener, tokio_util::sync::CancellationToken::new(), move |req| {
+    zhuli_sim::serve::spawn(listener, tokio_util::sync::CancellationToken::new(), move |req| {
         let current = current.clone();
         async move {
             let name = req.uri().path().trim_start_matches('/').to_owned();

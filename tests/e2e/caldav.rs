@@ -5,14 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use zhuli::{
-    audit::Kind,
-    dingtalk::sim::{Inject, Simulator},
-    llm::sim::{LlmSim, Scripted},
-    tools::when,
+use zhuli::{audit::Kind, tools::when};
+use zhuli_sim::{
+    dingtalk::{Inject, Simulator},
+    llm::{LlmSim, Scripted},
 };
 
-use zhuli::tools::local_server::LocalServer;
+use zhuli_sim::local_server::LocalServer;
 
 use crate::support::{self, Agent, Journal, Server, calls};
 
@@ -37,7 +36,7 @@ impl Drop for Rig {
 
 /// Local midnight of the next weekday at least `ahead` days away.
 fn weekday(ahead: i64) -> i64 {
-    let (_, today) = when::minute_of_day(zhuli::assistant::now_ms(), SH);
+    let (_, today) = when::minute_of_day(zhuli::clock::now_ms(), SH);
     let d = (today + ahead..).find(|d| when::weekday(*d) < 5).expect("a weekday");
     when::day_start_ms(d, SH)
 }
@@ -289,7 +288,7 @@ async fn bad_times_unknown_calendars_and_a_wrong_password_get_clear_answers() {
     let rig = rig("caldav-bad", PASSWORD).await;
     let day = weekday(2);
     // Yesterday, whatever weekday today is (three days before `day` is tomorrow on a Thursday).
-    let (_, today) = when::minute_of_day(zhuli::assistant::now_ms(), SH);
+    let (_, today) = when::minute_of_day(zhuli::clock::now_ms(), SH);
     let yesterday = when::day_start_ms(today - 1, SH);
     for (args, expect) in [
         (json!({"title": "x", "start": t(at(yesterday, 10, 0)), "end": t(at(yesterday, 11, 0))}), "is in the past"),

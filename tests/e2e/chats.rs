@@ -6,9 +6,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use zhuli::{
-    dingtalk::sim::{Inject, RecordedReply, SimConfig, Simulator},
-    llm::sim::LlmSim,
+use zhuli_sim::{
+    dingtalk::{Inject, RecordedReply, SimConfig, Simulator},
+    llm::LlmSim,
 };
 
 use crate::support::*;

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use zhuli::dingtalk::sim::{Inject, ReplyRoute, Simulator};
+use zhuli_sim::dingtalk::{Inject, ReplyRoute, Simulator};
 
 use crate::support::sim_config;
 

@@ -13,13 +13,13 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
-use zhuli::{
-    audit::Kind,
-    dingtalk::sim::{Inject, Simulator},
-    llm::sim::{LlmSim, Scripted},
+use zhuli::audit::Kind;
+use zhuli_sim::{
+    dingtalk::{Inject, Simulator},
+    llm::{LlmSim, Scripted},
 };
 
-use zhuli::tools::local_server::LocalServer;
+use zhuli_sim::local_server::LocalServer;
 
 use crate::support::{self, Agent, Journal, Server, calls, code_in};
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use zhuli::dingtalk::sim::{ConnMode, Inject, ReplyRoute, SimConfig, Simulator, ThrottleKind};
+use zhuli_sim::dingtalk::{ConnMode, Inject, ReplyRoute, SimConfig, Simulator, ThrottleKind};
 
 use crate::support::*;
 

@@ -4,11 +4,11 @@
 //! the requests it saw and the audit trail.
 
 use serde_json::json;
-use zhuli::{
-    audit::Kind,
-    dingtalk::sim::{Inject, Simulator},
-    llm::sim::{LlmSim, Scripted},
-    tools::github::sim::GithubSim,
+use zhuli::audit::Kind;
+use zhuli_sim::{
+    dingtalk::{Inject, Simulator},
+    github::GithubSim,
+    llm::{LlmSim, Scripted},
 };
 
 use crate::support::{self, Agent, Journal, calls, code_in};

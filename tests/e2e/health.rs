@@ -9,7 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use zhuli::{audit::Kind, dingtalk::sim::Simulator};
+use zhuli::audit::Kind;
+use zhuli_sim::dingtalk::Simulator;
 
 use crate::support::{self, Journal, SECRET};
 
@@ -169,7 +170,7 @@ async fn status_socket_serves_the_agents_user_and_refuses_others() {
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let agent = support::spawn_agent("status", &support::config_for(&sim, SECRET, FAST));
     assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await);
-    sim.inject(zhuli::dingtalk::sim::Inject::text("/ping"));
+    sim.inject(zhuli_sim::dingtalk::Inject::text("/ping"));
     assert!(sim.wait_until(Duration::from_secs(5), |s| !s.replies().is_empty()).await);
     let socket = agent.dir.join("state/status.sock");
     let wait = Instant::now() + Duration::from_secs(5);
@@ -438,7 +439,7 @@ async fn a_reconnect_storm_is_told_to_the_admins_when_it_starts_and_ends() {
 /// box's upkeep without a shell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admins_diagnose_read_logs_and_back_up_from_the_chat() {
-    use zhuli::dingtalk::sim::Inject;
+    use zhuli_sim::dingtalk::Inject;
     let sim = Simulator::start(support::sim_config()).await.expect("simulator");
     let extra = "[access]\nadmins = [\"boss\"]\ndirect_chats = \"org\"\n";
     let agent = support::spawn_agent("upkeep", &support::config_for(&sim, SECRET, extra));

@@ -6,10 +6,10 @@
 //! model leaves protected work unanswered, said plainly, and nothing goes to the cloud.
 
 use serde_json::json;
-use zhuli::{
-    audit::Kind,
-    dingtalk::sim::{Inject, Simulator},
-    llm::sim::{LlmSim, Scripted},
+use zhuli::audit::Kind;
+use zhuli_sim::{
+    dingtalk::{Inject, Simulator},
+    llm::{LlmSim, Scripted},
 };
 
 use crate::support::{self, Journal, calls, field};

@@ -7,13 +7,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use zhuli::{
     dingtalk::settings::Millis,
-    llm::{
-        ChatMessage, Client, LlmError, Role, Settings, ToolSpec,
-        route::Place,
-        sim::{LlmSim, Scripted},
-    },
+    llm::{ChatMessage, Client, LlmError, Role, Settings, ToolSpec, route::Place},
     secret::Secret,
 };
+use zhuli_sim::llm::{LlmSim, Scripted};
 
 const KEY: &str = "sk-test-Vb7Qw2";
 

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use zhuli::dingtalk::sim::{Inject, SimConfig, Simulator};
+use zhuli_sim::dingtalk::{Inject, SimConfig, Simulator};
 
 use crate::{chats::covers, support::*};
 

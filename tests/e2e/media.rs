@@ -8,9 +8,9 @@ use zhuli::{
         http::{HttpClient, tls_config},
         media::{MediaArea, MediaError},
         openapi::OpenApi,
-        sim::Simulator,
     },
 };
+use zhuli_sim::dingtalk::Simulator;
 
 use crate::support::{SECRET, config_for, sim_config, temp_dir};
 

@@ -10,10 +10,10 @@ use std::{
 };
 
 use serde_json::json;
-use zhuli::{
-    audit::Kind,
-    dingtalk::sim::{Inject, Simulator},
-    llm::sim::{LlmSim, Scripted},
+use zhuli::audit::Kind;
+use zhuli_sim::{
+    dingtalk::{Inject, Simulator},
+    llm::{LlmSim, Scripted},
 };
 
 use crate::support::{self, Agent, Journal, calls, code_in};

@@ -8,10 +8,8 @@ use std::{
     time::Duration,
 };
 
-use zhuli::{
-    dingtalk::sim::{Inject, Simulator},
-    provision::{self, sign, stick},
-};
+use zhuli::provision::{self, sign, stick};
+use zhuli_sim::dingtalk::{Inject, Simulator};
 
 use crate::support::{self, SECRET};
 
@@ -1113,7 +1111,7 @@ async fn every_insertion_copies_the_newest_snapshot_onto_the_stick_verified_and_
     assert_eq!((record.name.as_deref(), record.failing.as_deref()), (Some(first.as_str()), None));
     assert_eq!(record.failing_zh, None);
     let ok_ms = record.ok_ms.expect("when");
-    assert!((zhuli::assistant::now_ms() - ok_ms).abs() < 60_000, "{ok_ms}");
+    assert!((zhuli::clock::now_ms() - ok_ms).abs() < 60_000, "{ok_ms}");
     assert!(
         receipt_on(&img).contains(&format!("backup on this stick: zhuli-backups/{first} ")),
         "{}",

@@ -9,10 +9,10 @@ use std::{
 };
 
 use zhuli::{
-    dingtalk::sim::Simulator,
     provision::sign,
     store::{Store, key::StoreKey},
 };
+use zhuli_sim::dingtalk::Simulator;
 
 use crate::{
     provision::{Box, config_text, receipt_on, s, zhuli},

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use zhuli::dingtalk::sim::{Inject, ReplyRoute};
+use zhuli_sim::dingtalk::{Inject, ReplyRoute};
 
 use crate::support::*;
 

@@ -10,9 +10,9 @@ use zhuli::{
     llm::{
         ChatMessage, Role, Settings,
         route::{Class, Piece, Place, RouteError, Router},
-        sim::{LlmSim, Scripted},
     },
 };
+use zhuli_sim::llm::{LlmSim, Scripted};
 
 fn endpoint(name: &str, place: Place, sim: &LlmSim, timeout_ms: u64) -> Settings {
     Settings {

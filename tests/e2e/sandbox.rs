@@ -15,7 +15,7 @@ use std::{
 };
 
 use serde_json::json;
-use zhuli::{dingtalk::sim::Simulator, llm::sim::LlmSim};
+use zhuli_sim::{dingtalk::Simulator, llm::LlmSim};
 
 use crate::support::{self, Agent, Journal};
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use zhuli::dingtalk::sim::{Inject, RecordedReply, Simulator};
+use zhuli_sim::dingtalk::{Inject, RecordedReply, Simulator};
 
 use crate::support::{self, Agent, SECRET, config_for, spawn_agent_with_env};
 
@@ -267,7 +267,7 @@ async fn bad_times_and_limits_get_clear_answers() {
 /// and the answer is posted there; the reply to the request that made it went to no model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_request_is_answered_by_the_model_as_its_owner() {
-    let llm = zhuli::llm::sim::LlmSim::start().await.expect("model");
+    let llm = zhuli_sim::llm::LlmSim::start().await.expect("model");
     llm.set_echo(true);
     let extra = format!(
         "[llm]\nbase_url = {:?}\nwhere = \"local\"\nmodel = \"sim-model\"\ntimeout_ms = 5000\nmax_retries = 1\n",
@@ -301,7 +301,7 @@ async fn a_scheduled_request_is_answered_by_the_model_as_its_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_makes_jobs_and_a_repeating_group_post_waits_for_confirmation() {
     use serde_json::json;
-    use zhuli::llm::sim::{LlmSim, Scripted};
+    use zhuli_sim::llm::{LlmSim, Scripted};
     let llm = LlmSim::start().await.expect("model");
     let extra = format!(
         "[llm]\nbase_url = {:?}\nwhere = \"local\"\nmodel = \"sim-model\"\ntimeout_ms = 5000\nmax_retries = 1\n\
@@ -429,7 +429,7 @@ async fn front(to: std::net::SocketAddr) -> Front {
 /// they are taken again at once, and the copy reaches the drive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nightly_backup_cut_short_by_a_kill_is_taken_again_at_the_next_start() {
-    use zhuli::tools::local_server::LocalServer;
+    use zhuli_sim::local_server::LocalServer;
     let nas_dir = support::temp_dir("cut-nas");
     let nas = support::Server::new(LocalServer::rclone_webdav(&nas_dir, "/dav", Some(("box", "nas-pw-93kQ"))));
     let Front { addr: front, stall, .. } = front(nas.addr()).await;
@@ -480,7 +480,7 @@ async fn a_nightly_backup_cut_short_by_a_kill_is_taken_again_at_the_next_start()
 /// return too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nightly_backup_lands_on_the_box_and_the_drive_and_a_failure_is_told_once() {
-    use zhuli::tools::local_server::LocalServer;
+    use zhuli_sim::local_server::LocalServer;
     let nas_dir = support::temp_dir("nightly-nas");
     let nas = support::Server::new(LocalServer::rclone_webdav(&nas_dir, "/dav", Some(("box", "nas-pw-93kQ"))));
     let Front { addr: front, down, .. } = front(nas.addr()).await;

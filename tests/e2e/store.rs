@@ -15,7 +15,7 @@ const IN_FLIGHT_MS: i64 = 300;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use zhuli::dingtalk::sim::{Inject, Simulator};
+use zhuli_sim::dingtalk::{Inject, Simulator};
 
 use crate::support::*;
 

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use zhuli::dingtalk::sim::{Inject, RecordedReply, SimConfig, Simulator};
+use zhuli_sim::dingtalk::{Inject, RecordedReply, SimConfig, Simulator};
 
 pub const SECRET: &str = "e2e-client-secret-Zq8Xv4";
 
@@ -251,8 +251,8 @@ pub async fn ask(sim: &Simulator, agent: &Agent, m: Inject) -> String {
 }
 
 /// A scripted model turn that calls `list` tools (name, arguments).
-pub fn calls(list: &[(&str, serde_json::Value)]) -> zhuli::llm::sim::Scripted {
-    zhuli::llm::sim::Scripted::ToolCalls(list.iter().map(|(n, a)| ((*n).to_owned(), a.to_string())).collect())
+pub fn calls(list: &[(&str, serde_json::Value)]) -> zhuli_sim::llm::Scripted {
+    zhuli_sim::llm::Scripted::ToolCalls(list.iter().map(|(n, a)| ((*n).to_owned(), a.to_string())).collect())
 }
 
 /// The code of the `/确认 NNNN` (`/confirm NNNN` in English) a confirmation question asks for.
@@ -267,13 +267,13 @@ pub fn code_in(text: &str) -> String {
 /// One tool call, asked by `hanmei` through the scripted model; the tool's result.
 pub async fn call_tool(
     sim: &Simulator,
-    llm: &zhuli::llm::sim::LlmSim,
+    llm: &zhuli_sim::llm::LlmSim,
     agent: &Agent,
     tool: &str,
     args: serde_json::Value,
 ) -> String {
     llm.push(calls(&[(tool, args)]));
-    llm.push(zhuli::llm::sim::Scripted::Text("done".into()));
+    llm.push(zhuli_sim::llm::Scripted::Text("done".into()));
     ask(sim, agent, Inject::text(format!("please use {tool}")).from("hanmei")).await;
     tool_results(&llm.requests().last().expect("a model request").body).remove(0)
 }
@@ -281,20 +281,20 @@ pub async fn call_tool(
 /// A call that needs a confirmation: asked, confirmed by `hanmei`; the question and the result.
 pub async fn confirmed_call(
     sim: &Simulator,
-    llm: &zhuli::llm::sim::LlmSim,
+    llm: &zhuli_sim::llm::LlmSim,
     agent: &Agent,
     tool: &str,
     args: serde_json::Value,
 ) -> (String, String) {
     llm.push(calls(&[(tool, args)]));
     let question = ask(sim, agent, Inject::text(format!("please use {tool}")).from("hanmei")).await;
-    llm.push(zhuli::llm::sim::Scripted::Text("done".into()));
+    llm.push(zhuli_sim::llm::Scripted::Text("done".into()));
     ask(sim, agent, Inject::text(format!("/confirm {}", code_in(&question))).from("hanmei")).await;
     (question, tool_results(&llm.requests().last().expect("a model request").body).remove(0))
 }
 
 /// `[llm]` for a scripted model, `[access]` granting `tools` to everyone, `[audit]` to `journal`.
-pub fn assistant_config(llm: &zhuli::llm::sim::LlmSim, tools: &[&str], journal: &Journal) -> String {
+pub fn assistant_config(llm: &zhuli_sim::llm::LlmSim, tools: &[&str], journal: &Journal) -> String {
     format!(
         "[llm]\nbase_url = {base:?}\nwhere = \"local\"\nmodel = \"sim-model\"\napi_key = \"sk-e2e\"\ntimeout_ms = 5000\nmax_retries = 1\n\
          requests_per_minute = 6000\n\
@@ -421,11 +421,11 @@ pub fn field<'a>(entry: &'a Entry, name: &str) -> Option<&'a str> {
 }
 
 /// A server program the test started on loopback (Radicale, rclone).
-pub struct Server(zhuli::tools::local_server::LocalServer);
+pub struct Server(zhuli_sim::local_server::LocalServer);
 
 impl Server {
     pub fn new(
-        started: Result<zhuli::tools::local_server::LocalServer, zhuli::tools::local_server::LocalServerError>,
+        started: Result<zhuli_sim::local_server::LocalServer, zhuli_sim::local_server::LocalServerError>,
     ) -> Server {
         Server(started.unwrap_or_else(|e| panic!("{e}")))
     }
@@ -494,4 +494,16 @@ pub fn doctor(config: &std::path::Path) -> String {
         .output()
         .expect("doctor");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The simulator crate's binary (`zhuli-sim`), built beside `zhuli` by a workspace build
+/// (`tests/run`, or `cargo build --workspace`).
+pub fn sim_bin() -> PathBuf {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_zhuli")).with_file_name("zhuli-sim");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace (cargo build --workspace), or run tests/run",
+        bin.display()
+    );
+    bin
 }

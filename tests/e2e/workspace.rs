@@ -6,14 +6,13 @@
 use std::time::Duration;
 
 use serde_json::json;
-use zhuli::{
-    audit::Kind,
-    dingtalk::sim::{
+use zhuli::{audit::Kind, tools::when};
+use zhuli_sim::{
+    dingtalk::{
         Inject, ReplyRoute, Simulator,
         org::{Org, OrgApproval, OrgEvent},
     },
-    llm::sim::{LlmSim, Scripted},
-    tools::when,
+    llm::{LlmSim, Scripted},
 };
 
 use crate::support::{self, Agent, Journal, calls, code_in};
@@ -47,13 +46,13 @@ fn org() -> Org {
 
 /// Local midnight `days` from today, in ms.
 fn day(days: i64) -> i64 {
-    let (_, today) = when::minute_of_day(zhuli::assistant::now_ms(), OFFSET);
+    let (_, today) = when::minute_of_day(zhuli::clock::now_ms(), OFFSET);
     when::day_start_ms(today + days, OFFSET)
 }
 
 /// The next Friday at least two days ahead, local midnight.
 fn friday() -> i64 {
-    let (_, today) = when::minute_of_day(zhuli::assistant::now_ms(), OFFSET);
+    let (_, today) = when::minute_of_day(zhuli::clock::now_ms(), OFFSET);
     let d = (today + 2..today + 9).find(|d| when::weekday(*d) == 4).expect("a Friday within a week");
     when::day_start_ms(d, OFFSET)
 }

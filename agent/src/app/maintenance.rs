@@ -64,7 +64,7 @@ impl Maintenance for Upkeep {
         Box::pin(async move {
             let b = taken.await?;
             // Root reads when the last snapshot was taken; it installs in the window only after.
-            write_note(&note, &format!("{}\n", crate::assistant::now_ms()))?;
+            write_note(&note, &format!("{}\n", crate::clock::now_ms()))?;
             Ok(b)
         })
     }

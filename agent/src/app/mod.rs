@@ -13,7 +13,7 @@ mod scheduler;
 
 use std::{
     sync::{Arc, atomic::Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use rust_i18n::t;
@@ -24,6 +24,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::chats::{Chats, Job, Step};
+use crate::clock::now_ms;
 use crate::{
     access::{Access, AccessError},
     assistant::{Assistant, Parts, Progress, StatusView},
@@ -93,10 +94,6 @@ pub enum AgentError {
 pub struct AgentHandles {
     pub stream: Arc<StreamStatus>,
     pub sender: Arc<SenderStatus>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Run blocking store work off the async workers.
@@ -495,7 +492,7 @@ async fn tell_update_news(work: &Arc<Work>, config: &Config) {
     let events = crate::update::boot::events(&crate::update::boot::events_path());
     let told: Option<usize> =
         blocking(&work.store, |s| s.setting(TOLD)).await.ok().flatten().and_then(|t| t.parse().ok());
-    let day_ago = crate::assistant::now_ms() - 86_400_000;
+    let day_ago = crate::clock::now_ms() - 86_400_000;
     let fresh: Vec<&crate::update::boot::Event> = match told {
         Some(n) if n <= events.len() => events[n..].iter().collect(),
         // Fewer events than told: the journal was started again.

@@ -5,7 +5,8 @@
 
 use rust_i18n::t;
 
-use super::{Answer, Assistant, now_ms, turn::Asker};
+use super::{Answer, Assistant, turn::Asker};
+use crate::clock::now_ms;
 use crate::{
     dingtalk::message::RobotMessage,
     schedule::{Fired, Job, Paused, when},

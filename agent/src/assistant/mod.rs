@@ -19,13 +19,13 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use futures_util::future::BoxFuture;
 use rust_i18n::t;
 use tokio::time::Instant;
 
+use crate::clock::now_ms;
 use crate::{
     access::{Access, Admission, actor},
     audit::{Audit, Event, Kind},
@@ -159,10 +159,6 @@ impl Answer {
     pub(crate) fn no_llm() -> Self {
         Answer::fixed(t!("llm.none_title"), t!("llm.none"))
     }
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Pictures larger than this are not sent to the model as images.

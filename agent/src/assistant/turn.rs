@@ -14,7 +14,8 @@ use rust_i18n::t;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{Answer, Assistant, Progress, now_ms, settings::local_time};
+use super::{Answer, Assistant, Progress, settings::local_time};
+use crate::clock::now_ms;
 use crate::{
     audit::{Event, Kind},
     llm::{

@@ -13,7 +13,6 @@ pub mod message;
 pub mod openapi;
 pub mod sender;
 pub mod settings;
-pub mod sim;
 pub mod stream;
 
 pub use message::{Content, ConversationKind, RobotMessage};

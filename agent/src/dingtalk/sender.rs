@@ -5,13 +5,14 @@
 //!
 //! Never logs reply text or webhook URLs.
 
+use crate::clock::now_ms;
 use std::{
     num::NonZeroU32,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -85,10 +86,6 @@ pub struct ReplySender {
     api: Arc<OpenApi>,
     per_chat: DefaultKeyedRateLimiter<String>,
     status: Arc<SenderStatus>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// One message's Markdown, at most, counted as it is encoded in the request (JSON-escaped),

@@ -12,7 +12,6 @@ pub mod check;
 mod client;
 pub mod health;
 pub mod route;
-pub mod sim;
 pub mod sse;
 
 use serde::{Deserialize, Serialize};

@@ -541,7 +541,7 @@ fn back_up_to_stick(opts: &ImportOptions, receipt: &mut Receipt) {
     // sealed store-key credential opened with systemd-creds.
     let load_key = || StoreKey::load(config.store.key_file.as_deref());
     let outcome = stick_backup::copy(&opts.device, &local, &opts.root, load_key, config.backup.stick_keep);
-    stick_backup::record(&opts.root, &outcome, crate::assistant::now_ms());
+    stick_backup::record(&opts.root, &outcome, crate::clock::now_ms());
     let line = match &outcome {
         Ok(c) => {
             log::info!("provisioning: backup on the stick: {}", c.line());

@@ -14,10 +14,10 @@
 //! snapshot while the agent keeps running. A snapshot is only useful with the store key: keep
 //! the key (the sealed credential and its recovery copy) apart from the backups.
 
+use crate::clock::now_ms;
 use std::{
     io::{Read, Write},
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use redb::{ReadableTable, TableDefinition};
@@ -185,10 +185,6 @@ pub enum BackupError {
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
     move |source| BackupError::Io { path: path.to_owned(), source }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn sha256_file(path: &Path) -> Result<(u64, String), BackupError> {

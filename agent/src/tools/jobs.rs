@@ -11,6 +11,7 @@ use rust_i18n::t;
 use serde_json::{Value, json};
 
 use super::{Context, Outcome, Risk, Tool, ToolError, str_arg};
+use crate::clock::now_ms;
 use crate::{
     schedule::{
         Action, Job, Paused, Rule,
@@ -228,10 +229,6 @@ impl JobsTool {
         }
         Ok(parsed)
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The kind of job, in words.

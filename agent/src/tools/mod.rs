@@ -12,7 +12,6 @@ pub mod drive;
 pub mod files;
 pub mod github;
 pub mod jobs;
-pub mod local_server;
 pub mod mcp;
 pub mod schema;
 pub mod system;

@@ -486,7 +486,7 @@ mod tests {
         let controls = Controls::default();
         controls.cut.store(true, Ordering::SeqCst);
         let seen = controls.clone();
-        crate::sim_http::spawn(listener, tokio_util::sync::CancellationToken::new(), move |req| {
+        zhuli_sim::serve::spawn(listener, tokio_util::sync::CancellationToken::new(), move |req| {
             let (folder, c) = (folder.clone(), controls.clone());
             async move {
                 type Chunk = Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>;

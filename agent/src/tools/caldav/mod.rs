@@ -446,7 +446,7 @@ impl Tool for CaldavTool {
             match self.op {
                 Op::Create | Op::Move => {
                     let (start, _) = c.range(&args, "start", "end")?;
-                    if start < crate::assistant::now_ms() - 60_000 {
+                    if start < crate::clock::now_ms() - 60_000 {
                         return Err(ToolError::Refused(format!("{} is in the past", c.show(start))));
                     }
                     let (name, dav) = c.calendar(ctx, &args)?;
@@ -532,7 +532,7 @@ fn set_times(m: &mut ical::Component, start: i64, end: i64, c: &Caldav) {
     m.set(ical::time_line("DTEND", end, c.offset, &c.zone));
     let seq = m.value("SEQUENCE").and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0) + 1;
     m.set(ical::Line { name: "SEQUENCE".into(), params: vec![], value: seq.to_string() });
-    m.set(ical::Line { name: "DTSTAMP".into(), params: vec![], value: ical::utc_value(crate::assistant::now_ms()) });
+    m.set(ical::Line { name: "DTSTAMP".into(), params: vec![], value: ical::utc_value(crate::clock::now_ms()) });
 }
 
 impl CaldavTool {
@@ -578,7 +578,7 @@ impl CaldavTool {
     async fn free(&self, ctx: &Context, args: &Value) -> Result<Outcome, ToolError> {
         let c = &self.cal;
         let (from, to) = c.range(args, "from", "to")?;
-        let from = from.max(crate::assistant::now_ms());
+        let from = from.max(crate::clock::now_ms());
         let minutes = args["minutes"].as_i64().unwrap_or(30).clamp(5, 600);
         let mut names: Vec<String> =
             args["calendars"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect();
@@ -633,7 +633,7 @@ impl CaldavTool {
                 end_ms: end,
                 location: args["location"].as_str(),
                 description: args["description"].as_str(),
-                now_ms: crate::assistant::now_ms(),
+                now_ms: crate::clock::now_ms(),
             },
             c.offset,
             &c.zone,

@@ -7,15 +7,13 @@
 //!
 //! Errors name the path (never the token) and what to do.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Mutex, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::Value;
 
+use crate::clock::now_ms;
 use crate::{
     dingtalk::http::{HttpClient, HttpError, HttpResponse},
     secret::Secret,
@@ -71,10 +69,6 @@ pub struct Github {
 pub struct Page {
     pub items: Vec<Value>,
     pub next: Option<String>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The `rel="next"` target of a `Link` header.

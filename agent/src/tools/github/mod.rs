@@ -8,7 +8,6 @@
 //! Never logs or audits titles, bodies or comments; the audit target is `owner/repo#number`.
 
 pub mod client;
-pub mod sim;
 
 use std::sync::Arc;
 

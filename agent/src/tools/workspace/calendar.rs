@@ -119,7 +119,7 @@ fn new_times(ws: &Workspace, args: &Value) -> Result<(i64, i64), ToolError> {
     if end - start > MAX_EVENT_MS {
         return Err(refused("events longer than a day are not created by me; make it shorter"));
     }
-    let now = crate::assistant::now_ms();
+    let now = crate::clock::now_ms();
     if start < now - 60_000 {
         return Err(refused(format!(
             "{} is in the past (it is {} now); nothing was scheduled. Ask the user for a later time",
@@ -186,7 +186,7 @@ pub async fn list(ws: &Workspace, ctx: &Context, args: &Value) -> Result<Outcome
 
 pub async fn free(ws: &Workspace, ctx: &Context, args: &Value) -> Result<Outcome, ToolError> {
     let (from, to) = range(ws, args)?;
-    let from = from.max(crate::assistant::now_ms());
+    let from = from.max(crate::clock::now_ms());
     let minutes = args["minutes"].as_i64().unwrap_or(30);
     let me = ws.people.me(ctx).await?;
     let mut people = vec![me.clone()];

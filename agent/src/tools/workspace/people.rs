@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{Outcome, ToolError, Workspace, api_error};
+use crate::clock::now_ms;
 use crate::{
     dingtalk::openapi::{Api, ApiError, Host, OpenApi, Payload},
     store::Store,
@@ -65,10 +66,6 @@ pub struct Directory {
     ttl_ms: i64,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
-}
-
-fn now_ms() -> i64 {
-    crate::assistant::now_ms()
 }
 
 impl Directory {

@@ -54,7 +54,7 @@ pub async fn prepare_create(ws: &Workspace, ctx: &Context, mut args: Value) -> R
     }
     if args.get("due").is_some() {
         let due = ws.parse_time(&args, "due")?;
-        let now = crate::assistant::now_ms();
+        let now = crate::clock::now_ms();
         if due < now - 60_000 {
             return Err(ToolError::Refused(format!(
                 "the due time {} is in the past (it is {} now); ask the user for a later one",

@@ -75,7 +75,7 @@ struct State {
     key: Option<String>,
     /// The model answers a request offering tools in text, as a model without tool support does.
     no_tools: bool,
-    /// Connection checks ([`crate::llm::check`]) received: kept apart from `requests`, and
+    /// Connection checks ([`zhuli::llm::check`]) received: kept apart from `requests`, and
     /// answered without taking a scripted reply.
     probes: Vec<RecordedRequest>,
 }
@@ -223,7 +223,7 @@ impl LlmSim {
         let state = Arc::new(Mutex::new(State::default()));
         let cancel = CancellationToken::new();
         let st = state.clone();
-        crate::sim_http::spawn(listener, cancel.clone(), move |req| handle(st.clone(), req));
+        crate::serve::spawn(listener, cancel.clone(), move |req| handle(st.clone(), req));
         Ok(LlmSim { addr, state, cancel })
     }
 
@@ -333,12 +333,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<hyper::body::Incoming>) -
         .as_array()
         .map(|t| t.iter().filter_map(|t| t["function"]["name"].as_str()).collect())
         .unwrap_or_default();
-    if offered == [crate::llm::check::PROBE_TOOL] {
+    if offered == [zhuli::llm::check::PROBE_TOOL] {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         let reply = if st.no_tools {
             Scripted::Text("I can only answer in text.".into())
         } else {
-            Scripted::ToolCalls(vec![(crate::llm::check::PROBE_TOOL.into(), r#"{"ok":true}"#.into())])
+            Scripted::ToolCalls(vec![(zhuli::llm::check::PROBE_TOOL.into(), r#"{"ok":true}"#.into())])
         };
         st.probes.push(RecordedRequest { body, raw, authorization, arrived, answered: Some(arrived) });
         return answer(reply, stream, std::time::Duration::ZERO);

@@ -1,4 +1,4 @@
-//! A DingTalk gateway on loopback, for tests, benchmarks, `zhuli sim` and `zhuli demo`.
+//! A DingTalk gateway on loopback, for tests, benchmarks, `zhuli-sim sim` and `zhuli-sim demo`.
 //!
 //! It serves what the agent (and DingTalk's official SDKs) talk to: the open-connection call,
 //! the Stream WebSocket with single-use 90 s tickets, SYSTEM pings and disconnects, the token API,
@@ -18,6 +18,7 @@ mod api;
 pub mod cards;
 pub mod cut;
 pub mod org;
+mod respond;
 mod ws;
 
 use std::{
@@ -36,7 +37,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::frame::TOPIC_ROBOT;
+use zhuli::dingtalk::frame::TOPIC_ROBOT;
 
 /// Fixed settings of one simulator.
 #[derive(Debug, Clone)]

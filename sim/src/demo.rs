@@ -1,4 +1,4 @@
-//! `zhuli demo`: the whole path on one machine with no credentials and no network. A simulator
+//! `zhuli-sim demo`: the whole path on one machine with no credentials and no network. A simulator
 //! plays DingTalk on loopback, the real agent connects to it over the Stream protocol, and the
 //! terminal is a DingTalk chat: each line you type is a message from a user, each answer is
 //! what the agent posted back through the session webhook or the OpenAPI.
@@ -23,15 +23,12 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    app,
-    config::Config,
-    dingtalk::sim::{ConnMode, Inject, SimConfig, Simulator},
-    store::key::StoreKey,
-};
+use zhuli::{app, config::Config, store::key::StoreKey};
+
+use crate::dingtalk::{ConnMode, Inject, SimConfig, Simulator};
 
 const INTRO: &str = "\
-zhuli demo — a DingTalk chat with the agent, all on this machine.
+zhuli-sim demo — a DingTalk chat with the agent, all on this machine.
 Type a message and press Enter. Try /help, /ping, /status, or a question (with --llm-url,
 e.g. \"what is in the shared folder?\"; changes ask for /confirm, and /undo reverses them).
   !group TEXT     the same in a group chat, @mentioning the robot
@@ -45,7 +42,7 @@ e.g. \"what is in the shared folder?\"; changes ask for /confirm, and /undo reve
 /// Printed after an answer that needed a model when the demo has none: the agent's own answer
 /// is written for a box, where an administrator adds the model.
 const NEEDS_LLM_URL: &str = "(the demo has no model: to have questions answered, start it with --llm-url, \
-e.g. `zhuli demo --llm-url http://127.0.0.1:11434/v1 --llm-model qwen2.5` for a local Ollama)\n";
+e.g. `zhuli-sim demo --llm-url http://127.0.0.1:11434/v1 --llm-model qwen2.5` for a local Ollama)\n";
 
 /// How long the agent has to reconnect after `!disconnect` before the demo says it has not.
 const RECONNECT_WAIT: Duration = Duration::from_secs(15);
@@ -225,7 +222,7 @@ async fn set_up(llm: Option<Llm>, state_dir: &Path) -> anyhow::Result<(Simulator
     let sim = Simulator::start(sim_cfg.clone()).await.context("starting the DingTalk simulator")?;
     // A small organisation for the DingTalk workspace tools (calendar, to-dos, address book).
     sim.seed_org(
-        crate::dingtalk::sim::org::Org::default()
+        crate::dingtalk::org::Org::default()
             .dept(2, "Office", 1)
             .person("staff-demo", "Demo User", "Manager", &[2])
             .person("lilei", "Li Lei", "Engineer", &[2])

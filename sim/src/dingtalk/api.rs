@@ -1,5 +1,5 @@
 //! The simulator's HTTP side: DingTalk's OpenAPI calls the agent makes, session webhooks,
-//! media downloads, and a small `/_sim/` control API for `zhuli sim` users.
+//! media downloads, and a small `/_sim/` control API for `zhuli-sim sim` users.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -16,8 +16,9 @@ use super::{
     ConnMode, Inject, RecordedReply, ReplyRoute, Shared, ThrottleKind,
     cards::{self, CardFault},
     now_ms,
+    respond::{err, reply},
 };
-use crate::dingtalk::openapi::TOKEN_HEADER;
+use zhuli::dingtalk::openapi::TOKEN_HEADER;
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker) {
     loop {
@@ -43,18 +44,6 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Ca
             }
         });
     }
-}
-
-pub(super) fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .expect("static response parts are valid")
-}
-
-pub(super) fn err(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    reply(status, json!({ "code": code, "message": message, "requestid": "sim" }))
 }
 
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::{
     Shared,
-    api::{err, reply},
+    respond::{err, reply},
 };
 
 /// One state a card showed.

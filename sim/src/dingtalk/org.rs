@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 
 use super::{
     Shared,
-    api::{err, reply},
+    respond::{err, reply},
 };
-use crate::tools::when;
+use zhuli::tools::when;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OrgDept {

@@ -94,7 +94,7 @@ impl GithubSim {
         }));
         let cancel = CancellationToken::new();
         let st = state.clone();
-        crate::sim_http::spawn(listener, cancel.clone(), move |req| handle(st.clone(), addr, req));
+        crate::serve::spawn(listener, cancel.clone(), move |req| handle(st.clone(), addr, req));
         Ok(GithubSim { addr, state, cancel })
     }
 
