@@ -70,8 +70,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             Ok(b) => b.to_bytes(),
             Err(_) => return err(StatusCode::PAYLOAD_TOO_LARGE, "BodyTooLarge", "request body over 32 MiB"),
         };
+        shared.record(&method, &path, &q, &body);
         return super::org::handle(&shared, &method, &path, &q, token.as_deref(), &body);
     }
+    let q = req.uri().query().unwrap_or_default().to_owned();
     let put = matches!(path.as_str(), "/v1.0/card/streaming" | "/v1.0/card/instances");
     if (put && method != Method::PUT) || (!put && method != Method::POST) {
         return err(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", if put { "use PUT" } else { "use POST" });
@@ -80,6 +82,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         Ok(b) => b.to_bytes(),
         Err(_) => return err(StatusCode::PAYLOAD_TOO_LARGE, "BodyTooLarge", "request body over 1 MiB"),
     };
+    if path.starts_with("/v1.0/") {
+        shared.record(&method, &path, &q, &body);
+    }
     let Ok(body): Result<Value, _> = serde_json::from_slice(&body) else {
         return err(StatusCode::BAD_REQUEST, "InvalidParameter.Json", "body is not JSON");
     };

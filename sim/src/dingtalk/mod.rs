@@ -2,11 +2,11 @@
 //!
 //! It serves what the agent (and DingTalk's official SDKs) talk to: the open-connection call,
 //! the Stream WebSocket with single-use 90 s tickets, SYSTEM pings and disconnects, the token API,
-//! session webhooks, the robot send APIs, the file-download API and the AI card APIs. It records every ACK and
-//! every reply, and injects messages of any msgtype and the failures the field knows: a
-//! `disconnect` that leaves the socket open, zombie sockets that answer WebSocket pings but
-//! deliver nothing, frozen sockets with no close, drops in the middle of a frame, refused opens,
-//! throttling, malformed frames.
+//! session webhooks, the robot send APIs, the file-download API and the AI card APIs. It records
+//! every ACK, every OpenAPI request and every reply, and injects messages of any msgtype and the
+//! failures the field knows: a `disconnect` that leaves the socket open, zombie sockets that
+//! answer WebSocket pings but deliver nothing, frozen sockets with no close, drops in the middle
+//! of a frame, refused opens, throttling, malformed frames.
 //!
 //! Delivery follows the gateway's rules as documented: a callback goes to one healthy connection
 //! subscribed to its topic; if it is not ACKed and that connection goes away, it is delivered
@@ -139,6 +139,22 @@ pub struct RecordedReply {
     /// Milliseconds since the simulator started.
     pub at_ms: u64,
 }
+
+/// One OpenAPI request as the simulator received it (the newest [`MAX_RECORDED_REQUESTS`]
+/// are kept): what conformance tests check against DingTalk's own request models.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// The path without the query.
+    pub path: String,
+    /// The raw (percent-encoded) query, without `?`.
+    pub query: String,
+    /// The JSON body; `null` for none, for a body that is not JSON (multipart), or unparsable.
+    pub body: Value,
+}
+
+/// Requests [`Simulator::requests`] keeps.
+pub const MAX_RECORDED_REQUESTS: usize = 1000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RecordedAck {
@@ -286,6 +302,7 @@ struct State {
     inflight: HashMap<String, (u64, Pending, Instant)>,
     acks: Vec<RecordedAck>,
     replies: Vec<RecordedReply>,
+    requests: VecDeque<RecordedRequest>,
     sessions: HashMap<String, Session>,
     files: HashMap<String, Vec<u8>>,
     faults: Faults,
@@ -321,6 +338,21 @@ impl Shared {
 
     fn elapsed_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Record one OpenAPI request (the oldest is dropped beyond the bound).
+    fn record(&self, method: &http::Method, path: &str, query: &str, body: &[u8]) {
+        let body = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let mut st = self.lock();
+        if st.requests.len() >= MAX_RECORDED_REQUESTS {
+            st.requests.pop_front();
+        }
+        st.requests.push_back(RecordedRequest {
+            method: method.to_string(),
+            path: path.to_owned(),
+            query: query.to_owned(),
+            body,
+        });
     }
 
     fn touch(&self) {
@@ -751,6 +783,11 @@ impl Simulator {
     /// Make card calls fail (or work again).
     pub fn set_card_fault(&self, fault: cards::CardFault) {
         self.shared.lock().card_fault = fault;
+    }
+
+    /// The newest OpenAPI requests received (token, robot, card, workspace APIs), oldest first.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.lock().requests.iter().cloned().collect()
     }
 
     pub fn replies(&self) -> Vec<RecordedReply> {

@@ -318,16 +318,22 @@ pub(super) fn handle(
         }
         "workflow todoTasks" => {
             let who = query(q, "userId").unwrap_or_default();
+            // Required by DingTalk's model; 0 = waiting for the user (the only list served here).
+            let Some(status) = query(q, "status") else {
+                return bad("invalidParameter.status", "status is required");
+            };
             let start: usize = query(q, "nextToken").and_then(|t| t.parse().ok()).unwrap_or(0);
             let max: usize = query(q, "maxResults").and_then(|t| t.parse().ok()).unwrap_or(20).clamp(1, 50);
-            let mine: Vec<&OrgApproval> = org.org.approvals.iter().filter(|a| a.waiting_for.contains(&who)).collect();
+            let mine: Vec<&OrgApproval> =
+                org.org.approvals.iter().filter(|a| status == "0" && a.waiting_for.contains(&who)).collect();
             let page: Vec<Value> = mine
                 .iter()
                 .skip(start)
                 .take(max)
-                .map(|a| {
+                .enumerate()
+                .map(|(i, a)| {
                     json!({
-                        "instanceId": a.id, "taskId": format!("task-{}", a.id), "title": a.title,
+                        "instanceId": a.id, "taskId": 100_000 + start + i, "title": a.title,
                         "url": format!("dingtalk://approval/{}", a.id),
                         "forms": a.form.iter().map(|(k, v)| json!({"title": k, "content": v})).collect::<Vec<_>>(),
                     })
@@ -341,14 +347,14 @@ pub(super) fn handle(
             let Some(a) = org.org.approvals.iter().find(|a| a.id == id) else {
                 return bad("invalidParameter.processInstanceId", "processInstanceId does not exist");
             };
-            let mut tasks: Vec<Value> = a.approvers.iter().map(|u| {
+            let mut tasks: Vec<Value> = a.approvers.iter().enumerate().map(|(i, u)| {
                 let waiting = a.waiting_for.contains(u);
-                json!({"userId": u, "status": if waiting { "RUNNING" } else { "COMPLETED" }, "result": if waiting { "" } else { "agree" }, "taskId": format!("t-{u}")})
+                json!({"userId": u, "status": if waiting { "RUNNING" } else { "COMPLETED" }, "result": if waiting { "" } else { "agree" }, "taskId": 200_000 + i})
             }).collect();
             tasks.truncate(20);
             reply(
                 StatusCode::OK,
-                json!({"success": true, "result": {
+                json!({"success": "true", "result": {
                 "title": a.title, "status": a.status, "result": a.result, "originatorUserId": a.originator,
                 "originatorDeptName": "", "createTime": "2026-11-30T09:00Z", "approverUserIds": a.approvers, "ccUserIds": a.cc,
                 "formComponentValues": a.form.iter().map(|(k, v)| json!({"name": k, "value": v, "componentType": "TextField"})).collect::<Vec<_>>(),
@@ -408,6 +414,13 @@ fn event_json(org: &Org, e: &OrgEvent, viewer: &str) -> Value {
     })
 }
 
+/// The create and patch answers have no `status` (DingTalk's CreateEvent/PatchEvent models).
+fn drop_status(event: &mut Value) {
+    if let Some(o) = event.as_object_mut() {
+        o.remove("status");
+    }
+}
+
 fn list_events(org: &OrgState, owner: &str, q: &str) -> Resp {
     let (Some(min), Some(max)) = (query(q, "timeMin"), query(q, "timeMax")) else {
         return bad("invalidParameter.timeMin", "timeMin and timeMax are required");
@@ -458,7 +471,8 @@ fn create_event(org: &mut OrgState, owner: &str, body: &Value) -> Resp {
         end_ms: end,
         attendees,
     };
-    let out = event_json(&org.org, &e, owner);
+    let mut out = event_json(&org.org, &e, owner);
+    drop_status(&mut out);
     org.org.events.push(e);
     reply(StatusCode::OK, out)
 }
@@ -488,7 +502,9 @@ fn one_event(org: &mut OrgState, owner: &str, id: &str, method: &str, body: &Val
             if let Some(t) = body["summary"].as_str() {
                 org.org.events[i].summary = t.to_owned();
             }
-            reply(StatusCode::OK, event_json(&org.org, &org.org.events[i], owner))
+            let mut out = event_json(&org.org, &org.org.events[i], owner);
+            drop_status(&mut out);
+            reply(StatusCode::OK, out)
         }
     }
 }

@@ -32,7 +32,13 @@ pub async fn pending(ws: &Workspace, ctx: &Context) -> Result<Outcome, ToolError
     let mut items: Vec<Value> = Vec::new();
     let mut next = "0".to_owned();
     for _ in 0..10 {
-        let query = [("userId", me.staff_id.as_str()), ("maxResults", max.as_str()), ("nextToken", next.as_str())];
+        // `status` 0: the records waiting for the user (required by DingTalk's request model).
+        let query = [
+            ("userId", me.staff_id.as_str()),
+            ("status", "0"),
+            ("maxResults", max.as_str()),
+            ("nextToken", next.as_str()),
+        ];
         let v = ws
             .api
             .request(&PENDING, http::Method::GET, PENDING.name, &query, Payload::None)
