@@ -7,13 +7,13 @@
 //! 3. reply latency p50/p99 through the agent and the simulator on loopback, one message at a
 //!    time (durable store included);
 //! 4. sustained messages per second through agent + simulator;
-//! 5. with `ZHULI_BIN` set to a built `zhuli`: idle RSS and idle CPU of `zhuli run` connected to
-//!    the simulator;
+//! 5. with `ZHULI_BIN` set to a built `zhuli`: the idle footprint of `zhuli run` connected to
+//!    the simulator, a minute after its first answer and then each minute (VmRSS, RssAnon,
+//!    RssFile, threads, CPU and wake-ups of that minute; `ZHULI_IDLE_MINUTES`, 3 by default);
 //! 6. the assistant's own cost per LLM turn (one tool call, two model requests), with the time
 //!    waiting for the (scripted, loopback) model taken out, p50/p99; and memory per active
 //!    conversation: stored history, and turns held open awaiting a confirmation;
-//! 7. the cost of one monitoring sample, and (with 5.) the idle agent's wake-ups per second over
-//!    60 s;
+//! 7. the cost of one monitoring sample;
 //! 8. the DingTalk workspace tools: the cost of one call of each against the simulator's
 //!    organisation on loopback (HTTP, JSON, the pacing limiter and the address-book cache
 //!    included), and the cache's hit rate over that workload;
@@ -417,23 +417,29 @@ fn idle_process(bin: PathBuf) {
         assert!(sim.wait_until(Duration::from_secs(10), |s| !s.connections().is_empty()).await);
         sim.inject(Inject::text("/ping"));
         sim.wait_until(Duration::from_secs(5), |s| !s.replies().is_empty()).await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Settled first: a minute after the first answer, then one line per minute (three by
+        // default; `ZHULI_IDLE_MINUTES` for more), each with that minute's CPU and wake-ups.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let minutes: u32 = std::env::var("ZHULI_IDLE_MINUTES").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
         let window = Duration::from_secs(60);
-        let t0 = cpu_ticks(child.id()).unwrap_or(0);
-        let w0 = context_switches(child.id());
-        tokio::time::sleep(window).await;
-        let t1 = cpu_ticks(child.id()).unwrap_or(0);
-        let wakeups = (context_switches(child.id()) - w0) as f64 / window.as_secs_f64();
-        let hz = 100.0; // USER_HZ on Linux
-        let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
-        println!(
-            "idle `zhuli run` connected to the simulator: VmRSS {} (anonymous {}, mapped files {}; VmHWM {}), CPU {cpu:.3}% of one core over {window:?}, {wakeups:.1} wake-ups/s, {} threads",
-            proc_field(child.id(), "VmRSS:").unwrap_or_default(),
-            proc_field(child.id(), "RssAnon:").unwrap_or_default(),
-            proc_field(child.id(), "RssFile:").unwrap_or_default(),
-            proc_field(child.id(), "VmHWM:").unwrap_or_default(),
-            proc_field(child.id(), "Threads:").unwrap_or_default(),
-        );
+        println!("idle `zhuli run` connected to the simulator, a minute after its first answer, then each minute:");
+        for minute in 1..=minutes {
+            let t0 = cpu_ticks(child.id()).unwrap_or(0);
+            let w0 = context_switches(child.id());
+            tokio::time::sleep(window).await;
+            let t1 = cpu_ticks(child.id()).unwrap_or(0);
+            let wakeups = (context_switches(child.id()) - w0) as f64 / window.as_secs_f64();
+            let hz = 100.0; // USER_HZ on Linux
+            let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
+            println!(
+                "  minute {minute}: VmRSS {} (RssAnon {}, RssFile {}; VmHWM {}), {} threads, CPU {cpu:.3}% of one core, {wakeups:.1} wake-ups/s",
+                proc_field(child.id(), "VmRSS:").unwrap_or_default(),
+                proc_field(child.id(), "RssAnon:").unwrap_or_default(),
+                proc_field(child.id(), "RssFile:").unwrap_or_default(),
+                proc_field(child.id(), "VmHWM:").unwrap_or_default(),
+                proc_field(child.id(), "Threads:").unwrap_or_default(),
+            );
+        }
         let _ = child.kill();
         let _ = child.wait();
         sim.shutdown().await;

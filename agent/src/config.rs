@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{access, assistant, audit, dingtalk, health, llm, store, tools};
+use crate::{access, assistant::settings::AssistantSettings, audit, dingtalk, health, llm, store, tools};
 
 /// `zhuli.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,7 +30,7 @@ pub struct Config {
     #[serde(default)]
     pub privacy: crate::privacy::Settings,
     #[serde(default)]
-    pub assistant: assistant::AssistantSettings,
+    pub assistant: AssistantSettings,
     #[serde(default)]
     pub access: access::AccessSettings,
     #[serde(default)]

@@ -174,7 +174,7 @@ async fn first_seven(config: &Config, status_socket: &Path, wait: Duration, runn
     // The running agent answers for itself: it does not ask its own status socket, and it
     // says its own warnings (it may not read the journal).
     let by_agent = matches!(runner, Runner::Agent { .. });
-    steps.push(recent_errors(&super::diagnostics::secrets_of(config), by_agent));
+    steps.push(recent_errors(&super::redact::secrets_of(config), by_agent));
     steps.push(version(status_socket, by_agent));
     steps.push(tools_step(config).await);
     steps.push(folders_step(config, status_socket, by_agent));
@@ -242,8 +242,8 @@ async fn models_step(config: &Config) -> Step {
         );
         (console, chat)
     });
-    let secrets = super::diagnostics::secrets_of(config);
-    let detail: Vec<String> = found.into_iter().map(|f| super::diagnostics::redact(&f.line, &secrets)).collect();
+    let secrets = super::redact::secrets_of(config);
+    let detail: Vec<String> = found.into_iter().map(|f| super::redact::redact(&f.line, &secrets)).collect();
     step("models", verdict, detail.join("\n"), fix)
 }
 
@@ -557,7 +557,7 @@ async fn stream_step(config: &Config, http: &HttpClient, wait: Duration) -> Step
 }
 
 fn recent_errors(secrets: &[String], in_agent: bool) -> Step {
-    use super::diagnostics::{Section, journal, remembered};
+    use super::redact::{Section, journal, remembered};
     if in_agent {
         let lines = remembered(secrets);
         return match lines.len() {

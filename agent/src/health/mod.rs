@@ -8,6 +8,7 @@ pub mod diagnostics;
 pub mod doctor;
 pub mod monitor;
 pub mod notify;
+pub mod redact;
 pub mod status;
 
 use std::{

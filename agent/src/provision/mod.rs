@@ -408,11 +408,7 @@ fn box_id() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-pub fn utc_now() -> String {
-    let ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    format!("{} UTC", crate::assistant::settings::local_time(ms, 0).0)
-}
+pub use crate::clock::utc_now;
 
 /// The serial of the current configuration (0 before the first import): the current
 /// generation's, or the box's record of it (boxes imported before generations held it).

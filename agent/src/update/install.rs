@@ -104,6 +104,13 @@ pub fn slots(entries: &[Entry], running_root_hash: &str) -> Result<Slots, Instal
     }
 }
 
+/// The try counter in a kernel image's name: `+LEFT` or `+LEFT-DONE`; None without one.
+pub fn tries_left(file: &str) -> Option<u32> {
+    let stem = file.strip_suffix(".efi")?;
+    let (_, counter) = stem.split_once('+')?;
+    counter.split('-').next()?.parse().ok()
+}
+
 /// The version in a kernel image's file name on the ESP (`zhuli_1.4.0.efi`, `zhuli_1.4.0+2-1.efi`).
 pub fn uki_version(name: &str) -> Option<Version> {
     let stem = name.strip_prefix("zhuli_")?.strip_suffix(".efi")?;
@@ -271,7 +278,7 @@ fn on_trial(linux: &Path, running: &Version) -> Result<bool, InstallError> {
     };
     Ok(list.filter_map(Result::ok).any(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
-        uki_version(&name).is_some_and(|v| &v == running) && super::state::tries_left(&name).is_some()
+        uki_version(&name).is_some_and(|v| &v == running) && tries_left(&name).is_some()
     }))
 }
 

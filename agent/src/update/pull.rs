@@ -76,7 +76,9 @@ impl ForUpdates {
         }
         impl Default for Assistant {
             fn default() -> Self {
-                Assistant { utc_offset_minutes: crate::assistant::AssistantSettings::default().utc_offset_minutes }
+                Assistant {
+                    utc_offset_minutes: crate::assistant::settings::AssistantSettings::default().utc_offset_minutes,
+                }
             }
         }
         #[derive(Deserialize, Default)]

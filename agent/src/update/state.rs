@@ -107,13 +107,6 @@ impl Survey {
     }
 }
 
-/// The try counter in a kernel image's name: `+LEFT` or `+LEFT-DONE`; None without one.
-pub fn tries_left(file: &str) -> Option<u32> {
-    let stem = file.strip_suffix(".efi")?;
-    let (_, counter) = stem.split_once('+')?;
-    counter.split('-').next()?.parse().ok()
-}
-
 /// The root hash a kernel image carries (`roothash=` in its `.cmdline` section), found by
 /// reading the file: the section is plain text inside the PE image.
 pub fn uki_root_hash(image: &[u8]) -> Option<String> {
@@ -134,7 +127,7 @@ pub fn survey(esp: &Path, entries: &[Entry], running: &str, now_ms: i64) -> Surv
         .filter_map(|e| {
             let file = e.file_name().to_string_lossy().into_owned();
             let version = uki_version(&file)?;
-            let left = tries_left(&file);
+            let left = super::install::tries_left(&file);
             let state = match left {
                 None => "kept",
                 Some(0) => "bad",
@@ -303,9 +296,9 @@ mod tests {
 
     #[test]
     fn counters_and_root_hashes_are_read_from_names_and_images() {
-        assert_eq!(tries_left("zhuli_1.0.0+3.efi"), Some(3));
-        assert_eq!(tries_left("zhuli_1.0.0+0-3.efi"), Some(0));
-        assert_eq!(tries_left("zhuli_1.0.0.efi"), None);
+        assert_eq!(super::super::install::tries_left("zhuli_1.0.0+3.efi"), Some(3));
+        assert_eq!(super::super::install::tries_left("zhuli_1.0.0+0-3.efi"), Some(0));
+        assert_eq!(super::super::install::tries_left("zhuli_1.0.0.efi"), None);
         let h = "0123456789abcdef".repeat(4);
         assert_eq!(uki_root_hash(format!("xx roothash={h} ro").as_bytes()), Some(h.clone()));
         assert_eq!(uki_root_hash(b"roothash=abc ro"), None);
