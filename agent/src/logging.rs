@@ -1,5 +1,15 @@
-//! A small logger for the `log` facade: one line per record on stderr, which systemd puts in the
-//! journal with the unit's name. Level from `ZHULI_LOG` (error, warn, info, debug, trace).
+//! The agent's log, through the `log` facade. One switch, decided at start ([`init`]):
+//!
+//! - **journald**, when the process's stderr is the journal (`$JOURNAL_STREAM` names it, as
+//!   systemd sets for `zhuli.service`): each record is one journal entry through
+//!   `systemd-journal-logger`, with `MESSAGE`, `PRIORITY`, `SYSLOG_IDENTIFIER=zhuli`,
+//!   `CODE_MODULE`, `TARGET` and the record's own fields (`CONVERSATION` where a record names
+//!   its conversation: `log::info!(conversation = id; "…")`). An entry the journal does not
+//!   take is written to stderr instead, so nothing is lost.
+//! - **stderr** otherwise (development, tests): `LEVEL message key=value…`, one line a record.
+//!
+//! Level from `ZHULI_LOG` (error, warn, info, debug, trace). Records carry no message bodies
+//! and no secrets, in either sink.
 //!
 //! The last warnings and errors are also kept in memory ([`recent`]): the agent cannot read the
 //! system journal (it is not in the journal's group, on purpose), and `/logs` and `/doctor` show
@@ -9,18 +19,34 @@
 //! prints between its own lines, so a log line never lands on its prompt. Logging never blocks
 //! the agent: when the queue is full, lines are dropped.
 
-use std::{collections::VecDeque, io::Write, sync::Mutex};
+use std::{collections::VecDeque, fmt::Write as _, io::Write, sync::Mutex};
 
+use systemd_journal_logger::JournalLog;
 use tokio::sync::mpsc;
 
 enum Sink {
     Stderr,
+    Journal(JournalLog),
     Queue(mpsc::Sender<String>),
 }
 
 struct Logger {
     level: log::LevelFilter,
     sink: Sink,
+}
+
+/// `LEVEL message key=value…`: how a record reads on stderr and in the demo.
+fn line(record: &log::Record<'_>) -> String {
+    struct Fields<'a>(&'a mut String);
+    impl<'kvs> log::kv::VisitSource<'kvs> for Fields<'_> {
+        fn visit_pair(&mut self, key: log::kv::Key<'kvs>, value: log::kv::Value<'kvs>) -> Result<(), log::kv::Error> {
+            let _ = write!(self.0, " {key}={value}");
+            Ok(())
+        }
+    }
+    let mut text = format!("{:<5} {}", record.level(), record.args());
+    let _ = record.key_values().visit(&mut Fields(&mut text));
+    text
 }
 
 impl log::Log for Logger {
@@ -33,10 +59,7 @@ impl log::Log for Logger {
             return;
         }
         if record.level() <= log::Level::Warn {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
+            let now = crate::clock::now_ms();
             let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
             if recent.len() == KEPT {
                 recent.pop_front();
@@ -53,12 +76,16 @@ impl log::Log for Logger {
             recent.push_back(Recent { at_ms: now, error: record.level() == log::Level::Error, text });
         }
         match &self.sink {
+            Sink::Journal(journal) => {
+                if journal.journal_send(record).is_err() {
+                    let _ = writeln!(std::io::stderr().lock(), "{}", line(record));
+                }
+            }
             Sink::Stderr => {
-                let mut err = std::io::stderr().lock();
-                let _ = writeln!(err, "{:<5} {}", record.level(), record.args());
+                let _ = writeln!(std::io::stderr().lock(), "{}", line(record));
             }
             Sink::Queue(lines) => {
-                let _ = lines.try_send(format!("{:<5} {}", record.level(), record.args()));
+                let _ = lines.try_send(line(record));
             }
         }
     }
@@ -92,15 +119,46 @@ fn level(default: log::LevelFilter) -> log::LevelFilter {
 
 fn install(logger: Logger) {
     let level = logger.level;
+    let _ = SINK.set(match logger.sink {
+        Sink::Journal(_) => "journal",
+        Sink::Stderr => "stderr",
+        Sink::Queue(_) => "queue",
+    });
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
     }
 }
 
-/// Install the logger. `default` applies when `ZHULI_LOG` is unset or invalid.
-pub fn init(default: log::LevelFilter) {
-    install(Logger { level: level(default), sink: Sink::Stderr });
+/// Where [`init`] sends records: the journal when stderr is the journal and its socket takes
+/// entries, else stderr.
+fn chosen_sink() -> Sink {
+    if !systemd_journal_logger::connected_to_journal() {
+        return Sink::Stderr;
+    }
+    match JournalLog::new() {
+        Ok(journal) => Sink::Journal(journal.with_syslog_identifier("zhuli".into())),
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "WARN  the journal's socket does not take entries ({e}); logging to stderr"
+            );
+            Sink::Stderr
+        }
+    }
 }
+
+/// Install the logger: the journal under systemd, stderr elsewhere. `default` applies when
+/// `ZHULI_LOG` is unset or invalid.
+pub fn init(default: log::LevelFilter) {
+    install(Logger { level: level(default), sink: chosen_sink() });
+}
+
+/// Which sink [`init`] chose, for `zhuli status` and the tests: `journal` or `stderr`.
+pub fn sink_name() -> &'static str {
+    SINK.get().copied().unwrap_or("stderr")
+}
+
+static SINK: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
 /// Install a logger whose lines (without a newline) come out of the returned queue, which
 /// holds up to `capacity` of them.
