@@ -77,7 +77,7 @@ async fn run(bin: PathBuf, total: usize, idle: Duration) {
     );
     let store = zhuli::store::file_in(&state);
 
-    let mut agent = Running::start(&bin, &config, &env);
+    let agent = Running::start(&bin, &config, &env);
     assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "agent did not connect");
     let every = (total / 30).max(PEOPLE).div_ceil(PEOPLE) * PEOPLE;
     let mut sent = 0usize;
@@ -103,7 +103,7 @@ async fn run(bin: PathBuf, total: usize, idle: Duration) {
     // The restarted box: a clean stop, a start on the big store, 10,000 more messages.
     agent.stop();
     let connections = sim.connections().len();
-    let mut agent = Running::start(&bin, &config, &env);
+    let agent = Running::start(&bin, &config, &env);
     assert!(
         sim.wait_until(Duration::from_secs(30), |s| s.connections().len() > connections).await,
         "agent did not connect again"
@@ -298,7 +298,7 @@ fn store_upkeep() {
     let pruned = size(&path);
     let compaction = store.compact_if_mostly_free(0).expect("compact");
     println!(
-        "store upkeep: {n} ids in a {full:.1} MiB file; {forgotten} expired forgotten in {batches} batches of 2,000 in {:.2} s = {:.0} ids/s (longest wait for the recorder: one batch, ≈ {:.1} ms); file then {pruned:.1} MiB; {}",
+        "store upkeep: {n} ids in a {full:.1} MiB file; {forgotten} expired forgotten in {batches} batches of 2,000 in {:.2} s = {:.0} ids/s (the recorder waits at most one batch: ≈ {:.1} ms on average); file then {pruned:.1} MiB; {}",
         took.as_secs_f64(),
         forgotten as f64 / took.as_secs_f64(),
         took.as_secs_f64() * 1000.0 / batches as f64,
