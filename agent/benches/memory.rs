@@ -86,7 +86,7 @@ async fn run(bin: PathBuf, total: usize, idle: Duration) {
     while sent < total {
         let wave = PEOPLE.min(total - sent);
         (sent, replies) = push_wave(&sim, sent, wave, replies).await;
-        if sent % every == 0 || sent == total || sent == 10_000 {
+        if sent.is_multiple_of(every) || sent == total || sent == 10_000 {
             agent.line("after", sent, &store, started);
         }
     }
