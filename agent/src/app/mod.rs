@@ -10,6 +10,7 @@ mod chats;
 pub mod maintenance;
 mod nightly;
 mod scheduler;
+mod upkeep;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -55,9 +56,6 @@ use crate::{
 /// conversations wait for the whole commit while the cores have nothing else to do; 64 still
 /// records and ACKs over 20,000 messages a second.
 const BATCH: usize = 64;
-/// Expired msgIds forgotten per pruning tick, at most.
-const PRUNE_PER_TICK: usize = 500;
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -183,7 +181,12 @@ pub async fn run_with(config: Config, cancel: CancellationToken, handles: AgentH
         health.task("scheduler"),
     ));
     tasks.spawn(pipeline(inbox_rx, work.clone(), chats, resumed, cancel.clone(), health.task("dispatcher")));
-    tasks.spawn(prune(store, cancel.clone(), health.task("pruner"), every));
+    tasks.spawn(upkeep::run(
+        upkeep::Upkeep::new(store, &config.store, health.clone()),
+        cancel.clone(),
+        health.task("store upkeep"),
+        every,
+    ));
     tasks.spawn(monitor(work.clone(), config.clone(), cancel.clone()));
     {
         let (tx, rx) = mpsc::channel(16);
@@ -1077,16 +1080,4 @@ async fn pipeline(
     }
     // Replies in flight get a moment to finish; the store keeps the rest for the next start.
     chats.close(Duration::from_secs(5)).await;
-}
-
-/// Forget expired msgIds, a bounded amount per tick.
-async fn prune(store: Arc<Store>, cancel: CancellationToken, beat: Arc<Beat>, every: Duration) {
-    let mut turns = health::Periodic::new("pruner", beat, every, PRUNE_EVERY, PRUNE_EVERY);
-    while turns.next(&cancel).await {
-        match blocking(&store, |s| s.prune(now_ms(), PRUNE_PER_TICK)).await {
-            Ok(0) => {}
-            Ok(n) => log::debug!("forgot {n} expired message ids"),
-            Err(e) => log::warn!("pruning the store failed: {e}"),
-        }
-    }
 }

@@ -40,6 +40,7 @@ use crate::{
 };
 use command::Command;
 pub use settings::AssistantSettings;
+pub use turn::conversation_settings;
 use turn::{Asker, Budget, Pending};
 
 /// What the agent knows about itself, for `/status`.

@@ -210,6 +210,12 @@ impl Budget {
 const BUDGET_SETTING: &str = "llm-token-use";
 
 /// The store setting that marks a conversation protected from the turn time it holds on.
+/// The settings kept per conversation (its privacy marker): they go with its history when the
+/// store's upkeep forgets an idle conversation.
+pub fn conversation_settings(conversation: &str) -> Vec<String> {
+    vec![protected_setting(conversation)]
+}
+
 fn protected_setting(conversation: &str) -> String {
     format!("protected\u{1f}{conversation}")
 }

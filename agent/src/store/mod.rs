@@ -173,6 +173,31 @@ pub struct RekeyReport {
     pub cache_emptied: u64,
 }
 
+/// Where [`Store::expire_history`] goes on: the keyed hash of the last conversation looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepCursor(Hashed);
+
+/// What one [`Store::expire_history`] call did.
+#[derive(Debug, Default)]
+pub struct HistorySweep {
+    /// Conversations looked at.
+    pub looked_at: usize,
+    /// Conversations whose history was forgotten, and their turns.
+    pub conversations: usize,
+    pub turns: usize,
+    /// Where the next call goes on; `None` once every conversation was looked at.
+    pub next: Option<SweepCursor>,
+}
+
+/// What [`Store::compact_if_mostly_free`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    pub before_bytes: u64,
+    pub after_bytes: u64,
+    /// How long every store call waited.
+    pub took: std::time::Duration,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InboxEntry {
     pub message: RobotMessage,
@@ -240,6 +265,10 @@ pub struct StoreSettings {
     pub history_bytes: usize,
     /// Undo journal entries kept.
     pub undo_entries: usize,
+    /// A conversation nobody wrote to for this many days loses its history (and its privacy
+    /// marker); 0 keeps it for ever. The model only ever sees the current session's turns
+    /// (`[assistant] conversation_idle_ms`), so this bounds what the file keeps, not what is said.
+    pub history_days: u64,
 }
 
 impl Default for StoreSettings {
@@ -251,6 +280,7 @@ impl Default for StoreSettings {
             history_turns: r.history_turns,
             history_bytes: r.history_bytes,
             undo_entries: r.undo_entries,
+            history_days: 30,
         }
     }
 }
@@ -263,6 +293,11 @@ impl StoreSettings {
             history_bytes: self.history_bytes.max(1),
             undo_entries: self.undo_entries.max(1),
         }
+    }
+
+    /// How long an idle conversation's history is kept; `None`: for ever.
+    pub fn history_keep_ms(&self) -> Option<i64> {
+        (self.history_days > 0).then(|| i64::try_from(self.history_days.saturating_mul(86_400_000)).unwrap_or(i64::MAX))
     }
 }
 
@@ -797,7 +832,9 @@ impl Store {
         Ok(report)
     }
 
-    /// Forget processed msgIds whose time is up; at most `max` per call, so a tick stays short.
+    /// Forget processed msgIds whose time is up; at most `max` in this call's one transaction, so
+    /// the recorder's commits wait for it only briefly. Called again until it forgets fewer than
+    /// `max`, it keeps up with any rate of messages (`app`'s upkeep does).
     pub fn prune(&self, now_ms: i64, max: usize) -> Result<usize, StoreError> {
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         let mut removed = 0;
@@ -818,8 +855,144 @@ impl Store {
                 removed += 1;
             }
         }
-        txn.commit().map_err(|e| self.err(e))?;
+        if removed == 0 {
+            // Nothing to make durable: an idle agent does not write the disk.
+            txn.abort().map_err(|e| self.err(e))?;
+        } else {
+            txn.commit().map_err(|e| self.err(e))?;
+        }
         Ok(removed)
+    }
+
+    /// Forget the history of conversations whose newest turn is older than `before_ms`, and with
+    /// it the settings `settings_of` names for the conversation (its privacy marker): looks at up
+    /// to `max` conversations after `from` in one transaction. [`HistorySweep::next`] says where
+    /// the next call goes on; `None` once every conversation was looked at.
+    pub fn expire_history(
+        &self,
+        before_ms: i64,
+        from: Option<&SweepCursor>,
+        max: usize,
+        settings_of: &dyn Fn(&str) -> Vec<String>,
+    ) -> Result<HistorySweep, StoreError> {
+        use std::ops::Bound;
+        let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
+        let mut sweep = HistorySweep::default();
+        {
+            let mut history = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+            let mut conversations = txn.open_table(CONVERSATIONS).map_err(|e| self.err(e))?;
+            let mut settings = txn.open_table(SETTINGS).map_err(|e| self.err(e))?;
+            let mut after: Option<Hashed> = from.map(|c| c.0);
+            for _ in 0..max {
+                // The next conversation with history: the first key past every turn of the last.
+                let lower = match after {
+                    Some(h) => Bound::Excluded((h, u64::MAX)),
+                    None => Bound::Unbounded,
+                };
+                let first =
+                    match history.range::<(Hashed, u64)>((lower, Bound::Unbounded)).map_err(|e| self.err(e))?.next() {
+                        Some(row) => Some(row.map_err(|e| self.err(e))?.0.value().0),
+                        None => None,
+                    };
+                let Some(h) = first else {
+                    after = None;
+                    break;
+                };
+                after = Some(h);
+                sweep.looked_at += 1;
+                let newest = {
+                    let last = history.range((h, 0)..=(h, u64::MAX)).map_err(|e| self.err(e))?.next_back();
+                    match last {
+                        Some(row) => {
+                            let (k, v) = row.map_err(|e| self.err(e))?;
+                            let turn: Turn = self.open_value("history", &pair_key(&h, k.value().1), v.value())?;
+                            turn.at_ms
+                        }
+                        None => continue,
+                    }
+                };
+                if newest >= before_ms {
+                    continue;
+                }
+                let seqs: Vec<u64> = history
+                    .range((h, 0)..=(h, u64::MAX))
+                    .map_err(|e| self.err(e))?
+                    .map(|r| r.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.err(e))?;
+                for s in &seqs {
+                    history.remove((h, *s)).map_err(|e| self.err(e))?;
+                }
+                sweep.turns += seqs.len();
+                sweep.conversations += 1;
+                let id = match conversations.remove(h).map_err(|e| self.err(e))? {
+                    Some(v) => Some(self.open_value::<String>("conversations", &h, v.value())?),
+                    // History from before schema 4 whose conversation nobody wrote to since.
+                    None => None,
+                };
+                for name in id.as_deref().map(settings_of).unwrap_or_default() {
+                    settings.remove(name.as_str()).map_err(|e| self.err(e))?;
+                }
+            }
+            sweep.next = after.map(SweepCursor);
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(sweep)
+    }
+
+    /// Compact the file when it is at least `min_bytes` long and less than half of it is in use:
+    /// pages are moved down and the free end cut off. Every store call waits meanwhile; `None`
+    /// when there was nothing to do, or a read was in progress (a backup in another process):
+    /// then it is for a later quiet moment.
+    pub fn compact_if_mostly_free(&self, min_bytes: u64) -> Result<Option<Compaction>, StoreError> {
+        let file_len = |path: &Path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let before = file_len(&self.path);
+        if before < min_bytes {
+            return Ok(None);
+        }
+        let used = {
+            let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
+            let stats = txn.stats().map_err(|e| self.err(e))?;
+            txn.abort().map_err(|e| self.err(e))?;
+            stats.allocated_pages().saturating_mul(stats.page_size() as u64)
+        };
+        if used.saturating_mul(2) > before {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = slot.as_mut() else { return Ok(None) };
+        match db.compact() {
+            Ok(_) => {}
+            Err(
+                redb::CompactionError::TransactionInProgress
+                | redb::CompactionError::EphemeralSavepointExists
+                | redb::CompactionError::PersistentSavepointExists,
+            ) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        }
+        drop(slot);
+        Ok(Some(Compaction { before_bytes: before, after_bytes: file_len(&self.path), took: started.elapsed() }))
+    }
+
+    /// Let go of the pages redb keeps cached (up to [`CACHE_BYTES`]) by opening the file again:
+    /// for a quiet moment after a burst, so an idle agent holds little memory. Costs an open of a
+    /// clean file (well under a millisecond, whatever its size); every store call waits meanwhile.
+    pub fn release_cache(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // Closed before opening again: the file lock is per handle.
+        *slot = None;
+        match builder().create(&self.path) {
+            Ok(db) => {
+                *slot = Some(db);
+                Ok(())
+            }
+            Err(e) => {
+                // The next call tries again (see `handle`).
+                self.needs_reopen.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(db_err(&self.path, e))
+            }
+        }
     }
 
     /// Append a turn to a conversation, dropping its oldest turns beyond the turn and byte bounds.
@@ -1132,14 +1305,18 @@ pub(crate) fn oldest_reader(
     Ok(u32::from_be_bytes(raw.try_into().map_err(|_| decode(path, "meta"))?))
 }
 
+/// The most redb keeps of the file in memory (read cache and write buffer together). The working
+/// set is small (recent ids, a few pending messages, recent history), and a page that is not here
+/// is read from the kernel's page cache; a bounded cache keeps the agent's memory small however
+/// large the file grows (issue 24: with 16 MiB, anonymous memory followed the file's size).
+pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Every handle on the store file uses redb's single-writer mode: one agent writes while
 /// backups read consistent snapshots from other processes.
 pub(crate) fn builder() -> redb::Builder {
     let mut b = Database::builder();
     b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
-    // The working set is small (recent ids, a few pending messages, recent history); a bounded
-    // cache keeps an idle box's memory small.
-    b.set_cache_size(16 * 1024 * 1024);
+    b.set_cache_size(CACHE_BYTES);
     b
 }
 
