@@ -30,10 +30,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use zhuli::{
-    dingtalk::sim::{Inject, SimConfig, Simulator},
-    llm::sim::LlmSim,
-    store::key::StoreKey,
+use zhuli::store::key::StoreKey;
+use zhuli_sim::{
+    dingtalk::{Inject, SimConfig, Simulator},
+    llm::LlmSim,
 };
 
 /// Conversations (and people); one message each per wave.

@@ -153,7 +153,7 @@ async fn blocking<T: Send + 'static>(
 pub(super) async fn run(mut upkeep: Upkeep, cancel: CancellationToken, beat: Arc<Beat>, every: Duration) {
     let mut turns = health::Periodic::new("store upkeep", beat.clone(), every, EVERY, EVERY);
     while turns.next(&cancel).await {
-        match upkeep.turn(super::now_ms(), Some(&beat)).await {
+        match upkeep.turn(crate::clock::now_ms(), Some(&beat)).await {
             Ok(r) => {
                 if r.pruned > 0 || r.conversations_expired > 0 {
                     log::debug!(
