@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod dingtalk;
 pub mod health;
+pub mod heap;
 pub mod i18n;
 pub mod llm;
 pub mod logging;

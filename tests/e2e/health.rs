@@ -10,7 +10,7 @@ use std::{
 };
 
 use zhuli::audit::Kind;
-use zhuli_sim::dingtalk::Simulator;
+use zhuli_sim::dingtalk::{Inject, Simulator};
 
 use crate::support::{self, Journal, SECRET};
 
@@ -55,13 +55,13 @@ async fn watchdog_pings_stop_when_a_task_hangs() {
     let env = [
         ("NOTIFY_SOCKET", notify.path.display().to_string()),
         ("WATCHDOG_USEC", "400000".to_owned()),
-        ("ZHULI_TEST_HANG", "pruner:2500".to_owned()),
+        ("ZHULI_TEST_HANG", "store upkeep:2500".to_owned()),
     ];
     let agent = support::spawn_agent_with_env("watchdog", &support::config_for(&sim, SECRET, FAST), &env);
     let hung_at = {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if agent.log().contains("task pruner now hangs") {
+            if agent.log().contains("task store upkeep now hangs") {
                 break Instant::now();
             }
             assert!(Instant::now() < deadline, "the hang switch never fired; log:\n{}", agent.log());
@@ -77,10 +77,10 @@ async fn watchdog_pings_stop_when_a_task_hangs() {
     assert!(before >= 5, "regular pings while healthy: {before}; got {got:?}");
     assert!(got.iter().position(|(_, m)| m == "WATCHDOG=1").is_some_and(|p| p > ready), "READY comes first");
     let late = pings.iter().filter(|t| **t > hung_at + Duration::from_millis(1400)).count();
-    assert_eq!(late, 0, "pings must stop once the pruner is silent past its deadline: {got:?}");
+    assert_eq!(late, 0, "pings must stop once the store upkeep is silent past its deadline: {got:?}");
     assert!(got.iter().any(|(_, m)| m.starts_with("STATUS=connected")), "{got:?}");
-    assert!(got.iter().any(|(_, m)| m == "STATUS=hung: pruner"), "{got:?}");
-    assert!(agent.log().contains("task hung: pruner"), "{}", agent.log());
+    assert!(got.iter().any(|(_, m)| m == "STATUS=hung: store upkeep"), "{got:?}");
+    assert!(agent.log().contains("task hung: store upkeep"), "{}", agent.log());
     support::assert_no_secret(&agent);
     let _ = std::fs::remove_dir_all(&scratch);
 }
@@ -514,4 +514,65 @@ async fn admins_diagnose_read_logs_and_back_up_from_the_chat() {
     let logs = answer(ask("/logs", "boss")).await;
     assert!(logs.contains("助理启动以来"), "{logs}");
     assert!(!logs.contains(SECRET), "{logs}");
+}
+
+/// Under systemd the agent's log goes to the journal as structured entries, not as stderr lines:
+/// the agent is started with `$JOURNAL_STREAM` naming its stderr (as systemd does for
+/// `zhuli.service`) and, in a mount namespace of its own, with the test's datagram socket as
+/// `/run/systemd/journal/socket`. Entries carry `SYSLOG_IDENTIFIER=zhuli`, a priority, the
+/// module, and the conversation where the record names one; never the message's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_log_goes_to_the_journal_as_structured_entries() {
+    let unshare = Command::new("unshare").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !nix_is_root() || !unshare {
+        eprintln!("skipped: the journal's socket in the agent's own mount namespace needs root and unshare(1)");
+        return;
+    }
+    let sim = Simulator::start(support::sim_config()).await.expect("simulator");
+    let scratch = support::temp_dir("journal-log");
+    let journal = Journal::start(&scratch);
+    // `$0` is the test's socket. The namespace gets a journal folder of its own holding it.
+    let setup = r#"mkdir -p /run/systemd/journal && mount -t tmpfs -o size=64k zhuli-journal /run/systemd/journal \
+        && ln -s "$0" /run/systemd/journal/socket \
+        && JOURNAL_STREAM="$(stat -L -c %d:%i /proc/self/fd/2)" && export JOURNAL_STREAM && exec "$@""#;
+    let launcher: Vec<String> = ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([journal.path.display().to_string()])
+        .collect();
+    let agent = support::spawn_agent_launched("journal-log", &support::config_for(&sim, SECRET, FAST), &[], &launcher);
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.connections().is_empty()).await, "{}", agent.log());
+    sim.inject(Inject::text("请把合同JOURNAL-BODY-5521发给我").conversation("cid-journal"));
+    assert!(sim.wait_until(Duration::from_secs(15), |s| !s.replies().is_empty()).await, "{}", agent.log());
+
+    let field = |e: &support::Entry, name: &str| e.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let logged = loop {
+        let logged: Vec<support::Entry> =
+            journal.all().into_iter().filter(|e| field(e, "SYSLOG_IDENTIFIER").as_deref() == Some("zhuli")).collect();
+        let delivered = logged.iter().any(|e| field(e, "MESSAGE").is_some_and(|m| m.starts_with("reply to ")));
+        if delivered || std::time::Instant::now() > deadline {
+            break logged;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let accepted = logged
+        .iter()
+        .find(|e| field(e, "MESSAGE").is_some_and(|m| m.contains("accepted from conversation")))
+        .unwrap_or_else(|| panic!("no entry for the accepted message: {logged:?}\nstderr:\n{}", agent.log()));
+    assert_eq!(field(accepted, "CONVERSATION").as_deref(), Some("cid-journal"), "{accepted:?}");
+    assert_eq!(field(accepted, "PRIORITY").as_deref(), Some("5"), "info is notice: {accepted:?}");
+    assert_eq!(field(accepted, "CODE_MODULE").as_deref(), Some("zhuli::app"), "{accepted:?}");
+    assert!(
+        logged.iter().any(|e| field(e, "MESSAGE").is_some_and(|m| m.starts_with("reply to "))
+            && field(e, "CONVERSATION").as_deref() == Some("cid-journal")),
+        "{logged:?}"
+    );
+    // The journal took them: stderr holds none of these records, and no entry holds the text.
+    assert!(!agent.log().contains("accepted from conversation"), "{}", agent.log());
+    for e in journal.all() {
+        assert!(!e.iter().any(|(_, v)| v.contains("JOURNAL-BODY-5521")), "a message body reached the journal: {e:?}");
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(scratch);
 }

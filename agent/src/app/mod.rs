@@ -885,7 +885,7 @@ impl Work {
                     markdown: t!("queue.backlog", waiting = waiting).into_owned(),
                     ..reply
                 };
-                log::info!("conversation {}: told that {waiting} messages are waiting", reply.conversation_id);
+                log::info!(conversation = reply.conversation_id.as_str(); "conversation {}: told that {waiting} messages are waiting", reply.conversation_id);
                 if let Err(e) = self.sender.send(&reply).await {
                     log::warn!("the notice that {waiting} messages are waiting was not delivered: {e}");
                 }
@@ -962,7 +962,7 @@ impl Work {
         };
         let metrics = &self.health.metrics;
         let done = |route: &str| {
-            log::info!("reply to {} delivered {route}", entry.msg_id);
+            log::info!(conversation = entry.reply.conversation_id.as_str(); "reply to {} delivered {route}", entry.msg_id);
             match accepted {
                 Some(t) => metrics.answered_in(t.elapsed()),
                 None => {
@@ -1060,7 +1060,7 @@ async fn pipeline(
             ack.ack();
             match result {
                 Acceptance::Duplicate => {
-                    log::info!("message {} is a duplicate; ACKed, not answered again", message.msg_id)
+                    log::info!(conversation = message.conversation_id.as_str(); "message {} is a duplicate; ACKed, not answered again", message.msg_id)
                 }
                 Acceptance::Recorded => {
                     log::debug!("group message {} does not @mention the robot; ignored", message.msg_id)
@@ -1068,6 +1068,7 @@ async fn pipeline(
                 Acceptance::Queued(seq) => {
                     work.health.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                     log::info!(
+                        conversation = message.conversation_id.as_str();
                         "message {} ({}) accepted from conversation {}",
                         message.msg_id,
                         message.kind_name(),

@@ -217,7 +217,7 @@ async fn fire(
             for (seq, m) in seqs.into_iter().zip(messages) {
                 match seq {
                     Some(seq) => {
-                        log::info!("job #{id} fired {} in conversation {}", m.msg_id, m.conversation_id);
+                        log::info!(conversation = m.conversation_id.as_str(); "job #{id} fired {} in conversation {}", m.msg_id, m.conversation_id);
                         chats.push(super::chats::Job::Answer { seq, message: m, accepted: Some(Instant::now()) });
                     }
                     None => log::warn!("job #{id}: {} was recorded before; not said again", m.msg_id),

@@ -7,7 +7,8 @@
 //! - every hour, the history of conversations nobody wrote to for `[store] history_days` is
 //!   forgotten, with their privacy markers;
 //! - at a quiet moment (no message recorded since the turn before), once after each busy spell:
-//!   the file is compacted when most of it is free, and redb's cache is let go.
+//!   the file is compacted when most of it is free, and redb's cache is let go;
+//! - after every turn, the heap's free pages go back to the system (`heap::trim`).
 //!
 //! It never touches the inbox or the outbox, and forgets a msgId only once its time is up, so the
 //! store's promises (a redelivery is never answered again, no pending reply is lost) hold.
@@ -166,6 +167,8 @@ pub(super) async fn run(mut upkeep: Upkeep, cancel: CancellationToken, beat: Arc
             }
             Err(e) => log::warn!("the store's upkeep failed: {e}"),
         }
+        // What the turn (and the messages since the last one) freed goes back to the system.
+        let _ = tokio::task::spawn_blocking(crate::heap::trim).await;
     }
 }
 

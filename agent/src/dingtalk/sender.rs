@@ -237,7 +237,7 @@ impl ReplySender {
                 return Err(SendError::GaveUp { attempts, elapsed: started.elapsed(), last });
             }
             self.status.retries.fetch_add(1, Ordering::Relaxed);
-            log::warn!("reply to {} not delivered yet ({last}); retrying in {delay:?}", reply.conversation_id);
+            log::warn!(conversation = reply.conversation_id.as_str(); "reply to {} not delivered yet ({last}); retrying in {delay:?}", reply.conversation_id);
             tokio::time::sleep(delay).await;
         }
     }
