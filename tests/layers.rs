@@ -5,8 +5,9 @@
 //! edge to the deepest module that path reaches. The graph of modules must have no cycle: a
 //! module may use the modules below it, never one that uses it back, directly or around a circle.
 //! A module may use what its own ancestors define (a child takes its family's shared types from
-//! its parent): those arrows back up are not counted. Every other arrow counts, the parent's
-//! calls into its children included, so a circle through a third module is still found.
+//! its parent): a circle made only of a parent and its descendants is allowed when it is gone
+//! once the arrows back up to ancestors are set aside. A circle that reaches a module outside
+//! that family counts whole, so a circle through a third module is found.
 //!
 //! The failure lists each circle and, for each arrow in it, the file and the paths behind it.
 
@@ -30,11 +31,46 @@ struct Named {
     paths: Vec<Vec<String>>,
 }
 
+/// `#[cfg(test)]` exactly (`cfg(not(test))` is product code).
 fn is_test_only(attrs: &[syn::Attribute]) -> bool {
     attrs.iter().any(|a| {
-        a.path().is_ident("cfg")
-            && a.meta.require_list().map(|l| l.tokens.to_string().contains("test")).unwrap_or(false)
+        a.path().is_ident("cfg") && a.meta.require_list().map(|l| l.tokens.to_string() == "test").unwrap_or(false)
     })
+}
+
+/// Every `a::b::c` written in a token stream (a macro's body), groups searched too.
+fn token_paths(tokens: proc_macro2::TokenStream, out: &mut Vec<Vec<String>>) {
+    use proc_macro2::TokenTree;
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    let mut i = 0;
+    while i < tokens.len() {
+        match &tokens[i] {
+            TokenTree::Group(g) => {
+                token_paths(g.stream(), out);
+                i += 1;
+            }
+            TokenTree::Ident(first) => {
+                let mut path = vec![first.to_string()];
+                let mut j = i + 1;
+                // `::` is two joint `:` punctuation tokens, then the next segment.
+                while j + 2 < tokens.len() + 1 {
+                    let colons = matches!((tokens.get(j), tokens.get(j + 1)), (Some(TokenTree::Punct(a)), Some(TokenTree::Punct(b))) if a.as_char() == ':' && b.as_char() == ':');
+                    match (colons, tokens.get(j + 2)) {
+                        (true, Some(TokenTree::Ident(next))) => {
+                            path.push(next.to_string());
+                            j += 3;
+                        }
+                        _ => break,
+                    }
+                }
+                if path.len() > 1 || ["crate", "super", "self"].contains(&path[0].as_str()) {
+                    out.push(path);
+                }
+                i = j.max(i + 1);
+            }
+            _ => i += 1,
+        }
+    }
 }
 
 /// Every `use` tree flattened into paths (a glob ends the path at its module).
@@ -117,14 +153,9 @@ impl<'a> Visit<'a> for Paths {
     }
 
     fn visit_macro(&mut self, m: &'a syn::Macro) {
-        // Paths inside macro calls (`format!`, `json!`, `log::info!`, …) as far as they parse
-        // as expressions separated by commas.
-        if let Ok(args) = m.parse_body_with(syn::punctuated::Punctuated::<syn::Expr, syn::Token![,]>::parse_terminated)
-        {
-            for a in &args {
-                self.visit_expr(a);
-            }
-        }
+        // Paths inside macro calls (`format!`, `json!`, `log::info!(key = v; …)`, …) read from
+        // their tokens, whatever the macro's grammar.
+        token_paths(m.tokens.clone(), &mut self.out);
         syn::visit::visit_macro(self, m);
     }
 }
@@ -281,16 +312,33 @@ fn check(root: &Path, krate: &str) -> (usize, String) {
     for n in &named {
         for p in &n.paths {
             let Some(to) = resolve(&n.module, p, &by_path) else { continue };
-            // A module's own ancestors are its context (the family's shared types), not a
-            // layer it depends on: an arrow back up to one is allowed, every other one counts.
-            if n.module.starts_with(&to) {
+            if to == n.module {
                 continue;
             }
             edges.entry(n.module.clone()).or_default().insert(to.clone());
             why.entry((n.module.clone(), to)).or_default().insert(p.join("::"));
         }
     }
-    let found = circles(&edges);
+    // A circle inside one family (one of its modules is the ancestor of all the others) is
+    // a parent and its children sharing the parent's types: allowed, as long as the circle is
+    // gone once the arrows back up to ancestors are set aside (children may not use each other
+    // in a circle). A circle that reaches outside the family counts whole.
+    let mut found = Vec::new();
+    for c in circles(&edges) {
+        let head = c.iter().find(|m| c.iter().all(|o| o.starts_with(m)));
+        if head.is_none() {
+            found.push(c);
+            continue;
+        }
+        let inner: BTreeMap<Vec<String>, BTreeSet<Vec<String>>> = c
+            .iter()
+            .map(|from| {
+                let to = edges.get(from).into_iter().flatten().filter(|t| c.contains(t) && !from.starts_with(t));
+                (from.clone(), to.cloned().collect())
+            })
+            .collect();
+        found.extend(circles(&inner));
+    }
     let mut text = String::new();
     for c in &found {
         text.push_str(&format!("a circle of {} modules:\n", c.len()));
@@ -340,5 +388,23 @@ fn a_circle_is_found_and_named() {
     let (_, text) = check(&dir.join("lib.rs"), "demo");
     assert!(text.contains("demo::a::inner -> demo::c"), "{text}");
     assert!(text.contains("demo::c -> demo::b") && text.contains("demo::b -> demo::a::inner"), "{text}");
+    // A child re-exporting its parent's type does not hide a circle through a third module,
+    // and a path inside a macro's tokens counts.
+    std::fs::write(dir.join("a/inner.rs"), "pub use super::S;\n").expect("write");
+    std::fs::write(
+        dir.join("a/mod.rs"),
+        "mod inner;\npub struct S;\npub fn f() { log::info!(x = 1; \"{}\", crate::c::k()) }\n",
+    )
+    .expect("write");
+    std::fs::write(dir.join("c.rs"), "pub fn k(_: crate::a::inner::S) {}\n").expect("write");
+    std::fs::write(dir.join("b.rs"), "pub fn g() {}\n").expect("write");
+    let (_, text) = check(&dir.join("lib.rs"), "demo");
+    assert!(text.contains("demo::a -> demo::c") && text.contains("demo::c -> demo::a::inner"), "{text}");
+    // A parent and its children alone, the children using the parent's types: allowed.
+    std::fs::write(dir.join("a/mod.rs"), "mod inner;\npub struct S;\npub fn f() { inner::h() }\n").expect("write");
+    std::fs::write(dir.join("a/inner.rs"), "pub fn h() -> super::S { super::S }\n").expect("write");
+    std::fs::write(dir.join("c.rs"), "pub fn k() {}\n").expect("write");
+    let (_, text) = check(&dir.join("lib.rs"), "demo");
+    assert!(text.is_empty(), "{text}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -4,8 +4,11 @@
 //!   systemd sets for `zhuli.service`): each record is one journal entry through
 //!   `systemd-journal-logger`, with `MESSAGE`, `PRIORITY`, `SYSLOG_IDENTIFIER=zhuli`,
 //!   `CODE_MODULE`, `TARGET` and the record's own fields (`CONVERSATION` where a record names
-//!   its conversation: `log::info!(conversation = id; "…")`). An entry the journal does not
-//!   take is written to stderr instead, so nothing is lost.
+//!   its conversation: `log::info!(conversation = id; "…")`). Entries are sent from a thread of
+//!   their own through a bounded queue ([`JOURNAL_QUEUE`]), so a journal that stalls (its socket
+//!   blocks when journald does not read) never stalls the agent: when the queue is full a record
+//!   is dropped and counted ([`journal_dropped`]). An entry the journal refuses is written to
+//!   stderr instead.
 //! - **stderr** otherwise (development, tests): `LEVEL message key=value…`, one line a record.
 //!
 //! Level from `ZHULI_LOG` (error, warn, info, debug, trace). Records carry no message bodies
@@ -26,8 +29,91 @@ use tokio::sync::mpsc;
 
 enum Sink {
     Stderr,
-    Journal(JournalLog),
+    Journal(std::sync::mpsc::SyncSender<Owned>),
     Queue(mpsc::Sender<String>),
+}
+
+/// Records waiting for the journal's thread, at most.
+pub const JOURNAL_QUEUE: usize = 1024;
+
+static JOURNAL_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Records queued for the journal and not yet sent (for `flush`).
+static JOURNAL_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Records dropped because the journal's queue was full (journald not reading).
+pub fn journal_dropped() -> u64 {
+    JOURNAL_DROPPED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A record as the journal's thread needs it: everything owned.
+struct Owned {
+    level: log::Level,
+    target: String,
+    module: Option<String>,
+    file: Option<String>,
+    line: Option<u32>,
+    message: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Owned {
+    fn of(record: &log::Record<'_>) -> Owned {
+        struct Fields(Vec<(String, String)>);
+        impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
+            fn visit_pair(
+                &mut self,
+                key: log::kv::Key<'kvs>,
+                value: log::kv::Value<'kvs>,
+            ) -> Result<(), log::kv::Error> {
+                self.0.push((key.to_string(), value.to_string()));
+                Ok(())
+            }
+        }
+        let mut fields = Fields(Vec::new());
+        let _ = record.key_values().visit(&mut fields);
+        Owned {
+            level: record.level(),
+            target: record.target().to_owned(),
+            module: record.module_path().map(str::to_owned),
+            file: record.file().map(str::to_owned),
+            line: record.line(),
+            message: record.args().to_string(),
+            fields: fields.0,
+        }
+    }
+
+    /// Sent to the journal; on failure, the stderr line.
+    fn send(&self, journal: &JournalLog) {
+        let fields: Vec<(&str, &str)> = self.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let args = format_args!("{}", self.message);
+        let record = log::Record::builder()
+            .level(self.level)
+            .target(&self.target)
+            .module_path(self.module.as_deref())
+            .file(self.file.as_deref())
+            .line(self.line)
+            .args(args)
+            .key_values(&fields)
+            .build();
+        if journal.journal_send(&record).is_err() {
+            let _ = writeln!(std::io::stderr().lock(), "{}", line(&record));
+        }
+    }
+}
+
+/// The journal's thread: sends what the queue brings until every sender is gone.
+fn journal_thread(journal: JournalLog) -> Option<std::sync::mpsc::SyncSender<Owned>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Owned>(JOURNAL_QUEUE);
+    std::thread::Builder::new()
+        .name("zhuli-journal".into())
+        .spawn(move || {
+            for owned in rx {
+                owned.send(&journal);
+                JOURNAL_PENDING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+        .ok()?;
+    Some(tx)
 }
 
 struct Logger {
@@ -76,9 +162,11 @@ impl log::Log for Logger {
             recent.push_back(Recent { at_ms: now, error: record.level() == log::Level::Error, text });
         }
         match &self.sink {
-            Sink::Journal(journal) => {
-                if journal.journal_send(record).is_err() {
-                    let _ = writeln!(std::io::stderr().lock(), "{}", line(record));
+            Sink::Journal(queue) => {
+                JOURNAL_PENDING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if queue.try_send(Owned::of(record)).is_err() {
+                    JOURNAL_PENDING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    JOURNAL_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             Sink::Stderr => {
@@ -90,7 +178,14 @@ impl log::Log for Logger {
         }
     }
 
-    fn flush(&self) {}
+    /// Waits (up to a second) until the journal's thread has sent what was queued: the last
+    /// lines before the process ends reach the journal.
+    fn flush(&self) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while JOURNAL_PENDING.load(std::sync::atomic::Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }
 
 /// Warnings and errors kept in memory, at most.
@@ -136,7 +231,10 @@ fn chosen_sink() -> Sink {
         return Sink::Stderr;
     }
     match JournalLog::new() {
-        Ok(journal) => Sink::Journal(journal.with_syslog_identifier("zhuli".into())),
+        Ok(journal) => match journal_thread(journal.with_syslog_identifier("zhuli".into())) {
+            Some(queue) => Sink::Journal(queue),
+            None => Sink::Stderr,
+        },
         Err(e) => {
             let _ = writeln!(
                 std::io::stderr().lock(),

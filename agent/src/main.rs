@@ -432,7 +432,10 @@ async fn until_signal(cancel: CancellationToken) {
 /// An error a person can cause is said in one paragraph: each cause once, never a backtrace
 /// (whatever `RUST_BACKTRACE` says; a panic still prints its own).
 fn main() -> std::process::ExitCode {
-    match run_command(Cli::parse()) {
+    let result = run_command(Cli::parse());
+    // The journal's thread sends what is queued before the process ends.
+    log::logger().flush();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", said_once(&e));

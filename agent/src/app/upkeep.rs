@@ -7,7 +7,7 @@
 //! - every hour, the history of conversations nobody wrote to for `[store] history_days` is
 //!   forgotten, with their privacy markers;
 //! - at a quiet moment (no message recorded since the turn before), once after each busy spell:
-//!   the file is compacted when most of it is free, and redb's cache is let go;
+//!   the file is compacted when most of it is free (redb refuses while a transaction is live);
 //! - after every turn, the heap's free pages go back to the system (`heap::trim`).
 //!
 //! It never touches the inbox or the outbox, and forgets a msgId only once its time is up, so the
@@ -30,7 +30,7 @@ use crate::{
 pub(super) const PRUNE_BATCH: usize = 2_000;
 /// Conversations looked at in one transaction of the history sweep.
 const SWEEP_BATCH: usize = 500;
-/// A turn this often: an agent left quiet lets go of its cache 20–40 s after the last message.
+/// A turn this often: an agent left quiet gives its free heap back 20–40 s after the last message.
 const EVERY: Duration = Duration::from_secs(20);
 const HISTORY_EVERY: Duration = Duration::from_secs(3600);
 /// Smaller files are not worth a compaction.
@@ -43,7 +43,6 @@ pub(super) struct TurnReport {
     pub prune_batches: usize,
     pub conversations_expired: usize,
     pub compacted: Option<(u64, u64)>,
-    pub released: bool,
 }
 
 pub(super) struct Upkeep {
@@ -129,8 +128,6 @@ impl Upkeep {
                 report.compacted = Some((c.before_bytes, c.after_bytes));
             }
             tick(beat);
-            blocking(&self.store, |s| s.release_cache()).await?;
-            report.released = true;
         }
         Ok(report)
     }
@@ -291,11 +288,9 @@ mod tests {
         let r = upkeep.turn(now, None).await.expect("turn");
         assert_eq!(r.pruned, 20_000);
         assert_eq!(r.compacted, None);
-        assert!(!r.released);
         // Quiet: compacted once, and not again on the next quiet turn.
         let r = upkeep.turn(now, None).await.expect("turn");
         let (before, after) = r.compacted.expect("compacted");
-        assert!(r.released);
         assert!(after * 2 < before, "{before} → {after}");
         // (Opening again writes the allocator's state: a page or a few.)
         assert!(std::fs::metadata(&path).expect("file").len() * 2 < before);

@@ -975,26 +975,6 @@ impl Store {
         Ok(Some(Compaction { before_bytes: before, after_bytes: file_len(&self.path), took: started.elapsed() }))
     }
 
-    /// Let go of the pages redb keeps cached (up to [`CACHE_BYTES`]) by opening the file again:
-    /// for a quiet moment after a burst, so an idle agent holds little memory. Costs an open of a
-    /// clean file (well under a millisecond, whatever its size); every store call waits meanwhile.
-    pub fn release_cache(&self) -> Result<(), StoreError> {
-        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
-        // Closed before opening again: the file lock is per handle.
-        *slot = None;
-        match builder().create(&self.path) {
-            Ok(db) => {
-                *slot = Some(db);
-                Ok(())
-            }
-            Err(e) => {
-                // The next call tries again (see `handle`).
-                self.needs_reopen.store(true, std::sync::atomic::Ordering::SeqCst);
-                Err(db_err(&self.path, e))
-            }
-        }
-    }
-
     /// Append a turn to a conversation, dropping its oldest turns beyond the turn and byte bounds.
     pub fn append_turn(&self, conversation_id: &str, turn: &Turn) -> Result<(), StoreError> {
         self.finish_turn(conversation_id, std::slice::from_ref(turn), &[])
