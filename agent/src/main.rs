@@ -412,23 +412,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn until_signal(cancel: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("cannot watch SIGTERM ({e}); stop with Ctrl-C");
-            let _ = tokio::signal::ctrl_c().await;
-            cancel.cancel();
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    cancel.cancel();
-}
-
 /// An error a person can cause is said in one paragraph: each cause once, never a backtrace
 /// (whatever `RUST_BACKTRACE` says; a panic still prints its own).
 fn main() -> std::process::ExitCode {
@@ -475,7 +458,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             trust_configured_roots(&config)?;
             runtime()?.block_on(async {
                 let cancel = CancellationToken::new();
-                tokio::spawn(until_signal(cancel.clone()));
+                tokio::spawn(app::until_signal(cancel.clone()));
                 app::run(config, cancel).await
             })?;
         }

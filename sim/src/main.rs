@@ -50,23 +50,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn until_signal(cancel: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("cannot watch SIGTERM ({e}); stop with Ctrl-C");
-            let _ = tokio::signal::ctrl_c().await;
-            cancel.cancel();
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    cancel.cancel();
-}
-
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sim { listen } => {
@@ -88,7 +71,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                     robot = cfg.robot_code,
                 );
                 let cancel = CancellationToken::new();
-                until_signal(cancel).await;
+                zhuli::app::until_signal(cancel).await;
                 sim.shutdown().await;
                 anyhow::Ok(())
             })?;

@@ -137,7 +137,7 @@ function fit(value, type, where, out, opts = {}) {
     }
     if (opts.required) {
       for (const r of required[`${opts.mod}.${type.name}`] ?? []) {
-        if (value[names[r]] === undefined) out.push(`${where}.${names[r]}: required by ${type.name}, missing`);
+        if (value[names[r]] === undefined || value[names[r]] === null) out.push(`${where}.${names[r]}: required by ${type.name}, missing or null`);
       }
     }
     return;
@@ -332,7 +332,8 @@ for (const r of agent) {
         issues.push(a.query[k] ? `body.${k}: the SDK sends it in the query` : `body.${k}: not a body field of ${a.name}`);
         continue;
       }
-      fields[prop] = true;
+      // A field sent as null is not sent: a required one is reported missing below.
+      fields[prop] = v !== null;
       fit(v, types[prop], `body.${k}`, issues, { required: true, mod: a.mod });
     }
   }

@@ -1082,3 +1082,21 @@ async fn pipeline(
     // Replies in flight get a moment to finish; the store keeps the rest for the next start.
     chats.close(Duration::from_secs(5)).await;
 }
+
+/// Until SIGTERM or Ctrl-C, then `cancel`: how `zhuli run` (and the simulator's binary) stop.
+pub async fn until_signal(cancel: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot watch SIGTERM ({e}); stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            cancel.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    cancel.cancel();
+}

@@ -914,16 +914,7 @@ impl Store {
                 if newest >= before_ms {
                     continue;
                 }
-                let seqs: Vec<u64> = history
-                    .range((h, 0)..=(h, u64::MAX))
-                    .map_err(|e| self.err(e))?
-                    .map(|r| r.map(|(k, _)| k.value().1))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.err(e))?;
-                for s in &seqs {
-                    history.remove((h, *s)).map_err(|e| self.err(e))?;
-                }
-                sweep.turns += seqs.len();
+                sweep.turns += self.drop_turns(&mut history, h)?;
                 sweep.conversations += 1;
                 let id = match conversations.remove(h).map_err(|e| self.err(e))? {
                     Some(v) => Some(self.open_value::<String>("conversations", &h, v.value())?),
@@ -1043,20 +1034,26 @@ impl Store {
         let txn = self.handle()?.begin_write().map_err(|e| self.err(e))?;
         let n = {
             let mut history = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
-            let seqs: Vec<u64> = history
-                .range((h, 0)..=(h, u64::MAX))
-                .map_err(|e| self.err(e))?
-                .map(|r| r.map(|(k, _)| k.value().1))
-                .collect::<Result<_, _>>()
-                .map_err(|e| self.err(e))?;
-            for s in &seqs {
-                history.remove((h, *s)).map_err(|e| self.err(e))?;
-            }
+            let n = self.drop_turns(&mut history, h)?;
             txn.open_table(CONVERSATIONS).map_err(|e| self.err(e))?.remove(h).map_err(|e| self.err(e))?;
-            seqs.len()
+            n
         };
         txn.commit().map_err(|e| self.err(e))?;
         Ok(n)
+    }
+
+    /// Remove every turn of the conversation hashed `h` from `history`; how many there were.
+    fn drop_turns(&self, history: &mut redb::Table<'_, (Hashed, u64), &[u8]>, h: Hashed) -> Result<usize, StoreError> {
+        let seqs: Vec<u64> = history
+            .range((h, 0)..=(h, u64::MAX))
+            .map_err(|e| self.err(e))?
+            .map(|r| r.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        for s in &seqs {
+            history.remove((h, *s)).map_err(|e| self.err(e))?;
+        }
+        Ok(seqs.len())
     }
 
     /// The turns kept for a conversation, oldest first.
