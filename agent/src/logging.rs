@@ -40,7 +40,8 @@ static JOURNAL_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 /// Records queued for the journal and not yet sent (for `flush`).
 static JOURNAL_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Records dropped because the journal's queue was full (journald not reading).
+/// Records dropped because the journal's queue was full (journald not reading); in the status
+/// snapshot as `log_records_dropped`.
 pub fn journal_dropped() -> u64 {
     JOURNAL_DROPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -214,11 +215,6 @@ fn level(default: log::LevelFilter) -> log::LevelFilter {
 
 fn install(logger: Logger) {
     let level = logger.level;
-    let _ = SINK.set(match logger.sink {
-        Sink::Journal(_) => "journal",
-        Sink::Stderr => "stderr",
-        Sink::Queue(_) => "queue",
-    });
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
     }
@@ -250,13 +246,6 @@ fn chosen_sink() -> Sink {
 pub fn init(default: log::LevelFilter) {
     install(Logger { level: level(default), sink: chosen_sink() });
 }
-
-/// Which sink [`init`] chose, for `zhuli status` and the tests: `journal` or `stderr`.
-pub fn sink_name() -> &'static str {
-    SINK.get().copied().unwrap_or("stderr")
-}
-
-static SINK: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
 /// Install a logger whose lines (without a newline) come out of the returned queue, which
 /// holds up to `capacity` of them.

@@ -64,6 +64,9 @@ pub struct Snapshot {
     /// Audit events that went to the log because the journal could not be reached.
     #[serde(default)]
     pub audit_events_not_journaled: u64,
+    /// Log records dropped because the journal did not take them fast enough.
+    #[serde(default)]
+    pub log_records_dropped: u64,
     pub alarms: Vec<String>,
     pub resources: Option<Sample>,
     pub last_error: Option<String>,
@@ -187,6 +190,7 @@ pub fn snapshot(started: Instant, s: &StreamStatus, d: &SenderStatus, h: &Health
         messages_refused: a.refused,
         hung_tasks: h.hung().iter().map(|(n, _)| (*n).to_owned()).collect(),
         audit_events_not_journaled: a.audit_unjournaled,
+        log_records_dropped: crate::logging::journal_dropped(),
         alarms: h.alarms.lock().map(|a| a.clone()).unwrap_or_default(),
         resources: h.resources.lock().map(|r| *r).unwrap_or_default(),
         last_error: h
