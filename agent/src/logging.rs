@@ -59,19 +59,6 @@ struct Owned {
 
 impl Owned {
     fn of(record: &log::Record<'_>) -> Owned {
-        struct Fields(Vec<(String, String)>);
-        impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
-            fn visit_pair(
-                &mut self,
-                key: log::kv::Key<'kvs>,
-                value: log::kv::Value<'kvs>,
-            ) -> Result<(), log::kv::Error> {
-                self.0.push((key.to_string(), value.to_string()));
-                Ok(())
-            }
-        }
-        let mut fields = Fields(Vec::new());
-        let _ = record.key_values().visit(&mut fields);
         Owned {
             level: record.level(),
             target: record.target().to_owned(),
@@ -79,7 +66,7 @@ impl Owned {
             file: record.file().map(str::to_owned),
             line: record.line(),
             message: record.args().to_string(),
-            fields: fields.0,
+            fields: fields_of(record),
         }
     }
 
@@ -124,16 +111,25 @@ struct Logger {
 
 /// `LEVEL message key=value…`: how a record reads on stderr and in the demo.
 fn line(record: &log::Record<'_>) -> String {
-    struct Fields<'a>(&'a mut String);
-    impl<'kvs> log::kv::VisitSource<'kvs> for Fields<'_> {
+    let mut text = format!("{:<5} {}", record.level(), record.args());
+    for (key, value) in fields_of(record) {
+        let _ = write!(text, " {key}={value}");
+    }
+    text
+}
+
+/// A record's own fields (`log::info!(conversation = id; …)`), in order.
+fn fields_of(record: &log::Record<'_>) -> Vec<(String, String)> {
+    struct Fields(Vec<(String, String)>);
+    impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
         fn visit_pair(&mut self, key: log::kv::Key<'kvs>, value: log::kv::Value<'kvs>) -> Result<(), log::kv::Error> {
-            let _ = write!(self.0, " {key}={value}");
+            self.0.push((key.to_string(), value.to_string()));
             Ok(())
         }
     }
-    let mut text = format!("{:<5} {}", record.level(), record.args());
-    let _ = record.key_values().visit(&mut Fields(&mut text));
-    text
+    let mut fields = Fields(Vec::new());
+    let _ = record.key_values().visit(&mut fields);
+    fields.0
 }
 
 impl log::Log for Logger {
